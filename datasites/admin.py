@@ -1,0 +1,154 @@
+"""Admin operations on a running datasite, over syft's HTTP API.
+
+This is one of the few modules that imports syft; its errors are translated into DatasiteError
+subclasses here, at the boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import syft as sy
+from syft.types.errors import SyftException
+
+from datasites.config import SiteDir
+from datasites.errors import AuthError, ServerError, TableError
+from datasites.mock import make_mock
+from datasites.tables import Table, load_table, validate_table
+
+ASSET_NAME = "table"
+META_PREFIX = "fedsite-meta: "
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """syft prints banners and tables on stdout; keep our CLI's stdout for our own output."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def login(url: str, email: str, password: str) -> Any:
+    """A syft client for ``email``, with syft's failures turned into one-line errors."""
+    host, _, port = url.rpartition(":")
+    try:
+        with quiet():
+            return sy.login(url=host, port=int(port), email=email, password=password)
+    except SyftException as exc:
+        message = str(getattr(exc, "public_message", exc)).strip()
+        if "credential" in message.lower() or "not found" in message.lower():
+            raise AuthError(f"login to {url} as {email} refused: wrong email or password") from exc
+        raise ServerError(f"login to {url} failed: {message}") from exc
+    except (OSError, Exception) as exc:  # requests' ConnectionError and friends
+        if "Connection" in type(exc).__name__ or isinstance(exc, OSError):
+            raise ServerError(f"no datasite answers at {url}; is it launched?") from exc
+        raise
+
+
+def admin_client(site: SiteDir) -> Any:
+    config = site.config()
+    return login(config.url, config.admin_email, site.admin_password())
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    name: str
+    rows: int
+    mock_rows: int
+    columns: list[str]
+    target: str
+
+
+def dataset_names(client: Any) -> list[str]:
+    with quiet():
+        return [d.name for d in client.datasets.get_all()]
+
+
+def upload(site: SiteDir, name: str, path: Path, target: str, description: str = "",
+           mock_rows: int = 1000) -> UploadResult:
+    """Validate the file, build its mock twin and upload both; nothing is sent if any check fails."""
+    table = validate_table(load_table(path), target)
+    client = admin_client(site)
+    if name in dataset_names(client):
+        raise TableError(f"a dataset named {name!r} already exists on this datasite")
+    mock = make_mock(table.frame, target, rows=mock_rows)
+    meta = _meta(table, name, len(mock))
+    dataset = sy.Dataset(name=name, description=description or f"{name}: {len(table.frame)} rows")
+    dataset.add_asset(
+        sy.Asset(
+            name=ASSET_NAME,
+            description=META_PREFIX + json.dumps(meta, sort_keys=True),
+            data=table.frame,
+            mock=mock,
+        )
+    )
+    with quiet():
+        result = client.upload_dataset(dataset)
+    if isinstance(result, sy.SyftError):
+        raise ServerError(f"upload of {name!r} failed: {result.message}")
+    site.save_dataset_meta(name, meta)
+    return UploadResult(name, len(table.frame), len(mock), list(table.frame.columns), target)
+
+
+def _meta(table: Table, name: str, mock_rows: int) -> dict[str, Any]:
+    return {
+        "dataset": name,
+        "target": table.target,
+        "rows": len(table.frame),
+        "mock_rows": mock_rows,
+        "schema": table.schema(),
+        "classes": table.classes,
+        "n_classes": int(table.frame[table.target].nunique()),
+    }
+
+
+def parse_meta(asset_description: str) -> dict[str, Any]:
+    """Read the metadata this package writes into an asset's description."""
+    text = str(asset_description or "")
+    start = text.find(META_PREFIX)
+    if start < 0:
+        return {}
+    try:
+        return json.loads(text[start + len(META_PREFIX):].strip().splitlines()[0])
+    except (json.JSONDecodeError, IndexError):
+        return {}
+
+
+def list_datasets(client: Any) -> list[dict[str, Any]]:
+    out = []
+    with quiet():
+        for ds in client.datasets.get_all():
+            asset = ds.assets[0] if ds.assets else None
+            meta = parse_meta(asset.description.text if asset and asset.description else "")
+            out.append({"name": ds.name, "description": ds.description.text
+                        if ds.description else "", **{k: meta.get(k) for k in
+                        ("target", "rows", "mock_rows", "schema")}})
+    return out
+
+
+def add_user(site: SiteDir, email: str, name: str) -> str:
+    """Register a researcher with a generated password and return it (shown once)."""
+    client = admin_client(site)
+    password = secrets.token_urlsafe(18)
+    try:
+        with quiet():
+            result = client.register(
+                name=name, email=email, password=password, password_verify=password
+            )
+    except SyftException as exc:
+        raise ServerError(f"cannot add {email}: {getattr(exc, 'public_message', exc)}") from exc
+    if isinstance(result, sy.SyftError):
+        raise ServerError(f"cannot add {email}: {result.message}")
+    return password
+
+
+def list_users(client: Any) -> list[dict[str, str]]:
+    with quiet():
+        return [{"email": u.email, "name": u.name, "role": str(u.role.name)}
+                for u in client.users.get_all()]

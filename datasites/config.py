@@ -1,0 +1,160 @@
+"""A datasite's directory: its TOML config, stable identity and admin secret.
+
+Layout of DIR::
+
+    site.toml        name, port, host, db_url, admin email, server id (no secrets)
+    identity.key     the server's signing key (0600)
+    admin-password   the generated admin password (0600)
+    state/           syft's SQLite database and blobs (SYFT_TEMP_ROOT)
+    site.db          this project's ledger, audit log and approvals
+    policies.json    per-dataset access policies
+    datasets.json    per-dataset metadata: target column, row count, schema
+    server.pid, server.log
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from datasites.errors import ConfigError
+
+CONFIG_FILE = "site.toml"
+PASSWORD_FILE = "admin-password"
+KEY_FILE = "identity.key"
+DEFAULT_PORT = 8081
+ADMIN_EMAIL = "admin@fedsite.io"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    port: int
+    server_uid: str
+    host: str = "127.0.0.1"
+    db_url: str = ""
+    admin_email: str = ADMIN_EMAIL
+    secure_noise: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SiteDir:
+    """Paths of one datasite's directory, and the operations that read its files."""
+
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "site.db"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.root / "server.pid"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "server.log"
+
+    @property
+    def policies_path(self) -> Path:
+        return self.root / "policies.json"
+
+    @property
+    def datasets_path(self) -> Path:
+        return self.root / "datasets.json"
+
+    def config(self) -> SiteConfig:
+        if not self.config_path.is_file():
+            raise ConfigError(f"{self.root} is not an initialised datasite (run 'datasite init')")
+        try:
+            data = tomllib.loads(self.config_path.read_text())
+            return SiteConfig(**data["site"])
+        except (tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{self.config_path} is broken: {exc}") from exc
+
+    def admin_password(self) -> str:
+        return _read_secret(self.root / PASSWORD_FILE)
+
+    def signing_key(self) -> str:
+        return _read_secret(self.root / KEY_FILE)
+
+    def datasets_meta(self) -> dict[str, dict[str, Any]]:
+        if not self.datasets_path.exists():
+            return {}
+        return json.loads(self.datasets_path.read_text())
+
+    def save_dataset_meta(self, name: str, meta: dict[str, Any]) -> None:
+        data = self.datasets_meta()
+        data[name] = meta
+        _atomic_write(self.datasets_path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def init_site(root: Path, name: str, port: int = DEFAULT_PORT, db_url: str = "",
+              host: str = "127.0.0.1") -> SiteConfig:
+    """Create DIR with config, identity and a fresh admin password; refuse to overwrite one."""
+    from syft.service.user.user import SyftSigningKey  # local: syft is slow to import
+    from syft.types.uid import UID
+
+    site = SiteDir(root)
+    if site.config_path.exists():
+        raise ConfigError(f"{root} already holds a datasite; pick another --dir")
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"site name {name!r} may hold only letters, digits, '-', '_' and '.'")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port {port} is outside 1-65535")
+    root.mkdir(parents=True, exist_ok=True)
+    config = SiteConfig(name=name, port=port, server_uid=UID().no_dash, host=host, db_url=db_url)
+    _write_secret(root / KEY_FILE, str(SyftSigningKey.generate()))
+    _write_secret(root / PASSWORD_FILE, secrets.token_urlsafe(24))
+    (root / "state").mkdir(exist_ok=True)
+    _atomic_write(site.config_path, tomli_w.dumps({"site": asdict(config)}))
+    return config
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _write_secret(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

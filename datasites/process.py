@@ -1,0 +1,131 @@
+"""Start, stop and inspect a datasite's server process from its DIR."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from datasites.config import SiteDir, port_in_use
+from datasites.errors import ServerError
+
+READY_TIMEOUT_S = 90.0
+
+
+@dataclass(frozen=True)
+class SiteStatus:
+    name: str
+    url: str
+    port: int
+    pid: int | None
+    running: bool
+    responding: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name, "url": self.url, "port": self.port, "pid": self.pid,
+            "running": self.running, "responding": self.responding,
+        }
+
+
+def server_pid(site: SiteDir) -> int | None:
+    """The pid of the live server of this DIR, or None (a stale pid file is ignored)."""
+    try:
+        pid = int(site.pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        alive = proc.status() != psutil.STATUS_ZOMBIE
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return None
+    return pid if alive and "datasites.serve" in cmd else None
+
+
+def responding(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/v2/metadata", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def status(site: SiteDir) -> SiteStatus:
+    config = site.config()
+    pid = server_pid(site)
+    up = pid is not None and responding(config.url)
+    return SiteStatus(config.name, config.url, config.port, pid, pid is not None, up)
+
+
+def _serve_command(site: SiteDir) -> list[str]:
+    return [sys.executable, "-m", "datasites.serve", str(site.root.resolve())]
+
+
+def _check_can_start(site: SiteDir) -> None:
+    config = site.config()
+    pid = server_pid(site)
+    if pid is not None:
+        raise ServerError(f"datasite {config.name!r} is already running (pid {pid})")
+    if port_in_use(config.host, config.port):
+        raise ServerError(f"port {config.port} on {config.host} is already in use")
+
+
+def launch_detached(site: SiteDir, timeout: float = READY_TIMEOUT_S) -> SiteStatus:
+    """Start the server in its own session and return once it answers HTTP requests."""
+    _check_can_start(site)
+    config = site.config()
+    with open(site.log_path, "ab") as log:
+        proc = subprocess.Popen(
+            _serve_command(site), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(f"server exited with code {proc.returncode}; see {site.log_path}")
+        if responding(config.url, timeout=1.0):
+            return status(site)
+        time.sleep(0.2)
+    proc.kill()
+    raise ServerError(f"server did not answer within {timeout:.0f}s; see {site.log_path}")
+
+
+def launch_foreground(site: SiteDir) -> None:
+    """Replace this process with the server; Ctrl-C stops it cleanly."""
+    _check_can_start(site)
+    os.execv(sys.executable, _serve_command(site))
+
+
+def stop(site: SiteDir, timeout: float = 15.0) -> bool:
+    """Stop the server; False when none was running."""
+    pid = server_pid(site)
+    if pid is None:
+        site.pid_path.unlink(missing_ok=True)
+        return False
+    proc = psutil.Process(pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    site.pid_path.unlink(missing_ok=True)
+    return True
+
+
+def wait_port_free(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while port_in_use(host, port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+__all__ = ["SiteStatus", "launch_detached", "launch_foreground", "status", "stop", "Path"]

@@ -1,0 +1,70 @@
+"""The datasite server process: ``python -m datasites.serve DIR``.
+
+Runs syft 0.9.5's FastAPI app under uvicorn in *this* process (not in a multiprocessing child as
+``sy.orchestra.launch`` does), so the pid in ``server.pid`` is the server and ``kill -9`` of it
+leaves no orphan holding the port. Identity, admin secret and state location come from DIR and
+are handed to syft through the environment variables it reads at import time; the secrets are
+removed from the environment right after, so code running inside the server cannot read them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from datasites.config import SiteDir
+
+SITE_DIR_ENV = "FEDSITE_DIR"
+_SECRET_ENV = ("DEFAULT_ROOT_PASSWORD", "SERVER_PRIVATE_KEY")
+
+
+def _prepare_environment(site: SiteDir) -> None:
+    config = site.config()
+    env = {
+        "SERVER_UID": config.server_uid,
+        "SERVER_PRIVATE_KEY": site.signing_key(),
+        "DEFAULT_ROOT_EMAIL": config.admin_email,
+        "DEFAULT_ROOT_USERNAME": f"{config.name} admin",
+        "DEFAULT_ROOT_PASSWORD": site.admin_password(),
+        "SYFT_TEMP_ROOT": str(site.state_dir.resolve()),
+        SITE_DIR_ENV: str(site.root.resolve()),
+        "SYFT_NAME": config.name,
+        "SYFT_SERVER_TYPE": "datasite",
+        "SYFT_RESET": "False",
+        "SYFT_DEV_MODE": "False",
+        "SYFT_IN_MEMORY_WORKERS": "True",
+        "SYFT_N_CONSUMERS": "0",
+        "SYFT_CREATE_PRODUCER": "False",
+        "SYFT_PROCESSES": "1",
+    }
+    if config.db_url:
+        env["SYFT_DB_URL"] = config.db_url
+    os.environ.update(env)
+
+
+def serve(root: Path) -> None:
+    site = SiteDir(root)
+    config = site.config()
+    _prepare_environment(site)
+    import syft.server.uvicorn  # noqa: F401  reads the identity variables at import
+    import uvicorn
+
+    for name in _SECRET_ENV:
+        os.environ.pop(name, None)
+    site.pid_path.write_text(f"{os.getpid()}\n")
+    try:
+        uvicorn.run(
+            "syft.server.uvicorn:app_factory",
+            host=config.host,
+            port=config.port,
+            factory=True,
+            log_level="warning",
+        )
+    finally:
+        if site.pid_path.exists() and site.pid_path.read_text().strip() == str(os.getpid()):
+            site.pid_path.unlink()
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]))

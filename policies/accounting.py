@@ -1,0 +1,63 @@
+"""Privacy accounting over Opacus' accountants.
+
+A *mechanism* is one run of DP-SGD: (noise_multiplier, sample_rate, steps). The epsilon of a
+sequence of mechanisms is computed by composing all of them in one accountant (the same way
+Opacus composes the steps of one training run), which is tighter than summing per-job epsilons
+and equally sound: both are valid upper bounds for adaptive composition of the mechanisms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from policies.errors import PlanError
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One DP-SGD run: Gaussian noise scale, Poisson sampling rate and number of steps."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def _accountant(name: str) -> PRVAccountant | RDPAccountant:
+    if name == "prv":
+        return PRVAccountant()
+    if name == "rdp":
+        return RDPAccountant()
+    raise PlanError(f"unknown accountant {name!r}; use prv or rdp")
+
+
+def epsilon(mechanisms: Sequence[Mechanism], delta: float, accountant: str = "prv") -> float:
+    """Epsilon at ``delta`` of running every mechanism in turn; inf if any adds no noise."""
+    active = [m for m in mechanisms if m.steps > 0]
+    if not active:
+        return 0.0
+    if any(m.noise_multiplier <= 0 for m in active):
+        return math.inf
+    acc = _accountant(accountant)
+    acc.history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in active]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def noise_for_target(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+) -> float:
+    """The smallest noise multiplier that keeps one run within ``target_epsilon`` (Opacus' search)."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.005,
+        )
+    )

@@ -1,0 +1,143 @@
+"""The privacy budget ledger: (researcher, dataset) -> epsilon allowed, and every charge made.
+
+Reserve before training, commit after. A reservation counts as spent from the moment it is
+written, so a job interrupted by a crash stays charged (conservative). The check and the insert
+happen in one ``BEGIN IMMEDIATE`` transaction, so two concurrent jobs cannot both take the last
+of a budget.
+
+Composition: the spend of a (researcher, dataset) pair is the epsilon of *all* its charged
+mechanisms composed in one accountant at the budget's delta. Adaptive composition of DP-SGD runs
+is exactly what Opacus' accountants compute for the steps of one run, so this is sound, and it is
+never larger than the sum of the per-job epsilons (which is reported alongside).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policies.accounting import Mechanism, epsilon
+from policies.errors import BudgetExceeded, PlanError
+from policies.store import SiteStore
+
+DEFAULT_EPSILON = 1.0
+DEFAULT_DELTA = 1e-5
+_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class Budget:
+    researcher: str
+    dataset: str
+    epsilon_total: float
+    delta: float
+    epsilon_spent: float
+    epsilon_sum: float
+    charges: int
+    is_default: bool
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.epsilon_total - self.epsilon_spent)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "researcher": self.researcher,
+            "dataset": self.dataset,
+            "epsilon_total": self.epsilon_total,
+            "epsilon_spent": self.epsilon_spent,
+            "epsilon_sum_of_jobs": self.epsilon_sum,
+            "epsilon_remaining": self.remaining,
+            "delta": self.delta,
+            "charges": self.charges,
+            "default": self.is_default,
+        }
+
+
+@dataclass(frozen=True)
+class Charge:
+    id: int
+    epsilon_job: float
+    epsilon_spent_after: float
+    budget: Budget
+
+
+class BudgetLedger:
+    """Budgets and charges of one datasite, in its own SQLite database."""
+
+    def __init__(self, store: SiteStore, accountant: str = "prv") -> None:
+        self.store = store
+        self.accountant = accountant
+
+    def set_budget(self, researcher: str, dataset: str, epsilon_total: float, delta: float) -> None:
+        if not epsilon_total > 0 or not 0 < delta < 1:
+            raise PlanError("a budget needs epsilon > 0 and 0 < delta < 1")
+        with self.store.immediate() as conn:
+            conn.execute(
+                "INSERT INTO budgets VALUES (?, ?, ?, ?) ON CONFLICT (researcher, dataset) "
+                "DO UPDATE SET epsilon_total = excluded.epsilon_total, delta = excluded.delta",
+                (researcher.lower(), dataset, float(epsilon_total), float(delta)),
+            )
+
+    def budget(self, researcher: str, dataset: str) -> Budget:
+        with self.store.connect() as conn:
+            return self._budget(conn, researcher.lower(), dataset)
+
+    def all(self) -> list[Budget]:
+        with self.store.connect() as conn:
+            pairs = conn.execute(
+                "SELECT researcher, dataset FROM budgets UNION "
+                "SELECT researcher, dataset FROM charges ORDER BY 1, 2"
+            ).fetchall()
+            return [self._budget(conn, r, d) for r, d in pairs]
+
+    def reserve(self, researcher: str, dataset: str, job_id: str, mechanism: Mechanism,
+                job_accountant: str) -> Charge:
+        """Record a charge for ``mechanism`` or raise BudgetExceeded, atomically."""
+        researcher = researcher.lower()
+        with self.store.immediate() as conn:
+            before = self._budget(conn, researcher, dataset)
+            history = self._mechanisms(conn, researcher, dataset)
+            after = epsilon([*history, mechanism], before.delta, self.accountant)
+            job_eps = epsilon([mechanism], before.delta, job_accountant)
+            if after > before.epsilon_total + _SLACK:
+                raise BudgetExceeded(
+                    f"job would bring epsilon for {researcher} on {dataset!r} to {after:.3f}, "
+                    f"past the budget of {before.epsilon_total:.3f} "
+                    f"({before.remaining:.3f} remaining)"
+                )
+            cur = conn.execute(
+                "INSERT INTO charges (researcher, dataset, job_id, noise_multiplier, sample_rate,"
+                " steps, epsilon, accountant, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'reserved')",
+                (researcher, dataset, job_id, mechanism.noise_multiplier, mechanism.sample_rate,
+                 mechanism.steps, job_eps, job_accountant),
+            )
+            charge_id = int(cur.lastrowid or 0)
+            budget = self._budget(conn, researcher, dataset)
+        return Charge(charge_id, job_eps, after, budget)
+
+    def commit(self, charge_id: int) -> None:
+        with self.store.immediate() as conn:
+            conn.execute("UPDATE charges SET status = 'committed' WHERE id = ?", (charge_id,))
+
+    def _mechanisms(self, conn, researcher: str, dataset: str) -> list[Mechanism]:  # noqa: ANN001
+        rows = conn.execute(
+            "SELECT noise_multiplier, sample_rate, steps FROM charges "
+            "WHERE researcher = ? AND dataset = ? ORDER BY id",
+            (researcher, dataset),
+        ).fetchall()
+        return [Mechanism(r[0], r[1], r[2]) for r in rows]
+
+    def _budget(self, conn, researcher: str, dataset: str) -> Budget:  # noqa: ANN001
+        row = conn.execute(
+            "SELECT epsilon_total, delta FROM budgets WHERE researcher = ? AND dataset = ?",
+            (researcher, dataset),
+        ).fetchone()
+        total, delta = (row[0], row[1]) if row else (DEFAULT_EPSILON, DEFAULT_DELTA)
+        history = self._mechanisms(conn, researcher, dataset)
+        sums = conn.execute(
+            "SELECT COALESCE(SUM(epsilon), 0), COUNT(*) FROM charges "
+            "WHERE researcher = ? AND dataset = ?",
+            (researcher, dataset),
+        ).fetchone()
+        spent = epsilon(history, delta, self.accountant)
+        return Budget(researcher, dataset, total, delta, spent, sums[0], sums[1], row is None)

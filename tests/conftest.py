@@ -1,0 +1,88 @@
+"""Shared fixtures: real datasites on free loopback ports, driven through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from sklearn.datasets import load_breast_cancer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(tool: str, *args: str, check: bool = True, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run ``datasite`` or ``researcher`` as a user would, in a child process."""
+    module = {"datasite": "datasites.cli", "researcher": "researcher.cli"}[tool]
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True,
+        timeout=300, env=env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def last_json(proc: subprocess.CompletedProcess):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class Site:
+    dir: Path
+    name: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def password(self) -> str:
+        return (self.dir / "admin-password").read_text().strip()
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run_cli("datasite", *args, "--dir", str(self.dir), check=check)
+
+    def admin(self):
+        import syft as sy
+
+        return sy.login(url="http://127.0.0.1", port=self.port, email="admin@fedsite.io",
+                        password=self.password)
+
+
+def make_site(root: Path, name: str) -> Site:
+    site = Site(root / name, name, free_port())
+    run_cli("datasite", "init", name, "--dir", str(site.dir), "--port", str(site.port))
+    site.cli("launch", "--detach")
+    return site
+
+
+@pytest.fixture(scope="session")
+def breast_cancer_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "breast_cancer.csv"
+    load_breast_cancer(as_frame=True).frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Iterator[Site]:
+    s = make_site(tmp_path_factory.mktemp("sites"), "hospital-a")
+    yield s
+    s.cli("stop", check=False)
+
+
+def breast_cancer_frame() -> pd.DataFrame:
+    return load_breast_cancer(as_frame=True).frame

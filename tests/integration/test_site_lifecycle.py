@@ -1,0 +1,153 @@
+"""A datasite's life: init, launch, upload, accounts, kill -9, relaunch, and what survives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import syft as sy
+
+from tests.conftest import Site, free_port, last_json, make_site, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def researcher_login(site: Site, email: str, password: str):
+    return sy.login(url="http://127.0.0.1", port=site.port, email=email, password=password)
+
+
+def test_init_writes_secret_files_0600_and_never_the_default_password(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    run_cli("datasite", "init", "clinic", "--dir", str(d), "--port", str(free_port()))
+    for name in ("admin-password", "identity.key"):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o600
+    assert (d / "admin-password").read_text().strip() != "changethis"
+    again = run_cli("datasite", "init", "clinic", "--dir", str(d), check=False)
+    assert again.returncode == 1 and "already holds a datasite" in again.stderr
+
+
+def test_uninitialised_dir_is_one_clear_error(tmp_path: Path) -> None:
+    proc = run_cli("datasite", "status", "--dir", str(tmp_path / "never"), check=False)
+    assert proc.returncode == 1
+    assert "not an initialised datasite" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_full_lifecycle_survives_kill_9(tmp_path: Path, breast_cancer_csv: Path) -> None:
+    site = make_site(tmp_path, "hospital-a")
+    try:
+        status = last_json(site.cli("status", "--json"))
+        assert {"name", "url", "port", "pid", "running"} <= set(status)
+        assert status["running"] and status["port"] == site.port
+
+        site.cli("upload", "--name", "cancer", "--file", str(breast_cancer_csv),
+                 "--target", "target")
+        creds = last_json(site.cli("users", "add", "--email", "ada@uni.edu", "--name", "Ada",
+                                   "--json"))
+        assert creds["email"] == "ada@uni.edu" and len(creds["password"]) >= 16
+
+        ada = researcher_login(site, "ada@uni.edu", creds["password"])
+        asset = ada.datasets["cancer"].assets[0]
+        assert asset.mock.shape[1] == 31
+        assert asset.data is None  # the private rows are not readable by a researcher
+
+        # one request left pending, one approved (plain syft, as any client could)
+        @sy.syft_function_single_use(data=asset)
+        def count_rows(data):
+            return len(data)
+
+        @sy.syft_function_single_use(data=asset)
+        def mean_radius(data):
+            return float(data["mean radius"].mean())
+
+        ada.code.request_code_execution(count_rows)
+        ada.code.request_code_execution(mean_radius)
+        admin = site.admin()
+        [r for r in admin.requests if r.code.service_func_name == "count_rows"][0].approve()
+
+        pid = status["pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 10
+        while time.time() < deadline and last_json(site.cli("status", "--json"))["running"]:
+            time.sleep(0.2)
+        assert not last_json(site.cli("status", "--json"))["running"]
+
+        site.cli("launch", "--detach")
+        admin = sy.login(url="http://127.0.0.1", port=site.port, email="admin@fedsite.io",
+                         password=site.password)
+        assert [d.name for d in admin.datasets.get_all()] == ["cancer"]
+        assert "ada@uni.edu" in [u.email for u in admin.users.get_all()]
+        states = {r.code.service_func_name: r.status.name for r in admin.requests}
+        assert states == {"count_rows": "APPROVED", "mean_radius": "PENDING"}
+
+        ada = researcher_login(site, "ada@uni.edu", creds["password"])
+        assert ada.code.count_rows(data=ada.datasets["cancer"].assets[0]).get() == 569
+        listed = last_json(site.cli("datasets", "--json"))
+        assert listed[0]["rows"] == 569 and listed[0]["target"] == "target"
+    finally:
+        site.cli("stop", check=False)
+
+
+def test_bad_inputs_leave_state_untouched(site: Site, breast_cancer_csv: Path,
+                                          tmp_path: Path) -> None:
+    site.cli("upload", "--name", "cancer", "--file", str(breast_cancer_csv), "--target", "target")
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("a,b,label\n1,x,0\n2,y,1\n")
+    nan_csv = tmp_path / "nan.csv"
+    nan_csv.write_text("a,label\n1,0\n,1\n")
+    empty_csv = tmp_path / "empty.csv"
+    empty_csv.write_text("")
+    cases = {
+        "file not found": ["--name", "x1", "--file", str(tmp_path / "nope.csv"), "--target", "t"],
+        "target column 'nope' not found": ["--name", "x2", "--file", str(breast_cancer_csv),
+                                           "--target", "nope"],
+        "non-numeric feature column(s) b": ["--name", "x3", "--file", str(bad_csv),
+                                            "--target", "label"],
+        "missing values in column(s) a (1)": ["--name", "x4", "--file", str(nan_csv),
+                                              "--target", "label"],
+        "empty": ["--name", "x5", "--file", str(empty_csv), "--target", "label"],
+        "already exists": ["--name", "cancer", "--file", str(breast_cancer_csv),
+                           "--target", "target"],
+    }
+    for needle, args in cases.items():
+        proc = site.cli("upload", *args, check=False)
+        assert proc.returncode == 1, needle
+        assert needle in proc.stderr, (needle, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    names = [d["name"] for d in last_json(site.cli("datasets", "--json"))]
+    assert names == ["cancer"]
+
+
+def test_wrong_password_is_refused(site: Site) -> None:
+    with pytest.raises(Exception, match="Invalid credentials"):
+        sy.login(url="http://127.0.0.1", port=site.port, email="admin@fedsite.io",
+                 password="wrong")
+    with pytest.raises(Exception):  # noqa: B017  the syft default admin does not exist
+        sy.login(url="http://127.0.0.1", port=site.port, email="info@openmined.org",
+                 password="changethis")
+    (site.dir / "admin-password").chmod(0o600)
+    good = site.password
+    (site.dir / "admin-password").write_text("not-the-password\n")
+    try:
+        proc = site.cli("datasets", check=False)
+        assert proc.returncode == 1 and "wrong email or password" in proc.stderr
+    finally:
+        (site.dir / "admin-password").write_text(good + "\n")
+
+
+def test_port_in_use_and_double_launch(site: Site, tmp_path: Path) -> None:
+    assert "already running" in site.cli("launch", "--detach", check=False).stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        d = tmp_path / "other"
+        run_cli("datasite", "init", "other", "--dir", str(d), "--port", str(port))
+        proc = run_cli("datasite", "launch", "--detach", "--dir", str(d), check=False)
+    assert proc.returncode == 1 and f"port {port}" in proc.stderr
+    assert not (d / "server.pid").exists()
