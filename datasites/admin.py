@@ -12,7 +12,6 @@ import json
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import syft as sy
@@ -21,7 +20,7 @@ from syft.types.errors import SyftException
 from datasites.config import SiteDir
 from datasites.errors import AuthError, ServerError, TableError
 from datasites.mock import make_mock
-from datasites.tables import Table, load_table, validate_table
+from datasites.tables import Table
 
 ASSET_NAME = "table"
 META_PREFIX = "fedsite-meta: "
@@ -70,10 +69,11 @@ def dataset_names(client: Any) -> list[str]:
         return [d.name for d in client.datasets.get_all()]
 
 
-def upload(site: SiteDir, name: str, path: Path, target: str, description: str = "",
-           mock_rows: int = 1000) -> UploadResult:
-    """Validate the file, build its mock twin and upload both; nothing is sent if any check fails."""
-    table = validate_table(load_table(path), target)
+def upload(
+    site: SiteDir, name: str, table: Table, description: str = "", mock_rows: int = 1000
+) -> UploadResult:
+    """Build the mock twin of a validated table and upload both, unless the name is taken."""
+    target = table.target
     client = admin_client(site)
     if name in dataset_names(client):
         raise TableError(f"a dataset named {name!r} already exists on this datasite")
@@ -105,6 +105,9 @@ def _meta(table: Table, name: str, mock_rows: int) -> dict[str, Any]:
         "schema": table.schema(),
         "classes": table.classes,
         "n_classes": int(table.frame[table.target].nunique()),
+        # Published like the mock's marginals: lets every round standardise features the same way.
+        "feature_mean": [float(v) for v in table.frame[table.features].mean()],
+        "feature_std": [float(v) or 1.0 for v in table.frame[table.features].std(ddof=0)],
     }
 
 
@@ -115,7 +118,7 @@ def parse_meta(asset_description: str) -> dict[str, Any]:
     if start < 0:
         return {}
     try:
-        return json.loads(text[start + len(META_PREFIX):].strip().splitlines()[0])
+        return json.loads(text[start + len(META_PREFIX) :].strip().splitlines()[0])
     except (json.JSONDecodeError, IndexError):
         return {}
 
@@ -126,9 +129,13 @@ def list_datasets(client: Any) -> list[dict[str, Any]]:
         for ds in client.datasets.get_all():
             asset = ds.assets[0] if ds.assets else None
             meta = parse_meta(asset.description.text if asset and asset.description else "")
-            out.append({"name": ds.name, "description": ds.description.text
-                        if ds.description else "", **{k: meta.get(k) for k in
-                        ("target", "rows", "mock_rows", "schema")}})
+            out.append(
+                {
+                    "name": ds.name,
+                    "description": ds.description.text if ds.description else "",
+                    **{k: meta.get(k) for k in ("target", "rows", "mock_rows", "schema")},
+                }
+            )
     return out
 
 
@@ -150,5 +157,7 @@ def add_user(site: SiteDir, email: str, name: str) -> str:
 
 def list_users(client: Any) -> list[dict[str, str]]:
     with quiet():
-        return [{"email": u.email, "name": u.name, "role": str(u.role.name)}
-                for u in client.users.get_all()]
+        return [
+            {"email": u.email, "name": u.name, "role": str(u.role.name)}
+            for u in client.users.get_all()
+        ]

@@ -12,8 +12,11 @@ from datasites.errors import DatasiteError
 from policies.console import emit_json, out, run_cli, table
 from policies.errors import PolicyError
 
-app = typer.Typer(help="Run a datasite: launch it, upload data, add researchers, review jobs.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Run a datasite: launch it, upload data, add researchers, review jobs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 users_app = typer.Typer(help="Researcher accounts.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 
@@ -72,8 +75,11 @@ def status(dir: DirOpt, json: JsonOpt = False) -> None:
     if json:
         emit_json(st.to_dict())
     else:
-        table("datasite", ["name", "url", "pid", "running", "responding"],
-              [[st.name, st.url, st.pid, st.running, st.responding]])
+        table(
+            "datasite",
+            ["name", "url", "pid", "running", "responding"],
+            [[st.name, st.url, st.pid, st.running, st.responding]],
+        )
 
 
 @app.command()
@@ -87,14 +93,21 @@ def upload(
     json: JsonOpt = False,
 ) -> None:
     """Validate a table and upload it as private data with a synthetic mock twin."""
+    from datasites.tables import load_table, validate_table
+
+    site = SiteDir(dir)
+    site.config()
+    table = validate_table(load_table(file), target)  # before syft's slow import
     from datasites import admin
 
-    result = admin.upload(SiteDir(dir), name, file, target, description, mock_rows)
+    result = admin.upload(site, name, table, description, mock_rows)
     if json:
         emit_json(result.__dict__)
     else:
-        out.print(f"uploaded {result.name}: {result.rows} private rows, "
-                  f"{result.mock_rows} mock rows, target {result.target!r}")
+        out.print(
+            f"uploaded {result.name}: {result.rows} private rows, "
+            f"{result.mock_rows} mock rows, target {result.target!r}"
+        )
 
 
 @app.command()
@@ -106,9 +119,14 @@ def datasets(dir: DirOpt, json: JsonOpt = False) -> None:
     if json:
         emit_json(rows)
     else:
-        table("datasets", ["name", "rows", "target", "columns", "description"],
-              [[r["name"], r["rows"], r["target"], len(r["schema"] or []), r["description"]]
-               for r in rows])
+        table(
+            "datasets",
+            ["name", "rows", "target", "columns", "description"],
+            [
+                [r["name"], r["rows"], r["target"], len(r["schema"] or []), r["description"]]
+                for r in rows
+            ],
+        )
 
 
 @users_app.command("add")
@@ -137,7 +155,255 @@ def users_list(dir: DirOpt, json: JsonOpt = False) -> None:
     if json:
         emit_json(rows)
     else:
-        table("users", ["email", "name", "role"], [[r["email"], r["name"], r["role"]] for r in rows])
+        table(
+            "users", ["email", "name", "role"], [[r["email"], r["name"], r["role"]] for r in rows]
+        )
+
+
+policy_app = typer.Typer(help="Per-dataset access and DP policies.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+budget_app = typer.Typer(help="The privacy budget ledger.", invoke_without_command=True)
+app.add_typer(budget_app, name="budget")
+
+
+@policy_app.command("show")
+def policy_show(
+    dir: DirOpt, dataset: Annotated[str, typer.Option()] = "", json: JsonOpt = False
+) -> None:
+    """Policies of every dataset (or one); datasets without one get the conservative default."""
+    from policies.access import PolicyStore
+
+    site = SiteDir(dir)
+    site.config()
+    store = PolicyStore(site.policies_path)
+    names = [dataset] if dataset else sorted(set(site.datasets_meta()) | set(store.all()))
+    data = {n: store.get(n).to_dict() for n in names}
+    if json:
+        emit_json(data)
+    else:
+        for name, policy in data.items():
+            table(f"policy: {name}", ["field", "value"], [[k, v] for k, v in policy.items()])
+
+
+@policy_app.command("set")
+def policy_set(
+    dir: DirOpt,
+    dataset: Annotated[str, typer.Option(help="Dataset the policy governs.")],
+    allow: Annotated[list[str], typer.Option(help="Researcher email allowed (repeatable).")] = [],  # noqa: B006
+    allow_domain: Annotated[
+        list[str], typer.Option(help="Email domain allowed (repeatable).")
+    ] = [],  # noqa: B006
+    max_epsilon_per_job: Annotated[float | None, typer.Option()] = None,
+    max_delta: Annotated[float | None, typer.Option()] = None,
+    min_noise_multiplier: Annotated[float | None, typer.Option()] = None,
+    max_grad_norm: Annotated[float | None, typer.Option()] = None,
+    max_rounds: Annotated[int | None, typer.Option()] = None,
+    max_parameters: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Change a dataset's policy; unnamed fields keep their current value."""
+    from dataclasses import replace
+
+    from policies.access import PolicyStore
+
+    site = SiteDir(dir)
+    site.config()
+    store = PolicyStore(site.policies_path)
+    changes = {
+        k: v
+        for k, v in {
+            "max_epsilon_per_job": max_epsilon_per_job,
+            "max_delta": max_delta,
+            "min_noise_multiplier": min_noise_multiplier,
+            "max_grad_norm": max_grad_norm,
+            "max_rounds": max_rounds,
+            "max_parameters": max_parameters,
+        }.items()
+        if v is not None
+    }
+    current = store.get(dataset)
+    if allow:
+        changes["allowed_researchers"] = sorted({*current.allowed_researchers, *allow})
+    if allow_domain:
+        changes["allowed_domains"] = sorted({*current.allowed_domains, *allow_domain})
+    store.set(dataset, replace(current, **changes))
+    out.print(f"policy of {dataset} updated")
+
+
+@app.command()
+def requests(dir: DirOpt, json: JsonOpt = False) -> None:
+    """Submitted jobs with their automatic policy report."""
+    from datasites.review import ReviewQueue
+
+    items = ReviewQueue(SiteDir(dir)).items()
+    if json:
+        emit_json([i.to_dict() for i in items])
+        return
+    table(
+        "requests",
+        ["id", "researcher", "status", "dataset", "report", "failed checks"],
+        [
+            [
+                i.request_id[:8],
+                i.researcher,
+                i.status.lower(),
+                i.report.job.dataset if i.report.job else "",
+                "pass" if i.report.passed else "FAIL",
+                ", ".join(c.name for c in i.report.failures()),
+            ]
+            for i in items
+        ],
+    )
+
+
+@app.command()
+def review(
+    dir: DirOpt,
+    request_id: Annotated[str, typer.Argument(help="Request id (prefix).")],
+    json: JsonOpt = False,
+) -> None:
+    """Show a request's code and its policy report."""
+    from rich.syntax import Syntax
+
+    from datasites.review import ReviewQueue
+
+    item = ReviewQueue(SiteDir(dir)).find(request_id)
+    if json:
+        emit_json({**item.to_dict(), "code": item.raw_code})
+        return
+    out.print(Syntax(item.raw_code, "python", word_wrap=True))
+    if item.report.job:
+        out.print(Syntax(item.report.job.model_source, "python", word_wrap=True))
+    print_report(item)
+
+
+def print_report(item) -> None:  # noqa: ANN001
+    verdict = "[green]PASSED[/green]" if item.report.passed else "[red]FAILED[/red]"
+    table(
+        f"policy report for {item.request_id[:8]} from {item.researcher}: {verdict}",
+        ["check", "result", "reason"],
+        [[c.name, "ok" if c.passed else "FAIL", c.reason] for c in item.report.checks],
+    )
+
+
+@app.command()
+def approve(
+    dir: DirOpt,
+    request_id: Annotated[str, typer.Argument(help="Request id (prefix).")],
+    override: Annotated[bool, typer.Option(help="Approve although the report fails.")] = False,
+    reason: Annotated[str, typer.Option(help="Why (required with --override).")] = "",
+) -> None:
+    """Approve a request whose policy report passes (or override, with a recorded reason)."""
+    from datasites.review import ReviewQueue
+
+    item = ReviewQueue(SiteDir(dir)).approve(request_id, override=override, reason=reason)
+    print_report(item)
+    out.print(f"approved {item.request_id[:8]} from {item.researcher}")
+
+
+@app.command()
+def deny(
+    dir: DirOpt,
+    request_id: Annotated[str, typer.Argument(help="Request id (prefix).")],
+    reason: Annotated[str, typer.Option(help="Shown to the researcher.")] = "",
+) -> None:
+    """Deny a request with a reason the researcher will see."""
+    from datasites.review import ReviewQueue
+
+    item = ReviewQueue(SiteDir(dir)).deny(request_id, reason)
+    out.print(f"denied {item.request_id[:8]} from {item.researcher}")
+
+
+@app.command()
+def audit(dir: DirOpt, json: JsonOpt = False) -> None:
+    """The append-only audit log (its hash chain is verified on every read)."""
+    from policies.audit import AuditLog
+    from policies.store import SiteStore
+
+    site = SiteDir(dir)
+    site.config()
+    log = AuditLog(SiteStore(site.db_path))
+    entries = log.entries()
+    if not log.verify():
+        raise DatasiteError("the audit log's hash chain is broken: it was edited")
+    if json:
+        emit_json(entries)
+        return
+    table(
+        "audit log (chain verified)",
+        ["#", "at", "actor", "event", "request", "code", "detail"],
+        [
+            [
+                e["seq"],
+                e["at"],
+                e["actor"],
+                e["event"],
+                (e["request_id"] or "")[:8],
+                (e["code_hash"] or "")[:10],
+                _short(e["detail"]),
+            ]
+            for e in entries
+        ],
+    )
+
+
+def _short(detail: dict) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in detail.items() if k not in ("checks",))
+    return text if len(text) < 90 else text[:87] + "..."
+
+
+@budget_app.callback()
+def budget(
+    ctx: typer.Context,
+    dir: Annotated[Path | None, typer.Option("--dir")] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Show the ledger: per researcher and dataset, epsilon allowed and spent."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if dir is None:
+        raise DatasiteError("budget needs --dir DIR")
+    from policies.ledger import BudgetLedger
+    from policies.store import SiteStore
+
+    site = SiteDir(dir)
+    site.config()
+    rows = [b.to_dict() for b in BudgetLedger(SiteStore(site.db_path)).all()]
+    if json:
+        emit_json(rows)
+        return
+    table(
+        "privacy budgets",
+        ["researcher", "dataset", "epsilon spent", "epsilon total", "delta", "jobs"],
+        [
+            [
+                r["researcher"],
+                r["dataset"],
+                f"{r['epsilon_spent']:.3f}",
+                f"{r['epsilon_total']:.3f}",
+                r["delta"],
+                r["charges"],
+            ]
+            for r in rows
+        ],
+    )
+
+
+@budget_app.command("set")
+def budget_set(
+    dir: DirOpt,
+    researcher: Annotated[str, typer.Option(help="Researcher email.")],
+    dataset: Annotated[str, typer.Option()],
+    epsilon: Annotated[float, typer.Option(help="Total epsilon allowed.")],
+    delta: Annotated[float, typer.Option(help="Delta of the budget.")] = 1e-5,
+) -> None:
+    """Set the total privacy budget of a researcher on a dataset."""
+    from policies.ledger import BudgetLedger
+    from policies.store import SiteStore
+
+    site = SiteDir(dir)
+    site.config()
+    BudgetLedger(SiteStore(site.db_path)).set_budget(researcher, dataset, epsilon, delta)
+    out.print(f"budget of {researcher} on {dataset}: epsilon {epsilon}, delta {delta}")
 
 
 def main() -> None:

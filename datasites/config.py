@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import tomllib
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,12 +110,10 @@ class SiteDir:
         _atomic_write(self.datasets_path, json.dumps(data, indent=2, sort_keys=True))
 
 
-def init_site(root: Path, name: str, port: int = DEFAULT_PORT, db_url: str = "",
-              host: str = "127.0.0.1") -> SiteConfig:
+def init_site(
+    root: Path, name: str, port: int = DEFAULT_PORT, db_url: str = "", host: str = "127.0.0.1"
+) -> SiteConfig:
     """Create DIR with config, identity and a fresh admin password; refuse to overwrite one."""
-    from syft.service.user.user import SyftSigningKey  # local: syft is slow to import
-    from syft.types.uid import UID
-
     site = SiteDir(root)
     if site.config_path.exists():
         raise ConfigError(f"{root} already holds a datasite; pick another --dir")
@@ -123,8 +122,8 @@ def init_site(root: Path, name: str, port: int = DEFAULT_PORT, db_url: str = "",
     if not 1 <= port <= 65535:
         raise ConfigError(f"port {port} is outside 1-65535")
     root.mkdir(parents=True, exist_ok=True)
-    config = SiteConfig(name=name, port=port, server_uid=UID().no_dash, host=host, db_url=db_url)
-    _write_secret(root / KEY_FILE, str(SyftSigningKey.generate()))
+    config = SiteConfig(name=name, port=port, server_uid=uuid.uuid4().hex, host=host, db_url=db_url)
+    _write_secret(root / KEY_FILE, secrets.token_hex(32))  # an ed25519 seed, as syft stores it
     _write_secret(root / PASSWORD_FILE, secrets.token_urlsafe(24))
     (root / "state").mkdir(exist_ok=True)
     _atomic_write(site.config_path, tomli_w.dumps({"site": asdict(config)}))

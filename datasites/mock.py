@@ -23,8 +23,9 @@ REFERENCE_ROWS = 50_000
 TRIES = 20
 
 
-def make_mock(frame: pd.DataFrame, target: str, rows: int = 1000, seed: int | None = None
-              ) -> pd.DataFrame:
+def make_mock(
+    frame: pd.DataFrame, target: str, rows: int = 1000, seed: int | None = None
+) -> pd.DataFrame:
     """Synthetic rows with the columns, dtypes, ranges and label balance of ``frame``."""
     rng = np.random.default_rng(seed)
     rows = max(1, min(rows, len(frame)))
@@ -52,8 +53,11 @@ def _sample_group(group: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.D
     out = {}
     for col in group.columns:
         values = np.sort(group[col].to_numpy(dtype=np.float64))
-        out[col] = np.quantile(values, rng.random(n), method="linear") if len(values) > 1 \
+        out[col] = (
+            np.quantile(values, rng.random(n), method="linear")
+            if len(values) > 1
             else np.full(n, values[0])
+        )
     return pd.DataFrame(out)
 
 
@@ -72,8 +76,9 @@ def _standardise(frame: pd.DataFrame, ref: pd.DataFrame) -> np.ndarray:
     return ((frame - ref.mean()) / scale).to_numpy(dtype=np.float64)
 
 
-def _drop_near_copies(mock: pd.DataFrame, frame: pd.DataFrame, target: str,
-                      rng: np.random.Generator, groups: list) -> pd.DataFrame:
+def _drop_near_copies(
+    mock: pd.DataFrame, frame: pd.DataFrame, target: str, rng: np.random.Generator, groups: list
+) -> pd.DataFrame:
     ref = frame if len(frame) <= REFERENCE_ROWS else frame.sample(REFERENCE_ROWS, random_state=0)
     ref_z = _standardise(ref, ref)
     nn = NearestNeighbors(n_neighbors=2).fit(ref_z)
@@ -95,8 +100,9 @@ def _drop_near_copies(mock: pd.DataFrame, frame: pd.DataFrame, target: str,
     return mock[~_too_close(mock, ref, nn, threshold, exact)].reset_index(drop=True)
 
 
-def _too_close(mock: pd.DataFrame, ref: pd.DataFrame, nn: NearestNeighbors, threshold: float,
-               exact: set) -> np.ndarray:
+def _too_close(
+    mock: pd.DataFrame, ref: pd.DataFrame, nn: NearestNeighbors, threshold: float, exact: set
+) -> np.ndarray:
     dist = nn.kneighbors(_standardise(mock, ref), n_neighbors=1)[0][:, 0]
     copies = np.array([tuple(r) in exact for r in mock.to_numpy(dtype=np.float64)])
     return (dist < threshold) | copies

@@ -31,8 +31,12 @@ class SiteStatus:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "name": self.name, "url": self.url, "port": self.port, "pid": self.pid,
-            "running": self.running, "responding": self.responding,
+            "name": self.name,
+            "url": self.url,
+            "port": self.port,
+            "pid": self.pid,
+            "running": self.running,
+            "responding": self.responding,
         }
 
 
@@ -85,8 +89,11 @@ def launch_detached(site: SiteDir, timeout: float = READY_TIMEOUT_S) -> SiteStat
     config = site.config()
     with open(site.log_path, "ab") as log:
         proc = subprocess.Popen(
-            _serve_command(site), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            _serve_command(site),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -66,8 +66,9 @@ def validate_table(frame: pd.DataFrame, target: str) -> Table:
     frame, classes = _encode_target(frame, target)
     features = [c for c in frame.columns if c != target]
     _check_numeric(frame, features)
-    frame[features] = frame[features].astype({c: "int64" for c in features
-                                              if frame[c].dtype == bool})
+    frame[features] = frame[features].astype(
+        {c: "int64" for c in features if frame[c].dtype == bool}
+    )
     _check_finite(frame)
     return Table(frame.reset_index(drop=True), target, classes)
 
@@ -87,8 +88,11 @@ def _encode_target(frame: pd.DataFrame, target: str) -> tuple[pd.DataFrame, list
 
 
 def _check_numeric(frame: pd.DataFrame, features: list[str]) -> None:
-    bad = [c for c in features if not (pd.api.types.is_numeric_dtype(frame[c])
-                                       or pd.api.types.is_bool_dtype(frame[c]))]
+    bad = [
+        c
+        for c in features
+        if not (pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c]))
+    ]
     if bad:
         raise TableError(
             f"non-numeric feature column(s) {', '.join(bad)}: encode them as numbers "
@@ -104,6 +108,9 @@ def _check_finite(frame: pd.DataFrame) -> None:
         raise TableError(f"missing values in column(s) {listed}: drop or impute them before upload")
     values = frame.to_numpy(dtype=np.float64)
     if not np.isfinite(values).all():
-        cols = [c for c, ok in zip(frame.columns, np.isfinite(values).all(axis=0), strict=True)
-                if not ok]
+        cols = [
+            c
+            for c, ok in zip(frame.columns, np.isfinite(values).all(axis=0), strict=True)
+            if not ok
+        ]
         raise TableError(f"infinite values in column(s) {', '.join(cols)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -37,6 +38,11 @@ def _accountant(name: str) -> PRVAccountant | RDPAccountant:
 
 def epsilon(mechanisms: Sequence[Mechanism], delta: float, accountant: str = "prv") -> float:
     """Epsilon at ``delta`` of running every mechanism in turn; inf if any adds no noise."""
+    return _epsilon(tuple(mechanisms), float(delta), accountant)
+
+
+@lru_cache(maxsize=1024)
+def _epsilon(mechanisms: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
     active = [m for m in mechanisms if m.steps > 0]
     if not active:
         return 0.0
@@ -47,6 +53,7 @@ def epsilon(mechanisms: Sequence[Mechanism], delta: float, accountant: str = "pr
     return float(acc.get_epsilon(delta=delta))
 
 
+@lru_cache(maxsize=256)
 def noise_for_target(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
 ) -> float:

@@ -26,8 +26,14 @@ class AuditLog:
     def __init__(self, store: SiteStore) -> None:
         self.store = store
 
-    def record(self, actor: str, event: str, request_id: str | None = None,
-               code_hash: str | None = None, **detail: Any) -> None:
+    def record(
+        self,
+        actor: str,
+        event: str,
+        request_id: str | None = None,
+        code_hash: str | None = None,
+        **detail: Any,
+    ) -> None:
         at = datetime.now(UTC).isoformat(timespec="milliseconds")
         body = json.dumps(detail, sort_keys=True, default=str)
         with self.store.immediate() as conn:

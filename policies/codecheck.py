@@ -20,18 +20,59 @@ ALLOWED_IMPORTS = frozenset(
 )
 BANNED_NAMES = frozenset(
     {
-        "open", "eval", "exec", "compile", "__import__", "getattr", "setattr", "delattr",
-        "globals", "locals", "vars", "input", "breakpoint", "memoryview", "exit", "quit",
-        "help", "dir", "type", "object", "classmethod", "staticmethod", "property",
+        "open",
+        "eval",
+        "exec",
+        "compile",
+        "__import__",
+        "getattr",
+        "setattr",
+        "delattr",
+        "globals",
+        "locals",
+        "vars",
+        "input",
+        "breakpoint",
+        "memoryview",
+        "exit",
+        "quit",
+        "help",
+        "dir",
+        "type",
+        "object",
+        "classmethod",
+        "staticmethod",
+        "property",
     }
 )
 ALLOWED_DUNDERS = frozenset({"__init__"})
 # Attributes of torch that reach files, processes, the network or foreign code.
 BANNED_ATTRIBUTES = frozenset(
     {
-        "load", "save", "hub", "ops", "classes", "jit", "compile", "utils", "multiprocessing",
-        "distributed", "package", "library", "cuda", "backends", "fx", "onnx", "testing",
-        "from_file", "tofile", "fromfile", "ctypeslib", "lib", "system", "popen",
+        "load",
+        "save",
+        "hub",
+        "ops",
+        "classes",
+        "jit",
+        "compile",
+        "utils",
+        "multiprocessing",
+        "distributed",
+        "package",
+        "library",
+        "cuda",
+        "backends",
+        "fx",
+        "onnx",
+        "testing",
+        "from_file",
+        "tofile",
+        "fromfile",
+        "ctypeslib",
+        "lib",
+        "system",
+        "popen",
     }
 )
 
@@ -167,7 +208,9 @@ def _check_node(node: ast.AST) -> list[Finding]:
         if node.attr.startswith("__") and node.attr not in ALLOWED_DUNDERS:
             return [Finding(line, f"dunder attribute {node.attr!r} is not allowed")]
         if node.attr in BANNED_ATTRIBUTES:
-            return [Finding(line, f"attribute {node.attr!r} (files, processes, code) is not allowed")]
+            return [
+                Finding(line, f"attribute {node.attr!r} (files, processes, code) is not allowed")
+            ]
     if isinstance(node, ast.Global | ast.Nonlocal):
         return [Finding(line, "global and nonlocal are not allowed")]
     if isinstance(node, ast.AsyncFunctionDef | ast.Await | ast.Yield | ast.YieldFrom):

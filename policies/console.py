@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
 
 def run_cli(app: Callable[..., Any], handled: tuple[type[BaseException], ...]) -> None:
     """Run a typer app; errors of ``handled`` types become one line on stderr and exit 1."""
+    warnings.filterwarnings("ignore")  # syft and opacus warn on stderr; our errors must stand out
     try:
         app(standalone_mode=False)
     except handled as exc:

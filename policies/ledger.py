@@ -90,11 +90,20 @@ class BudgetLedger:
             ).fetchall()
             return [self._budget(conn, r, d) for r, d in pairs]
 
-    def reserve(self, researcher: str, dataset: str, job_id: str, mechanism: Mechanism,
-                job_accountant: str) -> Charge:
+    def reserve(
+        self, researcher: str, dataset: str, job_id: str, mechanism: Mechanism, job_accountant: str
+    ) -> Charge:
         """Record a charge for ``mechanism`` or raise BudgetExceeded, atomically."""
         researcher = researcher.lower()
         with self.store.immediate() as conn:
+            existing = conn.execute(
+                "SELECT id, epsilon FROM charges WHERE job_id = ? AND researcher = ? "
+                "AND dataset = ?",
+                (job_id, researcher, dataset),
+            ).fetchone()
+            if existing:  # one charge per job, made at its first round, covers all its rounds
+                budget = self._budget(conn, researcher, dataset)
+                return Charge(existing[0], existing[1], budget.epsilon_spent, budget)
             before = self._budget(conn, researcher, dataset)
             history = self._mechanisms(conn, researcher, dataset)
             after = epsilon([*history, mechanism], before.delta, self.accountant)
@@ -108,8 +117,16 @@ class BudgetLedger:
             cur = conn.execute(
                 "INSERT INTO charges (researcher, dataset, job_id, noise_multiplier, sample_rate,"
                 " steps, epsilon, accountant, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'reserved')",
-                (researcher, dataset, job_id, mechanism.noise_multiplier, mechanism.sample_rate,
-                 mechanism.steps, job_eps, job_accountant),
+                (
+                    researcher,
+                    dataset,
+                    job_id,
+                    mechanism.noise_multiplier,
+                    mechanism.sample_rate,
+                    mechanism.steps,
+                    job_eps,
+                    job_accountant,
+                ),
             )
             charge_id = int(cur.lastrowid or 0)
             budget = self._budget(conn, researcher, dataset)

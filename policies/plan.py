@@ -36,6 +36,7 @@ class TrainingPlan:
     target_epsilon: float | None = None
     accountant: str = "prv"
     validation_fraction: float = 0.2
+    standardize: bool = True
 
     def __post_init__(self) -> None:
         self._check_ranges()
@@ -53,7 +54,9 @@ class TrainingPlan:
         if not 0.0 <= self.momentum < 1.0:
             raise PlanError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0.0 <= self.validation_fraction < 0.9:
-            raise PlanError(f"validation_fraction must be in [0, 0.9), got {self.validation_fraction}")
+            raise PlanError(
+                f"validation_fraction must be in [0, 0.9), got {self.validation_fraction}"
+            )
         for name, value, allowed in (
             ("loss", self.loss, LOSSES),
             ("optimizer", self.optimizer, OPTIMIZERS),

@@ -21,17 +21,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(tool: str, *args: str, check: bool = True, env: dict | None = None
-            ) -> subprocess.CompletedProcess:
+def run_cli(
+    tool: str, *args: str, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run ``datasite`` or ``researcher`` as a user would, in a child process."""
     module = {"datasite": "datasites.cli", "researcher": "researcher.cli"}[tool]
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True,
-        timeout=300, env=env,
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{tool} {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"{tool} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -59,8 +64,9 @@ class Site:
     def admin(self):
         import syft as sy
 
-        return sy.login(url="http://127.0.0.1", port=self.port, email="admin@fedsite.io",
-                        password=self.password)
+        return sy.login(
+            url="http://127.0.0.1", port=self.port, email="admin@fedsite.io", password=self.password
+        )
 
 
 def make_site(root: Path, name: str) -> Site:

@@ -45,10 +45,12 @@ def test_full_lifecycle_survives_kill_9(tmp_path: Path, breast_cancer_csv: Path)
         assert {"name", "url", "port", "pid", "running"} <= set(status)
         assert status["running"] and status["port"] == site.port
 
-        site.cli("upload", "--name", "cancer", "--file", str(breast_cancer_csv),
-                 "--target", "target")
-        creds = last_json(site.cli("users", "add", "--email", "ada@uni.edu", "--name", "Ada",
-                                   "--json"))
+        site.cli(
+            "upload", "--name", "cancer", "--file", str(breast_cancer_csv), "--target", "target"
+        )
+        creds = last_json(
+            site.cli("users", "add", "--email", "ada@uni.edu", "--name", "Ada", "--json")
+        )
         assert creds["email"] == "ada@uni.edu" and len(creds["password"]) >= 16
 
         ada = researcher_login(site, "ada@uni.edu", creds["password"])
@@ -78,8 +80,9 @@ def test_full_lifecycle_survives_kill_9(tmp_path: Path, breast_cancer_csv: Path)
         assert not last_json(site.cli("status", "--json"))["running"]
 
         site.cli("launch", "--detach")
-        admin = sy.login(url="http://127.0.0.1", port=site.port, email="admin@fedsite.io",
-                         password=site.password)
+        admin = sy.login(
+            url="http://127.0.0.1", port=site.port, email="admin@fedsite.io", password=site.password
+        )
         assert [d.name for d in admin.datasets.get_all()] == ["cancer"]
         assert "ada@uni.edu" in [u.email for u in admin.users.get_all()]
         states = {r.code.service_func_name: r.status.name for r in admin.requests}
@@ -93,8 +96,9 @@ def test_full_lifecycle_survives_kill_9(tmp_path: Path, breast_cancer_csv: Path)
         site.cli("stop", check=False)
 
 
-def test_bad_inputs_leave_state_untouched(site: Site, breast_cancer_csv: Path,
-                                          tmp_path: Path) -> None:
+def test_bad_inputs_leave_state_untouched(
+    site: Site, breast_cancer_csv: Path, tmp_path: Path
+) -> None:
     site.cli("upload", "--name", "cancer", "--file", str(breast_cancer_csv), "--target", "target")
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("a,b,label\n1,x,0\n2,y,1\n")
@@ -104,15 +108,39 @@ def test_bad_inputs_leave_state_untouched(site: Site, breast_cancer_csv: Path,
     empty_csv.write_text("")
     cases = {
         "file not found": ["--name", "x1", "--file", str(tmp_path / "nope.csv"), "--target", "t"],
-        "target column 'nope' not found": ["--name", "x2", "--file", str(breast_cancer_csv),
-                                           "--target", "nope"],
-        "non-numeric feature column(s) b": ["--name", "x3", "--file", str(bad_csv),
-                                            "--target", "label"],
-        "missing values in column(s) a (1)": ["--name", "x4", "--file", str(nan_csv),
-                                              "--target", "label"],
+        "target column 'nope' not found": [
+            "--name",
+            "x2",
+            "--file",
+            str(breast_cancer_csv),
+            "--target",
+            "nope",
+        ],
+        "non-numeric feature column(s) b": [
+            "--name",
+            "x3",
+            "--file",
+            str(bad_csv),
+            "--target",
+            "label",
+        ],
+        "missing values in column(s) a (1)": [
+            "--name",
+            "x4",
+            "--file",
+            str(nan_csv),
+            "--target",
+            "label",
+        ],
         "empty": ["--name", "x5", "--file", str(empty_csv), "--target", "label"],
-        "already exists": ["--name", "cancer", "--file", str(breast_cancer_csv),
-                           "--target", "target"],
+        "already exists": [
+            "--name",
+            "cancer",
+            "--file",
+            str(breast_cancer_csv),
+            "--target",
+            "target",
+        ],
     }
     for needle, args in cases.items():
         proc = site.cli("upload", *args, check=False)
@@ -125,11 +153,14 @@ def test_bad_inputs_leave_state_untouched(site: Site, breast_cancer_csv: Path,
 
 def test_wrong_password_is_refused(site: Site) -> None:
     with pytest.raises(Exception, match="Invalid credentials"):
-        sy.login(url="http://127.0.0.1", port=site.port, email="admin@fedsite.io",
-                 password="wrong")
+        sy.login(url="http://127.0.0.1", port=site.port, email="admin@fedsite.io", password="wrong")
     with pytest.raises(Exception):  # noqa: B017  the syft default admin does not exist
-        sy.login(url="http://127.0.0.1", port=site.port, email="info@openmined.org",
-                 password="changethis")
+        sy.login(
+            url="http://127.0.0.1",
+            port=site.port,
+            email="info@openmined.org",
+            password="changethis",
+        )
     (site.dir / "admin-password").chmod(0o600)
     good = site.password
     (site.dir / "admin-password").write_text("not-the-password\n")

@@ -59,8 +59,9 @@ def test_mock_is_capped_by_private_size() -> None:
 
 def test_integer_columns_stay_integers() -> None:
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame({"age": rng.integers(20, 90, 300), "w": rng.normal(size=300),
-                          "y": rng.integers(0, 2, 300)})
+    frame = pd.DataFrame(
+        {"age": rng.integers(20, 90, 300), "w": rng.normal(size=300), "y": rng.integers(0, 2, 300)}
+    )
     mock = make_mock(frame, "y", rows=200, seed=1)
     assert mock["age"].dtype == np.int64
     assert mock["age"].between(frame["age"].min(), frame["age"].max()).all()

@@ -70,8 +70,9 @@ def test_infinite_is_refused() -> None:
 
 
 def test_text_target_becomes_sorted_codes_and_bool_becomes_int() -> None:
-    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0], "flag": [True, False, True],
-                          "label": ["sick", "healthy", "sick"]})
+    frame = pd.DataFrame(
+        {"a": [1.0, 2.0, 3.0], "flag": [True, False, True], "label": ["sick", "healthy", "sick"]}
+    )
     table = validate_table(frame, "label")
     assert table.classes == ["healthy", "sick"]
     assert table.frame["label"].tolist() == [1, 0, 1]

@@ -1,0 +1,91 @@
+"""Approvals recorded by ``datasite approve``: the site's own word on what may run, and how often.
+
+The runtime trusts this table, not syft's request status and not the arguments it is called with:
+a job runs only if its syft code id was approved here, with the plan stored here, for at most
+``rounds_allowed`` calls.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from policies.errors import RoundLimitReached
+from policies.store import SiteStore
+
+
+@dataclass(frozen=True)
+class Approval:
+    code_id: str
+    request_id: str
+    researcher: str
+    dataset: str
+    code_hash: str
+    job: dict[str, Any]
+    rounds_allowed: int
+    rounds_run: int
+    override_reason: str | None
+
+
+class Approvals:
+    def __init__(self, store: SiteStore) -> None:
+        self.store = store
+
+    def record(self, approval: Approval) -> None:
+        with self.store.immediate() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                (
+                    approval.code_id,
+                    approval.request_id,
+                    approval.researcher.lower(),
+                    approval.dataset,
+                    approval.code_hash,
+                    json.dumps(approval.job),
+                    approval.rounds_allowed,
+                    approval.override_reason,
+                    datetime.now(UTC).isoformat(),
+                ),
+            )
+
+    def get(self, code_id: str) -> Approval | None:
+        with self.store.connect() as conn:
+            row = conn.execute("SELECT * FROM approvals WHERE code_id = ?", (code_id,)).fetchone()
+        return _row(row) if row else None
+
+    def job_ids(self) -> set[str]:
+        with self.store.connect() as conn:
+            rows = conn.execute("SELECT job FROM approvals").fetchall()
+        return {json.loads(r[0]).get("job_id", "") for r in rows}
+
+    def take_round(self, code_id: str) -> int:
+        """Count one more call of an approved job, atomically; refuse past its limit."""
+        with self.store.immediate() as conn:
+            row = conn.execute(
+                "SELECT rounds_allowed, rounds_run FROM approvals WHERE code_id = ?", (code_id,)
+            ).fetchone()
+            allowed, run = row
+            if run >= allowed:
+                raise RoundLimitReached(
+                    f"this approval covers {allowed} round(s) and all have run; submit a new job"
+                )
+            conn.execute(
+                "UPDATE approvals SET rounds_run = rounds_run + 1 WHERE code_id = ?", (code_id,)
+            )
+        return run + 1
+
+
+def _row(row: Any) -> Approval:
+    return Approval(
+        row["code_id"],
+        row["request_id"],
+        row["researcher"],
+        row["dataset"],
+        row["code_hash"],
+        json.loads(row["job"]),
+        row["rounds_allowed"],
+        row["rounds_run"],
+        row["override_reason"],
+    )

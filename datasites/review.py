@@ -1,0 +1,233 @@
+"""The review queue: requests with their automatic policy report, approve and deny.
+
+Approval writes the site's own approval record (what the runtime trusts) before it tells syft;
+every step lands in the audit log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from syft.types.uid import UID
+
+from datasites.admin import admin_client, quiet
+from datasites.approvals import Approval, Approvals
+from datasites.config import SiteDir
+from datasites.errors import ReviewError
+from datasites.runtime import build_model, privacy_plan
+from policies.access import DatasetPolicy, PolicyStore
+from policies.audit import AuditLog
+from policies.plan import JobSpec
+from policies.report import PolicyReport, Submission, build_report
+from policies.store import SiteStore
+
+ADMIN_ACTOR = "admin"
+UNOVERRIDABLE = {"template", "model_code", "dataset", "inputs", "job_id"}
+
+
+@dataclass
+class ReviewItem:
+    request: Any
+    request_id: str
+    code_id: str
+    code_hash: str
+    researcher: str
+    status: str
+    raw_code: str
+    deny_reason: str | None
+    report: PolicyReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "researcher": self.researcher,
+            "status": self.status,
+            "code_hash": self.code_hash,
+            "function": self.request.code.service_func_name,
+            "dataset": self.report.job.dataset if self.report.job else None,
+            "deny_reason": self.deny_reason,
+            "report": self.report.to_dict(),
+        }
+
+
+class ReviewQueue:
+    def __init__(self, site: SiteDir) -> None:
+        self.site = site
+        self.store = SiteStore(site.db_path)
+        self.audit = AuditLog(self.store)
+        self.approvals = Approvals(self.store)
+        self.policies = PolicyStore(site.policies_path)
+        self.client = admin_client(site)
+
+    def items(self) -> list[ReviewItem]:
+        with quiet():
+            requests = list(self.client.requests)
+        assets = self._asset_datasets()
+        used = self.approvals.job_ids()
+        items = [self._item(r, assets, used) for r in requests]
+        self._audit_new(items)
+        return items
+
+    def find(self, request_id: str) -> ReviewItem:
+        matches = [i for i in self.items() if i.request_id.startswith(request_id.lower())]
+        if len(matches) != 1:
+            raise ReviewError(
+                f"no request with id {request_id!r}"
+                if not matches
+                else f"id {request_id!r} is ambiguous; give more characters"
+            )
+        return matches[0]
+
+    def approve(self, request_id: str, override: bool = False, reason: str = "") -> ReviewItem:
+        item = self.find(request_id)
+        if item.status != "PENDING":
+            raise ReviewError(
+                f"request {item.request_id[:8]} is {item.status.lower()}, not pending"
+            )
+        failed = {c.name for c in item.report.failures()}
+        if failed & UNOVERRIDABLE:
+            raise ReviewError(
+                f"cannot approve: {', '.join(sorted(failed & UNOVERRIDABLE))} "
+                "failed, and those checks cannot be overridden"
+            )
+        if failed and not override:
+            raise ReviewError(
+                f"the policy report fails ({', '.join(sorted(failed))}); "
+                "use --override --reason TEXT to approve anyway"
+            )
+        if failed and not reason.strip():
+            raise ReviewError("--override needs --reason TEXT, which is recorded")
+        job = item.report.job
+        assert job is not None  # the template check passed
+        self.approvals.record(
+            Approval(
+                item.code_id,
+                item.request_id,
+                item.researcher,
+                job.dataset,
+                item.code_hash,
+                job.to_dict(),
+                job.plan.rounds,
+                0,
+                reason if failed else None,
+            )
+        )
+        with quiet():
+            item.request.approve(disable_warnings=True)
+        event = "overridden" if failed else "approved"
+        self.audit.record(
+            ADMIN_ACTOR,
+            event,
+            item.request_id,
+            item.code_hash,
+            researcher=item.researcher,
+            failed_checks=sorted(failed),
+            reason=reason or None,
+            rounds=job.plan.rounds,
+        )
+        return item
+
+    def deny(self, request_id: str, reason: str) -> ReviewItem:
+        if not reason.strip():
+            raise ReviewError("deny needs --reason TEXT; the researcher sees it")
+        item = self.find(request_id)
+        with quiet():
+            item.request.deny(reason=reason)
+        self.audit.record(
+            ADMIN_ACTOR,
+            "denied",
+            item.request_id,
+            item.code_hash,
+            researcher=item.researcher,
+            reason=reason,
+        )
+        return item
+
+    def _asset_datasets(self) -> dict[str, str]:
+        with quiet():
+            return {
+                str(a.action_id): d.name for d in self.client.datasets.get_all() for a in d.assets
+            }
+
+    def _item(self, request: Any, assets: dict[str, str], used: set[str]) -> ReviewItem:
+        code = request.code
+        bound = {
+            kw: assets.get(str(_uid(v)))
+            for vals in (code.input_policy_init_kwargs or {}).values()
+            for kw, v in vals.items()
+            if _uid(v) is not None
+        }
+        dataset = bound.get("data") if list(bound) == ["data"] else None
+        meta = self.site.datasets_meta().get(dataset or "", {})
+        policy = self.policies.get(dataset) if dataset else DatasetPolicy()
+        approved_before = self.approvals.get(str(code.id))
+        sub = Submission(
+            code.raw_code,
+            request.requesting_user_email,
+            dataset,
+            int(meta.get("rows", 0)),
+            tuple(code.input_kwargs),
+        )
+        report = build_report(
+            sub,
+            policy,
+            used - ({approved_before.job["job_id"]} if approved_before else set()),
+            _epsilon_of(policy),
+            _parameters_of(meta),
+        )
+        status = request.status.name
+        reason = request.deny_reason if status == "REJECTED" else None
+        return ReviewItem(
+            request,
+            str(request.id.no_dash),
+            str(code.id),
+            str(code.code_hash),
+            request.requesting_user_email,
+            status,
+            code.raw_code,
+            reason if isinstance(reason, str) else None,
+            report,
+        )
+
+    def _audit_new(self, items: list[ReviewItem]) -> None:
+        seen = {e["request_id"] for e in self.audit.entries() if e["event"] == "reported"}
+        for item in items:
+            if item.request_id not in seen:
+                self.audit.record(
+                    item.researcher,
+                    "submitted",
+                    item.request_id,
+                    item.code_hash,
+                    function=item.request.code.service_func_name,
+                )
+                self.audit.record(
+                    "review", "reported", item.request_id, item.code_hash, **item.report.to_dict()
+                )
+
+
+def _uid(rule: Any) -> UID | None:
+    """The asset id an input rule binds (a bare UID, or a syft ``Matches`` rule's value)."""
+    value = rule if isinstance(rule, UID) else getattr(rule, "val", None)
+    return value if isinstance(value, UID) else None
+
+
+def _epsilon_of(policy: DatasetPolicy) -> Any:
+    def epsilon_of(spec: JobSpec, rows: int) -> float:
+        n_train = rows - int(round(rows * spec.plan.validation_fraction))
+        return privacy_plan(spec.plan, n_train, policy.min_noise_multiplier).epsilon_job
+
+    return epsilon_of
+
+
+def _parameters_of(meta: dict[str, Any]) -> Any:
+    def parameters_of(spec: JobSpec, rows: int) -> int:
+        n_features = len(meta.get("schema", [])) - 1
+        outputs = int(meta.get("n_classes", 2)) if spec.plan.loss == "cross_entropy" else 1
+        model = build_model(spec, n_features, outputs)
+        return sum(p.numel() for p in model.parameters())
+
+    return parameters_of
+
+
+__all__ = ["ReviewItem", "ReviewQueue"]

@@ -1,0 +1,142 @@
+"""The site half of the runtime: approval, rounds, budget, audit around one training round."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from datasites.approvals import Approval, Approvals
+from datasites.config import SiteDir
+from datasites.runtime import CallerCode, Refused, privacy_plan, privacy_report, train_round
+from policies.access import PolicyStore
+from policies.audit import AuditLog
+from policies.errors import PolicyError, WireError
+from policies.ledger import BudgetLedger
+from policies.plan import JobSpec
+from policies.store import SiteStore
+
+log = logging.getLogger("datasites.runtime")
+ACTOR = "runtime"
+
+
+def run_at_site(
+    root: Path, caller: CallerCode, data: Any, weights: str, job: dict[str, Any]
+) -> dict[str, Any]:
+    site = SiteDir(root)
+    store = SiteStore(site.db_path)
+    audit = AuditLog(store)
+    approval = Approvals(store).get(caller.code_id)
+    try:
+        approval = _check_approval(approval, caller, job)
+        return _run(site, store, audit, approval, caller, data, weights)
+    except (Refused, PolicyError) as exc:
+        event = "withheld" if isinstance(exc, WireError) else "refused"
+        audit.record(
+            ACTOR,
+            event,
+            approval.request_id if approval else None,
+            caller.code_hash,
+            reason=str(exc),
+            code_id=caller.code_id,
+        )
+        raise
+    except Exception as exc:  # the researcher sees the type only; the admin sees the message
+        audit.record(
+            ACTOR,
+            "failed",
+            approval.request_id if approval else None,
+            caller.code_hash,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        log.exception("job %s failed", caller.code_id)
+        return {
+            "status": "failed",
+            "reason": f"training failed ({type(exc).__name__}); "
+            "the datasite admin can read the details in the audit log",
+        }
+
+
+def _check_approval(approval: Approval | None, caller: CallerCode, job: dict[str, Any]) -> Approval:
+    if approval is None:
+        raise Refused(
+            "this code was not approved through the datasite's review "
+            "('datasite approve'); nothing ran"
+        )
+    if approval.code_hash != caller.code_hash:
+        raise Refused("the calling code differs from the approved code; nothing ran")
+    if job.get("job_id") != approval.job.get("job_id"):
+        raise Refused("the job literal differs from the approved one; nothing ran")
+    return approval
+
+
+def _run(
+    site: SiteDir,
+    store: SiteStore,
+    audit: AuditLog,
+    approval: Approval,
+    caller: CallerCode,
+    data: Any,
+    weights: str,
+) -> dict[str, Any]:
+    spec = JobSpec.from_dict(approval.job)
+    meta = site.datasets_meta().get(approval.dataset)
+    if meta is None:
+        raise Refused(f"dataset {approval.dataset!r} has no metadata on this datasite")
+    policy = PolicyStore(site.policies_path).get(approval.dataset)
+    frame = pd.DataFrame(data)
+    n_train = len(frame) - int(round(len(frame) * spec.plan.validation_fraction))
+    privacy = privacy_plan(spec.plan, n_train, min_noise=policy.min_noise_multiplier)
+    if privacy.epsilon_job > policy.max_epsilon_per_job:
+        raise Refused(
+            f"the whole plan would spend epsilon {privacy.epsilon_job:.3f}, more than "
+            f"the {policy.max_epsilon_per_job} one job may spend on this dataset"
+        )
+    ledger = BudgetLedger(store)
+    charge = ledger.reserve(
+        approval.researcher, approval.dataset, spec.job_id, privacy.mechanism, spec.plan.accountant
+    )
+    round_no = Approvals(store).take_round(caller.code_id)
+    audit.record(
+        ACTOR,
+        "executed",
+        approval.request_id,
+        caller.code_hash,
+        round=round_no,
+        epsilon_job=privacy.epsilon_job,
+        noise_multiplier=privacy.noise_multiplier,
+    )
+    scaling = (meta["feature_mean"], meta["feature_std"]) if "feature_mean" in meta else None
+    result = train_round(
+        spec,
+        frame,
+        meta["target"],
+        weights,
+        privacy,
+        round_no,
+        scaling,
+        secure_mode=site.config().secure_noise,
+    )
+    if round_no == spec.plan.rounds:
+        ledger.commit(charge.id)
+    budget = ledger.budget(approval.researcher, approval.dataset)
+    result["privacy"] = {
+        **privacy_report(spec.plan, privacy),
+        "epsilon_spent": budget.epsilon_spent,
+        "epsilon_total": budget.epsilon_total,
+        "budget_delta": budget.delta,
+        "rounds_allowed": approval.rounds_allowed,
+    }
+    audit.record(
+        ACTOR,
+        "released",
+        approval.request_id,
+        caller.code_hash,
+        round=round_no,
+        n=result["n"],
+        metrics=result["metrics"],
+        epsilon_spent=budget.epsilon_spent,
+    )
+    return result

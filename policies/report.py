@@ -1,0 +1,158 @@
+"""The automatic policy report an admin sees beside every submitted job."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from policies.access import DatasetPolicy
+from policies.codecheck import check_model_source, parse_template
+from policies.errors import PlanError
+from policies.plan import JobSpec
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    reason: str
+
+
+@dataclass
+class PolicyReport:
+    checks: list[Check] = field(default_factory=list)
+    job: JobSpec | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def add(self, name: str, passed: bool, reason: str) -> None:
+        self.checks.append(Check(name, passed, reason))
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What the review knows about a request, gathered from the server by the caller."""
+
+    raw_code: str
+    researcher: str
+    dataset: str | None
+    rows: int
+    input_names: tuple[str, ...]
+
+
+def build_report(
+    sub: Submission,
+    policy: DatasetPolicy,
+    used_job_ids: set[str],
+    epsilon_of: Any = None,
+    parameters_of: Any = None,
+) -> PolicyReport:
+    """Run every check; later checks are skipped (and fail) when the template check fails.
+
+    ``epsilon_of(spec, rows)`` and ``parameters_of(spec, rows)`` are injected by the datasite so
+    this module stays free of torch; when absent those checks are reported as not run.
+    """
+    report = PolicyReport()
+    report.add(
+        "researcher",
+        policy.allows(sub.researcher),
+        f"{sub.researcher} is allowed"
+        if policy.allows(sub.researcher)
+        else f"{sub.researcher} is not on this dataset's allowed researchers or domains",
+    )
+    job_literal, findings = parse_template(sub.raw_code)
+    if job_literal is None:
+        report.add("template", False, "; ".join(str(f) for f in findings))
+        return report
+    try:
+        spec = JobSpec.from_dict(job_literal)
+    except PlanError as exc:
+        report.add("template", False, f"job literal is not a valid job: {exc}")
+        return report
+    report.job = spec
+    report.add("template", True, "the project's template calling the site runtime")
+    _check_inputs(report, sub, spec, used_job_ids)
+    model_findings = check_model_source(spec.model_source)
+    report.add(
+        "model_code",
+        not model_findings,
+        "; ".join(map(str, model_findings)) or "imports and names within the allowed list",
+    )
+    _check_dp(report, spec, policy, sub.rows, epsilon_of)
+    report.add(
+        "rounds",
+        spec.plan.rounds <= policy.max_rounds,
+        f"{spec.plan.rounds} round(s), limit {policy.max_rounds}",
+    )
+    if parameters_of is not None and not model_findings:
+        try:
+            n = int(parameters_of(spec, sub.rows))
+            report.add(
+                "model_size",
+                n <= policy.max_parameters,
+                f"{n} parameters, limit {policy.max_parameters}",
+            )
+        except Exception as exc:  # a model that does not build fails the report
+            report.add("model_size", False, f"model does not build: {type(exc).__name__}: {exc}")
+    return report
+
+
+def _check_inputs(report: PolicyReport, sub: Submission, spec: JobSpec, used: set[str]) -> None:
+    if sub.dataset is None:
+        report.add("dataset", False, "the request is not bound to a dataset of this datasite")
+    elif sub.dataset != spec.dataset:
+        report.add(
+            "dataset", False, f"job names dataset {spec.dataset!r} but its input is {sub.dataset!r}"
+        )
+    else:
+        report.add("dataset", True, f"bound to {sub.dataset!r}")
+    if sorted(sub.input_names) != ["data", "weights"]:
+        report.add("inputs", False, f"inputs must be data and weights, got {sub.input_names}")
+    if spec.job_id in used:
+        report.add("job_id", False, f"job id {spec.job_id} was already approved once")
+
+
+def _check_dp(
+    report: PolicyReport, spec: JobSpec, policy: DatasetPolicy, rows: int, epsilon_of: Any
+) -> None:
+    plan = spec.plan
+    max_delta = min(policy.max_delta, 1.0 / max(rows, 1))
+    problems = []
+    if plan.noise_multiplier is not None and plan.noise_multiplier < policy.min_noise_multiplier:
+        problems.append(
+            f"noise multiplier {plan.noise_multiplier} is below the policy's "
+            f"{policy.min_noise_multiplier}"
+        )
+    if plan.max_grad_norm > policy.max_grad_norm:
+        problems.append(f"max_grad_norm {plan.max_grad_norm} exceeds {policy.max_grad_norm}")
+    if plan.delta > max_delta:
+        problems.append(f"delta {plan.delta} exceeds {max_delta:.3g} (policy and 1/n)")
+    if plan.target_epsilon is not None and plan.target_epsilon > policy.max_epsilon_per_job:
+        problems.append(
+            f"target epsilon {plan.target_epsilon} exceeds the per-job limit "
+            f"{policy.max_epsilon_per_job}"
+        )
+    if epsilon_of is not None and not problems:
+        eps = float(epsilon_of(spec, rows))
+        if eps > policy.max_epsilon_per_job:
+            problems.append(
+                f"the plan spends epsilon {eps:.3f}, more than the per-job limit "
+                f"{policy.max_epsilon_per_job}"
+            )
+        else:
+            report.add(
+                "dp_parameters",
+                True,
+                f"epsilon {eps:.3f} at delta {plan.delta} "
+                f"within {policy.max_epsilon_per_job}; clipping {plan.max_grad_norm}",
+            )
+            return
+    report.add("dp_parameters", not problems, "; ".join(problems) or "within policy")

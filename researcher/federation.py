@@ -1,0 +1,93 @@
+"""The federation file: which datasites a researcher works with, and how to log in to each.
+
+```toml
+[[sites]]
+name = "hospital-a"
+url = "http://127.0.0.1:8081"
+email = "ada@uni.edu"
+password_file = "secrets/hospital-a"   # or: password_env = "HOSPITAL_A_PASSWORD"
+```
+Passwords are never written inline; a relative ``password_file`` is read from the file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from researcher.errors import FederationError
+
+
+@dataclass(frozen=True)
+class SiteLogin:
+    name: str
+    url: str
+    email: str
+    password_file: Path | None = None
+    password_env: str | None = None
+
+    def password(self) -> str:
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise FederationError(
+                    f"{self.name}: environment variable {self.password_env} is not set"
+                )
+            return value
+        assert self.password_file is not None
+        try:
+            return self.password_file.read_text().strip()
+        except OSError as exc:
+            raise FederationError(
+                f"{self.name}: cannot read password file {self.password_file}: {exc.strerror}"
+            ) from exc
+
+
+@dataclass(frozen=True)
+class Federation:
+    sites: list[SiteLogin]
+    path: Path
+
+    @classmethod
+    def load(cls, path: Path) -> Federation:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise FederationError(f"federation file {path} not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise FederationError(f"federation file {path} is not valid TOML: {exc}") from exc
+        raw = data.get("sites")
+        if not isinstance(raw, list) or not raw:
+            raise FederationError(f"{path}: no [[sites]] entries")
+        sites = [_site(entry, path.parent, i) for i, entry in enumerate(raw)]
+        names = [s.name for s in sites]
+        if len(set(names)) != len(names):
+            raise FederationError(f"{path}: site names must be unique")
+        return cls(sites, path)
+
+    def site(self, name: str) -> SiteLogin:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise FederationError(f"no site named {name!r} in {self.path}")
+
+
+def _site(entry: dict, base: Path, index: int) -> SiteLogin:
+    missing = [k for k in ("name", "url", "email") if not entry.get(k)]
+    if missing:
+        raise FederationError(f"site #{index + 1} lacks {', '.join(missing)}")
+    if "password" in entry:
+        raise FederationError(
+            f"site {entry['name']}: inline passwords are not accepted; "
+            "use password_file or password_env"
+        )
+    pf, pe = entry.get("password_file"), entry.get("password_env")
+    if bool(pf) == bool(pe):
+        raise FederationError(
+            f"site {entry['name']}: give exactly one of password_file or password_env"
+        )
+    path = (base / pf) if pf and not Path(pf).is_absolute() else (Path(pf) if pf else None)
+    return SiteLogin(entry["name"], entry["url"].rstrip("/"), entry["email"], path, pe)

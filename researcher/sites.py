@@ -1,0 +1,132 @@
+"""Talking to datasites as a researcher, over syft: the one syft boundary of this package."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import syft as sy
+from syft.service.policy.policy import OutputPolicyExecuteCount
+from syft.types.errors import SyftException
+
+from policies.plan import JobSpec
+from researcher.errors import SiteError
+from researcher.federation import SiteLogin
+from researcher.job import as_function
+
+META_PREFIX = "fedsite-meta: "
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def connect(login: SiteLogin) -> Any:
+    host, _, port = login.url.rpartition(":")
+    try:
+        with quiet():
+            return sy.login(url=host, port=int(port), email=login.email, password=login.password())
+    except SyftException as exc:
+        raise SiteError(
+            f"{login.name}: login refused: {getattr(exc, 'public_message', exc)}"
+        ) from exc
+    except Exception as exc:
+        if "Connection" in type(exc).__name__ or isinstance(exc, OSError):
+            raise SiteError(f"{login.name}: no datasite answers at {login.url}") from exc
+        raise
+
+
+def asset_meta(asset: Any) -> dict[str, Any]:
+    text = str(asset.description.text if asset.description else "")
+    start = text.find(META_PREFIX)
+    if start < 0:
+        return {}
+    try:
+        return json.loads(text[start + len(META_PREFIX) :].strip().splitlines()[0])
+    except (json.JSONDecodeError, IndexError):
+        return {}
+
+
+def datasets(client: Any, preview_rows: int = 5) -> list[dict[str, Any]]:
+    out = []
+    with quiet():
+        for ds in client.datasets.get_all():
+            asset = ds.assets[0]
+            meta = asset_meta(asset)
+            mock = asset.mock
+            out.append(
+                {
+                    "name": ds.name,
+                    "rows": meta.get("rows"),
+                    "target": meta.get("target"),
+                    "schema": meta.get("schema"),
+                    "n_classes": meta.get("n_classes"),
+                    "mock_preview": mock.head(preview_rows).to_dict(orient="records"),
+                }
+            )
+    return out
+
+
+def find_asset(client: Any, dataset: str) -> Any:
+    with quiet():
+        for ds in client.datasets.get_all():
+            if ds.name == dataset:
+                return ds.assets[0]
+    raise SiteError(f"dataset {dataset!r} not found on {client.name}")
+
+
+def submit(client: Any, spec: JobSpec, asset: Any) -> str:
+    """One code request for this job on this site; returns the request id."""
+    policy = sy.MixedInputPolicy(data=asset, weights=str, client=client)
+    try:
+        with quiet():
+            fn = sy.syft_function(
+                input_policy=policy,
+                output_policy=OutputPolicyExecuteCount(limit=spec.plan.rounds + 1),
+            )(as_function(spec))
+            request = client.code.request_code_execution(fn)
+    except SyftException as exc:
+        raise SiteError(
+            f"{client.name}: submission refused: {getattr(exc, 'public_message', exc)}"
+        ) from exc
+    if isinstance(request, sy.SyftError):
+        raise SiteError(f"{client.name}: submission refused: {request.message}")
+    return str(request.id.no_dash)
+
+
+def status(client: Any, spec: JobSpec) -> dict[str, Any]:
+    """pending / approved / denied (with the admin's reason) for this job on this site."""
+    with quiet():
+        for request in client.requests:
+            code = request.code
+            if code.service_func_name == spec.name and spec.job_id in code.raw_code:
+                state = request.status.name
+                if state == "REJECTED":
+                    reason = request.deny_reason
+                    return {
+                        "status": "denied",
+                        "reason": reason if isinstance(reason, str) else None,
+                    }
+                return {"status": state.lower(), "reason": None}
+    return {"status": "not submitted", "reason": None}
+
+
+def run_round(client: Any, spec: JobSpec, asset: Any, weights: str) -> dict[str, Any]:
+    """Call the approved job once; returns the runtime's dict (ok, refused or failed)."""
+    try:
+        with quiet():
+            fn = getattr(client.code, spec.name)
+            result = fn(data=asset, weights=weights)
+            value = result.get() if hasattr(result, "get") else result
+    except SyftException as exc:
+        raise SiteError(f"{client.name}: {getattr(exc, 'public_message', exc)}") from exc
+    if isinstance(value, sy.SyftError):
+        raise SiteError(f"{client.name}: {value.message}")
+    if not isinstance(value, dict) or "status" not in value:
+        raise SiteError(f"{client.name}: unexpected reply {type(value).__name__}")
+    return value
