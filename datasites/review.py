@@ -15,10 +15,11 @@ from datasites.admin import admin_client, quiet
 from datasites.approvals import Approval, Approvals
 from datasites.config import SiteDir
 from datasites.errors import ReviewError
-from datasites.runtime import build_model, privacy_plan
+from datasites.runtime import build_model
 from policies.access import DatasetPolicy, PolicyStore
 from policies.audit import AuditLog
 from policies.plan import JobSpec
+from policies.privacy import privacy_plan
 from policies.report import PolicyReport, Submission, build_report
 from policies.store import SiteStore
 

@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from policies.accounting import Mechanism, epsilon, noise_for_target
 from policies.codecheck import check_model_source
 from policies.errors import PolicyError
-from policies.plan import JobSpec, TrainingPlan, sample_rate, steps_per_epoch
+from policies.plan import JobSpec, TrainingPlan
+from policies.privacy import PrivacyPlan, privacy_plan
 from policies.wire import check_shapes, decode_weights, encode_weights
 
 SITE_DIR_ENV = "FEDSITE_DIR"
@@ -44,21 +44,6 @@ class CallerCode:
 
     code_id: str
     code_hash: str
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_round: int
-    rounds: int
-    epsilon_job: float
-
-    @property
-    def mechanism(self) -> Mechanism:
-        return Mechanism(
-            self.noise_multiplier, self.sample_rate, self.steps_per_round * self.rounds
-        )
 
 
 def run_job(data: Any, weights: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -129,20 +114,6 @@ def split(
     n_val = int(round(len(frame) * fraction))
     val, train = order[:n_val], order[n_val:]
     return x[train], y[train], x[val], y[val]
-
-
-def privacy_plan(plan: TrainingPlan, n_train: int, min_noise: float = 0.0) -> PrivacyPlan:
-    """Noise, sampling rate and steps of the whole approved plan, and what it will spend."""
-    q = sample_rate(n_train, plan.batch_size)
-    per_round = plan.local_epochs * steps_per_epoch(n_train, plan.batch_size)
-    total = per_round * plan.rounds
-    if plan.target_epsilon is not None:
-        noise = noise_for_target(plan.target_epsilon, plan.delta, q, total, plan.accountant)
-    else:
-        noise = float(plan.noise_multiplier or 0.0)
-    noise = max(noise, min_noise)
-    eps = epsilon([Mechanism(noise, q, total)], plan.delta, plan.accountant)
-    return PrivacyPlan(noise, q, per_round, plan.rounds, eps)
 
 
 def train_round(

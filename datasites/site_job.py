@@ -10,12 +10,13 @@ import pandas as pd
 
 from datasites.approvals import Approval, Approvals
 from datasites.config import SiteDir
-from datasites.runtime import CallerCode, Refused, privacy_plan, privacy_report, train_round
+from datasites.runtime import CallerCode, Refused, privacy_report, train_round
 from policies.access import PolicyStore
 from policies.audit import AuditLog
 from policies.errors import PolicyError, WireError
 from policies.ledger import BudgetLedger
 from policies.plan import JobSpec
+from policies.privacy import privacy_plan
 from policies.store import SiteStore
 
 log = logging.getLogger("datasites.runtime")

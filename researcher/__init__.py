@@ -1,0 +1,17 @@
+"""What runs at the researcher: federation, jobs, submission, status (see README)."""
+
+from researcher.api import datasets, dry_run, status, submit
+from researcher.errors import ResearcherError
+from researcher.federation import Federation
+from researcher.job import load_job_file, make_job
+
+__all__ = [
+    "Federation",
+    "ResearcherError",
+    "datasets",
+    "dry_run",
+    "load_job_file",
+    "make_job",
+    "status",
+    "submit",
+]

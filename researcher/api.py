@@ -1,0 +1,123 @@
+"""The researcher's Python API: look at mock data, dry-run a job, submit it, follow it.
+
+from pathlib import Path
+from researcher import Federation, load_job_file, dry_run, submit, status
+
+fed = Federation.load(Path("federation.toml"))
+job = load_job_file(Path("job.py"), target="target")
+print(dry_run(fed, job)["metrics"])
+submit(fed, job)
+print(status(fed, job))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from policies.plan import JobSpec
+from policies.privacy import privacy_plan
+from researcher import sites
+from researcher.errors import JobError, SiteError
+from researcher.federation import Federation
+from researcher.job import as_function
+
+JOBS_DIR = ".fedsite-jobs"
+
+
+def datasets(fed: Federation) -> dict[str, list[dict[str, Any]]]:
+    """Every site's datasets: schema, row count and a preview of the mock (never private rows)."""
+    return {login.name: sites.datasets(sites.connect(login)) for login in fed.sites}
+
+
+def dry_run(fed: Federation, spec: JobSpec) -> dict[str, Any]:
+    """Run the exact function the sites will run, locally, on the first site's mock data.
+
+    Adds the epsilon the whole plan would spend at each site, from each site's row count.
+    """
+    for login in fed.sites:
+        client = sites.connect(login)
+        try:
+            asset = sites.find_asset(client, spec.dataset)
+        except SiteError:
+            continue
+        with sites.quiet():
+            mock = asset.mock
+        result = as_function(spec)(data=mock, weights="")
+        if result.get("status") != "ok":
+            raise JobError(f"dry run on {login.name}'s mock: {result.get('reason')}")
+        result["mock_site"] = login.name
+        result["epsilon_per_site"] = _epsilon_per_site(fed, spec)
+        return result
+    raise JobError(f"no site in the federation has dataset {spec.dataset!r}")
+
+
+def _epsilon_per_site(fed: Federation, spec: JobSpec) -> dict[str, float]:
+    out = {}
+    for login in fed.sites:
+        for ds in sites.datasets(sites.connect(login), preview_rows=0):
+            if ds["name"] == spec.dataset and ds["rows"]:
+                rows = int(ds["rows"])
+                n_train = rows - int(round(rows * spec.plan.validation_fraction))
+                out[login.name] = privacy_plan(spec.plan, n_train).epsilon_job
+    return out
+
+
+def submit(fed: Federation, spec: JobSpec, only: list[str] | None = None) -> dict[str, str]:
+    """One code request per site; records the job next to the federation file."""
+    requests = {}
+    for login in fed.sites:
+        if only and login.name not in only:
+            continue
+        client = sites.connect(login)
+        requests[login.name] = sites.submit(client, spec, sites.find_asset(client, spec.dataset))
+    save_job(fed, spec, requests)
+    return requests
+
+
+def status(fed: Federation, spec: JobSpec) -> dict[str, dict[str, Any]]:
+    """Per site: pending, approved or denied (with the admin's reason), or unreachable."""
+    out = {}
+    for login in fed.sites:
+        try:
+            out[login.name] = sites.status(sites.connect(login), spec)
+        except SiteError as exc:
+            out[login.name] = {"status": "unreachable", "reason": str(exc)}
+    return out
+
+
+def jobs_dir(fed: Federation) -> Path:
+    return fed.path.parent / JOBS_DIR
+
+
+def save_job(fed: Federation, spec: JobSpec, requests: dict[str, str]) -> Path:
+    folder = jobs_dir(fed)
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{spec.name}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"job": spec.to_dict(), "requests": requests}, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def saved_jobs(fed: Federation) -> list[JobSpec]:
+    folder = jobs_dir(fed)
+    if not folder.is_dir():
+        return []
+    paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return [JobSpec.from_dict(json.loads(p.read_text())["job"]) for p in paths]
+
+
+def saved_job(fed: Federation, name: str | None) -> JobSpec:
+    """The named saved job, or the latest one."""
+    jobs = saved_jobs(fed)
+    if not jobs:
+        raise JobError(f"no submitted jobs recorded in {jobs_dir(fed)}")
+    if name is None:
+        return jobs[-1]
+    for job in jobs:
+        if job.name == name or job.name.startswith(name):
+            return job
+    raise JobError(f"no submitted job named {name!r}")

@@ -1,0 +1,136 @@
+"""``researcher``: explore mock data, dry-run, submit and follow federated DP jobs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from policies.console import emit_json, out, run_cli, table
+from policies.errors import PolicyError
+from researcher.errors import ResearcherError
+
+app = typer.Typer(
+    help="Train models across datasites without seeing their data.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+FedOpt = Annotated[Path, typer.Option("--federation", "-f", help="Federation TOML file.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+TargetOpt = Annotated[str, typer.Option(help="Label column of the dataset.")]
+
+
+def _fed(path: Path):  # noqa: ANN202
+    from researcher.federation import Federation
+
+    return Federation.load(path)
+
+
+@app.command()
+def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
+    """Every site's datasets: schema, row count, mock preview."""
+    from researcher import api
+
+    data = api.datasets(_fed(federation))
+    if json:
+        emit_json(data)
+        return
+    for site, rows in data.items():
+        table(
+            f"{site}",
+            ["dataset", "rows", "target", "columns", "mock preview (first row)"],
+            [
+                [
+                    d["name"],
+                    d["rows"],
+                    d["target"],
+                    len(d["schema"] or []),
+                    str(d["mock_preview"][:1])[:60],
+                ]
+                for d in rows
+            ],
+        )
+
+
+@app.command("try")
+def try_job(
+    job: Annotated[Path, typer.Argument(help="JOB.py")],
+    federation: FedOpt,
+    target: TargetOpt = "target",
+    json: JsonOpt = False,
+) -> None:
+    """Run the job locally on mock data through the site runtime, before submitting."""
+    from researcher import api
+    from researcher.job import load_job_file
+
+    result = api.dry_run(_fed(federation), load_job_file(job, target))
+    summary = {
+        k: result[k] for k in ("metrics", "privacy", "shapes", "epsilon_per_site", "mock_site", "n")
+    }
+    if json:
+        emit_json(summary)
+        return
+    table(
+        f"dry run on {result['mock_site']}'s mock ({result['n']} training rows)",
+        ["what", "value"],
+        [
+            *[[f"shape {k}", v] for k, v in result["shapes"].items()],
+            *[[k, f"{v:.4g}"] for k, v in result["metrics"].items()],
+            ["noise multiplier", f"{result['privacy']['noise_multiplier']:.4g}"],
+            *[[f"epsilon at {s}", f"{e:.3f}"] for s, e in result["epsilon_per_site"].items()],
+        ],
+    )
+
+
+@app.command()
+def submit(
+    job: Annotated[Path, typer.Argument(help="JOB.py")],
+    federation: FedOpt,
+    target: TargetOpt = "target",
+    json: JsonOpt = False,
+) -> None:
+    """Submit the job to every site of the federation for review."""
+    from researcher import api
+    from researcher.job import load_job_file
+
+    spec = load_job_file(job, target)
+    requests = api.submit(_fed(federation), spec)
+    if json:
+        emit_json({"job": spec.name, "requests": requests})
+    else:
+        out.print(
+            f"submitted {spec.name} to {', '.join(requests)}; follow it with 'researcher status'"
+        )
+
+
+@app.command()
+def status(
+    federation: FedOpt,
+    job: Annotated[
+        str | None, typer.Option(help="Job name (default: the latest submitted).")
+    ] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Per site: pending, approved, denied (with the admin's reason)."""
+    from researcher import api
+
+    fed = _fed(federation)
+    spec = api.saved_job(fed, job)
+    data = api.status(fed, spec)
+    if json:
+        emit_json({"job": spec.name, "sites": data})
+        return
+    table(
+        f"job {spec.name}",
+        ["site", "status", "reason"],
+        [[site, d["status"], d.get("reason") or ""] for site, d in data.items()],
+    )
+
+
+def main() -> None:
+    run_cli(app, (ResearcherError, PolicyError))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Epsilon against an independent reference: Google's dp-accounting, computed in the test."""
+
+from __future__ import annotations
+
+import dp_accounting
+import pytest
+from opacus.accountants.rdp import RDPAccountant
+
+from policies.accounting import Mechanism, epsilon, noise_for_target
+
+CASES = [(0.01, 1.0, 1000), (0.125, 1.64, 24), (0.05, 0.8, 300), (0.004, 1.2, 5000)]
+DELTA = 1e-5
+
+
+def reference(q: float, sigma: float, steps: int, kind: str) -> float:
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    )
+    if kind == "rdp":
+        acc = dp_accounting.rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+    else:
+        acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    return acc.compose(event).get_epsilon(DELTA)
+
+
+@pytest.mark.parametrize(("q", "sigma", "steps"), CASES)
+@pytest.mark.parametrize("kind", ["rdp", "prv"])
+def test_epsilon_matches_dp_accounting_within_1_percent(q, sigma, steps, kind) -> None:
+    ours = epsilon([Mechanism(sigma, q, steps)], DELTA, kind)
+    ref = reference(q, sigma, steps, kind)
+    assert ours == pytest.approx(ref, rel=0.01)
+
+
+def test_composition_of_history_equals_one_longer_run() -> None:
+    m = Mechanism(1.1, 0.02, 200)
+    two = epsilon([m, m], DELTA, "rdp")
+    assert two == pytest.approx(epsilon([Mechanism(1.1, 0.02, 400)], DELTA, "rdp"), rel=1e-9)
+    assert two < 2 * epsilon([m], DELTA, "rdp")  # tighter than the sum, which is also sound
+
+
+def test_no_noise_is_infinite_epsilon() -> None:
+    assert epsilon([Mechanism(0.0, 0.1, 10)], DELTA) == float("inf")
+
+
+@pytest.mark.parametrize("kind", ["rdp", "prv"])
+def test_noise_for_target_reaches_the_target(kind) -> None:
+    sigma = noise_for_target(2.0, DELTA, 0.05, 400, kind)
+    assert epsilon([Mechanism(sigma, 0.05, 400)], DELTA, kind) <= 2.0
+    assert epsilon([Mechanism(sigma * 0.97, 0.05, 400)], DELTA, kind) > 2.0 * 0.99

@@ -1,0 +1,89 @@
+"""The budget ledger never lets spend pass the total, under any sequence or race."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from policies.accounting import Mechanism, epsilon
+from policies.audit import AuditLog
+from policies.errors import BudgetExceeded
+from policies.ledger import DEFAULT_EPSILON, BudgetLedger
+from policies.store import SiteStore
+
+mechanisms = st.builds(
+    Mechanism,
+    noise_multiplier=st.floats(0.6, 3.0),
+    sample_rate=st.sampled_from([0.01, 0.05, 0.1]),
+    steps=st.integers(1, 300),
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(jobs=st.lists(mechanisms, min_size=1, max_size=6), total=st.floats(0.5, 6.0))
+def test_spend_never_passes_total(tmp_path_factory, jobs, total) -> None:
+    ledger = BudgetLedger(SiteStore(tmp_path_factory.mktemp("l") / "site.db"), accountant="rdp")
+    ledger.set_budget("r@x.org", "d", total, 1e-5)
+    accepted = []
+    for i, m in enumerate(jobs):
+        try:
+            ledger.reserve("r@x.org", "d", f"job{i}", m, "rdp")
+            accepted.append(m)
+        except BudgetExceeded:
+            pass
+        budget = ledger.budget("r@x.org", "d")
+        assert budget.epsilon_spent <= total + 1e-9
+    assert budget.epsilon_spent == pytest.approx(epsilon(accepted, 1e-5, "rdp"))
+
+
+def test_reserve_is_idempotent_per_job_and_default_is_conservative(tmp_path: Path) -> None:
+    ledger = BudgetLedger(SiteStore(tmp_path / "site.db"))
+    b = ledger.budget("new@x.org", "d")
+    assert b.is_default and b.epsilon_total == DEFAULT_EPSILON and b.epsilon_spent == 0
+    m = Mechanism(3.0, 0.05, 100)
+    first = ledger.reserve("new@x.org", "d", "j1", m, "prv")
+    again = ledger.reserve("new@x.org", "d", "j1", m, "prv")
+    assert first.id == again.id and ledger.budget("new@x.org", "d").charges == 1
+
+
+def test_concurrent_reservations_cannot_both_take_the_last_of_a_budget(tmp_path: Path) -> None:
+    store = SiteStore(tmp_path / "site.db")
+    m = Mechanism(1.0, 0.05, 200)
+    one = epsilon([m], 1e-5, "prv")
+    BudgetLedger(store).set_budget("r@x.org", "d", one * 1.2, 1e-5)  # room for one job only
+    results: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def race(i: int) -> None:
+        ledger = BudgetLedger(SiteStore(store.path))
+        barrier.wait()
+        try:
+            ledger.reserve("r@x.org", "d", f"job{i}", m, "prv")
+            results.append("ok")
+        except BudgetExceeded:
+            results.append("refused")
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["ok", "refused", "refused", "refused"]
+
+
+def test_audit_log_is_append_only_and_chained(tmp_path: Path) -> None:
+    store = SiteStore(tmp_path / "site.db")
+    log = AuditLog(store)
+    log.record("admin", "approved", "req1", "hash1", reason="fine")
+    log.record("runtime", "executed", "req1", "hash1", round=1)
+    assert log.verify() and [e["event"] for e in log.entries()] == ["approved", "executed"]
+    with store.connect() as conn, pytest.raises(Exception, match="append-only"):
+        conn.execute("UPDATE audit SET actor = 'mallory'")
+    with store.connect() as conn, pytest.raises(Exception, match="append-only"):
+        conn.execute("DELETE FROM audit")
