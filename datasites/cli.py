@@ -30,9 +30,12 @@ def init(
     dir: DirOpt,
     port: Annotated[int, typer.Option(help="HTTP port on loopback.")] = DEFAULT_PORT,
     db_url: Annotated[str, typer.Option(help="SQLAlchemy URL for syft's database.")] = "",
+    secure_noise: Annotated[
+        bool, typer.Option(help="Draw DP noise from the OS CSPRNG (slower; see README).")
+    ] = False,
 ) -> None:
     """Create DIR with a config, a stable server identity and a generated admin password."""
-    config = init_site(dir, name, port=port, db_url=db_url)
+    config = init_site(dir, name, port=port, db_url=db_url, secure_noise=secure_noise)
     out.print(f"initialised datasite [bold]{config.name}[/bold] in {dir} ({config.url})")
     out.print(f"admin: {config.admin_email}; password in {dir / 'admin-password'} (mode 0600)")
 

@@ -111,7 +111,12 @@ class SiteDir:
 
 
 def init_site(
-    root: Path, name: str, port: int = DEFAULT_PORT, db_url: str = "", host: str = "127.0.0.1"
+    root: Path,
+    name: str,
+    port: int = DEFAULT_PORT,
+    db_url: str = "",
+    host: str = "127.0.0.1",
+    secure_noise: bool = False,
 ) -> SiteConfig:
     """Create DIR with config, identity and a fresh admin password; refuse to overwrite one."""
     site = SiteDir(root)
@@ -122,7 +127,14 @@ def init_site(
     if not 1 <= port <= 65535:
         raise ConfigError(f"port {port} is outside 1-65535")
     root.mkdir(parents=True, exist_ok=True)
-    config = SiteConfig(name=name, port=port, server_uid=uuid.uuid4().hex, host=host, db_url=db_url)
+    config = SiteConfig(
+        name=name,
+        port=port,
+        server_uid=uuid.uuid4().hex,
+        host=host,
+        db_url=db_url,
+        secure_noise=secure_noise,
+    )
     _write_secret(root / KEY_FILE, secrets.token_hex(32))  # an ed25519 seed, as syft stores it
     _write_secret(root / PASSWORD_FILE, secrets.token_urlsafe(24))
     (root / "state").mkdir(exist_ok=True)

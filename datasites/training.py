@@ -14,6 +14,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from datasites.secure_noise import make_secure
 from policies.plan import TrainingPlan
 
 Weights = dict[str, np.ndarray]
@@ -76,7 +77,8 @@ def train_dp(
     data = TensorDataset(torch.as_tensor(x, dtype=torch.float32), targets(y, plan.loss))
     loader = DataLoader(data, batch_size=plan.batch_size)
     optimizer = _optimizer(model, plan)
-    engine = PrivacyEngine(accountant=plan.accountant, secure_mode=secure_mode)
+    # Opacus' own secure_mode needs torchcsprng (no build for torch 2.13): see secure_noise.py
+    engine = PrivacyEngine(accountant=plan.accountant)
     private_model, optimizer, loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -85,6 +87,8 @@ def train_dp(
         max_grad_norm=plan.max_grad_norm,
         poisson_sampling=True,
     )
+    if secure_mode:
+        make_secure(optimizer)
     criterion = loss_fn(plan.loss)
     private_model.train()
     steps, total, count = 0, 0.0, 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sklearn.datasets import load_breast_cancer
 
-JOB = '''import torch.nn as nn
+JOB = """import torch.nn as nn
 
 DATASET = "breast-cancer"
 PLAN = {"rounds": 3, "batch_size": 64, "learning_rate": 0.5, "target_epsilon": 2.0,
@@ -27,7 +27,7 @@ PLAN = {"rounds": 3, "batch_size": 64, "learning_rate": 0.5, "target_epsilon": 2
 
 def make_model(n_features, n_outputs):
     return nn.Sequential(nn.Linear(n_features, 16), nn.ReLU(), nn.Linear(16, n_outputs))
-'''
+"""
 
 
 def sh(*args: str) -> str:
@@ -58,19 +58,65 @@ def main() -> None:
     say(sh(*ds, "init", "hospital-a", "--dir", str(site), "--port", str(free_port())))
     try:
         say(sh(*ds, "launch", "--dir", str(site), "--detach"))
-        say(sh(*ds, "upload", "--dir", str(site), "--name", "breast-cancer", "--file", str(csv),
-               "--target", "target"))
-        creds = json.loads(sh(*ds, "users", "add", "--dir", str(site), "--email", "ada@uni.edu",
-                              "--name", "Ada", "--json"))
+        say(
+            sh(
+                *ds,
+                "upload",
+                "--dir",
+                str(site),
+                "--name",
+                "breast-cancer",
+                "--file",
+                str(csv),
+                "--target",
+                "target",
+            )
+        )
+        creds = json.loads(
+            sh(
+                *ds,
+                "users",
+                "add",
+                "--dir",
+                str(site),
+                "--email",
+                "ada@uni.edu",
+                "--name",
+                "Ada",
+                "--json",
+            )
+        )
         (work / "ada.password").write_text(creds["password"])
-        sh(*ds, "policy", "set", "--dir", str(site), "--dataset", "breast-cancer",
-           "--allow-domain", "uni.edu")
-        sh(*ds, "budget", "set", "--dir", str(site), "--researcher", "ada@uni.edu",
-           "--dataset", "breast-cancer", "--epsilon", "3")
+        sh(
+            *ds,
+            "policy",
+            "set",
+            "--dir",
+            str(site),
+            "--dataset",
+            "breast-cancer",
+            "--allow-domain",
+            "uni.edu",
+        )
+        sh(
+            *ds,
+            "budget",
+            "set",
+            "--dir",
+            str(site),
+            "--researcher",
+            "ada@uni.edu",
+            "--dataset",
+            "breast-cancer",
+            "--epsilon",
+            "3",
+        )
         url = json.loads(sh(*ds, "status", "--dir", str(site), "--json"))["url"]
         fed = work / "federation.toml"
-        fed.write_text(f'[[sites]]\nname = "hospital-a"\nurl = "{url}"\nemail = "ada@uni.edu"\n'
-                       'password_file = "ada.password"\n')
+        fed.write_text(
+            f'[[sites]]\nname = "hospital-a"\nurl = "{url}"\nemail = "ada@uni.edu"\n'
+            'password_file = "ada.password"\n'
+        )
         job = work / "job.py"
         job.write_text(JOB)
         rs = ["researcher.cli"]
@@ -85,16 +131,27 @@ def main() -> None:
         status = json.loads(sh(*rs, "status", "-f", str(fed), "--json"))
         say(sh(*rs, "status", "-f", str(fed)))
         say(sh(*ds, "audit", "--dir", str(site)))
-        summary = {"site": url, "job": sub["job"], "dry_run": dry["metrics"],
-                   "epsilon_per_site": dry["epsilon_per_site"], "status": status["sites"],
-                   "report_passed": req["report"]["passed"],
-                   "seconds": round(time.time() - started, 1), "dir": str(work)}
-        print(json.dumps(summary) if args.json else f"demo done in {summary['seconds']} s; "
-              f"state in {work}")
+        summary = {
+            "site": url,
+            "job": sub["job"],
+            "dry_run": dry["metrics"],
+            "epsilon_per_site": dry["epsilon_per_site"],
+            "status": status["sites"],
+            "report_passed": req["report"]["passed"],
+            "seconds": round(time.time() - started, 1),
+            "dir": str(work),
+        }
+        print(
+            json.dumps(summary)
+            if args.json
+            else f"demo done in {summary['seconds']} s; state in {work}"
+        )
     finally:
         if not args.keep:
-            subprocess.run([sys.executable, "-m", "datasites.cli", "stop", "--dir", str(site)],
-                           capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "datasites.cli", "stop", "--dir", str(site)],
+                capture_output=True,
+            )
 
 
 if __name__ == "__main__":

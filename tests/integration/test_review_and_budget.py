@@ -218,3 +218,44 @@ def test_budget_holds_and_survives_kill_9(federation) -> None:
     after = {(r["researcher"]): r for r in last_json(a.cli("budget", "--json"))}[email]
     assert after["epsilon_spent"] == pytest.approx(two, rel=1e-6)
     assert after["epsilon_spent"] <= after["epsilon_total"]
+
+
+def test_two_concurrent_jobs_race_for_the_last_of_a_budget(federation) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    fed, (a, _) = federation
+    plan = {"rounds": 1, "target_epsilon": 1.2, "batch_size": 64}
+    p = privacy_plan(make_job(MODEL, "cancer", "target", plan).plan, 455)
+    one = epsilon([p.mechanism], 1e-5, "prv")
+    two = epsilon([p.mechanism] * 2, 1e-5, "prv")
+    email = "cy@uni.edu"
+    creds = last_json(a.cli("users", "add", "--email", email, "--name", "Cy", "--json"))
+    (fed.path.parent / "cy.pw").write_text(creds["password"])
+    a.cli(
+        "budget",
+        "set",
+        "--researcher",
+        email,
+        "--dataset",
+        "cancer",
+        "--epsilon",
+        str((one + two) / 2),
+    )
+    login = fed.site("hospital-a").__class__("hospital-a", a.url, email, fed.path.parent / "cy.pw")
+    client = sites.connect(login)
+    asset = sites.find_asset(client, "cancer")
+    specs = [make_job(MODEL, "cancer", "target", plan) for _ in range(2)]
+    for spec in specs:
+        sites.submit(client, spec, asset)
+    items = {i["function"]: i["id"] for i in last_json(a.cli("requests", "--json"))}
+    for spec in specs:
+        a.cli("approve", items[spec.name])
+
+    def call(spec):
+        return sites.run_round(sites.connect(login), spec, asset, "")["status"]
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(call, specs))
+    assert outcomes == ["ok", "refused"]
+    ledger = {r["researcher"]: r for r in last_json(a.cli("budget", "--json"))}[email]
+    assert ledger["charges"] == 1 and ledger["epsilon_spent"] <= ledger["epsilon_total"]
