@@ -44,6 +44,7 @@ class CallerCode:
 
     code_id: str
     code_hash: str
+    mock: bool = False
 
 
 def run_job(data: Any, weights: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -52,20 +53,31 @@ def run_job(data: Any, weights: str, job: dict[str, Any]) -> dict[str, Any]:
     try:
         if not site_dir:
             return dry_run(data, weights, JobSpec.from_dict(job))
+        caller = caller_code()
+        if caller.mock:
+            return {"status": "mock", "reason": "syft's pass over the mock twin: nothing ran"}
         from datasites.site_job import run_at_site  # the site half needs the site's database
 
-        return run_at_site(Path(site_dir), caller_code(), data, weights, job)
+        return run_at_site(Path(site_dir), caller, data, weights, job)
     except (Refused, PolicyError) as exc:
         return {"status": "refused", "reason": str(exc)}
 
 
 def caller_code() -> CallerCode:
-    """Find the approved-code identity in syft's ``execute_byte_code`` frame, or refuse."""
+    """Find the approved-code identity in syft's ``execute_byte_code`` frame, or refuse.
+
+    syft 0.9.5 runs approved code twice per call when an input is a twin: on the private data,
+    then on the mock (``ActionService._user_code_execute``). The mock pass is recognised by
+    its kwargs being that frame's ``mock_kwargs``, and must neither train nor count a round.
+    """
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "execute_byte_code" and "code_item" in frame.f_locals:
             item = frame.f_locals["code_item"]
-            return CallerCode(str(item.id), str(item.code_hash))
+            parent = frame.f_back
+            mock_kwargs = parent.f_locals.get("mock_kwargs") if parent is not None else None
+            is_mock = mock_kwargs is not None and mock_kwargs is frame.f_locals.get("kwargs")
+            return CallerCode(str(item.id), str(item.code_hash), is_mock)
         frame = frame.f_back
     raise Refused("run_job was not called by syft's code execution; refused")
 
@@ -171,7 +183,10 @@ def dry_run(data: Any, weights: str, spec: JobSpec) -> dict[str, Any]:
     x, _, _, _ = split(frame, spec.target, spec.plan.validation_fraction, spec.job_id)
     privacy = privacy_plan(spec.plan, len(x))
     features = frame.drop(columns=[spec.target])
-    scaling = (features.mean().to_numpy(), features.std(ddof=0).to_numpy())
+    if spec.scaling:
+        scaling = (spec.scaling["mean"], spec.scaling["std"])
+    else:
+        scaling = (features.mean().to_numpy(), features.std(ddof=0).to_numpy())
     result = train_round(spec, frame, spec.target, weights, privacy, 1, scaling)
     result["mode"] = "dry-run"
     result["privacy"] = privacy_report(spec.plan, privacy)

@@ -109,7 +109,10 @@ def _run(
         epsilon_job=privacy.epsilon_job,
         noise_multiplier=privacy.noise_multiplier,
     )
-    scaling = (meta["feature_mean"], meta["feature_std"]) if "feature_mean" in meta else None
+    if spec.scaling:
+        scaling = (spec.scaling["mean"], spec.scaling["std"])
+    else:
+        scaling = (meta["feature_mean"], meta["feature_std"]) if "feature_mean" in meta else None
     result = train_round(
         spec,
         frame,

@@ -97,6 +97,9 @@ class JobSpec:
     plan: TrainingPlan
     model_factory: str = "make_model"
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Optional federation-wide feature standardisation {"mean": [...], "std": [...]}, derived
+    # from the sites' published statistics; without it each site uses its own.
+    scaling: dict[str, list[float]] | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():

@@ -121,3 +121,28 @@ def saved_job(fed: Federation, name: str | None) -> JobSpec:
         if job.name == name or job.name.startswith(name):
             return job
     raise JobError(f"no submitted job named {name!r}")
+
+
+def with_pooled_scaling(fed: Federation, spec: JobSpec) -> JobSpec:
+    """The job with federation-wide standardisation from the sites' published statistics."""
+    from dataclasses import replace
+
+    from researcher.rounds import pooled_scaling
+
+    metas = []
+    for login in fed.sites:
+        try:
+            metas.append(sites.asset_meta(sites.find_asset(sites.connect(login), spec.dataset)))
+        except SiteError:
+            continue
+    return replace(spec, scaling=pooled_scaling(metas))
+
+
+def train(fed: Federation, spec: JobSpec, run_dir: Path, **options: Any) -> Any:
+    """Run the federated rounds (see ``researcher.rounds.run_federation``) and plot them."""
+    from researcher.plots import plot_run
+    from researcher.rounds import run_federation
+
+    result = run_federation(fed, spec, run_dir, **options)
+    plot_run(result.rounds, run_dir)
+    return result

@@ -94,8 +94,9 @@ def submit(
     from researcher import api
     from researcher.job import load_job_file
 
-    spec = load_job_file(job, target)
-    requests = api.submit(_fed(federation), spec)
+    fed = _fed(federation)
+    spec = api.with_pooled_scaling(fed, load_job_file(job, target))
+    requests = api.submit(fed, spec)
     if json:
         emit_json({"job": spec.name, "requests": requests})
     else:
@@ -126,6 +127,78 @@ def status(
         ["site", "status", "reason"],
         [[site, d["status"], d.get("reason") or ""] for site, d in data.items()],
     )
+
+
+@app.command()
+def train(
+    federation: FedOpt,
+    run_dir: Annotated[Path, typer.Option(help="Where checkpoints, metrics and plots go.")],
+    job: Annotated[str | None, typer.Option(help="Submitted job (default: latest).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir.")] = False,
+    min_sites: Annotated[int, typer.Option(help="Fewest replies a round accepts.")] = 1,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a site per round.")] = 300,
+    test: Annotated[Path | None, typer.Option(help="CSV of your own test rows.")] = None,
+    target: TargetOpt = "target",
+    json: JsonOpt = False,
+) -> None:
+    """Run the federated rounds of an approved job: progress, checkpoints, metrics, plots."""
+    from rich.progress import Progress
+
+    from researcher import api
+
+    fed = _fed(federation)
+    spec = api.saved_job(fed, job)
+    test_xy = _test_split(test, target) if test else None
+    with Progress(disable=json) as progress:
+        bar = progress.add_task("rounds", total=spec.plan.rounds)
+
+        def on_round(rec) -> None:  # noqa: ANN001
+            progress.update(bar, completed=rec.round)
+            if not json:
+                accs = ", ".join(
+                    f"{u.site} {u.metrics.get('val_accuracy', float('nan')):.3f}"
+                    for u in rec.updates
+                )
+                skipped = f"; skipped {', '.join(rec.skipped)}" if rec.skipped else ""
+                progress.console.print(
+                    f"round {rec.round}: {accs}"
+                    + (f"; test {rec.test_accuracy:.3f}" if rec.test_accuracy is not None else "")
+                    + skipped
+                )
+
+        result = api.train(
+            fed,
+            spec,
+            run_dir,
+            resume=resume,
+            min_sites=min_sites,
+            timeout_s=timeout,
+            test=test_xy,
+            on_round=on_round,
+        )
+    summary = {
+        "run_dir": str(run_dir),
+        "rounds": len(result.rounds),
+        "test_accuracy": result.rounds[-1].get("test_accuracy") if result.rounds else None,
+    }
+    if json:
+        emit_json(summary)
+    else:
+        out.print(f"done: {summary['rounds']} rounds; model, metrics.csv and plots in {run_dir}")
+
+
+def _test_split(path: Path, target: str):  # noqa: ANN202
+    import pandas as pd
+
+    from researcher.errors import JobError
+
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise JobError(f"cannot read test file {path}: {exc}") from exc
+    if target not in frame.columns:
+        raise JobError(f"test file {path} has no column {target!r}")
+    return frame.drop(columns=[target]).to_numpy(dtype="float32"), frame[target].to_numpy()
 
 
 def main() -> None:

@@ -20,6 +20,10 @@ from researcher.job import as_function
 META_PREFIX = "fedsite-meta: "
 
 
+class Unreachable(SiteError):
+    """The site did not answer; retrying later may work."""
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     with contextlib.redirect_stdout(io.StringIO()):
@@ -37,7 +41,7 @@ def connect(login: SiteLogin) -> Any:
         ) from exc
     except Exception as exc:
         if "Connection" in type(exc).__name__ or isinstance(exc, OSError):
-            raise SiteError(f"{login.name}: no datasite answers at {login.url}") from exc
+            raise Unreachable(f"{login.name}: no datasite answers at {login.url}") from exc
         raise
 
 
@@ -125,6 +129,10 @@ def run_round(client: Any, spec: JobSpec, asset: Any, weights: str) -> dict[str,
             value = result.get() if hasattr(result, "get") else result
     except SyftException as exc:
         raise SiteError(f"{client.name}: {getattr(exc, 'public_message', exc)}") from exc
+    except Exception as exc:  # requests' connection errors: the site may be down for a moment
+        if "Connection" in type(exc).__name__ or isinstance(exc, OSError):
+            raise Unreachable(f"{client.name}: connection failed ({type(exc).__name__})") from exc
+        raise
     if isinstance(value, sy.SyftError):
         raise SiteError(f"{client.name}: {value.message}")
     if not isinstance(value, dict) or "status" not in value:

@@ -1,0 +1,289 @@
+"""The federated round loop: global weights out to every site in parallel, updates back, averaged.
+
+Faults: a site that times out, errors or refuses is skipped for the round with a warning; the
+round goes on when at least ``min_sites`` replied, else the run stops with a clear error.
+Connection failures are retried with backoff (a call that never reached the site spends nothing).
+After every round the global weights, the round number and the metrics are checkpointed in the
+run directory, so ``resume`` continues from there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policies.plan import JobSpec
+from policies.wire import decode_weights, encode_weights
+from researcher import model as local_model
+from researcher import sites
+from researcher.errors import SiteError
+from researcher.federation import Federation, SiteLogin
+from researcher.strategy import FedAvg, Strategy, Update, Weights
+
+log = logging.getLogger("researcher.rounds")
+RETRIES = 3
+
+
+@dataclass
+class SiteLink:
+    login: SiteLogin
+    client: Any = None
+    asset: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def ensure(self, dataset: str) -> None:
+        if self.client is None:
+            self.client = sites.connect(self.login)
+            self.asset = sites.find_asset(self.client, dataset)
+            self.meta = sites.asset_meta(self.asset)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    updates: list[Update]
+    skipped: dict[str, str]
+    test_accuracy: float | None
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    weights: Weights
+    rounds: list[dict[str, Any]]
+    last: RoundRecord | None = None
+
+
+def call_with_retry(
+    link: SiteLink, spec: JobSpec, weights: str, backoff: float = 0.5
+) -> dict[str, Any]:
+    """One round at one site; connection failures are retried with exponential backoff."""
+    for attempt in range(RETRIES):
+        try:
+            link.ensure(spec.dataset)
+            return sites.run_round(link.client, spec, link.asset, weights)
+        except sites.Unreachable:
+            link.client = None
+            if attempt == RETRIES - 1:
+                raise
+            time.sleep(backoff * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def pooled_scaling(metas: list[dict[str, Any]]) -> dict[str, list[float]] | None:
+    """Federation-wide feature mean/std from each site's published mean, std and row count."""
+    usable = [m for m in metas if m.get("feature_mean") and m.get("rows")]
+    if not usable:
+        return None
+    n = np.array([m["rows"] for m in usable], dtype=np.float64)[:, None]
+    mu = np.array([m["feature_mean"] for m in usable])
+    sd = np.array([m["feature_std"] for m in usable])
+    mean = (n * mu).sum(0) / n.sum()
+    var = (n * (sd**2 + mu**2)).sum(0) / n.sum() - mean**2
+    std = np.sqrt(np.maximum(var, 0.0))
+    return {"mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist()}
+
+
+def initial_weights(spec: JobSpec, meta: dict[str, Any]) -> Weights:
+    model = local_model.build(
+        spec, local_model.n_features(meta), local_model.n_outputs(meta, spec.plan.loss)
+    )
+    return local_model.weights_of(model)
+
+
+class Checkpoint:
+    """state.json + global.npz + metrics.csv in the run directory, each replaced atomically."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def save(self, spec: JobSpec, round_no: int, weights: Weights, history: list[dict]) -> None:
+        tmp = self.dir / "global.npz.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **weights)
+        os.replace(tmp, self.dir / "global.npz")
+        _write(
+            self.dir / "state.json",
+            json.dumps({"round": round_no, "job": spec.to_dict(), "history": history}, indent=2),
+        )
+        self._metrics_csv(history)
+
+    def load(self) -> tuple[JobSpec, int, Weights, list[dict]]:
+        state = json.loads((self.dir / "state.json").read_text())
+        with np.load(self.dir / "global.npz", allow_pickle=False) as npz:
+            weights = {k: npz[k] for k in npz.files}
+        return JobSpec.from_dict(state["job"]), state["round"], weights, state["history"]
+
+    def exists(self) -> bool:
+        return (self.dir / "state.json").exists()
+
+    def _metrics_csv(self, history: list[dict]) -> None:
+        cols = [
+            "round",
+            "site",
+            "n",
+            "train_loss",
+            "val_loss",
+            "val_accuracy",
+            "epsilon_spent",
+            "test_accuracy",
+        ]
+        tmp = self.dir / "metrics.csv.tmp"
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+            writer.writeheader()
+            for h in history:
+                for site, m in h["sites"].items():
+                    writer.writerow({"round": h["round"], "site": site, **m})
+                writer.writerow(
+                    {"round": h["round"], "site": "global", "test_accuracy": h.get("test_accuracy")}
+                )
+        os.replace(tmp, self.dir / "metrics.csv")
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_federation(
+    fed: Federation,
+    spec: JobSpec,
+    run_dir: Path,
+    *,
+    min_sites: int = 1,
+    timeout_s: float = 300.0,
+    strategy: Strategy | None = None,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+    resume: bool = False,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> RunResult:
+    """Train ``spec`` for its planned rounds across every approved site of ``fed``."""
+    strategy = strategy or FedAvg()
+    ckpt = Checkpoint(run_dir)
+    links = [SiteLink(login) for login in fed.sites]
+    if resume and ckpt.exists():
+        spec, done, weights, history = ckpt.load()
+    else:
+        done, history = 0, []
+        weights = initial_weights(spec, _first_meta(links, spec))
+    last = None
+    with ThreadPoolExecutor(max_workers=len(links)) as pool:
+        for round_no in range(done + 1, spec.plan.rounds + 1):
+            last = _one_round(
+                pool, links, spec, strategy, round_no, weights, min_sites, timeout_s, test
+            )
+            weights = strategy.aggregate(round_no, last.updates, weights)
+            last.test_accuracy = _test_accuracy(spec, weights, test, links)
+            history.append(_history_row(last))
+            ckpt.save(spec, round_no, weights, history)
+            if on_round:
+                on_round(last)
+    _save_final(run_dir, spec, weights)
+    return RunResult(Path(run_dir), weights, history, last)
+
+
+def _first_meta(links: list[SiteLink], spec: JobSpec) -> dict[str, Any]:
+    for link in links:
+        try:
+            link.ensure(spec.dataset)
+            return link.meta
+        except SiteError as exc:
+            log.warning("%s", exc)
+    raise SiteError("no site of the federation could be reached to build the model")
+
+
+def _one_round(
+    pool: ThreadPoolExecutor,
+    links: list[SiteLink],
+    spec: JobSpec,
+    strategy: Strategy,
+    round_no: int,
+    weights: Weights,
+    min_sites: int,
+    timeout_s: float,
+    test: Any,
+) -> RoundRecord:
+    started = time.perf_counter()
+    blob = encode_weights(strategy.configure(round_no, weights))
+    futures = {pool.submit(call_with_retry, link, spec, blob): link for link in links}
+    done, pending = wait(futures, timeout=timeout_s)
+    updates, skipped = [], {}
+    for fut in pending:
+        skipped[futures[fut].login.name] = f"timed out after {timeout_s:.0f}s"
+        futures[fut].client = None
+    for fut in done:
+        name = futures[fut].login.name
+        try:
+            reply = fut.result()
+        except SiteError as exc:
+            skipped[name] = str(exc)
+            continue
+        if reply.get("status") != "ok":
+            skipped[name] = f"{reply.get('status')}: {reply.get('reason')}"
+            continue
+        updates.append(
+            Update(
+                name,
+                decode_weights(reply["weights"]),
+                int(reply["n"]),
+                reply.get("metrics", {}),
+                reply.get("privacy", {}),
+            )
+        )
+    for name, why in skipped.items():
+        log.warning("round %d: skipped %s: %s", round_no, name, why)
+    if len(updates) < min_sites:
+        raise SiteError(
+            f"round {round_no}: only {len(updates)} site(s) replied, fewer than "
+            f"min_sites={min_sites}; skipped: {skipped}"
+        )
+    updates.sort(key=lambda u: u.site)
+    return RoundRecord(round_no, updates, skipped, None, time.perf_counter() - started)
+
+
+def _test_accuracy(
+    spec: JobSpec, weights: Weights, test: Any, links: list[SiteLink]
+) -> float | None:
+    if test is None:
+        return None
+    x, y = test
+    if spec.plan.standardize and spec.scaling:
+        x = (x - np.asarray(spec.scaling["mean"])) / np.asarray(spec.scaling["std"])
+    meta = next((link.meta for link in links if link.meta), {})
+    model = local_model.build(spec, x.shape[1], local_model.n_outputs(meta, spec.plan.loss))
+    return local_model.accuracy(local_model.load(model, weights), x, y, spec.plan.loss)
+
+
+def _history_row(rec: RoundRecord) -> dict[str, Any]:
+    return {
+        "round": rec.round,
+        "seconds": rec.seconds,
+        "test_accuracy": rec.test_accuracy,
+        "skipped": rec.skipped,
+        "sites": {
+            u.site: {"n": u.n, **u.metrics, "epsilon_spent": u.privacy.get("epsilon_spent")}
+            for u in rec.updates
+        },
+        "privacy": {u.site: u.privacy for u in rec.updates},
+    }
+
+
+def _save_final(run_dir: Path, spec: JobSpec, weights: Weights) -> None:
+    import torch
+
+    torch.save({k: torch.as_tensor(v) for k, v in weights.items()}, Path(run_dir) / "model.pt")
+    _write(Path(run_dir) / "job.json", json.dumps(spec.to_dict(), indent=2))
