@@ -6,11 +6,8 @@ subclasses here, at the boundary.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,16 +18,10 @@ from datasites.config import SiteDir
 from datasites.errors import AuthError, ServerError, TableError
 from datasites.mock import make_mock
 from datasites.tables import Table
+from policies.console import quiet
 
 ASSET_NAME = "table"
 META_PREFIX = "fedsite-meta: "
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """syft prints banners and tables on stdout; keep our CLI's stdout for our own output."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
 
 
 def login(url: str, email: str, password: str) -> Any:

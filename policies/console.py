@@ -5,10 +5,12 @@ Lives in ``policies`` because it is the one package both sides may import.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
@@ -50,3 +52,32 @@ def run_cli(app: Callable[..., Any], handled: tuple[type[BaseException], ...]) -
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+
+
+_local = threading.local()
+
+
+class _ThreadQuietStdout:
+    """stdout that drops writes from threads inside :func:`quiet` and passes the rest through."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def write(self, text: str) -> int:
+        return len(text) if getattr(_local, "depth", 0) else self._real.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence syft's banners on stdout for this thread only (redirect_stdout is process-wide,
+    and threads that talk to several sites at once would swap each other's streams)."""
+    if not isinstance(sys.stdout, _ThreadQuietStdout):
+        sys.stdout = _ThreadQuietStdout(sys.stdout)
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1

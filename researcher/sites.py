@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import syft as sy
 from syft.service.policy.policy import OutputPolicyExecuteCount
 from syft.types.errors import SyftException
 
+from policies.console import quiet
 from policies.plan import JobSpec
 from researcher.errors import SiteError
 from researcher.federation import SiteLogin
@@ -22,12 +20,6 @@ META_PREFIX = "fedsite-meta: "
 
 class Unreachable(SiteError):
     """The site did not answer; retrying later may work."""
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
 
 
 def connect(login: SiteLogin) -> Any:
