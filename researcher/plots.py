@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_run(history: list[dict[str, Any]], run_dir: Path) -> list[Path]:
@@ -41,6 +42,7 @@ def plot_run(history: list[dict[str, Any]], run_dir: Path) -> list[Path]:
                     color="black",
                     label="global model, test split",
                 )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -1,0 +1,127 @@
+"""Three real datasites: FedAvg equals np.average, R+1 refused, a site killed, quorum, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasites import admin, process
+from datasites.config import SiteDir, init_site
+from datasites.review import ReviewQueue
+from datasites.tables import validate_table
+from policies.access import DatasetPolicy, PolicyStore
+from policies.ledger import BudgetLedger
+from policies.store import SiteStore
+from researcher import api
+from researcher.errors import SiteError
+from researcher.federation import Federation
+from researcher.job import make_job
+from tests.conftest import breast_cancer_frame, free_port
+
+pytestmark = pytest.mark.integration
+
+EMAIL = "ada@uni.edu"
+MODEL = (
+    "import torch.nn as nn\n\ndef make_model(n_features, n_outputs):\n"
+    "    return nn.Linear(n_features, n_outputs)\n"
+)
+
+
+def start(root: Path, name: str, frame) -> SiteDir:
+    site = SiteDir(root / name)
+    init_site(site.root, name, port=free_port())
+    process.launch_detached(site)
+    admin.upload(site, "cancer", validate_table(frame, "target"))
+    (root / f"{name}.pw").write_text(admin.add_user(site, EMAIL, "Ada"))
+    PolicyStore(site.policies_path).set(
+        "cancer", DatasetPolicy(allowed_domains=["uni.edu"], max_epsilon_per_job=10.0)
+    )
+    BudgetLedger(SiteStore(site.db_path)).set_budget(EMAIL, "cancer", 10.0, 1e-5)
+    return site
+
+
+class Crash(Exception):
+    pass
+
+
+def test_rounds_faults_quorum_and_resume(tmp_path: Path) -> None:
+    frame = breast_cancer_frame().sample(frac=1.0, random_state=0)
+    parts = np.array_split(frame, [150, 330])
+    sites = [start(tmp_path, n, p) for n, p in zip(("a", "b", "c"), parts, strict=True)]
+    try:
+        (tmp_path / "fed.toml").write_text(
+            "\n".join(
+                f'[[sites]]\nname = "{s.config().name}"\nurl = "{s.config().url}"\n'
+                f'email = "{EMAIL}"\npassword_file = "{s.config().name}.pw"\n'
+                for s in sites
+            )
+        )
+        fed = Federation.load(tmp_path / "fed.toml")
+        spec = api.with_pooled_scaling(
+            fed,
+            make_job(
+                MODEL, "cancer", "target", {"rounds": 4, "noise_multiplier": 1.0, "batch_size": 32}
+            ),
+        )
+        api.submit(fed, spec)
+        for s in sites:
+            queue = ReviewQueue(s)
+            queue.approve(queue.items()[0].request_id)
+        run = tmp_path / "run"
+        records = {}
+
+        def kill_c_then_crash(rec) -> None:  # noqa: ANN001
+            records[rec.round] = rec
+            if rec.round == 1:
+                os.kill(process.server_pid(sites[2]), signal.SIGKILL)
+            if rec.round == 2:
+                raise Crash
+
+        with pytest.raises(Crash):
+            api.train(fed, spec, run, min_sites=2, timeout_s=60, on_round=kill_c_then_crash)
+        assert [u.site for u in records[1].updates] == ["a", "b", "c"]
+        assert [u.site for u in records[2].updates] == ["a", "b"] and "c" in records[2].skipped
+        assert (run / "state.json").exists() and (run / "metrics.csv").exists()
+
+        with pytest.raises(SiteError, match="fewer than min_sites=3"):
+            api.train(fed, spec, run, resume=True, min_sites=3, timeout_s=60)
+
+        process.launch_detached(sites[2])
+        result = api.train(
+            fed,
+            spec,
+            run,
+            resume=True,
+            min_sites=1,
+            timeout_s=60,
+            on_round=lambda rec: records.__setitem__(rec.round, rec),
+        )
+        third, fourth = records[3], records[4]
+        assert [u.site for u in third.updates] == ["a", "b", "c"]
+        # a and b had 4 calls: rounds 1, 2, the quorum-failed 3, and 3 again: call 5 is refused
+        assert [u.site for u in fourth.updates] == ["c"]
+        for name in ("a", "b"):
+            assert "all have run" in fourth.skipped[name]
+
+        # the aggregate of round 3 is np.average of the site updates weighted by rows
+        from researcher.strategy import FedAvg
+
+        agg3 = FedAvg().aggregate(3, third.updates, third.updates[0].weights)
+        counts = [u.n for u in third.updates]
+        for key, value in agg3.items():
+            expected = np.average(
+                np.stack([u.weights[key] for u in third.updates]), axis=0, weights=counts
+            )
+            np.testing.assert_allclose(value, expected, rtol=1e-6)
+        np.testing.assert_allclose(
+            result.weights["weight"], fourth.updates[0].weights["weight"], rtol=1e-6
+        )  # a single reply is its own average
+        assert len(result.rounds) == 4 and (run / "model.pt").exists()
+        assert (run / "accuracy.png").stat().st_size > 0 and (run / "epsilon.png").exists()
+    finally:
+        for s in sites:
+            process.stop(s)
