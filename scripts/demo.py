@@ -85,26 +85,34 @@ def split_data(seed: int = 0) -> tuple[list[pd.DataFrame], pd.DataFrame]:
     return [pd.concat(p).reset_index(drop=True) for p in shares], test.reset_index(drop=True)
 
 
-def start_site(work: Path, name: str, data: pd.DataFrame, epsilon: float) -> SiteDir:
+def start_site(
+    work: Path, name: str, data: pd.DataFrame, epsilon: float, dataset: str = "breast-cancer"
+) -> SiteDir:
+    """A launched datasite holding ``data``, with Ada allowed and budgeted (demo defaults)."""
     site = SiteDir(work / name)
     init_site(site.root, name, port=free_port())
     process.launch_detached(site)
-    admin.upload(
-        site,
-        "breast-cancer",
-        validate_table(data, "target"),
-        description=f"{name}: breast-cancer share",
-    )
+    admin.upload(site, dataset, validate_table(data, "target"), description=f"{name}: {dataset}")
     (work / f"{name}.password").write_text(admin.add_user(site, EMAIL, "Ada"))
     (work / f"{name}.password").chmod(0o600)
+    limit = max(3.0, epsilon)
     PolicyStore(site.policies_path).set(
-        "breast-cancer",
-        DatasetPolicy(allowed_domains=["uni.edu"], max_epsilon_per_job=max(3.0, epsilon)),
+        dataset, DatasetPolicy(allowed_domains=["uni.edu"], max_epsilon_per_job=limit)
     )
-    BudgetLedger(SiteStore(site.db_path)).set_budget(
-        EMAIL, "breast-cancer", max(3.0, epsilon), 1e-5
-    )
+    BudgetLedger(SiteStore(site.db_path)).set_budget(EMAIL, dataset, limit, 1e-5)
     return site
+
+
+def write_federation(work: Path, sites: list[SiteDir]) -> Federation:
+    path = work / "federation.toml"
+    path.write_text(
+        "\n".join(
+            f'[[sites]]\nname = "{s.config().name}"\nurl = "{s.config().url}"\n'
+            f'email = "{EMAIL}"\npassword_file = "{s.config().name}.password"\n'
+            for s in sites
+        )
+    )
+    return Federation.load(path)
 
 
 def approve_via_cli(site: SiteDir) -> str:
@@ -162,15 +170,7 @@ def main() -> None:
             pool.map(lambda a: start_site(work, *a, args.epsilon), zip(SITES, shares, strict=True))
         )
     try:
-        fed_path = work / "federation.toml"
-        fed_path.write_text(
-            "\n".join(
-                f'[[sites]]\nname = "{s.config().name}"\nurl = "{s.config().url}"\n'
-                f'email = "{EMAIL}"\npassword_file = "{s.config().name}.password"\n'
-                for s in sites
-            )
-        )
-        fed = Federation.load(fed_path)
+        fed = write_federation(work, sites)
         spec = api.with_pooled_scaling(
             fed,
             make_job(
