@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,10 +152,16 @@ def train_round(
         check_shapes(incoming, expected)
         load_numpy(model, incoming)
     seed = int(hashlib.sha256(f"{spec.job_id}:{round_no}".encode()).hexdigest()[:8], 16)
+    started = time.perf_counter()
     result = train_dp(model, x, y, plan, privacy.noise_multiplier, seed, secure_mode)
+    train_seconds = time.perf_counter() - started
     check_shapes(result.weights, expected)  # only the declared model's tensors may leave
     load_numpy(model, result.weights)
-    metrics = {"train_loss": result.train_loss, "steps": float(result.steps)}
+    metrics = {
+        "train_loss": result.train_loss,
+        "steps": float(result.steps),
+        "train_seconds": train_seconds,
+    }
     metrics.update({f"val_{k}": v for k, v in evaluate(model, xv, yv, plan.loss).items()})
     return {
         "status": "ok",

@@ -1,0 +1,258 @@
+"""scripts/bench: what private training costs, and what the platform adds around it.
+
+Each figure is a ratio or a difference measured within this one run, on this machine:
+1. dp_overhead_ratio: one epoch of DP-SGD through the site's own ``train_dp`` / one epoch of plain
+   SGD, same model, data, batch size and DataLoader; for the demo's model on breast-cancer and a
+   small CNN on the bundled 8x8 digits (the key holds the larger).
+2. round_overhead_seconds: a federated round's wall time over three real HTTP datasites minus the
+   slowest site's training time measured inside the runtime (median over rounds 2..R).
+3. parallel_ratio: a three-site round's wall time / the slowest site's round wall time alone.
+4. scale: upload and one DP epoch on generated 100k (and 1M unless --quick) x 30 tables: seconds
+   and peak RSS of the datasite server process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import torch
+from demo import MODEL as DEMO_MODEL
+from demo import plan as demo_plan
+from demo import split_data, start_site, write_federation
+from sklearn.datasets import load_breast_cancer, load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from datasites import admin, process
+from datasites.review import ReviewQueue
+from datasites.tables import validate_table
+from datasites.training import train_dp
+from policies.plan import TrainingPlan
+from policies.wire import encode_weights
+from researcher import api
+from researcher.job import make_job
+from researcher.rounds import SiteLink, call_with_retry, initial_weights
+
+warnings.filterwarnings("ignore")
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 16, 10),
+    )
+
+
+def _plain_epoch(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int) -> float:
+    loader = DataLoader(TensorDataset(torch.as_tensor(x), torch.as_tensor(y)), batch_size=batch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    started = time.perf_counter()
+    for xb, yb in loader:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    return time.perf_counter() - started
+
+
+def _dp_epoch(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int) -> float:
+    plan = TrainingPlan(noise_multiplier=1.0, batch_size=batch, learning_rate=0.1)
+    started = time.perf_counter()
+    train_dp(model, x, y, plan, 1.0, seed=0)
+    return time.perf_counter() - started
+
+
+def dp_overhead(reps: int) -> dict[str, float]:
+    bc = load_breast_cancer()
+    xb = ((bc.data - bc.data.mean(0)) / bc.data.std(0)).astype(np.float32)
+    dg = load_digits()
+    xd = (dg.images[:, None] / 16).astype(np.float32)
+    cases = {
+        "demo_linear": (lambda: nn.Linear(30, 2), xb, bc.target, 16),
+        "digits_cnn": (_cnn, xd, dg.target, 64),
+    }
+    out = {}
+    for name, (make, x, y, batch) in cases.items():
+        plain = np.median([_plain_epoch(make(), x, y, batch) for _ in range(reps)])
+        dp = np.median([_dp_epoch(make(), x, y, batch) for _ in range(reps)])
+        out[f"{name}_plain_s"] = float(plain)
+        out[f"{name}_dp_s"] = float(dp)
+        out[f"{name}_ratio"] = float(dp / plain)
+    return out
+
+
+def federated(work: Path, rounds: int) -> dict[str, float]:
+    shares, _ = split_data()
+    with ThreadPoolExecutor(3) as pool:
+        site_dirs = list(
+            pool.map(
+                lambda a: start_site(work, a[0], a[1], 50.0),
+                [(f"site-{i}", s) for i, s in enumerate(shares)],
+            )
+        )
+    try:
+        fed = write_federation(work, site_dirs)
+        plan = {**demo_plan(2 * rounds, 50.0), "target_epsilon": None, "noise_multiplier": 1.0}
+        spec = api.with_pooled_scaling(
+            fed, make_job(DEMO_MODEL, "breast-cancer", "target", plan, name="bench")
+        )
+        api.submit(fed, spec)
+        for s in site_dirs:
+            queue = ReviewQueue(s)
+            queue.approve(queue.items()[0].request_id)
+        links = [SiteLink(login) for login in fed.sites]
+        for link in links:
+            link.ensure(spec.dataset)
+        blob = encode_weights(initial_weights(spec, links[0].meta))
+        walls, overheads, trains = [], [], {link.login.name: [] for link in links}
+        with ThreadPoolExecutor(3) as pool:
+            for _ in range(rounds):
+                started = time.perf_counter()
+                replies = list(pool.map(lambda link: call_with_retry(link, spec, blob), links))
+                wall = time.perf_counter() - started
+                for link, reply in zip(links, replies, strict=True):
+                    trains[link.login.name].append(reply["metrics"]["train_seconds"])
+                walls.append(wall)
+                overheads.append(wall - max(r["metrics"]["train_seconds"] for r in replies))
+        slowest = max(links, key=lambda link: np.median(trains[link.login.name]))
+        alone = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            call_with_retry(slowest, spec, blob)
+            alone.append(time.perf_counter() - started)
+        return {
+            "round_wall_s": float(np.median(walls[1:])),
+            "round_overhead_seconds": float(np.median(overheads[1:])),
+            "slowest_alone_s": float(np.median(alone[1:])),
+            "parallel_ratio": float(np.median(walls[1:]) / np.median(alone[1:])),
+        }
+    finally:
+        for s in site_dirs:
+            process.stop(s)
+
+
+class PeakRss:
+    """Samples a process's RSS every 50 ms in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak / 2**20
+
+
+def scale(work: Path, rows: int) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 30)).astype(np.float32)
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(30)])
+    frame["target"] = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
+    site = start_site(work, f"scale-{rows}", frame.head(100), 50.0, dataset="warmup")
+    try:
+        rss = PeakRss(process.server_pid(site))
+        started = time.perf_counter()
+        admin.upload(site, "big", validate_table(frame, "target"))
+        upload_s = time.perf_counter() - started
+        from policies.access import DatasetPolicy, PolicyStore
+
+        PolicyStore(site.policies_path).set(
+            "big", DatasetPolicy(allowed_domains=["uni.edu"], max_epsilon_per_job=50.0)
+        )
+        fed = write_federation(work, [site])
+        spec = make_job(
+            DEMO_MODEL,
+            "big",
+            "target",
+            {
+                "rounds": 1,
+                "batch_size": 256,
+                "noise_multiplier": 1.0,
+                "learning_rate": 0.5,
+                "validation_fraction": 0.0,
+            },
+        )
+        from policies.ledger import BudgetLedger
+        from policies.store import SiteStore
+
+        BudgetLedger(SiteStore(site.db_path)).set_budget("ada@uni.edu", "big", 50.0, 1e-7)
+        spec = make_job(DEMO_MODEL, "big", "target", {**spec.plan.to_dict(), "delta": 1e-7})
+        api.submit(fed, spec)
+        queue = ReviewQueue(site)
+        queue.approve(next(i for i in queue.items() if i.status == "PENDING").request_id)
+        link = SiteLink(fed.sites[0])
+        started = time.perf_counter()
+        reply = call_with_retry(link, spec, "")
+        call_s = time.perf_counter() - started
+        assert reply["status"] == "ok", reply
+        return {
+            "upload_seconds": upload_s,
+            "epoch_seconds": reply["metrics"]["train_seconds"],
+            "call_seconds": call_s,
+            "peak_rss_mb": rss.stop(),
+        }
+    finally:
+        process.stop(site)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, no 1M rows")
+    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fedsite-bench-"))
+    results: dict[str, object] = {
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cpus, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, "
+        f"torch {torch.__version__}"
+    }
+    dp = dp_overhead(reps=3 if args.quick else 7)
+    results.update(dp)
+    results["dp_overhead_ratio"] = max(dp["demo_linear_ratio"], dp["digits_cnn_ratio"])
+    results.update(federated(work / "fed", rounds=4 if args.quick else 8))
+    for rows, tag in ((100_000, "100k"), (1_000_000, "1m")):
+        if args.quick and rows > 100_000:
+            continue
+        for key, value in scale(work / tag, rows).items():
+            results[
+                f"{key.replace('_seconds', '_seconds').removesuffix('_mb')}_{tag}"
+                if not key.endswith("_mb")
+                else f"peak_rss_mb_{tag}"
+            ] = value
+    if not args.json:
+        from policies.console import table
+
+        table(
+            "bench",
+            ["measure", "value"],
+            [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in results.items()],
+        )
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
