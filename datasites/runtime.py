@@ -147,10 +147,13 @@ def train_round(
     x, y, xv, yv = split(frame, target, plan.validation_fraction, spec.job_id, scaling)
     model = build_model(spec, x.shape[1], n_outputs(np.concatenate([y, yv]), plan.loss))
     expected = {k: v.shape for k, v in state_to_numpy(model).items()}
+    before: dict[str, float] = {}
     if weights:
         incoming = decode_weights(weights)
         check_shapes(incoming, expected)
         load_numpy(model, incoming)
+        before = evaluate(model, xv, yv, plan.loss)  # the global model, on this site's val split
+        model.train()  # Opacus refuses a module in eval mode
     seed = int(hashlib.sha256(f"{spec.job_id}:{round_no}".encode()).hexdigest()[:8], 16)
     started = time.perf_counter()
     result = train_dp(model, x, y, plan, privacy.noise_multiplier, seed, secure_mode)
@@ -163,6 +166,7 @@ def train_round(
         "train_seconds": train_seconds,
     }
     metrics.update({f"val_{k}": v for k, v in evaluate(model, xv, yv, plan.loss).items()})
+    metrics.update({f"global_val_{k}": v for k, v in before.items()})
     return {
         "status": "ok",
         "round": round_no,

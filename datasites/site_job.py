@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,17 @@ ACTOR = "runtime"
 def run_at_site(
     root: Path, caller: CallerCode, data: Any, weights: str, job: dict[str, Any]
 ) -> dict[str, Any]:
+    started = time.perf_counter()
     site = SiteDir(root)
     store = SiteStore(site.db_path)
     audit = AuditLog(store)
     approval = Approvals(store).get(caller.code_id)
     try:
         approval = _check_approval(approval, caller, job)
-        return _run(site, store, audit, approval, caller, data, weights)
+        result = _run(site, store, audit, approval, caller, data, weights)
+        # time inside the site runtime, training included: bench splits the round with it
+        result["metrics"]["runtime_seconds"] = time.perf_counter() - started
+        return result
     except (Refused, PolicyError) as exc:
         event = "withheld" if isinstance(exc, WireError) else "refused"
         audit.record(

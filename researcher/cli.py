@@ -132,9 +132,13 @@ def status(
 @app.command()
 def train(
     federation: FedOpt,
-    run_dir: Annotated[Path, typer.Option(help="Where checkpoints, metrics and plots go.")],
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Where checkpoints, metrics and plots go.")
+    ] = None,
     job: Annotated[str | None, typer.Option(help="Submitted job (default: latest).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir.")] = False,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run checkpointed in this RUN_DIR.")
+    ] = None,
     min_sites: Annotated[int, typer.Option(help="Fewest replies a round accepts.")] = 1,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a site per round.")] = 300,
     test: Annotated[Path | None, typer.Option(help="CSV of your own test rows.")] = None,
@@ -145,7 +149,11 @@ def train(
     from rich.progress import Progress
 
     from researcher import api
+    from researcher.errors import JobError
 
+    if (run_dir is None) == (resume is None):
+        raise JobError("give exactly one of --run-dir DIR (new run) or --resume RUN_DIR")
+    run_dir = run_dir or resume
     fed = _fed(federation)
     spec = api.saved_job(fed, job)
     test_xy = _test_split(test, target) if test else None
@@ -170,7 +178,7 @@ def train(
             fed,
             spec,
             run_dir,
-            resume=resume,
+            resume=resume is not None,
             min_sites=min_sites,
             timeout_s=timeout,
             test=test_xy,

@@ -1,0 +1,72 @@
+"""Researcher-side bad input: one clear line, exit code 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from researcher.errors import FederationError, JobError
+from researcher.federation import Federation
+from researcher.job import load_job_file, render
+from tests.conftest import run_cli
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_inline_password_is_refused(tmp_path: Path) -> None:
+    fed = write(
+        tmp_path / "f.toml",
+        '[[sites]]\nname="a"\nurl="http://x:1"\nemail="a@b.c"\npassword="hunter2"\n',
+    )
+    with pytest.raises(FederationError, match="inline passwords are not accepted"):
+        Federation.load(fed)
+
+
+def test_missing_federation_file_via_cli(tmp_path: Path) -> None:
+    proc = run_cli("researcher", "status", "-f", str(tmp_path / "nope.toml"), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: federation file {tmp_path / 'nope.toml'} not found"
+    ]
+
+
+def test_password_env_must_be_set(tmp_path: Path, monkeypatch) -> None:
+    fed = Federation.load(
+        write(
+            tmp_path / "f.toml",
+            '[[sites]]\nname="a"\nurl="http://x:1"\n'
+            'email="a@b.c"\npassword_env="FEDSITE_TEST_PW"\n',
+        )
+    )
+    monkeypatch.delenv("FEDSITE_TEST_PW", raising=False)
+    with pytest.raises(FederationError, match="FEDSITE_TEST_PW is not set"):
+        fed.sites[0].password()
+
+
+def test_job_file_needs_dataset_and_plan(tmp_path: Path) -> None:
+    job = write(tmp_path / "job.py", "import torch.nn as nn\nDATASET = 'd'\n")
+    with pytest.raises(JobError, match="must define PLAN"):
+        load_job_file(job, "target")
+
+
+def test_job_file_round_trips_through_the_template(tmp_path: Path) -> None:
+    job = write(
+        tmp_path / "job.py",
+        "DATASET = 'd'\nPLAN = {'noise_multiplier': 1.0}\ndef make_model(a, b):\n    return None\n",
+    )
+    spec = load_job_file(job, "target")
+    assert spec.dataset == "d" and spec.plan.noise_multiplier == 1.0
+    assert spec.job_id in render(spec) and spec.name.endswith(spec.job_id[:8])
+
+
+def test_train_needs_run_dir_or_resume(tmp_path: Path) -> None:
+    fed = write(
+        tmp_path / "f.toml",
+        '[[sites]]\nname="a"\nurl="http://x:1"\nemail="a@b.c"\npassword_file="pw"\n',
+    )
+    proc = run_cli("researcher", "train", "-f", str(fed), check=False)
+    assert proc.returncode == 1 and "--run-dir" in proc.stderr
