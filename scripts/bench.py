@@ -128,12 +128,18 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
                 walls.append(wall)
                 overheads.append(wall - max(r["metrics"]["train_seconds"] for r in replies))
         slowest = max(links, key=lambda link: np.median(trains[link.login.name]))
-        alone = []
+        alone, runtime, train = [], [], []
         for _ in range(rounds):
             started = time.perf_counter()
-            call_with_retry(slowest, spec, blob)
+            reply = call_with_retry(slowest, spec, blob)
             alone.append(time.perf_counter() - started)
+            runtime.append(reply["metrics"]["runtime_seconds"])
+            train.append(reply["metrics"]["train_seconds"])
+        med_runtime = float(np.median(runtime[1:]))
         return {
+            "alone_train_s": float(np.median(train[1:])),
+            "alone_runtime_overhead_s": med_runtime - float(np.median(train[1:])),
+            "alone_syft_http_s": float(np.median(alone[1:])) - med_runtime,
             "round_wall_s": float(np.median(walls[1:])),
             "round_overhead_seconds": float(np.median(overheads[1:])),
             "slowest_alone_s": float(np.median(alone[1:])),
