@@ -5,7 +5,8 @@ class, every feature is drawn *independently* from that class's empirical margin
 CDF sampling with linear interpolation between the private order statistics; integer columns are
 rounded; every value is clipped to the column's private range. A drawn row that equals a private
 row, or lies closer to one (in standardised distance) than 1% of private rows lie to their own
-nearest neighbour, is redrawn, and dropped after 20 tries.
+nearest neighbour, is redrawn, and dropped after 20 tries. Exact copies are checked against every
+private row (64-bit row hashes); near copies against a sample of 50,000 rows for larger tables.
 
 What it does not protect: each column's marginal distribution per class, its range (the private
 min and max appear as bounds), and the label balance are disclosed by design. It is not
@@ -19,7 +20,8 @@ import pandas as pd
 from sklearn.neighbors import NearestNeighbors
 
 MAX_CLASSES = 20
-REFERENCE_ROWS = 50_000
+REFERENCE_ROWS = 50_000  # near-copy check against a sample this large (exact copies: all rows)
+THRESHOLD_PROBES = 5_000
 TRIES = 20
 
 
@@ -32,7 +34,7 @@ def make_mock(
     groups = _groups(frame, target)
     parts = []
     for key, group in groups:
-        n = max(1, round(rows * len(group) / len(frame)))
+        n = max(1, round(rows * len(group[target]) / len(frame)))
         part = _sample_group(group, n, rng)
         if key is not None:
             part[target] = key
@@ -43,21 +45,25 @@ def make_mock(
     return mock.sample(frac=1.0, random_state=int(rng.integers(1 << 31))).reset_index(drop=True)
 
 
-def _groups(frame: pd.DataFrame, target: str) -> list[tuple[object, pd.DataFrame]]:
-    if frame[target].nunique() <= MAX_CLASSES:
-        return [(k, g) for k, g in frame.groupby(target, sort=True)]
-    return [(None, frame)]
+Sorted = dict[str, np.ndarray]
 
 
-def _sample_group(group: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
+def _groups(frame: pd.DataFrame, target: str) -> list[tuple[object, Sorted]]:
+    """Per class (or one group for a continuous target): each column's values, sorted once."""
+    parts = (
+        list(frame.groupby(target, sort=True))
+        if frame[target].nunique() <= MAX_CLASSES
+        else [(None, frame)]
+    )
+    return [(k, {c: np.sort(g[c].to_numpy(dtype=np.float64)) for c in g.columns}) for k, g in parts]
+
+
+def _sample_group(group: Sorted, n: int, rng: np.random.Generator) -> pd.DataFrame:
+    """Inverse-CDF draws: linear interpolation between order statistics (numpy's 'linear')."""
     out = {}
-    for col in group.columns:
-        values = np.sort(group[col].to_numpy(dtype=np.float64))
-        out[col] = (
-            np.quantile(values, rng.random(n), method="linear")
-            if len(values) > 1
-            else np.full(n, values[0])
-        )
+    for col, values in group.items():
+        positions = rng.random(n) * (len(values) - 1)
+        out[col] = np.interp(positions, np.arange(len(values)), values)
     return pd.DataFrame(out)
 
 
@@ -82,9 +88,14 @@ def _drop_near_copies(
     ref = frame if len(frame) <= REFERENCE_ROWS else frame.sample(REFERENCE_ROWS, random_state=0)
     ref_z = _standardise(ref, ref)
     nn = NearestNeighbors(n_neighbors=2).fit(ref_z)
-    own = nn.kneighbors(ref_z)[0][:, 1]
+    probe = (
+        ref_z
+        if len(ref_z) <= THRESHOLD_PROBES
+        else ref_z[np.random.default_rng(0).choice(len(ref_z), THRESHOLD_PROBES, replace=False)]
+    )
+    own = nn.kneighbors(probe)[0][:, 1]
     threshold = max(float(np.quantile(own, 0.01)), 1e-9)
-    exact = set(map(tuple, frame.to_numpy(dtype=np.float64)))
+    exact = np.sort(_row_hashes(frame))
     by_key = dict(groups)
     for _ in range(TRIES):
         bad = _too_close(mock, ref, nn, threshold, exact)
@@ -92,17 +103,22 @@ def _drop_near_copies(
             return mock
         for i in np.flatnonzero(bad):
             key = mock.at[i, target] if len(by_key) > 1 or None not in by_key else None
-            group = by_key.get(key, frame)
-            row = _sample_group(group, 1, rng)
+            row = _sample_group(by_key[key], 1, rng)
             if key is not None:
                 row[target] = key
             mock.loc[i] = _finish_columns(row[list(frame.columns)], frame).iloc[0]
     return mock[~_too_close(mock, ref, nn, threshold, exact)].reset_index(drop=True)
 
 
+def _row_hashes(frame: pd.DataFrame) -> np.ndarray:
+    """One 64-bit hash per row over its values: exact-copy checks in linear time and memory."""
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+
+
 def _too_close(
-    mock: pd.DataFrame, ref: pd.DataFrame, nn: NearestNeighbors, threshold: float, exact: set
+    mock: pd.DataFrame, ref: pd.DataFrame, nn: NearestNeighbors, threshold: float, exact: np.ndarray
 ) -> np.ndarray:
     dist = nn.kneighbors(_standardise(mock, ref), n_neighbors=1)[0][:, 0]
-    copies = np.array([tuple(r) in exact for r in mock.to_numpy(dtype=np.float64)])
-    return (dist < threshold) | copies
+    hashes = _row_hashes(mock)
+    pos = np.clip(np.searchsorted(exact, hashes), 0, len(exact) - 1)
+    return (dist < threshold) | (exact[pos] == hashes)
