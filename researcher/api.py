@@ -78,14 +78,56 @@ def submit(fed: Federation, spec: JobSpec, only: list[str] | None = None) -> dic
 
 
 def status(fed: Federation, spec: JobSpec) -> dict[str, dict[str, Any]]:
-    """Per site: pending, approved or denied (with the admin's reason), or unreachable."""
+    """Per site: pending, approved, denied (with the admin's reason), running, done, failed.
+
+    The site says pending/approved/denied; what happened after approval is what this
+    researcher's own ``train`` recorded (rounds done, the last refusal or failure).
+    """
+    progress = _load_progress(fed, spec)
     out = {}
     for login in fed.sites:
         try:
-            out[login.name] = sites.status(sites.connect(login), spec)
+            state = sites.status(sites.connect(login), spec)
         except SiteError as exc:
-            out[login.name] = {"status": "unreachable", "reason": str(exc)}
+            state = {"status": "unreachable", "reason": str(exc)}
+        mine = progress.get("sites", {}).get(login.name)
+        if state["status"] == "approved" and mine:
+            state = _after_approval(mine, progress.get("running", False), spec.plan.rounds)
+        out[login.name] = state
     return out
+
+
+def _after_approval(mine: dict[str, Any], running: bool, rounds: int) -> dict[str, Any]:
+    if mine["last"] in ("refused", "failed"):
+        return {
+            "status": "failed",
+            "reason": f"{mine['last']}: {mine.get('reason')}",
+            "rounds_done": mine["rounds_done"],
+        }
+    if mine["rounds_done"] >= rounds:
+        return {"status": "done", "reason": None, "rounds_done": mine["rounds_done"]}
+    return {
+        "status": "running" if running else "approved",
+        "reason": None,
+        "rounds_done": mine["rounds_done"],
+    }
+
+
+def _progress_path(fed: Federation, spec: JobSpec) -> Path:
+    return jobs_dir(fed) / f"{spec.name}.progress.json"
+
+
+def _load_progress(fed: Federation, spec: JobSpec) -> dict[str, Any]:
+    path = _progress_path(fed, spec)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_progress(fed: Federation, spec: JobSpec, progress: dict[str, Any]) -> None:
+    path = _progress_path(fed, spec)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(progress, indent=2))
+    os.replace(tmp, path)
 
 
 def jobs_dir(fed: Federation) -> Path:
@@ -143,6 +185,26 @@ def train(fed: Federation, spec: JobSpec, run_dir: Path, **options: Any) -> Any:
     from researcher.plots import plot_run
     from researcher.rounds import run_federation
 
-    result = run_federation(fed, spec, run_dir, **options)
+    progress = _load_progress(fed, spec) or {"sites": {}}
+    progress["running"] = True
+    _save_progress(fed, spec, progress)
+    user_hook = options.pop("on_round", None)
+
+    def on_round(rec: Any) -> None:
+        for u in rec.updates:
+            progress["sites"][u.site] = {"rounds_done": rec.round, "last": "ok", "reason": None}
+        for site, why in rec.skipped.items():
+            done = progress["sites"].get(site, {}).get("rounds_done", 0)
+            kind = "refused" if why.startswith("refused") else "failed"
+            progress["sites"][site] = {"rounds_done": done, "last": kind, "reason": why}
+        _save_progress(fed, spec, progress)
+        if user_hook:
+            user_hook(rec)
+
+    try:
+        result = run_federation(fed, spec, run_dir, on_round=on_round, **options)
+    finally:
+        progress["running"] = False
+        _save_progress(fed, spec, progress)
     plot_run(result.rounds, run_dir)
     return result

@@ -113,7 +113,7 @@ def status(
     ] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Per site: pending, approved, denied (with the admin's reason)."""
+    """Per site: pending, approved, denied (with the admin's reason), running, done, failed."""
     from researcher import api
 
     fed = _fed(federation)
@@ -124,8 +124,11 @@ def status(
         return
     table(
         f"job {spec.name}",
-        ["site", "status", "reason"],
-        [[site, d["status"], d.get("reason") or ""] for site, d in data.items()],
+        ["site", "status", "rounds done", "reason"],
+        [
+            [site, d["status"], d.get("rounds_done", ""), d.get("reason") or ""]
+            for site, d in data.items()
+        ],
     )
 
 

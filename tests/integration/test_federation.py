@@ -122,6 +122,9 @@ def test_rounds_faults_quorum_and_resume(tmp_path: Path) -> None:
             result.weights["weight"], fourth.updates[0].weights["weight"], rtol=1e-6
         )  # a single reply is its own average
         assert len(result.rounds) == 4 and (run / "model.pt").exists()
+        states = api.status(fed, spec)
+        assert states["c"]["status"] == "done" and states["c"]["rounds_done"] == 4
+        assert states["a"]["status"] == "failed" and "all have run" in states["a"]["reason"]
         assert (run / "accuracy.png").stat().st_size > 0 and (run / "epsilon.png").exists()
     finally:
         for s in sites:

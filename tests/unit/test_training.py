@@ -1,0 +1,44 @@
+"""The site's DP-SGD loop: Poisson batches, empty batches, and a model that learns."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from datasites.training import evaluate, poisson_batches, train_dp
+from policies.plan import TrainingPlan
+
+
+def test_poisson_batches_include_each_row_with_probability_q() -> None:
+    rng = np.random.default_rng(0)
+    n, steps = 200, 10
+    counts = np.zeros(n)
+    sizes = []
+    for _ in range(300):
+        for idx in poisson_batches(n, steps, rng):
+            assert len(np.unique(idx)) == len(idx)
+            counts[idx] += 1
+            sizes.append(len(idx))
+    freq = counts / (300 * steps)
+    assert abs(freq.mean() - 0.1) < 0.003 and freq.min() > 0.05 and freq.max() < 0.15
+    assert abs(np.var(sizes) - n * 0.1 * 0.9) < 3.0  # binomial, not a fixed batch size
+
+
+def test_empty_batches_are_noisy_steps_not_errors() -> None:
+    x = np.zeros((3, 2), np.float32)
+    y = np.array([0, 1, 0])
+    plan = TrainingPlan(noise_multiplier=1.0, batch_size=1, local_epochs=30)
+    result = train_dp(torch.nn.Linear(2, 2), x, y, plan, 1.0, seed=1)
+    assert result.steps == 90  # 30 epochs x 3 steps, empty Poisson batches included
+    assert np.isfinite(result.weights["weight"]).all()
+
+
+def test_dp_sgd_learns_a_separable_problem() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 5)).astype(np.float32)
+    y = (x[:, 0] - x[:, 1] > 0).astype(np.int64)
+    model = torch.nn.Linear(5, 2)
+    plan = TrainingPlan(noise_multiplier=0.8, batch_size=64, learning_rate=0.5, local_epochs=3)
+    result = train_dp(model, x, y, plan, 0.8, seed=0)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in result.weights.items()})
+    assert evaluate(model, x, y, "cross_entropy")["accuracy"] > 0.9
