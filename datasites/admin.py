@@ -6,7 +6,6 @@ subclasses here, at the boundary.
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +18,9 @@ from datasites.errors import AuthError, ServerError, TableError
 from datasites.mock import make_mock
 from datasites.tables import Table
 from policies.console import quiet
+from policies.metadata import format_meta, parse_meta
 
 ASSET_NAME = "table"
-META_PREFIX = "fedsite-meta: "
 
 
 def login(url: str, email: str, password: str) -> Any:
@@ -74,7 +73,7 @@ def upload(
     dataset.add_asset(
         sy.Asset(
             name=ASSET_NAME,
-            description=META_PREFIX + json.dumps(meta, sort_keys=True),
+            description=format_meta(meta),
             data=table.frame,
             mock=mock,
         )
@@ -100,18 +99,6 @@ def _meta(table: Table, name: str, mock_rows: int) -> dict[str, Any]:
         "feature_mean": [float(v) for v in table.frame[table.features].mean()],
         "feature_std": [float(v) or 1.0 for v in table.frame[table.features].std(ddof=0)],
     }
-
-
-def parse_meta(asset_description: str) -> dict[str, Any]:
-    """Read the metadata this package writes into an asset's description."""
-    text = str(asset_description or "")
-    start = text.find(META_PREFIX)
-    if start < 0:
-        return {}
-    try:
-        return json.loads(text[start + len(META_PREFIX) :].strip().splitlines()[0])
-    except (json.JSONDecodeError, IndexError):
-        return {}
 
 
 def list_datasets(client: Any) -> list[dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import syft as sy
@@ -10,12 +9,11 @@ from syft.service.policy.policy import OutputPolicyExecuteCount
 from syft.types.errors import SyftException
 
 from policies.console import quiet
+from policies.metadata import parse_meta
 from policies.plan import JobSpec
 from researcher.errors import SiteError
 from researcher.federation import SiteLogin
 from researcher.job import as_function
-
-META_PREFIX = "fedsite-meta: "
 
 
 class Unreachable(SiteError):
@@ -38,14 +36,7 @@ def connect(login: SiteLogin) -> Any:
 
 
 def asset_meta(asset: Any) -> dict[str, Any]:
-    text = str(asset.description.text if asset.description else "")
-    start = text.find(META_PREFIX)
-    if start < 0:
-        return {}
-    try:
-        return json.loads(text[start + len(META_PREFIX) :].strip().splitlines()[0])
-    except (json.JSONDecodeError, IndexError):
-        return {}
+    return parse_meta(asset.description.text if asset.description else "")
 
 
 def datasets(client: Any, preview_rows: int = 5) -> list[dict[str, Any]]:

@@ -70,3 +70,12 @@ def test_train_needs_run_dir_or_resume(tmp_path: Path) -> None:
     )
     proc = run_cli("researcher", "train", "-f", str(fed), check=False)
     assert proc.returncode == 1 and "--run-dir" in proc.stderr
+
+
+def test_metadata_round_trips_and_tolerates_noise() -> None:
+    from policies.metadata import format_meta, parse_meta
+
+    meta = {"target": "y", "rows": 10, "schema": [["a", "float64"], ["y", "int64"]]}
+    assert parse_meta("free text\n" + format_meta(meta) + "\nmore") == meta
+    assert parse_meta("no metadata here") == {}
+    assert parse_meta("fedsite-meta: {broken") == {}
