@@ -10,7 +10,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 
@@ -127,12 +126,3 @@ def stop(site: SiteDir, timeout: float = 15.0) -> bool:
         proc.wait(5)
     site.pid_path.unlink(missing_ok=True)
     return True
-
-
-def wait_port_free(host: str, port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while port_in_use(host, port) and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-__all__ = ["SiteStatus", "launch_detached", "launch_foreground", "status", "stop", "Path"]
