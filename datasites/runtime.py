@@ -28,7 +28,7 @@ from torch import nn
 
 from policies.codecheck import check_model_source
 from policies.errors import PolicyError
-from policies.plan import JobSpec, TrainingPlan
+from policies.plan import JobSpec, TrainingPlan, training_rows, validation_rows
 from policies.privacy import PrivacyPlan, privacy_plan
 from policies.wire import check_shapes, decode_weights, encode_weights
 
@@ -124,7 +124,7 @@ def split(
     y = frame[target].to_numpy()
     rng = np.random.default_rng(int(hashlib.sha256(seed.encode()).hexdigest()[:15], 16))
     order = rng.permutation(len(frame))
-    n_val = int(round(len(frame) * fraction))
+    n_val = validation_rows(len(frame), fraction)
     val, train = order[:n_val], order[n_val:]
     return x[train], y[train], x[val], y[val]
 
@@ -191,12 +191,13 @@ def privacy_report(plan: TrainingPlan, privacy: PrivacyPlan) -> dict[str, Any]:
 def dry_run(data: Any, weights: str, spec: JobSpec) -> dict[str, Any]:
     """Run one round exactly as a site would, on the table given (the mock), with no ledger."""
     frame = pd.DataFrame(data)
-    x, _, _, _ = split(frame, spec.target, spec.plan.validation_fraction, spec.job_id)
-    privacy = privacy_plan(spec.plan, len(x))
-    features = frame.drop(columns=[spec.target])
+    if spec.target not in frame.columns:
+        raise Refused(f"target column {spec.target!r} is not in the data")
+    privacy = privacy_plan(spec.plan, training_rows(len(frame), spec.plan))
     if spec.scaling:
         scaling = (spec.scaling["mean"], spec.scaling["std"])
     else:
+        features = frame.drop(columns=[spec.target])
         scaling = (features.mean().to_numpy(), features.std(ddof=0).to_numpy())
     result = train_round(spec, frame, spec.target, weights, privacy, 1, scaling)
     result["mode"] = "dry-run"

@@ -16,7 +16,7 @@ from policies.access import PolicyStore
 from policies.audit import AuditLog
 from policies.errors import PolicyError, WireError
 from policies.ledger import BudgetLedger
-from policies.plan import JobSpec
+from policies.plan import JobSpec, training_rows
 from policies.privacy import privacy_plan
 from policies.store import SiteStore
 
@@ -93,8 +93,9 @@ def _run(
         raise Refused(f"dataset {approval.dataset!r} has no metadata on this datasite")
     policy = PolicyStore(site.policies_path).get(approval.dataset)
     frame = pd.DataFrame(data)
-    n_train = len(frame) - int(round(len(frame) * spec.plan.validation_fraction))
-    privacy = privacy_plan(spec.plan, n_train, min_noise=policy.min_noise_multiplier)
+    privacy = privacy_plan(
+        spec.plan, training_rows(len(frame), spec.plan), min_noise=policy.min_noise_multiplier
+    )
     if privacy.epsilon_job > policy.max_epsilon_per_job:
         raise Refused(
             f"the whole plan would spend epsilon {privacy.epsilon_job:.3f}, more than "

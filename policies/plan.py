@@ -126,6 +126,15 @@ class JobSpec:
             raise PlanError(f"bad job spec: {exc}") from exc
 
 
+def validation_rows(n_rows: int, fraction: float) -> int:
+    """Rows a site holds out for validation; the rest train (and are what the accounting sees)."""
+    return int(round(n_rows * fraction))
+
+
+def training_rows(n_rows: int, plan: TrainingPlan) -> int:
+    return n_rows - validation_rows(n_rows, plan.validation_fraction)
+
+
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:
     """Optimizer steps per epoch as Opacus' Poisson loader takes them: ceil(n / batch)."""
     return max(1, math.ceil(n_rows / batch_size))

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from policies.plan import JobSpec
+from policies.plan import JobSpec, training_rows
 from policies.privacy import privacy_plan
 from researcher import sites
 from researcher.errors import JobError, SiteError
@@ -60,8 +60,9 @@ def _epsilon_per_site(fed: Federation, spec: JobSpec) -> dict[str, float]:
         for ds in sites.datasets(sites.connect(login), preview_rows=0):
             if ds["name"] == spec.dataset and ds["rows"]:
                 rows = int(ds["rows"])
-                n_train = rows - int(round(rows * spec.plan.validation_fraction))
-                out[login.name] = privacy_plan(spec.plan, n_train).epsilon_job
+                out[login.name] = privacy_plan(
+                    spec.plan, training_rows(rows, spec.plan)
+                ).epsilon_job
     return out
 
 
