@@ -28,16 +28,18 @@ import pandas as pd
 import psutil
 import torch
 from demo import MODEL as DEMO_MODEL
+from demo import approve_pending, split_data, start_site, write_federation
 from demo import plan as demo_plan
-from demo import split_data, start_site, write_federation
 from sklearn.datasets import load_breast_cancer, load_digits
 from torch import nn
 
 from datasites import admin, process
-from datasites.review import ReviewQueue
 from datasites.tables import validate_table
 from datasites.training import train_dp
+from policies.access import DatasetPolicy, PolicyStore
+from policies.ledger import BudgetLedger
 from policies.plan import TrainingPlan
+from policies.store import SiteStore
 from policies.wire import encode_weights
 from researcher import api
 from researcher.job import make_job
@@ -112,9 +114,7 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
             fed, make_job(DEMO_MODEL, "breast-cancer", "target", plan, name="bench")
         )
         api.submit(fed, spec)
-        for s in site_dirs:
-            queue = ReviewQueue(s)
-            queue.approve(queue.items()[0].request_id)
+        approve_pending(site_dirs)
         links = [SiteLink(login) for login in fed.sites]
         for link in links:
             link.ensure(spec.dataset)
@@ -186,8 +186,6 @@ def scale(work: Path, rows: int) -> dict[str, float]:
         started = time.perf_counter()
         admin.upload(site, "big", validate_table(frame, "target"))
         upload_s = time.perf_counter() - started
-        from policies.access import DatasetPolicy, PolicyStore
-
         PolicyStore(site.policies_path).set(
             "big", DatasetPolicy(allowed_domains=["uni.edu"], max_epsilon_per_job=50.0)
         )
@@ -202,16 +200,12 @@ def scale(work: Path, rows: int) -> dict[str, float]:
                 "noise_multiplier": 1.0,
                 "learning_rate": 0.5,
                 "validation_fraction": 0.0,
+                "delta": 1e-7,  # at most 1/n for 1M rows
             },
         )
-        from policies.ledger import BudgetLedger
-        from policies.store import SiteStore
-
         BudgetLedger(SiteStore(site.db_path)).set_budget("ada@uni.edu", "big", 50.0, 1e-7)
-        spec = make_job(DEMO_MODEL, "big", "target", {**spec.plan.to_dict(), "delta": 1e-7})
         api.submit(fed, spec)
-        queue = ReviewQueue(site)
-        queue.approve(next(i for i in queue.items() if i.status == "PENDING").request_id)
+        approve_pending([site])
         link = SiteLink(fed.sites[0])
         started = time.perf_counter()
         reply = call_with_retry(link, spec, "")

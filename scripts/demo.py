@@ -115,6 +115,15 @@ def write_federation(work: Path, sites: list[SiteDir]) -> Federation:
     return Federation.load(path)
 
 
+def approve_pending(sites: list[SiteDir]) -> None:
+    """Approve the pending request at each site in-process (the demo itself uses the CLI)."""
+    from datasites.review import ReviewQueue
+
+    for site in sites:
+        queue = ReviewQueue(site)
+        queue.approve(next(i for i in queue.items() if i.status == "PENDING").request_id)
+
+
 def approve_via_cli(site: SiteDir) -> str:
     items = json.loads(_cli("datasites.cli", "requests", "--dir", str(site.root), "--json"))
     pending = [i for i in items if i["status"] == "PENDING"]

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from demo import start_site, write_federation
+from demo import approve_pending, start_site, write_federation
 from scipy.ndimage import zoom
 from sklearn.datasets import load_digits
 
 from datasites import process
-from datasites.review import ReviewQueue
 from researcher import api
 from researcher.job import make_job
 
@@ -74,9 +73,7 @@ def main() -> None:
             fed, make_job(MODEL, "digits", "target", PLAN, name="tff_simple")
         )
         api.submit(fed, spec)
-        for site in sites:
-            queue = ReviewQueue(site)
-            queue.approve(queue.items()[0].request_id)
+        approve_pending(sites)
 
         def on_round(rec) -> None:  # noqa: ANN001
             loss = np.average(
