@@ -54,16 +54,23 @@ def dry_run(fed: Federation, spec: JobSpec) -> dict[str, Any]:
     raise JobError(f"no site in the federation has dataset {spec.dataset!r}")
 
 
-def _epsilon_per_site(fed: Federation, spec: JobSpec) -> dict[str, float]:
+def dataset_metas(fed: Federation, dataset: str) -> dict[str, dict[str, Any]]:
+    """Each reachable site's published metadata for ``dataset`` (no mock is downloaded)."""
     out = {}
     for login in fed.sites:
-        for ds in sites.datasets(sites.connect(login), preview_rows=0):
-            if ds["name"] == spec.dataset and ds["rows"]:
-                rows = int(ds["rows"])
-                out[login.name] = privacy_plan(
-                    spec.plan, training_rows(rows, spec.plan)
-                ).epsilon_job
+        try:
+            out[login.name] = sites.asset_meta(sites.find_asset(sites.connect(login), dataset))
+        except SiteError:
+            continue
     return out
+
+
+def _epsilon_per_site(fed: Federation, spec: JobSpec) -> dict[str, float]:
+    return {
+        site: privacy_plan(spec.plan, training_rows(int(meta["rows"]), spec.plan)).epsilon_job
+        for site, meta in dataset_metas(fed, spec.dataset).items()
+        if meta.get("rows")
+    }
 
 
 def submit(fed: Federation, spec: JobSpec, only: list[str] | None = None) -> dict[str, str]:
@@ -172,12 +179,7 @@ def with_pooled_scaling(fed: Federation, spec: JobSpec) -> JobSpec:
 
     from researcher.rounds import pooled_scaling
 
-    metas = []
-    for login in fed.sites:
-        try:
-            metas.append(sites.asset_meta(sites.find_asset(sites.connect(login), spec.dataset)))
-        except SiteError:
-            continue
+    metas = list(dataset_metas(fed, spec.dataset).values())
     return replace(spec, scaling=pooled_scaling(metas))
 
 
