@@ -40,13 +40,17 @@ def secure_normal(n: int) -> np.ndarray:
     return z[:n]
 
 
-def secure_gaussian_like(std: float, reference: torch.Tensor) -> torch.Tensor:
-    """Noise of ``std`` shaped like ``reference``: four secure draws summed, halved."""
+def secure_gaussian(std: float, n: int) -> torch.Tensor:
+    """n float32 noise values of ``std``: four secure draws summed, halved."""
     if std == 0:
-        return torch.zeros_like(reference)
-    n = reference.numel()
+        return torch.zeros(n)
     total = sum(secure_normal(n) for _ in range(4)) / 2.0
-    noise = torch.from_numpy(total * std).reshape(reference.shape)
+    return torch.from_numpy((total * std).astype(np.float32))
+
+
+def secure_gaussian_like(std: float, reference: torch.Tensor) -> torch.Tensor:
+    """Noise of ``std`` shaped like ``reference`` (see ``secure_gaussian``)."""
+    noise = secure_gaussian(std, reference.numel()).reshape(reference.shape)
     return noise.to(device=reference.device, dtype=reference.dtype)
 
 
