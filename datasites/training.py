@@ -123,26 +123,30 @@ def train_dp(
     noise_multiplier: float,
     seed: int,
     secure_mode: bool = False,
+    engine: str = "auto",
 ) -> TrainResult:
     """Run ``plan.local_epochs`` of DP-SGD with Poisson sampling and per-sample clipping.
 
-    Linear/Conv2d models take the fused clipper (``datasites.fused_dp``); any other model takes
-    Opacus' GradSampleModule + DPOptimizer. Both clip, noise and scale identically.
+    ``engine="auto"`` gives Linear/Conv2d models the fused clipper (``datasites.fused_dp``) and
+    any other model Opacus' GradSampleModule + DPOptimizer; ``"opacus"`` forces the latter.
+    Both clip, noise and scale identically (tests/unit/test_fused_dp.py).
     """
     seed_torch(seed)
     dev = device()
-    model = model.to(dev)
+    if any(p.device != dev for p in model.parameters()):
+        model = model.to(dev)
     xt = torch.as_tensor(x, dtype=torch.float32, device=dev)
     yt = targets(y, plan.loss).to(dev)
     n = len(xt)
     steps_per_epoch = max(1, -(-n // plan.batch_size))
     expected = int(n / steps_per_epoch)  # as Opacus' make_private computes it
-    make = _fused_step if fused_dp.supports(model) else _opacus_step
+    fused = engine == "auto" and fused_dp.supports(model)
+    make = _fused_step if fused else _opacus_step
     step = make(model, plan, noise_multiplier, expected, secure_mode, xt[:2])
     sampler_seed = int.from_bytes(os.urandom(8), "little") if secure_mode else seed
     rng = np.random.default_rng(sampler_seed)
     model.train()
-    steps, total, count = 0, torch.zeros((), device=dev), 0
+    steps, losses, count = 0, [], 0
     for _ in range(plan.local_epochs):
         for rows, sizes in poisson_schedule(n, steps_per_epoch, rng):
             index = torch.from_numpy(rows).to(dev)
@@ -150,16 +154,17 @@ def train_dp(
             for xb, yb in batches:
                 loss_sum = step(xb, yb)
                 if loss_sum is not None:
-                    total += loss_sum
+                    losses.append(loss_sum)
                     count += len(xb)
                 steps += 1
-    return TrainResult(state_to_numpy(model), float(total) / max(count, 1), steps)
+    total = float(torch.stack(losses).sum()) if losses else 0.0
+    return TrainResult(state_to_numpy(model), total / max(count, 1), steps)
 
 
 def _noise(secure_mode: bool, dev: torch.device) -> fused_dp.NoiseFn:
     if secure_mode:
-        return lambda std, n: secure_gaussian(std, n).to(dev)
-    return lambda std, n: torch.normal(0.0, std, (n,), device=dev) if std else torch.zeros(n)
+        return lambda std, shape: secure_gaussian(std, shape.numel()).view(shape).to(dev)
+    return lambda std, shape: torch.normal(0.0, std, shape, device=dev)
 
 
 def _fused_step(
