@@ -7,6 +7,7 @@ from typing import Any
 import syft as sy
 from syft.service.policy.policy import OutputPolicyExecuteCount
 from syft.types.errors import SyftException
+from syft.types.result import Err
 
 from policies.console import quiet
 from policies.metadata import parse_meta
@@ -103,13 +104,29 @@ def status(client: Any, spec: JobSpec) -> dict[str, Any]:
     return {"status": "not submitted", "reason": None}
 
 
+def _fetch(result: Any) -> Any:
+    """The value behind a call's result pointer: one request.
+
+    ``ActionObject.get()`` makes a second one (``has_storage_permission``) only to decide
+    whether to print a warning; a round does not need it.
+    """
+    if not hasattr(result, "refresh_object"):
+        return result
+    fresh = result.refresh_object()
+    if not hasattr(fresh, "syft_action_data"):
+        raise SiteError(f"unexpected reply {type(fresh).__name__}")
+    if issubclass(fresh.syft_action_data_type, Err):
+        raise SiteError(f"the job failed: {fresh.syft_action_data.err()}")
+    return fresh.syft_action_data
+
+
 def run_round(client: Any, spec: JobSpec, asset: Any, weights: str) -> dict[str, Any]:
     """Call the approved job once; returns the runtime's dict (ok, refused or failed)."""
     try:
         with quiet():
             fn = getattr(client.code, spec.name)
             result = fn(data=asset, weights=weights)
-            value = result.get() if hasattr(result, "get") else result
+            value = _fetch(result)
     except SyftException as exc:
         raise SiteError(f"{client.name}: {getattr(exc, 'public_message', exc)}") from exc
     except Exception as exc:  # requests' connection errors: the site may be down for a moment
