@@ -6,7 +6,10 @@ Each figure is a ratio or a difference measured within this one run, on this mac
    demo's model on breast-cancer and a small CNN on the bundled 8x8 digits (the key holds the
    larger). ``*_opacus_ratio`` is the same with Opacus' hooks instead of the fused clipper.
 2. round_overhead_seconds: a federated round's wall time over three real HTTP datasites minus the
-   slowest site's training time measured inside the runtime (median over rounds 2..R).
+   slowest site's training time measured inside the runtime (median over R rounds after one
+   warm-up round). Where the time goes: training, the rest of the site runtime, syft + HTTP;
+   CPU seconds of the servers and of this client, and ``round_cpu_floor_s``, the CPU a round
+   uses divided by the machine's cores: no round can be faster than that here.
 3. parallel_ratio: a three-site round's wall time / the slowest site's round wall time alone.
 4. scale: upload and one DP epoch on generated 100k (and 1M unless --quick) x 30 tables: seconds
    and peak RSS of the datasite server process.
@@ -125,8 +128,11 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
         for link in links:
             link.ensure(spec.dataset)
         blob = encode_weights(initial_weights(spec, links[0].meta))
-        walls, overheads, trains = [], [], {link.login.name: [] for link in links}
+        meter = CpuMeter([process.server_pid(s) for s in site_dirs])
         with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda link: call_with_retry(link, spec, blob), links))  # warm-up
+            meter.start()
+            walls, overheads, trains = [], [], {link.login.name: [] for link in links}
             for _ in range(rounds):
                 started = time.perf_counter()
                 replies = list(pool.map(lambda link: call_with_retry(link, spec, blob), links))
@@ -135,27 +141,54 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
                     trains[link.login.name].append(reply["metrics"]["train_seconds"])
                 walls.append(wall)
                 overheads.append(wall - max(r["metrics"]["train_seconds"] for r in replies))
+            servers_cpu, client_cpu = meter.stop()
         slowest = max(links, key=lambda link: np.median(trains[link.login.name]))
         alone, runtime, train = [], [], []
+        meter.start()
         for _ in range(rounds):
             started = time.perf_counter()
             reply = call_with_retry(slowest, spec, blob)
             alone.append(time.perf_counter() - started)
             runtime.append(reply["metrics"]["runtime_seconds"])
             train.append(reply["metrics"]["train_seconds"])
-        med_runtime = float(np.median(runtime[1:]))
+        alone_servers_cpu, alone_client_cpu = meter.stop()
+        med_runtime, med_train = float(np.median(runtime)), float(np.median(train))
+        round_cpu = (sum(servers_cpu) + client_cpu) / rounds
         return {
-            "alone_train_s": float(np.median(train[1:])),
-            "alone_runtime_overhead_s": med_runtime - float(np.median(train[1:])),
-            "alone_syft_http_s": float(np.median(alone[1:])) - med_runtime,
-            "round_wall_s": float(np.median(walls[1:])),
-            "round_overhead_seconds": float(np.median(overheads[1:])),
-            "slowest_alone_s": float(np.median(alone[1:])),
-            "parallel_ratio": float(np.median(walls[1:]) / np.median(alone[1:])),
+            "alone_train_s": med_train,
+            "alone_runtime_overhead_s": med_runtime - med_train,
+            "alone_syft_http_s": float(np.median(alone)) - med_runtime,
+            "alone_server_cpu_s": max(alone_servers_cpu) / rounds,
+            "alone_client_cpu_s": alone_client_cpu / rounds,
+            "round_cpu_s": round_cpu,
+            "round_cpu_floor_s": round_cpu / (psutil.cpu_count() or 1),
+            "round_wall_s": float(np.median(walls)),
+            "round_overhead_seconds": float(np.median(overheads)),
+            "slowest_alone_s": float(np.median(alone)),
+            "parallel_ratio": float(np.median(walls) / np.median(alone)),
         }
     finally:
         for s in site_dirs:
             process.stop(s)
+
+
+class CpuMeter:
+    """CPU seconds (user + system) used by the site servers and by this process in a span."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.servers = [psutil.Process(pid) for pid in pids]
+        self.me = psutil.Process()
+        self._start: list[float] = []
+
+    def _now(self) -> list[float]:
+        return [sum(p.cpu_times()[:2]) for p in [*self.servers, self.me]]
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> tuple[list[float], float]:
+        used = [b - a for a, b in zip(self._start, self._now(), strict=True)]
+        return used[:-1], used[-1]
 
 
 class PeakRss:
