@@ -118,7 +118,7 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
         )
     try:
         fed = write_federation(work, site_dirs)
-        plan = {**demo_plan(2 * rounds, 50.0), "target_epsilon": None, "noise_multiplier": 1.0}
+        plan = {**demo_plan(2 * rounds + 1, 50.0), "target_epsilon": None, "noise_multiplier": 1.0}
         spec = api.with_pooled_scaling(
             fed, make_job(DEMO_MODEL, "breast-cancer", "target", plan, name="bench")
         )

@@ -57,11 +57,18 @@ CASES = {
         lambda: nn.Sequential(
             nn.Conv2d(2, 4, 3, padding=1),
             nn.ReLU(),
-            nn.Conv2d(4, 4, 3, stride=2, dilation=1, bias=False),
+            nn.Conv2d(4, 4, 3, stride=2, bias=False),
+            nn.Conv2d(4, 4, (2, 1), padding=(1, 0)),
             nn.Flatten(),
-            nn.Linear(4 * 3 * 3, 3),
+            nn.Linear(4 * 4 * 3, 3),
         ),
         (24, 2, 8, 8),
+    ),
+    "dilated_cnn": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 3, 3, dilation=2), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+        ),
+        (24, 1, 8, 8),
     ),
     "shared_layer": (Shared, (24, 6)),
     "sequence": (Sequence, (24, 7, 5)),
