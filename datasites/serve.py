@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from datasites import syft_patches
 from datasites.config import SiteDir
 
 SITE_DIR_ENV = "FEDSITE_DIR"
@@ -44,24 +45,6 @@ def _prepare_environment(site: SiteDir) -> None:
     os.environ.update(env)
 
 
-def _frame_summary(frame: object) -> str:
-    rows, cols = frame.shape  # type: ignore[attr-defined]
-    return f"<DataFrame: {rows} rows x {cols} columns>"
-
-
-def _summarise_frames() -> None:
-    """Make ``repr``/``str`` of a DataFrame a one-line shape summary inside the server.
-
-    syft 0.9.5 renders ``repr`` and ``str`` of an ActionObject's data every time it loads one
-    from its store (``ActionObject.__check_action_data``): four full DataFrame renders per job
-    call, ~120 ms of a ~350 ms round on the demo table, and strings of private values kept on
-    the object. Nothing in the server shows tables to a person, so the summary loses nothing.
-    """
-    import pandas as pd
-
-    pd.DataFrame.__repr__ = _frame_summary  # type: ignore[method-assign]
-
-
 def _warm_runtime() -> None:
     """Import and exercise the training stack once, in the background, after launch.
 
@@ -88,7 +71,7 @@ def serve(root: Path) -> None:
 
     for name in _SECRET_ENV:
         os.environ.pop(name, None)
-    _summarise_frames()
+    syft_patches.install()
     threading.Thread(target=_warm_runtime, name="warm-runtime", daemon=True).start()
     site.pid_path.write_text(f"{os.getpid()}\n")
     try:

@@ -1,0 +1,65 @@
+"""The server-side syft fixes keep syft's behaviour and stop walking bytes."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import syft.service.service as service
+import syft.types.syft_object as syft_object
+from syft.store.blob_storage import SyftObjectRetrieval
+from syft.types.result import Ok
+from syft.types.syft_object import SyftObject
+from syft.types.uid import UID
+
+from datasites import syft_patches
+
+ORIGINAL = syft_object.attach_attribute_to_syft_object
+
+
+class NoIteration(bytes):
+    def __iter__(self):  # a walk over the bytes would call this
+        raise AssertionError("walked over bytes")
+
+
+def _tree() -> tuple[object, list[SyftObject]]:
+    inner = [SyftObject(id=UID()) for _ in range(3)]
+    blob = SyftObjectRetrieval(syft_object=b"parquet" * 10, type_=None, file_name="t")
+    tree = {"a": [inner[0], ("x", inner[1])], "b": Ok(inner[2]), "c": blob, "d": "text"}
+    return tree, [*inner, blob]
+
+
+def test_stamps_the_same_objects_as_syft() -> None:
+    attrs = {"syft_server_location": UID()}
+    ours_tree, ours = _tree()
+    syft_patches.attach_attribute_to_syft_object(ours_tree, attrs)
+    theirs_tree, theirs = _tree()
+    ORIGINAL(theirs_tree, attrs)
+    stamped = [o.syft_server_location for o in ours]
+    assert stamped == [o.syft_server_location for o in theirs]
+    # syft stamps top-level values and fields of syft objects, not objects nested in plain lists
+    assert stamped == [None, None, attrs["syft_server_location"], attrs["syft_server_location"]]
+
+
+def test_does_not_walk_bytes_or_strings() -> None:
+    blob = SyftObjectRetrieval(syft_object=NoIteration(b"x" * 1000), type_=None, file_name="t")
+    syft_patches.attach_attribute_to_syft_object(blob, {"syft_server_location": UID()})
+    with pytest.raises(AssertionError, match="walked over bytes"):
+        ORIGINAL(blob, {"syft_server_location": UID()})
+
+
+def test_install_patches_syft_and_frame_repr() -> None:
+    saved = (syft_object.attach_attribute_to_syft_object, pd.DataFrame.__repr__)
+    try:
+        syft_patches.install()
+        assert (
+            service.attach_attribute_to_syft_object is syft_patches.attach_attribute_to_syft_object
+        )
+        assert (
+            syft_object.attach_attribute_to_syft_object is service.attach_attribute_to_syft_object
+        )
+        frame = pd.DataFrame({"secret": [123456789.0, 2.0]})
+        assert repr(frame) == str(frame) == "<DataFrame: 2 rows x 1 columns>"
+    finally:
+        syft_object.attach_attribute_to_syft_object = saved[0]
+        service.attach_attribute_to_syft_object = saved[0]
+        pd.DataFrame.__repr__ = saved[1]
