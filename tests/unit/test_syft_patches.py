@@ -24,7 +24,7 @@ class NoIteration(bytes):
 def _tree() -> tuple[object, list[SyftObject]]:
     inner = [SyftObject(id=UID()) for _ in range(3)]
     blob = SyftObjectRetrieval(syft_object=b"parquet" * 10, type_=None, file_name="t")
-    tree = {"a": [inner[0], ("x", inner[1])], "b": Ok(inner[2]), "c": blob, "d": "text"}
+    tree = [inner[0], {"k": inner[1]}, Ok(inner[2]), blob, "text"]
     return tree, [*inner, blob]
 
 
@@ -36,8 +36,9 @@ def test_stamps_the_same_objects_as_syft() -> None:
     ORIGINAL(theirs_tree, attrs)
     stamped = [o.syft_server_location for o in ours]
     assert stamped == [o.syft_server_location for o in theirs]
-    # syft stamps top-level values and fields of syft objects, not objects nested in plain lists
-    assert stamped == [None, None, attrs["syft_server_location"], attrs["syft_server_location"]]
+    # syft stamps top-level items and fields of syft objects, not what sits in a nested dict/Ok
+    here = attrs["syft_server_location"]
+    assert stamped == [here, None, None, here]
 
 
 def test_does_not_walk_bytes_or_strings() -> None:
