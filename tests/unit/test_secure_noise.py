@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy.stats import kstest
 
@@ -29,13 +30,22 @@ def test_noise_has_the_requested_std_and_shape() -> None:
     assert float(secure_gaussian_like(0.0, ref).abs().sum()) == 0.0
 
 
-def test_dp_sgd_trains_with_secure_noise() -> None:
+@pytest.mark.parametrize("engine", ["auto", "opacus"])
+def test_dp_sgd_trains_with_secure_noise(engine: str) -> None:
+    """Secure noise ignores the seed (two runs differ); seeded noise repeats exactly."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 4)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
-    model = torch.nn.Linear(4, 2)
     plan = TrainingPlan(noise_multiplier=1.0, batch_size=32, learning_rate=0.5, local_epochs=3)
-    result = train_dp(model, x, y, plan, 1.0, seed=0, secure_mode=True)
-    assert result.steps == 24
-    assert set(result.weights) == {"weight", "bias"}
-    assert np.isfinite(result.weights["weight"]).all()
+
+    def run(secure: bool) -> dict[str, np.ndarray]:
+        torch.manual_seed(5)
+        result = train_dp(torch.nn.Linear(4, 2), x, y, plan, 1.0, 0, secure, engine=engine)
+        assert result.steps == 24 and set(result.weights) == {"weight", "bias"}
+        assert np.isfinite(result.weights["weight"]).all()
+        return result.weights
+
+    seeded = run(False), run(False)
+    np.testing.assert_array_equal(seeded[0]["weight"], seeded[1]["weight"])
+    secure = run(True), run(True)
+    assert not np.array_equal(secure[0]["weight"], secure[1]["weight"])

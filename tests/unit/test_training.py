@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from datasites.training import evaluate, poisson_batches, train_dp
 from policies.plan import TrainingPlan
 
 
-def test_poisson_batches_include_each_row_with_probability_q() -> None:
+@pytest.mark.parametrize("n", [200, 5000])  # Bernoulli masks; Binomial size + distinct rows
+def test_poisson_batches_include_each_row_with_probability_q(n: int) -> None:
     rng = np.random.default_rng(0)
-    n, steps = 200, 10
+    steps, reps = 10, 300
     counts = np.zeros(n)
     sizes = []
-    for _ in range(300):
+    for _ in range(reps):
         for idx in poisson_batches(n, steps, rng):
             assert len(np.unique(idx)) == len(idx)
             counts[idx] += 1
             sizes.append(len(idx))
-    freq = counts / (300 * steps)
+    freq = counts / (reps * steps)
+    assert len(sizes) == reps * steps
     assert abs(freq.mean() - 0.1) < 0.003 and freq.min() > 0.05 and freq.max() < 0.15
-    assert abs(np.var(sizes) - n * 0.1 * 0.9) < 3.0  # binomial, not a fixed batch size
+    variance = n * 0.1 * 0.9  # binomial, not a fixed batch size
+    assert abs(np.var(sizes) - variance) < 0.1 * variance
 
 
 def test_empty_batches_are_noisy_steps_not_errors() -> None:
