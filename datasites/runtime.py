@@ -115,17 +115,21 @@ def split(
     """
     if target not in frame.columns:
         raise Refused(f"target column {target!r} is not in the data")
-    x = frame.drop(columns=[target]).to_numpy(dtype=np.float32)
+    x = frame.drop(columns=[target]).to_numpy(dtype=np.float32, copy=True)  # ours to edit
     if scaling is not None:
         mean, std = (np.asarray(v, dtype=np.float32) for v in scaling)
         if mean.shape != (x.shape[1],) or std.shape != (x.shape[1],):
             raise Refused("feature statistics do not match the table's columns")
-        x = (x - mean) / np.where(std > 0, std, 1.0)
+        x -= mean
+        x /= np.where(std > 0, std, np.float32(1.0))
     y = frame[target].to_numpy()
     rng = np.random.default_rng(int(hashlib.sha256(seed.encode()).hexdigest()[:15], 16))
-    order = rng.permutation(len(frame))
-    n_val = validation_rows(len(frame), fraction)
-    val, train = order[:n_val], order[n_val:]
+    val = rng.permutation(len(frame))[: validation_rows(len(frame), fraction)]
+    if len(val) == 0:  # no copy of a large table for an empty validation split
+        return x, y, x[:0], y[:0]
+    train = np.ones(len(frame), dtype=bool)
+    train[val] = False
+    # training rows stay in table order: Poisson sampling draws them uniformly either way
     return x[train], y[train], x[val], y[val]
 
 
