@@ -64,3 +64,44 @@ def test_install_patches_syft_and_frame_repr() -> None:
         syft_object.attach_attribute_to_syft_object = saved[0]
         service.attach_attribute_to_syft_object = saved[0]
         pd.DataFrame.__repr__ = saved[1]
+
+
+@pytest.fixture(scope="module")
+def in_process_server():
+    """A real syft server inside this process (no HTTP): its user stash is what we patch."""
+    import syft as sy
+
+    server = sy.orchestra.launch(name="role-memo-test", reset=True)
+    yield server
+    server.python_server.cleanup()
+
+
+def test_memoised_role_follows_role_changes_and_deletion(in_process_server) -> None:
+    from syft.server.credentials import SyftSigningKey
+    from syft.service.user.user_roles import ServiceRole
+    from syft.store.db.stash import ObjectStash, with_session
+
+    server = in_process_server.python_server
+    admin = in_process_server.login(email="info@openmined.org", password="changethis")
+    admin.register(
+        name="Ada", email="ada@uni.edu", password="pw-123456", password_verify="pw-123456"
+    )
+    stash = server.services.user.stash
+    ada = stash.get_by_email(credentials=server.verify_key, email="ada@uni.edu").unwrap()
+    stranger = SyftSigningKey.generate().verify_key
+    original = ObjectStash.get_role
+    patched = with_session(syft_patches.get_role)
+
+    def both(key: object) -> tuple[object, object]:
+        return original(stash, key), patched(stash, key)
+
+    assert both(server.verify_key) == (ServiceRole.ADMIN, ServiceRole.ADMIN)
+    assert both(ada.verify_key) == (ServiceRole.DATA_SCIENTIST,) * 2
+    hits = syft_patches._role_of_row.cache_info().hits
+    assert patched(stash, ada.verify_key) == ServiceRole.DATA_SCIENTIST
+    assert syft_patches._role_of_row.cache_info().hits == hits + 1  # no deserialisation
+    assert both(stranger) == (ServiceRole.GUEST, ServiceRole.GUEST)
+    admin.users.update(uid=ada.id, role=ServiceRole.DATA_OWNER)
+    assert both(ada.verify_key) == (ServiceRole.DATA_OWNER,) * 2
+    admin.users.delete(ada.id)
+    assert both(ada.verify_key) == (ServiceRole.GUEST, ServiceRole.GUEST)
