@@ -43,22 +43,15 @@ def supports(model: nn.Module) -> bool:
         if not any(p.requires_grad for p in own):
             continue
         trainable = True
-        if type(module) is nn.Linear and all(p.requires_grad for p in own):
-            continue
-        if type(module) is nn.Conv2d and _plain_conv(module):
-            continue
-        return False
+        kind = type(module)
+        plain = kind is nn.Linear or (kind is nn.Conv2d and _plain_conv(module))
+        if not plain or not all(p.requires_grad for p in own):
+            return False
     return trainable
 
 
 def _plain_conv(conv: nn.Conv2d) -> bool:
-    return (
-        conv.groups == 1
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-        and conv.weight.requires_grad
-        and (conv.bias is None or conv.bias.requires_grad)
-    )
+    return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 class FusedClipper:
