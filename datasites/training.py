@@ -113,6 +113,7 @@ def poisson_batches(n: int, steps: int, rng: np.random.Generator) -> Iterator[np
 
 
 Step = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+Close = Callable[[], None]
 
 
 def train_dp(
@@ -142,21 +143,24 @@ def train_dp(
     expected = int(n / steps_per_epoch)  # as Opacus' make_private computes it
     fused = engine == "auto" and fused_dp.supports(model)
     make = _fused_step if fused else _opacus_step
-    step = make(model, plan, noise_multiplier, expected, secure_mode, xt[:2])
+    step, close = make(model, plan, noise_multiplier, expected, secure_mode, xt[:2])
     sampler_seed = int.from_bytes(os.urandom(8), "little") if secure_mode else seed
     rng = np.random.default_rng(sampler_seed)
     model.train()
     steps, losses, count = 0, [], 0
-    for _ in range(plan.local_epochs):
-        for rows, sizes in poisson_schedule(n, steps_per_epoch, rng):
-            index = torch.from_numpy(rows).to(dev)
-            batches = zip(xt[index].split(sizes), yt[index].split(sizes), strict=True)
-            for xb, yb in batches:
-                loss_sum = step(xb, yb)
-                if loss_sum is not None:
-                    losses.append(loss_sum)
-                    count += len(xb)
-                steps += 1
+    try:
+        for _ in range(plan.local_epochs):
+            for rows, sizes in poisson_schedule(n, steps_per_epoch, rng):
+                index = torch.from_numpy(rows).to(dev)
+                batches = zip(xt[index].split(sizes), yt[index].split(sizes), strict=True)
+                for xb, yb in batches:
+                    loss_sum = step(xb, yb)
+                    if loss_sum is not None:
+                        losses.append(loss_sum)
+                        count += len(xb)
+                    steps += 1
+    finally:
+        close()  # the model leaves without our capture wrappers or Opacus' hooks
     total = float(torch.stack(losses).sum()) if losses else 0.0
     return TrainResult(state_to_numpy(model), total / max(count, 1), steps)
 
@@ -174,7 +178,7 @@ def _fused_step(
     expected: int,
     secure_mode: bool,
     example: torch.Tensor,
-) -> Step:
+) -> tuple[Step, Close]:
     dev = next(model.parameters()).device
     dp = fused_dp.FusedDPSGD(
         model,
@@ -195,7 +199,7 @@ def _fused_step(
         dp.step(loss_sum)
         return loss_sum.detach()
 
-    return step
+    return step, dp.clipper.remove
 
 
 def _opacus_step(
@@ -205,7 +209,7 @@ def _opacus_step(
     expected: int,
     secure_mode: bool,
     example: torch.Tensor,
-) -> Step:
+) -> tuple[Step, Close]:
     private_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     optimizer = DPOptimizer(
         _optimizer(private_model, plan),
@@ -225,7 +229,7 @@ def _opacus_step(
         optimizer.step()
         return loss.detach() * len(xb) if len(xb) else None
 
-    return step
+    return step, private_model.remove_hooks
 
 
 def _optimizer(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:

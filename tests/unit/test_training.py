@@ -46,3 +46,18 @@ def test_dp_sgd_learns_a_separable_problem() -> None:
     result = train_dp(model, x, y, plan, 0.8, seed=0)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in result.weights.items()})
     assert evaluate(model, x, y, "cross_entropy")["accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("engine", ["auto", "opacus"])
+def test_the_model_leaves_training_without_wrappers_or_hooks(engine: str) -> None:
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    plan = TrainingPlan(noise_multiplier=1.0, batch_size=16)
+    train_dp(model, x, y, plan, 1.0, seed=0, engine=engine)
+    for layer in model.modules():
+        assert "forward" not in vars(layer)
+        assert not layer._forward_hooks and not layer._backward_hooks
+        assert not layer._forward_pre_hooks
+    model(torch.as_tensor(x)).sum().backward()  # plain autograd works on it afterwards
+    assert all(p.grad is not None for p in model.parameters())
