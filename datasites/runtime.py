@@ -157,7 +157,6 @@ def train_round(
         check_shapes(incoming, expected)
         load_numpy(model, incoming)
         before = evaluate(model, xv, yv, plan.loss)  # the global model, on this site's val split
-        model.train()  # Opacus refuses a module in eval mode
     seed = int(hashlib.sha256(f"{spec.job_id}:{round_no}".encode()).hexdigest()[:8], 16)
     started = time.perf_counter()
     result = train_dp(model, x, y, plan, privacy.noise_multiplier, seed, secure_mode)

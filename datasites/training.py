@@ -141,12 +141,12 @@ def train_dp(
     n = len(xt)
     steps_per_epoch = max(1, -(-n // plan.batch_size))
     expected = int(n / steps_per_epoch)  # as Opacus' make_private computes it
+    model.train()  # Opacus refuses a module in eval mode (say, fresh from ``evaluate``)
     fused = engine == "auto" and fused_dp.supports(model)
     make = _fused_step if fused else _opacus_step
     step, close = make(model, plan, noise_multiplier, expected, secure_mode, xt[:2])
     sampler_seed = int.from_bytes(os.urandom(8), "little") if secure_mode else seed
     rng = np.random.default_rng(sampler_seed)
-    model.train()
     steps, losses, count = 0, [], 0
     try:
         for _ in range(plan.local_epochs):

@@ -54,6 +54,7 @@ def test_the_model_leaves_training_without_wrappers_or_hooks(engine: str) -> Non
     y = (x[:, 0] > 0).astype(np.int64)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     plan = TrainingPlan(noise_multiplier=1.0, batch_size=16)
+    model.eval()  # as ``evaluate`` leaves the global model before a round
     train_dp(model, x, y, plan, 1.0, seed=0, engine=engine)
     for layer in model.modules():
         assert "forward" not in vars(layer)
