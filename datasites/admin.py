@@ -18,6 +18,7 @@ from datasites.errors import AuthError, ServerError, TableError
 from datasites.mock import make_mock
 from datasites.tables import Table
 from policies.console import quiet
+from policies.errors import is_connection_error
 from policies.metadata import format_meta, parse_meta
 
 ASSET_NAME = "table"
@@ -34,8 +35,8 @@ def login(url: str, email: str, password: str) -> Any:
         if "credential" in message.lower() or "not found" in message.lower():
             raise AuthError(f"login to {url} as {email} refused: wrong email or password") from exc
         raise ServerError(f"login to {url} failed: {message}") from exc
-    except (OSError, Exception) as exc:  # requests' ConnectionError and friends
-        if "Connection" in type(exc).__name__ or isinstance(exc, OSError):
+    except Exception as exc:  # requests' ConnectionError and friends
+        if is_connection_error(exc):
             raise ServerError(f"no datasite answers at {url}; is it launched?") from exc
         raise
 

@@ -26,3 +26,12 @@ class RoundLimitReached(PolicyError):
 
 class WireError(PolicyError):
     """Encoded weights are not what the declared model expects."""
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for a failure to reach a server: requests' ConnectionError family or any OSError.
+
+    Both packages talk to datasites over syft's HTTP client and turn these into their own
+    "no datasite answers" errors; this is the one place that decides what counts.
+    """
+    return "Connection" in type(exc).__name__ or isinstance(exc, OSError)

@@ -10,6 +10,7 @@ from syft.types.errors import SyftException
 from syft.types.result import Err
 
 from policies.console import quiet
+from policies.errors import is_connection_error
 from policies.metadata import parse_meta
 from policies.plan import JobSpec
 from researcher.errors import SiteError
@@ -31,7 +32,7 @@ def connect(login: SiteLogin) -> Any:
             f"{login.name}: login refused: {getattr(exc, 'public_message', exc)}"
         ) from exc
     except Exception as exc:
-        if "Connection" in type(exc).__name__ or isinstance(exc, OSError):
+        if is_connection_error(exc):
             raise Unreachable(f"{login.name}: no datasite answers at {login.url}") from exc
         raise
 
@@ -130,7 +131,7 @@ def run_round(client: Any, spec: JobSpec, asset: Any, weights: str) -> dict[str,
     except SyftException as exc:
         raise SiteError(f"{client.name}: {getattr(exc, 'public_message', exc)}") from exc
     except Exception as exc:  # requests' connection errors: the site may be down for a moment
-        if "Connection" in type(exc).__name__ or isinstance(exc, OSError):
+        if is_connection_error(exc):
             raise Unreachable(f"{client.name}: connection failed ({type(exc).__name__})") from exc
         raise
     if isinstance(value, sy.SyftError):

@@ -79,3 +79,14 @@ def test_metadata_round_trips_and_tolerates_noise() -> None:
     assert parse_meta("free text\n" + format_meta(meta) + "\nmore") == meta
     assert parse_meta("no metadata here") == {}
     assert parse_meta("fedsite-meta: {broken") == {}
+
+
+def test_connection_errors_are_told_apart_from_other_failures() -> None:
+    import requests
+
+    from policies.errors import is_connection_error
+
+    assert is_connection_error(requests.ConnectionError("refused"))
+    assert is_connection_error(ConnectionRefusedError())
+    assert is_connection_error(OSError("no route"))
+    assert not is_connection_error(ValueError("bad reply"))
