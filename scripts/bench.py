@@ -273,7 +273,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no 1M rows")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="fedsite-bench-"))
     results: dict[str, object] = {
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cpus, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, "
@@ -282,12 +281,15 @@ def main() -> None:
     dp = dp_overhead(reps=9 if args.quick else 31)
     results.update(dp)
     results["dp_overhead_ratio"] = max(dp["demo_linear_ratio"], dp["digits_cnn_ratio"])
-    results.update(federated(work / "fed", rounds=4 if args.quick else 8))
-    for rows, tag in ((100_000, "100k"), (1_000_000, "1m")):
-        if args.quick and rows > 100_000:
-            continue
-        for key, value in scale(work / tag, rows).items():
-            results[f"{key}_{tag}"] = value
+    # the sites' directories hold the generated tables (160 MB at 1M rows): not kept
+    with tempfile.TemporaryDirectory(prefix="fedsite-bench-", ignore_cleanup_errors=True) as tmp:
+        work = Path(tmp)
+        results.update(federated(work / "fed", rounds=4 if args.quick else 8))
+        for rows, tag in ((100_000, "100k"), (1_000_000, "1m")):
+            if args.quick and rows > 100_000:
+                continue
+            for key, value in scale(work / tag, rows).items():
+                results[f"{key}_{tag}"] = value
     if not args.json:
         from policies.console import table
 
