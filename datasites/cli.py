@@ -30,12 +30,9 @@ def init(
     dir: DirOpt,
     port: Annotated[int, typer.Option(help="HTTP port on loopback.")] = DEFAULT_PORT,
     db_url: Annotated[str, typer.Option(help="SQLAlchemy URL for syft's database.")] = "",
-    secure_noise: Annotated[
-        bool, typer.Option(help="Draw DP noise from the OS CSPRNG (slower; see README).")
-    ] = False,
 ) -> None:
     """Create DIR with a config, a stable server identity and a generated admin password."""
-    config = init_site(dir, name, port=port, db_url=db_url, secure_noise=secure_noise)
+    config = init_site(dir, name, port=port, db_url=db_url)
     out.print(f"initialised datasite [bold]{config.name}[/bold] in {dir} ({config.url})")
     out.print(f"admin: {config.admin_email}; password in {dir / 'admin-password'} (mode 0600)")
 
@@ -273,9 +270,14 @@ def review(
     if json:
         emit_json({**item.to_dict(), "code": item.raw_code})
         return
-    out.print(Syntax(item.raw_code, "python", word_wrap=True))
+    out.print(Syntax(item.raw_code[:4000], "python", word_wrap=True))
     if item.report.job:
-        out.print(Syntax(item.report.job.model_source, "python", word_wrap=True))
+        arch = item.report.job.architecture
+        table(
+            f"model: {arch.n_parameters} trainable parameters, input {list(arch.input)}",
+            ["layer", "type", "output shape", "parameters"],
+            [[r["layer"], r["type"], str(r["output"]), str(r["params"])] for r in arch.table()],
+        )
     print_report(item)
 
 

@@ -31,6 +31,7 @@ from datasites.errors import ConfigError
 CONFIG_FILE = "site.toml"
 PASSWORD_FILE = "admin-password"
 KEY_FILE = "identity.key"
+SPLIT_KEY_FILE = "split.key"
 DEFAULT_PORT = 8081
 ADMIN_EMAIL = "admin@fedsite.io"
 
@@ -43,7 +44,7 @@ class SiteConfig:
     host: str = "127.0.0.1"
     db_url: str = ""
     admin_email: str = ADMIN_EMAIL
-    secure_noise: bool = False
+    secure_noise: bool = True  # kept so older site.toml files load; noise is always secure
 
     @property
     def url(self) -> str:
@@ -99,6 +100,13 @@ class SiteDir:
     def signing_key(self) -> str:
         return _read_secret(self.root / KEY_FILE)
 
+    def split_key(self) -> bytes:
+        """The site's key for validation splits (0600); made on first use for older sites."""
+        path = self.root / SPLIT_KEY_FILE
+        if not path.exists():
+            _write_secret(path, secrets.token_hex(32))
+        return bytes.fromhex(_read_secret(path))
+
     def datasets_meta(self) -> dict[str, dict[str, Any]]:
         if not self.datasets_path.exists():
             return {}
@@ -116,7 +124,6 @@ def init_site(
     port: int = DEFAULT_PORT,
     db_url: str = "",
     host: str = "127.0.0.1",
-    secure_noise: bool = False,
 ) -> SiteConfig:
     """Create DIR with config, identity and a fresh admin password; refuse to overwrite one."""
     site = SiteDir(root)
@@ -133,10 +140,10 @@ def init_site(
         server_uid=uuid.uuid4().hex,
         host=host,
         db_url=db_url,
-        secure_noise=secure_noise,
     )
     _write_secret(root / KEY_FILE, secrets.token_hex(32))  # an ed25519 seed, as syft stores it
     _write_secret(root / PASSWORD_FILE, secrets.token_urlsafe(24))
+    _write_secret(root / SPLIT_KEY_FILE, secrets.token_hex(32))
     (root / "state").mkdir(exist_ok=True)
     _atomic_write(site.config_path, tomli_w.dumps({"site": asdict(config)}))
     return config

@@ -15,7 +15,7 @@ from datasites.admin import admin_client, quiet
 from datasites.approvals import Approval, Approvals
 from datasites.config import SiteDir
 from datasites.errors import ReviewError
-from datasites.runtime import build_model
+from datasites.executed import executed_problems
 from policies.access import DatasetPolicy, PolicyStore
 from policies.audit import AuditLog
 from policies.plan import JobSpec, training_rows
@@ -24,7 +24,7 @@ from policies.report import PolicyReport, Submission, build_report
 from policies.store import SiteStore
 
 ADMIN_ACTOR = "admin"
-UNOVERRIDABLE = {"template", "model_code", "dataset", "inputs", "job_id"}
+UNOVERRIDABLE = {"template", "executed", "model", "dataset", "inputs", "job_id"}
 
 
 @dataclass
@@ -48,6 +48,7 @@ class ReviewItem:
             "function": self.request.code.service_func_name,
             "dataset": self.report.job.dataset if self.report.job else None,
             "deny_reason": self.deny_reason,
+            "plan": self.report.job.plan.to_dict() if self.report.job else None,
             "report": self.report.to_dict(),
         }
 
@@ -152,6 +153,25 @@ class ReviewQueue:
             }
 
     def _item(self, request: Any, assets: dict[str, str], used: set[str]) -> ReviewItem:
+        """One request with its report; a request that cannot be read shows as malformed."""
+        try:
+            return self._read_item(request, assets, used)
+        except Exception as exc:  # whatever was submitted, the queue keeps answering
+            report = PolicyReport()
+            report.add("template", False, f"malformed request ({type(exc).__name__})")
+            return ReviewItem(
+                request,
+                str(getattr(request.id, "no_dash", request.id)),
+                "",
+                "",
+                str(getattr(request, "requesting_user_email", "?")),
+                str(getattr(getattr(request, "status", None), "name", "UNKNOWN")),
+                "",
+                None,
+                report,
+            )
+
+    def _read_item(self, request: Any, assets: dict[str, str], used: set[str]) -> ReviewItem:
         code = request.code
         bound = {
             kw: assets.get(str(_uid(v)))
@@ -163,19 +183,22 @@ class ReviewQueue:
         meta = self.site.datasets_meta().get(dataset or "", {})
         policy = self.policies.get(dataset) if dataset else DatasetPolicy()
         approved_before = self.approvals.get(str(code.id))
+        schema = meta.get("schema")
         sub = Submission(
             code.raw_code,
             request.requesting_user_email,
             dataset,
             int(meta.get("rows", 0)),
             tuple(code.input_kwargs),
+            len(schema) - 1 if schema else None,
+            meta.get("n_classes"),
+            tuple(executed_problems(code)),
         )
         report = build_report(
             sub,
             policy,
             used - ({approved_before.job["job_id"]} if approved_before else set()),
             _epsilon_of(policy),
-            _parameters_of(meta),
         )
         status = request.status.name
         reason = request.deny_reason if status == "REJECTED" else None
@@ -219,16 +242,6 @@ def _epsilon_of(policy: DatasetPolicy) -> Any:
         return privacy_plan(spec.plan, n_train, policy.min_noise_multiplier).epsilon_job
 
     return epsilon_of
-
-
-def _parameters_of(meta: dict[str, Any]) -> Any:
-    def parameters_of(spec: JobSpec, rows: int) -> int:
-        n_features = len(meta.get("schema", [])) - 1
-        outputs = int(meta.get("n_classes", 2)) if spec.plan.loss == "cross_entropy" else 1
-        model = build_model(spec, n_features, outputs)
-        return sum(p.numel() for p in model.parameters())
-
-    return parameters_of
 
 
 __all__ = ["ReviewItem", "ReviewQueue"]

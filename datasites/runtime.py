@@ -1,8 +1,10 @@
 """The site runtime: what a submitted job calls, running inside the datasite's server.
 
 A submission is a thin function ``return run_job(data=data, weights=weights, job={...})``; all
-that matters for privacy happens here, in code the datasite installed: the approval and round
-check, the budget reservation, DP-SGD with Opacus, and validation of what leaves.
+that matters for privacy happens in code the datasite installed: the approval and round check,
+the budget reservation, the incoming-weights check here, and DP-SGD in a sandboxed trainer
+process (``datasites.sandbox``) that builds the model from the job's declarative spec with the
+site's own builder. No researcher code is executed anywhere in this package.
 
 Refusals are returned as ``{"status": "refused", "reason": ...}`` rather than raised, because
 syft 0.9.5 replaces any exception in user code by a generic message, and the researcher needs
@@ -14,21 +16,18 @@ given, which is how ``researcher try`` runs the exact site code path on the mock
 
 from __future__ import annotations
 
-import hashlib
 import os
+import secrets
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from torch import nn
 
-from policies.codecheck import check_model_source
-from policies.errors import PolicyError
-from policies.plan import JobSpec, TrainingPlan, training_rows, validation_rows
+from policies.errors import PlanError, PolicyError
+from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs, training_rows
 from policies.privacy import PrivacyPlan, privacy_plan
 from policies.wire import check_shapes, decode_weights, encode_weights
 
@@ -83,99 +82,61 @@ def caller_code() -> CallerCode:
     raise Refused("run_job was not called by syft's code execution; refused")
 
 
-def build_model(spec: JobSpec, n_features: int, n_outputs: int) -> nn.Module:
-    """Execute the model source (already statically checked) and call its factory."""
-    findings = check_model_source(spec.model_source)
-    if findings:
-        raise Refused(f"model code refused: {findings[0]}")
-    namespace: dict[str, Any] = {"__name__": "fedsite_model"}
-    exec(compile(spec.model_source, "<model>", "exec"), namespace)  # noqa: S102
-    factory = namespace.get(spec.model_factory)
-    if not callable(factory):
-        raise Refused(f"model code defines no function {spec.model_factory!r}")
-    model = factory(n_features, n_outputs)
-    if not isinstance(model, nn.Module):
-        raise Refused(f"{spec.model_factory} did not return a torch nn.Module")
-    return model
-
-
-def n_outputs(y: np.ndarray, loss: str) -> int:
-    return int(y.max()) + 1 if loss == "cross_entropy" and len(y) else 1
-
-
-Scaling = tuple[np.ndarray, np.ndarray] | None
-
-
-def split(
-    frame: pd.DataFrame, target: str, fraction: float, seed: str, scaling: Scaling = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A deterministic train/validation split (same job -> same split every round).
-
-    With ``scaling`` = (mean, std) per feature, features are standardised first.
-    """
+def table_arrays(frame: pd.DataFrame, target: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features (a float32 copy, ours to edit) and target of a table."""
     if target not in frame.columns:
         raise Refused(f"target column {target!r} is not in the data")
-    x = frame.drop(columns=[target]).to_numpy(dtype=np.float32, copy=True)  # ours to edit
-    if scaling is not None:
-        mean, std = (np.asarray(v, dtype=np.float32) for v in scaling)
-        if mean.shape != (x.shape[1],) or std.shape != (x.shape[1],):
-            raise Refused("feature statistics do not match the table's columns")
-        x -= mean
-        x /= np.where(std > 0, std, np.float32(1.0))
-    y = frame[target].to_numpy()
-    rng = np.random.default_rng(int(hashlib.sha256(seed.encode()).hexdigest()[:15], 16))
-    val = rng.permutation(len(frame))[: validation_rows(len(frame), fraction)]
-    if len(val) == 0:  # no copy of a large table for an empty validation split
-        return x, y, x[:0], y[:0]
-    train = np.ones(len(frame), dtype=bool)
-    train[val] = False
-    # training rows stay in table order: Poisson sampling draws them uniformly either way
-    return x[train], y[train], x[val], y[val]
+    x = frame.drop(columns=[target]).to_numpy(dtype=np.float32, copy=True)
+    return x, frame[target].to_numpy()
 
 
-def train_round(
+def prepare_task(
     spec: JobSpec,
     frame: pd.DataFrame,
     target: str,
     weights: str,
-    privacy: PrivacyPlan,
-    round_no: int,
-    scaling: Scaling = None,
-    secure_mode: bool = False,
-) -> dict[str, Any]:
-    """One round of DP-SGD from the given global weights; returns the validated update."""
-    from datasites.training import evaluate, load_numpy, state_to_numpy, train_dp
+    noise_multiplier: float,
+    n_classes: int | None,
+    split_seed: int,
+    scaling: tuple[Any, Any] | None,
+) -> Any:
+    """Check the table, the model and the incoming weights; the trainer's task, or Refused."""
+    from datasites.round_task import RoundTask
 
-    plan = spec.plan
-    scaling = scaling if plan.standardize else None
-    x, y, xv, yv = split(frame, target, plan.validation_fraction, spec.job_id, scaling)
-    model = build_model(spec, x.shape[1], n_outputs(np.concatenate([y, yv]), plan.loss))
-    expected = {k: v.shape for k, v in state_to_numpy(model).items()}
-    before: dict[str, float] = {}
-    if weights:
-        incoming = decode_weights(weights)
-        check_shapes(incoming, expected)
-        load_numpy(model, incoming)
-        before = evaluate(model, xv, yv, plan.loss)  # the global model, on this site's val split
-    seed = int(hashlib.sha256(f"{spec.job_id}:{round_no}".encode()).hexdigest()[:8], 16)
-    started = time.perf_counter()
-    result = train_dp(model, x, y, plan, privacy.noise_multiplier, seed, secure_mode)
-    train_seconds = time.perf_counter() - started
-    check_shapes(result.weights, expected)  # only the declared model's tensors may leave
-    load_numpy(model, result.weights)
-    metrics = {
-        "train_loss": result.train_loss,
-        "steps": float(result.steps),
-        "train_seconds": train_seconds,
-    }
-    metrics.update({f"val_{k}": v for k, v in evaluate(model, xv, yv, plan.loss).items()})
-    metrics.update({f"global_val_{k}": v for k, v in before.items()})
+    x, y = table_arrays(frame, target)
+    outputs = n_outputs(spec.plan.loss, n_classes)
+    try:
+        check_fits(spec, x.shape[1], outputs)
+    except PlanError as exc:
+        raise Refused(str(exc)) from exc
+    if spec.plan.loss == "cross_entropy" and len(y) and not (y.min() >= 0 and y.max() < outputs):
+        raise Refused(f"class labels must be 0..{outputs - 1} for cross_entropy")
+    if scaling is not None:
+        scaling = (list(scaling[0]), list(scaling[1]))
+        if len(scaling[0]) != x.shape[1] or len(scaling[1]) != x.shape[1]:
+            raise Refused("feature statistics do not match the table's columns")
+    incoming = decode_weights(weights, spec.architecture.parameters) if weights else None
+    return RoundTask(
+        spec.model,
+        spec.plan.to_dict(),
+        x,
+        y,
+        split_seed,
+        scaling,
+        incoming,
+        noise_multiplier,
+    )
+
+
+def release(spec: JobSpec, output: Any, round_no: int) -> dict[str, Any]:
+    """The reply: the spec's trainable tensors (checked again), the row count, metrics."""
+    check_shapes(output.weights, spec.architecture.parameters)
     return {
         "status": "ok",
         "round": round_no,
-        "weights": encode_weights(result.weights),
-        "n": int(len(x)),
-        "metrics": metrics,
+        "weights": encode_weights(output.weights),
+        "n": output.n,
+        "metrics": output.metrics,
     }
 
 
@@ -191,8 +152,10 @@ def privacy_report(plan: TrainingPlan, privacy: PrivacyPlan) -> dict[str, Any]:
     }
 
 
-def dry_run(data: Any, weights: str, spec: JobSpec) -> dict[str, Any]:
+def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None) -> dict[str, Any]:
     """Run one round exactly as a site would, on the table given (the mock), with no ledger."""
+    from datasites.round_task import run_task
+
     frame = pd.DataFrame(data)
     if spec.target not in frame.columns:
         raise Refused(f"target column {spec.target!r} is not in the data")
@@ -201,10 +164,21 @@ def dry_run(data: Any, weights: str, spec: JobSpec) -> dict[str, Any]:
         scaling = (spec.scaling["mean"], spec.scaling["std"])
     else:
         features = frame.drop(columns=[spec.target])
-        scaling = (features.mean().to_numpy(), features.std(ddof=0).to_numpy())
-    result = train_round(spec, frame, spec.target, weights, privacy, 1, scaling)
+        scaling = (features.mean().tolist(), features.std(ddof=0).tolist())
+    if n_classes is None and spec.plan.loss == "cross_entropy":
+        n_classes = int(frame[spec.target].max()) + 1 if len(frame) else 2
+    task = prepare_task(
+        spec,
+        frame,
+        spec.target,
+        weights,
+        privacy.noise_multiplier,
+        n_classes,
+        secrets.randbits(63),
+        scaling,
+    )
+    result = release(spec, run_task(task), 1)
     result["mode"] = "dry-run"
     result["privacy"] = privacy_report(spec.plan, privacy)
-    shapes = {k: list(v.shape) for k, v in decode_weights(result["weights"]).items()}
-    result["shapes"] = shapes
+    result["shapes"] = {k: list(v) for k, v in spec.architecture.parameters.items()}
     return result

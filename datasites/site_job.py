@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import time
 from pathlib import Path
@@ -11,7 +13,8 @@ import pandas as pd
 
 from datasites.approvals import Approval, Approvals
 from datasites.config import SiteDir
-from datasites.runtime import CallerCode, Refused, privacy_report, train_round
+from datasites.runtime import CallerCode, Refused, prepare_task, privacy_report, release
+from datasites.sandbox import SandboxLimit, pool
 from policies.access import PolicyStore
 from policies.audit import AuditLog
 from policies.errors import PolicyError, WireError
@@ -38,6 +41,16 @@ def run_at_site(
         # time inside the site runtime, training included: bench splits the round with it
         result["metrics"]["runtime_seconds"] = time.perf_counter() - started
         return result
+    except SandboxLimit as exc:
+        audit.record(
+            ACTOR,
+            "stopped",
+            approval.request_id if approval else None,
+            caller.code_hash,
+            reason=str(exc),
+            code_id=caller.code_id,
+        )
+        raise Refused(str(exc)) from exc
     except (Refused, PolicyError) as exc:
         event = "withheld" if isinstance(exc, WireError) else "refused"
         audit.record(
@@ -63,6 +76,12 @@ def run_at_site(
             "reason": f"training failed ({type(exc).__name__}); "
             "the datasite admin can read the details in the audit log",
         }
+
+
+def split_seed(site: SiteDir, job_id: str) -> int:
+    """The validation split's seed: keyed by the site's secret, so only the site knows it."""
+    digest = hmac.new(site.split_key(), job_id.encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def _check_approval(approval: Approval | None, caller: CallerCode, job: dict[str, Any]) -> Approval:
@@ -101,6 +120,21 @@ def _run(
             f"the whole plan would spend epsilon {privacy.epsilon_job:.3f}, more than "
             f"the {policy.max_epsilon_per_job} one job may spend on this dataset"
         )
+    if spec.scaling:
+        scaling = (spec.scaling["mean"], spec.scaling["std"])
+    else:
+        scaling = (meta["feature_mean"], meta["feature_std"]) if "feature_mean" in meta else None
+    # table, model and incoming weights are checked before anything is charged
+    task = prepare_task(
+        spec,
+        frame,
+        meta["target"],
+        weights,
+        privacy.noise_multiplier,
+        meta.get("n_classes"),
+        split_seed(site, spec.job_id),
+        scaling,
+    )
     ledger = BudgetLedger(store)
     charge = ledger.reserve(
         approval.researcher, approval.dataset, spec.job_id, privacy.mechanism, spec.plan.accountant
@@ -115,20 +149,8 @@ def _run(
         epsilon_job=privacy.epsilon_job,
         noise_multiplier=privacy.noise_multiplier,
     )
-    if spec.scaling:
-        scaling = (spec.scaling["mean"], spec.scaling["std"])
-    else:
-        scaling = (meta["feature_mean"], meta["feature_std"]) if "feature_mean" in meta else None
-    result = train_round(
-        spec,
-        frame,
-        meta["target"],
-        weights,
-        privacy,
-        round_no,
-        scaling,
-        secure_mode=site.config().secure_noise,
-    )
+    output = pool().run(task, policy.max_seconds_per_round, policy.max_memory_mb)
+    result = release(spec, output, round_no)
     if round_no == spec.plan.rounds:
         ledger.commit(charge.id)
     budget = ledger.budget(approval.researcher, approval.dataset)

@@ -1,7 +1,14 @@
-"""Local DP-SGD training with Opacus: the loop the datasite runs on private rows.
+"""Local DP-SGD training: the loop the datasite runs on private rows.
 
 This module is the site's, never the researcher's: clipping, noise and accounting happen here
-with parameters taken from the approved plan.
+with parameters taken from the approved plan. Two rules hold for every call:
+
+* Noise and Poisson sampling come from the OS CSPRNG (``datasites.secure_noise``). Nothing a
+  researcher knows (job id, round, plan) seeds them. ``_test_seed`` exists for unit tests only:
+  no job, plan or site config reaches it.
+* What is released is the starting weights plus the sum of the steps the site's own optimizer
+  took (``ReleaseTracker``), never the model's tensors read back after training: a tensor changed
+  in any other way (a forward that writes to a parameter) cannot leave.
 """
 
 from __future__ import annotations
@@ -43,16 +50,38 @@ def seed_torch(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def state_to_numpy(model: nn.Module) -> Weights:
-    """Plain arrays with Opacus' ``_module.`` wrapper prefix stripped."""
-    return {
-        k.removeprefix("_module."): v.detach().cpu().numpy().astype(np.float32)
-        for k, v in model.state_dict().items()
-    }
+class ReleaseTracker:
+    """Starting weights plus the sum of the optimizer's own steps: the only thing that leaves.
 
+    Around every ``optimizer.step()`` the tracker subtracts the parameters just before and adds
+    them just after, so anything that moved a parameter between steps is not in the sum. When
+    nothing did, the result equals the parameters bit for bit (x - x + y == y in floating point).
+    Two fused ``_foreach`` calls per step; no allocation.
+    """
 
-def load_numpy(model: nn.Module, weights: Weights) -> None:
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        named = [(n.removeprefix("_module."), p) for n, p in model.named_parameters()]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self._handles = [
+            optimizer.register_step_pre_hook(self._before),
+            optimizer.register_step_post_hook(self._after),
+        ]
+
+    def _before(self, *_: object) -> None:
+        torch._foreach_sub_(self.shadow, [p.detach() for p in self.params])
+
+    def _after(self, *_: object) -> None:
+        torch._foreach_add_(self.shadow, [p.detach() for p in self.params])
+
+    def released(self) -> Weights:
+        for handle in self._handles:
+            handle.remove()
+        return {
+            n: s.cpu().numpy().astype(np.float32)
+            for n, s in zip(self.names, self.shadow, strict=True)
+        }
 
 
 def loss_fn(name: str, reduction: str = "mean") -> nn.Module:
@@ -122,17 +151,19 @@ def train_dp(
     y: np.ndarray,
     plan: TrainingPlan,
     noise_multiplier: float,
-    seed: int,
-    secure_mode: bool = False,
     engine: str = "auto",
+    _test_seed: int | None = None,
 ) -> TrainResult:
     """Run ``plan.local_epochs`` of DP-SGD with Poisson sampling and per-sample clipping.
 
     ``engine="auto"`` gives Linear/Conv2d models the fused clipper (``datasites.fused_dp``) and
     any other model Opacus' GradSampleModule + DPOptimizer; ``"opacus"`` forces the latter.
-    Both clip, noise and scale identically (tests/unit/test_fused_dp.py).
+    Both clip, noise and scale identically (tests/unit/test_fused_dp.py). ``_test_seed`` makes
+    noise and sampling repeatable for unit tests; sites never pass it.
     """
-    seed_torch(seed)
+    secure_mode = _test_seed is None
+    seed = _test_seed if _test_seed is not None else int.from_bytes(os.urandom(8), "little")
+    seed_torch(seed)  # dropout masks; noise and sampling below use the CSPRNG at sites
     dev = device()
     if any(p.device != dev for p in model.parameters()):
         model = model.to(dev)
@@ -144,9 +175,8 @@ def train_dp(
     model.train()  # Opacus refuses a module in eval mode (say, fresh from ``evaluate``)
     fused = engine == "auto" and fused_dp.supports(model)
     make = _fused_step if fused else _opacus_step
-    step, close = make(model, plan, noise_multiplier, expected, secure_mode, xt[:2])
-    sampler_seed = int.from_bytes(os.urandom(8), "little") if secure_mode else seed
-    rng = np.random.default_rng(sampler_seed)
+    step, close, tracker = make(model, plan, noise_multiplier, expected, secure_mode, xt[:2])
+    rng = np.random.default_rng(seed if not secure_mode else _csprng_seed())
     steps, losses, count = 0, [], 0
     try:
         for _ in range(plan.local_epochs):
@@ -162,7 +192,12 @@ def train_dp(
     finally:
         close()  # the model leaves without our capture wrappers or Opacus' hooks
     total = float(torch.stack(losses).sum()) if losses else 0.0
-    return TrainResult(state_to_numpy(model), total / max(count, 1), steps)
+    return TrainResult(tracker.released(), total / max(count, 1), steps)
+
+
+def _csprng_seed() -> int:
+    """256 bits from the OS for the Poisson sampler's PCG64 stream, fresh every call."""
+    return int.from_bytes(os.urandom(32), "little")
 
 
 def _noise(secure_mode: bool, dev: torch.device) -> fused_dp.NoiseFn:
@@ -178,11 +213,13 @@ def _fused_step(
     expected: int,
     secure_mode: bool,
     example: torch.Tensor,
-) -> tuple[Step, Close]:
+) -> tuple[Step, Close, ReleaseTracker]:
     dev = next(model.parameters()).device
+    optimizer = _optimizer(model, plan)
+    tracker = ReleaseTracker(model, optimizer)
     dp = fused_dp.FusedDPSGD(
         model,
-        _optimizer(model, plan),
+        optimizer,
         sigma,
         plan.max_grad_norm,
         expected,
@@ -199,7 +236,7 @@ def _fused_step(
         dp.step(loss_sum)
         return loss_sum.detach()
 
-    return step, dp.clipper.remove
+    return step, dp.clipper.remove, tracker
 
 
 def _opacus_step(
@@ -209,10 +246,12 @@ def _opacus_step(
     expected: int,
     secure_mode: bool,
     example: torch.Tensor,
-) -> tuple[Step, Close]:
+) -> tuple[Step, Close, ReleaseTracker]:
     private_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    inner = _optimizer(private_model, plan)
+    tracker = ReleaseTracker(private_model, inner)
     optimizer = DPOptimizer(
-        _optimizer(private_model, plan),
+        inner,
         noise_multiplier=sigma,
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=expected,
@@ -229,7 +268,7 @@ def _opacus_step(
         optimizer.step()
         return loss.detach() * len(xb) if len(xb) else None
 
-    return step, private_model.remove_hooks
+    return step, private_model.remove_hooks, tracker
 
 
 def _optimizer(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:

@@ -28,6 +28,8 @@ class DatasetPolicy:
     max_grad_norm: float = 5.0
     max_rounds: int = 50
     max_parameters: int = 1_000_000
+    max_seconds_per_round: float = 300.0  # a round past it is stopped by the sandbox
+    max_memory_mb: int = 4096  # address space a round may add to the trainer process
 
     def allows(self, email: str) -> bool:
         email = email.lower()
@@ -58,6 +60,10 @@ class DatasetPolicy:
             raise PlanError("policy min_noise_multiplier must be >= 0")
         if self.max_rounds < 1 or self.max_parameters < 1:
             raise PlanError("policy max_rounds and max_parameters must be >= 1")
+        if not (0 < self.max_seconds_per_round <= 86_400 and self.max_memory_mb >= 64):
+            raise PlanError(
+                "policy max_seconds_per_round must be in (0, 86400], max_memory_mb >= 64"
+            )
 
 
 class PolicyStore:

@@ -41,6 +41,12 @@ def epsilon(mechanisms: Sequence[Mechanism], delta: float, accountant: str = "pr
     return _epsilon(tuple(mechanisms), float(delta), accountant)
 
 
+# Above this RDP epsilon the PRV accountant is not run: RDP's bound is returned instead (sound,
+# only looser). PRV's discretisation grows with the privacy loss: 200k steps at noise 0.3 took
+# 97 s here, while RDP takes 0.03 s; no budget is anywhere near this value.
+PRV_CUTOFF_EPSILON = 50.0
+
+
 @lru_cache(maxsize=1024)
 def _epsilon(mechanisms: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
     active = [m for m in mechanisms if m.steps > 0]
@@ -48,8 +54,14 @@ def _epsilon(mechanisms: tuple[Mechanism, ...], delta: float, accountant: str) -
         return 0.0
     if any(m.noise_multiplier <= 0 for m in active):
         return math.inf
+    history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in active]
+    rdp = _accountant("rdp")
+    rdp.history = list(history)
+    bound = float(rdp.get_epsilon(delta=delta))
+    if accountant == "rdp" or bound > PRV_CUTOFF_EPSILON:
+        return bound
     acc = _accountant(accountant)
-    acc.history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in active]
+    acc.history = history
     return float(acc.get_epsilon(delta=delta))
 
 
@@ -58,13 +70,19 @@ def noise_for_target(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
 ) -> float:
     """The smallest noise multiplier that keeps one run within ``target_epsilon`` (Opacus' search)."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.005,
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.005,
+            )
         )
-    )
+    except ValueError as exc:  # Opacus: "The privacy budget is too low."
+        raise PlanError(
+            f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta} "
+            f"over {steps} steps: {exc}"
+        ) from exc

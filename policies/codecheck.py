@@ -1,8 +1,9 @@
-"""Static checks on submitted code: is it the project's template, and is the model code tame?
+"""Static check on submitted code: is it exactly the project's template?
 
 The datasite never trusts a submission to be what the researcher package would have produced:
-anyone with a plain syft client can send any function. These checks parse the source (never run
-it) and say, in one line each, what is wrong.
+anyone with a plain syft client can send any function. This parses the source (never runs it)
+and says, in one line each, what is wrong. There is no model code to check: a job's model is a
+declarative spec inside the job literal (``policies.modelspec``).
 """
 
 from __future__ import annotations
@@ -14,67 +15,6 @@ from typing import Any
 RUNTIME_MODULE = "datasites.runtime"
 RUNTIME_FUNCTION = "run_job"
 TEMPLATE_ARGS = ("data", "weights")
-
-ALLOWED_IMPORTS = frozenset(
-    {"torch", "torch.nn", "torch.nn.functional", "math", "numpy", "typing", "collections"}
-)
-BANNED_NAMES = frozenset(
-    {
-        "open",
-        "eval",
-        "exec",
-        "compile",
-        "__import__",
-        "getattr",
-        "setattr",
-        "delattr",
-        "globals",
-        "locals",
-        "vars",
-        "input",
-        "breakpoint",
-        "memoryview",
-        "exit",
-        "quit",
-        "help",
-        "dir",
-        "type",
-        "object",
-        "classmethod",
-        "staticmethod",
-        "property",
-    }
-)
-ALLOWED_DUNDERS = frozenset({"__init__"})
-# Attributes of torch that reach files, processes, the network or foreign code.
-BANNED_ATTRIBUTES = frozenset(
-    {
-        "load",
-        "save",
-        "hub",
-        "ops",
-        "classes",
-        "jit",
-        "compile",
-        "utils",
-        "multiprocessing",
-        "distributed",
-        "package",
-        "library",
-        "cuda",
-        "backends",
-        "fx",
-        "onnx",
-        "testing",
-        "from_file",
-        "tofile",
-        "fromfile",
-        "ctypeslib",
-        "lib",
-        "system",
-        "popen",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -173,48 +113,3 @@ def _check_return(stmt: ast.stmt) -> tuple[dict[str, Any] | None, list[Finding]]
     if not isinstance(job, dict):
         return None, [Finding(stmt.lineno, "job must be a dict")]
     return job, []
-
-
-def check_model_source(source: str) -> list[Finding]:
-    """Findings for model code that imports beyond the allowed list or reaches for escapes."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as exc:
-        return [Finding(exc.lineno or 0, f"model code has a syntax error: {exc.msg}")]
-    findings: list[Finding] = []
-    for node in ast.walk(tree):
-        findings += _check_node(node)
-    return findings
-
-
-def _check_node(node: ast.AST) -> list[Finding]:
-    line = getattr(node, "lineno", 0)
-    if isinstance(node, ast.Import):
-        return [
-            Finding(line, f"import of {a.name!r} is not allowed")
-            for a in node.names
-            if a.name not in ALLOWED_IMPORTS
-        ]
-    if isinstance(node, ast.ImportFrom):
-        module = node.module or ""
-        if node.level or module not in ALLOWED_IMPORTS:
-            return [Finding(line, f"import from {module!r} is not allowed")]
-        return []
-    if isinstance(node, ast.Name) and node.id in BANNED_NAMES:
-        return [Finding(line, f"use of {node.id!r} is not allowed")]
-    if isinstance(node, ast.Name) and node.id.startswith("__"):
-        return [Finding(line, f"dunder name {node.id!r} is not allowed")]
-    if isinstance(node, ast.Attribute):
-        if node.attr.startswith("__") and node.attr not in ALLOWED_DUNDERS:
-            return [Finding(line, f"dunder attribute {node.attr!r} is not allowed")]
-        if node.attr in BANNED_ATTRIBUTES:
-            return [
-                Finding(line, f"attribute {node.attr!r} (files, processes, code) is not allowed")
-            ]
-    if isinstance(node, ast.Global | ast.Nonlocal):
-        return [Finding(line, "global and nonlocal are not allowed")]
-    if isinstance(node, ast.AsyncFunctionDef | ast.Await | ast.Yield | ast.YieldFrom):
-        return [Finding(line, "async code and generators are not allowed")]
-    if isinstance(node, ast.Constant) and isinstance(node.value, str) and "__" in node.value:
-        return [Finding(line, "strings holding dunder names are not allowed")]
-    return []

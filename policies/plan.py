@@ -1,8 +1,12 @@
-"""The job a researcher submits: a model's source and a training plan.
+"""The job a researcher submits: a declarative model and a training plan.
 
 Both sides read this module: the researcher builds a :class:`JobSpec`, the datasite's review and
 runtime re-parse it from the submitted literal. Everything is plain data so it can be embedded in
-the submitted function as a literal and checked with ``ast.literal_eval``.
+the submitted function as a literal and checked with ``ast.literal_eval``; no code travels.
+
+Every plan field has a hard upper bound, and so has the number of DP-SGD steps a plan implies
+(``MAX_TOTAL_STEPS``), so that a review (which computes the plan's epsilon) and a round always
+take bounded time and memory, whatever was submitted.
 """
 
 from __future__ import annotations
@@ -13,10 +17,19 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from policies.errors import PlanError
+from policies.modelspec import ModelSpec, parse
 
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("prv", "rdp")
+MAX_ROUNDS = 1000
+MAX_EPOCHS = 100
+MAX_BATCH = 65_536
+MAX_TOTAL_STEPS = 200_000  # all rounds of one job; the accountants stay sub-second below it
+MAX_LEARNING_RATE = 100.0
+MAX_GRAD_NORM = 100.0
+MAX_NOISE = 1000.0
+MAX_EPSILON = 100.0
 
 
 @dataclass(frozen=True)
@@ -44,11 +57,11 @@ class TrainingPlan:
             raise PlanError("give exactly one of noise_multiplier or target_epsilon")
 
     def _check_ranges(self) -> None:
-        _positive_int("rounds", self.rounds)
-        _positive_int("local_epochs", self.local_epochs)
-        _positive_int("batch_size", self.batch_size)
-        _positive_float("learning_rate", self.learning_rate)
-        _positive_float("max_grad_norm", self.max_grad_norm)
+        _positive_int("rounds", self.rounds, MAX_ROUNDS)
+        _positive_int("local_epochs", self.local_epochs, MAX_EPOCHS)
+        _positive_int("batch_size", self.batch_size, MAX_BATCH)
+        _positive_float("learning_rate", self.learning_rate, MAX_LEARNING_RATE)
+        _positive_float("max_grad_norm", self.max_grad_norm, MAX_GRAD_NORM)
         if not 0.0 < self.delta < 1.0:
             raise PlanError(f"delta must be in (0, 1), got {self.delta}")
         if not 0.0 <= self.momentum < 1.0:
@@ -64,12 +77,12 @@ class TrainingPlan:
         ):
             if value not in allowed:
                 raise PlanError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        if self.noise_multiplier is not None and not (
-            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0
-        ):
-            raise PlanError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.noise_multiplier is not None:
+            _positive_float("noise_multiplier", self.noise_multiplier, MAX_NOISE)
         if self.target_epsilon is not None:
-            _positive_float("target_epsilon", self.target_epsilon)
+            _positive_float("target_epsilon", self.target_epsilon, MAX_EPSILON)
+        if not isinstance(self.standardize, bool):
+            raise PlanError(f"standardize must be true or false, got {self.standardize!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,14 +101,13 @@ class TrainingPlan:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What one submission asks a datasite to run: model source, factory name, dataset, plan."""
+    """What one submission asks a datasite to run: a model spec, a dataset, a plan."""
 
     name: str
     dataset: str
     target: str
-    model_source: str
+    model: dict[str, Any]  # see policies.modelspec; validated and bounded on construction
     plan: TrainingPlan
-    model_factory: str = "make_model"
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Optional federation-wide feature standardisation {"mean": [...], "std": [...]}, derived
     # from the sites' published statistics; without it each site uses its own.
@@ -104,10 +116,14 @@ class JobSpec:
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
             raise PlanError(f"job name must be a Python identifier, got {self.name!r}")
-        if not self.model_factory.isidentifier():
-            raise PlanError(f"model_factory must be an identifier, got {self.model_factory!r}")
-        if not self.dataset:
+        if not isinstance(self.dataset, str) or not self.dataset:
             raise PlanError("dataset must be named")
+        object.__setattr__(self, "model", self.architecture.to_dict())  # normalised
+
+    @property
+    def architecture(self) -> ModelSpec:
+        """The parsed model: shapes, parameter names and counts, by arithmetic alone."""
+        return parse(self.model)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -145,11 +161,47 @@ def sample_rate(n_rows: int, batch_size: int) -> float:
     return 1.0 / steps_per_epoch(n_rows, batch_size)
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise PlanError(f"{name} must be a positive integer, got {value!r}")
+def total_steps(n_rows: int, plan: TrainingPlan) -> int:
+    """DP-SGD steps of the whole plan on ``n_rows`` training rows; refused past the bound."""
+    steps = plan.rounds * plan.local_epochs * steps_per_epoch(n_rows, plan.batch_size)
+    if steps > MAX_TOTAL_STEPS:
+        raise PlanError(
+            f"the plan takes {steps} DP-SGD steps in all ({plan.rounds} rounds x "
+            f"{plan.local_epochs} epochs x {steps_per_epoch(n_rows, plan.batch_size)} batches), "
+            f"more than the limit {MAX_TOTAL_STEPS}; use fewer rounds or epochs, or larger batches"
+        )
+    return steps
 
 
-def _positive_float(name: str, value: Any) -> None:
-    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise PlanError(f"{name} must be a positive number, got {value!r}")
+def _positive_int(name: str, value: Any, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+        raise PlanError(f"{name} must be an integer in [1, {high}], got {value!r}")
+
+
+def _positive_float(name: str, value: Any, high: float) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or not 0 < value <= high:
+        raise PlanError(f"{name} must be a number in (0, {high:g}], got {value!r}")
+
+
+def n_outputs(loss: str, n_classes: int | None) -> int:
+    """Model outputs a loss needs: one per class for cross-entropy (labels 0..n-1), else one.
+
+    The one rule for both sides; ``n_classes`` is the dataset's published class count.
+    """
+    return int(n_classes or 2) if loss == "cross_entropy" else 1
+
+
+def check_fits(spec: JobSpec, n_features: int, outputs: int) -> None:
+    """PlanError unless the model maps a row of ``n_features`` to ``outputs`` numbers."""
+    arch = spec.architecture
+    if arch.input != (n_features,):
+        raise PlanError(
+            f"the model takes rows of {list(arch.input)} but dataset {spec.dataset!r} has "
+            f"{n_features} feature(s)"
+        )
+    if arch.output != (outputs,):
+        raise PlanError(
+            f"the model gives {list(arch.output)} per row but loss {spec.plan.loss} on "
+            f"{spec.dataset!r} needs [{outputs}]"
+        )

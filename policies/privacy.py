@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from policies.accounting import Mechanism, epsilon, noise_for_target
-from policies.plan import TrainingPlan, sample_rate, steps_per_epoch
+from policies.plan import TrainingPlan, sample_rate, steps_per_epoch, total_steps
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def privacy_plan(plan: TrainingPlan, n_train: int, min_noise: float = 0.0) -> Pr
     """Noise, sampling rate and steps of the whole approved plan, and what it will spend."""
     q = sample_rate(n_train, plan.batch_size)
     per_round = plan.local_epochs * steps_per_epoch(n_train, plan.batch_size)
-    total = per_round * plan.rounds
+    total = total_steps(n_train, plan)  # bounded before any accountant runs
     if plan.target_epsilon is not None:
         noise = noise_for_target(plan.target_epsilon, plan.delta, q, total, plan.accountant)
     else:

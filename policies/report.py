@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from policies.access import DatasetPolicy
-from policies.codecheck import check_model_source, parse_template
+from policies.codecheck import parse_template
 from policies.errors import PlanError
-from policies.plan import JobSpec
+from policies.plan import JobSpec, check_fits, n_outputs
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,11 @@ class PolicyReport:
         return [c for c in self.checks if not c.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+        out: dict[str, Any] = {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+        if self.job is not None:
+            out["architecture"] = self.job.architecture.table()
+            out["parameters"] = self.job.architecture.n_parameters
+        return out
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,13 @@ class Submission:
     dataset: str | None
     rows: int
     input_names: tuple[str, ...]
+    n_features: int | None = None  # from the dataset's published schema
+    n_classes: int | None = None
+    # what disagrees between raw_code and what syft will execute (names, parsed code, policies)
+    executed_problems: tuple[str, ...] = ()
+
+
+MAX_CODE_CHARS = 200_000  # the template with a 64-layer spec is far below this
 
 
 def build_report(
@@ -53,12 +64,12 @@ def build_report(
     policy: DatasetPolicy,
     used_job_ids: set[str],
     epsilon_of: Any = None,
-    parameters_of: Any = None,
 ) -> PolicyReport:
     """Run every check; later checks are skipped (and fail) when the template check fails.
 
-    ``epsilon_of(spec, rows)`` and ``parameters_of(spec, rows)`` are injected by the datasite so
-    this module stays free of torch; when absent those checks are reported as not run.
+    Nothing from the submission is built or run: the model's size and shapes come from the
+    spec's arithmetic. ``epsilon_of(spec, rows)`` is injected by the datasite so this module
+    stays free of torch; when absent that check is reported as not run.
     """
     report = PolicyReport()
     report.add(
@@ -68,6 +79,15 @@ def build_report(
         if policy.allows(sub.researcher)
         else f"{sub.researcher} is not on this dataset's allowed researchers or domains",
     )
+    report.add(
+        "executed",
+        not sub.executed_problems,
+        "; ".join(sub.executed_problems)
+        or "syft will run exactly this template (names, parsed code, inputs, policies)",
+    )
+    if len(sub.raw_code) > MAX_CODE_CHARS:
+        report.add("template", False, f"the code is {len(sub.raw_code)} characters; not parsed")
+        return report
     job_literal, findings = parse_template(sub.raw_code)
     if job_literal is None:
         report.add("template", False, "; ".join(str(f) for f in findings))
@@ -80,29 +100,41 @@ def build_report(
     report.job = spec
     report.add("template", True, "the project's template calling the site runtime")
     _check_inputs(report, sub, spec, used_job_ids)
-    model_findings = check_model_source(spec.model_source)
-    report.add(
-        "model_code",
-        not model_findings,
-        "; ".join(map(str, model_findings)) or "imports and names within the allowed list",
-    )
-    _check_dp(report, spec, policy, sub.rows, epsilon_of)
+    _check_model(report, sub, spec)
+    try:
+        _check_dp(report, spec, policy, sub.rows, epsilon_of)
+    except PlanError as exc:  # e.g. more DP-SGD steps than any plan may take
+        report.add("dp_parameters", False, str(exc))
     report.add(
         "rounds",
         spec.plan.rounds <= policy.max_rounds,
         f"{spec.plan.rounds} round(s), limit {policy.max_rounds}",
     )
-    if parameters_of is not None and not model_findings:
-        try:
-            n = int(parameters_of(spec, sub.rows))
-            report.add(
-                "model_size",
-                n <= policy.max_parameters,
-                f"{n} parameters, limit {policy.max_parameters}",
-            )
-        except Exception as exc:  # a model that does not build fails the report
-            report.add("model_size", False, f"model does not build: {type(exc).__name__}: {exc}")
+    n = spec.architecture.n_parameters
+    report.add(
+        "model_size",
+        n <= policy.max_parameters,
+        f"{n} trainable parameters, limit {policy.max_parameters}",
+    )
     return report
+
+
+def _check_model(report: PolicyReport, sub: Submission, spec: JobSpec) -> None:
+    """The declarative model against the table's published shape (arithmetic only)."""
+    arch = spec.architecture
+    if sub.n_features is None:
+        report.add("model", False, "the dataset publishes no schema to check the model against")
+        return
+    try:
+        check_fits(spec, sub.n_features, n_outputs(spec.plan.loss, sub.n_classes))
+    except PlanError as exc:
+        report.add("model", False, str(exc))
+        return
+    report.add(
+        "model",
+        True,
+        f"{len(arch.rows)} allowlisted layers, {list(arch.input)} -> {list(arch.output)}",
+    )
 
 
 def _check_inputs(report: PolicyReport, sub: Submission, spec: JobSpec, used: set[str]) -> None:

@@ -1,6 +1,6 @@
 """What runs at the researcher: federation, jobs, submission, status (see README)."""
 
-from researcher.api import datasets, dry_run, status, submit
+from researcher.api import datasets, dry_run, load_job, status, submit
 from researcher.errors import ResearcherError
 from researcher.federation import Federation
 from researcher.job import load_job_file, make_job
@@ -10,6 +10,7 @@ __all__ = [
     "ResearcherError",
     "datasets",
     "dry_run",
+    "load_job",
     "load_job_file",
     "make_job",
     "status",

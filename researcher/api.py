@@ -4,7 +4,7 @@ from pathlib import Path
 from researcher import Federation, load_job_file, dry_run, submit, status
 
 fed = Federation.load(Path("federation.toml"))
-job = load_job_file(Path("job.py"), target="target")
+job = load_job(fed, Path("job.py"))
 print(dry_run(fed, job)["metrics"])
 submit(fed, job)
 print(status(fed, job))
@@ -22,7 +22,7 @@ from policies.privacy import privacy_plan
 from researcher import sites
 from researcher.errors import JobError, SiteError
 from researcher.federation import Federation
-from researcher.job import as_function
+from researcher.job import as_function, load_job_file, read_job_file
 
 JOBS_DIR = ".fedsite-jobs"
 
@@ -63,6 +63,25 @@ def dataset_metas(fed: Federation, dataset: str) -> dict[str, dict[str, Any]]:
         except SiteError:
             continue
     return out
+
+
+def load_job(fed: Federation, path: Path, target: str | None = None) -> JobSpec:
+    """JOB.py as a job for this federation: sizes and target from the sites' published schema.
+
+    The model is built and converted here, on the researcher's machine; a layer the sites
+    cannot build is refused now, with its name, before anything is submitted.
+    """
+    constants = read_job_file(path)
+    metas = dataset_metas(fed, constants["DATASET"])
+    if not metas:
+        raise JobError(f"no site in the federation has dataset {constants['DATASET']!r}")
+    meta = next(iter(metas.values()))
+    from researcher.model import n_features, n_outputs
+
+    loss = dict(constants["PLAN"]).get("loss", "cross_entropy")
+    return load_job_file(
+        path, target or meta.get("target", "target"), n_features(meta), n_outputs(meta, loss)
+    )
 
 
 def _epsilon_per_site(fed: Federation, spec: JobSpec) -> dict[str, float]:

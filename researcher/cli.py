@@ -62,9 +62,9 @@ def try_job(
 ) -> None:
     """Run the job locally on mock data through the site runtime, before submitting."""
     from researcher import api
-    from researcher.job import load_job_file
 
-    result = api.dry_run(_fed(federation), load_job_file(job, target))
+    fed = _fed(federation)
+    result = api.dry_run(fed, api.load_job(fed, job, target))
     summary = {
         k: result[k] for k in ("metrics", "privacy", "shapes", "epsilon_per_site", "mock_site", "n")
     }
@@ -92,10 +92,9 @@ def submit(
 ) -> None:
     """Submit the job to every site of the federation for review."""
     from researcher import api
-    from researcher.job import load_job_file
 
     fed = _fed(federation)
-    spec = api.with_pooled_scaling(fed, load_job_file(job, target))
+    spec = api.with_pooled_scaling(fed, api.load_job(fed, job, target))
     requests = api.submit(fed, spec)
     if json:
         emit_json({"job": spec.name, "requests": requests})

@@ -1,6 +1,6 @@
 """Defining a training job, and rendering it as the function a datasite will run.
 
-A JOB.py file is plain model code with two constants::
+A JOB.py file is ordinary PyTorch with two constants::
 
     import torch.nn as nn
 
@@ -10,14 +10,20 @@ A JOB.py file is plain model code with two constants::
     def make_model(n_features: int, n_outputs: int) -> nn.Module:
         return nn.Sequential(nn.Linear(n_features, 32), nn.ReLU(), nn.Linear(32, n_outputs))
 
-The whole file travels as the model source, so it may import only what the datasites allow
-(torch, math, numpy...). The submitted function itself is always the same three lines.
+or, instead of ``make_model``, ``MODEL = [{"type": "Linear", "in_features": 30, ...}, ...]``.
+
+The file runs here, on the researcher's machine, and never travels: ``make_model``'s result is
+converted to a declarative spec (``policies.torch_model.to_spec``), which refuses what a spec
+cannot say (a custom ``forward``, a buffer, an unknown layer) and names the layer. Sites build
+the model from the spec with their own code. The submitted function is always the same three
+lines.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import runpy
 import sys
 import tempfile
 import uuid
@@ -34,36 +40,63 @@ TEMPLATE = '''def {name}(data, weights):
     return run_job(data=data, weights=weights, job={job!r})
 '''
 
+ModelLike = Any  # a spec dict, a list of layer dicts, an nn.Module, or make_model source text
+
+
+def model_spec(model: ModelLike, n_features: int | None, n_outputs: int | None) -> dict:
+    """The declarative spec of ``model``; PlanError names a layer that cannot be expressed."""
+    if isinstance(model, dict):
+        return model
+    if n_features is None:
+        raise PlanError("the model's input width (n_features) is needed to describe it")
+    if isinstance(model, list):
+        return {"input": [n_features], "layers": model}
+    if isinstance(model, str):  # the researcher's own make_model source, run here
+        namespace: dict[str, Any] = {"__name__": "fedsite_job_model"}
+        exec(compile(model, "<job model>", "exec"), namespace)  # noqa: S102  own code, own machine
+        model = _factory(namespace, "<job model>")(n_features, n_outputs)
+    from policies.torch_model import to_spec
+
+    return to_spec(model, [n_features])
+
+
+def _factory(namespace: dict[str, Any], where: str) -> Any:
+    factory = namespace.get("make_model")
+    if not callable(factory):
+        raise JobError(f"{where} must define make_model(n_features, n_outputs) or MODEL")
+    return factory
+
 
 def make_job(
-    model_source: str,
+    model: ModelLike,
     dataset: str,
     target: str,
     plan: TrainingPlan | dict,
     name: str = "fedsite_job",
-    model_factory: str = "make_model",
+    n_features: int | None = None,
+    n_outputs: int | None = None,
 ) -> JobSpec:
-    """Build a job from model source text and a plan (a TrainingPlan or its dict)."""
+    """Build a job from a model (spec, layer list, nn.Module or make_model source) and a plan."""
     try:
         if isinstance(plan, dict):
             plan = TrainingPlan.from_dict(plan)
+        spec = model_spec(model, n_features, n_outputs)
         job_id = uuid.uuid4().hex
         # syft looks functions up by name, so each job's function name is unique
         return JobSpec(
             name=f"{name}_{job_id[:8]}",
             dataset=dataset,
             target=target,
-            model_source=model_source,
+            model=spec,
             plan=plan,
-            model_factory=model_factory,
             job_id=job_id,
         )
     except PlanError as exc:
         raise JobError(str(exc)) from exc
 
 
-def load_job_file(path: Path, target: str, name: str | None = None) -> JobSpec:
-    """Read DATASET and PLAN from JOB.py without running it, and use the file as model source."""
+def read_job_file(path: Path) -> dict[str, Any]:
+    """DATASET and PLAN (and MODEL if given) from JOB.py's literals, without running it."""
     path = Path(path)
     try:
         source = path.read_text()
@@ -73,13 +106,46 @@ def load_job_file(path: Path, target: str, name: str | None = None) -> JobSpec:
     for key in ("DATASET", "PLAN"):
         if key not in constants:
             raise JobError(f"{path} must define {key} as a literal")
-    return make_job(
-        source,
-        constants["DATASET"],
-        target,
-        constants["PLAN"],
-        name=name or f"job_{path.stem}".replace("-", "_"),
-    )
+    return constants
+
+
+def load_job_file(
+    path: Path,
+    target: str,
+    n_features: int,
+    n_outputs: int,
+    name: str | None = None,
+) -> JobSpec:
+    """The job JOB.py describes, for a table of ``n_features`` and a model of ``n_outputs``.
+
+    ``researcher.api.load_job`` fills the sizes in from the federation's published schema.
+    """
+    path = Path(path)
+    constants = read_job_file(path)
+    model = constants.get("MODEL")
+    if model is None:
+        try:
+            namespace = runpy.run_path(str(path), run_name="fedsite_job_file")
+        except Exception as exc:  # the researcher's own file: report, do not crash
+            raise JobError(f"{path} failed to run: {type(exc).__name__}: {exc}") from exc
+        try:
+            model = _factory(namespace, str(path))(n_features, n_outputs)
+        except JobError:
+            raise
+        except Exception as exc:
+            raise JobError(f"{path}: make_model failed: {type(exc).__name__}: {exc}") from exc
+    try:
+        return make_job(
+            model,
+            constants["DATASET"],
+            target,
+            constants["PLAN"],
+            name=name or f"job_{path.stem}".replace("-", "_"),
+            n_features=n_features,
+            n_outputs=n_outputs,
+        )
+    except JobError as exc:
+        raise JobError(f"{path}: {exc}") from exc
 
 
 def _constants(source: str, path: Path) -> dict[str, Any]:

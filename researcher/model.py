@@ -1,4 +1,4 @@
-"""Building the job's model on the researcher's side: initial weights and evaluation."""
+"""The job's model on the researcher's side: built by the same builder the sites use."""
 
 from __future__ import annotations
 
@@ -9,25 +9,18 @@ import torch
 from torch import nn
 
 from policies.plan import JobSpec
+from policies.plan import n_outputs as outputs_for
+from policies.torch_model import build as build_spec
+from policies.torch_model import load, weights_of
 
 Weights = dict[str, np.ndarray]
+__all__ = ["accuracy", "build", "load", "n_features", "n_outputs", "weights_of"]
 
 
-def build(spec: JobSpec, n_features: int, n_outputs: int, seed: int = 0) -> nn.Module:
-    """Run the researcher's own model source locally and call its factory."""
+def build(spec: JobSpec, seed: int = 0) -> nn.Module:
+    """The spec's model with seeded initial weights (the round-1 global model)."""
     torch.manual_seed(seed)
-    namespace: dict[str, Any] = {"__name__": "fedsite_model"}
-    exec(compile(spec.model_source, "<model>", "exec"), namespace)  # noqa: S102  own code
-    return namespace[spec.model_factory](n_features, n_outputs)
-
-
-def weights_of(model: nn.Module) -> Weights:
-    return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-
-
-def load(model: nn.Module, weights: Weights) -> nn.Module:
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
-    return model
+    return build_spec(spec.architecture)
 
 
 @torch.no_grad()
@@ -43,7 +36,7 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: str) -> float
 
 
 def n_outputs(meta: dict[str, Any], loss: str) -> int:
-    return int(meta.get("n_classes") or 2) if loss == "cross_entropy" else 1
+    return outputs_for(loss, meta.get("n_classes"))
 
 
 def n_features(meta: dict[str, Any]) -> int:

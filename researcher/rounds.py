@@ -96,10 +96,7 @@ def pooled_scaling(metas: list[dict[str, Any]]) -> dict[str, list[float]] | None
 
 
 def initial_weights(spec: JobSpec, meta: dict[str, Any]) -> Weights:
-    model = local_model.build(
-        spec, local_model.n_features(meta), local_model.n_outputs(meta, spec.plan.loss)
-    )
-    return local_model.weights_of(model)
+    return local_model.weights_of(local_model.build(spec))
 
 
 class Checkpoint:
@@ -263,8 +260,7 @@ def _test_accuracy(
     x, y = test
     if spec.plan.standardize and spec.scaling:
         x = (x - np.asarray(spec.scaling["mean"])) / np.asarray(spec.scaling["std"])
-    meta = next((link.meta for link in links if link.meta), {})
-    model = local_model.build(spec, x.shape[1], local_model.n_outputs(meta, spec.plan.loss))
+    model = local_model.build(spec)
     return local_model.accuracy(local_model.load(model, weights), x, y, spec.plan.loss)
 
 

@@ -1,0 +1,211 @@
+"""The sandboxed trainer: every round at a datasite runs in a child process of the server.
+
+Defence in depth around code that is already the site's own (no researcher code runs at a
+site): a bug or a crafted spec that slipped past the review must still not reach a secret, the
+network, or the server's memory and time.
+
+* Workers are forked from a ``multiprocessing`` fork server that the datasite starts at launch
+  with a scrubbed environment, after syft has read and dropped the secrets: they never held the
+  signing key or the admin password in memory, and their environment names no site path.
+* Each worker, at start: a network namespace of its own with no interface up (no network), and
+  when the site runs as root, the ``nobody`` user, so the site's 0600 files (identity key, admin
+  password, databases) cannot be opened. ``isolation()`` reports what was achieved.
+* Each round: an address-space limit of ``max_memory_mb`` on top of the worker's warm size,
+  and ``max_seconds_per_round`` of wall time, after which the pool is terminated and replaced.
+* The pool is warm: the fork server preloads torch, Opacus and the training code, and each
+  worker trains a tiny model once, so a round pays none of torch's start-up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import multiprocessing.pool
+import os
+import resource
+import threading
+from typing import Any
+
+from datasites.round_task import RoundOutput, RoundTask
+
+NOBODY = 65534
+CLONE_NEWNET = 0x40000000
+_KEEP_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "CUDA_VISIBLE_DEVICES")
+_KEEP_PREFIX = ("OMP_", "MKL_", "OPENBLAS_")
+_MB = 1 << 20
+
+
+class SandboxLimit(Exception):
+    """A round passed the site's time or memory limit and was stopped."""
+
+
+def clean_environment() -> dict[str, str]:
+    """The environment a trainer gets: thread and locale settings, nothing about the site."""
+    return {k: v for k, v in os.environ.items() if k in _KEEP_ENV or k.startswith(_KEEP_PREFIX)}
+
+
+def _init_worker() -> None:
+    """Runs once in every trainer process before it takes a task."""
+    env = clean_environment()  # the fork server started with it; drop anything added since
+    os.environ.clear()
+    os.environ.update(env)
+    _ISOLATION["network"] = _leave_network()
+    _ISOLATION["user"] = _drop_root()
+    os.chdir("/")
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _warm()
+
+
+_ISOLATION: dict[str, Any] = {}
+
+
+def _leave_network() -> str:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) == 0:
+        return "isolated"
+    return f"shared (unshare: errno {ctypes.get_errno()}; needs CAP_SYS_ADMIN)"
+
+
+def _drop_root() -> str:
+    if os.geteuid() != 0:
+        return f"uid {os.geteuid()} (not root: site files stay readable to the trainer)"
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    return "nobody"
+
+
+def _warm() -> None:
+    import numpy as np
+
+    from datasites.training import train_dp
+    from policies.plan import TrainingPlan
+    from policies.torch_model import build
+
+    spec = {"input": [2], "layers": [{"type": "Linear", "in_features": 2, "out_features": 2}]}
+    x = np.zeros((4, 2), np.float32)
+    train_dp(
+        build(spec),
+        x,
+        np.array([0, 1, 0, 1]),
+        TrainingPlan(batch_size=2, noise_multiplier=1.0),
+        1.0,
+    )
+
+
+def _run(task: RoundTask, max_memory_mb: int) -> RoundOutput:
+    from datasites.round_task import run_task
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    base = _address_space()
+    resource.setrlimit(resource.RLIMIT_AS, (base + max_memory_mb * _MB, hard))
+    try:
+        return run_task(task)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _address_space() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[0]) * resource.getpagesize()
+
+
+def _probe(paths: list[str], host: str, port: int) -> dict[str, Any]:
+    """What a trainer can reach: used by the tests to check the isolation claims."""
+    import socket
+
+    readable = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                readable[path] = len(fh.read(64)) >= 0
+        except OSError:
+            readable[path] = False
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            network = True
+    except OSError:
+        network = False
+    return {
+        "uid": os.getuid(),
+        "env": sorted(os.environ),
+        "readable": readable,
+        "network": network,
+        "isolation": dict(_ISOLATION),
+    }
+
+
+class TrainerPool:
+    """A warm pool of sandboxed trainer processes; ``run`` gives one round to one of them."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+        self._slots = threading.BoundedSemaphore(workers)
+        self._lock = threading.Lock()
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> multiprocessing.pool.Pool:
+        return _context().Pool(self.workers, initializer=_init_worker)
+
+    def run(self, task: RoundTask, max_seconds: float, max_memory_mb: int) -> RoundOutput:
+        """The round's result; SandboxLimit when it ran out of time or memory."""
+        with self._slots:  # the time limit counts from when a worker is free
+            pending = self._pool.apply_async(_run, (task, max_memory_mb))
+            try:
+                return pending.get(timeout=max_seconds)
+            except mp.TimeoutError:
+                self.restart()
+                raise SandboxLimit(
+                    f"the round ran past the site's limit of {max_seconds:g} s and was stopped"
+                ) from None
+            except MemoryError:
+                raise SandboxLimit(
+                    f"the round needed more than the site's limit of {max_memory_mb} MB"
+                ) from None
+
+    def probe(self, paths: list[str], host: str = "127.0.0.1", port: int = 1) -> dict[str, Any]:
+        return self._pool.apply(_probe, (paths, host, port))
+
+    def restart(self) -> None:
+        with self._lock:
+            old, self._pool = self._pool, self._new_pool()
+        old.terminate()
+
+    def close(self) -> None:
+        self._pool.terminate()
+
+
+def _context() -> Any:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["datasites.round_task", "datasites.training"])
+    return ctx
+
+
+_POOL: TrainerPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def start(workers: int = 1) -> TrainerPool:
+    """Start the fork server and the pool with a scrubbed environment; call before serving.
+
+    The server is still single-threaded here, so swapping ``os.environ`` for the fork server's
+    start cannot race a request that reads it.
+    """
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            saved = dict(os.environ)
+            clean = clean_environment()
+            os.environ.clear()
+            os.environ.update(clean)
+            try:
+                _POOL = TrainerPool(workers)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+        return _POOL
+
+
+def pool() -> TrainerPool:
+    """The site's pool (started by ``datasites.serve`` at launch)."""
+    return _POOL if _POOL is not None else start()
