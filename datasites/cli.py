@@ -199,6 +199,12 @@ def policy_set(
     max_grad_norm: Annotated[float | None, typer.Option()] = None,
     max_rounds: Annotated[int | None, typer.Option()] = None,
     max_parameters: Annotated[int | None, typer.Option()] = None,
+    max_seconds_per_round: Annotated[
+        float | None, typer.Option(help="Wall time a round may take in the trainer.")
+    ] = None,
+    max_memory_mb: Annotated[
+        int | None, typer.Option(help="Memory a round may add to the trainer process.")
+    ] = None,
 ) -> None:
     """Change a dataset's policy; unnamed fields keep their current value."""
     from dataclasses import replace
@@ -217,6 +223,8 @@ def policy_set(
             "max_grad_norm": max_grad_norm,
             "max_rounds": max_rounds,
             "max_parameters": max_parameters,
+            "max_seconds_per_round": max_seconds_per_round,
+            "max_memory_mb": max_memory_mb,
         }.items()
         if v is not None
     }

@@ -23,7 +23,10 @@ import multiprocessing as mp
 import multiprocessing.pool
 import os
 import resource
+import stat
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from datasites.round_task import RoundOutput, RoundTask
@@ -49,11 +52,14 @@ def _init_worker() -> None:
     env = clean_environment()  # the fork server started with it; drop anything added since
     os.environ.clear()
     os.environ.update(env)
-    _ISOLATION["network"] = _leave_network()
-    _ISOLATION["user"] = _drop_root()
-    os.chdir("/")
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    _warm()
+    try:
+        _warm()  # every lazy import of the training path happens before privileges drop
+        _ISOLATION["network"] = _leave_network()
+        _ISOLATION["user"] = _drop_root()
+        os.chdir("/")
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except Exception as exc:  # never raise here: a pool respawns failing workers forever
+        _ISOLATION["error"] = f"{type(exc).__name__}: {exc}"
 
 
 _ISOLATION: dict[str, Any] = {}
@@ -69,38 +75,71 @@ def _leave_network() -> str:
 def _drop_root() -> str:
     if os.geteuid() != 0:
         return f"uid {os.geteuid()} (not root: site files stay readable to the trainer)"
+    blocked = _unreadable_import_paths()
+    if blocked:  # as nobody, the worker's first lazy import (torch has many) would fail
+        return (
+            f"uid 0 (kept: nobody cannot read {blocked[0]}, where Python imports from; "
+            "install Python where other users can read it)"
+        )
     os.setgroups([])
     os.setgid(NOBODY)
     os.setuid(NOBODY)
     return "nobody"
 
 
+def _unreadable_import_paths() -> list[str]:
+    """Import directories (stdlib, site-packages, the project) that ``nobody`` cannot list.
+
+    A user outside the owner and group needs the others' search bit on every ancestor and read
+    and search on the directory itself: a Python under ``/root`` (pyenv, say) fails that.
+    """
+    blocked = []
+    for entry in sys.path:
+        path = os.path.abspath(entry or os.getcwd())
+        if not os.path.isdir(path):
+            continue
+        ancestors = [*reversed(Path(path).parents), Path(path)]
+        try:
+            modes = [os.stat(p).st_mode for p in ancestors]
+        except OSError:
+            continue
+        searchable = all(m & stat.S_IXOTH for m in modes)
+        if not (searchable and modes[-1] & stat.S_IROTH):
+            blocked.append(path)
+    return blocked
+
+
 def _warm() -> None:
+    """Train a tiny model through both engines and evaluate it: imports and lazy set-up."""
     import numpy as np
 
-    from datasites.training import train_dp
-    from policies.plan import TrainingPlan
-    from policies.torch_model import build
+    from datasites.round_task import RoundTask, run_task
 
-    spec = {"input": [2], "layers": [{"type": "Linear", "in_features": 2, "out_features": 2}]}
-    x = np.zeros((4, 2), np.float32)
-    train_dp(
-        build(spec),
-        x,
-        np.array([0, 1, 0, 1]),
-        TrainingPlan(batch_size=2, noise_multiplier=1.0),
-        1.0,
-    )
+    layers = [
+        {"type": "Linear", "in_features": 2, "out_features": 2},
+        {"type": "LayerNorm", "normalized_shape": [2]},
+    ]
+    plan = {"batch_size": 2, "noise_multiplier": 1.0, "validation_fraction": 0.5}
+    x, y = np.zeros((4, 2), np.float32), np.array([0, 1, 0, 1])
+    for spec in (layers[:1], layers):  # fused engine, then Opacus' hooks
+        model = {"input": [2], "layers": spec}
+        run_task(RoundTask(model, plan, x.copy(), y, 0, None, None, 1.0))
 
 
 def _run(task: RoundTask, max_memory_mb: int) -> RoundOutput:
     from datasites.round_task import run_task
 
+    if "error" in _ISOLATION:
+        raise RuntimeError(f"the trainer could not start: {_ISOLATION['error']}")
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     base = _address_space()
     resource.setrlimit(resource.RLIMIT_AS, (base + max_memory_mb * _MB, hard))
     try:
         return run_task(task)
+    except RuntimeError as exc:  # torch's CPU allocator reports a failed mmap this way
+        if "allocate memory" in str(exc):
+            raise MemoryError(str(exc)[:200]) from None
+        raise
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 

@@ -89,6 +89,11 @@ def load(model: nn.Module, weights: Weights) -> nn.Module:
 
 def to_spec(module: nn.Module, input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
     """The spec dict of a researcher's model, or PlanError naming the layer that cannot go."""
+    if not isinstance(module, nn.Module):  # say, a make_model that returns nothing
+        raise PlanError(
+            "the model must be an nn.Module, a list of layer dicts or a spec dict, "
+            f"not {type(module).__name__}"
+        )
     if type(module) in (nn.Sequential, SpecModel):
         layers = [_layer(child, str(i)) for i, child in enumerate(module)]
     else:

@@ -32,8 +32,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import torch
-from demo import MODEL as DEMO_MODEL
-from demo import approve_pending, split_data, start_site, write_federation
+from demo import approve_pending, make_model, split_data, start_site, write_federation
 from demo import plan as demo_plan
 from sklearn.datasets import load_breast_cancer, load_digits
 from torch import nn
@@ -79,7 +78,7 @@ def _plain_epoch(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int) -> 
 def _dp_epoch(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int, engine: str) -> float:
     plan = TrainingPlan(noise_multiplier=1.0, batch_size=batch, learning_rate=0.1)
     started = time.perf_counter()
-    train_dp(model, x, y, plan, 1.0, seed=0, engine=engine)
+    train_dp(model, x, y, plan, 1.0, engine=engine)  # secure noise, as at a site
     return time.perf_counter() - started
 
 
@@ -120,8 +119,12 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
     try:
         fed = write_federation(work, site_dirs)
         plan = {**demo_plan(2 * rounds + 1, 50.0), "target_epsilon": None, "noise_multiplier": 1.0}
+        model = make_model(30, 2)  # the demo's model on breast cancer: 30 features, 2 classes
         spec = api.with_pooled_scaling(
-            fed, make_job(DEMO_MODEL, "breast-cancer", "target", plan, name="bench")
+            fed,
+            make_job(
+                model, "breast-cancer", "target", plan, name="bench", n_features=30, n_outputs=2
+            ),
         )
         api.submit(fed, spec)
         approve_pending(site_dirs)
@@ -231,7 +234,7 @@ def scale(work: Path, rows: int) -> dict[str, float]:
         )
         fed = write_federation(work, [site])
         spec = make_job(
-            DEMO_MODEL,
+            make_model(30, 2),
             "big",
             "target",
             {
@@ -242,6 +245,8 @@ def scale(work: Path, rows: int) -> dict[str, float]:
                 "validation_fraction": 0.0,
                 "delta": 1e-7,  # at most 1/n for 1M rows
             },
+            n_features=30,
+            n_outputs=2,
         )
         BudgetLedger(SiteStore(site.db_path)).set_budget("ada@uni.edu", "big", 50.0, 1e-7)
         api.submit(fed, spec)

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
+from torch import nn
 
 from datasites import admin, process
 from datasites.config import SiteDir, init_site
@@ -42,12 +43,11 @@ SITES = ("hospital-a", "hospital-b", "hospital-c")
 # share of each class's training rows per site: label skew (class 0 = malignant)
 SKEW = {0: (0.6, 0.3, 0.1), 1: (0.1, 0.3, 0.6)}
 EMAIL = "ada@uni.edu"
-MODEL = """import torch.nn as nn
 
 
-def make_model(n_features, n_outputs):
+def make_model(n_features: int, n_outputs: int) -> nn.Module:
+    """The researcher's model: built here, sent as a declarative spec (no code travels)."""
     return nn.Linear(n_features, n_outputs)
-"""
 
 
 def plan(rounds: int, epsilon: float) -> dict:
@@ -147,7 +147,7 @@ def centralized_accuracy(shares: list[pd.DataFrame], test: pd.DataFrame, spec) -
     mean, std = np.asarray(spec.scaling["mean"]), np.asarray(spec.scaling["std"])
     x = ((pooled.drop(columns=["target"]).to_numpy() - mean) / std).astype(np.float32)
     y = torch.as_tensor(pooled["target"].to_numpy())
-    model = local_model.build(spec, x.shape[1], 2)
+    model = local_model.build(spec)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     xt = torch.as_tensor(x)
     for _ in range(300):
@@ -180,10 +180,17 @@ def main() -> None:
         )
     try:
         fed = write_federation(work, sites)
+        n_features = shares[0].shape[1] - 1  # 30; and 2 classes
         spec = api.with_pooled_scaling(
             fed,
             make_job(
-                MODEL, "breast-cancer", "target", plan(args.rounds, args.epsilon), name="demo"
+                make_model(n_features, 2),
+                "breast-cancer",
+                "target",
+                plan(args.rounds, args.epsilon),
+                name="demo",
+                n_features=n_features,
+                n_outputs=2,
             ),
         )
         api.submit(fed, spec)

@@ -26,17 +26,14 @@ import pandas as pd
 from demo import approve_pending, start_site, write_federation
 from scipy.ndimage import zoom
 from sklearn.datasets import load_digits
+from torch import nn
 
 from datasites import process
 from researcher import api
 from researcher.job import make_job
 
-MODEL = """import torch.nn as nn
-
-
-def make_model(n_features, n_outputs):
-    return nn.Sequential(nn.Linear(n_features, 10), nn.ReLU(), nn.Linear(10, 1))
-"""
+N_FEATURES = 784
+MODEL = nn.Sequential(nn.Linear(N_FEATURES, 10), nn.ReLU(), nn.Linear(10, 1))  # one output: mse
 PLAN = {
     "rounds": 5,
     "loss": "mse",
@@ -53,7 +50,9 @@ PLAN = {
 def client_frames() -> list[pd.DataFrame]:
     digits = load_digits()
     images = np.stack([zoom(img, 3.5, order=1) for img in digits.images])  # 8x8 -> 28x28
-    frame = pd.DataFrame(images.reshape(len(images), -1), columns=[f"px{i}" for i in range(784)])
+    frame = pd.DataFrame(
+        images.reshape(len(images), -1), columns=[f"px{i}" for i in range(N_FEATURES)]
+    )
     frame["target"] = digits.target.astype(float)
     return np.array_split(frame.sample(frac=1.0, random_state=0), 3)
 
@@ -70,7 +69,16 @@ def main() -> None:
     try:
         fed = write_federation(work, sites)
         spec = api.with_pooled_scaling(
-            fed, make_job(MODEL, "digits", "target", PLAN, name="tff_simple")
+            fed,
+            make_job(
+                MODEL,
+                "digits",
+                "target",
+                PLAN,
+                name="tff_simple",
+                n_features=N_FEATURES,
+                n_outputs=1,
+            ),
         )
         api.submit(fed, spec)
         approve_pending(sites)

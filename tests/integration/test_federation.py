@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torch import nn
 
 from datasites import admin, process
 from datasites.config import SiteDir, init_site
@@ -25,10 +26,7 @@ from tests.conftest import breast_cancer_frame, free_port
 pytestmark = pytest.mark.integration
 
 EMAIL = "ada@uni.edu"
-MODEL = (
-    "import torch.nn as nn\n\ndef make_model(n_features, n_outputs):\n"
-    "    return nn.Linear(n_features, n_outputs)\n"
-)
+MODEL = nn.Linear(30, 2)  # breast cancer: 30 features, 2 classes
 
 
 def start(root: Path, name: str, frame) -> SiteDir:
@@ -64,7 +62,12 @@ def test_rounds_faults_quorum_and_resume(tmp_path: Path) -> None:
         spec = api.with_pooled_scaling(
             fed,
             make_job(
-                MODEL, "cancer", "target", {"rounds": 4, "noise_multiplier": 1.0, "batch_size": 32}
+                MODEL,
+                "cancer",
+                "target",
+                {"rounds": 4, "noise_multiplier": 1.0, "batch_size": 32},
+                n_features=30,
+                n_outputs=2,
             ),
         )
         api.submit(fed, spec)
@@ -119,7 +122,7 @@ def test_rounds_faults_quorum_and_resume(tmp_path: Path) -> None:
             )
             np.testing.assert_allclose(value, expected, rtol=1e-6)
         np.testing.assert_allclose(
-            result.weights["weight"], fourth.updates[0].weights["weight"], rtol=1e-6
+            result.weights["0.weight"], fourth.updates[0].weights["0.weight"], rtol=1e-6
         )  # a single reply is its own average
         assert len(result.rounds) == 4 and (run / "model.pt").exists()
         states = api.status(fed, spec)

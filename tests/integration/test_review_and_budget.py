@@ -9,22 +9,29 @@ from pathlib import Path
 
 import pytest
 import syft as sy
+from torch import nn
 
 from policies.accounting import epsilon
 from policies.privacy import privacy_plan
 from researcher import api, sites
+from researcher.errors import JobError
 from researcher.federation import Federation
-from researcher.job import make_job
+from researcher.job import TEMPLATE, make_job
 from tests.conftest import Site, last_json, make_site
 
 pytestmark = pytest.mark.integration
 
-MODEL = """import torch.nn as nn
-
-def make_model(n_features, n_outputs):
-    return nn.Sequential(nn.Linear(n_features, 8), nn.ReLU(), nn.Linear(8, n_outputs))
-"""
+# breast cancer: 30 features, 2 classes
+MODEL = [
+    {"type": "Linear", "in_features": 30, "out_features": 8},
+    {"type": "ReLU"},
+    {"type": "Linear", "in_features": 8, "out_features": 2},
+]
 EMAIL = "ada@uni.edu"
+
+
+def job(plan: dict, **kw):
+    return make_job(MODEL, "cancer", "target", plan, n_features=30, n_outputs=2, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +70,7 @@ def events(site: Site) -> list[str]:
 def test_submit_approve_deny_run_and_audit_survives_restart(federation) -> None:
     fed, (a, b) = federation
     a.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "10")
-    spec = make_job(
-        MODEL, "cancer", "target", {"rounds": 2, "noise_multiplier": 1.5, "batch_size": 64}
-    )
+    spec = job({"rounds": 2, "noise_multiplier": 1.5, "batch_size": 64})
     api.submit(fed, spec)
     assert {s["status"] for s in api.status(fed, spec).values()} == {"pending"}
 
@@ -136,10 +141,42 @@ def _plain_request(client, asset, name: str, source: str) -> None:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    fn = sy.syft_function(input_policy=sy.MixedInputPolicy(data=asset, weights=str, client=client))(
-        getattr(module, name)
-    )
+    from syft.service.policy.policy import OutputPolicyExecuteCount
+
+    fn = sy.syft_function(  # the policies the researcher package uses, so "executed" passes
+        input_policy=sy.MixedInputPolicy(data=asset, weights=str, client=client),
+        output_policy=OutputPolicyExecuteCount(limit=6),
+    )(getattr(module, name))
     client.code.request_code_execution(fn)
+
+
+def test_models_that_cannot_be_sent_are_refused_at_the_researcher() -> None:
+    """No model code travels: what the spec cannot say never leaves (tests/adversarial: e2e)."""
+    with pytest.raises(JobError, match="noise_multiplier must be a number in"):
+        job({"noise_multiplier": 0.0})
+
+    class Evil(nn.Module):  # a forward of its own could do anything at a site
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(30, 2)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            import socket  # noqa: F401
+
+            return self.fc(x)
+
+    with pytest.raises(JobError, match=r"layer 0 \(Evil\).*custom module"):
+        make_job(Evil(), "cancer", "target", {"noise_multiplier": 1.0}, n_features=30, n_outputs=2)
+    batch_norm = nn.Sequential(nn.Linear(30, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    with pytest.raises(JobError, match=r"layer 1 \(BatchNorm1d\) is refused"):
+        make_job(
+            batch_norm, "cancer", "target", {"noise_multiplier": 1.0}, n_features=30, n_outputs=2
+        )
+
+
+def _hand_written(name: str, literal: dict) -> str:
+    """The template around a job literal no researcher package would write."""
+    return TEMPLATE.format(name=name, job_id=literal["job_id"], job=literal)
 
 
 def test_attacks_from_a_plain_syft_client_are_flagged_and_refused(federation) -> None:
@@ -149,18 +186,32 @@ def test_attacks_from_a_plain_syft_client_are_flagged_and_refused(federation) ->
     client = sites.connect(fed.site("hospital-a"))
     asset = sites.find_asset(client, "cancer")
     attacks = dict(ATTACKS)
-    no_noise = make_job(MODEL, "cancer", "target", {"noise_multiplier": 0.0}, name="no_noise")
-    attacks[no_noise.name] = (render(no_noise), "dp_parameters")
-    wrapped = make_job(MODEL, "cancer", "target", {"noise_multiplier": 1.0}, name="wrapped")
+    # below the policy's minimum noise (0.5): an admin may override, the runtime still refuses
+    low_noise = job({"noise_multiplier": 0.1}, name="low_noise")
+    attacks[low_noise.name] = (render(low_noise), "dp_parameters")
+    wrapped = job({"noise_multiplier": 1.0}, name="wrapped")
     lines = render(wrapped).splitlines()
     attacks[wrapped.name] = (
         "\n".join([*lines[:2], "    leak = data.sum()", *lines[2:]]) + "\n",
         "template",
     )
-    evil_model = make_job(
-        MODEL + "import socket\n", "cancer", "target", {"noise_multiplier": 1.0}, name="evil_model"
-    )
-    attacks[evil_model.name] = (render(evil_model), "model_code")
+    no_noise = job({"noise_multiplier": 1.0}, name="no_noise").to_dict()
+    no_noise["plan"]["noise_multiplier"] = 0.0
+    attacks["no_noise"] = (_hand_written("no_noise", no_noise), "template")
+    evil_layer = job({"noise_multiplier": 1.0}, name="evil_layer").to_dict()
+    evil_layer["model"]["layers"].insert(1, {"type": "BatchNorm1d", "num_features": 8})
+    attacks["evil_layer"] = (_hand_written("evil_layer", evil_layer), "template")
+    too_wide = job({"noise_multiplier": 1.0}, name="too_wide").to_dict()
+    too_wide["model"] = {
+        "input": [31],
+        "layers": [{"type": "Linear", "in_features": 31, "out_features": 2}],
+    }
+    attacks["too_wide"] = (_hand_written("too_wide", too_wide), "model")
+    why = {  # the literal is re-parsed and checked against the table, whoever wrote it
+        "no_noise": "noise_multiplier must be a number in (0",
+        "evil_layer": "layer 1 (BatchNorm1d) is refused",
+        "too_wide": "the model takes rows of [31] but dataset 'cancer' has 30 feature(s)",
+    }
     for name, (source, _) in attacks.items():
         _plain_request(client, asset, name, source)
 
@@ -168,16 +219,18 @@ def test_attacks_from_a_plain_syft_client_are_flagged_and_refused(federation) ->
     for name, (_, check) in attacks.items():
         report = items[name]["report"]
         assert not report["passed"], name
-        assert check in {c["name"] for c in report["checks"] if not c["passed"]}, (name, report)
+        reasons = {c["name"]: c["reason"] for c in report["checks"] if not c["passed"]}
+        assert check in reasons, (name, report)
+        assert why.get(name, "") in reasons[check], (name, reasons)
         refused = a.cli("approve", items[name]["id"], check=False)
         assert refused.returncode == 1, name
         forced = a.cli("approve", items[name]["id"], "--override", "--reason", "x", check=False)
         if check != "dp_parameters":
             assert forced.returncode == 1 and "cannot be overridden" in forced.stderr
-        else:  # overriding DP is possible, but the runtime still refuses to spend infinite eps
-            assert forced.returncode == 0
-            out = sites.run_round(client, no_noise, asset, "")
-            assert out["status"] == "refused" and "epsilon" in out["reason"]
+        else:  # overriding DP is possible, but the runtime floors the noise at the policy's
+            assert forced.returncode == 0  # minimum and refuses a plan past the epsilon limit
+            out = sites.run_round(client, low_noise, asset, "")
+            assert out["status"] == "refused" and "epsilon" in out["reason"], out
     for name in ATTACKS:
         with pytest.raises(Exception, match="(?i)approval|pending"):
             getattr(client.code, name)(data=asset, weights="")
@@ -191,7 +244,7 @@ def test_budget_holds_and_survives_kill_9(federation) -> None:
     (fed.path.parent / "bob.pw").write_text(creds["password"])
     login = fed.site("hospital-a").__class__("hospital-a", a.url, email, fed.path.parent / "bob.pw")
     plan = {"rounds": 1, "target_epsilon": 1.2, "batch_size": 64}
-    probe = make_job(MODEL, "cancer", "target", plan)
+    probe = job(plan)
     p = privacy_plan(probe.plan, 455)
     one, two, three = (epsilon([p.mechanism] * k, 1e-5, "prv") for k in (1, 2, 3))
     assert 1.0 < one < 1.5  # each job spends about 1.2 on its own
@@ -202,7 +255,7 @@ def test_budget_holds_and_survives_kill_9(federation) -> None:
     asset = sites.find_asset(client, "cancer")
     outcomes = []
     for _ in range(3):
-        spec = make_job(MODEL, "cancer", "target", plan)
+        spec = job(plan)
         sites.submit(client, spec, asset)
         a.cli("approve", request_id(a, spec.name))
         outcomes.append(sites.run_round(client, spec, asset, ""))
@@ -225,7 +278,7 @@ def test_two_concurrent_jobs_race_for_the_last_of_a_budget(federation) -> None:
 
     fed, (a, _) = federation
     plan = {"rounds": 1, "target_epsilon": 1.2, "batch_size": 64}
-    p = privacy_plan(make_job(MODEL, "cancer", "target", plan).plan, 455)
+    p = privacy_plan(job(plan).plan, 455)
     one = epsilon([p.mechanism], 1e-5, "prv")
     two = epsilon([p.mechanism] * 2, 1e-5, "prv")
     email = "cy@uni.edu"
@@ -244,7 +297,7 @@ def test_two_concurrent_jobs_race_for_the_last_of_a_budget(federation) -> None:
     login = fed.site("hospital-a").__class__("hospital-a", a.url, email, fed.path.parent / "cy.pw")
     client = sites.connect(login)
     asset = sites.find_asset(client, "cancer")
-    specs = [make_job(MODEL, "cancer", "target", plan) for _ in range(2)]
+    specs = [job(plan) for _ in range(2)]
     for spec in specs:
         sites.submit(client, spec, asset)
     items = {i["function"]: i["id"] for i in last_json(a.cli("requests", "--json"))}

@@ -3,40 +3,52 @@
 from __future__ import annotations
 
 import pytest
+from torch import nn
 
 from policies.access import DatasetPolicy
-from policies.codecheck import check_model_source
+from policies.errors import PlanError
 from policies.plan import JobSpec, TrainingPlan
 from policies.report import Submission, build_report
-from researcher.job import make_job, render
+from researcher.errors import JobError
+from researcher.job import TEMPLATE, make_job, render
 
-MODEL = """import torch.nn as nn
-
-def make_model(n_features, n_outputs):
-    return nn.Sequential(nn.Linear(n_features, 8), nn.ReLU(), nn.Linear(8, n_outputs))
-"""
+MODEL = nn.Sequential(nn.Linear(30, 8), nn.ReLU(), nn.Linear(8, 2))
+N_PARAMETERS = 30 * 8 + 8 + 8 * 2 + 2
 POLICY = DatasetPolicy(allowed_domains=["uni.edu"])
 
 
 def job(**plan) -> JobSpec:
     base = {"rounds": 3, "noise_multiplier": 1.0}
-    return make_job(MODEL, "cancer", "target", {**base, **plan})
+    return make_job(MODEL, "cancer", "target", {**base, **plan}, n_features=30, n_outputs=2)
 
 
-def report(code: str, researcher: str = "ada@uni.edu", policy: DatasetPolicy = POLICY):
-    return build_report(
-        Submission(code, researcher, "cancer", 500, ("data", "weights")), policy, set()
-    )
+def submission(code: str, researcher: str = "ada@uni.edu", **kw) -> Submission:
+    fields = {"n_features": 30, "n_classes": 2, **kw}
+    return Submission(code, researcher, "cancer", 500, ("data", "weights"), **fields)
+
+
+def report(code: str, researcher: str = "ada@uni.edu", policy: DatasetPolicy = POLICY, **kw):
+    return build_report(submission(code, researcher, **kw), policy, set())
 
 
 def failed(code: str, **kw) -> dict[str, str]:
     return {c.name: c.reason for c in report(code, **kw).failures()}
 
 
+def hand_written(literal: dict) -> str:
+    """The template around any job literal, as a plain syft client could send it."""
+    return TEMPLATE.format(name="hand_written", job_id=literal.get("job_id"), job=literal)
+
+
 def test_the_rendered_template_passes() -> None:
     r = report(render(job()))
     assert r.passed, r.to_dict()
     assert r.job is not None and r.job.plan.rounds == 3
+    checks = {c.name for c in r.checks}
+    assert {"researcher", "executed", "template", "dataset", "model", "model_size"} <= checks
+    out = r.to_dict()
+    assert out["parameters"] == N_PARAMETERS
+    assert [row["type"] for row in out["architecture"]] == ["Linear", "ReLU", "Linear"]
 
 
 def test_returning_the_data_fails_the_template() -> None:
@@ -63,34 +75,81 @@ def test_passing_something_else_than_the_data_fails() -> None:
     assert "data must be passed through unchanged" in failed(code)["template"]
 
 
+def test_oversized_code_is_not_parsed() -> None:
+    code = render(job()) + "#" * 200_001
+    assert "not parsed" in failed(code)["template"]
+
+
+def test_what_syft_executes_must_be_the_template() -> None:
+    reasons = failed(render(job()), executed_problems=("syft calls 'other', the raw code ...",))
+    assert "syft calls 'other'" in reasons["executed"]
+    assert "executed" not in failed(render(job()))
+
+
 @pytest.mark.parametrize(
-    ("snippet", "needle"),
+    ("layer", "needle"),
     [
-        ("import os\n", "import of 'os'"),
-        ("import subprocess\n", "import of 'subprocess'"),
-        ("import socket\n", "import of 'socket'"),
-        ("from pathlib import Path\n", "import from 'pathlib'"),
-        ("x = open('/etc/passwd').read()\n", "'open'"),
-        ("y = eval('1+1')\n", "'eval'"),
-        ("z = ().__class__.__bases__\n", "dunder attribute '__class__'"),
-        ("import torch\nw = torch.load('x')\n", "attribute 'load'"),
-        ("k = getattr(print, '__self__')\n", "'getattr'"),
+        ({"type": "BatchNorm1d", "num_features": 8}, "BatchNorm1d) is refused"),
+        ({"type": "Identity"}, "'Identity' is not on the site's allowlist"),
+        ({"type": "Linear", "in_features": 8, "out_features": 8, "hook": "os"}, "unknown argument"),
     ],
 )
-def test_model_code_escapes_are_flagged(snippet: str, needle: str) -> None:
-    findings = check_model_source(MODEL + snippet)
-    assert any(needle in str(f) for f in findings), findings
-    reasons = failed(
-        render(make_job(MODEL + snippet, "cancer", "target", {"noise_multiplier": 1.0}))
-    )
-    assert needle in reasons["model_code"]
+def test_a_hand_written_literal_with_a_layer_off_the_allowlist_fails(
+    layer: dict, needle: str
+) -> None:
+    """A plain syft client may put anything in the literal; the review re-parses it."""
+    literal = job().to_dict()
+    literal["model"]["layers"].insert(2, layer)
+    reasons = failed(hand_written(literal))
+    assert "job literal is not a valid job" in reasons["template"]
+    assert needle in reasons["template"]
 
 
-def test_training_without_noise_fails_dp_check() -> None:
-    assert (
-        "noise multiplier 0.0 is below"
-        in failed(render(job(noise_multiplier=0.0)))["dp_parameters"]
-    )
+def test_a_model_that_does_not_fit_the_table_fails() -> None:
+    assert "has 31 feature(s)" in failed(render(job()), n_features=31)["model"]
+    assert "needs [3]" in failed(render(job()), n_classes=3)["model"]
+    assert "publishes no schema" in failed(render(job()), n_features=None)["model"]
+
+
+def test_model_size_is_counted_from_the_spec() -> None:
+    small = DatasetPolicy(allowed_domains=["uni.edu"], max_parameters=N_PARAMETERS - 1)
+    reasons = failed(render(job()), policy=small)
+    assert f"{N_PARAMETERS} trainable parameters, limit {N_PARAMETERS - 1}" in reasons["model_size"]
+    exact = DatasetPolicy(allowed_domains=["uni.edu"], max_parameters=N_PARAMETERS)
+    assert "model_size" not in failed(render(job()), policy=exact)
+
+
+def test_the_converter_refuses_a_custom_module() -> None:
+    class Leaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(30, 2)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return self.fc(x)
+
+    with pytest.raises(JobError, match=r"layer 1 \(Leaky\).*custom module"):
+        make_job(
+            nn.Sequential(nn.ReLU(), Leaky()),
+            "cancer",
+            "target",
+            {"noise_multiplier": 1.0},
+            n_features=30,
+            n_outputs=2,
+        )
+
+
+def test_training_without_noise_is_refused_before_and_at_the_review() -> None:
+    with pytest.raises(JobError, match="noise_multiplier must be a number in"):
+        job(noise_multiplier=0.0)
+    literal = job().to_dict()
+    literal["plan"]["noise_multiplier"] = 0.0  # as a plain syft client could send it
+    assert "noise_multiplier must be a number in" in failed(hand_written(literal))["template"]
+
+
+def test_noise_below_the_policy_fails_dp_check() -> None:
+    reasons = failed(render(job(noise_multiplier=0.1)))
+    assert "noise multiplier 0.1 is below the policy's 0.5" in reasons["dp_parameters"]
 
 
 def test_large_delta_clipping_and_rounds_fail() -> None:
@@ -98,6 +157,21 @@ def test_large_delta_clipping_and_rounds_fail() -> None:
     assert "delta 0.01 exceeds" in reasons["dp_parameters"]
     assert "max_grad_norm 50.0 exceeds" in reasons["dp_parameters"]
     assert "500 round(s), limit 50" in reasons["rounds"]
+
+
+def test_a_plan_past_the_step_bound_fails_dp_check() -> None:
+    from policies.privacy import privacy_plan
+
+    # 1000 rounds x 100 epochs x 16 batches of 32 over 500 rows: far past MAX_TOTAL_STEPS,
+    # refused before any accountant runs
+    r = build_report(
+        submission(render(job(rounds=1000, local_epochs=100))),
+        POLICY,
+        set(),
+        epsilon_of=lambda spec, rows: privacy_plan(spec.plan, rows).epsilon_job,
+    )
+    reasons = {c.name: c.reason for c in r.failures()}
+    assert "1600000 DP-SGD steps in all" in reasons["dp_parameters"]
 
 
 def test_researcher_not_allowed() -> None:
@@ -109,9 +183,7 @@ def test_researcher_not_allowed() -> None:
 
 def test_epsilon_of_the_plan_is_checked_when_given() -> None:
     r = build_report(
-        Submission(
-            render(job(noise_multiplier=0.6)), "ada@uni.edu", "cancer", 500, ("data", "weights")
-        ),
+        submission(render(job(noise_multiplier=0.6))),
         POLICY,
         set(),
         epsilon_of=lambda spec, rows: 9.0,
@@ -120,9 +192,11 @@ def test_epsilon_of_the_plan_is_checked_when_given() -> None:
 
 
 def test_plan_validation_messages() -> None:
-    from policies.errors import PlanError
-
     with pytest.raises(PlanError, match="exactly one of noise_multiplier or target_epsilon"):
         TrainingPlan()
-    with pytest.raises(PlanError, match="batch_size must be a positive integer"):
+    with pytest.raises(PlanError, match=r"batch_size must be an integer in \[1, 65536\]"):
         TrainingPlan(noise_multiplier=1.0, batch_size=0)
+    with pytest.raises(PlanError, match="noise_multiplier must be a number in"):
+        TrainingPlan(noise_multiplier=0.0)
+    with pytest.raises(PlanError, match="learning_rate must be a number in"):
+        TrainingPlan(noise_multiplier=1.0, learning_rate=float("nan"))

@@ -191,11 +191,12 @@ def test_train_dp_gives_opacus_weights_without_noise() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 6)).astype(np.float32) * 3
     y = (x[:, 0] > 0).astype(np.int64)
-    plan = TrainingPlan(noise_multiplier=0.0, batch_size=32, learning_rate=0.3, local_epochs=2)
+    # a plan needs noise > 0; train_dp takes the noise the site computed, here none
+    plan = TrainingPlan(noise_multiplier=1.0, batch_size=32, learning_rate=0.3, local_epochs=2)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
-    fused = train_dp(copy.deepcopy(model), x, y, plan, 0.0, seed=3)
-    opacus = train_dp(copy.deepcopy(model), x, y, plan, 0.0, seed=3, engine="opacus")
+    fused = train_dp(copy.deepcopy(model), x, y, plan, 0.0, _test_seed=3)
+    opacus = train_dp(copy.deepcopy(model), x, y, plan, 0.0, _test_seed=3, engine="opacus")
     assert fused.steps == opacus.steps == 20
     assert abs(fused.train_loss - opacus.train_loss) < 1e-5
     for key, value in fused.weights.items():

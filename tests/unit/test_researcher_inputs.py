@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -50,17 +51,60 @@ def test_password_env_must_be_set(tmp_path: Path, monkeypatch) -> None:
 def test_job_file_needs_dataset_and_plan(tmp_path: Path) -> None:
     job = write(tmp_path / "job.py", "import torch.nn as nn\nDATASET = 'd'\n")
     with pytest.raises(JobError, match="must define PLAN"):
-        load_job_file(job, "target")
+        load_job_file(job, "target", 4, 2)
 
 
 def test_job_file_round_trips_through_the_template(tmp_path: Path) -> None:
     job = write(
         tmp_path / "job.py",
-        "DATASET = 'd'\nPLAN = {'noise_multiplier': 1.0}\ndef make_model(a, b):\n    return None\n",
+        "import torch.nn as nn\nDATASET = 'd'\nPLAN = {'noise_multiplier': 1.0}\n"
+        "def make_model(a, b):\n    return nn.Sequential(nn.Linear(a, 3), nn.ReLU(), nn.Linear(3, b))\n",
     )
-    spec = load_job_file(job, "target")
+    spec = load_job_file(job, "target", 4, 2)
     assert spec.dataset == "d" and spec.plan.noise_multiplier == 1.0
     assert spec.job_id in render(spec) and spec.name.endswith(spec.job_id[:8])
+    assert spec.architecture.input == (4,) and spec.architecture.output == (2,)
+    assert spec.architecture.parameters == {
+        "0.weight": (3, 4),
+        "0.bias": (3,),
+        "2.weight": (2, 3),
+        "2.bias": (2,),
+    }
+    assert "make_model" not in render(spec) and "nn.Sequential" not in render(spec)
+
+
+def test_job_file_may_give_the_model_as_a_literal(tmp_path: Path) -> None:
+    job = write(
+        tmp_path / "job.py",
+        "DATASET = 'd'\nPLAN = {'noise_multiplier': 1.0, 'loss': 'mse'}\n"
+        "MODEL = [{'type': 'Linear', 'in_features': 4, 'out_features': 1}]\n",
+    )
+    spec = load_job_file(job, "target", 4, 1)
+    assert spec.model["layers"] == [
+        {"type": "Linear", "in_features": 4, "out_features": 1, "bias": True}
+    ]
+    with pytest.raises(JobError, match="expects 4 features"):
+        load_job_file(job, "target", 5, 1)
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("def make_model(a, b):\n    return None\n", "must be an nn.Module"),
+        ("def make_model(a, b):\n    return nn.BatchNorm1d(a)\n", "BatchNorm1d) is refused"),
+        ("def make_model(a, b):\n    raise ValueError('no')\n", "make_model failed: ValueError"),
+        ("MODEL = 3\n", "must be an nn.Module, a list of layer dicts or a spec dict, not int"),
+        ("x = 1 / 0\n", "failed to run: ZeroDivisionError"),
+        ("y = 2\n", "must define make_model(n_features, n_outputs) or MODEL"),
+    ],
+)
+def test_a_bad_job_file_is_one_clear_job_error(tmp_path: Path, body: str, needle: str) -> None:
+    job = write(
+        tmp_path / "job.py",
+        "import torch.nn as nn\nDATASET = 'd'\nPLAN = {'noise_multiplier': 1.0}\n" + body,
+    )
+    with pytest.raises(JobError, match=re.escape(needle)):
+        load_job_file(job, "target", 4, 2)
 
 
 def test_train_needs_run_dir_or_resume(tmp_path: Path) -> None:

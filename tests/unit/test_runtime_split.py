@@ -1,11 +1,16 @@
-"""The site's train/validation split: deterministic, disjoint, complete, and non-destructive."""
+"""The site's train/validation split (deterministic, disjoint, complete, non-destructive), and
+the dry run that takes a round through the site's code path on a table."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from datasites.runtime import split
+from datasites.round_task import split, standardise
+from datasites.runtime import Refused, dry_run, table_arrays
+from policies.wire import decode_weights
+from researcher.job import make_job
 
 
 def _frame(n: int) -> pd.DataFrame:
@@ -17,21 +22,64 @@ def _frame(n: int) -> pd.DataFrame:
 
 def test_split_is_deterministic_disjoint_and_complete() -> None:
     frame = _frame(200)
-    x, y, xv, yv = split(frame, "y", 0.1, "job-1")
-    again = split(frame, "y", 0.1, "job-1")
+    x, y = table_arrays(frame, "y")
+    xt, yt, xv, yv = split(x, y, 0.1, seed=1)
+    again = split(x, y, 0.1, seed=1)
     np.testing.assert_array_equal(yv, again[3])
-    assert len(yv) == 20 and len(y) == 180
-    assert set(y).isdisjoint(yv) and set(y) | set(yv) == set(range(200))
-    np.testing.assert_array_equal(x, frame.loc[y, ["a", "b", "c"]].to_numpy())
-    assert not np.array_equal(np.sort(yv), np.sort(split(frame, "y", 0.1, "job-2")[3]))
+    np.testing.assert_array_equal(yt, again[1])
+    assert len(yv) == 20 and len(yt) == 180
+    assert set(yt).isdisjoint(yv) and set(yt) | set(yv) == set(range(200))
+    np.testing.assert_array_equal(xt, frame.loc[yt, ["a", "b", "c"]].to_numpy())
+    np.testing.assert_array_equal(xv, frame.loc[yv, ["a", "b", "c"]].to_numpy())
+    assert list(yt) == sorted(yt)  # training rows keep table order
+    assert not np.array_equal(np.sort(yv), np.sort(split(x, y, 0.1, seed=2)[3]))
+
+
+def test_an_empty_validation_split_keeps_every_row_for_training() -> None:
+    x, y = table_arrays(_frame(50), "y")
+    xt, yt, xv, yv = split(x, y, 0.0, seed=0)
+    assert len(xv) == len(yv) == 0 and xv.shape[1] == 3
+    assert xt is x and yt is y  # no copy of a large table
 
 
 def test_scaling_standardises_without_touching_the_table() -> None:
     frame = _frame(50)
     before = frame.copy()
     mean, std = [1.0, 2.0, 3.0], [2.0, 0.0, 4.0]
-    x, y, xv, yv = split(frame, "y", 0.0, "job", (mean, std))
-    assert len(xv) == 0 and len(x) == 50
+    x, _ = table_arrays(frame, "y")
+    assert x.dtype == np.float32
+    scaled = standardise(x, (mean, std))
     expected = (frame[["a", "b", "c"]].to_numpy() - mean) / np.array([2.0, 1.0, 4.0])
-    np.testing.assert_allclose(x, expected, rtol=1e-6)
-    pd.testing.assert_frame_equal(frame, before)
+    np.testing.assert_allclose(scaled, expected, rtol=1e-6)
+    pd.testing.assert_frame_equal(frame, before)  # table_arrays gave the task its own copy
+
+
+def test_no_scaling_leaves_the_features_as_they_are() -> None:
+    x, _ = table_arrays(_frame(10), "y")
+    unscaled = x.copy()
+    np.testing.assert_array_equal(standardise(x, None), unscaled)
+
+
+def test_a_dry_run_trains_one_round_and_releases_the_spec_parameters() -> None:
+    frame = _frame(200)
+    frame["y"] = (frame["a"] > 0).astype(int)
+    layers = [
+        {"type": "Linear", "in_features": 3, "out_features": 4},
+        {"type": "ReLU"},
+        {"type": "Linear", "in_features": 4, "out_features": 2},
+    ]
+    spec = make_job(layers, "d", "y", {"noise_multiplier": 1.0, "batch_size": 20}, n_features=3)
+    out = dry_run(frame.to_dict("list"), "", spec)
+    assert out["status"] == "ok" and out["mode"] == "dry-run" and out["n"] == 160
+    weights = decode_weights(out["weights"])
+    assert {k: v.shape for k, v in weights.items()} == {
+        "0.weight": (4, 3),
+        "0.bias": (4,),
+        "2.weight": (2, 4),
+        "2.bias": (2,),
+    }
+    assert out["metrics"]["steps"] == 8 and 0.0 <= out["metrics"]["val_accuracy"] <= 1.0
+    again = dry_run(frame.to_dict("list"), out["weights"], spec)  # incoming global weights
+    assert "global_val_accuracy" in again["metrics"]
+    with pytest.raises(Refused, match="has 2 feature"):
+        dry_run(frame.drop(columns=["c"]).to_dict("list"), "", spec)

@@ -31,21 +31,31 @@ def test_noise_has_the_requested_std_and_shape() -> None:
 
 
 @pytest.mark.parametrize("engine", ["auto", "opacus"])
-def test_dp_sgd_trains_with_secure_noise(engine: str) -> None:
-    """Secure noise ignores the seed (two runs differ); seeded noise repeats exactly."""
+def test_dp_sgd_noise_is_secure_unless_a_test_seed_is_given(engine: str, monkeypatch) -> None:
+    """Without ``_test_seed`` two runs differ (CSPRNG); with the same one they repeat exactly."""
+    import datasites.secure_noise as secure_noise
+
+    draws = []
+    real = secure_noise.secure_normal
+    monkeypatch.setattr(secure_noise, "secure_normal", lambda n: draws.append(n) or real(n))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 4)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     plan = TrainingPlan(noise_multiplier=1.0, batch_size=32, learning_rate=0.5, local_epochs=3)
 
-    def run(secure: bool) -> dict[str, np.ndarray]:
-        torch.manual_seed(5)
-        result = train_dp(torch.nn.Linear(4, 2), x, y, plan, 1.0, 0, secure, engine=engine)
+    def run(test_seed: int | None) -> dict[str, np.ndarray]:
+        torch.manual_seed(5)  # same initial weights; a site's seeding cannot fix the noise
+        result = train_dp(
+            torch.nn.Linear(4, 2), x, y, plan, 1.0, engine=engine, _test_seed=test_seed
+        )
         assert result.steps == 24 and set(result.weights) == {"weight", "bias"}
         assert np.isfinite(result.weights["weight"]).all()
         return result.weights
 
-    seeded = run(False), run(False)
+    seeded = run(0), run(0)
     np.testing.assert_array_equal(seeded[0]["weight"], seeded[1]["weight"])
-    secure = run(True), run(True)
+    assert not np.array_equal(seeded[0]["weight"], run(1)["weight"])
+    assert draws == []  # test noise: torch.normal, never the CSPRNG
+    secure = run(None), run(None)
     assert not np.array_equal(secure[0]["weight"], secure[1]["weight"])
+    assert len(draws) >= 2 * 24 * 4  # each step's noise: four secure draws (Opacus' defence)
