@@ -119,6 +119,8 @@ class JobSpec:
         if not isinstance(self.dataset, str) or not self.dataset:
             raise PlanError("dataset must be named")
         object.__setattr__(self, "model", self.architecture.to_dict())  # normalised
+        if self.scaling is not None:
+            _check_scaling(self.scaling, self.architecture.input)
 
     @property
     def architecture(self) -> ModelSpec:
@@ -140,6 +142,28 @@ class JobSpec:
             return cls(plan=plan, **data)
         except (KeyError, TypeError) as exc:
             raise PlanError(f"bad job spec: {exc}") from exc
+
+
+MIN_STD = 1e-6
+MAX_MEAN = 1e12
+
+
+def _check_scaling(scaling: Any, input_shape: tuple[int, ...]) -> None:
+    """Researcher-supplied standardisation: finite, bounded, one value per feature.
+
+    A subnormal std or an infinite mean would turn rows into infinities, and whether a round
+    then fails would depend on private values.
+    """
+    if not isinstance(scaling, dict) or set(scaling) != {"mean", "std"}:
+        raise PlanError("scaling must be a dict with exactly 'mean' and 'std'")
+    for key, low, high in (("mean", -MAX_MEAN, MAX_MEAN), ("std", MIN_STD, MAX_MEAN)):
+        values = scaling[key]
+        if not isinstance(values, list) or len(values) != input_shape[-1]:
+            raise PlanError(f"scaling {key} must be a list of {input_shape[-1]} numbers")
+        for v in values:
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or not low <= v <= high:
+                raise PlanError(f"scaling {key} values must be finite in [{low:g}, {high:g}]")
 
 
 def validation_rows(n_rows: int, fraction: float) -> int:

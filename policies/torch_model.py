@@ -40,7 +40,10 @@ class SpecModel(nn.Sequential):
         self.index_input = bool(layers) and type(layers[0]) is nn.Embedding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.long() if self.index_input else x)
+        if self.index_input:  # never an IndexError whose occurrence depends on private values
+            top = self[0].num_embeddings - 1
+            x = torch.nan_to_num(x, nan=0.0, posinf=top, neginf=0.0).clamp(0, top).long()
+        return super().forward(x)
 
 
 def build(spec: ModelSpec | dict[str, Any]) -> SpecModel:

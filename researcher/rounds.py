@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from policies.plan import JobSpec
+from policies.plan import MIN_STD, JobSpec
 from policies.wire import decode_weights, encode_weights
 from researcher import model as local_model
 from researcher import sites
@@ -92,7 +92,7 @@ def pooled_scaling(metas: list[dict[str, Any]]) -> dict[str, list[float]] | None
     mean = (n * mu).sum(0) / n.sum()
     var = (n * (sd**2 + mu**2)).sum(0) / n.sum() - mean**2
     std = np.sqrt(np.maximum(var, 0.0))
-    return {"mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist()}
+    return {"mean": mean.tolist(), "std": np.where(std > MIN_STD, std, 1.0).tolist()}
 
 
 def initial_weights(spec: JobSpec, meta: dict[str, Any]) -> Weights:

@@ -181,3 +181,39 @@ def test_weights_round_trip_and_bounds() -> None:
     ):
         with pytest.raises(WireError, match=match):
             decode_weights(encode_weights(bad), SHAPES)
+
+
+def test_embedding_indices_are_clamped_never_raised() -> None:
+    """An IndexError whose occurrence depends on private values would be a free threshold query
+    (red-team finding): out-of-range, negative and NaN codes are clamped instead."""
+    spec = {
+        "input": [3],
+        "layers": [
+            {"type": "Embedding", "num_embeddings": 5, "embedding_dim": 2},
+            {"type": "Flatten"},
+            {"type": "Linear", "in_features": 6, "out_features": 2},
+        ],
+    }
+    model = build(spec)
+    edge = model(torch.tensor([[4.0, 0.0, 0.0]]))
+    wild = model(torch.tensor([[1e9, -5.0, float("nan")]]))
+    assert torch.equal(edge, wild)
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1e-45]},
+        {"mean": [0.0, 0.0, float("inf")], "std": [1.0, 1.0, 1.0]},
+        {"mean": [0.0, 0.0], "std": [1.0, 1.0]},
+        {"mean": [0.0, 0.0, "0"], "std": [1.0, 1.0, 1.0]},
+    ],
+)
+def test_job_refuses_scaling_that_could_turn_rows_into_infinities(scaling: dict) -> None:
+    from policies.plan import JobSpec, TrainingPlan
+
+    model = {"input": [3], "layers": [{"type": "Linear", "in_features": 3, "out_features": 2}]}
+    plan = TrainingPlan(noise_multiplier=1.0)
+    JobSpec("j", "d", "t", model, plan, scaling={"mean": [0, 0, 0], "std": [1, 1, 1]})
+    with pytest.raises(PlanError, match="scaling"):
+        JobSpec("j", "d", "t", model, plan, scaling=scaling)
