@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from policies.plan import TrainingPlan, validation_rows
+from policies.wire import Weights
 
-Weights = dict[str, np.ndarray]
 Scaling = tuple[list[float], list[float]] | None
 
 

@@ -26,8 +26,7 @@ from torch import nn
 from datasites import fused_dp
 from datasites.secure_noise import make_secure, secure_gaussian
 from policies.plan import TrainingPlan
-
-Weights = dict[str, np.ndarray]
+from policies.wire import Weights
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 from policies.errors import PlanError
@@ -122,7 +123,7 @@ class JobSpec:
         if self.scaling is not None:
             _check_scaling(self.scaling, self.architecture.input)
 
-    @property
+    @cached_property
     def architecture(self) -> ModelSpec:
         """The parsed model: shapes, parameter names and counts, by arithmetic alone."""
         return parse(self.model)

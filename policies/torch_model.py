@@ -17,8 +17,7 @@ from torch import nn
 
 from policies.errors import PlanError
 from policies.modelspec import CONTAINERS, LAYERS, REFUSED, ModelSpec, parse
-
-Weights = dict[str, np.ndarray]
+from policies.wire import Weights
 
 
 class Residual(nn.Module):

@@ -13,7 +13,6 @@ from policies.plan import n_outputs as outputs_for
 from policies.torch_model import build as build_spec
 from policies.torch_model import load, weights_of
 
-Weights = dict[str, np.ndarray]
 __all__ = ["accuracy", "build", "load", "n_features", "n_outputs", "weights_of"]
 
 

@@ -10,9 +10,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from policies.wire import Weights
 from researcher.errors import AggregationError
-
-Weights = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
