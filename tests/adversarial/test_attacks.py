@@ -391,3 +391,11 @@ def test_raw_code_is_the_template_but_syft_runs_something_else(arena) -> None:
         got = str(exc)
     assert_nothing_private(arena, got)
     assert_serving(arena)
+
+
+# red team: researcher-supplied scaling that turns rows into infinities (a threshold query)
+def test_scaling_that_would_overflow_rows(arena) -> None:
+    literal = job("bad_scaling").to_dict()
+    literal["scaling"] = {"mean": [0.0] * 30, "std": [1e-45] * 30}
+    source = template_with("bad_scaling", literal)
+    submitted_and_refused(arena, "bad_scaling", source, "template")
