@@ -125,12 +125,13 @@ class FusedClipper:
             if g is not None:  # None: this call is not on the loss' path
                 uses.setdefault(module, []).append((a, g))
         parts = [_layer(m, uses[m]) if m in uses else None for m in self.layers]
-        factor = _clip_factor([part[0] for part in parts if part], max_norm, scale, noise[0])
+        norms2 = [part[0] for part in parts if part]
+        factor, bad = _clip_factor(norms2, max_norm, scale, noise[0])
         out: list[torch.Tensor] = []
         slices = iter(noise)
         for params, part in zip(self._own, parts, strict=True):
             own = [next(slices) for _ in params]
-            out.extend(part[1](factor, own) if part else own)
+            out.extend(part[1](factor, own, bad) if part else own)
         return out
 
 
@@ -155,17 +156,34 @@ def _trainable(m: nn.Module) -> bool:
 
 def _clip_factor(
     norms2: list[torch.Tensor], max_norm: float, scale: float, like: torch.Tensor
-) -> torch.Tensor:
-    """Opacus' ``min(1, C / (|g_i| + 1e-6))`` times ``scale``, from per-layer squared norms."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Opacus' ``min(1, C / (|g_i| + 1e-6))`` times ``scale``, from per-layer squared norms.
+
+    Also the rows whose gradient is not finite (NaN or inf anywhere in it), or None when there
+    are none. Those rows contribute zero: otherwise one row's NaN turns the whole update NaN,
+    and whether the release fails becomes a free yes/no question about a private row. Zero is
+    within every row's sensitivity bound, so the guarantee is unchanged.
+    """
     if not norms2:
-        return like.new_zeros(0)
+        return like.new_zeros(0), None
     total = norms2[0]  # fresh from this step's kernels: safe to update in place
     for extra in norms2[1:]:
         total.add_(extra)
-    return total.sqrt_().add_(1e-6).reciprocal_().mul_(max_norm * scale).clamp_(max=scale)
+    bad = ~torch.isfinite(total)
+    factor = total.sqrt_().add_(1e-6).reciprocal_().mul_(max_norm * scale).clamp_(max=scale)
+    if not bool(bad.any()):
+        return factor, None
+    return factor.masked_fill_(bad, 0.0), bad
 
 
-Summer = Callable[[torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]
+def _zero_rows(t: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+    """``t`` with the rows (first dimension) marked in ``bad`` set to zero."""
+    if bad is None:
+        return t
+    return t.masked_fill(bad.view(-1, *([1] * (t.dim() - 1))), 0.0)
+
+
+Summer = Callable[[torch.Tensor, list[torch.Tensor], "torch.Tensor | None"], list[torch.Tensor]]
 
 
 def _layer(
@@ -218,9 +236,11 @@ def _linear_rows(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[torch.Te
     a2 = torch.linalg.vecdot(a, a)
     norms2 = torch.addcmul(g2, g2, a2) if bias else g2 * a2
 
-    def summed(factor: torch.Tensor, noise: list[torch.Tensor]) -> list[torch.Tensor]:
-        gt = g.t()
-        weight = torch.addmm(noise[0], gt, a * factor.unsqueeze(1))
+    def summed(
+        factor: torch.Tensor, noise: list[torch.Tensor], bad: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        gt = _zero_rows(g, bad).t()
+        weight = torch.addmm(noise[0], gt, _zero_rows(a, bad) * factor.unsqueeze(1))
         return [weight, torch.addmv(noise[1], gt, factor)] if bias else [weight]
 
     return norms2, summed
@@ -234,9 +254,14 @@ def _materialised(
     if bias is not None:
         norms2 = norms2 + torch.linalg.vecdot(bias, bias)
 
-    def summed(factor: torch.Tensor, noise: list[torch.Tensor]) -> list[torch.Tensor]:
-        weight = torch.addmv(noise[0].reshape(-1), flat.t(), factor).view_as(noise[0])
-        return [weight, torch.addmv(noise[1], bias.t(), factor)] if bias is not None else [weight]
+    def summed(
+        factor: torch.Tensor, noise: list[torch.Tensor], bad: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        rows = _zero_rows(flat, bad).t()
+        weight = torch.addmv(noise[0].reshape(-1), rows, factor).view_as(noise[0])
+        if bias is None:
+            return [weight]
+        return [weight, torch.addmv(noise[1], _zero_rows(bias, bad).t(), factor)]
 
     return norms2, summed
 

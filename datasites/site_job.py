@@ -25,6 +25,16 @@ from policies.store import SiteStore
 
 log = logging.getLogger("datasites.runtime")
 ACTOR = "runtime"
+# One reply for every failure after the budget is charged, whatever its cause: a message or an
+# exception type that depends on the private rows would answer a question about them for free.
+FAILED = (
+    "the round failed at the datasite after its budget was charged; "
+    "the datasite admin can read the cause in the audit log"
+)
+
+
+class RoundFailed(Exception):
+    """Anything that went wrong after the charge (its cause is chained, for the audit log)."""
 
 
 def run_at_site(
@@ -62,20 +72,17 @@ def run_at_site(
             code_id=caller.code_id,
         )
         raise
-    except Exception as exc:  # the researcher sees the type only; the admin sees the message
+    except Exception as exc:  # the admin sees the details; the researcher one fixed line
+        cause = exc.__cause__ if isinstance(exc, RoundFailed) and exc.__cause__ else exc
         audit.record(
             ACTOR,
             "failed",
             approval.request_id if approval else None,
             caller.code_hash,
-            error=f"{type(exc).__name__}: {exc}",
+            error=f"{type(cause).__name__}: {cause}",
         )
-        log.exception("job %s failed", caller.code_id)
-        return {
-            "status": "failed",
-            "reason": f"training failed ({type(exc).__name__}); "
-            "the datasite admin can read the details in the audit log",
-        }
+        log.error("job %s failed: %s", caller.code_id, type(cause).__name__)
+        return {"status": "failed", "reason": FAILED}
 
 
 def split_seed(site: SiteDir, job_id: str) -> int:
@@ -149,8 +156,13 @@ def _run(
         epsilon_job=privacy.epsilon_job,
         noise_multiplier=privacy.noise_multiplier,
     )
-    output = pool().run(task, policy.max_seconds_per_round, policy.max_memory_mb)
-    result = release(spec, output, round_no)
+    try:
+        output = pool().run(task, policy.max_seconds_per_round, policy.max_memory_mb)
+        result = release(spec, output, round_no)
+    except SandboxLimit:
+        raise  # the policy's own limits: a fixed message, which the researcher must see
+    except Exception as exc:
+        raise RoundFailed() from exc
     if round_no == spec.plan.rounds:
         ledger.commit(charge.id)
     budget = ledger.budget(approval.researcher, approval.dataset)

@@ -225,15 +225,15 @@ def _fused_step(
         _noise(secure_mode, dev),
         example,
     )
-    criterion = loss_fn(plan.loss, reduction="sum")
+    criterion = loss_fn(plan.loss, reduction="none")
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor | None:
         if not len(xb):
             dp.empty_step()
             return None
-        loss_sum = criterion(forward(model, xb, plan.loss), yb)
-        dp.step(loss_sum)
-        return loss_sum.detach()
+        per_row = criterion(forward(model, xb, plan.loss), yb)
+        dp.step(per_row.sum())
+        return finite_sum(per_row)
 
     return step, dp.clipper.remove, tracker
 
@@ -258,16 +258,40 @@ def _opacus_step(
     )
     if secure_mode:
         make_secure(optimizer)
-    criterion = loss_fn(plan.loss)
+    criterion = loss_fn(plan.loss, reduction="none")
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor | None:
         optimizer.zero_grad(set_to_none=True)
-        loss = criterion(forward(private_model, xb, plan.loss), yb)
-        loss.backward()  # an empty batch still gives (empty) per-sample grads: noise only
+        per_row = criterion(forward(private_model, xb, plan.loss), yb)
+        per_row.mean().backward()  # an empty batch gives (empty) per-sample grads: noise only
+        zero_non_finite_rows(optimizer)
         optimizer.step()
-        return loss.detach() * len(xb) if len(xb) else None
+        return finite_sum(per_row) if len(xb) else None
 
     return step, private_model.remove_hooks, tracker
+
+
+def finite_sum(per_row: torch.Tensor) -> torch.Tensor:
+    """The batch's loss over its finite rows: one row's NaN must not show in the metric."""
+    per_row = per_row.detach()
+    return torch.where(torch.isfinite(per_row), per_row, 0.0).sum()
+
+
+def zero_non_finite_rows(optimizer: DPOptimizer) -> None:
+    """Set every per-sample gradient row holding a NaN or inf to zero, in every parameter.
+
+    Opacus would clip such a row to NaN and the whole update with it; the fused engine does the
+    same as this (``fused_dp._clip_factor``). A zero row is within the sensitivity bound.
+    """
+    params = [p for p in optimizer.params if getattr(p, "grad_sample", None) is not None]
+    samples = [optimizer._get_flat_grad_sample(p) for p in params]
+    if not samples or not len(samples[0]):
+        return
+    finite = torch.stack([torch.isfinite(g.reshape(len(g), -1)).all(1) for g in samples]).all(0)
+    if bool(finite.all()):
+        return
+    for p, g in zip(params, samples, strict=True):
+        p.grad_sample = g.masked_fill(~finite.view(-1, *([1] * (g.dim() - 1))), 0.0)
 
 
 def _optimizer(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
@@ -285,7 +309,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: str) -> dict[
     xt = torch.as_tensor(x, dtype=torch.float32, device=device())
     yt = targets(y, loss).to(device())
     out = forward(model, xt, loss)
-    metrics = {"loss": float(loss_fn(loss)(out, yt))}
+    metrics = {"loss": float(finite_sum(loss_fn(loss, reduction="none")(out, yt))) / len(xt)}
     if loss == "cross_entropy":
         metrics["accuracy"] = float((out.argmax(1) == yt).float().mean())
     elif loss == "bce_with_logits":

@@ -399,3 +399,50 @@ def test_scaling_that_would_overflow_rows(arena) -> None:
     literal["scaling"] = {"mean": [0.0] * 30, "std": [1e-45] * 30}
     source = template_with("bad_scaling", literal)
     submitted_and_refused(arena, "bad_scaling", source, "template")
+
+
+def _threshold_weights(spec, threshold: float) -> dict:
+    """Weights that overflow to inf, then NaN in the loss, for rows whose feature 0 > threshold.
+
+    Layer 0 computes x0 - threshold; ReLU keeps it only above the threshold; eleven gain layers
+    of 1e4 each (every tensor within the norm bound) take any positive value past float32's
+    range; the head turns it into logits (+inf, -inf), whose cross-entropy is NaN.
+    """
+    shapes = _shapes(spec)
+    names = [n for n in shapes if n.endswith(".weight")]
+    weights = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    weights[names[0]][0, 0] = 1.0
+    weights["0.bias"][0] = -threshold
+    for name in names[1:-1]:
+        weights[name][0, 0] = 1e4
+    weights[names[-1]][:, 0] = [1.0, -1.0]
+    return weights
+
+
+# red team: a NaN in one row's gradient turned the whole update NaN, and the release's refusal
+# answered "is there a training row above this threshold?" once per round
+def test_threshold_weights_cannot_turn_the_release_into_a_yes_no_answer(arena) -> None:
+    gain = [{"type": "Linear", "in_features": 4, "out_features": 4} for _ in range(11)]
+    layers = [
+        {"type": "Linear", "in_features": 30, "out_features": 4},
+        {"type": "ReLU"},
+        *gain,
+        {"type": "Linear", "in_features": 4, "out_features": 2},
+    ]
+    spec = job("threshold", {**PLAN, "rounds": 2}, layers)
+    client = arena.client(EVE)
+    asset = arena.asset(client)
+    sites.submit(client, spec, asset)
+    arena.queue().approve(arena.item(spec.name).request_id)
+    replies = [
+        sites.run_round(client, spec, asset, _encode(_threshold_weights(spec, t)))
+        for t in (-5.0, 1e3)  # every row above the threshold; no row above it
+    ]
+    assert [r["status"] for r in replies] == ["ok", "ok"], replies
+    for reply in replies:
+        weights = np.load(io.BytesIO(base64.b64decode(reply["weights"])))
+        assert all(np.isfinite(weights[k]).all() for k in weights.files)
+        assert set(reply) == set(replies[0])
+        assert set(reply["metrics"]) == set(replies[0]["metrics"])
+    assert_nothing_private(arena, replies)
+    assert_serving(arena)

@@ -201,3 +201,52 @@ def test_train_dp_gives_opacus_weights_without_noise() -> None:
     assert abs(fused.train_loss - opacus.train_loss) < 1e-5
     for key, value in fused.weights.items():
         np.testing.assert_allclose(value, opacus.weights[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["fused", "opacus"])
+def test_a_row_with_a_non_finite_gradient_adds_nothing(engine: str) -> None:
+    """One row that overflows to inf/NaN must not turn the update NaN (a data-dependent failure).
+
+    Reference: the per-sample loop over the finite rows alone.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = _data((24, 6))
+    x[3, 0] = float("nan")
+    x[7, 2] = float("inf")
+    keep = torch.isfinite(x).all(1)
+    reference = _per_sample_reference(copy.deepcopy(model), x[keep], y[keep])
+    if engine == "fused":
+        got = _fused_grads(model, x, y, scale=1.0)
+    else:
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        opt = DPOptimizer(
+            torch.optim.SGD(gsm.parameters(), lr=0.0),
+            noise_multiplier=0.0,
+            max_grad_norm=C,
+            expected_batch_size=1,
+            loss_reduction="sum",
+        )
+        F.cross_entropy(gsm(x), y, reduction="sum").backward()
+        from datasites.training import zero_non_finite_rows
+
+        zero_non_finite_rows(opt)
+        opt.step()
+        got = [p.grad for p in gsm.parameters()]
+    for ref, mine in zip(reference, got, strict=True):
+        assert torch.isfinite(mine).all()
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_training_on_a_table_with_an_overflowing_row_releases_finite_weights() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)).astype(np.float32)
+    x[5] = np.float32(3e38)  # overflows to inf in the first layer, NaN after
+    y = (x[:, 0] > 0).astype(np.int64)
+    plan = TrainingPlan(noise_multiplier=1.0, batch_size=50, learning_rate=0.1, local_epochs=2)
+    for engine in ("auto", "opacus"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+        result = train_dp(model, x, y, plan, 1.0, engine=engine, _test_seed=1)
+        assert all(np.isfinite(w).all() for w in result.weights.values()), engine
+        assert np.isfinite(result.train_loss), engine
