@@ -78,8 +78,22 @@ def _check_can_start(site: SiteDir) -> None:
     pid = server_pid(site)
     if pid is not None:
         raise ServerError(f"datasite {config.name!r} is already running (pid {pid})")
-    if port_in_use(config.host, config.port):
+    if _port_stays_busy(config.host, config.port):
         raise ServerError(f"port {config.port} on {config.host} is already in use")
+
+
+def _port_stays_busy(host: str, port: int, grace: float = 5.0) -> bool:
+    """Whether the port is still taken after ``grace`` seconds.
+
+    Right after a server dies (kill -9, a crash), the kernel takes a moment to tear down its
+    connections, and a relaunch in that moment would be refused for nothing.
+    """
+    deadline = time.monotonic() + grace
+    while port_in_use(host, port):
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def launch_detached(site: SiteDir, timeout: float = READY_TIMEOUT_S) -> SiteStatus:

@@ -22,22 +22,53 @@ def free_port() -> int:
 
 
 def run_cli(
-    tool: str, *args: str, check: bool = True, env: dict | None = None
+    tool: str, *args: str, check: bool = True, env: dict | None = None, child: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run ``datasite`` or ``researcher`` as a user would, in a child process."""
+    """Run ``datasite`` or ``researcher`` with a user's arguments; exit code, stdout, stderr.
+
+    In this process by default: a child pays syft's import (about 7 s here) on every command,
+    which was most of the suite's time. ``child=True`` (or an ``env``) runs a real child process,
+    for the tests of what only a fresh process shows (start-up, environment).
+    """
     module = {"datasite": "datasites.cli", "researcher": "researcher.cli"}[tool]
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    if child or env is not None:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+    else:
+        proc = _in_process(module, list(args))
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{tool} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+def _in_process(module: str, args: list[str]) -> subprocess.CompletedProcess:
+    """The CLI's ``main()`` with this argv and captured streams, as ``python -m`` would run it."""
+    import importlib
+    import io
+    import traceback
+
+    main = importlib.import_module(module).main
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, sys.stdout, sys.stderr
+    sys.argv, sys.stdout, sys.stderr = [module, *args], out, err
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception:  # what the interpreter does with an uncaught exception
+        traceback.print_exc(file=err)
+        code = 1
+    finally:
+        sys.argv, sys.stdout, sys.stderr = saved
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
 def last_json(proc: subprocess.CompletedProcess):
