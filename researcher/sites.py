@@ -22,6 +22,31 @@ class Unreachable(SiteError):
     """The site did not answer; retrying later may work."""
 
 
+def _fail_fast_when_refused() -> None:
+    """syft's HTTP session retries a refused connection three times with back-off, printing a
+    warning each time (about 3.5 s per call to a site that is down). Retrying is this package's
+    job (``rounds.call_with_retry``): the session keeps syft's retries for everything but
+    connecting."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from syft.client.client import HTTPConnection
+    from urllib3.util.retry import Retry
+
+    def session(self: Any) -> requests.Session:
+        if self.session_cache is None:
+            new = requests.Session()
+            adapter = HTTPAdapter(max_retries=Retry(total=3, connect=0, backoff_factor=0.5))
+            new.mount("http://", adapter)
+            new.mount("https://", adapter)
+            self.session_cache = new
+        return self.session_cache
+
+    HTTPConnection.session = property(session)
+
+
+_fail_fast_when_refused()
+
+
 def connect(login: SiteLogin) -> Any:
     host, _, port = login.url.rpartition(":")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ class Crash(Exception):
 def test_rounds_faults_quorum_and_resume(tmp_path: Path) -> None:
     frame = breast_cancer_frame().sample(frac=1.0, random_state=0)
     parts = np.array_split(frame, [150, 330])
-    sites = [start(tmp_path, n, p) for n, p in zip(("a", "b", "c"), parts, strict=True)]
+    with ThreadPoolExecutor(3) as pool:  # three servers start at once: a third of the wait
+        sites = list(pool.map(lambda a: start(tmp_path, *a), zip("abc", parts, strict=True)))
     try:
         (tmp_path / "fed.toml").write_text(
             "\n".join(

@@ -11,13 +11,16 @@ import pytest
 import syft as sy
 from torch import nn
 
+from datasites.config import SiteDir
+from datasites.errors import ReviewError
+from datasites.review import ReviewQueue
 from policies.accounting import epsilon
 from policies.privacy import privacy_plan
 from researcher import api, sites
 from researcher.errors import JobError
 from researcher.federation import Federation
 from researcher.job import TEMPLATE, make_job
-from tests.conftest import Site, last_json, make_site
+from tests.conftest import Site, last_json, make_sites
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +40,7 @@ def job(plan: dict, **kw):
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, breast_cancer_csv: Path):
     root = tmp_path_factory.mktemp("fed")
-    made = [make_site(root, "hospital-a"), make_site(root, "hospital-b")]
+    made = make_sites(root, "hospital-a", "hospital-b")
     lines = []
     for s in made:
         s.cli("upload", "--name", "cancer", "--file", str(breast_cancer_csv), "--target", "target")
@@ -216,20 +219,27 @@ def test_attacks_from_a_plain_syft_client_are_flagged_and_refused(federation) ->
         _plain_request(client, asset, name, source)
 
     items = {i["function"]: i for i in last_json(a.cli("requests", "--json"))}
+    # the CLI's answer once (exit code, one line); the rest through the same queue, in process
+    refused = a.cli("approve", items["steal_rows"]["id"], check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "cannot be overridden" in refused.stderr
+    forced = a.cli("approve", items["steal_rows"]["id"], "--override", "--reason", "x", check=False)
+    assert forced.returncode == 1 and "cannot be overridden" in forced.stderr
+    queue = ReviewQueue(SiteDir(a.dir))
     for name, (_, check) in attacks.items():
         report = items[name]["report"]
         assert not report["passed"], name
         reasons = {c["name"]: c["reason"] for c in report["checks"] if not c["passed"]}
         assert check in reasons, (name, report)
         assert why.get(name, "") in reasons[check], (name, reasons)
-        refused = a.cli("approve", items[name]["id"], check=False)
-        assert refused.returncode == 1, name
-        forced = a.cli("approve", items[name]["id"], "--override", "--reason", "x", check=False)
+        with pytest.raises(ReviewError):
+            queue.approve(items[name]["id"])
         if check != "dp_parameters":
-            assert forced.returncode == 1 and "cannot be overridden" in forced.stderr
+            with pytest.raises(ReviewError, match="cannot be overridden"):
+                queue.approve(items[name]["id"], override=True, reason="x")
         else:  # overriding DP is possible, but the runtime floors the noise at the policy's
-            assert forced.returncode == 0  # minimum and refuses a plan past the epsilon limit
-            out = sites.run_round(client, low_noise, asset, "")
+            queue.approve(items[name]["id"], override=True, reason="x")  # minimum and refuses
+            out = sites.run_round(client, low_noise, asset, "")  # a plan past the epsilon limit
             assert out["status"] == "refused" and "epsilon" in out["reason"], out
     for name in ATTACKS:
         with pytest.raises(Exception, match="(?i)approval|pending"):
