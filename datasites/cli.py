@@ -399,6 +399,30 @@ def budget(
             for r in rows
         ],
     )
+    releases = [(r["researcher"], r["dataset"], rel) for r in rows for rel in r["releases"]]
+    if releases:
+        table(
+            "every charged release (composed into 'epsilon spent' above)",
+            ["researcher", "dataset", "kind", "job", "mechanism", "epsilon alone", "status"],
+            [
+                [
+                    who,
+                    dataset,
+                    rel["kind"],
+                    rel["job"][:12],
+                    _mechanism_text(rel["mechanism"]),
+                    f"{rel['epsilon']:.3f}",
+                    rel["status"],
+                ]
+                for who, dataset, rel in releases
+            ],
+        )
+
+
+def _mechanism_text(m: dict) -> str:
+    if m["sample_rate"] >= 1.0:
+        return f"gaussian x{m['steps']}, noise {m['noise_multiplier']:.3g}"
+    return f"DP-SGD {m['steps']} steps, noise {m['noise_multiplier']:.3g}, q {m['sample_rate']:.3g}"
 
 
 @budget_app.command("set")

@@ -290,9 +290,15 @@ class FusedDPSGD:
         self.std = noise_multiplier * max_grad_norm * self.scale
         self.noise = noise
         self.shapes = [p.shape for p in self.clipper.params]
+        self.numels = [shape.numel() for shape in self.shapes]
+
+    def _draw(self) -> list[torch.Tensor]:
+        """This step's noise for every parameter, from one draw (one CSPRNG read at a site)."""
+        flat = self.noise(self.std, torch.Size([sum(self.numels)]))
+        return [t.view(s) for t, s in zip(flat.split(self.numels), self.shapes, strict=True)]
 
     def step(self, per_sample_loss_sum: torch.Tensor) -> None:
-        noise = [self.noise(self.std, shape) for shape in self.shapes]
+        noise = self._draw()
         grads = self.clipper.noisy_grads(per_sample_loss_sum, self.max_grad_norm, self.scale, noise)
         for p, grad in zip(self.clipper.params, grads, strict=True):
             p.grad = grad
@@ -300,6 +306,6 @@ class FusedDPSGD:
 
     def empty_step(self) -> None:
         """A Poisson batch with no rows: noise only, as Opacus does."""
-        for p, shape in zip(self.clipper.params, self.shapes, strict=True):
-            p.grad = self.noise(self.std, shape)
+        for p, noise in zip(self.clipper.params, self._draw(), strict=True):
+            p.grad = noise
         self.optimizer.step()

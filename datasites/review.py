@@ -18,7 +18,7 @@ from datasites.errors import ReviewError
 from datasites.executed import executed_problems
 from policies.access import DatasetPolicy, PolicyStore
 from policies.audit import AuditLog
-from policies.plan import JobSpec, training_rows
+from policies.plan import JobSpec
 from policies.privacy import privacy_plan
 from policies.report import PolicyReport, Submission, build_report
 from policies.store import SiteStore
@@ -238,8 +238,7 @@ def _uid(rule: Any) -> UID | None:
 
 def _epsilon_of(policy: DatasetPolicy) -> Any:
     def epsilon_of(spec: JobSpec, rows: int) -> float:
-        n_train = training_rows(rows, spec.plan)
-        return privacy_plan(spec.plan, n_train, policy.min_noise_multiplier).epsilon_job
+        return privacy_plan(spec.plan, rows, policy.min_noise_multiplier).epsilon_job
 
     return epsilon_of
 

@@ -9,6 +9,7 @@ same function runs in-process for a researcher's dry run on the mock.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,8 @@ class RoundTask:
 class RoundOutput:
     weights: Weights
     n: int
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # what the researcher receives: noised (or public) numbers only
+    timing: dict[str, float]  # for the site's audit log and the benchmark, never released
 
 
 def split(
@@ -63,8 +65,13 @@ def standardise(x: np.ndarray, scaling: Scaling) -> np.ndarray:
 
 
 def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
-    """Build the spec's model with site code, train one round of DP-SGD, evaluate, release."""
-    from datasites.training import evaluate, train_dp
+    """Build the spec's model with site code, train one round of DP-SGD, measure, release.
+
+    Everything released is accounted: the weights come from the noisy optimizer steps, the
+    metrics are noised sums (``training.private_metrics``), the row count is a function of the
+    table's published size, and the step count of the plan.
+    """
+    from datasites.training import private_metrics, secure_scalar_gaussian, train_dp
     from policies.modelspec import parse
     from policies.torch_model import build, load
 
@@ -73,19 +80,18 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     x = standardise(task.features, task.scaling if plan.standardize else None)
     x, y, xv, yv = split(x, task.target, plan.validation_fraction, task.split_seed)
     model = build(spec)
-    before: dict[str, float] = {}
     if task.weights is not None:
         load(model, task.weights)
-        before = evaluate(model, xv, yv, plan.loss)  # the global model, on this site's val split
     started = time.perf_counter()
     result = train_dp(model, x, y, plan, task.noise_multiplier, _test_seed=_test_seed)
     train_seconds = time.perf_counter() - started
-    load(model, result.weights)  # evaluate what is released, not what the model holds
-    metrics = {
-        "train_loss": result.train_loss,
-        "steps": float(result.steps),
-        "train_seconds": train_seconds,
-    }
-    metrics.update({f"val_{k}": v for k, v in evaluate(model, xv, yv, plan.loss).items()})
-    metrics.update({f"global_val_{k}": v for k, v in before.items()})
-    return RoundOutput(result.weights, int(len(x)), metrics)
+    load(model, result.weights)  # measure what is released, not what the model holds
+    gaussian = secure_scalar_gaussian if _test_seed is None else _seeded_gaussian(_test_seed)
+    metrics = {"steps": float(result.steps), "val_rows": float(len(xv))}
+    metrics.update(private_metrics(model, xv, yv, plan, gaussian))
+    return RoundOutput(result.weights, int(len(x)), metrics, {"train_seconds": train_seconds})
+
+
+def _seeded_gaussian(seed: int) -> Callable[[float], float]:
+    rng = np.random.default_rng(seed)
+    return lambda std: float(rng.normal(0.0, std))

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from policies.errors import PlanError, PolicyError
-from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs, training_rows
+from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs
 from policies.privacy import PrivacyPlan, privacy_plan
 from policies.wire import check_shapes, decode_weights, encode_weights
 
@@ -149,6 +149,10 @@ def privacy_report(plan: TrainingPlan, privacy: PrivacyPlan) -> dict[str, Any]:
         "steps_per_round": privacy.steps_per_round,
         "delta": plan.delta,
         "epsilon_job": privacy.epsilon_job,
+        "metric_noise_multiplier": privacy.metric_noise_multiplier
+        if privacy.metric_releases
+        else None,
+        "metric_releases": privacy.metric_releases,
     }
 
 
@@ -159,7 +163,7 @@ def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None
     frame = pd.DataFrame(data)
     if spec.target not in frame.columns:
         raise Refused(f"target column {spec.target!r} is not in the data")
-    privacy = privacy_plan(spec.plan, training_rows(len(frame), spec.plan))
+    privacy = privacy_plan(spec.plan, len(frame))
     if spec.scaling:
         scaling = (spec.scaling["mean"], spec.scaling["std"])
     else:

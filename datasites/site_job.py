@@ -19,7 +19,7 @@ from policies.access import PolicyStore
 from policies.audit import AuditLog
 from policies.errors import PolicyError, WireError
 from policies.ledger import BudgetLedger
-from policies.plan import JobSpec, training_rows
+from policies.plan import JobSpec
 from policies.privacy import privacy_plan
 from policies.store import SiteStore
 
@@ -47,10 +47,7 @@ def run_at_site(
     approval = Approvals(store).get(caller.code_id)
     try:
         approval = _check_approval(approval, caller, job)
-        result = _run(site, store, audit, approval, caller, data, weights)
-        # time inside the site runtime, training included: bench splits the round with it
-        result["metrics"]["runtime_seconds"] = time.perf_counter() - started
-        return result
+        return _run(site, store, audit, approval, caller, data, weights, started)
     except SandboxLimit as exc:
         audit.record(
             ACTOR,
@@ -112,6 +109,7 @@ def _run(
     caller: CallerCode,
     data: Any,
     weights: str,
+    started: float,
 ) -> dict[str, Any]:
     spec = JobSpec.from_dict(approval.job)
     meta = site.datasets_meta().get(approval.dataset)
@@ -119,9 +117,7 @@ def _run(
         raise Refused(f"dataset {approval.dataset!r} has no metadata on this datasite")
     policy = PolicyStore(site.policies_path).get(approval.dataset)
     frame = pd.DataFrame(data)
-    privacy = privacy_plan(
-        spec.plan, training_rows(len(frame), spec.plan), min_noise=policy.min_noise_multiplier
-    )
+    privacy = privacy_plan(spec.plan, len(frame), min_noise=policy.min_noise_multiplier)
     if privacy.epsilon_job > policy.max_epsilon_per_job:
         raise Refused(
             f"the whole plan would spend epsilon {privacy.epsilon_job:.3f}, more than "
@@ -144,7 +140,7 @@ def _run(
     )
     ledger = BudgetLedger(store)
     charge = ledger.reserve(
-        approval.researcher, approval.dataset, spec.job_id, privacy.mechanism, spec.plan.accountant
+        approval.researcher, approval.dataset, spec.job_id, privacy.releases, spec.plan.accountant
     )
     round_no = Approvals(store).take_round(caller.code_id)
     audit.record(
@@ -182,5 +178,8 @@ def _run(
         n=result["n"],
         metrics=result["metrics"],
         epsilon_spent=budget.epsilon_spent,
+        # time inside the site runtime and in training: for the admin and scripts/bench only,
+        # because a duration measured on private rows is not accounted
+        timing={**output.timing, "runtime_seconds": time.perf_counter() - started},
     )
     return result

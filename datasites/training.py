@@ -25,7 +25,7 @@ from torch import nn
 
 from datasites import fused_dp
 from datasites.secure_noise import make_secure, secure_gaussian
-from policies.plan import TrainingPlan
+from policies.plan import CLASSIFIERS, TrainingPlan
 from policies.wire import Weights
 
 
@@ -232,8 +232,9 @@ def _fused_step(
             dp.empty_step()
             return None
         per_row = criterion(forward(model, xb, plan.loss), yb)
-        dp.step(per_row.sum())
-        return finite_sum(per_row)
+        loss_sum = per_row.sum()
+        dp.step(loss_sum)
+        return loss_sum.detach() if torch.isfinite(loss_sum) else finite_sum(per_row)
 
     return step, dp.clipper.remove, tracker
 
@@ -272,7 +273,7 @@ def _opacus_step(
 
 
 def finite_sum(per_row: torch.Tensor) -> torch.Tensor:
-    """The batch's loss over its finite rows: one row's NaN must not show in the metric."""
+    """The batch's loss over its finite rows: one row's NaN must not turn the sum NaN."""
     per_row = per_row.detach()
     return torch.where(torch.isfinite(per_row), per_row, 0.0).sum()
 
@@ -301,8 +302,57 @@ def _optimizer(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
+def private_metrics(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    plan: TrainingPlan,
+    gaussian: Callable[[float], float],
+) -> dict[str, float]:
+    """Validation loss and accuracy as a site releases them: noised sums over the rows.
+
+    Each row's loss is clipped to [0, ``metric_loss_clip``] (a non-finite loss counts as the
+    clip), so the loss sum has that sensitivity; the count of correct predictions has
+    sensitivity 1. Each sum gets Gaussian noise of ``metric_noise_multiplier`` times its
+    sensitivity (``policies.privacy`` charges them) before it is divided by the public number
+    of validation rows and clamped to its range. Nothing exact leaves.
+    """
+    n = len(x)
+    if not plan.site_metrics or n == 0:
+        return {}
+    model = model.to(device()).eval()
+    xt = torch.as_tensor(x, dtype=torch.float32, device=device())
+    yt = targets(y, plan.loss).to(device())
+    out = forward(model, xt, plan.loss)
+    clip = plan.metric_loss_clip
+    per_row = loss_fn(plan.loss, reduction="none")(out, yt)
+    per_row = torch.where(torch.isfinite(per_row), per_row, clip).clamp(0.0, clip)
+    z = plan.metric_noise_multiplier
+    loss_sum = float(per_row.double().sum()) + gaussian(z * clip)
+    released = {"val_loss": min(max(loss_sum / n, 0.0), clip)}
+    if plan.loss in CLASSIFIERS:
+        correct = float(_correct(out, yt, plan.loss).sum()) + gaussian(z)
+        released["val_accuracy"] = min(max(correct / n, 0.0), 1.0)
+    return released
+
+
+def _correct(out: torch.Tensor, yt: torch.Tensor, loss: str) -> torch.Tensor:
+    if loss == "cross_entropy":
+        return out.argmax(1) == yt
+    return (out > 0).float() == yt
+
+
+def secure_scalar_gaussian(std: float) -> float:
+    """One Gaussian draw of ``std`` from the OS CSPRNG (``datasites.secure_noise``)."""
+    return float(secure_gaussian(std, 1)[0])
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: str) -> dict[str, float]:
-    """Loss, and accuracy for classification, of ``model`` on (x, y)."""
+    """Exact loss, and accuracy for classification, of ``model`` on (x, y).
+
+    For tests and local evaluation only: a site releases ``private_metrics`` instead.
+    """
     if len(x) == 0:
         return {}
     model = model.to(device()).eval()
@@ -310,8 +360,6 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: str) -> dict[
     yt = targets(y, loss).to(device())
     out = forward(model, xt, loss)
     metrics = {"loss": float(finite_sum(loss_fn(loss, reduction="none")(out, yt))) / len(xt)}
-    if loss == "cross_entropy":
-        metrics["accuracy"] = float((out.argmax(1) == yt).float().mean())
-    elif loss == "bce_with_logits":
-        metrics["accuracy"] = float(((out > 0).float() == yt).float().mean())
+    if loss in CLASSIFIERS:
+        metrics["accuracy"] = float(_correct(out, yt, loss).float().mean())
     return metrics

@@ -67,9 +67,20 @@ def _epsilon(mechanisms: tuple[Mechanism, ...], delta: float, accountant: str) -
 
 @lru_cache(maxsize=256)
 def noise_for_target(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+    alongside: tuple[Mechanism, ...] = (),
 ) -> float:
-    """The smallest noise multiplier that keeps one run within ``target_epsilon`` (Opacus' search)."""
+    """The smallest noise multiplier that keeps one run within ``target_epsilon``.
+
+    ``alongside``: mechanisms of fixed noise run in the same job (the site metrics); the target
+    then covers their composition with the run.
+    """
+    if alongside:
+        return _noise_with(target_epsilon, delta, sample_rate, steps, accountant, alongside)
     try:
         return float(
             get_noise_multiplier(
@@ -86,3 +97,44 @@ def noise_for_target(
             f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta} "
             f"over {steps} steps: {exc}"
         ) from exc
+
+
+MAX_SEARCH_NOISE = 1000.0
+
+
+def _noise_with(
+    target: float,
+    delta: float,
+    q: float,
+    steps: int,
+    accountant: str,
+    alongside: tuple[Mechanism, ...],
+) -> float:
+    """Bisection as Opacus' ``get_noise_multiplier`` does it, over the composed epsilon."""
+    fixed = epsilon(alongside, delta, accountant)
+    if fixed >= target:
+        raise PlanError(
+            f"the site metrics alone spend epsilon {fixed:.3f} of the target {target}; "
+            "raise metric_noise_multiplier, or set site_metrics to false"
+        )
+
+    def eps(sigma: float) -> float:
+        return epsilon([Mechanism(sigma, q, steps), *alongside], delta, accountant)
+
+    low, high = 0.0, 10.0
+    while eps(high) > target:
+        low, high = high, 2 * high
+        if high > MAX_SEARCH_NOISE:
+            raise PlanError(
+                f"no noise multiplier up to {MAX_SEARCH_NOISE:g} reaches epsilon {target} "
+                f"at delta {delta} over {steps} steps beside the site metrics"
+            )
+    for _ in range(60):  # halves the bracket each time: far below float precision by then
+        if target - eps(high) <= 0.005:
+            break
+        mid = (low + high) / 2
+        if eps(mid) < target:
+            high = mid
+        else:
+            low = mid
+    return high

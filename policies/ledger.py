@@ -13,7 +13,8 @@ never larger than the sum of the per-job epsilons (which is reported alongside).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from policies.accounting import Mechanism, epsilon
 from policies.errors import BudgetExceeded, PlanError
@@ -34,6 +35,7 @@ class Budget:
     epsilon_sum: float
     charges: int
     is_default: bool
+    releases: tuple[dict[str, object], ...] = field(default=())
 
     @property
     def remaining(self) -> float:
@@ -50,6 +52,7 @@ class Budget:
             "delta": self.delta,
             "charges": self.charges,
             "default": self.is_default,
+            "releases": list(self.releases),
         }
 
 
@@ -91,50 +94,120 @@ class BudgetLedger:
             return [self._budget(conn, r, d) for r, d in pairs]
 
     def reserve(
-        self, researcher: str, dataset: str, job_id: str, mechanism: Mechanism, job_accountant: str
+        self,
+        researcher: str,
+        dataset: str,
+        job_id: str,
+        releases: Sequence[tuple[str, Mechanism]] | Mechanism,
+        job_accountant: str,
     ) -> Charge:
-        """Record a charge for ``mechanism`` or raise BudgetExceeded, atomically."""
+        """Record a job's charges (one row per kind of release) or raise BudgetExceeded.
+
+        ``releases`` pairs a kind ("training", "metrics", "mock") with its mechanism; a bare
+        Mechanism is training alone. Check and insert are one transaction.
+        """
+        if isinstance(releases, Mechanism):
+            releases = [("training", releases)]
+        mechanisms = [m for _, m in releases]
         researcher = researcher.lower()
         with self.store.immediate() as conn:
             existing = conn.execute(
-                "SELECT id, epsilon FROM charges WHERE job_id = ? AND researcher = ? "
-                "AND dataset = ?",
+                "SELECT id, noise_multiplier, sample_rate, steps FROM charges "
+                "WHERE job_id = ? AND researcher = ? AND dataset = ? ORDER BY id",
                 (job_id, researcher, dataset),
-            ).fetchone()
+            ).fetchall()
             if existing:  # one charge per job, made at its first round, covers all its rounds
                 budget = self._budget(conn, researcher, dataset)
-                return Charge(existing[0], existing[1], budget.epsilon_spent, budget)
+                mine = [Mechanism(r[1], r[2], r[3]) for r in existing]
+                job_eps = epsilon(mine, budget.delta, job_accountant)
+                return Charge(existing[0][0], job_eps, budget.epsilon_spent, budget)
             before = self._budget(conn, researcher, dataset)
             history = self._mechanisms(conn, researcher, dataset)
-            after = epsilon([*history, mechanism], before.delta, self.accountant)
-            job_eps = epsilon([mechanism], before.delta, job_accountant)
+            after = epsilon([*history, *mechanisms], before.delta, self.accountant)
+            job_eps = epsilon(mechanisms, before.delta, job_accountant)
             if after > before.epsilon_total + _SLACK:
                 raise BudgetExceeded(
                     f"job would bring epsilon for {researcher} on {dataset!r} to {after:.3f}, "
                     f"past the budget of {before.epsilon_total:.3f} "
                     f"({before.remaining:.3f} remaining)"
                 )
-            cur = conn.execute(
-                "INSERT INTO charges (researcher, dataset, job_id, noise_multiplier, sample_rate,"
-                " steps, epsilon, accountant, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'reserved')",
-                (
-                    researcher,
-                    dataset,
-                    job_id,
-                    mechanism.noise_multiplier,
-                    mechanism.sample_rate,
-                    mechanism.steps,
-                    job_eps,
-                    job_accountant,
-                ),
-            )
-            charge_id = int(cur.lastrowid or 0)
+            ids = [
+                self._insert(
+                    conn, researcher, dataset, job_id, kind, m, before.delta, job_accountant
+                )
+                for kind, m in releases
+            ]
             budget = self._budget(conn, researcher, dataset)
-        return Charge(charge_id, job_eps, after, budget)
+        return Charge(ids[0], job_eps, after, budget)
+
+    def _insert(  # noqa: PLR0913
+        self,
+        conn,  # noqa: ANN001
+        researcher: str,
+        dataset: str,
+        job_id: str,
+        kind: str,
+        mechanism: Mechanism,
+        delta: float,
+        accountant: str,
+    ) -> int:
+        cur = conn.execute(
+            "INSERT INTO charges (researcher, dataset, job_id, noise_multiplier, sample_rate,"
+            " steps, epsilon, accountant, status, kind)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
+            (
+                researcher,
+                dataset,
+                job_id,
+                mechanism.noise_multiplier,
+                mechanism.sample_rate,
+                mechanism.steps,
+                epsilon([mechanism], delta, accountant),
+                accountant,
+                kind,
+            ),
+        )
+        return int(cur.lastrowid or 0)
 
     def commit(self, charge_id: int) -> None:
+        """Mark every charge of the job that ``charge_id`` belongs to as committed."""
         with self.store.immediate() as conn:
-            conn.execute("UPDATE charges SET status = 'committed' WHERE id = ?", (charge_id,))
+            conn.execute(
+                "UPDATE charges SET status = 'committed' WHERE (job_id, researcher, dataset) = "
+                "(SELECT job_id, researcher, dataset FROM charges WHERE id = ?)",
+                (charge_id,),
+            )
+
+    def releases(self, researcher: str, dataset: str) -> list[dict[str, object]]:
+        """Every charged release of a (researcher, dataset), in order: kind, job, mechanism."""
+        with self.store.connect() as conn:
+            return self._releases(conn, researcher.lower(), dataset)
+
+    def _releases(self, conn, researcher: str, dataset: str) -> list[dict[str, object]]:  # noqa: ANN001
+        rows = conn.execute(
+            "SELECT kind, job_id, noise_multiplier, sample_rate, steps, epsilon, accountant, "
+            "status, created_at FROM charges WHERE researcher = ? AND dataset = ? ORDER BY id",
+            (researcher, dataset),
+        ).fetchall()
+        return [
+            {
+                "kind": r["kind"],
+                "job": r["job_id"],
+                "mechanism": {
+                    "type": "gaussian"
+                    if r["sample_rate"] >= 1.0
+                    else "poisson-subsampled gaussian",
+                    "noise_multiplier": r["noise_multiplier"],
+                    "sample_rate": r["sample_rate"],
+                    "steps": r["steps"],
+                },
+                "epsilon": r["epsilon"],
+                "accountant": r["accountant"],
+                "status": r["status"],
+                "at": r["created_at"],
+            }
+            for r in rows
+        ]
 
     def _mechanisms(self, conn, researcher: str, dataset: str) -> list[Mechanism]:  # noqa: ANN001
         rows = conn.execute(
@@ -152,9 +225,12 @@ class BudgetLedger:
         total, delta = (row[0], row[1]) if row else (DEFAULT_EPSILON, DEFAULT_DELTA)
         history = self._mechanisms(conn, researcher, dataset)
         sums = conn.execute(
-            "SELECT COALESCE(SUM(epsilon), 0), COUNT(*) FROM charges "
+            "SELECT COALESCE(SUM(epsilon), 0), COUNT(DISTINCT job_id) FROM charges "
             "WHERE researcher = ? AND dataset = ?",
             (researcher, dataset),
         ).fetchone()
         spent = epsilon(history, delta, self.accountant)
-        return Budget(researcher, dataset, total, delta, spent, sums[0], sums[1], row is None)
+        releases = tuple(self._releases(conn, researcher, dataset))
+        return Budget(
+            researcher, dataset, total, delta, spent, sums[0], sums[1], row is None, releases
+        )

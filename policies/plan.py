@@ -31,6 +31,8 @@ MAX_LEARNING_RATE = 100.0
 MAX_GRAD_NORM = 100.0
 MAX_NOISE = 1000.0
 MAX_EPSILON = 100.0
+MAX_LOSS_CLIP = 1e4
+CLASSIFIERS = ("cross_entropy", "bce_with_logits")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ class TrainingPlan:
     accountant: str = "prv"
     validation_fraction: float = 0.2
     standardize: bool = True
+    # Validation metrics a site releases each round, as Gaussian-noised sums (policies.privacy)
+    site_metrics: bool = True
+    metric_noise_multiplier: float = 20.0
+    metric_loss_clip: float = 5.0
 
     def __post_init__(self) -> None:
         self._check_ranges()
@@ -82,8 +88,11 @@ class TrainingPlan:
             _positive_float("noise_multiplier", self.noise_multiplier, MAX_NOISE)
         if self.target_epsilon is not None:
             _positive_float("target_epsilon", self.target_epsilon, MAX_EPSILON)
-        if not isinstance(self.standardize, bool):
-            raise PlanError(f"standardize must be true or false, got {self.standardize!r}")
+        for name in ("standardize", "site_metrics"):
+            if not isinstance(getattr(self, name), bool):
+                raise PlanError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _positive_float("metric_noise_multiplier", self.metric_noise_multiplier, MAX_NOISE)
+        _positive_float("metric_loss_clip", self.metric_loss_clip, MAX_LOSS_CLIP)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,6 +183,17 @@ def validation_rows(n_rows: int, fraction: float) -> int:
 
 def training_rows(n_rows: int, plan: TrainingPlan) -> int:
     return n_rows - validation_rows(n_rows, plan.validation_fraction)
+
+
+def metric_queries(n_rows: int, plan: TrainingPlan) -> int:
+    """Noised sums a site releases per round on its validation rows.
+
+    The clipped loss sum, and for a classifier the count of correct predictions; none when the
+    plan turns site metrics off or the table is too small to hold validation rows.
+    """
+    if not plan.site_metrics or validation_rows(n_rows, plan.validation_fraction) == 0:
+        return 0
+    return 2 if plan.loss in CLASSIFIERS else 1
 
 
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:

@@ -2,6 +2,19 @@
 
 Shared by the site runtime (which enforces it), the review (which reports it) and the researcher
 (who estimates it before submitting), so all three compute the same numbers.
+
+A job releases two kinds of numbers, and both are charged:
+
+- its model updates: DP-SGD, Poisson rate q over the training rows, ``steps`` noisy steps;
+- its validation metrics (unless the plan turns them off): per round, the clipped loss sum
+  (sensitivity ``metric_loss_clip``) and, for a classifier, the count of correct predictions
+  (sensitivity 1), each with Gaussian noise of ``metric_noise_multiplier`` times its
+  sensitivity: a Gaussian mechanism at sample rate 1, one "step" per released sum.
+
+The validation rows are a uniformly random subset of fixed size, drawn with a key the
+researcher does not know. Adding one row to a table can be coupled to a change of at most one
+training row and a swap of at most one validation row, so both mechanisms keep their
+sensitivity on neighbouring tables, and they compose sequentially in the same accountant.
 """
 
 from __future__ import annotations
@@ -9,7 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from policies.accounting import Mechanism, epsilon, noise_for_target
-from policies.plan import TrainingPlan, sample_rate, steps_per_epoch, total_steps
+from policies.plan import (
+    TrainingPlan,
+    metric_queries,
+    sample_rate,
+    steps_per_epoch,
+    total_steps,
+    training_rows,
+)
+
+TRAINING, METRICS = "training", "metrics"
 
 
 @dataclass(frozen=True)
@@ -19,23 +41,46 @@ class PrivacyPlan:
     steps_per_round: int
     rounds: int
     epsilon_job: float
+    metric_noise_multiplier: float = 0.0
+    metric_releases: int = 0  # noised sums over the whole job
 
     @property
     def mechanism(self) -> Mechanism:
+        """The DP-SGD steps of the whole job."""
         return Mechanism(
             self.noise_multiplier, self.sample_rate, self.steps_per_round * self.rounds
         )
 
+    @property
+    def releases(self) -> list[tuple[str, Mechanism]]:
+        """Every mechanism the job runs, by kind: what the ledger charges."""
+        out = [(TRAINING, self.mechanism)]
+        if self.metric_releases:
+            out.append(
+                (METRICS, Mechanism(self.metric_noise_multiplier, 1.0, self.metric_releases))
+            )
+        return out
 
-def privacy_plan(plan: TrainingPlan, n_train: int, min_noise: float = 0.0) -> PrivacyPlan:
-    """Noise, sampling rate and steps of the whole approved plan, and what it will spend."""
+
+def privacy_plan(plan: TrainingPlan, n_rows: int, min_noise: float = 0.0) -> PrivacyPlan:
+    """Noise, sampling rate and steps of the whole approved plan on a table of ``n_rows``.
+
+    ``n_rows`` is the whole table; the training rows are what is left after the validation
+    split. With ``target_epsilon``, the training noise is the smallest that keeps training and
+    metrics together within the target.
+    """
+    n_train = training_rows(n_rows, plan)
     q = sample_rate(n_train, plan.batch_size)
     per_round = plan.local_epochs * steps_per_epoch(n_train, plan.batch_size)
     total = total_steps(n_train, plan)  # bounded before any accountant runs
+    queries = metric_queries(n_rows, plan) * plan.rounds
+    metrics = [Mechanism(plan.metric_noise_multiplier, 1.0, queries)] if queries else []
     if plan.target_epsilon is not None:
-        noise = noise_for_target(plan.target_epsilon, plan.delta, q, total, plan.accountant)
+        noise = noise_for_target(
+            plan.target_epsilon, plan.delta, q, total, plan.accountant, tuple(metrics)
+        )
     else:
         noise = float(plan.noise_multiplier or 0.0)
     noise = max(noise, min_noise)
-    eps = epsilon([Mechanism(noise, q, total)], plan.delta, plan.accountant)
-    return PrivacyPlan(noise, q, per_round, plan.rounds, eps)
+    eps = epsilon([Mechanism(noise, q, total), *metrics], plan.delta, plan.accountant)
+    return PrivacyPlan(noise, q, per_round, plan.rounds, eps, plan.metric_noise_multiplier, queries)

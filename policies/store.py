@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS charges (
     noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL,
     epsilon REAL NOT NULL, accountant TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('reserved', 'committed')),
+    kind TEXT NOT NULL DEFAULT 'training',
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -41,6 +42,13 @@ CREATE TABLE IF NOT EXISTS approvals (
 """
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database written by an earlier version up to this schema."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(charges)")}
+    if "kind" not in columns:  # before metrics were charged, every charge was training
+        conn.execute("ALTER TABLE charges ADD COLUMN kind TEXT NOT NULL DEFAULT 'training'")
+
+
 class SiteStore:
     """Opens connections to the datasite's own database, creating its tables once."""
 
@@ -48,6 +56,7 @@ class SiteStore:
         self.path = Path(path)
         with self.connect() as conn:
             conn.executescript(SCHEMA)
+            _migrate(conn)
 
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)

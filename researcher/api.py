@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from policies.plan import JobSpec, training_rows
+from policies.plan import JobSpec
 from policies.privacy import privacy_plan
 from researcher import sites
 from researcher.errors import JobError, SiteError
@@ -86,7 +86,7 @@ def load_job(fed: Federation, path: Path, target: str | None = None) -> JobSpec:
 
 def _epsilon_per_site(fed: Federation, spec: JobSpec) -> dict[str, float]:
     return {
-        site: privacy_plan(spec.plan, training_rows(int(meta["rows"]), spec.plan)).epsilon_job
+        site: privacy_plan(spec.plan, int(meta["rows"])).epsilon_job
         for site, meta in dataset_metas(fed, spec.dataset).items()
         if meta.get("rows")
     }

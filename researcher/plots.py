@@ -29,7 +29,7 @@ def plot_run(history: list[dict[str, Any]], run_dir: Path) -> list[Path]:
             ]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=f"{site}")
-        if key == "global_val_accuracy":
+        if key == "val_accuracy":
             pts = [
                 (h["round"], h["test_accuracy"])
                 for h in history

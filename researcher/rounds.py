@@ -131,7 +131,6 @@ class Checkpoint:
             "round",
             "site",
             "n",
-            "train_loss",
             "val_loss",
             "val_accuracy",
             "epsilon_spent",

@@ -38,9 +38,11 @@ from sklearn.datasets import load_breast_cancer, load_digits
 from torch import nn
 
 from datasites import admin, process
+from datasites.config import SiteDir
 from datasites.tables import validate_table
 from datasites.training import train_dp
 from policies.access import DatasetPolicy, PolicyStore
+from policies.audit import AuditLog
 from policies.ledger import BudgetLedger
 from policies.plan import TrainingPlan
 from policies.store import SiteStore
@@ -139,22 +141,25 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
             walls, overheads, trains = [], [], {link.login.name: [] for link in links}
             for _ in range(rounds):
                 started = time.perf_counter()
-                replies = list(pool.map(lambda link: call_with_retry(link, spec, blob), links))
+                list(pool.map(lambda link: call_with_retry(link, spec, blob), links))
                 wall = time.perf_counter() - started
-                for link, reply in zip(links, replies, strict=True):
-                    trains[link.login.name].append(reply["metrics"]["train_seconds"])
+                timings = [last_timing(s) for s in site_dirs]
+                for link, timing in zip(links, timings, strict=True):
+                    trains[link.login.name].append(timing["train_seconds"])
                 walls.append(wall)
-                overheads.append(wall - max(r["metrics"]["train_seconds"] for r in replies))
+                overheads.append(wall - max(t["train_seconds"] for t in timings))
             servers_cpu, client_cpu = meter.stop()
         slowest = max(links, key=lambda link: np.median(trains[link.login.name]))
+        slowest_dir = site_dirs[links.index(slowest)]
         alone, runtime, train = [], [], []
         meter.start()
         for _ in range(rounds):
             started = time.perf_counter()
-            reply = call_with_retry(slowest, spec, blob)
+            call_with_retry(slowest, spec, blob)
             alone.append(time.perf_counter() - started)
-            runtime.append(reply["metrics"]["runtime_seconds"])
-            train.append(reply["metrics"]["train_seconds"])
+            timing = last_timing(slowest_dir)
+            runtime.append(timing["runtime_seconds"])
+            train.append(timing["train_seconds"])
         alone_servers_cpu, alone_client_cpu = meter.stop()
         med_runtime, med_train = float(np.median(runtime)), float(np.median(train))
         round_cpu = (sum(servers_cpu) + client_cpu) / rounds
@@ -174,6 +179,12 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
     finally:
         for s in site_dirs:
             process.stop(s)
+
+
+def last_timing(site: SiteDir) -> dict[str, float]:
+    """The site's own timing of its last released round, from its audit log (never released)."""
+    entries = AuditLog(SiteStore(site.db_path)).entries()
+    return next(e["detail"]["timing"] for e in reversed(entries) if e["event"] == "released")
 
 
 class CpuMeter:
@@ -263,7 +274,7 @@ def scale(work: Path, rows: int) -> dict[str, float]:
         calls_rss = rss.stop()
         return {
             "upload_seconds": upload_s,
-            "epoch_seconds": replies[1]["metrics"]["train_seconds"],
+            "epoch_seconds": last_timing(site)["train_seconds"],
             "call_seconds": calls[0],
             "warm_call_seconds": calls[1],
             "peak_rss_mb": max(upload_rss, calls_rss),

@@ -84,16 +84,11 @@ def main() -> None:
         approve_pending(sites)
 
         def on_round(rec) -> None:  # noqa: ANN001
-            loss = np.average(
-                [u.metrics["train_loss"] for u in rec.updates], weights=[u.n for u in rec.updates]
-            )
+            # sites release no training loss, and their validation loss only with DP noise
             val = np.average(
                 [u.metrics["val_loss"] for u in rec.updates], weights=[u.n for u in rec.updates]
             )
-            print(
-                f"round {rec.round:2d}, metrics=OrderedDict([('loss', {loss:.4f}), "
-                f"('val_loss', {val:.4f})])"
-            )
+            print(f"round {rec.round:2d}, metrics=OrderedDict([('val_loss (DP)', {val:.4f})])")
 
         api.train(fed, spec, work / "run", on_round=on_round)
         print(f"model, metrics and plots in {work / 'run'}")

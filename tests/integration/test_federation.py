@@ -107,7 +107,7 @@ def test_rounds_faults_quorum_and_resume(tmp_path: Path) -> None:
         )
         third, fourth = records[3], records[4]
         assert [u.site for u in third.updates] == ["a", "b", "c"]
-        assert 0.0 <= third.updates[0].metrics["global_val_accuracy"] <= 1.0
+        assert 0.0 <= third.updates[0].metrics["val_accuracy"] <= 1.0
         # a and b had 4 calls: rounds 1, 2, the quorum-failed 3, and 3 again: call 5 is refused
         assert [u.site for u in fourth.updates] == ["c"]
         for name in ("a", "b"):

@@ -103,7 +103,7 @@ def test_submit_approve_deny_run_and_audit_survives_restart(federation) -> None:
         "metrics",
         "privacy",
     }
-    expected = privacy_plan(spec.plan, 455).epsilon_job
+    expected = privacy_plan(spec.plan, 569).epsilon_job
     assert result["privacy"]["epsilon_spent"] == pytest.approx(expected, rel=1e-6)
     assert result["privacy"]["noise_multiplier"] == 1.5
 
@@ -255,8 +255,9 @@ def test_budget_holds_and_survives_kill_9(federation) -> None:
     login = fed.site("hospital-a").__class__("hospital-a", a.url, email, fed.path.parent / "bob.pw")
     plan = {"rounds": 1, "target_epsilon": 1.2, "batch_size": 64}
     probe = job(plan)
-    p = privacy_plan(probe.plan, 455)
-    one, two, three = (epsilon([p.mechanism] * k, 1e-5, "prv") for k in (1, 2, 3))
+    p = privacy_plan(probe.plan, 569)
+    mechanisms = [m for _, m in p.releases]  # training and site metrics, both charged
+    one, two, three = (epsilon(mechanisms * k, 1e-5, "prv") for k in (1, 2, 3))
     assert 1.0 < one < 1.5  # each job spends about 1.2 on its own
     total = (two + three) / 2  # room for two composed jobs, not three
     a.cli("budget", "set", "--researcher", email, "--dataset", "cancer", "--epsilon", str(total))
@@ -288,9 +289,10 @@ def test_two_concurrent_jobs_race_for_the_last_of_a_budget(federation) -> None:
 
     fed, (a, _) = federation
     plan = {"rounds": 1, "target_epsilon": 1.2, "batch_size": 64}
-    p = privacy_plan(job(plan).plan, 455)
-    one = epsilon([p.mechanism], 1e-5, "prv")
-    two = epsilon([p.mechanism] * 2, 1e-5, "prv")
+    p = privacy_plan(job(plan).plan, 569)
+    mechanisms = [m for _, m in p.releases]
+    one = epsilon(mechanisms, 1e-5, "prv")
+    two = epsilon(mechanisms * 2, 1e-5, "prv")
     email = "cy@uni.edu"
     creds = last_json(a.cli("users", "add", "--email", email, "--name", "Cy", "--json"))
     (fed.path.parent / "cy.pw").write_text(creds["password"])

@@ -171,7 +171,7 @@ def test_a_plan_past_the_step_bound_fails_dp_check() -> None:
         epsilon_of=lambda spec, rows: privacy_plan(spec.plan, rows).epsilon_job,
     )
     reasons = {c.name: c.reason for c in r.failures()}
-    assert "1600000 DP-SGD steps in all" in reasons["dp_parameters"]
+    assert "1300000 DP-SGD steps in all" in reasons["dp_parameters"]
 
 
 def test_researcher_not_allowed() -> None:
