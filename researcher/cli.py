@@ -166,12 +166,14 @@ def train(
             progress.update(bar, completed=rec.round)
             if not json:
                 accs = ", ".join(
-                    f"{u.site} {u.metrics.get('val_accuracy', float('nan')):.3f}"
+                    f"{u.site} {u.metrics['val_accuracy']:.3f}"
+                    if "val_accuracy" in u.metrics
+                    else f"{u.site} ok"
                     for u in rec.updates
                 )
                 skipped = f"; skipped {', '.join(rec.skipped)}" if rec.skipped else ""
                 progress.console.print(
-                    f"round {rec.round}: {accs}"
+                    f"round {rec.round}: DP val accuracy {accs}"
                     + (f"; test {rec.test_accuracy:.3f}" if rec.test_accuracy is not None else "")
                     + skipped
                 )
