@@ -122,6 +122,12 @@ def _noise_with(
         return epsilon([Mechanism(sigma, q, steps), *alongside], delta, accountant)
 
     low, high = 0.0, 10.0
+    if accountant != "rdp":  # RDP's bound is above PRV's: its answer brackets PRV's from above
+        try:
+            high = _noise_with(target, delta, q, steps, "rdp", alongside)
+            low = high / 2 if eps(high / 2) > target else 0.0
+        except PlanError:  # RDP is too loose for this target; PRV may still reach it
+            pass
     while eps(high) > target:
         low, high = high, 2 * high
         if high > MAX_SEARCH_NOISE:

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from policies.errors import PlanError
 from policies.plan import JobSpec
 from policies.privacy import privacy_plan
 from researcher import sites
@@ -25,6 +26,7 @@ from researcher.federation import Federation
 from researcher.job import as_function, load_job_file, read_job_file
 
 JOBS_DIR = ".fedsite-jobs"
+PROGRESS_SUFFIX = ".progress.json"  # beside the saved jobs, and not one of them
 
 
 def datasets(fed: Federation) -> dict[str, list[dict[str, Any]]]:
@@ -141,7 +143,7 @@ def _after_approval(mine: dict[str, Any], running: bool, rounds: int) -> dict[st
 
 
 def _progress_path(fed: Federation, spec: JobSpec) -> Path:
-    return jobs_dir(fed) / f"{spec.name}.progress.json"
+    return jobs_dir(fed) / f"{spec.name}{PROGRESS_SUFFIX}"
 
 
 def _load_progress(fed: Federation, spec: JobSpec) -> dict[str, Any]:
@@ -175,8 +177,14 @@ def saved_jobs(fed: Federation) -> list[JobSpec]:
     folder = jobs_dir(fed)
     if not folder.is_dir():
         return []
-    paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
-    return [JobSpec.from_dict(json.loads(p.read_text())["job"]) for p in paths]
+    paths = [p for p in folder.glob("*.json") if not p.name.endswith(PROGRESS_SUFFIX)]
+    jobs = []
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime):
+        try:
+            jobs.append(JobSpec.from_dict(json.loads(path.read_text())["job"]))
+        except (OSError, ValueError, KeyError, TypeError, PlanError) as exc:
+            raise JobError(f"{path} is not a saved job ({type(exc).__name__}: {exc})") from exc
+    return jobs
 
 
 def saved_job(fed: Federation, name: str | None) -> JobSpec:

@@ -338,7 +338,7 @@ def test_no_noise_and_epsilon_above_policy(arena) -> None:
     literal = job("zero_noise").to_dict()
     literal["plan"]["noise_multiplier"] = 0.0
     submitted_and_refused(arena, "zero_noise", template_with("zero_noise", literal), "template")
-    greedy = job("greedy", {"rounds": 1, "target_epsilon": 50.0, "batch_size": 64})
+    greedy = job("greedy", {"rounds": 1, "target_epsilon": 6.0, "batch_size": 64})  # policy: 3
     client = arena.client(EVE)
     asset = arena.asset(client)
     sites.submit(client, greedy, asset)

@@ -20,7 +20,7 @@ from researcher import api, sites
 from researcher.errors import JobError
 from researcher.federation import Federation
 from researcher.job import TEMPLATE, make_job
-from tests.conftest import Site, last_json, make_sites
+from tests.conftest import Site, last_json, make_sites, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -324,3 +324,40 @@ def test_two_concurrent_jobs_race_for_the_last_of_a_budget(federation) -> None:
     assert outcomes == ["ok", "refused"]
     ledger = {r["researcher"]: r for r in last_json(a.cli("budget", "--json"))}[email]
     assert ledger["charges"] == 1 and ledger["epsilon_spent"] <= ledger["epsilon_total"]
+
+
+README_JOB = """import torch.nn as nn
+
+DATASET = "cancer"
+PLAN = {"rounds": 3, "batch_size": 64, "learning_rate": 0.5, "target_epsilon": 2.0}
+
+
+def make_model(n_features, n_outputs):
+    return nn.Sequential(nn.Linear(n_features, 16), nn.ReLU(), nn.Linear(16, n_outputs))
+"""
+
+
+def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
+    """submit, status, train, status, train --resume: each exits 0 (status crashed on the
+    progress file that train writes beside the saved jobs)."""
+    fed, made = federation
+    for s in made:
+        s.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "30")
+    job_py = tmp_path / "job.py"
+    job_py.write_text(README_JOB)
+    f = str(fed.path)
+    run_cli("researcher", "submit", str(job_py), "-f", f)
+    spec = api.saved_job(fed, None)
+    pending = last_json(run_cli("researcher", "status", "-f", f, "--json"))
+    assert {v["status"] for v in pending["sites"].values()} == {"pending"}, pending
+    for s in made:
+        queue = ReviewQueue(SiteDir(s.dir))
+        item = next(i for i in queue.items() if i.request.code.service_func_name == spec.name)
+        queue.approve(item.request_id)
+    run_dir = tmp_path / "runs" / "1"
+    run_cli("researcher", "train", "-f", f, "--run-dir", str(run_dir))
+    assert (run_dir / "model.pt").exists() and (run_dir / "state.json").exists()
+    done = last_json(run_cli("researcher", "status", "-f", f, "--json"))
+    assert {v["status"] for v in done["sites"].values()} == {"done"}, done
+    resumed = run_cli("researcher", "train", "-f", f, "--resume", str(run_dir), check=False)
+    assert resumed.returncode == 0, resumed.stderr
