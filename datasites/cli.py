@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from datasites.config import DEFAULT_PORT, SiteDir, init_site
+from datasites.config import DEFAULT_PORT, SiteDir, init_site, keep_private
 from datasites.errors import DatasiteError
 from policies.console import emit_json, out, run_cli, table
 from policies.errors import PolicyError
@@ -444,6 +444,7 @@ def budget_set(
 
 
 def main() -> None:
+    keep_private()  # site.db, server.log, uploads: whatever a command creates is 0600
     run_cli(app, (DatasiteError, PolicyError))
 
 

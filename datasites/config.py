@@ -118,6 +118,15 @@ class SiteDir:
         _atomic_write(self.datasets_path, json.dumps(data, indent=2, sort_keys=True))
 
 
+def keep_private() -> None:
+    """Files this process creates from now on are its owner's alone (0600, folders 0700).
+
+    A site directory holds the private table (syft's database and blob store), the ledger and
+    the logs; syft creates them with the default umask, readable by every local user.
+    """
+    os.umask(0o077)
+
+
 def init_site(
     root: Path,
     name: str,
@@ -133,7 +142,9 @@ def init_site(
         raise ConfigError(f"site name {name!r} may hold only letters, digits, '-', '_' and '.'")
     if not 1 <= port <= 65535:
         raise ConfigError(f"port {port} is outside 1-65535")
+    keep_private()
     root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)
     config = SiteConfig(
         name=name,
         port=port,

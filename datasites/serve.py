@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from datasites import sandbox, syft_patches
-from datasites.config import SiteDir
+from datasites.config import SiteDir, keep_private
 
 SITE_DIR_ENV = "FEDSITE_DIR"
 _SECRET_ENV = ("DEFAULT_ROOT_PASSWORD", "SERVER_PRIVATE_KEY")
@@ -56,6 +56,7 @@ def _warm_runtime() -> None:
 
 
 def serve(root: Path) -> None:
+    keep_private()  # syft's database, blob store and our site.db: 0600, before any is opened
     site = SiteDir(root)
     config = site.config()
     _prepare_environment(site)

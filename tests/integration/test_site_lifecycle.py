@@ -92,6 +92,13 @@ def test_full_lifecycle_survives_kill_9(tmp_path: Path, breast_cancer_csv: Path)
         assert ada.code.count_rows(data=ada.datasets["cancer"].assets[0]).get() == 569
         listed = last_json(site.cli("datasets", "--json"))
         assert listed[0]["rows"] == 569 and listed[0]["target"] == "target"
+        # the private table, the ledger, the logs: nothing under the site dir is readable by others
+        exposed = [
+            f"{p.relative_to(site.dir)} {oct(p.stat().st_mode & 0o777)}"
+            for p in [site.dir, *site.dir.rglob("*")]
+            if not p.is_symlink() and p.stat().st_mode & 0o077
+        ]
+        assert exposed == []
     finally:
         site.cli("stop", check=False)
 
