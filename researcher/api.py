@@ -94,8 +94,16 @@ def _epsilon_per_site(fed: Federation, spec: JobSpec) -> dict[str, float]:
     }
 
 
-def submit(fed: Federation, spec: JobSpec, only: list[str] | None = None) -> dict[str, str]:
-    """One code request per site; records the job next to the federation file."""
+def submit(
+    fed: Federation, spec: JobSpec, only: list[str] | None = None, dry: bool = True
+) -> dict[str, str]:
+    """One code request per site; records the job next to the federation file.
+
+    First, as ``try`` does, the job runs once on a mock twin with the sites' own code path: a
+    job that cannot run is refused here, before any site reviews it (or charges for it).
+    """
+    if dry:
+        dry_run(fed, spec)
     requests = {}
     for login in fed.sites:
         if only and login.name not in only:

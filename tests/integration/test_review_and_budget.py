@@ -343,9 +343,29 @@ def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
     fed, made = federation
     for s in made:
         s.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "30")
+    f = str(fed.path)
+    # a job that cannot run on these tables stops at submit, one line, before any site sees it
+    misfit = tmp_path / "misfit.py"
+    misfit.write_text(
+        'DATASET = "cancer"\nPLAN = {"rounds": 1, "noise_multiplier": 1.0}\n'
+        'MODEL = [{"type": "Linear", "in_features": 6, "out_features": 2}]\n'
+    )
+    before = len(ReviewQueue(SiteDir(made[0].dir)).items())
+    refused = run_cli("researcher", "submit", str(misfit), "-f", f, check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "expects 6 features, gets [30]" in refused.stderr
+    narrow = make_job(  # the Python API, with a spec built by hand: the mock dry run stops it
+        [{"type": "Linear", "in_features": 6, "out_features": 2}],
+        "cancer",
+        "target",
+        {"rounds": 1, "noise_multiplier": 1.0},
+        n_features=6,
+    )
+    with pytest.raises(JobError, match=r"dry run on hospital-a's mock: .*has 30 feature"):
+        api.submit(fed, narrow)
+    assert len(ReviewQueue(SiteDir(made[0].dir)).items()) == before
     job_py = tmp_path / "job.py"
     job_py.write_text(README_JOB)
-    f = str(fed.path)
     run_cli("researcher", "submit", str(job_py), "-f", f)
     spec = api.saved_job(fed, None)
     pending = last_json(run_cli("researcher", "status", "-f", f, "--json"))
