@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 import syft as sy
 from syft.types.errors import SyftException
 
@@ -87,6 +88,13 @@ def upload(
     return UploadResult(name, len(table.frame), len(mock), list(table.frame.columns), target)
 
 
+def _class_codes(target: Any) -> bool:
+    values = target.unique()
+    return bool(
+        pd.api.types.is_integer_dtype(target) and set(values.tolist()) == set(range(len(values)))
+    )
+
+
 def _meta(table: Table, name: str, mock_rows: int) -> dict[str, Any]:
     return {
         "dataset": name,
@@ -96,6 +104,9 @@ def _meta(table: Table, name: str, mock_rows: int) -> dict[str, Any]:
         "schema": table.schema(),
         "classes": table.classes,
         "n_classes": int(table.frame[table.target].nunique()),
+        # whether the target holds exactly the class codes 0..n_classes-1: published, so that a
+        # site decides whether cross-entropy applies from metadata, never from private labels
+        "class_codes": _class_codes(table.frame[table.target]),
         # Published like the mock's marginals: lets every round standardise features the same way.
         "feature_mean": [float(v) for v in table.frame[table.features].mean()],
         "feature_std": [float(v) or 1.0 for v in table.frame[table.features].std(ddof=0)],

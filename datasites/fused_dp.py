@@ -171,6 +171,7 @@ def _clip_factor(
         total.add_(extra)
     bad = ~torch.isfinite(total)
     factor = total.sqrt_().add_(1e-6).reciprocal_().mul_(max_norm * scale).clamp_(max=scale)
+    factor = factor.to(like.dtype)  # norms are float64 (see _linear_rows); the sums are not
     if not bool(bad.any()):
         return factor, None
     return factor.masked_fill_(bad, 0.0), bad
@@ -231,9 +232,15 @@ def _patches(m: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_rows(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[torch.Tensor, Summer]:
-    """Ghost norms: |g_i a_i^T|^2 = |g_i|^2 |a_i|^2, and the bias adds |g_i|^2."""
-    g2 = torch.linalg.vecdot(g, g)
-    a2 = torch.linalg.vecdot(a, a)
+    """Ghost norms: |g_i a_i^T|^2 = |g_i|^2 |a_i|^2, and the bias adds |g_i|^2.
+
+    In float64: in float32, |g_i|^2 underflows to 0 for |g_i| < 4e-23 while |g_i| |a_i| need not
+    be small (inputs near 1e18 under crafted scaling), and a row read as norm 0 would escape
+    clipping. Squares of float32 values neither underflow nor overflow in float64.
+    """
+    g64, a64 = g.double(), a.double()
+    g2 = torch.linalg.vecdot(g64, g64)
+    a2 = torch.linalg.vecdot(a64, a64)
     norms2 = torch.addcmul(g2, g2, a2) if bias else g2 * a2
 
     def summed(
@@ -250,9 +257,11 @@ def _materialised(
     per_sample: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, Summer]:
     flat = per_sample.flatten(1)
-    norms2 = torch.linalg.vecdot(flat, flat)
+    flat64 = flat.double()  # as in _linear_rows: no square may underflow to a zero norm
+    norms2 = torch.linalg.vecdot(flat64, flat64)
     if bias is not None:
-        norms2 = norms2 + torch.linalg.vecdot(bias, bias)
+        bias64 = bias.double()
+        norms2 = norms2 + torch.linalg.vecdot(bias64, bias64)
 
     def summed(
         factor: torch.Tensor, noise: list[torch.Tensor], bad: torch.Tensor | None

@@ -55,6 +55,16 @@ def split(
     return x[train], y[train], x[val], y[val]
 
 
+def class_codes(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Labels as integers in 0..n_classes-1, whatever the column holds.
+
+    Out-of-range values are clamped rather than refused: a round that fails or is refused
+    because of one row's label would tell the researcher about that row.
+    """
+    codes = np.nan_to_num(np.asarray(y, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.clip(np.floor(codes), 0, n_classes - 1).astype(np.int64)
+
+
 def standardise(x: np.ndarray, scaling: Scaling) -> np.ndarray:
     if scaling is None:
         return x
@@ -78,7 +88,8 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     plan = TrainingPlan.from_dict(task.plan)
     spec = parse(task.model)
     x = standardise(task.features, task.scaling if plan.standardize else None)
-    x, y, xv, yv = split(x, task.target, plan.validation_fraction, task.split_seed)
+    y = class_codes(task.target, spec.output[-1]) if plan.loss == "cross_entropy" else task.target
+    x, y, xv, yv = split(x, y, plan.validation_fraction, task.split_seed)
     model = build(spec)
     if task.weights is not None:
         load(model, task.weights)

@@ -109,8 +109,9 @@ def prepare_task(
         check_fits(spec, x.shape[1], outputs)
     except PlanError as exc:
         raise Refused(str(exc)) from exc
-    if spec.plan.loss == "cross_entropy" and len(y) and not (y.min() >= 0 and y.max() < outputs):
-        raise Refused(f"class labels must be 0..{outputs - 1} for cross_entropy")
+    # No check of the private labels here: a refusal that depends on them would answer a question
+    # for free (red team). Whether the target holds class codes is published at upload (see
+    # site_job); the trainer clamps labels into range, so no row can fail a round.
     if scaling is not None:
         scaling = (list(scaling[0]), list(scaling[1]))
         if len(scaling[0]) != x.shape[1] or len(scaling[1]) != x.shape[1]:

@@ -115,6 +115,11 @@ def _run(
     meta = site.datasets_meta().get(approval.dataset)
     if meta is None:
         raise Refused(f"dataset {approval.dataset!r} has no metadata on this datasite")
+    if spec.plan.loss == "cross_entropy" and meta.get("class_codes") is False:
+        raise Refused(
+            f"dataset {approval.dataset!r} does not publish class codes 0..k-1 as its target; "
+            "cross_entropy needs them (use mse, or bce_with_logits for 0/1)"
+        )
     policy = PolicyStore(site.policies_path).get(approval.dataset)
     frame = pd.DataFrame(data)
     privacy = privacy_plan(spec.plan, len(frame), min_noise=policy.min_noise_multiplier)

@@ -29,6 +29,7 @@ MAX_BATCH = 65_536
 MAX_TOTAL_STEPS = 200_000  # all rounds of one job; the accountants stay sub-second below it
 MAX_LEARNING_RATE = 100.0
 MAX_GRAD_NORM = 100.0
+MIN_GRAD_NORM = 1e-4
 MAX_NOISE = 1000.0
 MAX_EPSILON = 100.0
 MAX_LOSS_CLIP = 1e4
@@ -69,6 +70,8 @@ class TrainingPlan:
         _positive_int("batch_size", self.batch_size, MAX_BATCH)
         _positive_float("learning_rate", self.learning_rate, MAX_LEARNING_RATE)
         _positive_float("max_grad_norm", self.max_grad_norm, MAX_GRAD_NORM)
+        if self.max_grad_norm < MIN_GRAD_NORM:  # below it, the clip's 1e-6 stabiliser rules
+            raise PlanError(f"max_grad_norm must be at least {MIN_GRAD_NORM:g}")
         if not 0.0 < self.delta < 1.0:
             raise PlanError(f"delta must be in (0, 1), got {self.delta}")
         if not 0.0 <= self.momentum < 1.0:

@@ -250,3 +250,25 @@ def test_training_on_a_table_with_an_overflowing_row_releases_finite_weights() -
         result = train_dp(model, x, y, plan, 1.0, engine=engine, _test_seed=1)
         assert all(np.isfinite(w).all() for w in result.weights.values()), engine
         assert np.isfinite(result.train_loss), engine
+
+
+def test_a_row_whose_squared_gradient_underflows_is_still_clipped() -> None:
+    """Red team: inputs near 1e18 (researcher scaling) and a logit margin that makes the
+    cross-entropy gradient ~1e-23: in float32 |g|^2 underflowed to 0, the row read as norm 0
+    and went in unclipped (up to ~460x the clipping norm). Each row alone must stay within it."""
+    d, clip, big = 64, 1e-4, 2.2e18  # clip: the smallest max_grad_norm a plan may ask for
+    x = torch.full((1, d), big)  # |x|^2 just below float32's largest value
+    worst = 0.0
+    for margin in (45.0, 48.0, 50.0, 51.0, 52.0, 53.0, 55.0, 60.0):
+        model = nn.Linear(d, 2)
+        with torch.no_grad():
+            model.weight.zero_()
+            model.weight[1] = margin / (d * big)
+            model.bias.zero_()
+        clipper = fused_dp.FusedClipper(model, x)
+        zeros = [torch.zeros_like(p) for p in clipper.params]
+        loss = F.cross_entropy(model(x), torch.tensor([1]), reduction="sum")
+        grads = clipper.noisy_grads(loss, clip, 1.0, zeros)
+        clipper.remove()
+        worst = max(worst, float(torch.sqrt(sum((t.double() ** 2).sum() for t in grads))))
+    assert worst <= clip * (1 + 1e-4), worst / clip

@@ -68,12 +68,12 @@ def test_released_metrics_are_clipped_noised_and_in_range() -> None:
     model = nn.Linear(3, 2)
     x = np.random.default_rng(1).normal(size=(50, 3)).astype(np.float32)
     x[0] = np.inf  # a non-finite loss counts as the clip, and nothing turns NaN
-    y = np.zeros(50, np.int64)
+    y = np.arange(50) % 2
     draws = [private_metrics(model, x, y, plan, secure_scalar_gaussian) for _ in range(30)]
     for d in draws:
         assert set(d) == {"val_loss", "val_accuracy"}
         assert 0.0 <= d["val_accuracy"] <= 1.0 and 0.0 <= d["val_loss"] <= plan.metric_loss_clip
-    assert len({d["val_accuracy"] for d in draws}) == 30  # fresh noise each release
+    assert len({d["val_loss"] for d in draws}) == 30  # fresh noise each release
     off = TrainingPlan(noise_multiplier=1.0, site_metrics=False)
     assert private_metrics(model, x, y, off, secure_scalar_gaussian) == {}
 
