@@ -85,3 +85,21 @@ def test_a_dry_run_trains_one_round_and_releases_the_spec_parameters() -> None:
     assert again["status"] == "ok" and again["metrics"]["val_rows"] == 40
     with pytest.raises(Refused, match="has 2 feature"):
         dry_run(frame.drop(columns=["c"]).to_dict("list"), "", spec)
+
+
+def test_private_labels_never_decide_a_refusal() -> None:
+    """Red team: 'class labels must be 0..k-1' was raised from the private labels before any
+    charge, a free yes/no about one row. Now both tables give a task, and labels are clamped."""
+    from datasites.round_task import class_codes
+    from datasites.runtime import prepare_task
+
+    layers = [{"type": "Linear", "in_features": 3, "out_features": 2}]
+    spec = make_job(layers, "d", "y", {"noise_multiplier": 1.0}, n_features=3)
+    for outlier in (1.9, 2.1):
+        frame = _frame(100)
+        frame["y"] = np.where(np.arange(100) % 2 == 0, 0.0, 1.0)
+        frame.loc[42, "y"] = outlier
+        task = prepare_task(spec, frame, "y", "", 1.0, 2, 7, None)
+        assert task.target[42] == outlier  # the trainer sees it; it decides nothing here
+    codes = class_codes(np.array([0.0, 1.0, 1.9, 2.1, -3.0, np.nan]), 2)
+    assert codes.tolist() == [0, 1, 1, 1, 0, 0]
