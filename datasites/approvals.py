@@ -55,6 +55,22 @@ class Approvals:
             row = conn.execute("SELECT * FROM approvals WHERE code_id = ?", (code_id,)).fetchone()
         return _row(row) if row else None
 
+    def record_release(self, code_id: str, round_no: int, reply: dict[str, Any]) -> None:
+        """Keep the last reply released to this job, so that a researcher who lost it (Ctrl-C,
+        a dropped connection) can have it again without training or charging twice."""
+        with self.store.immediate() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO released VALUES (?, ?, ?, ?)",
+                (code_id, round_no, json.dumps(reply), datetime.now(UTC).isoformat()),
+            )
+
+    def last_release(self, code_id: str) -> dict[str, Any] | None:
+        with self.store.connect() as conn:
+            row = conn.execute(
+                "SELECT reply FROM released WHERE code_id = ?", (code_id,)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
     def job_ids(self) -> set[str]:
         with self.store.connect() as conn:
             rows = conn.execute("SELECT job FROM approvals").fetchall()

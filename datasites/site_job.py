@@ -22,6 +22,7 @@ from policies.ledger import BudgetLedger
 from policies.plan import JobSpec
 from policies.privacy import privacy_plan
 from policies.store import SiteStore
+from policies.wire import REPLAY_LAST
 
 log = logging.getLogger("datasites.runtime")
 ACTOR = "runtime"
@@ -47,6 +48,8 @@ def run_at_site(
     approval = Approvals(store).get(caller.code_id)
     try:
         approval = _check_approval(approval, caller, job)
+        if weights == REPLAY_LAST:
+            return _replay(store, audit, approval, caller)
         return _run(site, store, audit, approval, caller, data, weights, started)
     except SandboxLimit as exc:
         audit.record(
@@ -80,6 +83,17 @@ def run_at_site(
         )
         log.error("job %s failed: %s", caller.code_id, type(cause).__name__)
         return {"status": "failed", "reason": FAILED}
+
+
+def _replay(
+    store: SiteStore, audit: AuditLog, approval: Approval, caller: CallerCode
+) -> dict[str, Any]:
+    """The last reply this job was released, again: nothing trains, nothing is charged."""
+    reply = Approvals(store).last_release(caller.code_id)
+    if reply is None:
+        raise Refused("nothing was released to this job yet; nothing to replay")
+    audit.record(ACTOR, "replayed", approval.request_id, caller.code_hash, round=reply.get("round"))
+    return {**reply, "replayed": True}
 
 
 def split_seed(site: SiteDir, job_id: str) -> int:
@@ -174,6 +188,7 @@ def _run(
         "budget_delta": budget.delta,
         "rounds_allowed": approval.rounds_allowed,
     }
+    Approvals(store).record_release(caller.code_id, round_no, result)
     audit.record(
         ACTOR,
         "released",

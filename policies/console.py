@@ -40,7 +40,7 @@ def run_cli(app: Callable[..., Any], handled: tuple[type[BaseException], ...]) -
     """Run a typer app; errors of ``handled`` types become one line on stderr and exit 1."""
     warnings.filterwarnings("ignore")  # syft and opacus warn on stderr; our errors must stand out
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns an Exit's code in this mode
     except handled as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
@@ -52,6 +52,8 @@ def run_cli(app: Callable[..., Any], handled: tuple[type[BaseException], ...]) -
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 _local = threading.local()

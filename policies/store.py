@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS approvals (
     dataset TEXT NOT NULL, code_hash TEXT NOT NULL, job TEXT NOT NULL,
     rounds_allowed INTEGER NOT NULL, rounds_run INTEGER NOT NULL DEFAULT 0,
     override_reason TEXT, approved_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS released (
+    code_id TEXT PRIMARY KEY, round INTEGER NOT NULL, reply TEXT NOT NULL, at TEXT NOT NULL);
 """
 
 

@@ -104,3 +104,8 @@ def check_weights(weights: Weights, expected: Shapes) -> None:
         norm = float(np.linalg.norm(value.astype(np.float64)))
         if norm > MAX_TENSOR_NORM:
             raise WireError(f"weight {name!r} has norm {norm:.3g}, above {MAX_TENSOR_NORM:g}")
+
+
+# Sent instead of weights: "give me again the last round you released to this job". A site
+# answers from its store, without training or charging (datasites.site_job).
+REPLAY_LAST = "replay:last"

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from policies.console import emit_json, out, run_cli, table
+from policies.console import emit_json, err, out, run_cli, table
 from policies.errors import PolicyError
 from researcher.errors import ResearcherError
 
@@ -155,6 +155,10 @@ def train(
 
     if (run_dir is None) == (resume is None):
         raise JobError("give exactly one of --run-dir DIR (new run) or --resume RUN_DIR")
+    if resume is not None and not (resume / "state.json").exists():
+        raise JobError(f"{resume} holds no run to resume (no state.json); use --run-dir to start")
+    if run_dir is not None and (run_dir / "state.json").exists():
+        raise JobError(f"{run_dir} already holds a run; continue it with --resume {run_dir}")
     run_dir = run_dir or resume
     fed = _fed(federation)
     spec = api.saved_job(fed, job)
@@ -178,16 +182,25 @@ def train(
                     + skipped
                 )
 
-        result = api.train(
-            fed,
-            spec,
-            run_dir,
-            resume=resume is not None,
-            min_sites=min_sites,
-            timeout_s=timeout,
-            test=test_xy,
-            on_round=on_round,
-        )
+        try:
+            result = api.train(
+                fed,
+                spec,
+                run_dir,
+                resume=resume is not None,
+                min_sites=min_sites,
+                timeout_s=timeout,
+                test=test_xy,
+                on_round=on_round,
+            )
+        except KeyboardInterrupt:
+            err.print(
+                f"interrupted; the last finished round is saved in {run_dir}. Continue with: "
+                f"researcher train -f {federation} --resume {run_dir}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(130) from None
     summary = {
         "run_dir": str(run_dir),
         "rounds": len(result.rounds),

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from policies.plan import MIN_STD, JobSpec
-from policies.wire import decode_weights, encode_weights
+from policies.wire import REPLAY_LAST, decode_weights, encode_weights
 from researcher import model as local_model
 from researcher import sites
 from researcher.errors import SiteError
@@ -177,11 +177,14 @@ def run_federation(
         done, history = 0, []
         weights = initial_weights(spec, _first_meta(links, spec))
     last = None
+    # after an interruption a site may have released a round this client never received
+    recover = _site_rounds(history) if resume else None
     with ThreadPoolExecutor(max_workers=len(links)) as pool:
         for round_no in range(done + 1, spec.plan.rounds + 1):
             last = _one_round(
-                pool, links, spec, strategy, round_no, weights, min_sites, timeout_s, test
+                pool, links, spec, strategy, round_no, weights, min_sites, timeout_s, recover
             )
+            recover = None
             weights = strategy.aggregate(round_no, last.updates, weights)
             last.test_accuracy = _test_accuracy(spec, weights, test, links)
             history.append(_history_row(last))
@@ -190,6 +193,28 @@ def run_federation(
                 on_round(last)
     _save_final(run_dir, spec, weights)
     return RunResult(Path(run_dir), weights, history, last)
+
+
+def _site_rounds(history: list[dict[str, Any]]) -> dict[str, int]:
+    """Per site, the last of its own round numbers that this run has aggregated."""
+    out: dict[str, int] = {}
+    for row in history:
+        for site, n in row.get("site_rounds", {}).items():
+            out[site] = max(out.get(site, 0), int(n))
+    return out
+
+
+def call_or_recover(
+    link: SiteLink, spec: JobSpec, weights: str, aggregated: int | None
+) -> dict[str, Any]:
+    """One round at one site; when resuming (``aggregated`` is the site's last round this run
+    used), first ask for the site's last released reply and take it if it is newer: that
+    round trained on these same global weights before the interruption, and was charged."""
+    if aggregated is not None:
+        reply = call_with_retry(link, spec, REPLAY_LAST)
+        if reply.get("status") == "ok" and int(reply.get("round", 0)) > aggregated:
+            return reply
+    return call_with_retry(link, spec, weights)
 
 
 def _first_meta(links: list[SiteLink], spec: JobSpec) -> dict[str, Any]:
@@ -211,11 +236,20 @@ def _one_round(
     weights: Weights,
     min_sites: int,
     timeout_s: float,
-    test: Any,
+    recover: dict[str, int] | None,
 ) -> RoundRecord:
     started = time.perf_counter()
     blob = encode_weights(strategy.configure(round_no, weights))
-    futures = {pool.submit(call_with_retry, link, spec, blob): link for link in links}
+    futures = {
+        pool.submit(
+            call_or_recover,
+            link,
+            spec,
+            blob,
+            None if recover is None else recover.get(link.login.name, 0),
+        ): link
+        for link in links
+    }
     done, pending = wait(futures, timeout=timeout_s)
     updates, skipped = [], {}
     for fut in pending:
@@ -238,6 +272,7 @@ def _one_round(
                 int(reply["n"]),
                 reply.get("metrics", {}),
                 reply.get("privacy", {}),
+                int(reply.get("round", 0)),
             )
         )
     for name, why in skipped.items():
@@ -274,6 +309,7 @@ def _history_row(rec: RoundRecord) -> dict[str, Any]:
             for u in rec.updates
         },
         "privacy": {u.site: u.privacy for u in rec.updates},
+        "site_rounds": {u.site: u.site_round for u in rec.updates},
     }
 
 

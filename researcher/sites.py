@@ -101,7 +101,8 @@ def submit(client: Any, spec: JobSpec, asset: Any) -> str:
         with quiet():
             fn = sy.syft_function(
                 input_policy=policy,
-                output_policy=OutputPolicyExecuteCount(limit=spec.plan.rounds + 1),
+                # each round, and a replay of it if the reply was lost: the site counts rounds
+                output_policy=OutputPolicyExecuteCount(limit=2 * spec.plan.rounds + 1),
             )(as_function(spec))
             request = client.code.request_code_execution(fn)
     except SyftException as exc:

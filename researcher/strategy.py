@@ -23,6 +23,7 @@ class Update:
     n: int
     metrics: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
+    site_round: int = 0  # the site's own count of this job's rounds, for resuming
 
 
 class Strategy(Protocol):

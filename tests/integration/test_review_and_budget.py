@@ -7,6 +7,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import syft as sy
 from torch import nn
@@ -381,3 +382,50 @@ def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
     assert {v["status"] for v in done["sites"].values()} == {"done"}, done
     resumed = run_cli("researcher", "train", "-f", f, "--resume", str(run_dir), check=False)
     assert resumed.returncode == 0, resumed.stderr
+
+
+def test_a_round_lost_by_the_researcher_is_replayed_on_resume(federation, tmp_path) -> None:
+    """The sites release round 2 but the researcher never receives it (Ctrl-C mid-round): on
+    --resume each site hands back that same reply, untrained and uncharged, and the run ends."""
+    from policies.wire import REPLAY_LAST, decode_weights, encode_weights
+    from researcher.rounds import Checkpoint
+
+    fed, made = federation
+    for s in made:
+        s.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "50")
+    spec = api.with_pooled_scaling(fed, job({"rounds": 2, "noise_multiplier": 1.0}))
+    api.submit(fed, spec, dry=False)
+    for s in made:
+        queue = ReviewQueue(SiteDir(s.dir))
+        item = next(i for i in queue.items() if i.request.code.service_func_name == spec.name)
+        queue.approve(item.request_id)
+    run = tmp_path / "run"
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_round_1(rec) -> None:  # noqa: ANN001
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        api.train(fed, spec, run, on_round=stop_after_round_1)
+    _, done, weights, _ = Checkpoint(run).load()
+    assert done == 1
+    lost = {}  # what the interrupted client had asked for, and never saw
+    for login in fed.sites:
+        client = sites.connect(login)
+        asset = sites.find_asset(client, "cancer")
+        assert sites.run_round(client, spec, asset, REPLAY_LAST)["round"] == 1
+        lost[login.name] = sites.run_round(client, spec, asset, encode_weights(weights))
+        assert lost[login.name]["status"] == "ok" and lost[login.name]["round"] == 2
+    spent = {s.name: last_json(s.cli("budget", "--json")) for s in made}
+    seen = {}
+    result = api.train(
+        fed, spec, run, resume=True, on_round=lambda rec: seen.setdefault(rec.round, rec)
+    )
+    assert len(result.rounds) == 2 and (run / "model.pt").exists()
+    for update in seen[2].updates:  # the lost replies, byte for byte, not a third round
+        np.testing.assert_array_equal(
+            update.weights["0.weight"], decode_weights(lost[update.site]["weights"])["0.weight"]
+        )
+    assert {s.name: last_json(s.cli("budget", "--json")) for s in made} == spent

@@ -134,3 +134,45 @@ def test_connection_errors_are_told_apart_from_other_failures() -> None:
     assert is_connection_error(ConnectionRefusedError())
     assert is_connection_error(OSError("no route"))
     assert not is_connection_error(ValueError("bad reply"))
+
+
+def _federation_with_a_saved_job(tmp_path: Path) -> Path:
+    from researcher import api
+    from researcher.job import make_job
+
+    fed_file = write(
+        tmp_path / "f.toml",
+        '[[sites]]\nname = "a"\nurl = "http://127.0.0.1:1"\nemail = "a@b.c"\n'
+        'password_file = "pw"\n',
+    )
+    write(tmp_path / "pw", "secret")
+    layers = [{"type": "Linear", "in_features": 3, "out_features": 2}]
+    spec = make_job(layers, "d", "y", {"noise_multiplier": 1.0}, n_features=3)
+    api.save_job(Federation.load(fed_file), spec, {})
+    return fed_file
+
+
+def test_ctrl_c_during_train_exits_130_with_how_to_resume(tmp_path: Path, monkeypatch) -> None:
+    from researcher import api
+
+    def interrupted(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "train", interrupted)
+    fed_file = _federation_with_a_saved_job(tmp_path)
+    run = tmp_path / "runs" / "1"
+    proc = run_cli("researcher", "train", "-f", str(fed_file), "--run-dir", str(run), check=False)
+    assert proc.returncode == 130
+    assert f"--resume {run}" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_resume_of_nothing_and_a_new_run_over_an_old_one_are_refused(tmp_path: Path) -> None:
+    fed_file = str(_federation_with_a_saved_job(tmp_path))
+    nope = run_cli(
+        "researcher", "train", "-f", fed_file, "--resume", str(tmp_path / "nope"), check=False
+    )
+    assert nope.returncode == 1 and "holds no run to resume" in nope.stderr
+    old = tmp_path / "old"
+    write(old / "state.json", "{}") if old.mkdir() is None else None
+    again = run_cli("researcher", "train", "-f", fed_file, "--run-dir", str(old), check=False)
+    assert again.returncode == 1 and "already holds a run" in again.stderr
