@@ -97,6 +97,12 @@ def upload(
 
     site = SiteDir(dir)
     site.config()
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise DatasiteError(f"dataset name {name!r} may hold only letters, digits, '-', '_', '.'")
+    if name in site.datasets_meta():
+        raise DatasiteError(f"a dataset named {name!r} already exists on this site; pick another")
+    if not 10 <= mock_rows <= 1_000_000:
+        raise DatasiteError(f"--mock-rows must be in [10, 1000000], got {mock_rows}")
     table = validate_table(load_table(file), target)  # before syft's slow import
     from datasites import admin
 
@@ -175,6 +181,7 @@ def policy_show(
 
     site = SiteDir(dir)
     site.config()
+    _known_dataset(site, dataset)
     store = PolicyStore(site.policies_path)
     names = [dataset] if dataset else sorted(set(site.datasets_meta()) | set(store.all()))
     data = {n: store.get(n).to_dict() for n in names}
@@ -213,6 +220,7 @@ def policy_set(
 
     site = SiteDir(dir)
     site.config()
+    _known_dataset(site, dataset)
     store = PolicyStore(site.policies_path)
     changes = {
         k: v
@@ -439,8 +447,16 @@ def budget_set(
 
     site = SiteDir(dir)
     site.config()
+    _known_dataset(site, dataset)
     BudgetLedger(SiteStore(site.db_path)).set_budget(researcher, dataset, epsilon, delta)
     out.print(f"budget of {researcher} on {dataset}: epsilon {epsilon}, delta {delta}")
+
+
+def _known_dataset(site: SiteDir, dataset: str) -> None:
+    known = site.datasets_meta()
+    if dataset not in known:
+        listed = ", ".join(sorted(known)) or "none yet"
+        raise DatasiteError(f"no dataset {dataset!r} on this site (uploaded: {listed})")
 
 
 def main() -> None:

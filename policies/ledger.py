@@ -13,6 +13,7 @@ never larger than the sum of the per-job epsilons (which is reported alongside).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -72,8 +73,8 @@ class BudgetLedger:
         self.accountant = accountant
 
     def set_budget(self, researcher: str, dataset: str, epsilon_total: float, delta: float) -> None:
-        if not epsilon_total > 0 or not 0 < delta < 1:
-            raise PlanError("a budget needs epsilon > 0 and 0 < delta < 1")
+        if not (0 < epsilon_total < math.inf) or not 0 < delta < 1:
+            raise PlanError("a budget needs a finite epsilon > 0 and 0 < delta < 1")
         with self.store.immediate() as conn:
             conn.execute(
                 "INSERT INTO budgets VALUES (?, ?, ?, ?) ON CONFLICT (researcher, dataset) "

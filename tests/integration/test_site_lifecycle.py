@@ -140,6 +140,17 @@ def test_bad_inputs_leave_state_untouched(
             "label",
         ],
         "empty": ["--name", "x5", "--file", str(empty_csv), "--target", "label"],
+        "may hold only letters": ["--name", "bad name!", "--file", str(bad_csv), "--target", "l"],
+        "--mock-rows must be in": [
+            "--name",
+            "x6",
+            "--file",
+            str(breast_cancer_csv),
+            "--target",
+            "target",
+            "--mock-rows",
+            "-5",
+        ],
         "already exists": [
             "--name",
             "cancer",
@@ -156,6 +167,20 @@ def test_bad_inputs_leave_state_untouched(
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     names = [d["name"] for d in last_json(site.cli("datasets", "--json"))]
     assert names == ["cancer"]
+    governance = {  # each must fail with one line and change nothing
+        "no dataset 'nosuch'": ("policy", "set", "--dataset", "nosuch", "--allow-domain", "a.b"),
+        "no dataset 'nosuch' on": (
+            "budget", "set", "--researcher", "a@b.c", "--dataset", "nosuch", "--epsilon", "1",
+        ),
+        "finite epsilon": (
+            "budget", "set", "--researcher", "a@b.c", "--dataset", "cancer", "--epsilon", "inf",
+        ),
+    }  # fmt: skip
+    for needle, args in governance.items():
+        proc = site.cli(*args, check=False)
+        assert proc.returncode == 1 and needle in proc.stderr, (needle, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Infinity" not in site.cli("budget", "--json").stdout
 
 
 def test_wrong_password_is_refused(site: Site) -> None:
