@@ -77,13 +77,24 @@ def load_job(fed: Federation, path: Path, target: str | None = None) -> JobSpec:
     metas = dataset_metas(fed, constants["DATASET"])
     if not metas:
         raise JobError(f"no site in the federation has dataset {constants['DATASET']!r}")
-    meta = next(iter(metas.values()))
     from researcher.model import n_features, n_outputs
 
+    published = _agreed(metas, "target", lambda m: m.get("target"))
+    if target is not None and target != published:
+        raise JobError(f"the sites publish {published!r} as the label column, not {target!r}")
+    widths = _agreed(metas, "feature count", n_features)
+    meta = next(iter(metas.values()))
     loss = dict(constants["PLAN"]).get("loss", "cross_entropy")
-    return load_job_file(
-        path, target or meta.get("target", "target"), n_features(meta), n_outputs(meta, loss)
-    )
+    return load_job_file(path, published, widths, n_outputs(meta, loss))
+
+
+def _agreed(metas: dict[str, dict[str, Any]], what: str, read: Any) -> Any:
+    """The one value every site publishes for ``what``; JobError naming them if they differ."""
+    values = {site: read(meta) for site, meta in metas.items()}
+    if len(set(map(str, values.values()))) > 1:
+        listed = ", ".join(f"{site}: {value!r}" for site, value in values.items())
+        raise JobError(f"the sites disagree on the dataset's {what} ({listed})")
+    return next(iter(values.values()))
 
 
 def _epsilon_per_site(fed: Federation, spec: JobSpec) -> dict[str, float]:

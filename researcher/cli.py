@@ -18,7 +18,9 @@ app = typer.Typer(
 )
 FedOpt = Annotated[Path, typer.Option("--federation", "-f", help="Federation TOML file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-TargetOpt = Annotated[str, typer.Option(help="Label column of the dataset.")]
+TargetOpt = Annotated[
+    str | None, typer.Option(help="Label column (default: the one the sites publish).")
+]
 
 
 def _fed(path: Path):  # noqa: ANN202
@@ -57,7 +59,7 @@ def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
 def try_job(
     job: Annotated[Path, typer.Argument(help="JOB.py")],
     federation: FedOpt,
-    target: TargetOpt = "target",
+    target: TargetOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Run the job locally on mock data through the site runtime, before submitting."""
@@ -87,7 +89,7 @@ def try_job(
 def submit(
     job: Annotated[Path, typer.Argument(help="JOB.py")],
     federation: FedOpt,
-    target: TargetOpt = "target",
+    target: TargetOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Submit the job to every site of the federation for review."""
@@ -144,7 +146,7 @@ def train(
     min_sites: Annotated[int, typer.Option(help="Fewest replies a round accepts.")] = 1,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a site per round.")] = 300,
     test: Annotated[Path | None, typer.Option(help="CSV of your own test rows.")] = None,
-    target: TargetOpt = "target",
+    target: TargetOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Run the federated rounds of an approved job: progress, checkpoints, metrics, plots."""
@@ -162,7 +164,7 @@ def train(
     run_dir = run_dir or resume
     fed = _fed(federation)
     spec = api.saved_job(fed, job)
-    test_xy = _test_split(test, target) if test else None
+    test_xy = _test_split(test, target or spec.target) if test else None
     with Progress(disable=json) as progress:
         bar = progress.add_task("rounds", total=spec.plan.rounds)
 

@@ -176,3 +176,25 @@ def test_resume_of_nothing_and_a_new_run_over_an_old_one_are_refused(tmp_path: P
     write(old / "state.json", "{}") if old.mkdir() is None else None
     again = run_cli("researcher", "train", "-f", fed_file, "--run-dir", str(old), check=False)
     assert again.returncode == 1 and "already holds a run" in again.stderr
+
+
+def test_the_label_column_comes_from_the_sites_and_they_must_agree(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from researcher import api
+
+    job = write(
+        tmp_path / "job.py",
+        "DATASET = 'd'\nPLAN = {'noise_multiplier': 1.0}\n"
+        "MODEL = [{'type': 'Linear', 'in_features': 2, 'out_features': 2}]\n",
+    )
+    meta = {"target": "outcome", "schema": ["a", "b", "outcome"], "n_classes": 2}
+    fed = Federation.load(_federation_with_a_saved_job(tmp_path))
+    monkeypatch.setattr(api, "dataset_metas", lambda *_: {"a": meta, "b": dict(meta)})
+    assert api.load_job(fed, job).target == "outcome"  # not the old default "target"
+    with pytest.raises(JobError, match="publish 'outcome' as the label column, not 'label'"):
+        api.load_job(fed, job, "label")
+    other = {**meta, "target": "y"}
+    monkeypatch.setattr(api, "dataset_metas", lambda *_: {"a": meta, "b": other})
+    with pytest.raises(JobError, match="disagree on the dataset's target"):
+        api.load_job(fed, job)
