@@ -16,6 +16,7 @@ app = typer.Typer(
     help="Run a datasite: launch it, upload data, add researchers, review jobs.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,  # rich tracebacks print local variables, and secrets
 )
 users_app = typer.Typer(help="Researcher accounts.", no_args_is_help=True)
 app.add_typer(users_app, name="users")

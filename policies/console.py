@@ -9,12 +9,14 @@ import contextlib
 import json
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 out = Console()
@@ -39,6 +41,9 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
 def run_cli(app: Callable[..., Any], handled: tuple[type[BaseException], ...]) -> None:
     """Run a typer app; errors of ``handled`` types become one line on stderr and exit 1."""
     warnings.filterwarnings("ignore")  # syft and opacus warn on stderr; our errors must stand out
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv = [a for a in sys.argv if a != "--debug"]
     try:
         code = app(standalone_mode=False)  # click returns an Exit's code in this mode
     except handled as exc:
@@ -52,6 +57,17 @@ def run_cli(app: Callable[..., Any], handled: tuple[type[BaseException], ...]) -
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug or an unforeseen failure: one line, never locals
+        if debug:
+            traceback.print_exc()  # the plain traceback: no local variables, which hold secrets
+        err.print(
+            f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(str(exc)[:300])} "
+            "(add --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+            markup=True,
+        )
+        sys.exit(1)
     if isinstance(code, int) and code:
         sys.exit(code)
 

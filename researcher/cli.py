@@ -15,6 +15,7 @@ app = typer.Typer(
     help="Train models across datasites without seeing their data.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,  # rich tracebacks print local variables, and secrets
 )
 FedOpt = Annotated[Path, typer.Option("--federation", "-f", help="Federation TOML file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]

@@ -198,3 +198,13 @@ def test_the_label_column_comes_from_the_sites_and_they_must_agree(
     monkeypatch.setattr(api, "dataset_metas", lambda *_: {"a": meta, "b": other})
     with pytest.raises(JobError, match="disagree on the dataset's target"):
         api.load_job(fed, job)
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_no_locals(tmp_path: Path) -> None:
+    a_file = write(tmp_path / "taken", "not a folder")
+    proc = run_cli("datasite", "init", "x", "--dir", str(a_file / "site"), check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "unexpected" in proc.stderr and "--debug" in proc.stderr
+    debug = run_cli("datasite", "init", "x", "--dir", str(a_file / "site"), "--debug", check=False)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert "locals" not in debug.stderr.lower() and "│" not in debug.stderr
