@@ -193,6 +193,16 @@ def main() -> None:
         )
 
 
+def forget_sites(work: Path, sites: list[SiteDir]) -> None:
+    """Remove the stopped demo sites (private tables, admin and researcher passwords); the run
+    folder with the model, metrics and plots stays."""
+    import shutil
+
+    for site in sites:
+        shutil.rmtree(site.root, ignore_errors=True)
+        (work / f"{site.root.name}.password").unlink(missing_ok=True)
+
+
 def summarise(runs: list[dict]) -> dict:
     """Mean and min-max over the runs; the rest from the last run."""
     accs = [r["accuracy"] for r in runs]
@@ -220,9 +230,17 @@ def run_once(args: argparse.Namespace, seed: int, say) -> dict:  # noqa: ANN001
         f"malignant share {[round(float((s.target == 0).mean()), 2) for s in shares]}"
     )
     with ThreadPoolExecutor(3) as pool:
-        sites = list(
-            pool.map(lambda a: start_site(work, *a, args.epsilon), zip(SITES, shares, strict=True))
-        )
+        futures = [
+            pool.submit(start_site, work, name, share, args.epsilon)
+            for name, share in zip(SITES, shares, strict=True)
+        ]
+    sites = [f.result() for f in futures if f.exception() is None]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:  # no orphan servers: stop the sites that did start
+        for s in sites:
+            process.stop(s)
+        forget_sites(work, sites)
+        raise failed[0]
     try:
         fed = write_federation(work, sites)
         n_features = shares[0].shape[1] - 1  # 30; and 2 classes
@@ -286,6 +304,7 @@ def run_once(args: argparse.Namespace, seed: int, say) -> dict:  # noqa: ANN001
         if not args.keep:
             for s in sites:
                 process.stop(s)
+            forget_sites(work, sites)
 
 
 if __name__ == "__main__":
