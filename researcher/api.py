@@ -229,11 +229,28 @@ def with_pooled_scaling(fed: Federation, spec: JobSpec) -> JobSpec:
     return replace(spec, scaling=pooled_scaling(metas))
 
 
+def _check_approved_somewhere(fed: Federation, spec: JobSpec) -> None:
+    """JobError naming each site's state when no site has approved the job yet."""
+    states = {}
+    for login in fed.sites:
+        try:
+            states[login.name] = sites.status(sites.connect(login), spec)["status"]
+        except SiteError:
+            states[login.name] = "unreachable"
+    if not any(state == "approved" for state in states.values()):
+        by_state: dict[str, list[str]] = {}
+        for site, state in states.items():
+            by_state.setdefault(state, []).append(site)
+        listed = "; ".join(f"{state} at {', '.join(names)}" for state, names in by_state.items())
+        raise JobError(f"job {spec.name} is approved nowhere yet ({listed}); nothing ran")
+
+
 def train(fed: Federation, spec: JobSpec, run_dir: Path, **options: Any) -> Any:
     """Run the federated rounds (see ``researcher.rounds.run_federation``) and plot them."""
     from researcher.plots import plot_run
     from researcher.rounds import run_federation
 
+    _check_approved_somewhere(fed, spec)  # before the run folder exists
     progress = _load_progress(fed, spec) or {"sites": {}}
     progress["running"] = True
     _save_progress(fed, spec, progress)

@@ -371,6 +371,12 @@ def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
     spec = api.saved_job(fed, None)
     pending = last_json(run_cli("researcher", "status", "-f", f, "--json"))
     assert {v["status"] for v in pending["sites"].values()} == {"pending"}, pending
+    early = run_cli(
+        "researcher", "train", "-f", f, "--run-dir", str(tmp_path / "early"), check=False
+    )
+    assert early.returncode == 1 and early.stderr.count("\n") == 1, early.stderr
+    assert "pending at hospital-a, hospital-b" in early.stderr
+    assert not (tmp_path / "early").exists()
     for s in made:
         queue = ReviewQueue(SiteDir(s.dir))
         item = next(i for i in queue.items() if i.request.code.service_func_name == spec.name)
