@@ -29,9 +29,18 @@ JOBS_DIR = ".fedsite-jobs"
 PROGRESS_SUFFIX = ".progress.json"  # beside the saved jobs, and not one of them
 
 
-def datasets(fed: Federation) -> dict[str, list[dict[str, Any]]]:
-    """Every site's datasets: schema, row count and a preview of the mock (never private rows)."""
-    return {login.name: sites.datasets(sites.connect(login)) for login in fed.sites}
+def datasets(fed: Federation) -> dict[str, Any]:
+    """Every site's datasets: schema, row count and a preview of the mock (never private rows).
+
+    A site that cannot be reached gives ``{"error": ...}`` in its place; the others still list.
+    """
+    out: dict[str, Any] = {}
+    for login in fed.sites:
+        try:
+            out[login.name] = sites.datasets(sites.connect(login))
+        except SiteError as exc:
+            out[login.name] = {"error": str(exc)}
+    return out
 
 
 def dry_run(fed: Federation, spec: JobSpec) -> dict[str, Any]:

@@ -34,26 +34,46 @@ def _fed(path: Path):  # noqa: ANN202
 def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
     """Every site's datasets: schema, row count, mock preview."""
     from researcher import api
+    from researcher.errors import SiteError
 
     data = api.datasets(_fed(federation))
+    if all(isinstance(v, dict) for v in data.values()):
+        raise SiteError("; ".join(v["error"] for v in data.values()) or "no sites")
     if json:
         emit_json(data)
         return
     for site, rows in data.items():
+        if isinstance(rows, dict):  # unreachable: one line, the other sites still list
+            why = (
+                rows["error"]
+                if rows["error"].startswith(f"{site}:")
+                else f"{site}: {rows['error']}"
+            )
+            err.print(why, highlight=False, soft_wrap=True)
+            continue
         table(
             f"{site}",
             ["dataset", "rows", "target", "columns", "mock preview (first row)"],
             [
-                [
-                    d["name"],
-                    d["rows"],
-                    d["target"],
-                    len(d["schema"] or []),
-                    str(d["mock_preview"][:1])[:60],
-                ]
+                [d["name"], d["rows"], d["target"], len(d["schema"] or []), _preview(d)]
                 for d in rows
             ],
         )
+
+
+def _preview(dataset: dict) -> str:
+    """The mock's first row as "col=value" pairs, cut between pairs, never inside one."""
+    rows = dataset.get("mock_preview") or []
+    if not rows:
+        return ""
+    pairs = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[0].items()]
+    shown, width = [], 0
+    for pair in pairs:
+        if width + len(pair) > 70:
+            return ", ".join(shown) + f", ... ({len(pairs) - len(shown)} more)"
+        shown.append(pair)
+        width += len(pair) + 2
+    return ", ".join(shown)
 
 
 @app.command("try")

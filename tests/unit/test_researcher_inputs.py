@@ -208,3 +208,44 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_no_locals(tmp_path: Pat
     debug = run_cli("datasite", "init", "x", "--dir", str(a_file / "site"), "--debug", check=False)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     assert "locals" not in debug.stderr.lower() and "│" not in debug.stderr
+
+
+def test_datasets_lists_the_live_sites_and_one_line_for_a_dead_one(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from researcher import sites
+    from researcher.sites import Unreachable
+
+    fed_file = write(
+        tmp_path / "f.toml",
+        "".join(
+            f'[[sites]]\nname = "{n}"\nurl = "http://127.0.0.1:1"\nemail = "a@b.c"\n'
+            'password_file = "pw"\n'
+            for n in ("up", "down")
+        ),
+    )
+    write(tmp_path / "pw", "secret")
+
+    def connect(login):  # noqa: ANN001, ANN202
+        if login.name == "down":
+            raise Unreachable("down: no datasite answers at http://127.0.0.1:1")
+        return login
+
+    row = {f"feature_{i}": 0.123456 * i for i in range(12)} | {"target": 1}
+    listed = [
+        {"name": "d", "rows": 9, "target": "target", "schema": list(row), "mock_preview": [row]}
+    ]
+    monkeypatch.setattr(sites, "connect", connect)
+    monkeypatch.setattr(sites, "datasets", lambda client: listed)
+    proc = run_cli("researcher", "datasets", "-f", str(fed_file), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "down: no datasite answers at http://127.0.0.1:1"
+    assert "feature_1=0.123" in proc.stdout and "more)" in proc.stdout
+    assert "{'" not in proc.stdout  # no dict cut in the middle
+
+    def nobody(login):  # noqa: ANN001, ANN202
+        raise Unreachable(f"{login.name}: no datasite answers")
+
+    monkeypatch.setattr(sites, "connect", nobody)
+    none = run_cli("researcher", "datasets", "-f", str(fed_file), check=False)
+    assert none.returncode == 1 and none.stderr.count("\n") == 1
