@@ -48,6 +48,13 @@ def dry_run(fed: Federation, spec: JobSpec) -> dict[str, Any]:
 
     Adds the epsilon the whole plan would spend at each site, from each site's row count.
     """
+    result = _mock_round(fed, spec)
+    result["epsilon_per_site"] = _epsilon_per_site(fed, spec)
+    return result
+
+
+def _mock_round(fed: Federation, spec: JobSpec) -> dict[str, Any]:
+    """One round of the site code path on the first mock twin found; JobError if it fails."""
     for login in fed.sites:
         client = sites.connect(login)
         try:
@@ -60,7 +67,6 @@ def dry_run(fed: Federation, spec: JobSpec) -> dict[str, Any]:
         if result.get("status") != "ok":
             raise JobError(f"dry run on {login.name}'s mock: {result.get('reason')}")
         result["mock_site"] = login.name
-        result["epsilon_per_site"] = _epsilon_per_site(fed, spec)
         return result
     raise JobError(f"no site in the federation has dataset {spec.dataset!r}")
 
@@ -122,8 +128,8 @@ def submit(
     First, as ``try`` does, the job runs once on a mock twin with the sites' own code path: a
     job that cannot run is refused here, before any site reviews it (or charges for it).
     """
-    if dry:
-        dry_run(fed, spec)
+    if dry:  # the round alone: the per-site epsilon would log into every site once more
+        _mock_round(fed, spec)
     requests = {}
     for login in fed.sites:
         if only and login.name not in only:
