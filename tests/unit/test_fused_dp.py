@@ -104,6 +104,21 @@ def _fused_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scale: floa
     return grads
 
 
+def _opacus(
+    model: nn.Module, reduction: str, lr: float, expected: int
+) -> tuple[GradSampleModule, DPOptimizer]:
+    """Opacus' own DP-SGD around ``model``, without noise: the reference engine."""
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction=reduction)
+    opt = DPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=lr),
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        expected_batch_size=expected,
+        loss_reduction=reduction,
+    )
+    return gsm, opt
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_clipped_sum_matches_a_per_sample_loop(case: str) -> None:
     make, shape = CASES[case]
@@ -124,14 +139,7 @@ def test_a_step_matches_opacus_dp_optimizer(case: str) -> None:
     ours = make()
     theirs = copy.deepcopy(ours)
     x, y = _data(shape)
-    gsm = GradSampleModule(theirs, batch_first=True, loss_reduction="mean")
-    opt = DPOptimizer(
-        torch.optim.SGD(gsm.parameters(), lr=0.5),
-        noise_multiplier=0.0,
-        max_grad_norm=C,
-        expected_batch_size=20,
-        loss_reduction="mean",
-    )
+    gsm, opt = _opacus(theirs, "mean", lr=0.5, expected=20)
     F.cross_entropy(gsm(x), y).backward()
     opt.step()
     step = fused_dp.FusedDPSGD(
@@ -219,14 +227,7 @@ def test_a_row_with_a_non_finite_gradient_adds_nothing(engine: str) -> None:
     if engine == "fused":
         got = _fused_grads(model, x, y, scale=1.0)
     else:
-        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        opt = DPOptimizer(
-            torch.optim.SGD(gsm.parameters(), lr=0.0),
-            noise_multiplier=0.0,
-            max_grad_norm=C,
-            expected_batch_size=1,
-            loss_reduction="sum",
-        )
+        gsm, opt = _opacus(model, "sum", lr=0.0, expected=1)
         F.cross_entropy(gsm(x), y, reduction="sum").backward()
         from datasites.training import zero_non_finite_rows
 
