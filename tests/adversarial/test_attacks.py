@@ -446,3 +446,39 @@ def test_threshold_weights_cannot_turn_the_release_into_a_yes_no_answer(arena) -
         assert set(reply["metrics"]) == set(replies[0]["metrics"])
     assert_nothing_private(arena, replies)
     assert_serving(arena)
+
+
+# this stop's features: replaying a lost round, and DP site metrics, from a plain syft client
+def test_replay_gives_no_free_round_and_metrics_are_only_noised_sums(arena) -> None:
+    from policies.wire import REPLAY_LAST
+
+    spec = job("replayer", {**PLAN, "rounds": 2})
+    client = arena.client(EVE)
+    asset = arena.asset(client)
+    sites.submit(client, spec, asset)
+    arena.queue().approve(arena.item(spec.name).request_id)
+
+    def plain(weights: str) -> dict:  # the raw syft call, not the researcher package
+        return getattr(client.code, spec.name)(data=asset, weights=weights).get()
+
+    before = arena.spent(EVE)
+    nothing = plain(REPLAY_LAST)
+    assert nothing["status"] == "refused" and "nothing was released" in nothing["reason"]
+    assert arena.spent(EVE) == before  # a replay is never charged...
+    first = sites.run_round(client, spec, asset, "")
+    charged = arena.spent(EVE)
+    assert first["status"] == "ok" and charged > before
+    again = [plain(REPLAY_LAST) for _ in range(2)]
+    for reply in again:  # ...and trains nothing: the same weights, the same round
+        assert reply["replayed"] is True and reply["round"] == 1
+        assert reply["weights"] == first["weights"]
+    assert arena.spent(EVE) == charged
+    second = sites.run_round(client, spec, asset, "")
+    third = sites.run_round(client, spec, asset, "")
+    assert second["status"] == "ok" and second["round"] == 2  # replays took no round
+    assert third["status"] == "refused" and "all have run" in third["reason"]
+    for reply in (first, second, *again):  # no exact metric, no timing, leaves
+        assert set(reply["metrics"]) == {"steps", "val_rows", "val_loss", "val_accuracy"}
+    assert arena.spent(EVE) == charged
+    assert_nothing_private(arena, [nothing, first, second, third, *again])
+    assert_serving(arena)
