@@ -16,11 +16,13 @@ from syft.types.errors import SyftException
 
 from datasites.config import SiteDir
 from datasites.errors import AuthError, ServerError, TableError
-from datasites.mock import make_mock
+from datasites.mock import DEFAULT_MOCK_EPSILON, MockRelease, class_keys, make_mock
 from datasites.tables import Table
 from policies.console import quiet
 from policies.errors import is_connection_error
+from policies.ledger import BudgetLedger
 from policies.metadata import format_meta, parse_meta
+from policies.store import SiteStore
 
 ASSET_NAME = "table"
 
@@ -54,6 +56,7 @@ class UploadResult:
     mock_rows: int
     columns: list[str]
     target: str
+    mock_epsilon: float
 
 
 def dataset_names(client: Any) -> list[str]:
@@ -61,31 +64,49 @@ def dataset_names(client: Any) -> list[str]:
         return [d.name for d in client.datasets.get_all()]
 
 
-def upload(
-    site: SiteDir, name: str, table: Table, description: str = "", mock_rows: int = 1000
+def upload(  # noqa: PLR0913
+    site: SiteDir,
+    name: str,
+    table: Table,
+    description: str = "",
+    mock_rows: int = 1000,
+    mock_epsilon: float = DEFAULT_MOCK_EPSILON,
 ) -> UploadResult:
-    """Build the mock twin of a validated table and upload both, unless the name is taken."""
-    target = table.target
+    """Build the DP mock twin of a validated table and upload both, unless the name is taken.
+
+    The mock is charged in the ledger as a public release before it leaves, and the charge is
+    withdrawn if the upload fails (nothing was released then).
+    """
     client = admin_client(site)
     if name in dataset_names(client):
         raise TableError(f"a dataset named {name!r} already exists on this datasite")
-    mock = make_mock(table.frame, target, rows=mock_rows)
-    meta = _meta(table, name, len(mock))
-    dataset = sy.Dataset(name=name, description=description or f"{name}: {len(table.frame)} rows")
+    release = make_mock(table.frame, table.target, rows=mock_rows, epsilon=mock_epsilon)
+    meta = _meta(table, name, release)
+    dataset = sy.Dataset(name=name, description=description or f"{name}: ~{release.rows} rows")
     dataset.add_asset(
         sy.Asset(
-            name=ASSET_NAME,
-            description=format_meta(meta),
-            data=table.frame,
-            mock=mock,
+            name=ASSET_NAME, description=format_meta(meta), data=table.frame, mock=release.mock
         )
     )
-    with quiet():
-        result = client.upload_dataset(dataset)
-    if isinstance(result, sy.SyftError):
-        raise ServerError(f"upload of {name!r} failed: {result.message}")
+    ledger = BudgetLedger(SiteStore(site.db_path))
+    charge = ledger.charge_public(name, f"upload:{name}", "mock", release.mechanism)
+    try:
+        with quiet():
+            result = client.upload_dataset(dataset)
+        if isinstance(result, sy.SyftError):
+            raise ServerError(f"upload of {name!r} failed: {result.message}")
+    except BaseException:
+        ledger.withdraw_public(charge)
+        raise
     site.save_dataset_meta(name, meta)
-    return UploadResult(name, len(table.frame), len(mock), list(table.frame.columns), target)
+    return UploadResult(
+        name,
+        len(table.frame),
+        len(release.mock),
+        list(table.frame.columns),
+        table.target,
+        release.epsilon,
+    )
 
 
 def _class_codes(target: Any) -> bool:
@@ -95,21 +116,27 @@ def _class_codes(target: Any) -> bool:
     )
 
 
-def _meta(table: Table, name: str, mock_rows: int) -> dict[str, Any]:
+def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
+    """What researchers see: schema, and statistics of the DP mock only (post-processing)."""
+    mock = release.mock
+    keys = class_keys(table.frame, table.target)
     return {
         "dataset": name,
         "target": table.target,
-        "rows": len(table.frame),
-        "mock_rows": mock_rows,
+        "rows": release.rows,  # noisy
+        "mock_rows": len(mock),
+        "mock_epsilon": release.epsilon,
+        "mock_delta": release.delta,
         "schema": table.schema(),
         "classes": table.classes,
-        "n_classes": int(table.frame[table.target].nunique()),
+        # the label set is schema (disclosed); a continuous target publishes no count of values
+        "n_classes": len(keys) or None,
         # whether the target holds exactly the class codes 0..n_classes-1: published, so that a
         # site decides whether cross-entropy applies from metadata, never from private labels
-        "class_codes": _class_codes(table.frame[table.target]),
-        # Published like the mock's marginals: lets every round standardise features the same way.
-        "feature_mean": [float(v) for v in table.frame[table.features].mean()],
-        "feature_std": [float(v) or 1.0 for v in table.frame[table.features].std(ddof=0)],
+        "class_codes": bool(keys) and _class_codes(table.frame[table.target]),
+        # From the mock: lets every round standardise features the same way, at no extra cost.
+        "feature_mean": [float(v) for v in mock[table.features].mean()],
+        "feature_std": [float(v) or 1.0 for v in mock[table.features].std(ddof=0)],
     }
 
 
@@ -123,7 +150,10 @@ def list_datasets(client: Any) -> list[dict[str, Any]]:
                 {
                     "name": ds.name,
                     "description": ds.description.text if ds.description else "",
-                    **{k: meta.get(k) for k in ("target", "rows", "mock_rows", "schema")},
+                    **{
+                        k: meta.get(k)
+                        for k in ("target", "rows", "mock_rows", "mock_epsilon", "schema")
+                    },
                 }
             )
     return out

@@ -9,6 +9,7 @@ import typer
 
 from datasites.config import DEFAULT_PORT, SiteDir, init_site, keep_private
 from datasites.errors import DatasiteError
+from datasites.mock import DEFAULT_MOCK_EPSILON
 from policies.console import emit_json, out, run_cli, table
 from policies.errors import PolicyError
 
@@ -91,9 +92,15 @@ def upload(
     target: Annotated[str, typer.Option(help="Label column.")],
     description: Annotated[str, typer.Option(help="Free text for researchers.")] = "",
     mock_rows: Annotated[int, typer.Option(help="Rows in the synthetic mock.")] = 1000,
+    mock_epsilon: Annotated[
+        float,
+        typer.Option(
+            help="Epsilon (delta 1e-5) the DP mock spends; it counts in every researcher's budget."
+        ),
+    ] = DEFAULT_MOCK_EPSILON,
     json: JsonOpt = False,
 ) -> None:
-    """Validate a table and upload it as private data with a synthetic mock twin."""
+    """Validate a table and upload it as private data with a differentially private mock twin."""
     from datasites.tables import load_table, validate_table
 
     site = SiteDir(dir)
@@ -104,16 +111,18 @@ def upload(
         raise DatasiteError(f"a dataset named {name!r} already exists on this site; pick another")
     if not 10 <= mock_rows <= 1_000_000:
         raise DatasiteError(f"--mock-rows must be in [10, 1000000], got {mock_rows}")
+    if not 0.01 <= mock_epsilon <= 100:
+        raise DatasiteError(f"--mock-epsilon must be in [0.01, 100], got {mock_epsilon}")
     table = validate_table(load_table(file), target)  # before syft's slow import
     from datasites import admin
 
-    result = admin.upload(site, name, table, description, mock_rows)
+    result = admin.upload(site, name, table, description, mock_rows, mock_epsilon)
     if json:
         emit_json(result.__dict__)
     else:
         out.print(
-            f"uploaded {result.name}: {result.rows} private rows, "
-            f"{result.mock_rows} mock rows, target {result.target!r}"
+            f"uploaded {result.name}: {result.rows} private rows, {result.mock_rows} mock rows "
+            f"(DP, epsilon {result.mock_epsilon:g}, public), target {result.target!r}"
         )
 
 
@@ -389,10 +398,27 @@ def budget(
 
     site = SiteDir(dir)
     site.config()
-    rows = [b.to_dict() for b in BudgetLedger(SiteStore(site.db_path)).all()]
+    ledger = BudgetLedger(SiteStore(site.db_path))
+    rows = [b.to_dict() for b in ledger.all()]
+    public = ledger.public_releases()
     if json:
-        emit_json(rows)
+        emit_json(rows)  # public releases are in each row's releases, marked "public"
         return
+    if public:
+        table(
+            "public releases (seen by everyone: in every researcher's spend on the dataset)",
+            ["dataset", "kind", "mechanism", "epsilon", "delta"],
+            [
+                [
+                    r["dataset"],
+                    r["kind"],
+                    _mechanism_text(r["mechanism"]),
+                    f"{r['epsilon']:.3f}",
+                    "1e-05",
+                ]
+                for r in public
+            ],
+        )
     table(
         "privacy budgets",
         ["researcher", "dataset", "epsilon spent", "epsilon total", "delta", "jobs"],
@@ -408,7 +434,12 @@ def budget(
             for r in rows
         ],
     )
-    releases = [(r["researcher"], r["dataset"], rel) for r in rows for rel in r["releases"]]
+    releases = [
+        (r["researcher"], r["dataset"], rel)
+        for r in rows
+        for rel in r["releases"]
+        if not rel["public"]
+    ]
     if releases:
         table(
             "every charged release (composed into 'epsilon spent' above)",

@@ -31,6 +31,9 @@ class RoundTask:
     scaling: Scaling
     weights: Weights | None  # incoming global weights, already checked
     noise_multiplier: float
+    # the table's *published* (DP) row count: every count, rate and divisor that leaves the site
+    # is computed from it, never from len(features); None (tests, warm-up): the true count
+    public_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,8 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     """Build the spec's model with site code, train one round of DP-SGD, measure, release.
 
     Everything released is accounted: the weights come from the noisy optimizer steps, the
-    metrics are noised sums (``training.private_metrics``), the row count is a function of the
-    table's published size, and the step count of the plan.
+    metrics are noised sums (``training.private_metrics``), and the row counts, the sampling
+    rate and the step count are functions of the table's published (DP) size and the plan.
     """
     from datasites.training import private_metrics, secure_scalar_gaussian, train_dp
     from policies.modelspec import parse
@@ -90,17 +93,22 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     x = standardise(task.features, task.scaling if plan.standardize else None)
     y = class_codes(task.target, spec.output[-1]) if plan.loss == "cross_entropy" else task.target
     x, y, xv, yv = split(x, y, plan.validation_fraction, task.split_seed)
+    public = task.public_rows if task.public_rows is not None else len(task.features)
+    public_val = validation_rows(public, plan.validation_fraction)
+    public_train = max(1, public - public_val)
     model = build(spec)
     if task.weights is not None:
         load(model, task.weights)
     started = time.perf_counter()
-    result = train_dp(model, x, y, plan, task.noise_multiplier, _test_seed=_test_seed)
+    result = train_dp(
+        model, x, y, plan, task.noise_multiplier, public_rows=public_train, _test_seed=_test_seed
+    )
     train_seconds = time.perf_counter() - started
     load(model, result.weights)  # measure what is released, not what the model holds
     gaussian = secure_scalar_gaussian if _test_seed is None else _seeded_gaussian(_test_seed)
-    metrics = {"steps": float(result.steps), "val_rows": float(len(xv))}
-    metrics.update(private_metrics(model, xv, yv, plan, gaussian))
-    return RoundOutput(result.weights, int(len(x)), metrics, {"train_seconds": train_seconds})
+    metrics = {"steps": float(result.steps), "val_rows": float(public_val)}
+    metrics.update(private_metrics(model, xv, yv, plan, gaussian, public_val))
+    return RoundOutput(result.weights, public_train, metrics, {"train_seconds": train_seconds})
 
 
 def _seeded_gaussian(seed: int) -> Callable[[float], float]:

@@ -99,6 +99,7 @@ def prepare_task(
     n_classes: int | None,
     split_seed: int,
     scaling: tuple[Any, Any] | None,
+    public_rows: int | None = None,
 ) -> Any:
     """Check the table, the model and the incoming weights; the trainer's task, or Refused."""
     from datasites.round_task import RoundTask
@@ -126,6 +127,7 @@ def prepare_task(
         scaling,
         incoming,
         noise_multiplier,
+        public_rows,
     )
 
 

@@ -136,7 +136,9 @@ def _run(
         )
     policy = PolicyStore(site.policies_path).get(approval.dataset)
     frame = pd.DataFrame(data)
-    privacy = privacy_plan(spec.plan, len(frame), min_noise=policy.min_noise_multiplier)
+    # the published (DP) row count, never len(frame): rate, steps and every released count follow
+    rows = public_rows(meta, frame)
+    privacy = privacy_plan(spec.plan, rows, min_noise=policy.min_noise_multiplier)
     if privacy.epsilon_job > policy.max_epsilon_per_job:
         raise Refused(
             f"the whole plan would spend epsilon {privacy.epsilon_job:.3f}, more than "
@@ -156,6 +158,7 @@ def _run(
         meta.get("n_classes"),
         split_seed(site, spec.job_id),
         scaling,
+        rows,
     )
     ledger = BudgetLedger(store)
     charge = ledger.reserve(
@@ -203,3 +206,9 @@ def _run(
         timing={**output.timing, "runtime_seconds": time.perf_counter() - started},
     )
     return result
+
+
+def public_rows(meta: dict[str, Any], frame: pd.DataFrame) -> int:
+    """The row count the dataset publishes; a table uploaded before DP counts published len."""
+    published = meta.get("rows")
+    return max(1, int(published)) if isinstance(published, int | float) else len(frame)

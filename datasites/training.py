@@ -151,6 +151,7 @@ def train_dp(
     plan: TrainingPlan,
     noise_multiplier: float,
     engine: str = "auto",
+    public_rows: int | None = None,
     _test_seed: int | None = None,
 ) -> TrainResult:
     """Run ``plan.local_epochs`` of DP-SGD with Poisson sampling and per-sample clipping.
@@ -158,7 +159,9 @@ def train_dp(
     ``engine="auto"`` gives Linear/Conv2d models the fused clipper (``datasites.fused_dp``) and
     any other model Opacus' GradSampleModule + DPOptimizer; ``"opacus"`` forces the latter.
     Both clip, noise and scale identically (tests/unit/test_fused_dp.py). ``_test_seed`` makes
-    noise and sampling repeatable for unit tests; sites never pass it.
+    noise and sampling repeatable for unit tests; sites never pass it. ``public_rows``: the
+    published training-row count; the sampling rate and the expected batch size (the average's
+    divisor) come from it, so that neither depends on the exact private count.
     """
     secure_mode = _test_seed is None
     seed = _test_seed if _test_seed is not None else int.from_bytes(os.urandom(8), "little")
@@ -169,8 +172,9 @@ def train_dp(
     xt = torch.as_tensor(x, dtype=torch.float32, device=dev)
     yt = targets(y, plan.loss).to(dev)
     n = len(xt)
-    steps_per_epoch = max(1, -(-n // plan.batch_size))
-    expected = int(n / steps_per_epoch)  # as Opacus' make_private computes it
+    public = n if public_rows is None else max(1, int(public_rows))
+    steps_per_epoch = max(1, -(-public // plan.batch_size))
+    expected = max(1, int(public / steps_per_epoch))  # as Opacus' make_private computes it
     model.train()  # Opacus refuses a module in eval mode (say, fresh from ``evaluate``)
     fused = engine == "auto" and fused_dp.supports(model)
     make = _fused_step if fused else _opacus_step
@@ -308,6 +312,7 @@ def private_metrics(
     y: np.ndarray,
     plan: TrainingPlan,
     gaussian: Callable[[float], float],
+    public_rows: int | None = None,
 ) -> dict[str, float]:
     """Validation loss and accuracy as a site releases them: noised sums over the rows.
 
@@ -315,9 +320,10 @@ def private_metrics(
     clip), so the loss sum has that sensitivity; the count of correct predictions has
     sensitivity 1. Each sum gets Gaussian noise of ``metric_noise_multiplier`` times its
     sensitivity (``policies.privacy`` charges them) before it is divided by the public number
-    of validation rows and clamped to its range. Nothing exact leaves.
+    of validation rows (``public_rows``, from the published table size) and clamped to its range.
+    Nothing exact leaves.
     """
-    n = len(x)
+    n = len(x) if public_rows is None else int(public_rows)
     if not plan.site_metrics or n == 0:
         return {}
     model = model.to(device()).eval()

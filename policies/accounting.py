@@ -9,6 +9,7 @@ and equally sound: both are valid upper bounds for adaptive composition of the m
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -49,6 +50,13 @@ PRV_CUTOFF_EPSILON = 50.0
 
 @lru_cache(maxsize=1024)
 def _epsilon(mechanisms: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
+    # at sample rate 1 (metrics, the mock) Opacus warns of log(0) and of its alpha range: harmless
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _composed(mechanisms, delta, accountant)
+
+
+def _composed(mechanisms: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
     active = [m for m in mechanisms if m.steps > 0]
     if not active:
         return 0.0
@@ -82,16 +90,18 @@ def noise_for_target(
     if alongside:
         return _noise_with(target_epsilon, delta, sample_rate, steps, accountant, alongside)
     try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=0.005,
+        with warnings.catch_warnings():  # Opacus warns at sample rate 1: harmless
+            warnings.simplefilter("ignore")
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=0.005,
+                )
             )
-        )
     except ValueError as exc:  # Opacus: "The privacy budget is too low."
         raise PlanError(
             f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta} "

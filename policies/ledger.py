@@ -9,6 +9,9 @@ Composition: the spend of a (researcher, dataset) pair is the epsilon of *all* i
 mechanisms composed in one accountant at the budget's delta. Adaptive composition of DP-SGD runs
 is exactly what Opacus' accountants compute for the steps of one run, so this is sound, and it is
 never larger than the sum of the per-job epsilons (which is reported alongside).
+
+Public releases (the DP mock twin of a dataset) are charged once, under ``PUBLIC``, and count in
+the spend of every researcher on that dataset: each of them sees the mock beside their own jobs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from policies.store import SiteStore
 DEFAULT_EPSILON = 1.0
 DEFAULT_DELTA = 1e-5
 _SLACK = 1e-9
+PUBLIC = "*"  # the researcher of a release everyone sees
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ class BudgetLedger:
         self.accountant = accountant
 
     def set_budget(self, researcher: str, dataset: str, epsilon_total: float, delta: float) -> None:
+        if researcher.strip() == PUBLIC:
+            raise PlanError(f"{PUBLIC!r} names the public, not a researcher")
         if not (0 < epsilon_total < math.inf) or not 0 < delta < 1:
             raise PlanError("a budget needs a finite epsilon > 0 and 0 < delta < 1")
         with self.store.immediate() as conn:
@@ -90,7 +96,8 @@ class BudgetLedger:
         with self.store.connect() as conn:
             pairs = conn.execute(
                 "SELECT researcher, dataset FROM budgets UNION "
-                "SELECT researcher, dataset FROM charges ORDER BY 1, 2"
+                "SELECT researcher, dataset FROM charges WHERE researcher != ? ORDER BY 1, 2",
+                (PUBLIC,),
             ).fetchall()
             return [self._budget(conn, r, d) for r, d in pairs]
 
@@ -130,7 +137,7 @@ class BudgetLedger:
                 raise BudgetExceeded(
                     f"job would bring epsilon for {researcher} on {dataset!r} to {after:.3f}, "
                     f"past the budget of {before.epsilon_total:.3f} "
-                    f"({before.remaining:.3f} remaining)"
+                    f"({before.remaining:.3f} remaining){self._public_note(conn, dataset)}"
                 )
             ids = [
                 self._insert(
@@ -179,6 +186,40 @@ class BudgetLedger:
                 (charge_id,),
             )
 
+    def charge_public(self, dataset: str, job_id: str, kind: str, mechanism: Mechanism) -> int:
+        """Record a release every researcher sees (the mock twin): it counts in every budget."""
+        with self.store.immediate() as conn:
+            charge = self._insert(
+                conn, PUBLIC, dataset, job_id, kind, mechanism, DEFAULT_DELTA, self.accountant
+            )
+            conn.execute("UPDATE charges SET status = 'committed' WHERE id = ?", (charge,))
+        return charge
+
+    def withdraw_public(self, charge_id: int) -> None:
+        """Undo a public charge whose release never happened (a failed upload)."""
+        with self.store.immediate() as conn:
+            conn.execute("DELETE FROM charges WHERE id = ? AND researcher = ?", (charge_id, PUBLIC))
+
+    def public_releases(self, dataset: str | None = None) -> list[dict[str, object]]:
+        """Releases every researcher sees, with their dataset, oldest first."""
+        with self.store.connect() as conn:
+            names = (
+                [dataset]
+                if dataset
+                else [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT DISTINCT dataset FROM charges WHERE researcher = ? ORDER BY 1",
+                        (PUBLIC,),
+                    )
+                ]
+            )
+            return [
+                {"dataset": name, **rel}
+                for name in names
+                for rel in self._releases(conn, PUBLIC, name)
+            ]
+
     def releases(self, researcher: str, dataset: str) -> list[dict[str, object]]:
         """Every charged release of a (researcher, dataset), in order: kind, job, mechanism."""
         with self.store.connect() as conn:
@@ -187,12 +228,13 @@ class BudgetLedger:
     def _releases(self, conn, researcher: str, dataset: str) -> list[dict[str, object]]:  # noqa: ANN001
         rows = conn.execute(
             "SELECT kind, job_id, noise_multiplier, sample_rate, steps, epsilon, accountant, "
-            "status, created_at FROM charges WHERE researcher = ? AND dataset = ? ORDER BY id",
-            (researcher, dataset),
+            "status, created_at, researcher FROM charges WHERE researcher IN (?, ?) AND dataset = ? ORDER BY id",
+            (researcher, PUBLIC, dataset),
         ).fetchall()
         return [
             {
                 "kind": r["kind"],
+                "public": r["researcher"] == PUBLIC,
                 "job": r["job_id"],
                 "mechanism": {
                     "type": "gaussian"
@@ -210,11 +252,18 @@ class BudgetLedger:
             for r in rows
         ]
 
+    def _public_note(self, conn, dataset: str) -> str:  # noqa: ANN001
+        public = self._mechanisms(conn, PUBLIC, dataset)
+        if not public:
+            return ""
+        spent = epsilon(public, DEFAULT_DELTA, self.accountant)
+        return f"; the public mock twin alone spends {spent:.3f} of every budget on it"
+
     def _mechanisms(self, conn, researcher: str, dataset: str) -> list[Mechanism]:  # noqa: ANN001
         rows = conn.execute(
             "SELECT noise_multiplier, sample_rate, steps FROM charges "
-            "WHERE researcher = ? AND dataset = ? ORDER BY id",
-            (researcher, dataset),
+            "WHERE researcher IN (?, ?) AND dataset = ? ORDER BY id",
+            (researcher, PUBLIC, dataset),
         ).fetchall()
         return [Mechanism(r[0], r[1], r[2]) for r in rows]
 
@@ -226,9 +275,10 @@ class BudgetLedger:
         total, delta = (row[0], row[1]) if row else (DEFAULT_EPSILON, DEFAULT_DELTA)
         history = self._mechanisms(conn, researcher, dataset)
         sums = conn.execute(
-            "SELECT COALESCE(SUM(epsilon), 0), COUNT(DISTINCT job_id) FROM charges "
-            "WHERE researcher = ? AND dataset = ?",
-            (researcher, dataset),
+            "SELECT COALESCE(SUM(epsilon), 0), "
+            "COUNT(DISTINCT CASE WHEN researcher = ? THEN job_id END) FROM charges "
+            "WHERE researcher IN (?, ?) AND dataset = ?",
+            (researcher, researcher, PUBLIC, dataset),
         ).fetchone()
         spent = epsilon(history, delta, self.accountant)
         releases = tuple(self._releases(conn, researcher, dataset))

@@ -53,12 +53,24 @@ def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
             continue
         table(
             f"{site}",
-            ["dataset", "rows", "target", "columns", "mock preview (first row)"],
+            ["dataset", "rows (DP)", "target", "columns", "mock ε", "mock preview (first row)"],
             [
-                [d["name"], d["rows"], d["target"], len(d["schema"] or []), _preview(d)]
+                [
+                    d["name"],
+                    d["rows"],
+                    d["target"],
+                    len(d["schema"] or []),
+                    d.get("mock_epsilon") or "-",
+                    _preview(d),
+                ]
                 for d in rows
             ],
         )
+    out.print(
+        "Row counts and mocks are differentially private (each site's ledger charges the mock "
+        "to every researcher); column names, dtypes and class labels are disclosed as schema.",
+        style="dim",
+    )
 
 
 def _preview(dataset: dict) -> str:

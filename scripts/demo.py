@@ -32,6 +32,7 @@ from torch import nn
 
 from datasites import admin, process
 from datasites.config import SiteDir, init_site
+from datasites.mock import DEFAULT_MOCK_EPSILON
 from datasites.tables import validate_table
 from policies.access import DatasetPolicy, PolicyStore
 from policies.ledger import BudgetLedger
@@ -103,7 +104,9 @@ def start_site(
     PolicyStore(site.policies_path).set(
         dataset, DatasetPolicy(allowed_domains=["uni.edu"], max_epsilon_per_job=limit)
     )
-    BudgetLedger(SiteStore(site.db_path)).set_budget(EMAIL, dataset, limit, 1e-5)
+    # the job's epsilon plus the public DP mock's (a sum bounds their composition)
+    total = limit + DEFAULT_MOCK_EPSILON
+    BudgetLedger(SiteStore(site.db_path)).set_budget(EMAIL, dataset, total, 1e-5)
     return site
 
 

@@ -92,6 +92,24 @@ class Site:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return run_cli("datasite", *args, "--dir", str(self.dir), check=check)
 
+    def published_rows(self, dataset: str) -> int:
+        """The DP row count the site published at upload: what its rounds are computed from."""
+        from datasites.config import SiteDir
+
+        return int(SiteDir(self.dir).datasets_meta()[dataset]["rows"])
+
+    def public_mechanisms(self, dataset: str) -> list:
+        """The mechanisms of the dataset's public releases (its DP mock), as the ledger holds."""
+        from policies.accounting import Mechanism
+        from policies.ledger import BudgetLedger
+        from policies.store import SiteStore
+
+        ledger = BudgetLedger(SiteStore(self.dir / "site.db"))
+        return [
+            Mechanism(m["noise_multiplier"], m["sample_rate"], m["steps"])
+            for m in (r["mechanism"] for r in ledger.public_releases(dataset))
+        ]
+
     def admin(self):
         import syft as sy
 

@@ -16,6 +16,7 @@ from datasites.config import SiteDir
 from datasites.errors import ReviewError
 from datasites.review import ReviewQueue
 from policies.accounting import epsilon
+from policies.plan import training_rows
 from policies.privacy import privacy_plan
 from researcher import api, sites
 from researcher.errors import JobError
@@ -96,7 +97,8 @@ def test_submit_approve_deny_run_and_audit_survives_restart(federation) -> None:
 
     shapes = {k: v.shape for k, v in decode_weights(result["weights"]).items()}
     assert shapes == {"0.weight": (8, 30), "0.bias": (8,), "2.weight": (2, 8), "2.bias": (2,)}
-    assert result["n"] == 455 and set(result) <= {
+    rows = a.published_rows("cancer")  # DP: every released count follows it, not the true 569
+    assert result["n"] == training_rows(rows, spec.plan) and set(result) <= {
         "status",
         "round",
         "weights",
@@ -104,7 +106,8 @@ def test_submit_approve_deny_run_and_audit_survives_restart(federation) -> None:
         "metrics",
         "privacy",
     }
-    expected = privacy_plan(spec.plan, 569).epsilon_job
+    mechanisms = [m for _, m in privacy_plan(spec.plan, rows).releases]
+    expected = epsilon([*a.public_mechanisms("cancer"), *mechanisms], 1e-5, "prv")
     assert result["privacy"]["epsilon_spent"] == pytest.approx(expected, rel=1e-6)
     assert result["privacy"]["noise_multiplier"] == 1.5
 
@@ -256,10 +259,12 @@ def test_budget_holds_and_survives_kill_9(federation) -> None:
     login = fed.site("hospital-a").__class__("hospital-a", a.url, email, fed.path.parent / "bob.pw")
     plan = {"rounds": 1, "target_epsilon": 1.2, "batch_size": 64}
     probe = job(plan)
-    p = privacy_plan(probe.plan, 569)
+    p = privacy_plan(probe.plan, a.published_rows("cancer"))
     mechanisms = [m for _, m in p.releases]  # training and site metrics, both charged
-    one, two, three = (epsilon(mechanisms * k, 1e-5, "prv") for k in (1, 2, 3))
-    assert 1.0 < one < 1.5  # each job spends about 1.2 on its own
+    mock = a.public_mechanisms("cancer")  # the DP mock, in every researcher's spend
+    assert len(mock) == 1
+    one, two, three = (epsilon(mock + mechanisms * k, 1e-5, "prv") for k in (1, 2, 3))
+    assert 1.0 < epsilon(mechanisms, 1e-5, "prv") < 1.5  # each job spends about 1.2 on its own
     total = (two + three) / 2  # room for two composed jobs, not three
     a.cli("budget", "set", "--researcher", email, "--dataset", "cancer", "--epsilon", str(total))
 
@@ -290,10 +295,11 @@ def test_two_concurrent_jobs_race_for_the_last_of_a_budget(federation) -> None:
 
     fed, (a, _) = federation
     plan = {"rounds": 1, "target_epsilon": 1.2, "batch_size": 64}
-    p = privacy_plan(job(plan).plan, 569)
+    p = privacy_plan(job(plan).plan, a.published_rows("cancer"))
     mechanisms = [m for _, m in p.releases]
-    one = epsilon(mechanisms, 1e-5, "prv")
-    two = epsilon(mechanisms * 2, 1e-5, "prv")
+    mock = a.public_mechanisms("cancer")
+    one = epsilon(mock + mechanisms, 1e-5, "prv")
+    two = epsilon(mock + mechanisms * 2, 1e-5, "prv")
     email = "cy@uni.edu"
     creds = last_json(a.cli("users", "add", "--email", email, "--name", "Cy", "--json"))
     (fed.path.parent / "cy.pw").write_text(creds["password"])
@@ -399,7 +405,7 @@ def test_a_round_lost_by_the_researcher_is_replayed_on_resume(federation, tmp_pa
     fed, made = federation
     for s in made:
         s.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "50")
-    spec = api.with_pooled_scaling(fed, job({"rounds": 2, "noise_multiplier": 1.0}))
+    spec = api.with_pooled_scaling(fed, job({"rounds": 2, "noise_multiplier": 1.5}))
     api.submit(fed, spec, dry=False)
     for s in made:
         queue = ReviewQueue(SiteDir(s.dir))

@@ -91,7 +91,16 @@ def test_full_lifecycle_survives_kill_9(tmp_path: Path, breast_cancer_csv: Path)
         ada = researcher_login(site, "ada@uni.edu", creds["password"])
         assert ada.code.count_rows(data=ada.datasets["cancer"].assets[0]).get() == 569
         listed = last_json(site.cli("datasets", "--json"))
-        assert listed[0]["rows"] == 569 and listed[0]["target"] == "target"
+        # the published row count is a DP count (noise sd ~41 at the default mock epsilon)
+        assert abs(listed[0]["rows"] - 569) < 200 and listed[0]["target"] == "target"
+        assert listed[0]["mock_epsilon"] == 1.0
+        # the mock is a public release: in the spend of a researcher who has run nothing yet
+        site.cli(
+            "budget", "set", "--researcher", "bo@uni.edu", "--dataset", "cancer", "--epsilon", "3"
+        )
+        [bo] = last_json(site.cli("budget", "--json"))
+        assert bo["epsilon_spent"] == pytest.approx(1.0, abs=0.01) and bo["charges"] == 0
+        assert [(r["kind"], r["public"]) for r in bo["releases"]] == [("mock", True)]
         # the private table, the ledger, the logs: nothing under the site dir is readable by others
         exposed = [
             f"{p.relative_to(site.dir)} {oct(p.stat().st_mode & 0o777)}"

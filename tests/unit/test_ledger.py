@@ -87,3 +87,40 @@ def test_audit_log_is_append_only_and_chained(tmp_path: Path) -> None:
         conn.execute("UPDATE audit SET actor = 'mallory'")
     with store.connect() as conn, pytest.raises(Exception, match="append-only"):
         conn.execute("DELETE FROM audit")
+
+
+def test_a_public_release_counts_in_every_researchers_budget(tmp_path: Path) -> None:
+    """The mock twin is seen by all: its charge is in each spend, and is listed once."""
+    ledger = BudgetLedger(SiteStore(tmp_path / "site.db"))
+    mock = Mechanism(3.77, 1.0, 1)
+    ledger.charge_public("d", "upload:d", "mock", mock)
+    ledger.set_budget("a@x.org", "d", 10.0, 1e-5)
+    job = Mechanism(1.0, 0.05, 100)
+    ledger.reserve("a@x.org", "d", "j1", job, "prv")
+    a, b = ledger.budget("a@x.org", "d"), ledger.budget("b@x.org", "d")
+    assert b.epsilon_spent == pytest.approx(epsilon([mock], 1e-5))
+    assert a.epsilon_spent == pytest.approx(epsilon([mock, job], 1e-5))
+    assert a.charges == 1 and b.charges == 0
+    assert [r["kind"] for r in a.releases] == ["mock", "training"]
+    assert [b.researcher for b in ledger.all()] == ["a@x.org"]
+    assert [r["dataset"] for r in ledger.public_releases()] == ["d"]
+    assert ledger.budget("a@x.org", "other").epsilon_spent == 0
+
+
+def test_a_budget_below_the_public_release_refuses_any_job(tmp_path: Path) -> None:
+    ledger = BudgetLedger(SiteStore(tmp_path / "site.db"))
+    ledger.charge_public("d", "upload:d", "mock", Mechanism(3.77, 1.0, 1))  # epsilon ~1
+    ledger.set_budget("a@x.org", "d", 1.05, 1e-5)
+    with pytest.raises(BudgetExceeded, match="public mock twin alone spends 0.99"):
+        ledger.reserve("a@x.org", "d", "j1", Mechanism(2.0, 0.05, 100), "prv")
+
+
+def test_a_withdrawn_public_charge_is_gone_and_the_public_is_no_researcher(tmp_path: Path) -> None:
+    from policies.errors import PlanError
+
+    ledger = BudgetLedger(SiteStore(tmp_path / "site.db"))
+    charge = ledger.charge_public("d", "upload:d", "mock", Mechanism(3.77, 1.0, 1))
+    ledger.withdraw_public(charge)
+    assert ledger.budget("a@x.org", "d").epsilon_spent == 0 and ledger.public_releases() == []
+    with pytest.raises(PlanError):
+        ledger.set_budget("*", "d", 5.0, 1e-5)

@@ -103,3 +103,33 @@ def test_private_labels_never_decide_a_refusal() -> None:
         assert task.target[42] == outlier  # the trainer sees it; it decides nothing here
     codes = class_codes(np.array([0.0, 1.0, 1.9, 2.1, -3.0, np.nan]), 2)
     assert codes.tolist() == [0, 1, 1, 1, 0, 0]
+
+
+def test_released_counts_follow_the_published_row_count_not_the_private_one() -> None:
+    """Attack: tell a table of 300 rows from one of 301 by the round's n, val_rows or steps.
+    The site computes all three, and the sampling rate, from the published DP count."""
+    from datasites.round_task import run_task
+    from datasites.runtime import prepare_task
+    from policies.plan import TrainingPlan, training_rows, validation_rows
+
+    layers = [{"type": "Linear", "in_features": 3, "out_features": 2}]
+    plan = {"noise_multiplier": 1.0, "batch_size": 32, "site_metrics": False}
+    spec = make_job(layers, "d", "y", plan, n_features=3)
+    replies = []
+    for n in (300, 301):
+        frame = _frame(n)
+        frame["y"] = np.arange(n) % 2
+        task = prepare_task(spec, frame, "y", "", 1.0, 2, 7, None, public_rows=256)
+        out = run_task(task, _test_seed=0)
+        replies.append((out.n, out.metrics["val_rows"], out.metrics["steps"]))
+    p = TrainingPlan.from_dict(plan)
+    public_train = training_rows(256, p)
+    assert (
+        replies[0]
+        == replies[1]
+        == (
+            public_train,
+            float(validation_rows(256, p.validation_fraction)),
+            float(-(-public_train // 32)),
+        )
+    )
