@@ -23,6 +23,19 @@ users_app = typer.Typer(help="Researcher accounts.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 
 DirOpt = Annotated[Path, typer.Option("--dir", help="The datasite's directory.")]
+
+
+def open_site(value: str) -> SiteDir:
+    """The one guard of every command on an existing site: ConfigError (one line, exit 1) when
+    DIR is not an initialised datasite, checked before anything can be read or written there."""
+    site = SiteDir(Path(value))
+    site.config()
+    return site
+
+
+SiteOpt = Annotated[
+    SiteDir, typer.Option("--dir", parser=open_site, help="The datasite's directory.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
@@ -41,14 +54,13 @@ def init(
 
 @app.command()
 def launch(
-    dir: DirOpt,
+    site: SiteOpt,
     detach: Annotated[bool, typer.Option(help="Return once the server answers.")] = False,
     json: JsonOpt = False,
 ) -> None:
     """Start the datasite's syft server; in the foreground Ctrl-C stops it."""
     from datasites import process
 
-    site = SiteDir(dir)
     if not detach:
         out.print(f"serving {site.config().name} on {site.config().url}; Ctrl-C stops it")
         process.launch_foreground(site)
@@ -60,20 +72,20 @@ def launch(
 
 
 @app.command()
-def stop(dir: DirOpt) -> None:
+def stop(site: SiteOpt) -> None:
     """Stop the datasite's server."""
     from datasites import process
 
-    stopped = process.stop(SiteDir(dir))
+    stopped = process.stop(site)
     out.print("stopped" if stopped else "not running")
 
 
 @app.command()
-def status(dir: DirOpt, json: JsonOpt = False) -> None:
+def status(site: SiteOpt, json: JsonOpt = False) -> None:
     """Whether the server runs and answers, with its pid and URL."""
     from datasites import process
 
-    st = process.status(SiteDir(dir))
+    st = process.status(site)
     if json:
         emit_json(st.to_dict())
     else:
@@ -86,7 +98,7 @@ def status(dir: DirOpt, json: JsonOpt = False) -> None:
 
 @app.command()
 def upload(
-    dir: DirOpt,
+    site: SiteOpt,
     name: Annotated[str, typer.Option(help="Dataset name researchers will see.")],
     file: Annotated[Path, typer.Option(help="CSV or Parquet file.")],
     target: Annotated[str, typer.Option(help="Label column.")],
@@ -103,8 +115,6 @@ def upload(
     """Validate a table and upload it as private data with a differentially private mock twin."""
     from datasites.tables import load_table, validate_table
 
-    site = SiteDir(dir)
-    site.config()
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise DatasiteError(f"dataset name {name!r} may hold only letters, digits, '-', '_', '.'")
     if name in site.datasets_meta():
@@ -127,11 +137,11 @@ def upload(
 
 
 @app.command()
-def datasets(dir: DirOpt, json: JsonOpt = False) -> None:
+def datasets(site: SiteOpt, json: JsonOpt = False) -> None:
     """Datasets on this datasite."""
     from datasites import admin
 
-    rows = admin.list_datasets(admin.admin_client(SiteDir(dir)))
+    rows = admin.list_datasets(admin.admin_client(site))
     if json:
         emit_json(rows)
     else:
@@ -147,7 +157,7 @@ def datasets(dir: DirOpt, json: JsonOpt = False) -> None:
 
 @users_app.command("add")
 def users_add(
-    dir: DirOpt,
+    site: SiteOpt,
     email: Annotated[str, typer.Option(help="The researcher's email (their login).")],
     name: Annotated[str, typer.Option(help="The researcher's name.")],
     json: JsonOpt = False,
@@ -155,7 +165,7 @@ def users_add(
     """Register a researcher and show their initial password once."""
     from datasites import admin
 
-    password = admin.add_user(SiteDir(dir), email, name)
+    password = admin.add_user(site, email, name)
     if json:
         emit_json({"email": email, "password": password})
     else:
@@ -163,11 +173,11 @@ def users_add(
 
 
 @users_app.command("list")
-def users_list(dir: DirOpt, json: JsonOpt = False) -> None:
+def users_list(site: SiteOpt, json: JsonOpt = False) -> None:
     """Accounts on this datasite."""
     from datasites import admin
 
-    rows = admin.list_users(admin.admin_client(SiteDir(dir)))
+    rows = admin.list_users(admin.admin_client(site))
     if json:
         emit_json(rows)
     else:
@@ -184,13 +194,11 @@ app.add_typer(budget_app, name="budget")
 
 @policy_app.command("show")
 def policy_show(
-    dir: DirOpt, dataset: Annotated[str, typer.Option()] = "", json: JsonOpt = False
+    site: SiteOpt, dataset: Annotated[str, typer.Option()] = "", json: JsonOpt = False
 ) -> None:
     """Policies of every dataset (or one); datasets without one get the conservative default."""
     from policies.access import PolicyStore
 
-    site = SiteDir(dir)
-    site.config()
     _known_dataset(site, dataset)
     store = PolicyStore(site.policies_path)
     names = [dataset] if dataset else sorted(set(site.datasets_meta()) | set(store.all()))
@@ -204,7 +212,7 @@ def policy_show(
 
 @policy_app.command("set")
 def policy_set(
-    dir: DirOpt,
+    site: SiteOpt,
     dataset: Annotated[str, typer.Option(help="Dataset the policy governs.")],
     allow: Annotated[list[str], typer.Option(help="Researcher email allowed (repeatable).")] = [],  # noqa: B006
     allow_domain: Annotated[
@@ -228,8 +236,6 @@ def policy_set(
 
     from policies.access import PolicyStore
 
-    site = SiteDir(dir)
-    site.config()
     _known_dataset(site, dataset)
     store = PolicyStore(site.policies_path)
     changes = {
@@ -256,11 +262,11 @@ def policy_set(
 
 
 @app.command()
-def requests(dir: DirOpt, json: JsonOpt = False) -> None:
+def requests(site: SiteOpt, json: JsonOpt = False) -> None:
     """Submitted jobs with their automatic policy report."""
     from datasites.review import ReviewQueue
 
-    items = ReviewQueue(SiteDir(dir)).items()
+    items = ReviewQueue(site).items()
     if json:
         emit_json([i.to_dict() for i in items])
         return
@@ -283,7 +289,7 @@ def requests(dir: DirOpt, json: JsonOpt = False) -> None:
 
 @app.command()
 def review(
-    dir: DirOpt,
+    site: SiteOpt,
     request_id: Annotated[str, typer.Argument(help="Request id (prefix).")],
     json: JsonOpt = False,
 ) -> None:
@@ -292,7 +298,7 @@ def review(
 
     from datasites.review import ReviewQueue
 
-    item = ReviewQueue(SiteDir(dir)).find(request_id)
+    item = ReviewQueue(site).find(request_id)
     if json:
         emit_json({**item.to_dict(), "code": item.raw_code})
         return
@@ -318,7 +324,7 @@ def print_report(item) -> None:  # noqa: ANN001
 
 @app.command()
 def approve(
-    dir: DirOpt,
+    site: SiteOpt,
     request_id: Annotated[str, typer.Argument(help="Request id (prefix).")],
     override: Annotated[bool, typer.Option(help="Approve although the report fails.")] = False,
     reason: Annotated[str, typer.Option(help="Why (required with --override).")] = "",
@@ -326,32 +332,30 @@ def approve(
     """Approve a request whose policy report passes (or override, with a recorded reason)."""
     from datasites.review import ReviewQueue
 
-    item = ReviewQueue(SiteDir(dir)).approve(request_id, override=override, reason=reason)
+    item = ReviewQueue(site).approve(request_id, override=override, reason=reason)
     print_report(item)
     out.print(f"approved {item.request_id[:8]} from {item.researcher}")
 
 
 @app.command()
 def deny(
-    dir: DirOpt,
+    site: SiteOpt,
     request_id: Annotated[str, typer.Argument(help="Request id (prefix).")],
     reason: Annotated[str, typer.Option(help="Shown to the researcher.")] = "",
 ) -> None:
     """Deny a request with a reason the researcher will see."""
     from datasites.review import ReviewQueue
 
-    item = ReviewQueue(SiteDir(dir)).deny(request_id, reason)
+    item = ReviewQueue(site).deny(request_id, reason)
     out.print(f"denied {item.request_id[:8]} from {item.researcher}")
 
 
 @app.command()
-def audit(dir: DirOpt, json: JsonOpt = False) -> None:
+def audit(site: SiteOpt, json: JsonOpt = False) -> None:
     """The append-only audit log (its hash chain is verified on every read)."""
     from policies.audit import AuditLog
     from policies.store import SiteStore
 
-    site = SiteDir(dir)
-    site.config()
     log = AuditLog(SiteStore(site.db_path))
     entries = log.entries()
     if not log.verify():
@@ -396,8 +400,7 @@ def budget(
     from policies.ledger import BudgetLedger
     from policies.store import SiteStore
 
-    site = SiteDir(dir)
-    site.config()
+    site = open_site(str(dir))
     ledger = BudgetLedger(SiteStore(site.db_path))
     rows = [b.to_dict() for b in ledger.all()]
     public = ledger.public_releases()
@@ -467,7 +470,7 @@ def _mechanism_text(m: dict) -> str:
 
 @budget_app.command("set")
 def budget_set(
-    dir: DirOpt,
+    site: SiteOpt,
     researcher: Annotated[str, typer.Option(help="Researcher email.")],
     dataset: Annotated[str, typer.Option()],
     epsilon: Annotated[float, typer.Option(help="Total epsilon allowed.")],
@@ -477,8 +480,6 @@ def budget_set(
     from policies.ledger import BudgetLedger
     from policies.store import SiteStore
 
-    site = SiteDir(dir)
-    site.config()
     _known_dataset(site, dataset)
     BudgetLedger(SiteStore(site.db_path)).set_budget(researcher, dataset, epsilon, delta)
     out.print(f"budget of {researcher} on {dataset}: epsilon {epsilon}, delta {delta}")

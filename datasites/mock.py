@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from policies.accounting import Mechanism
 
-MAX_CLASSES = 20
+MAX_CLASSES = 20  # a target with more distinct values is continuous
 DEFAULT_MOCK_EPSILON = 1.0
 BINS = 16
 RANGE_SIGMAS = 4.0
@@ -89,7 +89,8 @@ def make_mock(  # noqa: PLR0913
     for i, key in enumerate(keys or [None]):
         group = frame if key is None else frame[frame[target] == key]
         share = _share(counts, i)
-        part = _draw_group(group, columns, edges, sigma, round(n_rows * share), rng)
+        n = max(1, round(n_rows * share))  # every class of the (public) label set appears
+        part = _draw_group(group, columns, edges, sigma, n, rng)
         if key is not None:
             part[target] = key
         parts.append(part)

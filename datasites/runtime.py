@@ -173,7 +173,9 @@ def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None
         features = frame.drop(columns=[spec.target])
         scaling = (features.mean().tolist(), features.std(ddof=0).tolist())
     if n_classes is None and spec.plan.loss == "cross_entropy":
-        n_classes = int(frame[spec.target].max()) + 1 if len(frame) else 2
+        # the model's own width: a mock may lack a rare class (its noisy count fell to zero);
+        # at a site the published class count decides
+        n_classes = int(spec.architecture.output[-1])
     task = prepare_task(
         spec,
         frame,

@@ -109,8 +109,10 @@ def _unreadable_import_paths() -> list[str]:
     return blocked
 
 
-def _warm() -> None:
-    """Train a tiny model through both engines and evaluate it: imports and lazy set-up."""
+def _warm() -> list[RoundOutput]:
+    """Train a tiny model through both engines and evaluate it: imports and lazy set-up.
+
+    Returns the two rounds' outputs, so that a test can see the warm-up really trained."""
     import numpy as np
 
     from datasites.round_task import RoundTask, run_task
@@ -121,9 +123,10 @@ def _warm() -> None:
     ]
     plan = {"batch_size": 2, "noise_multiplier": 1.0, "validation_fraction": 0.5}
     x, y = np.zeros((4, 2), np.float32), np.array([0, 1, 0, 1])
-    for spec in (layers[:1], layers):  # fused engine, then Opacus' hooks
-        model = {"input": [2], "layers": spec}
-        run_task(RoundTask(model, plan, x.copy(), y, 0, None, None, 1.0))
+    return [  # fused engine, then Opacus' hooks
+        run_task(RoundTask({"input": [2], "layers": spec}, plan, x.copy(), y, 0, None, None, 1.0))
+        for spec in (layers[:1], layers)
+    ]
 
 
 def _run(task: RoundTask, max_memory_mb: int) -> RoundOutput:

@@ -66,6 +66,7 @@ def serve(root: Path) -> None:
     for name in _SECRET_ENV:
         os.environ.pop(name, None)
     syft_patches.install()
+    syft_patches.summarise_dataframe_repr()
     sandbox.start()  # trainer processes: started before any request thread, env scrubbed
     threading.Thread(target=_warm_runtime, name="warm-runtime", daemon=True).start()
     site.pid_path.write_text(f"{os.getpid()}\n")

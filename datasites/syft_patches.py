@@ -1,4 +1,4 @@
-"""Three fixes to syft 0.9.5's server hot path, installed in the datasite's server process only.
+"""Fixes to syft 0.9.5's server hot path, installed in the datasite's server process only.
 
 Each keeps syft's behaviour and removes work that is repeated or grows with a table's size:
 
@@ -14,14 +14,18 @@ Each keeps syft's behaviour and removes work that is repeated or grows with a ta
 3. ``ActionObject.__check_action_data`` renders ``repr`` and ``str`` of an object's data each
    time one is loaded from the store: four full DataFrame renders per job call (~120 ms of a
    ~350 ms round on the demo table) and strings of private values kept on the object. Nothing in
-   the server shows tables to a person, so a DataFrame's repr becomes a one-line shape summary.
+   the server shows tables to a person, so :func:`summarise_dataframe_repr` patches *pandas*
+   (``DataFrame.__repr__``) in the server process: a one-line shape summary.
+
+These patches, and ``datasites.runtime.caller_code``, rest on syft 0.9.5's private names; the
+server refuses to start on any other syft (:func:`check_syft_version`).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 _LEAVES = (str, bytes, bytearray, memoryview)
@@ -79,14 +83,53 @@ def _frame_summary(frame: Any) -> str:
     return f"<DataFrame: {rows} rows x {cols} columns>"
 
 
-def install() -> None:
-    """Patch the imported syft and pandas modules of this process (call after importing syft)."""
-    import pandas as pd
+SYFT_VERSION = "0.9.5"
+
+
+def check_syft_version() -> None:
+    """Refuse any syft but the one whose private names these patches and the runtime read."""
+    import syft
+
+    from datasites.errors import ConfigError
+
+    if syft.__version__ != SYFT_VERSION:
+        raise ConfigError(
+            f"syft {syft.__version__} is installed; this datasite needs syft=={SYFT_VERSION} "
+            "(its patches and the runtime's caller check read syft's private names)"
+        )
+
+
+Restore = Callable[[], None]
+
+
+def install() -> Restore:
+    """Patch the imported syft modules of this process; returns what undoes it (for tests)."""
     import syft.service.service as service
     import syft.types.syft_object as syft_object
     from syft.store.db.stash import ObjectStash, with_session
 
+    check_syft_version()
+    saved = (ObjectStash.get_role, syft_object.attach_attribute_to_syft_object)
     ObjectStash.get_role = with_session(get_role)  # type: ignore[method-assign]
     syft_object.attach_attribute_to_syft_object = attach_attribute_to_syft_object
     service.attach_attribute_to_syft_object = attach_attribute_to_syft_object
+
+    def restore() -> None:
+        ObjectStash.get_role = saved[0]  # type: ignore[method-assign]
+        syft_object.attach_attribute_to_syft_object = saved[1]
+        service.attach_attribute_to_syft_object = saved[1]
+
+    return restore
+
+
+def summarise_dataframe_repr() -> Restore:
+    """Patch pandas: ``repr``/``str`` of any DataFrame in this process is a shape summary."""
+    import pandas as pd
+
+    saved = pd.DataFrame.__repr__
     pd.DataFrame.__repr__ = _frame_summary  # type: ignore[method-assign]
+
+    def restore() -> None:
+        pd.DataFrame.__repr__ = saved  # type: ignore[method-assign]
+
+    return restore

@@ -2,7 +2,8 @@
 
 Rules (documented in the README): features must be numeric or boolean (booleans become 0/1);
 text columns are refused (encode them first); missing and infinite values are refused, naming the
-columns; a text target is encoded as integer class codes in sorted order of its values.
+columns; a text target, and an integer target of at most 20 values that are not already 0..k-1
+(labels {1, 2}, {-1, 1}), are encoded as class codes in sorted order of their values.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from datasites.errors import TableError
+from datasites.mock import MAX_CLASSES
 
 READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
 
@@ -80,6 +82,13 @@ def _encode_target(frame: pd.DataFrame, target: str) -> tuple[pd.DataFrame, list
     if pd.api.types.is_bool_dtype(col):
         frame[target] = col.astype("int64")
         return frame, None
+    if pd.api.types.is_integer_dtype(col):
+        values = sorted(col.unique().tolist())
+        if len(values) > MAX_CLASSES or values == list(range(len(values))):
+            return frame, None  # a continuous target, or codes 0..k-1 already
+        # labels such as {1, 2} or {-1, 1}: codes 0..k-1 in sorted order, the labels published
+        frame[target] = col.map({v: i for i, v in enumerate(values)}).astype("int64")
+        return frame, [str(v) for v in values]
     if pd.api.types.is_numeric_dtype(col):
         return frame, None
     classes = sorted(col.astype(str).unique())

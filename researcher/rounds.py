@@ -81,16 +81,28 @@ def call_with_retry(
     raise AssertionError("unreachable")
 
 
+OUTLIER_RATIO = 10.0
+
+
 def pooled_scaling(metas: list[dict[str, Any]]) -> dict[str, list[float]] | None:
-    """Federation-wide feature mean/std from each site's published mean, std and row count."""
+    """Federation-wide feature mean/std from each site's published mean, std and row count.
+
+    The published statistics come from DP mocks; on a small site a column's range can miss
+    (the noise hid it), which shows as a std far from the other sites'. Per feature, a site
+    whose std is more than ``OUTLIER_RATIO`` times off the median is left out of the pool.
+    """
     usable = [m for m in metas if m.get("feature_mean") and m.get("rows")]
     if not usable:
         return None
     n = np.array([m["rows"] for m in usable], dtype=np.float64)[:, None]
     mu = np.array([m["feature_mean"] for m in usable])
     sd = np.array([m["feature_std"] for m in usable])
-    mean = (n * mu).sum(0) / n.sum()
-    var = (n * (sd**2 + mu**2)).sum(0) / n.sum() - mean**2
+    if len(usable) >= 3:
+        median = np.median(sd, axis=0)
+        ratio = np.maximum(sd, MIN_STD) / np.maximum(median, MIN_STD)
+        n = n * ((ratio < OUTLIER_RATIO) & (ratio > 1 / OUTLIER_RATIO))
+    mean = (n * mu).sum(0) / n.sum(0)
+    var = (n * (sd**2 + mu**2)).sum(0) / n.sum(0) - mean**2
     std = np.sqrt(np.maximum(var, 0.0))
     return {"mean": mean.tolist(), "std": np.where(std > MIN_STD, std, 1.0).tolist()}
 

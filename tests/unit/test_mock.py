@@ -122,3 +122,10 @@ def test_a_continuous_target_is_drawn_like_a_feature() -> None:
     release = M.make_mock(frame, "price", rows=300, epsilon=20.0, seed=3)
     assert M.class_keys(frame, "price") == []
     assert ks_2samp(frame["price"], release.mock["price"]).statistic < 0.2
+
+
+def test_every_class_of_the_label_set_appears_even_when_its_noisy_count_is_not_positive() -> None:
+    frame = pd.DataFrame({"x": np.linspace(0, 1, 500), "y": [2] * 3 + [0] * 250 + [1] * 247})
+    for seed in range(3):
+        mock = M.make_mock(frame, "y", rows=100, epsilon=0.2, seed=seed).mock
+        assert set(mock["y"]) == {0, 1, 2}

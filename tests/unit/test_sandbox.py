@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from datasites import sandbox
@@ -38,3 +39,14 @@ def test_trainer_has_a_clean_environment_and_no_network(pool, tmp_path: Path) ->
         assert seen["readable"][str(secret)] is False
     else:  # the report says why the privilege drop was not possible here
         assert seen["uid"] == os.getuid() and "uid" in seen["isolation"]["user"]
+
+
+def test_the_warm_up_trains_through_both_engines() -> None:
+    """It once built a plan that raised in a background thread, so nothing was ever warmed."""
+    from datasites.sandbox import _warm
+
+    fused, opacus = _warm()
+    for out in (fused, opacus):
+        assert out.metrics["steps"] >= 1 and out.n >= 1
+        assert all(np.isfinite(w).all() for w in out.weights.values())
+    assert set(opacus.weights) > set(fused.weights)  # the LayerNorm's parameters too

@@ -54,3 +54,19 @@ def test_pooled_scaling_matches_the_pooled_data() -> None:
     got = pooled_scaling(metas)
     np.testing.assert_allclose(got["mean"], pooled.mean(0), rtol=1e-9)
     np.testing.assert_allclose(got["std"], pooled.std(0), rtol=1e-9)
+
+
+def test_pooled_scaling_leaves_out_a_site_whose_dp_range_missed() -> None:
+    """A small site's DP mock can miss a column's range (std 1e9 where others say ~2)."""
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(loc=5, scale=2, size=(100, 2)) for _ in range(3)]
+    metas = [
+        {"rows": len(p), "feature_mean": p.mean(0).tolist(), "feature_std": p.std(0).tolist()}
+        for p in parts
+    ]
+    metas[1]["feature_mean"][0], metas[1]["feature_std"][0] = 3e8, 1e9
+    got = pooled_scaling(metas)
+    kept = np.concatenate([parts[0], parts[2]])[:, 0]
+    np.testing.assert_allclose(got["mean"][0], kept.mean(), rtol=1e-9)
+    np.testing.assert_allclose(got["std"][0], kept.std(), rtol=1e-9)
+    np.testing.assert_allclose(got["std"][1], np.concatenate(parts)[:, 1].std(), rtol=1e-9)

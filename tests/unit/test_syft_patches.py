@@ -48,22 +48,47 @@ def test_does_not_walk_bytes_or_strings() -> None:
         ORIGINAL(blob, {"syft_server_location": UID()})
 
 
-def test_install_patches_syft_and_frame_repr() -> None:
-    saved = (syft_object.attach_attribute_to_syft_object, pd.DataFrame.__repr__)
+def test_install_patches_syft_and_restores_it() -> None:
+    """It once left ``ObjectStash.get_role`` patched, so a later "same as syft" check compared
+    the patch with itself."""
+    from syft.store.db.stash import ObjectStash
+
+    saved = (syft_object.attach_attribute_to_syft_object, ObjectStash.get_role)
+    restore = syft_patches.install()
     try:
-        syft_patches.install()
         assert (
             service.attach_attribute_to_syft_object is syft_patches.attach_attribute_to_syft_object
         )
         assert (
             syft_object.attach_attribute_to_syft_object is service.attach_attribute_to_syft_object
         )
-        frame = pd.DataFrame({"secret": [123456789.0, 2.0]})
+        assert ObjectStash.get_role is not saved[1]
+    finally:
+        restore()
+    assert syft_object.attach_attribute_to_syft_object is saved[0]
+    assert service.attach_attribute_to_syft_object is saved[0]
+    assert ObjectStash.get_role is saved[1]
+
+
+def test_dataframe_repr_is_a_shape_summary_until_restored() -> None:
+    frame = pd.DataFrame({"secret": [123456789.0, 2.0]})
+    restore = syft_patches.summarise_dataframe_repr()
+    try:
         assert repr(frame) == str(frame) == "<DataFrame: 2 rows x 1 columns>"
     finally:
-        syft_object.attach_attribute_to_syft_object = saved[0]
-        service.attach_attribute_to_syft_object = saved[0]
-        pd.DataFrame.__repr__ = saved[1]
+        restore()
+    assert "123456789" in repr(frame)
+
+
+def test_any_other_syft_version_is_refused(monkeypatch) -> None:
+    import syft
+
+    from datasites.errors import ConfigError
+
+    syft_patches.check_syft_version()
+    monkeypatch.setattr(syft, "__version__", "0.10.0")
+    with pytest.raises(ConfigError, match="needs syft==0.9.5"):
+        syft_patches.install()
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +130,45 @@ def test_memoised_role_follows_role_changes_and_deletion(in_process_server) -> N
     assert both(ada.verify_key) == (ServiceRole.DATA_OWNER,) * 2
     admin.users.delete(ada.id)
     assert both(ada.verify_key) == (ServiceRole.GUEST, ServiceRole.GUEST)
+
+
+SEEN: list[tuple[str, str, bool]] = []  # what caller_code said, from inside syft's execution
+
+
+def test_caller_code_finds_the_approved_code_on_syfts_real_execution_path(
+    in_process_server,
+) -> None:
+    """``runtime.caller_code`` reads syft 0.9.5's frame locals (``code_item``, ``mock_kwargs``):
+    on the real path it names the approved code, and tells the private pass from the mock's."""
+    import syft as sy
+
+    from datasites.runtime import Refused, caller_code
+
+    admin = in_process_server.login(email="info@openmined.org", password="changethis")
+    frame = pd.DataFrame({"x": [1.0, 2.0, 3.0], "y": [0, 1, 0]})
+    dataset = sy.Dataset(name="frames")
+    dataset.add_asset(sy.Asset(name="t", data=frame, mock=frame * 0))
+    admin.upload_dataset(dataset)
+    admin.register(name="Bo", email="bo@uni.edu", password="pw-654321", password_verify="pw-654321")
+    bo = in_process_server.login(email="bo@uni.edu", password="pw-654321")
+    asset = bo.datasets["frames"].assets[0]
+
+    @sy.syft_function_single_use(data=asset)
+    def whoami(data):
+        from datasites.runtime import caller_code
+        from tests.unit import test_syft_patches as here
+
+        c = caller_code()
+        here.SEEN.append((c.code_id, c.code_hash, c.mock))
+        return float(data["x"].sum())
+
+    bo.code.request_code_execution(whoami)
+    request = next(r for r in admin.requests if r.code.service_func_name == "whoami")
+    request.approve()
+    SEEN.clear()
+    assert bo.code.whoami(data=asset).get() == 6.0
+    code = request.code
+    assert {(cid, h) for cid, h, _ in SEEN} == {(str(code.id), str(code.code_hash))}
+    assert sorted(m for _, _, m in SEEN) == [False, True]  # one private pass, one mock pass
+    with pytest.raises(Refused, match="not called by syft"):
+        caller_code()

@@ -1,0 +1,67 @@
+"""Every command fails the same way on a directory that is not a datasite, and the researcher
+command starts without syft."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import typer
+
+from datasites.cli import app
+from tests.conftest import run_cli
+
+
+def _site_commands() -> list[list[str]]:
+    """Each command path that takes --dir of an existing site (all but init)."""
+    paths = []
+
+    def walk(cmd: click.Command, path: list[str]) -> None:
+        if isinstance(cmd, click.Group):
+            if any("--dir" in p.opts for p in cmd.params):
+                paths.append(path)
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+        elif any("--dir" in p.opts for p in cmd.params) and path != ["init"]:
+            paths.append(path)
+
+    walk(typer.main.get_command(app), [])
+    return paths
+
+
+def test_every_site_command_is_listed() -> None:
+    listed = {" ".join(p) for p in _site_commands()}
+    assert {"requests", "review", "approve", "deny", "upload", "budget", "budget set"} <= listed
+    assert len(listed) >= 15
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_a_dir_that_is_no_datasite_is_one_line_exit_1_and_nothing_written(
+    tmp_path: Path, kind: str
+) -> None:
+    where = tmp_path / "nonexistent" if kind == "missing" else tmp_path
+    for path in _site_commands():
+        proc = run_cli("datasite", *path, "--dir", str(where), check=False)
+        assert proc.returncode == 1, (path, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is not an initialised datasite" in lines[0], (path, lines)
+    assert not (tmp_path / "nonexistent").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_researcher_help_imports_neither_syft_nor_torch() -> None:
+    """`researcher --help` was 6.3 s: researcher/__init__ imported api, sites, then syft."""
+    code = (
+        "import sys\n"
+        "from researcher.cli import app\n"
+        "try:\n"
+        "    app(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('syft', 'torch', 'opacus', 'pandas') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "Usage" in proc.stdout and "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
