@@ -12,14 +12,13 @@ from typing import Any
 
 import pandas as pd
 import syft as sy
-from syft.types.errors import SyftException
 
 from datasites.config import SiteDir
 from datasites.errors import AuthError, ServerError, TableError
 from datasites.mock import DEFAULT_MOCK_EPSILON, MockRelease, class_keys, make_mock
 from datasites.tables import Table
 from policies.console import quiet
-from policies.errors import is_connection_error
+from policies.errors import check_reply, map_syft_errors
 from policies.ledger import BudgetLedger
 from policies.metadata import format_meta, parse_meta
 from policies.store import SiteStore
@@ -27,19 +26,22 @@ from policies.store import SiteStore
 ASSET_NAME = "table"
 
 
+def syft_errors(what: str):  # noqa: ANN201
+    """This wing's one translation of syft's failures (see ``policies.errors.map_syft_errors``)."""
+    return map_syft_errors(what, ServerError, ServerError)
+
+
 def login(url: str, email: str, password: str) -> Any:
     """A syft client for ``email``, with syft's failures turned into one-line errors."""
     host, _, port = url.rpartition(":")
     try:
-        with quiet():
+        with syft_errors(f"login to {url}"), quiet():
             return sy.login(url=host, port=int(port), email=email, password=password)
-    except SyftException as exc:
-        message = str(getattr(exc, "public_message", exc)).strip()
-        if "credential" in message.lower() or "not found" in message.lower():
+    except ServerError as exc:
+        cause = str(exc.__cause__ or "").lower()
+        if "credential" in cause or "not found" in cause:
             raise AuthError(f"login to {url} as {email} refused: wrong email or password") from exc
-        raise ServerError(f"login to {url} failed: {message}") from exc
-    except Exception as exc:  # requests' ConnectionError and friends
-        if is_connection_error(exc):
+        if "no datasite answers" in str(exc):
             raise ServerError(f"no datasite answers at {url}; is it launched?") from exc
         raise
 
@@ -91,10 +93,8 @@ def upload(  # noqa: PLR0913
     ledger = BudgetLedger(SiteStore(site.db_path))
     charge = ledger.charge_public(name, f"upload:{name}", "mock", release.mechanism)
     try:
-        with quiet():
-            result = client.upload_dataset(dataset)
-        if isinstance(result, sy.SyftError):
-            raise ServerError(f"upload of {name!r} failed: {result.message}")
+        with syft_errors(f"upload of {name!r} failed"), quiet():
+            check_reply(client.upload_dataset(dataset), f"upload of {name!r} failed", ServerError)
     except BaseException:
         ledger.withdraw_public(charge)
         raise
@@ -163,15 +163,11 @@ def add_user(site: SiteDir, email: str, name: str) -> str:
     """Register a researcher with a generated password and return it (shown once)."""
     client = admin_client(site)
     password = secrets.token_urlsafe(18)
-    try:
-        with quiet():
-            result = client.register(
-                name=name, email=email, password=password, password_verify=password
-            )
-    except SyftException as exc:
-        raise ServerError(f"cannot add {email}: {getattr(exc, 'public_message', exc)}") from exc
-    if isinstance(result, sy.SyftError):
-        raise ServerError(f"cannot add {email}: {result.message}")
+    with syft_errors(f"cannot add {email}"), quiet():
+        result = client.register(
+            name=name, email=email, password=password, password_verify=password
+        )
+    check_reply(result, f"cannot add {email}", ServerError)
     return password
 
 

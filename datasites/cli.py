@@ -11,7 +11,7 @@ from datasites.config import DEFAULT_PORT, SiteDir, init_site, keep_private
 from datasites.errors import DatasiteError
 from datasites.mock import DEFAULT_MOCK_EPSILON
 from policies.console import emit_json, out, run_cli, table
-from policies.errors import PolicyError
+from policies.errors import FedsiteError
 
 app = typer.Typer(
     help="Run a datasite: launch it, upload data, add researchers, review jobs.",
@@ -494,7 +494,7 @@ def _known_dataset(site: SiteDir, dataset: str) -> None:
 
 def main() -> None:
     keep_private()  # site.db, server.log, uploads: whatever a command creates is 0600
-    run_cli(app, (DatasiteError, PolicyError))
+    run_cli(app, (FedsiteError,))
 
 
 if __name__ == "__main__":

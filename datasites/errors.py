@@ -5,11 +5,16 @@ DatasiteError
  ├── TableError         an uploaded table is unreadable or invalid
  ├── ServerError        the server cannot start, stop, or be reached (port in use, not running)
  ├── AuthError          a login was refused (wrong password)
- └── ReviewError        unknown request, refused approval, missing reason
+ ├── ReviewError        unknown request, refused approval, missing reason
+ ├── Refused            a job call the runtime will not run (the reply says why, nothing charged)
+ ├── RoundFailed        a round failed after its charge (one fixed reply; cause in the audit log)
+ └── SandboxLimit       a round passed the site's time or memory limit and was stopped
 """
 
+from policies.errors import FedsiteError
 
-class DatasiteError(Exception):
+
+class DatasiteError(FedsiteError):
     """Base of every error the datasites package raises on purpose."""
 
 
@@ -31,3 +36,15 @@ class AuthError(DatasiteError):
 
 class ReviewError(DatasiteError):
     pass
+
+
+class Refused(DatasiteError):
+    """A call the runtime will not run; the message is safe to show the researcher."""
+
+
+class RoundFailed(DatasiteError):
+    """Anything that went wrong after the charge (its cause is chained, for the audit log)."""
+
+
+class SandboxLimit(DatasiteError):
+    """A round passed the site's time or memory limit and was stopped."""

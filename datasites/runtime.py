@@ -26,16 +26,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from datasites.errors import Refused  # noqa: F401  re-exported
 from policies.errors import PlanError, PolicyError
 from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs
 from policies.privacy import PrivacyPlan, privacy_plan
 from policies.wire import check_shapes, decode_weights, encode_weights
 
 SITE_DIR_ENV = "FEDSITE_DIR"
-
-
-class Refused(Exception):
-    """A call the runtime will not run; the message is safe to show the researcher."""
 
 
 @dataclass(frozen=True)

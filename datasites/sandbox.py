@@ -29,6 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from datasites.errors import SandboxLimit  # noqa: F401  re-exported
 from datasites.round_task import RoundOutput, RoundTask
 
 NOBODY = 65534
@@ -36,10 +37,6 @@ CLONE_NEWNET = 0x40000000
 _KEEP_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "CUDA_VISIBLE_DEVICES")
 _KEEP_PREFIX = ("OMP_", "MKL_", "OPENBLAS_")
 _MB = 1 << 20
-
-
-class SandboxLimit(Exception):
-    """A round passed the site's time or memory limit and was stopped."""
 
 
 def clean_environment() -> dict[str, str]:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from datasites.approvals import Approval, Approvals
 from datasites.config import SiteDir
+from datasites.errors import RoundFailed  # noqa: F401  re-exported
 from datasites.runtime import CallerCode, Refused, prepare_task, privacy_report, release
 from datasites.sandbox import SandboxLimit, pool
 from policies.access import PolicyStore
@@ -32,10 +33,6 @@ FAILED = (
     "the round failed at the datasite after its budget was charged; "
     "the datasite admin can read the cause in the audit log"
 )
-
-
-class RoundFailed(Exception):
-    """Anything that went wrong after the charge (its cause is chained, for the audit log)."""
 
 
 def run_at_site(

@@ -22,7 +22,18 @@ _EXPORTS = {
     "train": "researcher.api",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # noqa: RUF022  the same names as _EXPORTS, spelled out for tools
+    "Federation",
+    "ResearcherError",
+    "datasets",
+    "dry_run",
+    "load_job",
+    "load_job_file",
+    "make_job",
+    "status",
+    "submit",
+    "train",
+]
 
 if TYPE_CHECKING:
     from researcher.api import datasets, dry_run, load_job, status, submit, train

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 
 from policies.console import emit_json, err, out, run_cli, table
-from policies.errors import PolicyError
-from researcher.errors import ResearcherError
+from policies.errors import FedsiteError
 
 app = typer.Typer(
     help="Train models across datasites without seeing their data.",
@@ -262,7 +261,7 @@ def _test_split(path: Path, target: str):  # noqa: ANN202
 
 
 def main() -> None:
-    run_cli(app, (ResearcherError, PolicyError))
+    run_cli(app, (FedsiteError,))
 
 
 if __name__ == "__main__":

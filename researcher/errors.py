@@ -7,8 +7,10 @@ ResearcherError
  └── AggregationError  updates cannot be combined (no replies, mismatched shapes)
 """
 
+from policies.errors import FedsiteError
 
-class ResearcherError(Exception):
+
+class ResearcherError(FedsiteError):
     pass
 
 

@@ -6,11 +6,10 @@ from typing import Any
 
 import syft as sy
 from syft.service.policy.policy import OutputPolicyExecuteCount
-from syft.types.errors import SyftException
 from syft.types.result import Err
 
 from policies.console import quiet
-from policies.errors import is_connection_error
+from policies.errors import check_reply, map_syft_errors
 from policies.metadata import parse_meta
 from policies.plan import JobSpec
 from researcher.errors import SiteError
@@ -47,19 +46,18 @@ def _fail_fast_when_refused() -> None:
 _fail_fast_when_refused()
 
 
+def syft_errors(what: str):  # noqa: ANN201
+    """This wing's one translation of syft's failures (see ``policies.errors.map_syft_errors``)."""
+    return map_syft_errors(what, SiteError, Unreachable)
+
+
 def connect(login: SiteLogin) -> Any:
     host, _, port = login.url.rpartition(":")
     try:
-        with quiet():
+        with syft_errors(f"{login.name}: login refused"), quiet():
             return sy.login(url=host, port=int(port), email=login.email, password=login.password())
-    except SyftException as exc:
-        raise SiteError(
-            f"{login.name}: login refused: {getattr(exc, 'public_message', exc)}"
-        ) from exc
-    except Exception as exc:
-        if is_connection_error(exc):
-            raise Unreachable(f"{login.name}: no datasite answers at {login.url}") from exc
-        raise
+    except Unreachable as exc:
+        raise Unreachable(f"{login.name}: no datasite answers at {login.url}") from exc
 
 
 def asset_meta(asset: Any) -> dict[str, Any]:
@@ -98,20 +96,14 @@ def find_asset(client: Any, dataset: str) -> Any:
 def submit(client: Any, spec: JobSpec, asset: Any) -> str:
     """One code request for this job on this site; returns the request id."""
     policy = sy.MixedInputPolicy(data=asset, weights=str, client=client)
-    try:
-        with quiet():
-            fn = sy.syft_function(
-                input_policy=policy,
-                # each round, and a replay of it if the reply was lost: the site counts rounds
-                output_policy=OutputPolicyExecuteCount(limit=2 * spec.plan.rounds + 1),
-            )(as_function(spec))
-            request = client.code.request_code_execution(fn)
-    except SyftException as exc:
-        raise SiteError(
-            f"{client.name}: submission refused: {getattr(exc, 'public_message', exc)}"
-        ) from exc
-    if isinstance(request, sy.SyftError):
-        raise SiteError(f"{client.name}: submission refused: {request.message}")
+    what = f"{client.name}: submission refused"
+    with syft_errors(what), quiet():
+        fn = sy.syft_function(
+            input_policy=policy,
+            # each round, and a replay of it if the reply was lost: the site counts rounds
+            output_policy=OutputPolicyExecuteCount(limit=2 * spec.plan.rounds + 1),
+        )(as_function(spec))
+        request = check_reply(client.code.request_code_execution(fn), what, SiteError)
     return str(request.id.no_dash)
 
 
@@ -150,19 +142,9 @@ def _fetch(result: Any) -> Any:
 
 def run_round(client: Any, spec: JobSpec, asset: Any, weights: str) -> dict[str, Any]:
     """Call the approved job once; returns the runtime's dict (ok, refused or failed)."""
-    try:
-        with quiet():
-            fn = getattr(client.code, spec.name)
-            result = fn(data=asset, weights=weights)
-            value = _fetch(result)
-    except SyftException as exc:
-        raise SiteError(f"{client.name}: {getattr(exc, 'public_message', exc)}") from exc
-    except Exception as exc:  # requests' connection errors: the site may be down for a moment
-        if is_connection_error(exc):
-            raise Unreachable(f"{client.name}: connection failed ({type(exc).__name__})") from exc
-        raise
-    if isinstance(value, sy.SyftError):
-        raise SiteError(f"{client.name}: {value.message}")
+    with syft_errors(client.name), quiet():  # a dropped connection: Unreachable, retried
+        fn = getattr(client.code, spec.name)
+        value = check_reply(_fetch(fn(data=asset, weights=weights)), client.name, SiteError)
     if not isinstance(value, dict) or "status" not in value:
         raise SiteError(f"{client.name}: unexpected reply {type(value).__name__}")
     return value
