@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from datasites.config import DEFAULT_PORT, SiteDir, init_site, keep_private
+from datasites.data.mock import DEFAULT_MOCK_EPSILON
 from datasites.errors import DatasiteError
-from datasites.mock import DEFAULT_MOCK_EPSILON
+from datasites.serving.config import DEFAULT_PORT, SiteDir, init_site, keep_private
 from policies.console import emit_json, out, run_cli, table
 from policies.errors import FedsiteError
 
@@ -59,7 +59,7 @@ def launch(
     json: JsonOpt = False,
 ) -> None:
     """Start the datasite's syft server; in the foreground Ctrl-C stops it."""
-    from datasites import process
+    from datasites.serving import process
 
     if not detach:
         out.print(f"serving {site.config().name} on {site.config().url}; Ctrl-C stops it")
@@ -74,7 +74,7 @@ def launch(
 @app.command()
 def stop(site: SiteOpt) -> None:
     """Stop the datasite's server."""
-    from datasites import process
+    from datasites.serving import process
 
     stopped = process.stop(site)
     out.print("stopped" if stopped else "not running")
@@ -83,7 +83,7 @@ def stop(site: SiteOpt) -> None:
 @app.command()
 def status(site: SiteOpt, json: JsonOpt = False) -> None:
     """Whether the server runs and answers, with its pid and URL."""
-    from datasites import process
+    from datasites.serving import process
 
     st = process.status(site)
     if json:
@@ -113,7 +113,7 @@ def upload(
     json: JsonOpt = False,
 ) -> None:
     """Validate a table and upload it as private data with a differentially private mock twin."""
-    from datasites.tables import load_table, validate_table
+    from datasites.data.tables import load_table, validate_table
 
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise DatasiteError(f"dataset name {name!r} may hold only letters, digits, '-', '_', '.'")
@@ -124,7 +124,7 @@ def upload(
     if not 0.01 <= mock_epsilon <= 100:
         raise DatasiteError(f"--mock-epsilon must be in [0.01, 100], got {mock_epsilon}")
     table = validate_table(load_table(file), target)  # before syft's slow import
-    from datasites import admin
+    from datasites.serving import admin
 
     result = admin.upload(site, name, table, description, mock_rows, mock_epsilon)
     if json:
@@ -139,7 +139,7 @@ def upload(
 @app.command()
 def datasets(site: SiteOpt, json: JsonOpt = False) -> None:
     """Datasets on this datasite."""
-    from datasites import admin
+    from datasites.serving import admin
 
     rows = admin.list_datasets(admin.admin_client(site))
     if json:
@@ -163,7 +163,7 @@ def users_add(
     json: JsonOpt = False,
 ) -> None:
     """Register a researcher and show their initial password once."""
-    from datasites import admin
+    from datasites.serving import admin
 
     password = admin.add_user(site, email, name)
     if json:
@@ -175,7 +175,7 @@ def users_add(
 @users_app.command("list")
 def users_list(site: SiteOpt, json: JsonOpt = False) -> None:
     """Accounts on this datasite."""
-    from datasites import admin
+    from datasites.serving import admin
 
     rows = admin.list_users(admin.admin_client(site))
     if json:
@@ -197,7 +197,7 @@ def policy_show(
     site: SiteOpt, dataset: Annotated[str, typer.Option()] = "", json: JsonOpt = False
 ) -> None:
     """Policies of every dataset (or one); datasets without one get the conservative default."""
-    from policies.access import PolicyStore
+    from datasites.review.access import PolicyStore
 
     _known_dataset(site, dataset)
     store = PolicyStore(site.policies_path)
@@ -234,7 +234,7 @@ def policy_set(
     """Change a dataset's policy; unnamed fields keep their current value."""
     from dataclasses import replace
 
-    from policies.access import PolicyStore
+    from datasites.review.access import PolicyStore
 
     _known_dataset(site, dataset)
     store = PolicyStore(site.policies_path)
@@ -264,7 +264,7 @@ def policy_set(
 @app.command()
 def requests(site: SiteOpt, json: JsonOpt = False) -> None:
     """Submitted jobs with their automatic policy report."""
-    from datasites.review import ReviewQueue
+    from datasites.review.queue import ReviewQueue
 
     items = ReviewQueue(site).items()
     if json:
@@ -296,7 +296,7 @@ def review(
     """Show a request's code and its policy report."""
     from rich.syntax import Syntax
 
-    from datasites.review import ReviewQueue
+    from datasites.review.queue import ReviewQueue
 
     item = ReviewQueue(site).find(request_id)
     if json:
@@ -330,7 +330,7 @@ def approve(
     reason: Annotated[str, typer.Option(help="Why (required with --override).")] = "",
 ) -> None:
     """Approve a request whose policy report passes (or override, with a recorded reason)."""
-    from datasites.review import ReviewQueue
+    from datasites.review.queue import ReviewQueue
 
     item = ReviewQueue(site).approve(request_id, override=override, reason=reason)
     print_report(item)
@@ -344,7 +344,7 @@ def deny(
     reason: Annotated[str, typer.Option(help="Shown to the researcher.")] = "",
 ) -> None:
     """Deny a request with a reason the researcher will see."""
-    from datasites.review import ReviewQueue
+    from datasites.review.queue import ReviewQueue
 
     item = ReviewQueue(site).deny(request_id, reason)
     out.print(f"denied {item.request_id[:8]} from {item.researcher}")
@@ -353,8 +353,8 @@ def deny(
 @app.command()
 def audit(site: SiteOpt, json: JsonOpt = False) -> None:
     """The append-only audit log (its hash chain is verified on every read)."""
-    from policies.audit import AuditLog
-    from policies.store import SiteStore
+    from datasites.ledger.audit import AuditLog
+    from datasites.ledger.store import SiteStore
 
     log = AuditLog(SiteStore(site.db_path))
     entries = log.entries()
@@ -397,8 +397,8 @@ def budget(
         return
     if dir is None:
         raise DatasiteError("budget needs --dir DIR")
-    from policies.ledger import BudgetLedger
-    from policies.store import SiteStore
+    from datasites.ledger.budget import BudgetLedger
+    from datasites.ledger.store import SiteStore
 
     site = open_site(str(dir))
     ledger = BudgetLedger(SiteStore(site.db_path))
@@ -477,8 +477,8 @@ def budget_set(
     delta: Annotated[float, typer.Option(help="Delta of the budget.")] = 1e-5,
 ) -> None:
     """Set the total privacy budget of a researcher on a dataset."""
-    from policies.ledger import BudgetLedger
-    from policies.store import SiteStore
+    from datasites.ledger.budget import BudgetLedger
+    from datasites.ledger.store import SiteStore
 
     _known_dataset(site, dataset)
     BudgetLedger(SiteStore(site.db_path)).set_budget(researcher, dataset, epsilon, delta)

@@ -107,5 +107,5 @@ def check_weights(weights: Weights, expected: Shapes) -> None:
 
 
 # Sent instead of weights: "give me again the last round you released to this job". A site
-# answers from its store, without training or charging (datasites.site_job).
+# answers from its store, without training or charging (datasites.training.site_job).
 REPLAY_LAST = "replay:last"

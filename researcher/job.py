@@ -36,7 +36,7 @@ from researcher.errors import JobError
 
 TEMPLATE = '''def {name}(data, weights):
     """Federated Datasites job {job_id}: DP-SGD in the datasite's own runtime."""
-    from datasites.runtime import run_job
+    from datasites.training.runtime import run_job
     return run_job(data=data, weights=weights, job={job!r})
 '''
 

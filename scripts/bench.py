@@ -37,15 +37,15 @@ from demo import plan as demo_plan
 from sklearn.datasets import load_breast_cancer, load_digits
 from torch import nn
 
-from datasites import admin, process
-from datasites.config import SiteDir
-from datasites.tables import validate_table
-from datasites.training import train_dp
-from policies.access import DatasetPolicy, PolicyStore
-from policies.audit import AuditLog
-from policies.ledger import BudgetLedger
+from datasites.data.tables import validate_table
+from datasites.ledger.audit import AuditLog
+from datasites.ledger.budget import BudgetLedger
+from datasites.ledger.store import SiteStore
+from datasites.review.access import DatasetPolicy, PolicyStore
+from datasites.serving import admin, process
+from datasites.serving.config import SiteDir
+from datasites.training.dp_sgd import train_dp
 from policies.plan import TrainingPlan
-from policies.store import SiteStore
 from policies.wire import encode_weights
 from researcher import api
 from researcher.job import make_job

@@ -30,13 +30,13 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from datasites import admin, process
-from datasites.config import SiteDir, init_site
-from datasites.mock import DEFAULT_MOCK_EPSILON
-from datasites.tables import validate_table
-from policies.access import DatasetPolicy, PolicyStore
-from policies.ledger import BudgetLedger
-from policies.store import SiteStore
+from datasites.data.mock import DEFAULT_MOCK_EPSILON
+from datasites.data.tables import validate_table
+from datasites.ledger.budget import BudgetLedger
+from datasites.ledger.store import SiteStore
+from datasites.review.access import DatasetPolicy, PolicyStore
+from datasites.serving import admin, process
+from datasites.serving.config import SiteDir, init_site
 from researcher import api
 from researcher.federation import Federation
 from researcher.job import make_job
@@ -124,7 +124,7 @@ def write_federation(work: Path, sites: list[SiteDir]) -> Federation:
 
 def approve_pending(sites: list[SiteDir]) -> None:
     """Approve the pending request at each site in-process (the demo itself uses the CLI)."""
-    from datasites.review import ReviewQueue
+    from datasites.review.queue import ReviewQueue
 
     for site in sites:
         queue = ReviewQueue(site)

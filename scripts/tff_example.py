@@ -28,7 +28,7 @@ from scipy.ndimage import zoom
 from sklearn.datasets import load_digits
 from torch import nn
 
-from datasites import process
+from datasites.serving import process
 from researcher import api
 from researcher.job import make_job
 

@@ -94,15 +94,15 @@ class Site:
 
     def published_rows(self, dataset: str) -> int:
         """The DP row count the site published at upload: what its rounds are computed from."""
-        from datasites.config import SiteDir
+        from datasites.serving.config import SiteDir
 
         return int(SiteDir(self.dir).datasets_meta()[dataset]["rows"])
 
     def public_mechanisms(self, dataset: str) -> list:
         """The mechanisms of the dataset's public releases (its DP mock), as the ledger holds."""
+        from datasites.ledger.budget import BudgetLedger
+        from datasites.ledger.store import SiteStore
         from policies.accounting import Mechanism
-        from policies.ledger import BudgetLedger
-        from policies.store import SiteStore
 
         ledger = BudgetLedger(SiteStore(self.dir / "site.db"))
         return [
@@ -129,8 +129,8 @@ def make_sites(root: Path, *names: str) -> list[Site]:
     """Several sites, initialised through the CLI and launched at once (a server takes ~10 s)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from datasites.config import SiteDir
-    from datasites.process import launch_detached
+    from datasites.serving.config import SiteDir
+    from datasites.serving.process import launch_detached
 
     made = [Site(root / name, name, free_port()) for name in names]
     for site in made:

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import syft as sy
 
-from datasites.config import SiteDir
-from datasites.process import responding
-from datasites.review import ReviewQueue
+from datasites.review.queue import ReviewQueue
+from datasites.serving.config import SiteDir
+from datasites.serving.process import responding
 from researcher import sites
 from researcher.federation import SiteLogin
 from researcher.job import make_job, render
@@ -64,8 +64,8 @@ class Arena:
         ]
 
     def spent(self, who: str) -> float:
-        from policies.ledger import BudgetLedger
-        from policies.store import SiteStore
+        from datasites.ledger.budget import BudgetLedger
+        from datasites.ledger.store import SiteStore
 
         ledger = BudgetLedger(SiteStore(SiteDir(self.site.dir).db_path))
         return ledger.budget(who, DATASET).epsilon_spent

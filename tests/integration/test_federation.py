@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from torch import nn
 
-from datasites import admin, process
-from datasites.config import SiteDir, init_site
-from datasites.review import ReviewQueue
-from datasites.tables import validate_table
-from policies.access import DatasetPolicy, PolicyStore
-from policies.audit import AuditLog
-from policies.ledger import BudgetLedger
-from policies.store import SiteStore
+from datasites.data.tables import validate_table
+from datasites.ledger.audit import AuditLog
+from datasites.ledger.budget import BudgetLedger
+from datasites.ledger.store import SiteStore
+from datasites.review.access import DatasetPolicy, PolicyStore
+from datasites.review.queue import ReviewQueue
+from datasites.serving import admin, process
+from datasites.serving.config import SiteDir, init_site
 from researcher import api
 from researcher.errors import SiteError
 from researcher.federation import Federation

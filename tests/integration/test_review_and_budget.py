@@ -12,9 +12,9 @@ import pytest
 import syft as sy
 from torch import nn
 
-from datasites.config import SiteDir
 from datasites.errors import ReviewError
-from datasites.review import ReviewQueue
+from datasites.review.queue import ReviewQueue
+from datasites.serving.config import SiteDir
 from policies.accounting import epsilon
 from policies.plan import training_rows
 from policies.privacy import privacy_plan

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from policies.access import DatasetPolicy
+from datasites.review.access import DatasetPolicy
+from datasites.review.report import Submission, build_report
 from policies.errors import PlanError
 from policies.plan import JobSpec, TrainingPlan
-from policies.report import Submission, build_report
 from researcher.errors import JobError
 from researcher.job import TEMPLATE, make_job, render
 

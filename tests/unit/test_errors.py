@@ -32,9 +32,9 @@ def test_every_error_class_of_every_package_has_the_one_root() -> None:
     ]
     assert len(classes) >= 17
     assert all(issubclass(c, FedsiteError) for c in classes), classes
-    from datasites.runtime import Refused
-    from datasites.sandbox import SandboxLimit
-    from datasites.site_job import RoundFailed
+    from datasites.training.runtime import Refused
+    from datasites.training.sandbox import SandboxLimit
+    from datasites.training.site_job import RoundFailed
     from researcher.sites import Unreachable
 
     assert all(

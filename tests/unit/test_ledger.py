@@ -9,11 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from datasites.ledger.audit import AuditLog
+from datasites.ledger.budget import DEFAULT_EPSILON, BudgetLedger
+from datasites.ledger.store import SiteStore
 from policies.accounting import Mechanism, epsilon
-from policies.audit import AuditLog
 from policies.errors import BudgetExceeded
-from policies.ledger import DEFAULT_EPSILON, BudgetLedger
-from policies.store import SiteStore
 
 mechanisms = st.builds(
     Mechanism,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy.stats import ks_2samp, norm
 
-from datasites import mock as M
+from datasites.data import mock as M
 from policies.accounting import epsilon
 from tests.conftest import breast_cancer_frame
 

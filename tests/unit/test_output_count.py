@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datasites.admin import _meta
-from datasites.mock import make_mock
-from datasites.round_task import run_task
-from datasites.runtime import prepare_task
-from datasites.site_job import public_rows
-from datasites.tables import validate_table
+from datasites.data.mock import make_mock
+from datasites.data.tables import validate_table
+from datasites.serving.admin import _meta
+from datasites.training.prepare import prepare_task
+from datasites.training.round_task import run_task
+from datasites.training.site_job import public_rows
 from researcher import model as researcher_model
 from researcher.job import make_job
 

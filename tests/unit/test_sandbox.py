@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datasites import sandbox
+from datasites.training import sandbox
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_trainer_has_a_clean_environment_and_no_network(pool, tmp_path: Path) ->
 
 def test_the_warm_up_trains_through_both_engines() -> None:
     """It once built a plan that raised in a background thread, so nothing was ever warmed."""
-    from datasites.sandbox import _warm
+    from datasites.training.sandbox import _warm
 
     fused, opacus = _warm()
     for out in (fused, opacus):

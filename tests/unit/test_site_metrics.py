@@ -12,12 +12,12 @@ import torch
 from opacus.accountants.rdp import RDPAccountant
 from torch import nn
 
-from datasites.training import private_metrics, secure_scalar_gaussian
+from datasites.ledger.budget import BudgetLedger
+from datasites.ledger.store import SiteStore
+from datasites.training.dp_sgd import private_metrics, secure_scalar_gaussian
 from policies.accounting import epsilon
-from policies.ledger import BudgetLedger
 from policies.plan import TrainingPlan
 from policies.privacy import METRICS, TRAINING, privacy_plan
-from policies.store import SiteStore
 
 DELTA = 1e-5
 

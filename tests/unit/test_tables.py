@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from datasites.data.tables import load_table, validate_table
 from datasites.errors import TableError
-from datasites.tables import load_table, validate_table
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

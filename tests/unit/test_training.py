@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasites.training import evaluate, poisson_batches, train_dp
+from datasites.training.dp_sgd import evaluate, poisson_batches, train_dp
 from policies.plan import TrainingPlan
 from policies.torch_model import load
 

@@ -3,7 +3,7 @@
 This module is the site's, never the researcher's: clipping, noise and accounting happen here
 with parameters taken from the approved plan. Two rules hold for every call:
 
-* Noise and Poisson sampling come from the OS CSPRNG (``datasites.secure_noise``). Nothing a
+* Noise and Poisson sampling come from the OS CSPRNG (``datasites.training.secure_noise``). Nothing a
   researcher knows (job id, round, plan) seeds them. ``_test_seed`` exists for unit tests only:
   no job, plan or site config reaches it.
 * What is released is the starting weights plus the sum of the steps the site's own optimizer
@@ -23,8 +23,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from datasites import fused_dp
-from datasites.secure_noise import make_secure, secure_gaussian
+from datasites.training import fused_dp
+from datasites.training.secure_noise import make_secure, secure_gaussian
 from policies.plan import CLASSIFIERS, TrainingPlan
 from policies.wire import Weights
 
@@ -156,7 +156,7 @@ def train_dp(
 ) -> TrainResult:
     """Run ``plan.local_epochs`` of DP-SGD with Poisson sampling and per-sample clipping.
 
-    ``engine="auto"`` gives Linear/Conv2d models the fused clipper (``datasites.fused_dp``) and
+    ``engine="auto"`` gives Linear/Conv2d models the fused clipper (``datasites.training.fused_dp``) and
     any other model Opacus' GradSampleModule + DPOptimizer; ``"opacus"`` forces the latter.
     Both clip, noise and scale identically (tests/unit/test_fused_dp.py). ``_test_seed`` makes
     noise and sampling repeatable for unit tests; sites never pass it. ``public_rows``: the
@@ -349,7 +349,7 @@ def _correct(out: torch.Tensor, yt: torch.Tensor, loss: str) -> torch.Tensor:
 
 
 def secure_scalar_gaussian(std: float) -> float:
-    """One Gaussian draw of ``std`` from the OS CSPRNG (``datasites.secure_noise``)."""
+    """One Gaussian draw of ``std`` from the OS CSPRNG (``datasites.training.secure_noise``)."""
     return float(secure_gaussian(std, 1)[0])
 
 

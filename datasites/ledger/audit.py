@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from policies.store import SiteStore
+from datasites.ledger.store import SiteStore
 
 GENESIS = "0" * 64
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from datasites.errors import SandboxLimit  # noqa: F401  re-exported
-from datasites.round_task import RoundOutput, RoundTask
+from datasites.training.round_task import RoundOutput, RoundTask
 
 NOBODY = 65534
 CLONE_NEWNET = 0x40000000
@@ -112,7 +112,7 @@ def _warm() -> list[RoundOutput]:
     Returns the two rounds' outputs, so that a test can see the warm-up really trained."""
     import numpy as np
 
-    from datasites.round_task import RoundTask, run_task
+    from datasites.training.round_task import RoundTask, run_task
 
     layers = [
         {"type": "Linear", "in_features": 2, "out_features": 2},
@@ -127,7 +127,7 @@ def _warm() -> list[RoundOutput]:
 
 
 def _run(task: RoundTask, max_memory_mb: int) -> RoundOutput:
-    from datasites.round_task import run_task
+    from datasites.training.round_task import run_task
 
     if "error" in _ISOLATION:
         raise RuntimeError(f"the trainer could not start: {_ISOLATION['error']}")
@@ -216,7 +216,7 @@ class TrainerPool:
 
 def _context() -> Any:
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["datasites.round_task", "datasites.training"])
+    ctx.set_forkserver_preload(["datasites.training.round_task", "datasites.training.dp_sgd"])
     return ctx
 
 
@@ -246,5 +246,5 @@ def start(workers: int = 1) -> TrainerPool:
 
 
 def pool() -> TrainerPool:
-    """The site's pool (started by ``datasites.serve`` at launch)."""
+    """The site's pool (started by ``datasites.serving.serve`` at launch)."""
     return _POOL if _POOL is not None else start()

@@ -1,7 +1,7 @@
 """One training round as plain data in, plain data out: what the sandboxed trainer runs.
 
 The server-side runtime checks the approval, reserves the budget and decodes the incoming
-weights, then hands a :class:`RoundTask` to a trainer process (``datasites.sandbox``). The
+weights, then hands a :class:`RoundTask` to a trainer process (``datasites.training.sandbox``). The
 task holds arrays and the parsed spec only: no path, no secret, no handle on the server. The
 same function runs in-process for a researcher's dry run on the mock.
 """
@@ -84,7 +84,7 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     metrics are noised sums (``training.private_metrics``), and the row counts, the sampling
     rate and the step count are functions of the table's published (DP) size and the plan.
     """
-    from datasites.training import private_metrics, secure_scalar_gaussian, train_dp
+    from datasites.training.dp_sgd import private_metrics, secure_scalar_gaussian, train_dp
     from policies.modelspec import parse
     from policies.torch_model import build, load
 

@@ -11,7 +11,7 @@ from syft.types.result import Ok
 from syft.types.syft_object import SyftObject
 from syft.types.uid import UID
 
-from datasites import syft_patches
+from datasites.serving import syft_patches
 
 ORIGINAL = syft_object.attach_attribute_to_syft_object
 
@@ -142,7 +142,7 @@ def test_caller_code_finds_the_approved_code_on_syfts_real_execution_path(
     on the real path it names the approved code, and tells the private pass from the mock's."""
     import syft as sy
 
-    from datasites.runtime import Refused, caller_code
+    from datasites.training.runtime import Refused, caller_code
 
     admin = in_process_server.login(email="info@openmined.org", password="changethis")
     frame = pd.DataFrame({"x": [1.0, 2.0, 3.0], "y": [0, 1, 0]})
@@ -155,8 +155,8 @@ def test_caller_code_finds_the_approved_code_on_syfts_real_execution_path(
 
     @sy.syft_function_single_use(data=asset)
     def whoami(data):
-        from datasites.runtime import caller_code
-        from tests.unit import test_syft_patches as here
+        from datasites.training.runtime import caller_code
+        from tests.unit import test_syft_boundary as here
 
         c = caller_code()
         here.SEEN.append((c.code_id, c.code_hash, c.mock))

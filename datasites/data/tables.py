@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from datasites.data.mock import MAX_CLASSES
 from datasites.errors import TableError
-from datasites.mock import MAX_CLASSES
 
 READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
 

@@ -1,4 +1,4 @@
-"""The datasite server process: ``python -m datasites.serve DIR``.
+"""The datasite server process: ``python -m datasites.serving.serve DIR``.
 
 Runs syft 0.9.5's FastAPI app under uvicorn in *this* process (not in a multiprocessing child as
 ``sy.orchestra.launch`` does), so the pid in ``server.pid`` is the server and ``kill -9`` of it
@@ -14,8 +14,9 @@ import sys
 import threading
 from pathlib import Path
 
-from datasites import sandbox, syft_patches
-from datasites.config import SiteDir, keep_private
+from datasites.serving import syft_patches
+from datasites.serving.config import SiteDir, keep_private
+from datasites.training import sandbox
 
 SITE_DIR_ENV = "FEDSITE_DIR"
 _SECRET_ENV = ("DEFAULT_ROOT_PASSWORD", "SERVER_PRIVATE_KEY")

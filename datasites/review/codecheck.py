@@ -12,7 +12,7 @@ import ast
 from dataclasses import dataclass
 from typing import Any
 
-RUNTIME_MODULE = "datasites.runtime"
+RUNTIME_MODULE = "datasites.training.runtime"
 RUNTIME_FUNCTION = "run_job"
 TEMPLATE_ARGS = ("data", "weights")
 
@@ -32,7 +32,7 @@ def parse_template(raw_code: str) -> tuple[dict[str, Any] | None, list[Finding]]
     """Return the job literal when ``raw_code`` is exactly the template, else the findings.
 
     The template is one function of ``(data, weights)`` whose body is an optional docstring,
-    ``from datasites.runtime import run_job`` and ``return run_job(data=data, weights=weights,
+    ``from datasites.training.runtime import run_job`` and ``return run_job(data=data, weights=weights,
     job=<literal>)``. Anything else, however harmless it looks, fails.
     """
     try:

@@ -11,17 +11,17 @@ from typing import Any
 
 from syft.types.uid import UID
 
-from datasites.admin import admin_client, quiet
-from datasites.approvals import Approval, Approvals
-from datasites.config import SiteDir
 from datasites.errors import ReviewError
-from datasites.executed import executed_problems
-from policies.access import DatasetPolicy, PolicyStore
-from policies.audit import AuditLog
+from datasites.ledger.audit import AuditLog
+from datasites.ledger.store import SiteStore
+from datasites.review.access import DatasetPolicy, PolicyStore
+from datasites.review.approvals import Approval, Approvals
+from datasites.review.executed import executed_problems
+from datasites.review.report import PolicyReport, Submission, build_report
+from datasites.serving.admin import admin_client, quiet
+from datasites.serving.config import SiteDir
 from policies.plan import JobSpec
 from policies.privacy import privacy_plan
-from policies.report import PolicyReport, Submission, build_report
-from policies.store import SiteStore
 
 ADMIN_ACTOR = "admin"
 UNOVERRIDABLE = {"template", "executed", "model", "dataset", "inputs", "job_id"}

@@ -7,25 +7,31 @@ import hmac
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from datasites.approvals import Approval, Approvals
-from datasites.config import SiteDir
-from datasites.errors import RoundFailed  # noqa: F401  re-exported
-from datasites.runtime import CallerCode, Refused, prepare_task, privacy_report, release
-from datasites.sandbox import SandboxLimit, pool
-from policies.access import PolicyStore
-from policies.audit import AuditLog
+from datasites.errors import (
+    Refused,
+    RoundFailed,  # noqa: F401  re-exported
+)
+from datasites.ledger.audit import AuditLog
+from datasites.ledger.budget import BudgetLedger
+from datasites.ledger.store import SiteStore
+from datasites.review.access import PolicyStore
+from datasites.review.approvals import Approval, Approvals
+from datasites.serving.config import SiteDir
+from datasites.training.prepare import prepare_task, privacy_report, release
+from datasites.training.sandbox import SandboxLimit, pool
 from policies.errors import PolicyError, WireError
-from policies.ledger import BudgetLedger
 from policies.plan import JobSpec
 from policies.privacy import privacy_plan
-from policies.store import SiteStore
 from policies.wire import REPLAY_LAST
 
-log = logging.getLogger("datasites.runtime")
+if TYPE_CHECKING:
+    from datasites.training.runtime import CallerCode
+
+log = logging.getLogger("datasites.training.runtime")
 ACTOR = "runtime"
 # One reply for every failure after the budget is charged, whatever its cause: a message or an
 # exception type that depends on the private rows would answer a question about them for free.

@@ -13,15 +13,15 @@ from typing import Any
 import pandas as pd
 import syft as sy
 
-from datasites.config import SiteDir
+from datasites.data.mock import DEFAULT_MOCK_EPSILON, MockRelease, class_keys, make_mock
+from datasites.data.tables import Table
 from datasites.errors import AuthError, ServerError, TableError
-from datasites.mock import DEFAULT_MOCK_EPSILON, MockRelease, class_keys, make_mock
-from datasites.tables import Table
+from datasites.ledger.budget import BudgetLedger
+from datasites.ledger.store import SiteStore
+from datasites.serving.config import SiteDir
 from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
-from policies.ledger import BudgetLedger
 from policies.metadata import format_meta, parse_meta
-from policies.store import SiteStore
 
 ASSET_NAME = "table"
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import psutil
 
-from datasites.config import SiteDir, port_in_use
 from datasites.errors import ServerError
+from datasites.serving.config import SiteDir, port_in_use
 
 READY_TIMEOUT_S = 90.0
 
@@ -51,7 +51,7 @@ def server_pid(site: SiteDir) -> int | None:
         cmd = " ".join(proc.cmdline())
     except psutil.Error:
         return None
-    return pid if alive and "datasites.serve" in cmd else None
+    return pid if alive and "datasites.serving.serve" in cmd else None
 
 
 def responding(url: str, timeout: float = 2.0) -> bool:
@@ -70,7 +70,7 @@ def status(site: SiteDir) -> SiteStatus:
 
 
 def _serve_command(site: SiteDir) -> list[str]:
-    return [sys.executable, "-m", "datasites.serve", str(site.root.resolve())]
+    return [sys.executable, "-m", "datasites.serving.serve", str(site.root.resolve())]
 
 
 def _check_can_start(site: SiteDir) -> None:

@@ -20,9 +20,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from datasites.ledger.store import SiteStore
 from policies.accounting import Mechanism, epsilon
 from policies.errors import BudgetExceeded, PlanError
-from policies.store import SiteStore
 
 DEFAULT_EPSILON = 1.0
 DEFAULT_DELTA = 1e-5

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from datasites.ledger.store import SiteStore
 from policies.errors import RoundLimitReached
-from policies.store import SiteStore
 
 
 @dataclass(frozen=True)

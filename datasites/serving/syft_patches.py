@@ -17,7 +17,7 @@ Each keeps syft's behaviour and removes work that is repeated or grows with a ta
    the server shows tables to a person, so :func:`summarise_dataframe_repr` patches *pandas*
    (``DataFrame.__repr__``) in the server process: a one-line shape summary.
 
-These patches, and ``datasites.runtime.caller_code``, rest on syft 0.9.5's private names; the
+These patches, and ``datasites.training.runtime.caller_code``, rest on syft 0.9.5's private names; the
 server refuses to start on any other syft (:func:`check_syft_version`).
 """
 

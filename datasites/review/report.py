@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from policies.access import DatasetPolicy
-from policies.codecheck import parse_template
+from datasites.review.access import DatasetPolicy
+from datasites.review.codecheck import parse_template
 from policies.errors import PlanError
 from policies.plan import JobSpec, check_fits, n_outputs
 

@@ -1,0 +1,1 @@
+"""The tables a data owner uploads, and their differentially private mock twins."""

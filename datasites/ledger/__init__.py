@@ -1,0 +1,1 @@
+"""Site bookkeeping: the privacy budget ledger, the audit log, and the SQLite store under both."""

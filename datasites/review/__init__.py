@@ -1,0 +1,1 @@
+"""Review of submitted jobs: the queue, the policy report, access policies, approvals."""

@@ -1,0 +1,1 @@
+"""Running a datasite: its directory and config, the server process, syft patches, admin calls."""
