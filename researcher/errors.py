@@ -4,6 +4,7 @@ ResearcherError
  ├── FederationError   the federation file is missing, malformed, or a password is unavailable
  ├── JobError          JOB.py is missing or does not define what a job needs
  ├── SiteError         a datasite refused, failed, or could not be reached
+ │    └── Unreachable  the site did not answer; retrying later may work
  └── AggregationError  updates cannot be combined (no replies, mismatched shapes)
 """
 
@@ -28,3 +29,7 @@ class SiteError(ResearcherError):
 
 class AggregationError(ResearcherError):
     pass
+
+
+class Unreachable(SiteError):
+    """The site did not answer; retrying later may work."""

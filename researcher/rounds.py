@@ -14,9 +14,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +25,14 @@ import numpy as np
 from policies.plan import MIN_STD, JobSpec
 from policies.wire import REPLAY_LAST, decode_weights, encode_weights
 from researcher import model as local_model
-from researcher import sites
-from researcher.errors import SiteError
-from researcher.federation import Federation, SiteLogin
+from researcher.errors import SiteError, Unreachable
+from researcher.federation import Federation
+from researcher.site import Site
+from researcher.sites import SyftSite
 from researcher.strategy import FedAvg, Strategy, Update, Weights
 
 log = logging.getLogger("researcher.rounds")
 RETRIES = 3
-
-
-@dataclass
-class SiteLink:
-    login: SiteLogin
-    client: Any = None
-    asset: Any = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def ensure(self, dataset: str) -> None:
-        if self.client is None:
-            self.client = sites.connect(self.login)
-            self.asset = sites.find_asset(self.client, dataset)
-            self.meta = sites.asset_meta(self.asset)
 
 
 @dataclass
@@ -66,15 +53,14 @@ class RunResult:
 
 
 def call_with_retry(
-    link: SiteLink, spec: JobSpec, weights: str, backoff: float = 0.5
+    link: Site, spec: JobSpec, weights: str, backoff: float = 0.5
 ) -> dict[str, Any]:
-    """One round at one site; connection failures are retried with exponential backoff."""
+    """One call; a dropped or refused connection is retried with backoff (it spent nothing)."""
     for attempt in range(RETRIES):
         try:
-            link.ensure(spec.dataset)
-            return sites.run_round(link.client, spec, link.asset, weights)
-        except sites.Unreachable:
-            link.client = None
+            return link.call(spec, weights)
+        except Unreachable:
+            link.drop()
             if attempt == RETRIES - 1:
                 raise
             time.sleep(backoff * 2**attempt)
@@ -167,11 +153,13 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_federation(
-    fed: Federation,
+def run_federation(  # noqa: PLR0913
+    fed: Federation | None,
     spec: JobSpec,
     run_dir: Path,
     *,
+    sites: Sequence[Site] | None = None,
+    retry_backoff: float = 0.5,
     min_sites: int = 1,
     timeout_s: float = 300.0,
     strategy: Strategy | None = None,
@@ -179,10 +167,15 @@ def run_federation(
     resume: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
 ) -> RunResult:
-    """Train ``spec`` for its planned rounds across every approved site of ``fed``."""
+    """Train ``spec`` for its planned rounds across every approved site of ``fed`` (over syft),
+    or across ``sites`` (any :class:`researcher.site.Site`, such as in-process ones)."""
     strategy = strategy or FedAvg()
     ckpt = Checkpoint(run_dir)
-    links = [SiteLink(login) for login in fed.sites]
+    if sites is None:
+        if fed is None:
+            raise SiteError("run_federation needs a federation or a list of sites")
+        sites = [SyftSite(login) for login in fed.sites]
+    links = list(sites)
     if resume and ckpt.exists():
         spec, done, weights, history = ckpt.load()
     else:
@@ -194,7 +187,14 @@ def run_federation(
     with ThreadPoolExecutor(max_workers=len(links)) as pool:
         for round_no in range(done + 1, spec.plan.rounds + 1):
             last = _one_round(
-                pool, links, spec, strategy, round_no, weights, min_sites, timeout_s, recover
+                pool,
+                links,
+                spec,
+                strategy,
+                round_no,
+                weights,
+                (min_sites, timeout_s, retry_backoff),
+                recover,
             )
             recover = None
             weights = strategy.aggregate(round_no, last.updates, weights)
@@ -217,23 +217,22 @@ def _site_rounds(history: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def call_or_recover(
-    link: SiteLink, spec: JobSpec, weights: str, aggregated: int | None
+    link: Site, spec: JobSpec, weights: str, aggregated: int | None, backoff: float = 0.5
 ) -> dict[str, Any]:
     """One round at one site; when resuming (``aggregated`` is the site's last round this run
     used), first ask for the site's last released reply and take it if it is newer: that
     round trained on these same global weights before the interruption, and was charged."""
     if aggregated is not None:
-        reply = call_with_retry(link, spec, REPLAY_LAST)
+        reply = call_with_retry(link, spec, REPLAY_LAST, backoff)
         if reply.get("status") == "ok" and int(reply.get("round", 0)) > aggregated:
             return reply
-    return call_with_retry(link, spec, weights)
+    return call_with_retry(link, spec, weights, backoff)
 
 
-def _first_meta(links: list[SiteLink], spec: JobSpec) -> dict[str, Any]:
+def _first_meta(links: list[Site], spec: JobSpec) -> dict[str, Any]:
     for link in links:
         try:
-            link.ensure(spec.dataset)
-            return link.meta
+            return link.meta(spec.dataset)
         except SiteError as exc:
             log.warning("%s", exc)
     raise SiteError("no site of the federation could be reached to build the model")
@@ -241,15 +240,16 @@ def _first_meta(links: list[SiteLink], spec: JobSpec) -> dict[str, Any]:
 
 def _one_round(
     pool: ThreadPoolExecutor,
-    links: list[SiteLink],
+    links: list[Site],
     spec: JobSpec,
     strategy: Strategy,
     round_no: int,
     weights: Weights,
-    min_sites: int,
-    timeout_s: float,
+    limits: tuple[int, float, float],
     recover: dict[str, int] | None,
 ) -> RoundRecord:
+    """One round at every site in parallel; ``limits`` = (min_sites, timeout_s, backoff)."""
+    min_sites, timeout_s, backoff = limits
     started = time.perf_counter()
     blob = encode_weights(strategy.configure(round_no, weights))
     futures = {
@@ -258,17 +258,18 @@ def _one_round(
             link,
             spec,
             blob,
-            None if recover is None else recover.get(link.login.name, 0),
+            None if recover is None else recover.get(link.name, 0),
+            backoff,
         ): link
         for link in links
     }
     done, pending = wait(futures, timeout=timeout_s)
     updates, skipped = [], {}
     for fut in pending:
-        skipped[futures[fut].login.name] = f"timed out after {timeout_s:.0f}s"
-        futures[fut].client = None
+        skipped[futures[fut].name] = f"timed out after {timeout_s:.0f}s"
+        futures[fut].drop()
     for fut in done:
-        name = futures[fut].login.name
+        name = futures[fut].name
         try:
             reply = fut.result()
         except SiteError as exc:
@@ -298,9 +299,7 @@ def _one_round(
     return RoundRecord(round_no, updates, skipped, None, time.perf_counter() - started)
 
 
-def _test_accuracy(
-    spec: JobSpec, weights: Weights, test: Any, links: list[SiteLink]
-) -> float | None:
+def _test_accuracy(spec: JobSpec, weights: Weights, test: Any, links: list[Site]) -> float | None:
     if test is None:
         return None
     x, y = test

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import syft as sy
@@ -12,13 +13,9 @@ from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
 from policies.metadata import parse_meta
 from policies.plan import JobSpec
-from researcher.errors import SiteError
+from researcher.errors import SiteError, Unreachable
 from researcher.federation import SiteLogin
 from researcher.job import as_function
-
-
-class Unreachable(SiteError):
-    """The site did not answer; retrying later may work."""
 
 
 def _fail_fast_when_refused() -> None:
@@ -148,3 +145,37 @@ def run_round(client: Any, spec: JobSpec, asset: Any, weights: str) -> dict[str,
     if not isinstance(value, dict) or "status" not in value:
         raise SiteError(f"{client.name}: unexpected reply {type(value).__name__}")
     return value
+
+
+@dataclass
+class SyftSite:
+    """A datasite over syft's HTTP client (:class:`researcher.site.Site`): it logs in on first
+    use, and again after :meth:`drop`."""
+
+    login: SiteLogin
+    client: Any = None
+    asset: Any = None
+    published: dict[str, Any] = field(default_factory=dict)
+    drops: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.login.name
+
+    def meta(self, dataset: str) -> dict[str, Any]:
+        self._ensure(dataset)
+        return self.published
+
+    def call(self, spec: JobSpec, weights: str) -> dict[str, Any]:
+        self._ensure(spec.dataset)
+        return run_round(self.client, spec, self.asset, weights)
+
+    def drop(self) -> None:
+        self.client = None
+        self.drops += 1
+
+    def _ensure(self, dataset: str) -> None:
+        if self.client is None:
+            self.client = connect(self.login)
+            self.asset = find_asset(self.client, dataset)
+            self.published = asset_meta(self.asset)

@@ -49,7 +49,8 @@ from policies.plan import TrainingPlan
 from policies.wire import encode_weights
 from researcher import api
 from researcher.job import make_job
-from researcher.rounds import SiteLink, call_with_retry, initial_weights
+from researcher.rounds import call_with_retry, initial_weights
+from researcher.sites import SyftSite
 
 warnings.filterwarnings("ignore")
 
@@ -130,26 +131,26 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
         )
         api.submit(fed, spec)
         approve_pending(site_dirs)
-        links = [SiteLink(login) for login in fed.sites]
+        links = [SyftSite(login) for login in fed.sites]
         for link in links:
-            link.ensure(spec.dataset)
+            link.meta(spec.dataset)
         blob = encode_weights(initial_weights(spec, links[0].meta))
         meter = CpuMeter([process.server_pid(s) for s in site_dirs])
         with ThreadPoolExecutor(3) as pool:
             list(pool.map(lambda link: call_with_retry(link, spec, blob), links))  # warm-up
             meter.start()
-            walls, overheads, trains = [], [], {link.login.name: [] for link in links}
+            walls, overheads, trains = [], [], {link.name: [] for link in links}
             for _ in range(rounds):
                 started = time.perf_counter()
                 list(pool.map(lambda link: call_with_retry(link, spec, blob), links))
                 wall = time.perf_counter() - started
                 timings = [last_timing(s) for s in site_dirs]
                 for link, timing in zip(links, timings, strict=True):
-                    trains[link.login.name].append(timing["train_seconds"])
+                    trains[link.name].append(timing["train_seconds"])
                 walls.append(wall)
                 overheads.append(wall - max(t["train_seconds"] for t in timings))
             servers_cpu, client_cpu = meter.stop()
-        slowest = max(links, key=lambda link: np.median(trains[link.login.name]))
+        slowest = max(links, key=lambda link: np.median(trains[link.name]))
         slowest_dir = site_dirs[links.index(slowest)]
         alone, runtime, train = [], [], []
         meter.start()
@@ -262,7 +263,7 @@ def scale(work: Path, rows: int) -> dict[str, float]:
         BudgetLedger(SiteStore(site.db_path)).set_budget("ada@uni.edu", "big", 50.0, 1e-7)
         api.submit(fed, spec)
         approve_pending([site])
-        link = SiteLink(fed.sites[0])
+        link = SyftSite(fed.sites[0])
         upload_rss = rss.stop()
         rss = PeakRss(process.server_pid(site))
         calls, replies = [], []

@@ -1,0 +1,178 @@
+"""The researcher's round loop against in-process sites (no syft, no HTTP): averaging, quorum,
+timeouts, retries, resume, and the replay of a round the researcher lost.
+
+Each ``LocalSite`` answers with the real site code path for a round: ``prepare_task`` checks the
+call, ``run_task`` trains with DP-SGD, ``release`` shapes the reply. What needs syft (approvals,
+the ledger behind HTTP, kill -9 of a server) stays in tests/integration.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from datasites.training.prepare import prepare_task, release
+from datasites.training.round_task import run_task
+from policies.plan import JobSpec, training_rows
+from policies.wire import REPLAY_LAST, decode_weights
+from researcher.errors import SiteError, Unreachable
+from researcher.job import make_job
+from researcher.rounds import Checkpoint, run_federation
+from researcher.site import InProcessSite
+from researcher.strategy import FedAvg
+
+LAYERS = [{"type": "Linear", "in_features": 3, "out_features": 2}]
+
+
+def _table(seed: int, n: int = 120) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    frame = pd.DataFrame(x, columns=["a", "b", "c"])
+    frame["y"] = (x[:, 0] + 0.3 * x[:, 1] > 0).astype(int)
+    return frame
+
+
+def _spec(rounds: int = 3) -> JobSpec:
+    plan = {"rounds": rounds, "noise_multiplier": 1.0, "batch_size": 16, "site_metrics": False}
+    return make_job(LAYERS, "d", "y", plan, n_features=3)
+
+
+class LocalSite:
+    """One site's handler: counts its rounds as a site does, keeps its last reply for replay."""
+
+    def __init__(self, name: str, frame: pd.DataFrame) -> None:
+        self.name, self.frame = name, frame
+        self.trained = 0
+        self.last: dict | None = None
+        self.meta = {"rows": len(frame), "n_classes": 2, "target": "y"}
+
+    def __call__(self, spec: JobSpec, weights: str) -> dict:
+        if weights == REPLAY_LAST:
+            return self.last or {"status": "refused", "reason": "nothing released yet"}
+        if self.trained >= spec.plan.rounds:
+            return {"status": "refused", "reason": "all rounds have run"}
+        task = prepare_task(spec, self.frame, "y", weights, 1.0, 2, 7, None, len(self.frame))
+        self.trained += 1
+        self.last = release(spec, run_task(task, _test_seed=self.trained), self.trained)
+        return self.last
+
+    def site(self) -> InProcessSite:
+        return InProcessSite(self.name, self.meta, self)
+
+
+def _run(sites, run_dir: Path, **kw):  # noqa: ANN001, ANN202
+    return run_federation(None, kw.pop("spec", _spec()), run_dir, sites=sites, **kw)
+
+
+def test_fedavg_of_real_site_rounds_is_the_row_weighted_mean(tmp_path: Path) -> None:
+    locals_ = [LocalSite(n, _table(i, 80 + 40 * i)) for i, n in enumerate("abc")]
+    seen = []
+    result = _run([s.site() for s in locals_], tmp_path, on_round=seen.append)
+    assert [len(r.updates) for r in seen] == [3, 3, 3] and all(s.trained == 3 for s in locals_)
+    last = seen[-1]
+    expected = np.average(
+        np.stack([u.weights["0.weight"] for u in last.updates]),
+        axis=0,
+        weights=[u.n for u in last.updates],
+    )
+    np.testing.assert_allclose(result.weights["0.weight"], expected, rtol=1e-6)
+    plan = _spec().plan
+    assert [u.n for u in last.updates] == [training_rows(n, plan) for n in (80, 120, 160)]
+
+
+def test_a_refusing_and_a_failing_site_are_skipped_while_the_quorum_holds(tmp_path: Path) -> None:
+    def refuses(spec, weights):  # noqa: ANN001, ANN202
+        return {"status": "refused", "reason": "out of budget"}
+
+    def fails(spec, weights):  # noqa: ANN001, ANN202
+        raise SiteError("c: the job failed")
+
+    sites = [
+        LocalSite("a", _table(0)).site(),
+        InProcessSite("b", {}, refuses),
+        InProcessSite("c", {}, fails),
+    ]
+    seen = []
+    _run(sites, tmp_path, min_sites=1, on_round=seen.append, spec=_spec(1))
+    assert [u.site for u in seen[0].updates] == ["a"]
+    assert seen[0].skipped == {"b": "refused: out of budget", "c": "c: the job failed"}
+    sites[0] = LocalSite("a", _table(0)).site()  # a fresh site: the first ran its one round
+    with pytest.raises(SiteError, match="only 1 site\\(s\\) replied, fewer than min_sites=2"):
+        _run(sites, tmp_path / "again", min_sites=2, spec=_spec(1))
+
+
+def test_a_site_that_does_not_answer_in_time_is_skipped(tmp_path: Path) -> None:
+    def slow(spec, weights):  # noqa: ANN001, ANN202
+        time.sleep(1.0)
+        return {"status": "refused", "reason": "too late anyway"}
+
+    seen = []
+    sites = [LocalSite("a", _table(0)).site(), InProcessSite("slow", {}, slow)]
+    _run(sites, tmp_path, timeout_s=0.3, on_round=seen.append, spec=_spec(1))
+    assert seen[0].skipped == {"slow": "timed out after 0s"} and len(seen[0].updates) == 1
+
+
+def test_a_dropped_connection_is_retried_and_the_link_reopened(tmp_path: Path) -> None:
+    site = LocalSite("a", _table(0))
+    calls = {"n": 0}
+
+    def flaky(spec, weights):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise Unreachable("a: no datasite answers")
+        return site(spec, weights)
+
+    link = InProcessSite("a", site.meta, flaky)
+    seen = []
+    _run([link], tmp_path, on_round=seen.append, spec=_spec(1), retry_backoff=0.01)
+    assert calls["n"] == 3 and link.drops == 2 and len(seen[0].updates) == 1
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
+    class Crash(Exception):
+        pass
+
+    locals_ = [LocalSite(n, _table(i)) for i, n in enumerate("ab")]
+
+    def crash_after_2(rec) -> None:  # noqa: ANN001
+        if rec.round == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        _run([s.site() for s in locals_], tmp_path, on_round=crash_after_2)
+    spec, done, weights, history = Checkpoint(tmp_path).load()
+    assert done == 2 and [h["round"] for h in history] == [1, 2]
+    seen = []
+    result = _run([s.site() for s in locals_], tmp_path, resume=True, on_round=seen.append)
+    assert [r.round for r in seen] == [3] and len(result.rounds) == 3
+    assert all(s.trained == 3 for s in locals_) and (tmp_path / "model.pt").exists()
+
+
+def test_a_round_released_but_never_received_is_replayed_not_retrained(tmp_path: Path) -> None:
+    """The researcher stops after a site released round 2 but before aggregating it: on
+    resume, the site's stored reply is taken, and the site trains only the rounds left."""
+    site = LocalSite("a", _table(0))
+    link = site.site()
+    spec = _spec(3)
+
+    class Lost(Exception):
+        pass
+
+    def lose_round_2(rec) -> None:  # noqa: ANN001
+        if rec.round == 1:
+            site(spec, "")  # round 2 trains and is released at the site; the reply is lost
+            raise Lost
+
+    with pytest.raises(Lost):
+        run_federation(None, spec, tmp_path, sites=[link], on_round=lose_round_2)
+    assert site.trained == 2
+    lost = decode_weights(site.last["weights"])
+    seen = []
+    run_federation(None, spec, tmp_path, sites=[link], resume=True, on_round=seen.append)
+    assert [r.round for r in seen] == [2, 3] and site.trained == 3
+    np.testing.assert_array_equal(seen[0].updates[0].weights["0.weight"], lost["0.weight"])
+    assert FedAvg().aggregate(2, seen[0].updates, lost)["0.weight"].shape == (2, 3)
