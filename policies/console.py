@@ -75,8 +75,8 @@ def run_cli(app: Callable[..., Any], handled: tuple[type[BaseException], ...]) -
 _local = threading.local()
 
 
-class _ThreadQuietStdout:
-    """stdout that drops writes from threads inside :func:`quiet` and passes the rest through."""
+class _ThreadQuietStream:
+    """A stream that drops writes from threads inside :func:`quiet`, passes the rest through."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -90,10 +90,13 @@ class _ThreadQuietStdout:
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence syft's banners on stdout for this thread only (redirect_stdout is process-wide,
-    and threads that talk to several sites at once would swap each other's streams)."""
-    if not isinstance(sys.stdout, _ThreadQuietStdout):
-        sys.stdout = _ThreadQuietStdout(sys.stdout)
+    """Silence syft's banners (stdout) and progress bars (stderr) for this thread only:
+    redirect_stdout is process-wide, and threads that talk to several sites at once would swap
+    each other's streams. Our own errors are printed outside, after the block."""
+    if not isinstance(sys.stdout, _ThreadQuietStream):
+        sys.stdout = _ThreadQuietStream(sys.stdout)
+    if not isinstance(sys.stderr, _ThreadQuietStream):
+        sys.stderr = _ThreadQuietStream(sys.stderr)
     _local.depth = getattr(_local, "depth", 0) + 1
     try:
         yield

@@ -79,14 +79,12 @@ def split_data(seed: int = 0) -> tuple[list[pd.DataFrame], pd.DataFrame]:
     train, test = train_test_split(
         frame, test_size=0.25, stratify=frame["target"], random_state=seed
     )
-    rng = np.random.default_rng(seed)
     shares: list[list[pd.DataFrame]] = [[] for _ in SITES]
     for label, fractions in SKEW.items():
         rows = train[train["target"] == label].sample(frac=1.0, random_state=seed)
-        cuts = np.cumsum([int(round(f * len(rows))) for f in fractions])[:-1]
-        for i, part in enumerate(np.split(rows, cuts)):
-            shares[i].append(part)
-    del rng
+        cuts = [0, *np.cumsum([int(round(f * len(rows))) for f in fractions])[:-1], len(rows)]
+        for i in range(len(SITES)):  # row slices: np.split on a frame warns (swapaxes)
+            shares[i].append(rows.iloc[cuts[i] : cuts[i + 1]])
     return [pd.concat(p).reset_index(drop=True) for p in shares], test.reset_index(drop=True)
 
 

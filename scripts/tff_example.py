@@ -54,7 +54,9 @@ def client_frames() -> list[pd.DataFrame]:
         images.reshape(len(images), -1), columns=[f"px{i}" for i in range(N_FEATURES)]
     )
     frame["target"] = digits.target.astype(float)
-    return np.array_split(frame.sample(frac=1.0, random_state=0), 3)
+    shuffled = frame.sample(frac=1.0, random_state=0)
+    cuts = np.linspace(0, len(shuffled), 4).astype(int)
+    return [shuffled.iloc[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
 def main() -> None:

@@ -1,4 +1,6 @@
-"""Three real datasites: FedAvg equals np.average, R+1 refused, a site killed, quorum, resume."""
+"""Three real datasites over HTTP: a site killed mid-run is skipped, rejoins on resume, and the
+sites' own ledgers and audit logs agree. The round loop's logic (quorum, timeouts, retries,
+replay) is unit-tested against in-process sites in tests/unit/test_round_loop.py."""
 
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from datasites.review.queue import ReviewQueue
 from datasites.serving import admin, process
 from datasites.serving.config import SiteDir, init_site
 from researcher import api
-from researcher.errors import SiteError
 from researcher.federation import Federation
 from researcher.job import make_job
 from tests.conftest import breast_cancer_frame, free_port
@@ -48,9 +49,9 @@ class Crash(Exception):
     pass
 
 
-def test_rounds_faults_quorum_and_resume(tmp_path: Path) -> None:
+def test_a_killed_site_is_skipped_and_rejoins_on_resume(tmp_path: Path) -> None:
     frame = breast_cancer_frame().sample(frac=1.0, random_state=0)
-    parts = np.array_split(frame, [150, 330])
+    parts = [frame.iloc[:150], frame.iloc[150:330], frame.iloc[330:]]
     with ThreadPoolExecutor(3) as pool:  # three servers start at once: a third of the wait
         sites = list(pool.map(lambda a: start(tmp_path, *a), zip("abc", parts, strict=True)))
     try:
@@ -93,9 +94,6 @@ def test_rounds_faults_quorum_and_resume(tmp_path: Path) -> None:
         assert [u.site for u in records[2].updates] == ["a", "b"] and "c" in records[2].skipped
         assert (run / "state.json").exists() and (run / "metrics.csv").exists()
 
-        with pytest.raises(SiteError, match="fewer than min_sites=3"):
-            api.train(fed, spec, run, resume=True, min_sites=3, timeout_s=60)
-
         process.launch_detached(sites[2])
         result = api.train(
             fed,
@@ -109,13 +107,12 @@ def test_rounds_faults_quorum_and_resume(tmp_path: Path) -> None:
         third, fourth = records[3], records[4]
         assert [u.site for u in third.updates] == ["a", "b", "c"]
         assert 0.0 <= third.updates[0].metrics["val_accuracy"] <= 1.0
-        # a and b had released round 3 in the quorum-failed attempt: on resume they replay it
-        # (no training, no charge), so each still has its 4th round for round 4
-        for name, site in zip("ab", sites, strict=False):
+        # on resume each site is asked for its last reply first (nothing new here: each had
+        # released exactly what the checkpoint holds), then trains; c lost round 2 only
+        for name, site, released in zip("abc", sites, (4, 4, 3), strict=True):
             events = [e["event"] for e in AuditLog(SiteStore(site.db_path)).entries()]
-            # asked on each resume; the second answer was new (round 3) and was used
-            assert events.count("replayed") == 2, name
-            assert events.count("released") == 4, name
+            assert events.count("replayed") == 1, name
+            assert events.count("released") == released, name
         assert [u.site for u in fourth.updates] == ["a", "b", "c"] and not fourth.skipped
 
         # the aggregate of round 3 is np.average of the site updates weighted by rows
