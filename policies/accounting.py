@@ -16,6 +16,7 @@ from functools import lru_cache
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from scipy.optimize import brentq
 
 from policies.errors import PlanError
 
@@ -110,6 +111,9 @@ def noise_for_target(
 
 
 MAX_SEARCH_NOISE = 1000.0
+EPSILON_TOLERANCE = (
+    0.005  # as Opacus' get_noise_multiplier: the answer spends at least target - this
+)
 
 
 def _noise_with(
@@ -120,7 +124,8 @@ def _noise_with(
     accountant: str,
     alongside: tuple[Mechanism, ...],
 ) -> float:
-    """Bisection as Opacus' ``get_noise_multiplier`` does it, over the composed epsilon."""
+    """The smallest sigma whose composed epsilon keeps ``target`` (a root search over PRV,
+    bracketed by RDP's answer, which is sound and looser)."""
     fixed = epsilon(alongside, delta, accountant)
     if fixed >= target:
         raise PlanError(
@@ -145,12 +150,15 @@ def _noise_with(
                 f"no noise multiplier up to {MAX_SEARCH_NOISE:g} reaches epsilon {target} "
                 f"at delta {delta} over {steps} steps beside the site metrics"
             )
-    for _ in range(60):  # halves the bracket each time: far below float precision by then
-        if target - eps(high) <= 0.005:
-            break
-        mid = (low + high) / 2
-        if eps(mid) < target:
-            high = mid
-        else:
-            low = mid
-    return high
+    if target - eps(high) <= EPSILON_TOLERANCE:
+        return high
+    while low == 0.0 or eps(low) <= target:  # Brent needs a finite epsilon above the target
+        low = high / 2 if low == 0.0 else low / 2
+        if eps(low) <= target:
+            high = low
+    # epsilon falls smoothly with sigma: Brent's method needs ~6 PRV evaluations where the
+    # bisection took ~12 (3 s a plan); the answer is then nudged up until it keeps the target
+    sigma = brentq(lambda s: eps(s) - target, low, high, xtol=1e-6, rtol=1e-5)
+    while eps(sigma) > target:
+        sigma *= 1.0001
+    return min(sigma, high)

@@ -69,7 +69,7 @@ def test_a_killed_site_is_skipped_and_rejoins_on_resume(tmp_path: Path) -> None:
                 MODEL,
                 "cancer",
                 "target",
-                {"rounds": 4, "noise_multiplier": 1.0, "batch_size": 32},
+                {"rounds": 4, "noise_multiplier": 1.5, "batch_size": 32},
                 n_features=30,
                 n_outputs=2,
             ),

@@ -1,0 +1,101 @@
+"""The budget ledger behind a real datasite: spend never passes the total, survives kill -9,
+and two concurrent jobs cannot both take the last of it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from policies.accounting import epsilon
+from policies.privacy import privacy_plan
+from researcher import sites
+from tests.conftest import last_json
+from tests.integration.conftest import job, request_id
+
+pytestmark = pytest.mark.integration
+SITE_NAMES = ("hospital-a",)  # the ledger is per site: one is enough
+
+
+def test_budget_holds_and_survives_kill_9(federation) -> None:
+    fed, (a,) = federation
+    email = "bob@uni.edu"
+    creds = last_json(a.cli("users", "add", "--email", email, "--name", "Bob", "--json"))
+    (fed.path.parent / "bob.pw").write_text(creds["password"])
+    login = fed.site("hospital-a").__class__("hospital-a", a.url, email, fed.path.parent / "bob.pw")
+    plan = {"rounds": 1, "target_epsilon": 1.2, "batch_size": 64}
+    probe = job(plan)
+    p = privacy_plan(probe.plan, a.published_rows("cancer"))
+    mechanisms = [m for _, m in p.releases]  # training and site metrics, both charged
+    mock = a.public_mechanisms("cancer")  # the DP mock, in every researcher's spend
+    assert len(mock) == 1
+    one, two, three = (epsilon(mock + mechanisms * k, 1e-5, "prv") for k in (1, 2, 3))
+    assert 1.0 < epsilon(mechanisms, 1e-5, "prv") < 1.5  # each job spends about 1.2 on its own
+    total = (two + three) / 2  # room for two composed jobs, not three
+    a.cli("budget", "set", "--researcher", email, "--dataset", "cancer", "--epsilon", str(total))
+
+    client = sites.connect(login)
+    asset = sites.find_asset(client, "cancer")
+    outcomes = []
+    for _ in range(3):
+        spec = job(plan)
+        sites.submit(client, spec, asset)
+        a.cli("approve", request_id(a, spec.name))
+        outcomes.append(sites.run_round(client, spec, asset, ""))
+    assert [o["status"] for o in outcomes] == ["ok", "ok", "refused"]
+    assert "past the budget" in outcomes[2]["reason"]
+    ledger = {(r["researcher"]): r for r in last_json(a.cli("budget", "--json"))}[email]
+    assert ledger["epsilon_spent"] == pytest.approx(two, rel=1e-6) and ledger["charges"] == 2
+
+    pid = last_json(a.cli("status", "--json"))["pid"]
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    a.cli("launch", "--detach")
+    after = {(r["researcher"]): r for r in last_json(a.cli("budget", "--json"))}[email]
+    assert after["epsilon_spent"] == pytest.approx(two, rel=1e-6)
+    assert after["epsilon_spent"] <= after["epsilon_total"]
+
+
+def test_two_concurrent_jobs_race_for_the_last_of_a_budget(federation) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    fed, (a,) = federation
+    plan = {"rounds": 1, "target_epsilon": 1.2, "batch_size": 64}
+    p = privacy_plan(job(plan).plan, a.published_rows("cancer"))
+    mechanisms = [m for _, m in p.releases]
+    mock = a.public_mechanisms("cancer")
+    one = epsilon(mock + mechanisms, 1e-5, "prv")
+    two = epsilon(mock + mechanisms * 2, 1e-5, "prv")
+    email = "cy@uni.edu"
+    creds = last_json(a.cli("users", "add", "--email", email, "--name", "Cy", "--json"))
+    (fed.path.parent / "cy.pw").write_text(creds["password"])
+    a.cli(
+        "budget",
+        "set",
+        "--researcher",
+        email,
+        "--dataset",
+        "cancer",
+        "--epsilon",
+        str((one + two) / 2),
+    )
+    login = fed.site("hospital-a").__class__("hospital-a", a.url, email, fed.path.parent / "cy.pw")
+    client = sites.connect(login)
+    asset = sites.find_asset(client, "cancer")
+    specs = [job(plan) for _ in range(2)]
+    for spec in specs:
+        sites.submit(client, spec, asset)
+    items = {i["function"]: i["id"] for i in last_json(a.cli("requests", "--json"))}
+    for spec in specs:
+        a.cli("approve", items[spec.name])
+
+    def call(spec):
+        return sites.run_round(sites.connect(login), spec, asset, "")["status"]
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(call, specs))
+    assert outcomes == ["ok", "refused"]
+    ledger = {r["researcher"]: r for r in last_json(a.cli("budget", "--json"))}[email]
+    assert ledger["charges"] == 1 and ledger["epsilon_spent"] <= ledger["epsilon_total"]

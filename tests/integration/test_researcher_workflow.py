@@ -1,0 +1,129 @@
+"""The README's researcher sequence, command by command, and a round lost by the researcher
+replayed on resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasites.review.queue import ReviewQueue
+from datasites.serving.config import SiteDir
+from researcher import api, sites
+from researcher.errors import JobError
+from researcher.job import make_job
+from tests.conftest import last_json, run_cli
+from tests.integration.conftest import EMAIL, job
+
+pytestmark = pytest.mark.integration
+
+
+README_JOB = """import torch.nn as nn
+
+DATASET = "cancer"
+PLAN = {"rounds": 3, "batch_size": 64, "learning_rate": 0.5, "target_epsilon": 2.0}
+
+
+def make_model(n_features, n_outputs):
+    return nn.Sequential(nn.Linear(n_features, 16), nn.ReLU(), nn.Linear(16, n_outputs))
+"""
+
+
+def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
+    """submit, status, train, status, train --resume: each exits 0 (status crashed on the
+    progress file that train writes beside the saved jobs)."""
+    fed, made = federation
+    for s in made:
+        s.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "30")
+    f = str(fed.path)
+    # a job that cannot run on these tables stops at submit, one line, before any site sees it
+    misfit = tmp_path / "misfit.py"
+    misfit.write_text(
+        'DATASET = "cancer"\nPLAN = {"rounds": 1, "noise_multiplier": 1.0}\n'
+        'MODEL = [{"type": "Linear", "in_features": 6, "out_features": 2}]\n'
+    )
+    before = len(ReviewQueue(SiteDir(made[0].dir)).items())
+    refused = run_cli("researcher", "submit", str(misfit), "-f", f, check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "expects 6 features, gets [30]" in refused.stderr
+    narrow = make_job(  # the Python API, with a spec built by hand: the mock dry run stops it
+        [{"type": "Linear", "in_features": 6, "out_features": 2}],
+        "cancer",
+        "target",
+        {"rounds": 1, "noise_multiplier": 1.0},
+        n_features=6,
+    )
+    with pytest.raises(JobError, match=r"dry run on hospital-a's mock: .*has 30 feature"):
+        api.submit(fed, narrow)
+    assert len(ReviewQueue(SiteDir(made[0].dir)).items()) == before
+    job_py = tmp_path / "job.py"
+    job_py.write_text(README_JOB)
+    run_cli("researcher", "submit", str(job_py), "-f", f)
+    spec = api.saved_job(fed, None)
+    pending = last_json(run_cli("researcher", "status", "-f", f, "--json"))
+    assert {v["status"] for v in pending["sites"].values()} == {"pending"}, pending
+    early = run_cli(
+        "researcher", "train", "-f", f, "--run-dir", str(tmp_path / "early"), check=False
+    )
+    assert early.returncode == 1 and early.stderr.count("\n") == 1, early.stderr
+    assert "pending at hospital-a, hospital-b" in early.stderr
+    assert not (tmp_path / "early").exists()
+    for s in made:
+        queue = ReviewQueue(SiteDir(s.dir))
+        item = next(i for i in queue.items() if i.request.code.service_func_name == spec.name)
+        queue.approve(item.request_id)
+    run_dir = tmp_path / "runs" / "1"
+    run_cli("researcher", "train", "-f", f, "--run-dir", str(run_dir))
+    assert (run_dir / "model.pt").exists() and (run_dir / "state.json").exists()
+    done = last_json(run_cli("researcher", "status", "-f", f, "--json"))
+    assert {v["status"] for v in done["sites"].values()} == {"done"}, done
+    resumed = run_cli("researcher", "train", "-f", f, "--resume", str(run_dir), check=False)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_a_round_lost_by_the_researcher_is_replayed_on_resume(federation, tmp_path) -> None:
+    """The sites release round 2 but the researcher never receives it (Ctrl-C mid-round): on
+    --resume each site hands back that same reply, untrained and uncharged, and the run ends."""
+    from policies.wire import REPLAY_LAST, decode_weights, encode_weights
+    from researcher.rounds import Checkpoint
+
+    fed, made = federation
+    for s in made:
+        s.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "50")
+    spec = api.with_pooled_scaling(fed, job({"rounds": 2, "noise_multiplier": 1.5}))
+    api.submit(fed, spec, dry=False)
+    for s in made:
+        queue = ReviewQueue(SiteDir(s.dir))
+        item = next(i for i in queue.items() if i.request.code.service_func_name == spec.name)
+        queue.approve(item.request_id)
+    run = tmp_path / "run"
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_round_1(rec) -> None:  # noqa: ANN001
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        api.train(fed, spec, run, on_round=stop_after_round_1)
+    _, done, weights, _ = Checkpoint(run).load()
+    assert done == 1
+    lost = {}  # what the interrupted client had asked for, and never saw
+    for login in fed.sites:
+        client = sites.connect(login)
+        asset = sites.find_asset(client, "cancer")
+        assert sites.run_round(client, spec, asset, REPLAY_LAST)["round"] == 1
+        lost[login.name] = sites.run_round(client, spec, asset, encode_weights(weights))
+        assert lost[login.name]["status"] == "ok" and lost[login.name]["round"] == 2
+    spent = {s.name: last_json(s.cli("budget", "--json")) for s in made}
+    seen = {}
+    result = api.train(
+        fed, spec, run, resume=True, on_round=lambda rec: seen.setdefault(rec.round, rec)
+    )
+    assert len(result.rounds) == 2 and (run / "model.pt").exists()
+    for update in seen[2].updates:  # the lost replies, byte for byte, not a third round
+        np.testing.assert_array_equal(
+            update.weights["0.weight"], decode_weights(lost[update.site]["weights"])["0.weight"]
+        )
+    assert {s.name: last_json(s.cli("budget", "--json")) for s in made} == spent
