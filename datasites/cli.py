@@ -172,6 +172,33 @@ def users_add(
         out.print(f"added {email}; initial password (shown once): {password}")
 
 
+@users_app.command("remove")
+def users_remove(
+    site: SiteOpt, email: Annotated[str, typer.Option(help="The researcher's email.")]
+) -> None:
+    """Delete a researcher's account (the ledger and audit log keep what they did)."""
+    from datasites.serving import admin
+
+    admin.remove_user(site, email)
+    out.print(f"removed {email}")
+
+
+@users_app.command("reset-password")
+def users_reset_password(
+    site: SiteOpt,
+    email: Annotated[str, typer.Option(help="The researcher's email.")],
+    json: JsonOpt = False,
+) -> None:
+    """Give a researcher a new generated password, shown once; the old one stops working."""
+    from datasites.serving import admin
+
+    password = admin.reset_password(site, email)
+    if json:
+        emit_json({"email": email, "password": password})
+    else:
+        out.print(f"new password for {email} (shown once): {password}")
+
+
 @users_app.command("list")
 def users_list(site: SiteOpt, json: JsonOpt = False) -> None:
     """Accounts on this datasite."""
@@ -218,6 +245,15 @@ def policy_set(
     allow_domain: Annotated[
         list[str], typer.Option(help="Email domain allowed (repeatable).")
     ] = [],  # noqa: B006
+    revoke: Annotated[
+        list[str],
+        typer.Option(
+            help="Researcher email to remove (repeatable); takes effect at the next round."
+        ),
+    ] = [],  # noqa: B006
+    revoke_domain: Annotated[
+        list[str], typer.Option(help="Email domain to remove (repeatable).")
+    ] = [],  # noqa: B006
     max_epsilon_per_job: Annotated[float | None, typer.Option()] = None,
     max_delta: Annotated[float | None, typer.Option()] = None,
     min_noise_multiplier: Annotated[float | None, typer.Option()] = None,
@@ -253,10 +289,15 @@ def policy_set(
         if v is not None
     }
     current = store.get(dataset)
-    if allow:
-        changes["allowed_researchers"] = sorted({*current.allowed_researchers, *allow})
-    if allow_domain:
-        changes["allowed_domains"] = sorted({*current.allowed_domains, *allow_domain})
+    if set(allow) & set(revoke) or set(allow_domain) & set(revoke_domain):
+        raise DatasiteError("the same email or domain cannot be both allowed and revoked")
+    if allow or revoke:
+        kept = {*current.allowed_researchers, *allow} - {e.lower() for e in revoke} - set(revoke)
+        changes["allowed_researchers"] = sorted(kept)
+    if allow_domain or revoke_domain:
+        gone = {d.lower().lstrip("@") for d in revoke_domain}
+        domains = {*current.allowed_domains, *allow_domain}
+        changes["allowed_domains"] = sorted(d for d in domains if d.lower().lstrip("@") not in gone)
     store.set(dataset, replace(current, **changes))
     out.print(f"policy of {dataset} updated")
 

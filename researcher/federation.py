@@ -59,6 +59,9 @@ class Federation:
             raise FederationError(f"federation file {path} not found") from exc
         except tomllib.TOMLDecodeError as exc:
             raise FederationError(f"federation file {path} is not valid TOML: {exc}") from exc
+        unknown = sorted(set(data) - {"sites"})
+        if unknown:
+            raise FederationError(f"{path}: unknown key(s) {', '.join(unknown)}; only [[sites]]")
         raw = data.get("sites")
         if not isinstance(raw, list) or not raw:
             raise FederationError(f"{path}: no [[sites]] entries")
@@ -75,7 +78,17 @@ class Federation:
         raise FederationError(f"no site named {name!r} in {self.path}")
 
 
+SITE_KEYS = {"name", "url", "email", "password_file", "password_env"}
+
+
 def _site(entry: dict, base: Path, index: int) -> SiteLogin:
+    unknown = sorted(set(entry) - SITE_KEYS - {"password"})
+    if unknown:
+        who = entry.get("name") or f"#{index + 1}"
+        raise FederationError(
+            f"site {who}: unknown key(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(SITE_KEYS))}"
+        )
     missing = [k for k in ("name", "url", "email") if not entry.get(k)]
     if missing:
         raise FederationError(f"site #{index + 1} lacks {', '.join(missing)}")

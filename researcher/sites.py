@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,18 +46,40 @@ def _fail_fast_when_refused() -> None:
 _fail_fast_when_refused()
 
 
-def syft_errors(what: str):  # noqa: ANN201
-    """This wing's one translation of syft's failures (see ``policies.errors.map_syft_errors``)."""
-    return map_syft_errors(what, SiteError, Unreachable)
+@contextmanager
+def syft_errors(what: str, client: Any = None) -> Iterator[None]:
+    """This wing's one translation of syft's failures (see ``policies.errors.map_syft_errors``);
+    a client whose site stopped answering is dropped from the session cache."""
+    try:
+        with map_syft_errors(what, SiteError, Unreachable):
+            yield
+    except Unreachable:
+        for key in [k for k, v in _SESSIONS.items() if v is client]:
+            _SESSIONS.pop(key, None)
+        raise
 
 
-def connect(login: SiteLogin) -> Any:
+_SESSIONS: dict[tuple[str, str, str], Any] = {}
+
+
+def connect(login: SiteLogin, fresh: bool = False) -> Any:
+    """A logged-in client for ``login``, reused within this process: a syft login fetches the
+    whole API (about 1.5 s), and one command often talks to a site several times. ``fresh``
+    logs in again (after a dropped connection)."""
+    key = (login.url, login.email, hashlib.sha256(login.password().encode()).hexdigest())
+    if not fresh and key in _SESSIONS:
+        return _SESSIONS[key]
     host, _, port = login.url.rpartition(":")
     try:
         with syft_errors(f"{login.name}: login refused"), quiet():
-            return sy.login(url=host, port=int(port), email=login.email, password=login.password())
+            client = sy.login(
+                url=host, port=int(port), email=login.email, password=login.password()
+            )
     except Unreachable as exc:
+        _SESSIONS.pop(key, None)
         raise Unreachable(f"{login.name}: no datasite answers at {login.url}") from exc
+    _SESSIONS[key] = client
+    return client
 
 
 def asset_meta(asset: Any) -> dict[str, Any]:
@@ -63,7 +88,7 @@ def asset_meta(asset: Any) -> dict[str, Any]:
 
 def datasets(client: Any, preview_rows: int = 5) -> list[dict[str, Any]]:
     out = []
-    with quiet():
+    with syft_errors(client.name, client), quiet():
         for ds in client.datasets.get_all():
             asset = ds.assets[0]
             meta = asset_meta(asset)
@@ -83,7 +108,7 @@ def datasets(client: Any, preview_rows: int = 5) -> list[dict[str, Any]]:
 
 
 def find_asset(client: Any, dataset: str) -> Any:
-    with quiet():
+    with syft_errors(client.name, client), quiet():
         for ds in client.datasets.get_all():
             if ds.name == dataset:
                 return ds.assets[0]
@@ -94,7 +119,7 @@ def submit(client: Any, spec: JobSpec, asset: Any) -> str:
     """One code request for this job on this site; returns the request id."""
     policy = sy.MixedInputPolicy(data=asset, weights=str, client=client)
     what = f"{client.name}: submission refused"
-    with syft_errors(what), quiet():
+    with syft_errors(what, client), quiet():
         fn = sy.syft_function(
             input_policy=policy,
             # each round, and a replay of it if the reply was lost: the site counts rounds
@@ -106,7 +131,7 @@ def submit(client: Any, spec: JobSpec, asset: Any) -> str:
 
 def status(client: Any, spec: JobSpec) -> dict[str, Any]:
     """pending / approved / denied (with the admin's reason) for this job on this site."""
-    with quiet():
+    with syft_errors(client.name, client), quiet():
         for request in client.requests:
             code = request.code
             if code.service_func_name == spec.name and spec.job_id in code.raw_code:
@@ -139,7 +164,7 @@ def _fetch(result: Any) -> Any:
 
 def run_round(client: Any, spec: JobSpec, asset: Any, weights: str) -> dict[str, Any]:
     """Call the approved job once; returns the runtime's dict (ok, refused or failed)."""
-    with syft_errors(client.name), quiet():  # a dropped connection: Unreachable, retried
+    with syft_errors(client.name, client), quiet():  # dropped connection: Unreachable, retried
         fn = getattr(client.code, spec.name)
         value = check_reply(_fetch(fn(data=asset, weights=weights)), client.name, SiteError)
     if not isinstance(value, dict) or "status" not in value:
@@ -176,6 +201,6 @@ class SyftSite:
 
     def _ensure(self, dataset: str) -> None:
         if self.client is None:
-            self.client = connect(self.login)
+            self.client = connect(self.login, fresh=self.drops > 0)
             self.asset = find_asset(self.client, dataset)
             self.published = asset_meta(self.asset)

@@ -177,3 +177,33 @@ def list_users(client: Any) -> list[dict[str, str]]:
             {"email": u.email, "name": u.name, "role": str(u.role.name)}
             for u in client.users.get_all()
         ]
+
+
+def _researcher(client: Any, email: str) -> Any:
+    """The syft account of a researcher; the admin's own account is never a target."""
+    with quiet():
+        users = [u for u in client.users.get_all() if u.email.lower() == email.lower()]
+    if not users:
+        raise ServerError(f"no account {email} on this datasite (see 'datasite users list')")
+    if str(users[0].role.name) != "DATA_SCIENTIST":
+        raise ServerError(f"{email} is not a researcher account; it is left as it is")
+    return users[0]
+
+
+def remove_user(site: SiteDir, email: str) -> None:
+    """Delete a researcher's account: their logins stop; the ledger and audit keep their past."""
+    client = admin_client(site)
+    user = _researcher(client, email)
+    with syft_errors(f"cannot remove {email}"), quiet():
+        check_reply(client.users.delete(user.id), f"cannot remove {email}", ServerError)
+
+
+def reset_password(site: SiteDir, email: str) -> str:
+    """Give a researcher a new generated password and return it (shown once)."""
+    client = admin_client(site)
+    user = _researcher(client, email)
+    password = secrets.token_urlsafe(18)
+    with syft_errors(f"cannot reset the password of {email}"), quiet():
+        result = client.users.update(uid=user.id, password=password)
+    check_reply(result, f"cannot reset the password of {email}", ServerError)
+    return password

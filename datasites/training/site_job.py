@@ -138,6 +138,11 @@ def _run(
             "cross_entropy needs them (use mse, or bce_with_logits for 0/1)"
         )
     policy = PolicyStore(site.policies_path).get(approval.dataset)
+    if not policy.allows(approval.researcher):  # access revoked after the approval
+        raise Refused(
+            f"{approval.researcher} may no longer use {approval.dataset!r} on this datasite "
+            "(access revoked); nothing ran"
+        )
     frame = pd.DataFrame(data)
     # the published (DP) row count, never len(frame): rate, steps and every released count follow
     rows = public_rows(meta, frame)

@@ -67,6 +67,16 @@ def test_submit_approve_deny_run_and_audit_survives_restart(federation) -> None:
     with pytest.raises(Exception, match="(?i)denied|reject|approval"):
         sites.run_round(client_b, spec, sites.find_asset(client_b, "cancer"), "")
 
+    # access revoked after the approval: the next round is refused before any charge
+    spent = result["privacy"]["epsilon_spent"]
+    a.cli("policy", "set", "--dataset", "cancer", "--revoke-domain", "uni.edu")
+    client = sites.connect(fed.site("hospital-a"))
+    revoked = sites.run_round(client, spec, sites.find_asset(client, "cancer"), "")
+    assert revoked["status"] == "refused" and "access revoked" in revoked["reason"]
+    [ada] = [r for r in last_json(a.cli("budget", "--json")) if r["researcher"] == EMAIL]
+    assert ada["epsilon_spent"] == pytest.approx(spent)
+    a.cli("policy", "set", "--dataset", "cancer", "--allow-domain", "uni.edu")
+
     a.cli("stop")
     a.cli("launch", "--detach")
     for needed in ("submitted", "reported", "approved", "executed", "released"):

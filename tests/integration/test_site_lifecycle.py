@@ -223,3 +223,27 @@ def test_port_in_use_and_double_launch(site: Site, tmp_path: Path) -> None:
         proc = run_cli("datasite", "launch", "--detach", "--dir", str(d), check=False)
     assert proc.returncode == 1 and f"port {port}" in proc.stderr
     assert not (d / "server.pid").exists()
+
+
+def test_a_researcher_password_is_reset_and_an_account_removed(site: Site) -> None:
+    """Attack: keep using a leaked password after the admin reset it, or an account after its
+    removal. Neither logs in; the admin account cannot be targeted."""
+    first = last_json(site.cli("users", "add", "--email", "cy@uni.edu", "--name", "Cy", "--json"))
+    new = last_json(site.cli("users", "reset-password", "--email", "cy@uni.edu", "--json"))
+    assert new["password"] != first["password"]
+    with pytest.raises(Exception, match="Invalid credentials"):
+        sy.login(
+            url="http://127.0.0.1", port=site.port, email="cy@uni.edu", password=first["password"]
+        )
+    sy.login(url="http://127.0.0.1", port=site.port, email="cy@uni.edu", password=new["password"])
+    refused = site.cli("users", "remove", "--email", "admin@fedsite.io", check=False)
+    assert refused.returncode == 1 and "not a researcher account" in refused.stderr
+    site.cli("users", "remove", "--email", "cy@uni.edu")
+    with pytest.raises(Exception):  # noqa: B017  the account is gone
+        sy.login(
+            url="http://127.0.0.1", port=site.port, email="cy@uni.edu", password=new["password"]
+        )
+    emails = [u["email"] for u in last_json(site.cli("users", "list", "--json"))]
+    assert "cy@uni.edu" not in emails and "admin@fedsite.io" in emails
+    gone = site.cli("users", "reset-password", "--email", "cy@uni.edu", check=False)
+    assert gone.returncode == 1 and "no account cy@uni.edu" in gone.stderr

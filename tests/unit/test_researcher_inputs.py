@@ -249,3 +249,19 @@ def test_datasets_lists_the_live_sites_and_one_line_for_a_dead_one(
     monkeypatch.setattr(sites, "connect", nobody)
     none = run_cli("researcher", "datasets", "-f", str(fed_file), check=False)
     assert none.returncode == 1 and none.stderr.count("\n") == 1
+
+
+def test_an_unknown_key_in_the_federation_file_is_refused_by_name(tmp_path: Path) -> None:
+    """A typo such as ``pasword_env`` used to be ignored; the login then failed far away."""
+    path = tmp_path / "fed.toml"
+    path.write_text(
+        '[[sites]]\nname = "a"\nurl = "http://127.0.0.1:1"\nemail = "x@y.z"\n'
+        'password_file = "pw"\npasword_env = "PW"\n'
+    )
+    with pytest.raises(FederationError, match="site a: unknown key\\(s\\) pasword_env"):
+        Federation.load(path)
+    path.write_text(
+        'tiemout = 3\n[[sites]]\nname = "a"\nurl = "u"\nemail = "e"\npassword_env = "P"\n'
+    )
+    with pytest.raises(FederationError, match="unknown key\\(s\\) tiemout"):
+        Federation.load(path)
