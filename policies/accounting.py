@@ -20,6 +20,12 @@ from scipy.optimize import brentq
 
 from policies.errors import PlanError
 
+# At sample rate 1 (the metrics, the mock) Opacus' PRV takes log(0) and its RDP warns of its alpha
+# range: harmless. Filtered for the process too, because catch_warnings is not thread-safe and
+# sites are set up from threads.
+warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants\..*")
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+
 
 @dataclass(frozen=True)
 class Mechanism:

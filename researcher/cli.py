@@ -179,6 +179,13 @@ def train(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a site per round.")] = 300,
     test: Annotated[Path | None, typer.Option(help="CSV of your own test rows.")] = None,
     target: TargetOpt = None,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="fedavg, fedavgm, fedadam, fedyogi, median, trimmed-mean or norm-bounded "
+            "(researcher-side post-processing; no extra epsilon)."
+        ),
+    ] = "fedavg",
     json: JsonOpt = False,
 ) -> None:
     """Run the federated rounds of an approved job: progress, checkpoints, metrics, plots."""
@@ -186,6 +193,9 @@ def train(
 
     from researcher import api
     from researcher.errors import JobError
+    from researcher.strategy import strategy_named
+
+    aggregator = strategy_named(strategy)  # a typo is refused before any site is contacted
 
     if (run_dir is None) == (resume is None):
         raise JobError("give exactly one of --run-dir DIR (new run) or --resume RUN_DIR")
@@ -226,6 +236,7 @@ def train(
                 timeout_s=timeout,
                 test=test_xy,
                 on_round=on_round,
+                strategy=aggregator,
             )
         except KeyboardInterrupt:
             err.print(

@@ -180,7 +180,7 @@ def run_federation(  # noqa: PLR0913
         spec, done, weights, history = ckpt.load()
     else:
         done, history = 0, []
-        weights = initial_weights(spec, _first_meta(links, spec))
+        weights = strategy.initialize(initial_weights(spec, _first_meta(links, spec)))
     last = None
     # after an interruption a site may have released a round this client never received
     recover = _site_rounds(history) if resume else None
@@ -197,7 +197,7 @@ def run_federation(  # noqa: PLR0913
                 recover,
             )
             recover = None
-            weights = strategy.aggregate(round_no, last.updates, weights)
+            weights = strategy.aggregate(round_no, last.updates, weights, last.skipped)
             last.test_accuracy = _test_accuracy(spec, weights, test, links)
             history.append(_history_row(last))
             ckpt.save(spec, round_no, weights, history)
@@ -251,7 +251,7 @@ def _one_round(
     """One round at every site in parallel; ``limits`` = (min_sites, timeout_s, backoff)."""
     min_sites, timeout_s, backoff = limits
     started = time.perf_counter()
-    blob = encode_weights(strategy.configure(round_no, weights))
+    blob = encode_weights(strategy.configure_round(round_no, weights))
     futures = {
         pool.submit(
             call_or_recover,

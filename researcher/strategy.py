@@ -1,6 +1,17 @@
-"""Aggregation strategies: small classes with paired configure/aggregate hooks (as in Flower).
+"""Aggregation strategies, with Flower's useful hooks: ``initialize``, ``configure_round`` and
+``aggregate(round, results, current, failures)``.
 
-DP lives in the datasites' runtime; no strategy here holds DP code.
+DP lives in the datasites' runtime. Everything here reads only what the sites released (DP
+weights, DP or public counts), so every strategy is post-processing and costs no epsilon.
+
+- ``FedAvg``: the row-weighted mean (McMahan et al. 2017).
+- Server optimizers (Reddi et al. 2021, "Adaptive Federated Optimization"): the pseudo-gradient
+  ``delta = fedavg(results) - current`` is fed to momentum (``FedAvgM``), Adam (``FedAdam``) or
+  Yogi (``FedYogi``) at the researcher; hyper-parameters default to Flower's.
+- Robust aggregation against a faulty or malicious site: coordinate-wise median (``FedMedian``),
+  trimmed mean (``FedTrimmedAvg``), and norm bounding of each site's update before averaging
+  (``NormBounded``, Sun et al. 2019). Of these only norm bounding could run under secure
+  aggregation (each site can bound its own update); median and trimmed mean need every update.
 """
 
 from __future__ import annotations
@@ -27,44 +38,199 @@ class Update:
 
 
 class Strategy(Protocol):
-    def configure(self, round_no: int, weights: Weights) -> Weights:
+    name: str
+
+    def initialize(self, weights: Weights) -> Weights:
+        """The round-1 global weights, from the model's initial ones."""
+        ...
+
+    def configure_round(self, round_no: int, weights: Weights) -> Weights:
         """The weights sent to every site for ``round_no``."""
         ...
 
-    def aggregate(self, round_no: int, updates: list[Update], current: Weights) -> Weights:
-        """The next global weights from this round's updates."""
+    def aggregate(
+        self,
+        round_no: int,
+        results: list[Update],
+        current: Weights,
+        failures: dict[str, str] | None = None,
+    ) -> Weights:
+        """The next global weights from this round's updates (``failures``: skipped sites)."""
         ...
+
+
+def check_updates(round_no: int, results: list[Update], current: Weights) -> None:
+    """AggregationError unless every update has exactly the current tensors and shapes."""
+    if not results:
+        raise AggregationError(f"round {round_no}: no updates to aggregate")
+    keys = set(current)
+    for u in results:
+        if set(u.weights) != keys:
+            raise AggregationError(
+                f"round {round_no}: {u.site} sent tensors {sorted(u.weights)}, "
+                f"expected {sorted(keys)}"
+            )
+        for k in keys:
+            if u.weights[k].shape != current[k].shape:
+                raise AggregationError(
+                    f"round {round_no}: {u.site} sent {k} of shape "
+                    f"{u.weights[k].shape}, expected {current[k].shape}"
+                )
+
+
+def _f32(weights: dict[str, np.ndarray]) -> Weights:
+    return {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
 
 
 class FedAvg:
     """Federated averaging weighted by the number of training rows (McMahan et al. 2017)."""
 
-    def configure(self, round_no: int, weights: Weights) -> Weights:
+    name = "fedavg"
+
+    def initialize(self, weights: Weights) -> Weights:
         return weights
 
-    def aggregate(self, round_no: int, updates: list[Update], current: Weights) -> Weights:
-        if not updates:
-            raise AggregationError(f"round {round_no}: no updates to aggregate")
-        keys = set(current)
-        for u in updates:
-            if set(u.weights) != keys:
-                raise AggregationError(
-                    f"round {round_no}: {u.site} sent tensors "
-                    f"{sorted(u.weights)}, expected {sorted(keys)}"
-                )
-            for k in keys:
-                if u.weights[k].shape != current[k].shape:
-                    raise AggregationError(
-                        f"round {round_no}: {u.site} sent {k} of shape "
-                        f"{u.weights[k].shape}, expected {current[k].shape}"
-                    )
-        total = sum(u.n for u in updates)
-        if total <= 0:
+    def configure_round(self, round_no: int, weights: Weights) -> Weights:
+        return weights
+
+    def configure(self, round_no: int, weights: Weights) -> Weights:  # the earlier name
+        return self.configure_round(round_no, weights)
+
+    def aggregate(
+        self,
+        round_no: int,
+        results: list[Update],
+        current: Weights,
+        failures: dict[str, str] | None = None,
+    ) -> Weights:
+        check_updates(round_no, results, current)
+        counts = np.array([u.n for u in results], dtype=np.float64)
+        if counts.sum() <= 0:
             raise AggregationError(f"round {round_no}: updates cover no rows")
-        counts = np.array([u.n for u in updates], dtype=np.float64)
-        return {
-            k: np.average(np.stack([u.weights[k] for u in updates]), axis=0, weights=counts).astype(
-                np.float32
+        return _f32(
+            {
+                k: np.average(np.stack([u.weights[k] for u in results]), axis=0, weights=counts)
+                for k in current
+            }
+        )
+
+
+@dataclass
+class FedAvgM(FedAvg):
+    """Server momentum: v = momentum * v + delta; w = w + server_lr * v."""
+
+    server_lr: float = 1.0
+    momentum: float = 0.9
+    velocity: dict[str, np.ndarray] = field(default_factory=dict)
+    name = "fedavgm"
+
+    def aggregate(self, round_no, results, current, failures=None) -> Weights:  # noqa: ANN001
+        mean = super().aggregate(round_no, results, current, failures)
+        out = {}
+        for k in current:
+            delta = mean[k].astype(np.float64) - current[k]
+            self.velocity[k] = self.momentum * self.velocity.get(k, 0.0) + delta
+            out[k] = current[k] + self.server_lr * self.velocity[k]
+        return _f32(out)
+
+
+@dataclass
+class FedAdam(FedAvg):
+    """Adam on the pseudo-gradient, as Reddi et al. 2021 (no bias correction; tau for 0/0)."""
+
+    server_lr: float = 0.1
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-9
+    m: dict[str, np.ndarray] = field(default_factory=dict)
+    v: dict[str, np.ndarray] = field(default_factory=dict)
+    name = "fedadam"
+
+    def _second_moment(self, v: np.ndarray | float, delta: np.ndarray) -> np.ndarray:
+        return self.beta_2 * v + (1 - self.beta_2) * delta**2
+
+    def aggregate(self, round_no, results, current, failures=None) -> Weights:  # noqa: ANN001
+        mean = super().aggregate(round_no, results, current, failures)
+        out = {}
+        for k in current:
+            delta = mean[k].astype(np.float64) - current[k]
+            self.m[k] = self.beta_1 * self.m.get(k, 0.0) + (1 - self.beta_1) * delta
+            self.v[k] = self._second_moment(self.v.get(k, 0.0), delta)
+            out[k] = current[k] + self.server_lr * self.m[k] / (np.sqrt(self.v[k]) + self.tau)
+        return _f32(out)
+
+
+@dataclass
+class FedYogi(FedAdam):
+    """Yogi's additive second moment: v = v - (1 - beta_2) delta^2 sign(v - delta^2)."""
+
+    server_lr: float = 0.01
+    tau: float = 1e-3
+    name = "fedyogi"
+
+    def _second_moment(self, v: np.ndarray | float, delta: np.ndarray) -> np.ndarray:
+        squared = delta**2
+        return v - (1 - self.beta_2) * squared * np.sign(v - squared)
+
+
+class FedMedian(FedAvg):
+    """The coordinate-wise median of the sites' weights (unweighted)."""
+
+    name = "median"
+
+    def aggregate(self, round_no, results, current, failures=None) -> Weights:  # noqa: ANN001
+        check_updates(round_no, results, current)
+        return _f32({k: np.median(np.stack([u.weights[k] for u in results]), 0) for k in current})
+
+
+@dataclass
+class FedTrimmedAvg(FedAvg):
+    """Per coordinate, drop the ``beta`` fraction highest and lowest values, average the rest."""
+
+    beta: float = 0.2
+    name = "trimmed-mean"
+
+    def aggregate(self, round_no, results, current, failures=None) -> Weights:  # noqa: ANN001
+        check_updates(round_no, results, current)
+        cut = int(np.floor(self.beta * len(results)))
+        out = {}
+        for k in current:
+            ranked = np.sort(np.stack([u.weights[k] for u in results]), axis=0)
+            out[k] = ranked[cut : len(results) - cut].mean(0)
+        return _f32(out)
+
+
+@dataclass
+class NormBounded(FedAvg):
+    """Each site's update (its weights minus the current ones) is scaled to an L2 norm of at
+    most ``max_norm`` over all tensors, then the bounded updates are averaged by rows."""
+
+    max_norm: float = 1.0
+    name = "norm-bounded"
+
+    def aggregate(self, round_no, results, current, failures=None) -> Weights:  # noqa: ANN001
+        check_updates(round_no, results, current)
+        bounded = []
+        for u in results:
+            diff = {k: u.weights[k].astype(np.float64) - current[k] for k in current}
+            norm = np.sqrt(sum(float((d**2).sum()) for d in diff.values()))
+            scale = min(1.0, self.max_norm / norm) if norm > 0 else 1.0
+            bounded.append(
+                Update(u.site, {k: current[k] + scale * d for k, d in diff.items()}, u.n)
             )
-            for k in current
-        }
+        return super().aggregate(round_no, bounded, current, failures)
+
+
+STRATEGIES: dict[str, type] = {
+    s.name: s for s in (FedAvg, FedAvgM, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, NormBounded)
+}
+
+
+def strategy_named(name: str) -> Strategy:
+    """A strategy with its default hyper-parameters, by the name ``researcher train`` takes."""
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        raise AggregationError(
+            f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}"
+        ) from None

@@ -74,7 +74,7 @@ def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
         item = next(i for i in queue.items() if i.request.code.service_func_name == spec.name)
         queue.approve(item.request_id)
     run_dir = tmp_path / "runs" / "1"
-    run_cli("researcher", "train", "-f", f, "--run-dir", str(run_dir))
+    run_cli("researcher", "train", "-f", f, "--run-dir", str(run_dir), "--strategy", "fedadam")
     assert (run_dir / "model.pt").exists() and (run_dir / "state.json").exists()
     done = last_json(run_cli("researcher", "status", "-f", f, "--json"))
     assert {v["status"] for v in done["sites"].values()} == {"done"}, done

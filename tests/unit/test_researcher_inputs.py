@@ -265,3 +265,20 @@ def test_an_unknown_key_in_the_federation_file_is_refused_by_name(tmp_path: Path
     )
     with pytest.raises(FederationError, match="unknown key\\(s\\) tiemout"):
         Federation.load(path)
+
+
+def test_an_unknown_strategy_is_refused_before_any_site_is_contacted(tmp_path: Path) -> None:
+    proc = run_cli(
+        "researcher",
+        "train",
+        "-f",
+        str(tmp_path / "none.toml"),
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--strategy",
+        "fedprox-typo",
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "unknown strategy 'fedprox-typo'; choose one of fedavg, fedavgm" in proc.stderr
+    assert not (tmp_path / "r").exists()

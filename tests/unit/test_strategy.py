@@ -70,3 +70,91 @@ def test_pooled_scaling_leaves_out_a_site_whose_dp_range_missed() -> None:
     np.testing.assert_allclose(got["mean"][0], kept.mean(), rtol=1e-9)
     np.testing.assert_allclose(got["std"][0], kept.std(), rtol=1e-9)
     np.testing.assert_allclose(got["std"][1], np.concatenate(parts)[:, 1].std(), rtol=1e-9)
+
+
+def _ups(*values: float, n: tuple[int, ...] | None = None) -> list[Update]:
+    return [
+        Update(f"s{i}", {"w": np.array([v], np.float32)}, (n or (1,) * len(values))[i])
+        for i, v in enumerate(values)
+    ]
+
+
+def test_server_optimizers_follow_their_update_rules_by_hand() -> None:
+    """Current w = 1, sites give 2 and 4 with rows 1 and 3: FedAvg 3.5, delta 2.5."""
+    from researcher.strategy import FedAdam, FedAvgM, FedYogi
+
+    current = {"w": np.array([1.0], np.float32)}
+    ups = _ups(2.0, 4.0, n=(1, 3))
+    assert FedAvg().aggregate(1, ups, current)["w"][0] == pytest.approx(3.5)
+    m = FedAvgM(server_lr=1.0, momentum=0.9)
+    first = m.aggregate(1, ups, current)["w"][0]  # v = 2.5; w = 1 + 2.5
+    assert first == pytest.approx(3.5)
+    second = m.aggregate(2, ups, {"w": np.array([first], np.float32)})["w"][0]
+    assert second == pytest.approx(3.5 + (0.9 * 2.5 + 0.0))  # delta 0, v = 2.25
+    adam = FedAdam(server_lr=0.1, beta_1=0.9, beta_2=0.99, tau=1e-9)
+    # m = 0.1 * 2.5 = 0.25; v = 0.01 * 6.25 = 0.0625; w = 1 + 0.1 * 0.25 / 0.25 = 1.1
+    assert adam.aggregate(1, ups, current)["w"][0] == pytest.approx(1.1, rel=1e-6)
+    yogi = FedYogi(server_lr=0.01, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    # v = 0 - 0.01 * 6.25 * sign(0 - 6.25) = 0.0625; w = 1 + 0.01 * 0.25 / (0.25 + 0.001)
+    assert yogi.aggregate(1, ups, current)["w"][0] == pytest.approx(1 + 0.0025 / 0.251, rel=1e-6)
+    # a second Yogi step with v above delta^2 shrinks v additively, as Adam would not
+    v_before = float(yogi.v["w"][0])
+    yogi.aggregate(2, _ups(1.0, 1.0), {"w": np.array([0.0], np.float32)})  # delta 1
+    assert float(yogi.v["w"][0]) == pytest.approx(v_before + 0.01 * 1.0)  # sign(0.0625 - 1) = -1
+
+
+def test_robust_strategies_by_hand() -> None:
+    from researcher.strategy import FedMedian, FedTrimmedAvg, NormBounded
+
+    current = {"w": np.array([0.0, 0.0], np.float32)}
+    ups = [
+        Update(f"s{i}", {"w": np.array(v, np.float32)}, 1)
+        for i, v in enumerate([[1.0, 5.0], [2.0, -1.0], [3.0, 0.0], [100.0, 2.0], [4.0, 1.0]])
+    ]
+    np.testing.assert_allclose(FedMedian().aggregate(1, ups, current)["w"], [3.0, 1.0])
+    # trim 1 of 5 at each end: column 0 keeps 2, 3, 4; column 1 keeps 0, 1, 2
+    np.testing.assert_allclose(FedTrimmedAvg(beta=0.2).aggregate(1, ups, current)["w"], [3.0, 1.0])
+    bounded = NormBounded(max_norm=5.0).aggregate(1, ups[3:4] + ups[1:2], current)["w"]
+    big = np.array([100.0, 2.0]) * 5.0 / np.hypot(100.0, 2.0)  # scaled to norm 5
+    np.testing.assert_allclose(bounded, (big + np.array([2.0, -1.0])) / 2, rtol=1e-6)
+
+
+def test_one_malicious_site_breaks_fedavg_but_not_the_robust_strategies(tmp_path) -> None:
+    """Five in-process sites train for real; one sends its update scaled by -50 (sign flip and
+    boost). FedAvg's global model moves far from the honest average; median and trimmed mean
+    stay next to it, and norm bounding keeps the damage small."""
+    from researcher.rounds import run_federation
+    from researcher.site import InProcessSite
+    from researcher.strategy import FedMedian, FedTrimmedAvg, NormBounded
+    from tests.unit.test_round_loop import LocalSite, _spec, _table
+
+    honest = [LocalSite(f"h{i}", _table(i)) for i in range(4)]
+
+    def attacker(spec, weights):  # noqa: ANN001, ANN202
+        from policies.wire import decode_weights, encode_weights
+
+        reply = LocalSite("evil", _table(9))(spec, weights)
+        start = decode_weights(weights) if weights else None
+        w = decode_weights(reply["weights"])
+        base = start or {k: np.zeros_like(v) for k, v in w.items()}
+        reply["weights"] = encode_weights({k: base[k] - 50 * (w[k] - base[k]) for k in w})
+        return reply
+
+    def run(strategy, sites):  # noqa: ANN001, ANN202
+        out = tmp_path / strategy.name / str(len(sites))
+        return run_federation(None, _spec(1), out, sites=sites, strategy=strategy).weights[
+            "0.weight"
+        ]
+
+    clean = run(FedAvg(), [s.site() for s in honest])
+    for s in honest:
+        s.trained = 0
+    evil = InProcessSite("evil", {}, attacker)
+    errors = {}
+    for strategy in (FedAvg(), FedMedian(), FedTrimmedAvg(beta=0.2), NormBounded(max_norm=0.5)):
+        for s in honest:
+            s.trained = 0
+        got = run(strategy, [*(s.site() for s in honest), evil])
+        errors[strategy.name] = float(np.abs(got - clean).max())
+    assert errors["fedavg"] > 5 * max(errors["median"], errors["trimmed-mean"])
+    assert errors["norm-bounded"] < errors["fedavg"] / 5
