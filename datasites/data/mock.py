@@ -79,8 +79,15 @@ def make_mock(  # noqa: PLR0913
     sensitivity_sq = 1 + 2 * len(columns)
     nm = noise_for_target(float(epsilon), float(delta), 1.0, 1)
     sigma = nm * math.sqrt(sensitivity_sq)
-    counts = _noisy(_class_counts(frame, target, keys), sigma)
-    ranges = {c: _dp_range(frame[c].to_numpy(np.float64), sigma) for c in columns}
+    # stage 1, one noisy vector: class counts, then each column's grid histogram
+    class_counts = _class_counts(frame, target, keys)
+    grid = [_grid_counts(frame[c].to_numpy(np.float64)) for c in columns]
+    noisy = _noisy(np.concatenate([class_counts, *grid]), sigma)
+    counts, noisy_grid = noisy[: len(class_counts)], noisy[len(class_counts) :]
+    width = len(GRID) - 1
+    ranges = {
+        c: _dp_range(noisy_grid[i * width : (i + 1) * width], sigma) for i, c in enumerate(columns)
+    }
     edges = {c: _edges(*ranges[c], _is_int(frame[c])) for c in columns}
     rng = np.random.default_rng(seed)
     total = max(1, int(np.clip(counts, 0, None).sum()))
@@ -127,7 +134,7 @@ def _grid_counts(values: np.ndarray) -> np.ndarray:
     return np.bincount(bins, minlength=len(GRID) - 1)
 
 
-def _dp_range(values: np.ndarray, sigma: float) -> tuple[float, float]:
+def _dp_range(noisy: np.ndarray, sigma: float) -> tuple[float, float]:
     """The span of grid bins that stand clear of the noise (post-processing of one histogram).
 
     Bins are summed in windows of 1, 2, 4... neighbours (a window's noise grows as its square
@@ -135,7 +142,7 @@ def _dp_range(values: np.ndarray, sigma: float) -> tuple[float, float]:
     passes at that width. A spread-out column then still finds its bulk, not a noise spike. When
     none passes (few rows, much noise), the fullest window of ``FALLBACK_WIDTH`` bins is used.
     """
-    noisy = _noisy(_grid_counts(values), sigma).astype(np.float64)
+    noisy = noisy.astype(np.float64)
     for width in (1, 2, 4, 8):
         sums = np.convolve(noisy, np.ones(width), mode="valid")
         passing = np.flatnonzero(sums > RANGE_SIGMAS * sigma * math.sqrt(width))
@@ -174,11 +181,15 @@ def _draw_group(  # noqa: PLR0913
     n: int,
     rng: np.random.Generator,
 ) -> pd.DataFrame:
-    """Each column from its noisy histogram in this class, uniformly within the drawn bin."""
+    """Each column from its noisy histogram in this class, uniformly within the drawn bin.
+
+    Stage 2's noise for the whole class is one vector (iid per count, as separate calls)."""
+    fine = [_fine_counts(group[c].to_numpy(np.float64), edges[c]) for c in columns]
+    noisy_all = np.clip(_noisy(np.concatenate(fine), sigma), 0, None)
+    splits = np.cumsum([len(f) for f in fine])[:-1]
     out = {}
-    for col in columns:
+    for col, noisy in zip(columns, np.split(noisy_all, splits), strict=True):
         e = edges[col]
-        noisy = np.clip(_noisy(_fine_counts(group[col].to_numpy(np.float64), e), sigma), 0, None)
         p = noisy / noisy.sum() if noisy.sum() > 0 else np.full(len(noisy), 1.0 / len(noisy))
         bins = rng.choice(len(p), size=n, p=p)
         out[col] = rng.uniform(e[bins], e[bins + 1])
@@ -188,12 +199,17 @@ def _draw_group(  # noqa: PLR0913
 
 
 def _finish(mock: pd.DataFrame, frame: pd.DataFrame, ranges: dict) -> pd.DataFrame:
-    """Clip to the released ranges; integer columns rounded; the private table's dtypes."""
+    """Clip to the released ranges; integer columns rounded; the private table's dtypes.
+
+    On numpy arrays, not per pandas column: 5,000 columns took 3 s through ``Series.clip``."""
+    import pandas as pd
+
+    out = {}
     for col in frame.columns:
-        values = mock[col]
+        values = mock[col].to_numpy(np.float64)
         if col in ranges:
-            values = values.clip(*ranges[col])
+            values = np.clip(values, *ranges[col])
         if _is_int(frame[col]):
-            values = values.round()
-        mock[col] = values.astype(frame[col].dtype)
-    return mock[list(frame.columns)]
+            values = np.round(values)
+        out[col] = values.astype(frame[col].dtype)
+    return pd.DataFrame(out, columns=list(frame.columns))
