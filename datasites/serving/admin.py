@@ -18,6 +18,7 @@ from datasites.data.tables import Table
 from datasites.errors import AuthError, ServerError, TableError
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
+from datasites.serving import sessions
 from datasites.serving.config import SiteDir
 from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
@@ -47,8 +48,16 @@ def login(url: str, email: str, password: str) -> Any:
 
 
 def admin_client(site: SiteDir) -> Any:
+    """The admin's client, reused within this process (``sessions``): a syft login fetches the
+    whole API, about 1.5 s. ``process`` forgets it when it launches or stops the site."""
     config = site.config()
-    return login(config.url, config.admin_email, site.admin_password())
+    password = site.admin_password()
+    return sessions.session(
+        config.url,
+        config.admin_email,
+        password,
+        lambda: login(config.url, config.admin_email, password),
+    )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import psutil
 
 from datasites.errors import ServerError
+from datasites.serving import sessions
 from datasites.serving.config import SiteDir, port_in_use
 
 READY_TIMEOUT_S = 90.0
@@ -99,6 +100,7 @@ def _port_stays_busy(host: str, port: int, grace: float = 5.0) -> bool:
 def launch_detached(site: SiteDir, timeout: float = READY_TIMEOUT_S) -> SiteStatus:
     """Start the server in its own session and return once it answers HTTP requests."""
     _check_can_start(site)
+    sessions.forget(site.config().url)
     config = site.config()
     with open(site.log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -127,6 +129,7 @@ def launch_foreground(site: SiteDir) -> None:
 
 def stop(site: SiteDir, timeout: float = 15.0) -> bool:
     """Stop the server; False when none was running."""
+    sessions.forget(site.config().url)
     pid = server_pid(site)
     if pid is None:
         site.pid_path.unlink(missing_ok=True)
