@@ -313,12 +313,13 @@ def requests(site: SiteOpt, json: JsonOpt = False) -> None:
         return
     table(
         "requests",
-        ["id", "researcher", "status", "dataset", "report", "failed checks"],
+        ["id", "job", "researcher", "status", "dataset", "report", "failed checks"],
         [
             [
                 i.request_id[:8],
+                i.job_name,
                 i.researcher,
-                i.status.lower(),
+                i.state,
                 i.report.job.dataset if i.report.job else "",
                 "pass" if i.report.passed else "FAIL",
                 ", ".join(c.name for c in i.report.failures()),

@@ -140,7 +140,7 @@ def load_job_file(
             constants["DATASET"],
             target,
             constants["PLAN"],
-            name=name or f"job_{path.stem}".replace("-", "_"),
+            name=name or _name_from(path),
             n_features=n_features,
             n_outputs=n_outputs,
         )
@@ -184,3 +184,9 @@ def as_function(spec: JobSpec) -> Any:
     sys.modules[module_name] = module
     loader_spec.loader.exec_module(module)
     return getattr(module, spec.name)
+
+
+def _name_from(path: Path) -> str:
+    """``job.py`` -> ``job``, ``cancer-mlp.py`` -> ``job_cancer_mlp`` (never ``job_job``)."""
+    stem = path.stem.replace("-", "_")
+    return stem if stem.startswith("job") else f"job_{stem}"

@@ -115,6 +115,23 @@ class Checkpoint:
         )
         self._metrics_csv(history)
 
+    def save_strategy(self, strategy: Strategy) -> None:
+        """The strategy's own state (server momentum, Adam moments), so a resume continues it."""
+        arrays = strategy.state() if hasattr(strategy, "state") else {}
+        tmp = self.dir / "strategy.npz.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{f"{strategy.name}|{k}": v for k, v in arrays.items()})
+        os.replace(tmp, self.dir / "strategy.npz")
+
+    def load_strategy(self, strategy: Strategy) -> None:
+        path = self.dir / "strategy.npz"
+        if not path.exists() or not hasattr(strategy, "load_state"):
+            return
+        with np.load(path, allow_pickle=False) as npz:
+            prefix = f"{strategy.name}|"
+            mine = {k[len(prefix) :]: npz[k] for k in npz.files if k.startswith(prefix)}
+        strategy.load_state(mine)  # another strategy's state is ignored: this one starts fresh
+
     def load(self) -> tuple[JobSpec, int, Weights, list[dict]]:
         state = json.loads((self.dir / "state.json").read_text())
         with np.load(self.dir / "global.npz", allow_pickle=False) as npz:
@@ -178,6 +195,7 @@ def run_federation(  # noqa: PLR0913
     links = list(sites)
     if resume and ckpt.exists():
         spec, done, weights, history = ckpt.load()
+        ckpt.load_strategy(strategy)
     else:
         done, history = 0, []
         weights = strategy.initialize(initial_weights(spec, _first_meta(links, spec)))
@@ -201,6 +219,9 @@ def run_federation(  # noqa: PLR0913
             last.test_accuracy = _test_accuracy(spec, weights, test, links)
             history.append(_history_row(last))
             ckpt.save(spec, round_no, weights, history)
+            # after the round: a crash in between resumes with the previous moments (one round's
+            # momentum lost), never with this round's counted twice
+            ckpt.save_strategy(strategy)
             if on_round:
                 on_round(last)
     _save_final(run_dir, spec, weights)

@@ -96,6 +96,13 @@ class FedAvg:
     def configure(self, round_no: int, weights: Weights) -> Weights:  # the earlier name
         return self.configure_round(round_no, weights)
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays a resumed run needs (none for stateless strategies); names are "slot/tensor"."""
+        return {}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state` gave (called on ``--resume``)."""
+
     def aggregate(
         self,
         round_no: int,
@@ -124,6 +131,14 @@ class FedAvgM(FedAvg):
     velocity: dict[str, np.ndarray] = field(default_factory=dict)
     name = "fedavgm"
 
+    def state(self) -> dict[str, np.ndarray]:
+        return {f"velocity/{k}": np.asarray(v) for k, v in self.velocity.items()}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.velocity = {
+            k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("velocity/")
+        }
+
     def aggregate(self, round_no, results, current, failures=None) -> Weights:  # noqa: ANN001
         mean = super().aggregate(round_no, results, current, failures)
         out = {}
@@ -145,6 +160,16 @@ class FedAdam(FedAvg):
     m: dict[str, np.ndarray] = field(default_factory=dict)
     v: dict[str, np.ndarray] = field(default_factory=dict)
     name = "fedadam"
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {
+            **{f"m/{k}": np.asarray(x) for k, x in self.m.items()},
+            **{f"v/{k}": np.asarray(x) for k, x in self.v.items()},
+        }
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.m = {k[2:]: x for k, x in arrays.items() if k.startswith("m/")}
+        self.v = {k[2:]: x for k, x in arrays.items() if k.startswith("v/")}
 
     def _second_moment(self, v: np.ndarray | float, delta: np.ndarray) -> np.ndarray:
         return self.beta_2 * v + (1 - self.beta_2) * delta**2

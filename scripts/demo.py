@@ -131,7 +131,7 @@ def approve_pending(sites: list[SiteDir]) -> None:
 
 def approve_via_cli(site: SiteDir) -> str:
     items = json.loads(_cli("datasites.cli", "requests", "--dir", str(site.root), "--json"))
-    pending = [i for i in items if i["status"] == "PENDING"]
+    pending = [i for i in items if i["status"] == "pending"]
     return _cli("datasites.cli", "approve", "--dir", str(site.root), pending[0]["id"][:12])
 
 

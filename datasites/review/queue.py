@@ -27,6 +27,9 @@ ADMIN_ACTOR = "admin"
 UNOVERRIDABLE = {"template", "executed", "model", "dataset", "inputs", "job_id"}
 
 
+STATES = {"PENDING": "pending", "APPROVED": "approved", "REJECTED": "denied"}
+
+
 @dataclass
 class ReviewItem:
     request: Any
@@ -39,11 +42,22 @@ class ReviewItem:
     deny_reason: str | None
     report: PolicyReport
 
+    @property
+    def state(self) -> str:
+        """The words both sides use: pending, approved, denied (syft says REJECTED)."""
+        return STATES.get(self.status, self.status.lower())
+
+    @property
+    def job_name(self) -> str:
+        """The researcher's name for the job (syft's function name), as `researcher status`."""
+        return self.report.job.name if self.report.job else ""
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.request_id,
+            "job": self.job_name,
             "researcher": self.researcher,
-            "status": self.status,
+            "status": self.state,
             "code_hash": self.code_hash,
             "function": self.request.code.service_func_name,
             "dataset": self.report.job.dataset if self.report.job else None,

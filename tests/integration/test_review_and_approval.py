@@ -34,9 +34,13 @@ def test_submit_approve_deny_run_and_audit_survives_restart(federation) -> None:
     listed = last_json(a.cli("requests", "--json"))[0]
     assert {"id", "researcher", "status", "report"} <= set(listed)
     assert listed["report"]["passed"] and listed["researcher"] == EMAIL
+    # the admin sees the researcher's job name, and the same status words
+    assert listed["job"] == spec.name and listed["status"] == "pending"
     a.cli("approve", request_id(a, spec.name))
     denied = b.cli("deny", request_id(b, spec.name), "--reason", "not this quarter")
     assert denied.returncode == 0
+    assert [i["status"] for i in last_json(b.cli("requests", "--json"))] == ["denied"]
+    assert [i["status"] for i in last_json(a.cli("requests", "--json"))] == ["approved"]
     states = api.status(fed, spec)
     assert states["hospital-a"] == {"status": "approved", "reason": None}
     assert states["hospital-b"]["status"] == "denied"

@@ -63,6 +63,9 @@ def test_job_file_round_trips_through_the_template(tmp_path: Path) -> None:
     spec = load_job_file(job, "target", 4, 2)
     assert spec.dataset == "d" and spec.plan.noise_multiplier == 1.0
     assert spec.job_id in render(spec) and spec.name.endswith(spec.job_id[:8])
+    assert spec.name == f"job_{spec.job_id[:8]}"  # from job.py: not job_job_...
+    other = load_job_file(write(tmp_path / "cancer-mlp.py", job.read_text()), "target", 4, 2)
+    assert other.name == f"job_cancer_mlp_{other.job_id[:8]}"
     assert spec.architecture.input == (4,) and spec.architecture.output == (2,)
     assert spec.architecture.parameters == {
         "0.weight": (3, 4),

@@ -8,7 +8,6 @@ the ledger behind HTTP, kill -9 of a server) stays in tests/integration.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -106,14 +105,26 @@ def test_a_refusing_and_a_failing_site_are_skipped_while_the_quorum_holds(tmp_pa
 
 
 def test_a_site_that_does_not_answer_in_time_is_skipped(tmp_path: Path) -> None:
+    import threading
+
+    released = threading.Event()
+
     def slow(spec, weights):  # noqa: ANN001, ANN202
-        time.sleep(1.0)
+        released.wait(10)  # answers only after the round has gone on without it
         return {"status": "refused", "reason": "too late anyway"}
 
     seen = []
+
+    def on_round(rec) -> None:  # noqa: ANN001
+        seen.append(rec)
+        released.set()
+
     sites = [LocalSite("a", _table(0)).site(), InProcessSite("slow", {}, slow)]
-    _run(sites, tmp_path, timeout_s=0.3, on_round=seen.append, spec=_spec(1))
-    assert seen[0].skipped == {"slow": "timed out after 0s"} and len(seen[0].updates) == 1
+    try:
+        _run(sites, tmp_path, timeout_s=2.0, on_round=on_round, spec=_spec(1))
+    finally:
+        released.set()
+    assert seen[0].skipped == {"slow": "timed out after 2s"} and len(seen[0].updates) == 1
 
 
 def test_a_dropped_connection_is_retried_and_the_link_reopened(tmp_path: Path) -> None:
@@ -176,3 +187,47 @@ def test_a_round_released_but_never_received_is_replayed_not_retrained(tmp_path:
     assert [r.round for r in seen] == [2, 3] and site.trained == 3
     np.testing.assert_array_equal(seen[0].updates[0].weights["0.weight"], lost["0.weight"])
     assert FedAvg().aggregate(2, seen[0].updates, lost)["0.weight"].shape == (2, 3)
+
+
+def test_a_resumed_run_continues_the_server_optimizer_state(tmp_path: Path) -> None:
+    """FedAdam's moments are checkpointed after each round, and a resume starts round 3 from
+    round 2's moments, not from zero (they restarted before)."""
+    from researcher.strategy import FedAdam
+
+    class Crash(Exception):
+        pass
+
+    class Recording(FedAdam):
+        seen: dict = {}
+
+        def aggregate(self, round_no, results, current, failures=None):  # noqa: ANN001, ANN201
+            Recording.seen[round_no] = {k: np.array(v) for k, v in self.m.items()}
+            return super().aggregate(round_no, results, current, failures)
+
+    def crash_after_2(rec) -> None:  # noqa: ANN001
+        if rec.round == 2:
+            raise Crash
+
+    locals_ = [LocalSite(n, _table(i)) for i, n in enumerate("ab")]
+    first = Recording()
+    with pytest.raises(Crash):
+        run_federation(
+            None,
+            _spec(3),
+            tmp_path,
+            sites=[s.site() for s in locals_],
+            strategy=first,
+            on_round=crash_after_2,
+        )
+    after_2 = {k: np.array(v) for k, v in first.m.items()}
+    assert after_2 and all(np.abs(v).sum() > 0 for v in after_2.values())
+    run_federation(
+        None,
+        _spec(3),
+        tmp_path,
+        sites=[s.site() for s in locals_],
+        strategy=Recording(),
+        resume=True,
+    )
+    for k, v in after_2.items():  # round 3 began where round 2 left the moments
+        np.testing.assert_array_equal(Recording.seen[3][k], v)
