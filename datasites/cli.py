@@ -518,11 +518,21 @@ def budget_set(
     epsilon: Annotated[float, typer.Option(help="Total epsilon allowed.")],
     delta: Annotated[float, typer.Option(help="Delta of the budget.")] = 1e-5,
 ) -> None:
-    """Set the total privacy budget of a researcher on a dataset."""
+    """Set the total privacy budget of a researcher (an account on this site) on a dataset."""
+    import math
+
     from datasites.ledger.budget import BudgetLedger
     from datasites.ledger.store import SiteStore
+    from datasites.serving import admin
 
     _known_dataset(site, dataset)
+    if not (0 < epsilon < math.inf) or not 0 < delta < 1:  # before the login: no server needed
+        raise DatasiteError("a budget needs a finite epsilon > 0 and 0 < delta < 1")
+    accounts = {u["email"].lower() for u in admin.list_users(admin.admin_client(site))}
+    if researcher.lower() not in accounts:
+        raise DatasiteError(
+            f"no account {researcher} on this datasite; add it first with 'datasite users add'"
+        )
     BudgetLedger(SiteStore(site.db_path)).set_budget(researcher, dataset, epsilon, delta)
     out.print(f"budget of {researcher} on {dataset}: epsilon {epsilon}, delta {delta}")
 

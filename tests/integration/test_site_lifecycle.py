@@ -95,6 +95,7 @@ def test_full_lifecycle_survives_kill_9(tmp_path: Path, breast_cancer_csv: Path)
         assert abs(listed[0]["rows"] - 569) < 200 and listed[0]["target"] == "target"
         assert listed[0]["mock_epsilon"] == 1.0
         # the mock is a public release: in the spend of a researcher who has run nothing yet
+        site.cli("users", "add", "--email", "bo@uni.edu", "--name", "Bo")
         site.cli(
             "budget", "set", "--researcher", "bo@uni.edu", "--dataset", "cancer", "--epsilon", "3"
         )
@@ -183,6 +184,9 @@ def test_bad_inputs_leave_state_untouched(
         ),
         "finite epsilon": (
             "budget", "set", "--researcher", "a@b.c", "--dataset", "cancer", "--epsilon", "inf",
+        ),
+        "no account a@b.c on this datasite": (
+            "budget", "set", "--researcher", "a@b.c", "--dataset", "cancer", "--epsilon", "1",
         ),
     }  # fmt: skip
     for needle, args in governance.items():
