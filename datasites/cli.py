@@ -226,7 +226,8 @@ def policy_show(
     """Policies of every dataset (or one); datasets without one get the conservative default."""
     from datasites.review.access import PolicyStore
 
-    _known_dataset(site, dataset)
+    if dataset:  # without --dataset: every dataset's policy
+        _known_dataset(site, dataset)
     store = PolicyStore(site.policies_path)
     names = [dataset] if dataset else sorted(set(site.datasets_meta()) | set(store.all()))
     data = {n: store.get(n).to_dict() for n in names}
@@ -292,8 +293,9 @@ def policy_set(
     if set(allow) & set(revoke) or set(allow_domain) & set(revoke_domain):
         raise DatasiteError("the same email or domain cannot be both allowed and revoked")
     if allow or revoke:
-        kept = {*current.allowed_researchers, *allow} - {e.lower() for e in revoke} - set(revoke)
-        changes["allowed_researchers"] = sorted(kept)
+        gone_emails = {e.lower() for e in revoke}  # emails compare case-insensitively, as allows()
+        emails = {*current.allowed_researchers, *allow}
+        changes["allowed_researchers"] = sorted(e for e in emails if e.lower() not in gone_emails)
     if allow_domain or revoke_domain:
         gone = {d.lower().lstrip("@") for d in revoke_domain}
         domains = {*current.allowed_domains, *allow_domain}

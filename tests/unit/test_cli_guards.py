@@ -65,3 +65,24 @@ def test_researcher_help_imports_neither_syft_nor_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "Usage" in proc.stdout and "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_revoking_access_is_case_insensitive_like_the_check(tmp_path: Path) -> None:
+    """Attack: the admin revokes ada@uni.edu, but 'Ada@Uni.edu' was allowed: she kept access."""
+    import json
+
+    from datasites.review.access import PolicyStore
+    from datasites.serving.config import SiteDir, init_site
+
+    init_site(tmp_path / "s", "s", port=1)
+    site = SiteDir(tmp_path / "s")
+    site.save_dataset_meta("d", {"dataset": "d", "target": "y"})
+    d = str(site.root)
+    run_cli("datasite", "policy", "set", "--dir", d, "--dataset", "d", "--allow", "Ada@Uni.edu")
+    assert PolicyStore(site.policies_path).get("d").allows("ada@uni.edu")
+    run_cli("datasite", "policy", "set", "--dir", d, "--dataset", "d", "--revoke", "ada@uni.edu")
+    assert not PolicyStore(site.policies_path).get("d").allows("ada@uni.edu")
+    shown = json.loads(
+        run_cli("datasite", "policy", "show", "--dir", d, "--json").stdout.splitlines()[-1]
+    )
+    assert shown["d"]["allowed_researchers"] == []
