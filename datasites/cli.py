@@ -521,15 +521,12 @@ def budget_set(
     delta: Annotated[float, typer.Option(help="Delta of the budget.")] = 1e-5,
 ) -> None:
     """Set the total privacy budget of a researcher (an account on this site) on a dataset."""
-    import math
-
-    from datasites.ledger.budget import BudgetLedger
+    from datasites.ledger.budget import BudgetLedger, check_budget
     from datasites.ledger.store import SiteStore
     from datasites.serving import admin
 
     _known_dataset(site, dataset)
-    if not (0 < epsilon < math.inf) or not 0 < delta < 1:  # before the login: no server needed
-        raise DatasiteError("a budget needs a finite epsilon > 0 and 0 < delta < 1")
+    check_budget(epsilon, delta)  # before the login: no server needed
     accounts = {u["email"].lower() for u in admin.list_users(admin.admin_client(site))}
     if researcher.lower() not in accounts:
         raise DatasiteError(

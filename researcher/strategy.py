@@ -93,9 +93,6 @@ class FedAvg:
     def configure_round(self, round_no: int, weights: Weights) -> Weights:
         return weights
 
-    def configure(self, round_no: int, weights: Weights) -> Weights:  # the earlier name
-        return self.configure_round(round_no, weights)
-
     def state(self) -> dict[str, np.ndarray]:
         """Arrays a resumed run needs (none for stateless strategies); names are "slot/tensor"."""
         return {}

@@ -69,6 +69,12 @@ class Charge:
     budget: Budget
 
 
+def check_budget(epsilon_total: float, delta: float) -> None:
+    """PlanError unless a budget is a finite epsilon > 0 at 0 < delta < 1 (no server needed)."""
+    if not (0 < epsilon_total < math.inf) or not 0 < delta < 1:
+        raise PlanError("a budget needs a finite epsilon > 0 and 0 < delta < 1")
+
+
 class BudgetLedger:
     """Budgets and charges of one datasite, in its own SQLite database."""
 
@@ -79,8 +85,7 @@ class BudgetLedger:
     def set_budget(self, researcher: str, dataset: str, epsilon_total: float, delta: float) -> None:
         if researcher.strip() == PUBLIC:
             raise PlanError(f"{PUBLIC!r} names the public, not a researcher")
-        if not (0 < epsilon_total < math.inf) or not 0 < delta < 1:
-            raise PlanError("a budget needs a finite epsilon > 0 and 0 < delta < 1")
+        check_budget(epsilon_total, delta)
         with self.store.immediate() as conn:
             conn.execute(
                 "INSERT INTO budgets VALUES (?, ?, ?, ?) ON CONFLICT (researcher, dataset) "
