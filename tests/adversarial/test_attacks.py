@@ -482,3 +482,27 @@ def test_replay_gives_no_free_round_and_metrics_are_only_noised_sums(arena) -> N
     assert arena.spent(EVE) == charged
     assert_nothing_private(arena, [nothing, first, second, third, *again])
     assert_serving(arena)
+
+
+def test_the_mock_and_its_metadata_from_a_plain_syft_client(arena) -> None:
+    """A plain syft client reads the DP mock twin and its published metadata, as often as it
+    likes: no private row is in the mock, the published means are the mock's (not the private
+    table's), and the one public charge made at upload is all it costs."""
+    from datasites.ledger.budget import BudgetLedger
+    from datasites.ledger.store import SiteStore
+    from datasites.serving.config import SiteDir
+
+    client = arena.client(EVE)
+    before = arena.spent(EVE)
+    for _ in range(2):  # reading twice is free
+        asset = arena.asset(client)
+        mock = asset.mock
+        meta = sites.asset_meta(asset)
+    features = mock.drop(columns=["target"])
+    assert_nothing_private(arena, {"mock": features.to_numpy(), "meta": meta})
+    np.testing.assert_allclose(meta["feature_mean"], features.mean().to_numpy(), rtol=1e-9)
+    assert not np.allclose(meta["feature_mean"], arena.rows.mean(0), rtol=1e-6)
+    assert arena.spent(EVE) == before
+    ledger = BudgetLedger(SiteStore(SiteDir(arena.site.dir).db_path))
+    public = ledger.public_releases(DATASET)
+    assert [(r["kind"], r["public"]) for r in public] == [("mock", True)]
