@@ -124,6 +124,7 @@ def upload(
     if not 0.01 <= mock_epsilon <= 100:
         raise DatasiteError(f"--mock-epsilon must be in [0.01, 100], got {mock_epsilon}")
     table = validate_table(load_table(file), target)  # before syft's slow import
+    live(site)
     from datasites.serving import admin
 
     result = admin.upload(site, name, table, description, mock_rows, mock_epsilon)
@@ -138,10 +139,15 @@ def upload(
 
 @app.command()
 def datasets(site: SiteOpt, json: JsonOpt = False) -> None:
-    """Datasets on this datasite."""
-    from datasites.serving import admin
-
-    rows = admin.list_datasets(admin.admin_client(site))
+    """Datasets on this datasite, from the site's own record of its uploads (no server needed)."""
+    rows = [
+        {
+            "name": name,
+            "description": meta.get("description", ""),
+            **{k: meta.get(k) for k in ("target", "rows", "mock_rows", "mock_epsilon", "schema")},
+        }
+        for name, meta in sorted(site.datasets_meta().items())
+    ]
     if json:
         emit_json(rows)
     else:
@@ -163,6 +169,7 @@ def users_add(
     json: JsonOpt = False,
 ) -> None:
     """Register a researcher and show their initial password once."""
+    live(site)
     from datasites.serving import admin
 
     password = admin.add_user(site, email, name)
@@ -177,6 +184,7 @@ def users_remove(
     site: SiteOpt, email: Annotated[str, typer.Option(help="The researcher's email.")]
 ) -> None:
     """Delete a researcher's account (the ledger and audit log keep what they did)."""
+    live(site)
     from datasites.serving import admin
 
     admin.remove_user(site, email)
@@ -190,6 +198,7 @@ def users_reset_password(
     json: JsonOpt = False,
 ) -> None:
     """Give a researcher a new generated password, shown once; the old one stops working."""
+    live(site)
     from datasites.serving import admin
 
     password = admin.reset_password(site, email)
@@ -202,6 +211,7 @@ def users_reset_password(
 @users_app.command("list")
 def users_list(site: SiteOpt, json: JsonOpt = False) -> None:
     """Accounts on this datasite."""
+    live(site)
     from datasites.serving import admin
 
     rows = admin.list_users(admin.admin_client(site))
@@ -309,17 +319,28 @@ def requests(site: SiteOpt, json: JsonOpt = False) -> None:
     """Submitted jobs with their automatic policy report."""
     from datasites.review.queue import ReviewQueue
 
+    live(site)
     items = ReviewQueue(site).items()
     if json:
         emit_json([i.to_dict() for i in items])
         return
     table(
         "requests",
-        ["id", "job", "researcher", "status", "dataset", "report", "failed checks"],
+        [
+            "id",
+            "job",
+            "submitted (UTC)",
+            "researcher",
+            "status",
+            "dataset",
+            "report",
+            "failed checks",
+        ],
         [
             [
                 i.request_id[:8],
                 i.job_name,
+                i.submitted,
                 i.researcher,
                 i.state,
                 i.report.job.dataset if i.report.job else "",
@@ -328,6 +349,7 @@ def requests(site: SiteOpt, json: JsonOpt = False) -> None:
             ]
             for i in items
         ],
+        whole=["id", "submitted (UTC)"],
     )
 
 
@@ -342,6 +364,7 @@ def review(
 
     from datasites.review.queue import ReviewQueue
 
+    live(site)
     item = ReviewQueue(site).find(request_id)
     if json:
         emit_json({**item.to_dict(), "code": item.raw_code})
@@ -376,6 +399,9 @@ def approve(
     """Approve a request whose policy report passes (or override, with a recorded reason)."""
     from datasites.review.queue import ReviewQueue
 
+    if override and not reason.strip():
+        raise DatasiteError("--override needs --reason TEXT, which is recorded")
+    live(site)
     item = ReviewQueue(site).approve(request_id, override=override, reason=reason)
     print_report(item)
     out.print(f"approved {item.request_id[:8]} from {item.researcher}")
@@ -390,6 +416,9 @@ def deny(
     """Deny a request with a reason the researcher will see."""
     from datasites.review.queue import ReviewQueue
 
+    if not reason.strip():
+        raise DatasiteError("deny needs --reason TEXT; the researcher sees it")
+    live(site)
     item = ReviewQueue(site).deny(request_id, reason)
     out.print(f"denied {item.request_id[:8]} from {item.researcher}")
 
@@ -527,6 +556,7 @@ def budget_set(
 
     _known_dataset(site, dataset)
     check_budget(epsilon, delta)  # before the login: no server needed
+    live(site)
     accounts = {u["email"].lower() for u in admin.list_users(admin.admin_client(site))}
     if researcher.lower() not in accounts:
         raise DatasiteError(
@@ -534,6 +564,13 @@ def budget_set(
         )
     BudgetLedger(SiteStore(site.db_path)).set_budget(researcher, dataset, epsilon, delta)
     out.print(f"budget of {researcher} on {dataset}: epsilon {epsilon}, delta {delta}")
+
+
+def live(site: SiteDir) -> None:
+    """One line, at once, when the server is down: before syft's import and the login."""
+    from datasites.serving.process import require_answering
+
+    require_answering(site)
 
 
 def _known_dataset(site: SiteDir, dataset: str) -> None:

@@ -29,12 +29,24 @@ def emit_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    whole: Sequence[str] = (),
+) -> None:
+    """Print a table; columns named in ``whole`` (ids, times) are never wrapped or cut, so an
+    admin can copy them from an 80-column terminal, and the other columns give way."""
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
     t = Table(title=title)
-    for c in columns:
-        t.add_column(c)
-    for row in rows:
-        t.add_row(*("" if v is None else str(v) for v in row))
+    for i, c in enumerate(columns):
+        if c in whole:
+            width = max([len(c), *(len(r[i]) for r in cells)])
+            t.add_column(c, no_wrap=True, min_width=width)
+        else:
+            t.add_column(c)
+    for row in cells:
+        t.add_row(*row)
     out.print(t)
 
 

@@ -191,6 +191,21 @@ class BudgetLedger:
                 (charge_id,),
             )
 
+    def withdraw(self, charge_id: int) -> int:
+        """Cancel the still-reserved charges of ``charge_id``'s job; return how many went.
+
+        Called when a job's round failed before anything of it was released: the reply was a
+        fixed line, so there is nothing to account. Committed charges are never withdrawn.
+        """
+        with self.store.immediate() as conn:
+            cur = conn.execute(
+                "DELETE FROM charges WHERE status = 'reserved' AND researcher != ? AND "
+                "(job_id, researcher, dataset) = "
+                "(SELECT job_id, researcher, dataset FROM charges WHERE id = ?)",
+                (PUBLIC, charge_id),
+            )
+            return cur.rowcount
+
     def charge_public(self, dataset: str, job_id: str, kind: str, mechanism: Mechanism) -> int:
         """Record a release every researcher sees (the mock twin): it counts in every budget."""
         with self.store.immediate() as conn:

@@ -7,6 +7,7 @@ every step lands in the audit log.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from syft.types.uid import UID
@@ -52,10 +53,19 @@ class ReviewItem:
         """The researcher's name for the job (syft's function name), as `researcher status`."""
         return self.report.job.name if self.report.job else ""
 
+    @property
+    def submitted(self) -> str:
+        """When the researcher submitted it, UTC ``YYYY-MM-DD HH:MM:SS`` ('' if syft lost it)."""
+        stamp = getattr(getattr(self.request, "request_time", None), "utc_timestamp", None)
+        if stamp is None:
+            return ""
+        return datetime.fromtimestamp(stamp, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.request_id,
             "job": self.job_name,
+            "submitted": self.submitted,
             "researcher": self.researcher,
             "status": self.state,
             "code_hash": self.code_hash,

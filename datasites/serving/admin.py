@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import syft as sy
 
-from datasites.data.mock import DEFAULT_MOCK_EPSILON, MockRelease, class_keys, make_mock
-from datasites.data.tables import Table
+from datasites.data.mock import DEFAULT_MOCK_EPSILON, class_keys, make_mock
 from datasites.errors import AuthError, ServerError, TableError
-from datasites.ledger.budget import BudgetLedger
-from datasites.ledger.store import SiteStore
 from datasites.serving import sessions
 from datasites.serving.config import SiteDir
 from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
-from policies.metadata import format_meta, parse_meta
+from policies.metadata import format_meta
+
+if TYPE_CHECKING:
+    from datasites.data.mock import MockRelease
+    from datasites.data.tables import Table
 
 ASSET_NAME = "table"
 
@@ -88,11 +89,15 @@ def upload(  # noqa: PLR0913
     The mock is charged in the ledger as a public release before it leaves, and the charge is
     withdrawn if the upload fails (nothing was released then).
     """
+    # here, not at the top: the user commands need no privacy accountant (opacus, ~1.2 s)
+    from datasites.ledger.budget import BudgetLedger
+    from datasites.ledger.store import SiteStore
+
     client = admin_client(site)
     if name in dataset_names(client):
         raise TableError(f"a dataset named {name!r} already exists on this datasite")
     release = make_mock(table.frame, table.target, rows=mock_rows, epsilon=mock_epsilon)
-    meta = _meta(table, name, release)
+    meta = {**_meta(table, name, release), "description": description}
     dataset = sy.Dataset(name=name, description=description or f"{name}: ~{release.rows} rows")
     dataset.add_asset(
         sy.Asset(
@@ -147,25 +152,6 @@ def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
         "feature_mean": [float(v) for v in mock[table.features].mean()],
         "feature_std": [float(v) or 1.0 for v in mock[table.features].std(ddof=0)],
     }
-
-
-def list_datasets(client: Any) -> list[dict[str, Any]]:
-    out = []
-    with quiet():
-        for ds in client.datasets.get_all():
-            asset = ds.assets[0] if ds.assets else None
-            meta = parse_meta(asset.description.text if asset and asset.description else "")
-            out.append(
-                {
-                    "name": ds.name,
-                    "description": ds.description.text if ds.description else "",
-                    **{
-                        k: meta.get(k)
-                        for k in ("target", "rows", "mock_rows", "mock_epsilon", "schema")
-                    },
-                }
-            )
-    return out
 
 
 def add_user(site: SiteDir, email: str, name: str) -> str:

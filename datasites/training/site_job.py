@@ -33,10 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("datasites.training.runtime")
 ACTOR = "runtime"
-# One reply for every failure after the budget is charged, whatever its cause: a message or an
+# One reply for every failure after the budget is reserved, whatever its cause: a message or an
 # exception type that depends on the private rows would answer a question about them for free.
 FAILED = (
-    "the round failed at the datasite after its budget was charged; "
+    "the round failed at the datasite; a job never released a round is not charged for it; "
     "the datasite admin can read the cause in the audit log"
 )
 
@@ -186,8 +186,10 @@ def _run(
         output = pool().run(task, policy.max_seconds_per_round, policy.max_memory_mb)
         result = release(spec, output, round_no)
     except SandboxLimit:
+        _refund_if_nothing_released(store, audit, approval, caller, ledger, charge.id)
         raise  # the policy's own limits: a fixed message, which the researcher must see
     except Exception as exc:
+        _refund_if_nothing_released(store, audit, approval, caller, ledger, charge.id)
         raise RoundFailed() from exc
     if round_no == spec.plan.rounds:
         ledger.commit(charge.id)
@@ -214,6 +216,30 @@ def _run(
         timing={**output.timing, "runtime_seconds": time.perf_counter() - started},
     )
     return result
+
+
+def _refund_if_nothing_released(  # noqa: PLR0913
+    store: SiteStore,
+    audit: AuditLog,
+    approval: Approval,
+    caller: CallerCode,
+    ledger: BudgetLedger,
+    charge_id: int,
+) -> None:
+    """Withdraw the job's reservation when its round failed and it was never released a round.
+
+    DP spends on what is released. A failed round answers one fixed line (``FAILED``, or the
+    policy's limit), whatever the rows hold, so nothing of the data went out and the
+    reservation made for the whole plan is cancelled. Once any round of the job was released
+    the plan's charge covers it and stays. Probing for failures stays bounded: the failed round
+    still uses one of the rounds the admin approved, and each new job needs a new approval.
+    """
+    if Approvals(store).last_release(caller.code_id) is not None:
+        return
+    if ledger.withdraw(charge_id):
+        audit.record(
+            ACTOR, "refunded", approval.request_id, caller.code_hash, code_id=caller.code_id
+        )
 
 
 def public_rows(meta: dict[str, Any], frame: pd.DataFrame) -> int:

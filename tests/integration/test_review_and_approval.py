@@ -3,6 +3,7 @@ syft client submits is flagged and refused."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ def test_submit_approve_deny_run_and_audit_survives_restart(federation) -> None:
     fed, (a, b) = federation
     a.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "10")
     spec = job({"rounds": 2, "noise_multiplier": 1.5, "batch_size": 64})
+    before = datetime.now(UTC).replace(microsecond=0)
     api.submit(fed, spec)
     assert {s["status"] for s in api.status(fed, spec).values()} == {"pending"}
 
@@ -36,6 +38,10 @@ def test_submit_approve_deny_run_and_audit_survives_restart(federation) -> None:
     assert listed["report"]["passed"] and listed["researcher"] == EMAIL
     # the admin sees the researcher's job name, and the same status words
     assert listed["job"] == spec.name and listed["status"] == "pending"
+    # and when it came: a resubmission is told apart from the first by its time
+    submitted = datetime.strptime(listed["submitted"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    assert before <= submitted <= datetime.now(UTC)
+    assert listed["submitted"] in a.cli("requests").stdout
     a.cli("approve", request_id(a, spec.name))
     denied = b.cli("deny", request_id(b, spec.name), "--reason", "not this quarter")
     assert denied.returncode == 0

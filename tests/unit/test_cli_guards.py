@@ -86,3 +86,65 @@ def test_revoking_access_is_case_insensitive_like_the_check(tmp_path: Path) -> N
         run_cli("datasite", "policy", "show", "--dir", d, "--json").stdout.splitlines()[-1]
     )
     assert shown["d"]["allowed_researchers"] == []
+
+
+SERVER_COMMANDS = [
+    ["users", "list"],
+    ["users", "add", "--email", "ada@uni.edu", "--name", "Ada"],
+    ["users", "remove", "--email", "ada@uni.edu"],
+    ["users", "reset-password", "--email", "ada@uni.edu"],
+    ["requests"],
+    ["review", "abc"],
+    ["approve", "abc"],
+    ["deny", "abc", "--reason", "not now"],
+]
+
+
+def _idle_site(tmp_path: Path) -> str:
+    """An initialised site whose server was never launched, on a port nothing listens on."""
+    import socket
+
+    from datasites.serving.config import init_site
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    init_site(tmp_path / "s", "s", port=port)
+    return str(tmp_path / "s")
+
+
+def test_a_site_that_is_not_running_is_one_line_at_once(tmp_path: Path) -> None:
+    """It was 10 s of urllib3 retries and three warnings before the error, for every command."""
+    d = _idle_site(tmp_path)
+    for path in SERVER_COMMANDS:
+        proc = run_cli("datasite", *path, "--dir", d, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1, (path, proc.stderr)
+        assert len(lines) == 1 and "no datasite answers" in lines[0], (path, lines)
+        assert f"datasite launch --dir {d}" in lines[0]
+
+
+def test_arguments_are_checked_before_the_server(tmp_path: Path) -> None:
+    d = _idle_site(tmp_path)
+    proc = run_cli("datasite", "deny", "abc", "--dir", d, check=False)
+    assert proc.returncode == 1 and "deny needs --reason" in proc.stderr
+    proc = run_cli("datasite", "approve", "abc", "--override", "--dir", d, check=False)
+    assert proc.returncode == 1 and "--override needs --reason" in proc.stderr
+
+
+def test_commands_that_read_the_site_dir_import_no_syft(tmp_path: Path) -> None:
+    """status, datasets, audit, policy show and a dead server's refusal: no syft import (~5 s)."""
+    d = _idle_site(tmp_path)
+    code = (
+        "import sys\n"
+        "from datasites.cli import app\n"
+        f"for args in (['status'], ['datasets'], ['audit'], ['policy', 'show'], ['users', 'list']):\n"
+        "    try:\n"
+        f"        app([*args, '--dir', {d!r}], standalone_mode=False)\n"
+        "    except Exception as exc:\n"
+        "        print('ERR', type(exc).__name__)\n"
+        "print('SYFT', 'syft' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "SYFT False" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.count("ERR") == 1  # users list: the server is down

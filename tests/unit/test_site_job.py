@@ -1,0 +1,117 @@
+"""The site half of a round, in-process on a real site dir (no syft): what a failed round costs.
+
+The trainer pool is swapped for one that fails, or that trains in-process with the real
+``run_task``; everything around it (approval, policy, ledger, audit, replay store) is the
+site's own code on a real SQLite file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from datasites.ledger.audit import AuditLog
+from datasites.ledger.budget import BudgetLedger
+from datasites.ledger.store import SiteStore
+from datasites.review.access import DatasetPolicy, PolicyStore
+from datasites.review.approvals import Approval, Approvals
+from datasites.serving.config import SiteDir, init_site
+from datasites.training import site_job
+from datasites.training.round_task import run_task
+from datasites.training.runtime import CallerCode
+from policies.wire import encode_weights
+from researcher.job import make_job
+
+WHO, DATASET = "ada@uni.edu", "d"
+LAYERS = [{"type": "Linear", "in_features": 3, "out_features": 2}]
+
+
+def _frame(n: int = 120) -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    frame = pd.DataFrame(x, columns=["a", "b", "c"])
+    frame["y"] = (x[:, 0] > 0).astype(int)
+    return frame
+
+
+class Pool:
+    """Stands in for the sandboxed trainer pool: trains in-process, or fails on chosen calls."""
+
+    def __init__(self, fail_on: set[int]) -> None:
+        self.fail_on, self.calls = fail_on, 0
+
+    def run(self, task, max_seconds: float, max_memory_mb: int):  # noqa: ANN001, ANN201
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError("the trainer died")
+        return run_task(task)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> tuple[SiteDir, CallerCode, dict]:
+    init_site(tmp_path / "s", "s", port=1)
+    site = SiteDir(tmp_path / "s")
+    frame = _frame()
+    site.save_dataset_meta(
+        DATASET, {"dataset": DATASET, "target": "y", "rows": len(frame), "n_classes": 2}
+    )
+    PolicyStore(site.policies_path).set(
+        DATASET, DatasetPolicy(allowed_researchers=[WHO], max_epsilon_per_job=40.0)
+    )
+    store = SiteStore(site.db_path)
+    BudgetLedger(store).set_budget(WHO, DATASET, 50.0, 1e-5)
+    plan = {"rounds": 3, "noise_multiplier": 1.0, "batch_size": 16, "site_metrics": False}
+    job = make_job(LAYERS, DATASET, "y", plan, n_features=3).to_dict()
+    caller = CallerCode("code-1", "hash-1")
+    Approvals(store).record(Approval("code-1", "req-1", WHO, DATASET, "hash-1", job, 3, 0, None))
+    return site, caller, job
+
+
+def _round(site: SiteDir, caller: CallerCode, job: dict) -> dict:
+    weights = encode_weights({"0.weight": np.zeros((2, 3)), "0.bias": np.zeros(2)})
+    return site_job.run_at_site(site.root, caller, _frame(), weights, job)
+
+
+def _ledger(site: SiteDir) -> BudgetLedger:
+    return BudgetLedger(SiteStore(site.db_path))
+
+
+def test_a_failed_first_round_releases_nothing_and_charges_nothing(site, monkeypatch) -> None:
+    root, caller, job = site
+    monkeypatch.setattr(site_job, "pool", lambda: Pool(fail_on={1}))
+    reply = _round(root, caller, job)
+    assert reply == {"status": "failed", "reason": site_job.FAILED}
+    assert _ledger(root).releases(WHO, DATASET) == []
+    assert _ledger(root).budget(WHO, DATASET).epsilon_spent == 0.0
+    events = [e["event"] for e in AuditLog(SiteStore(root.db_path)).entries()]
+    assert events[-3:] == ["executed", "refunded", "failed"]
+    # the failed round still used one of the approved rounds: probing is bounded by approvals
+    assert Approvals(SiteStore(root.db_path)).get("code-1").rounds_run == 1
+
+
+def test_once_a_round_was_released_a_later_failure_keeps_the_charge(site, monkeypatch) -> None:
+    root, caller, job = site
+    pool = Pool(fail_on={2})
+    monkeypatch.setattr(site_job, "pool", lambda: pool)
+    first = _round(root, caller, job)
+    assert first["status"] == "ok", first
+    spent = _ledger(root).budget(WHO, DATASET).epsilon_spent
+    assert spent > 0
+    assert _round(root, caller, job)["status"] == "failed"
+    assert _ledger(root).budget(WHO, DATASET).epsilon_spent == pytest.approx(spent)
+    events = [e["event"] for e in AuditLog(SiteStore(root.db_path)).entries()]
+    assert "refunded" not in events
+
+
+def test_a_refund_after_a_failure_is_charged_again_when_the_job_runs(site, monkeypatch) -> None:
+    root, caller, job = site
+    pool = Pool(fail_on={1})
+    monkeypatch.setattr(site_job, "pool", lambda: pool)
+    assert _round(root, caller, job)["status"] == "failed"
+    assert _round(root, caller, job)["status"] == "ok"
+    kinds = [r["kind"] for r in _ledger(root).releases(WHO, DATASET)]
+    assert kinds == ["training"]
+    assert _ledger(root).budget(WHO, DATASET).epsilon_spent > 0
