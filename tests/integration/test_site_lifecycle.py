@@ -210,7 +210,7 @@ def test_wrong_password_is_refused(site: Site) -> None:
     good = site.password
     (site.dir / "admin-password").write_text("not-the-password\n")
     try:
-        proc = site.cli("datasets", check=False)
+        proc = site.cli("users", "list", check=False)
         assert proc.returncode == 1 and "wrong email or password" in proc.stderr
     finally:
         (site.dir / "admin-password").write_text(good + "\n")
