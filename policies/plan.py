@@ -23,6 +23,9 @@ from policies.modelspec import ModelSpec, parse
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("prv", "rdp")
+COMPRESSIONS = ("none", "int8", "topk")
+MAX_PROXIMAL_MU = 100.0
+MAX_LAYER_NAMES = 64
 MAX_ROUNDS = 1000
 MAX_EPOCHS = 100
 MAX_BATCH = 65_536
@@ -58,9 +61,24 @@ class TrainingPlan:
     site_metrics: bool = True
     metric_noise_multiplier: float = 20.0
     metric_loss_clip: float = 5.0
+    # FedProx: mu/2 ||w - w_global||^2 at the site, added to the step after clipping and noise
+    proximal_mu: float = 0.0
+    # Transfer learning: layers ("0", "2") or parameters ("2.bias") not trained and not returned
+    frozen: tuple[str, ...] = ()
+    # How the update travels back: float32 weights, int8 per tensor, or top-k with error feedback
+    compression: str = "none"
+    topk_fraction: float = 0.1
+    # Personalization: after the last round, fine-tune these layers at each site; kept there
+    personalize_layers: tuple[str, ...] = ()
+    personalize_epochs: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("frozen", "personalize_layers"):
+            value = getattr(self, name)
+            if isinstance(value, list | tuple):
+                object.__setattr__(self, name, tuple(value))
         self._check_ranges()
+        self._check_algorithms()
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise PlanError("give exactly one of noise_multiplier or target_epsilon")
 
@@ -97,8 +115,43 @@ class TrainingPlan:
         _positive_float("metric_noise_multiplier", self.metric_noise_multiplier, MAX_NOISE)
         _positive_float("metric_loss_clip", self.metric_loss_clip, MAX_LOSS_CLIP)
 
+    def _check_algorithms(self) -> None:
+        if self.proximal_mu != 0.0:
+            _positive_float("proximal_mu", self.proximal_mu, MAX_PROXIMAL_MU)
+        if self.compression not in COMPRESSIONS:
+            raise PlanError(
+                f"compression must be one of {', '.join(COMPRESSIONS)}; got {self.compression!r}"
+            )
+        ok = isinstance(self.topk_fraction, int | float) and not isinstance(
+            self.topk_fraction, bool
+        )
+        if not ok or not 0.0 < self.topk_fraction <= 1.0:
+            raise PlanError(f"topk_fraction must be in (0, 1], got {self.topk_fraction!r}")
+        for name in ("frozen", "personalize_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) > MAX_LAYER_NAMES:
+                raise PlanError(f"{name} must be a list of at most {MAX_LAYER_NAMES} layer names")
+            if not all(isinstance(v, str) and 0 < len(v) <= 64 for v in value):
+                raise PlanError(f'{name} must hold layer names such as "0" or "2.weight"')
+        if self.personalize_epochs != 0 or self.personalize_layers:
+            _positive_int("personalize_epochs", self.personalize_epochs, MAX_EPOCHS)
+            if not self.personalize_layers:
+                raise PlanError("personalize_epochs needs personalize_layers (the layers to tune)")
+
+    @property
+    def personalizes(self) -> bool:
+        return bool(self.personalize_layers)
+
+    @property
+    def calls(self) -> int:
+        """Calls a site answers for this plan: its rounds, and the fine-tuning pass if any."""
+        return self.rounds + (1 if self.personalizes else 0)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["frozen"] = list(self.frozen)
+        data["personalize_layers"] = list(self.personalize_layers)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingPlan:
@@ -125,6 +178,9 @@ class JobSpec:
     # Optional federation-wide feature standardisation {"mean": [...], "std": [...]}, derived
     # from the sites' published statistics; without it each site uses its own.
     scaling: dict[str, list[float]] | None = None
+    # SHA-256 of the frozen layers of the job's initial weights (policies.wire.frozen_digest):
+    # every round's incoming frozen tensors must match it, so they cannot change mid-job.
+    frozen_digest: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -134,6 +190,34 @@ class JobSpec:
         object.__setattr__(self, "model", self.architecture.to_dict())  # normalised
         if self.scaling is not None:
             _check_scaling(self.scaling, self.architecture.input)
+        self._check_layer_names()
+
+    def _check_layer_names(self) -> None:
+        names = list(self.architecture.parameters)
+        for field_name in ("frozen", "personalize_layers"):
+            for layer in getattr(self.plan, field_name):
+                if not select(names, (layer,)):
+                    raise PlanError(
+                        f"{field_name}: the model has no layer or parameter {layer!r} "
+                        f"(its parameters: {', '.join(names)})"
+                    )
+        if self.plan.frozen:
+            if not self.trainable:
+                raise PlanError("frozen covers every parameter; nothing would train")
+            if self.frozen_digest is None:
+                raise PlanError("frozen layers need the job's initial weights (frozen_digest)")
+        if set(select(names, self.plan.personalize_layers)) & set(self.frozen_names):
+            raise PlanError("personalize_layers overlaps frozen; frozen layers never train")
+
+    @property
+    def frozen_names(self) -> list[str]:
+        return select(list(self.architecture.parameters), self.plan.frozen)
+
+    @property
+    def trainable(self) -> dict[str, tuple[int, ...]]:
+        """The parameters a site trains and returns: all but the frozen ones, in spec order."""
+        frozen = set(self.frozen_names)
+        return {k: v for k, v in self.architecture.parameters.items() if k not in frozen}
 
     @cached_property
     def architecture(self) -> ModelSpec:
@@ -155,6 +239,11 @@ class JobSpec:
             return cls(plan=plan, **data)
         except (KeyError, TypeError) as exc:
             raise PlanError(f"bad job spec: {exc}") from exc
+
+
+def select(names: list[str], layers: tuple[str, ...]) -> list[str]:
+    """Parameter names a list of layer names picks: "2" picks "2.weight" and "2.bias"."""
+    return [n for n in names if any(n == layer or n.startswith(f"{layer}.") for layer in layers)]
 
 
 MIN_STD = 1e-6
@@ -211,7 +300,8 @@ def sample_rate(n_rows: int, batch_size: int) -> float:
 
 def total_steps(n_rows: int, plan: TrainingPlan) -> int:
     """DP-SGD steps of the whole plan on ``n_rows`` training rows; refused past the bound."""
-    steps = plan.rounds * plan.local_epochs * steps_per_epoch(n_rows, plan.batch_size)
+    per_epoch = steps_per_epoch(n_rows, plan.batch_size)
+    steps = plan.rounds * plan.local_epochs * per_epoch + personal_steps(n_rows, plan)
     if steps > MAX_TOTAL_STEPS:
         raise PlanError(
             f"the plan takes {steps} DP-SGD steps in all ({plan.rounds} rounds x "
@@ -219,6 +309,11 @@ def total_steps(n_rows: int, plan: TrainingPlan) -> int:
             f"more than the limit {MAX_TOTAL_STEPS}; use fewer rounds or epochs, or larger batches"
         )
     return steps
+
+
+def personal_steps(n_rows: int, plan: TrainingPlan) -> int:
+    """DP-SGD steps of the personalization pass after the last round (0 without one)."""
+    return plan.personalize_epochs * steps_per_epoch(n_rows, plan.batch_size)
 
 
 def _positive_int(name: str, value: Any, high: int) -> None:

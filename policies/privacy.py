@@ -25,6 +25,7 @@ from policies.accounting import Mechanism, epsilon, noise_for_target
 from policies.plan import (
     TrainingPlan,
     metric_queries,
+    personal_steps,
     sample_rate,
     steps_per_epoch,
     total_steps,
@@ -43,13 +44,13 @@ class PrivacyPlan:
     epsilon_job: float
     metric_noise_multiplier: float = 0.0
     metric_releases: int = 0  # noised sums over the whole job
+    personal_steps: int = 0  # the fine-tuning pass after the last round
 
     @property
     def mechanism(self) -> Mechanism:
-        """The DP-SGD steps of the whole job."""
-        return Mechanism(
-            self.noise_multiplier, self.sample_rate, self.steps_per_round * self.rounds
-        )
+        """The DP-SGD steps of the whole job, the personalization pass included."""
+        steps = self.steps_per_round * self.rounds + self.personal_steps
+        return Mechanism(self.noise_multiplier, self.sample_rate, steps)
 
     @property
     def releases(self) -> list[tuple[str, Mechanism]]:
@@ -73,7 +74,7 @@ def privacy_plan(plan: TrainingPlan, n_rows: int, min_noise: float = 0.0) -> Pri
     q = sample_rate(n_train, plan.batch_size)
     per_round = plan.local_epochs * steps_per_epoch(n_train, plan.batch_size)
     total = total_steps(n_train, plan)  # bounded before any accountant runs
-    queries = metric_queries(n_rows, plan) * plan.rounds
+    queries = metric_queries(n_rows, plan) * plan.calls  # the fine-tuning pass releases them too
     metrics = [Mechanism(plan.metric_noise_multiplier, 1.0, queries)] if queries else []
     if plan.target_epsilon is not None:
         noise = noise_for_target(
@@ -83,4 +84,13 @@ def privacy_plan(plan: TrainingPlan, n_rows: int, min_noise: float = 0.0) -> Pri
         noise = float(plan.noise_multiplier or 0.0)
     noise = max(noise, min_noise)
     eps = epsilon([Mechanism(noise, q, total), *metrics], plan.delta, plan.accountant)
-    return PrivacyPlan(noise, q, per_round, plan.rounds, eps, plan.metric_noise_multiplier, queries)
+    return PrivacyPlan(
+        noise,
+        q,
+        per_round,
+        plan.rounds,
+        eps,
+        plan.metric_noise_multiplier,
+        queries,
+        personal_steps(n_train, plan),
+    )

@@ -109,3 +109,19 @@ def check_weights(weights: Weights, expected: Shapes) -> None:
 # Sent instead of weights: "give me again the last round you released to this job". A site
 # answers from its store, without training or charging (datasites.training.site_job).
 REPLAY_LAST = "replay:last"
+
+
+def frozen_digest(weights: Weights, names: list[str]) -> str:
+    """SHA-256 over the named tensors (name, shape, float32 bytes) in sorted order.
+
+    The job carries the digest of its initial weights' frozen layers; a site compares every
+    round's incoming frozen tensors with it, so frozen layers cannot change during a job.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(names):
+        value = np.ascontiguousarray(weights[name], dtype=np.float32)
+        h.update(f"{name}:{value.shape};".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()

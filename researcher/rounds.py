@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from policies.compression import decompress
+from policies.errors import WireError
 from policies.plan import MIN_STD, JobSpec
 from policies.wire import REPLAY_LAST, decode_weights, encode_weights
 from researcher import model as local_model
@@ -68,6 +70,7 @@ def call_with_retry(
 
 
 OUTLIER_RATIO = 10.0
+PERSONALIZED_FILE = "personalized.json"  # each site's DP metrics of its fine-tuned model
 
 
 def pooled_scaling(metas: list[dict[str, Any]]) -> dict[str, list[float]] | None:
@@ -183,9 +186,15 @@ def run_federation(  # noqa: PLR0913
     test: tuple[np.ndarray, np.ndarray] | None = None,
     resume: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
+    initial: Weights | None = None,
 ) -> RunResult:
     """Train ``spec`` for its planned rounds across every approved site of ``fed`` (over syft),
-    or across ``sites`` (any :class:`researcher.site.Site`, such as in-process ones)."""
+    or across ``sites`` (any :class:`researcher.site.Site`, such as in-process ones).
+
+    ``initial``: the starting global weights (transfer learning: pre-trained on the mocks or on
+    public data); by default a fresh model. A plan that personalizes ends with the sites'
+    fine-tuning pass: the models stay at the sites, their DP metrics land in ``personalized``.
+    """
     strategy = strategy or FedAvg()
     ckpt = Checkpoint(run_dir)
     if sites is None:
@@ -198,7 +207,8 @@ def run_federation(  # noqa: PLR0913
         ckpt.load_strategy(strategy)
     else:
         done, history = 0, []
-        weights = strategy.initialize(initial_weights(spec, _first_meta(links, spec)))
+        start = initial if initial is not None else initial_weights(spec, _first_meta(links, spec))
+        weights = strategy.initialize(start)
     last = None
     # after an interruption a site may have released a round this client never received
     recover = _site_rounds(history) if resume else None
@@ -224,8 +234,42 @@ def run_federation(  # noqa: PLR0913
             ckpt.save_strategy(strategy)
             if on_round:
                 on_round(last)
+        personalized = ckpt.dir / PERSONALIZED_FILE
+        if spec.plan.personalizes and not personalized.exists():
+            passed = _personalize(pool, links, spec, weights, min_sites, timeout_s)
+            _write(personalized, json.dumps(passed, indent=2))
     _save_final(run_dir, spec, weights)
     return RunResult(Path(run_dir), weights, history, last)
+
+
+def _personalize(
+    pool: ThreadPoolExecutor,
+    links: list[Site],
+    spec: JobSpec,
+    weights: Weights,
+    min_sites: int,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """The fine-tuning pass: each site tunes the plan's layers from the final global weights
+    and keeps the model; what comes back is its DP validation metrics only."""
+    blob = encode_weights(weights)
+    futures = {pool.submit(call_with_retry, link, spec, blob): link for link in links}
+    done, pending = wait(futures, timeout=timeout_s)
+    sites, skipped = {}, {f"{futures[f].name}": "timed out" for f in pending}
+    for fut in done:
+        name = futures[fut].name
+        try:
+            reply = fut.result()
+        except SiteError as exc:
+            skipped[name] = str(exc)
+            continue
+        if reply.get("status") != "ok" or not reply.get("personalized"):
+            skipped[name] = f"{reply.get('status')}: {reply.get('reason')}"
+            continue
+        sites[name] = {"n": int(reply["n"]), **reply.get("metrics", {})}
+    if len(sites) < min_sites:
+        raise SiteError(f"personalization: only {len(sites)} site(s) replied; skipped: {skipped}")
+    return {"sites": sites, "skipped": skipped}
 
 
 def _site_rounds(history: list[dict[str, Any]]) -> dict[str, int]:
@@ -272,7 +316,8 @@ def _one_round(
     """One round at every site in parallel; ``limits`` = (min_sites, timeout_s, backoff)."""
     min_sites, timeout_s, backoff = limits
     started = time.perf_counter()
-    blob = encode_weights(strategy.configure_round(round_no, weights))
+    sent = strategy.configure_round(round_no, weights)
+    blob = encode_weights(sent)
     futures = {
         pool.submit(
             call_or_recover,
@@ -299,10 +344,15 @@ def _one_round(
         if reply.get("status") != "ok":
             skipped[name] = f"{reply.get('status')}: {reply.get('reason')}"
             continue
+        try:
+            site_weights = weights_of_reply(reply, spec, sent)
+        except WireError as exc:
+            skipped[name] = f"unreadable update: {exc}"
+            continue
         updates.append(
             Update(
                 name,
-                decode_weights(reply["weights"]),
+                site_weights,
                 int(reply["n"]),
                 reply.get("metrics", {}),
                 reply.get("privacy", {}),
@@ -318,6 +368,26 @@ def _one_round(
         )
     updates.sort(key=lambda u: u.site)
     return RoundRecord(round_no, updates, skipped, None, time.perf_counter() - started)
+
+
+def weights_of_reply(reply: dict[str, Any], spec: JobSpec, sent: Weights) -> Weights:
+    """A site's model after its round: what it returned, on top of the weights it was sent.
+
+    Frozen layers never come back and keep the sent values; a compressed reply is an update
+    from the sent weights (``policies.compression``); a plain one holds the trained tensors.
+    """
+    trainable = spec.trainable
+    if "update" in reply:
+        kind = reply.get("compression")
+        if kind != spec.plan.compression:
+            raise WireError(
+                f"the site compressed with {kind!r}, the plan says {spec.plan.compression!r}"
+            )
+        delta = decompress(reply["update"], trainable, kind, spec.plan.topk_fraction)
+        returned = {n: (sent[n] + delta[n]).astype(np.float32) for n in trainable}
+    else:
+        returned = decode_weights(reply["weights"], trainable)
+    return {**sent, **returned}
 
 
 def _test_accuracy(spec: JobSpec, weights: Weights, test: Any, links: list[Site]) -> float | None:

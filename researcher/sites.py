@@ -123,7 +123,7 @@ def submit(client: Any, spec: JobSpec, asset: Any) -> str:
         fn = sy.syft_function(
             input_policy=policy,
             # each round, and a replay of it if the reply was lost: the site counts rounds
-            output_policy=OutputPolicyExecuteCount(limit=2 * spec.plan.rounds + 1),
+            output_policy=OutputPolicyExecuteCount(limit=2 * spec.plan.calls + 1),
         )(as_function(spec))
         request = check_reply(client.code.request_code_execution(fn), what, SiteError)
     return str(request.id.no_dash)

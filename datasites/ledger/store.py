@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS approvals (
     override_reason TEXT, approved_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS released (
     code_id TEXT PRIMARY KEY, round INTEGER NOT NULL, reply TEXT NOT NULL, at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_state (
+    code_id TEXT NOT NULL, kind TEXT NOT NULL, value BLOB NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}', at TEXT NOT NULL, PRIMARY KEY (code_id, kind));
 """
 
 

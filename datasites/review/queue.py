@@ -134,7 +134,7 @@ class ReviewQueue:
                 job.dataset,
                 item.code_hash,
                 job.to_dict(),
-                job.plan.rounds,
+                job.plan.calls,
                 0,
                 reason if failed else None,
             )

@@ -300,9 +300,37 @@ def zero_non_finite_rows(optimizer: DPOptimizer) -> None:
 
 
 def _optimizer(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen layers never step
     if plan.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=plan.learning_rate)
-    return torch.optim.SGD(model.parameters(), lr=plan.learning_rate, momentum=plan.momentum)
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=plan.learning_rate)
+    else:
+        optimizer = torch.optim.SGD(params, lr=plan.learning_rate, momentum=plan.momentum)
+    if plan.proximal_mu > 0:
+        add_proximal_term(optimizer, params, plan.proximal_mu)
+    return optimizer
+
+
+def add_proximal_term(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], mu: float
+) -> None:
+    """FedProx: every step's gradient gets mu * (w - w_global), w_global the round's start.
+
+    The hook runs inside ``optimizer.step()``, after Opacus' or the fused engine's clipping and
+    noise have written the private gradient to ``p.grad``. The proximal gradient is a function
+    of the current weights (themselves post-processing of earlier noisy steps) and of the
+    global weights the researcher sent; it reads no row. So it changes neither the sensitivity
+    nor the noise of any step, and the accounting of plain DP-SGD holds unchanged (adaptive
+    composition with a post-processed update). Adding it before clipping instead would clip it
+    with the data gradient and scale it down by the clip factor: a weaker, row-dependent pull.
+    """
+    anchors = [p.detach().clone() for p in params]
+
+    def pull(*_: object) -> None:
+        for p, anchor in zip(params, anchors, strict=True):
+            if p.grad is not None:
+                p.grad.add_(p.detach() - anchor, alpha=mu)
+
+    optimizer.register_step_pre_hook(pull)
 
 
 @torch.no_grad()

@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 
 from datasites.errors import Refused
+from policies.compression import compress
 from policies.errors import PlanError
-from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs
+from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs, select
 from policies.privacy import PrivacyPlan
-from policies.wire import check_shapes, decode_weights, encode_weights
+from policies.wire import Weights, check_shapes, decode_weights, encode_weights, frozen_digest
 
 
 def table_arrays(frame: pd.DataFrame, target: str) -> tuple[np.ndarray, np.ndarray]:
@@ -33,8 +34,13 @@ def prepare_task(
     split_seed: int,
     scaling: tuple[Any, Any] | None,
     public_rows: int | None = None,
+    personalize: bool = False,
 ) -> Any:
-    """Check the table, the model and the incoming weights; the trainer's task, or Refused."""
+    """Check the table, the model and the incoming weights; the trainer's task, or Refused.
+
+    ``personalize``: the job's fine-tuning pass after its last round, which trains only the
+    plan's ``personalize_layers`` for ``personalize_epochs``.
+    """
     from datasites.training.round_task import RoundTask
 
     x, y = table_arrays(frame, target)
@@ -51,9 +57,16 @@ def prepare_task(
         if len(scaling[0]) != x.shape[1] or len(scaling[1]) != x.shape[1]:
             raise Refused("feature statistics do not match the table's columns")
     incoming = decode_weights(weights, spec.architecture.parameters) if weights else None
+    _check_frozen(spec, incoming)
+    plan = spec.plan.to_dict()
+    frozen = tuple(spec.frozen_names)
+    if personalize:
+        tuned = set(select(list(spec.architecture.parameters), spec.plan.personalize_layers))
+        frozen = tuple(n for n in spec.architecture.parameters if n not in tuned)
+        plan["local_epochs"] = spec.plan.personalize_epochs
     return RoundTask(
         spec.model,
-        spec.plan.to_dict(),
+        plan,
         x,
         y,
         split_seed,
@@ -61,19 +74,51 @@ def prepare_task(
         incoming,
         noise_multiplier,
         public_rows,
+        frozen,
     )
 
 
-def release(spec: JobSpec, output: Any, round_no: int) -> dict[str, Any]:
-    """The reply: the spec's trainable tensors (checked again), the row count, metrics."""
-    check_shapes(output.weights, spec.architecture.parameters)
-    return {
-        "status": "ok",
-        "round": round_no,
-        "weights": encode_weights(output.weights),
-        "n": output.n,
-        "metrics": output.metrics,
-    }
+def _check_frozen(spec: JobSpec, incoming: Weights | None) -> None:
+    """Frozen layers must arrive as the job's initial weights had them, every round."""
+    if not spec.plan.frozen:
+        return
+    if incoming is None:
+        raise Refused("a job with frozen layers must send its weights; nothing ran")
+    if frozen_digest(incoming, spec.frozen_names) != spec.frozen_digest:
+        raise Refused(
+            "the frozen layers differ from the job's approved initial weights; nothing ran"
+        )
+
+
+def release(
+    spec: JobSpec,
+    output: Any,
+    round_no: int,
+    incoming: Weights | None = None,
+    residual: np.ndarray | None = None,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The reply, and the top-k residual to keep for the job's next round (or None).
+
+    The reply holds the spec's trainable tensors (checked again; frozen ones never leave) as
+    float32 weights, or, under the plan's ``compression``, the update from ``incoming``
+    compressed (``policies.compression``: post-processing of the DP release), with the row
+    count and the metrics.
+    """
+    trainable = spec.trainable
+    check_shapes(output.weights, trainable)
+    reply: dict[str, Any] = {"status": "ok", "round": round_no, "n": output.n}
+    left = None
+    if spec.plan.compression == "none":
+        reply["weights"] = encode_weights(output.weights)
+    else:
+        base = incoming or {n: np.zeros(s, np.float32) for n, s in trainable.items()}
+        delta = {n: output.weights[n] - base[n] for n in trainable}
+        reply["update"], left = compress(
+            delta, trainable, spec.plan.compression, spec.plan.topk_fraction, residual
+        )
+        reply["compression"] = spec.plan.compression
+    reply["metrics"] = output.metrics
+    return reply, left
 
 
 def privacy_report(plan: TrainingPlan, privacy: PrivacyPlan) -> dict[str, Any]:
@@ -81,7 +126,7 @@ def privacy_report(plan: TrainingPlan, privacy: PrivacyPlan) -> dict[str, Any]:
         "accountant": plan.accountant,
         "noise_multiplier": privacy.noise_multiplier,
         "sample_rate": privacy.sample_rate,
-        "steps": privacy.steps_per_round * privacy.rounds,
+        "steps": privacy.mechanism.steps,
         "steps_per_round": privacy.steps_per_round,
         "delta": plan.delta,
         "epsilon_job": privacy.epsilon_job,

@@ -34,6 +34,9 @@ class RoundTask:
     # the table's *published* (DP) row count: every count, rate and divisor that leaves the site
     # is computed from it, never from len(features); None (tests, warm-up): the true count
     public_rows: int | None = None
+    # parameters that do not train and do not leave: the plan's frozen layers, or, in a
+    # personalization round, every layer but the ones it tunes
+    frozen: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     model = build(spec)
     if task.weights is not None:
         load(model, task.weights)
+    for name, param in model.named_parameters():
+        if name in task.frozen:
+            param.requires_grad_(False)
     started = time.perf_counter()
     result = train_dp(
         model, x, y, plan, task.noise_multiplier, public_rows=public_train, _test_seed=_test_seed
@@ -108,7 +114,8 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     gaussian = secure_scalar_gaussian if _test_seed is None else _seeded_gaussian(_test_seed)
     metrics = {"steps": float(result.steps), "val_rows": float(public_val)}
     metrics.update(private_metrics(model, xv, yv, plan, gaussian, public_val))
-    return RoundOutput(result.weights, public_train, metrics, {"train_seconds": train_seconds})
+    released = {k: v for k, v in result.weights.items() if k not in task.frozen}
+    return RoundOutput(released, public_train, metrics, {"train_seconds": train_seconds})
 
 
 def _seeded_gaussian(seed: int) -> Callable[[float], float]:

@@ -105,7 +105,7 @@ def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None
         secrets.randbits(63),
         scaling,
     )
-    result = release(spec, run_task(task), 1)
+    result, _ = release(spec, run_task(task), 1, task.weights)
     result["mode"] = "dry-run"
     result["privacy"] = privacy_report(spec.plan, privacy)
     result["shapes"] = {k: list(v) for k, v in spec.architecture.parameters.items()}

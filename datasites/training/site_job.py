@@ -21,6 +21,7 @@ from datasites.ledger.store import SiteStore
 from datasites.review.access import PolicyStore
 from datasites.review.approvals import Approval, Approvals
 from datasites.serving.config import SiteDir
+from datasites.training.job_state import JobState
 from datasites.training.prepare import prepare_task, privacy_report, release
 from datasites.training.sandbox import SandboxLimit, pool
 from policies.errors import PolicyError, WireError
@@ -156,6 +157,8 @@ def _run(
         scaling = (spec.scaling["mean"], spec.scaling["std"])
     else:
         scaling = (meta["feature_mean"], meta["feature_std"]) if "feature_mean" in meta else None
+    # the pass after the last round fine-tunes and keeps the model here (plan.personalize_*)
+    personalize = spec.plan.personalizes and approval.rounds_run == spec.plan.rounds
     # table, model and incoming weights are checked before anything is charged
     task = prepare_task(
         spec,
@@ -167,12 +170,15 @@ def _run(
         split_seed(site, spec.job_id),
         scaling,
         rows,
+        personalize=personalize,
     )
     ledger = BudgetLedger(store)
     charge = ledger.reserve(
         approval.researcher, approval.dataset, spec.job_id, privacy.releases, spec.plan.accountant
     )
     round_no = Approvals(store).take_round(caller.code_id)
+    if personalize != (spec.plan.personalizes and round_no == spec.plan.calls):
+        raise Refused("another call of this job ran at the same time; nothing ran, call again")
     audit.record(
         ACTOR,
         "executed",
@@ -182,16 +188,24 @@ def _run(
         epsilon_job=privacy.epsilon_job,
         noise_multiplier=privacy.noise_multiplier,
     )
+    state = JobState(store)
     try:
         output = pool().run(task, policy.max_seconds_per_round, policy.max_memory_mb)
-        result = release(spec, output, round_no)
+        if personalize:
+            result = _keep_personalized(state, caller, task, output, round_no)
+        else:
+            result, residual = release(
+                spec, output, round_no, task.weights, state.residual(caller.code_id)
+            )
+            if residual is not None:
+                state.put_residual(caller.code_id, residual)
     except SandboxLimit:
         _refund_if_nothing_released(store, audit, approval, caller, ledger, charge.id)
         raise  # the policy's own limits: a fixed message, which the researcher must see
     except Exception as exc:
         _refund_if_nothing_released(store, audit, approval, caller, ledger, charge.id)
         raise RoundFailed() from exc
-    if round_no == spec.plan.rounds:
+    if round_no == spec.plan.calls:
         ledger.commit(charge.id)
     budget = ledger.budget(approval.researcher, approval.dataset)
     result["privacy"] = {
@@ -216,6 +230,21 @@ def _run(
         timing={**output.timing, "runtime_seconds": time.perf_counter() - started},
     )
     return result
+
+
+def _keep_personalized(
+    state: JobState, caller: CallerCode, task: Any, output: Any, round_no: int
+) -> dict[str, Any]:
+    """Store the fine-tuned model at the site; the reply holds its DP metrics and nothing else."""
+    weights = {**(task.weights or {}), **output.weights}
+    state.put_model(caller.code_id, weights, {"round": round_no, "metrics": output.metrics})
+    return {
+        "status": "ok",
+        "round": round_no,
+        "personalized": True,
+        "n": output.n,
+        "metrics": output.metrics,
+    }
 
 
 def _refund_if_nothing_released(  # noqa: PLR0913

@@ -56,7 +56,8 @@ class LocalSite:
             return {"status": "refused", "reason": "all rounds have run"}
         task = prepare_task(spec, self.frame, "y", weights, 1.0, 2, 7, None, len(self.frame))
         self.trained += 1
-        self.last = release(spec, run_task(task, _test_seed=self.trained), self.trained)
+        output = run_task(task, _test_seed=self.trained)
+        self.last, _ = release(spec, output, self.trained, task.weights)
         return self.last
 
     def site(self) -> InProcessSite:
