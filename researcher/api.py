@@ -17,9 +17,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from policies.errors import PlanError
 from policies.plan import JobSpec
 from policies.privacy import privacy_plan
+from policies.wire import Weights, encode_weights
 from researcher import sites
 from researcher.errors import JobError, SiteError
 from researcher.federation import Federation
@@ -27,6 +30,7 @@ from researcher.job import as_function, load_job_file, read_job_file
 
 JOBS_DIR = ".fedsite-jobs"
 PROGRESS_SUFFIX = ".progress.json"  # beside the saved jobs, and not one of them
+INITIAL_SUFFIX = ".init.npz"  # a job's initial weights (transfer learning), beside it
 
 
 def datasets(fed: Federation) -> dict[str, Any]:
@@ -43,17 +47,17 @@ def datasets(fed: Federation) -> dict[str, Any]:
     return out
 
 
-def dry_run(fed: Federation, spec: JobSpec) -> dict[str, Any]:
+def dry_run(fed: Federation, spec: JobSpec, initial: Weights | None = None) -> dict[str, Any]:
     """Run the exact function the sites will run, locally, on the first site's mock data.
 
     Adds the epsilon the whole plan would spend at each site, from each site's row count.
     """
-    result = _mock_round(fed, spec)
+    result = _mock_round(fed, spec, initial)
     result["epsilon_per_site"] = _epsilon_per_site(fed, spec)
     return result
 
 
-def _mock_round(fed: Federation, spec: JobSpec) -> dict[str, Any]:
+def _mock_round(fed: Federation, spec: JobSpec, initial: Weights | None = None) -> dict[str, Any]:
     """One round of the site code path on the first mock twin found; JobError if it fails."""
     for login in fed.sites:
         client = sites.connect(login)
@@ -63,7 +67,8 @@ def _mock_round(fed: Federation, spec: JobSpec) -> dict[str, Any]:
             continue
         with sites.quiet():
             mock = asset.mock
-        result = as_function(spec)(data=mock, weights="")
+        weights = encode_weights(initial) if initial is not None else ""
+        result = as_function(spec)(data=mock, weights=weights)
         if result.get("status") != "ok":
             raise JobError(f"dry run on {login.name}'s mock: {result.get('reason')}")
         result["mock_site"] = login.name
@@ -82,7 +87,21 @@ def dataset_metas(fed: Federation, dataset: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load_job(fed: Federation, path: Path, target: str | None = None) -> JobSpec:
+def load_initial(path: Path) -> Weights:
+    """Initial weights for transfer learning: an ``.npz`` of named arrays, or a run dir (its
+    ``global.npz``, the last global model of an earlier run)."""
+    path = Path(path)
+    file = path / "global.npz" if path.is_dir() else path
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            return {k: np.asarray(npz[k], np.float32) for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise JobError(f"cannot read initial weights from {path}: {exc}") from exc
+
+
+def load_job(
+    fed: Federation, path: Path, target: str | None = None, initial: Weights | None = None
+) -> JobSpec:
     """JOB.py as a job for this federation: sizes and target from the sites' published schema.
 
     The model is built and converted here, on the researcher's machine; a layer the sites
@@ -100,7 +119,7 @@ def load_job(fed: Federation, path: Path, target: str | None = None) -> JobSpec:
     widths = _agreed(metas, "feature count", n_features)
     meta = next(iter(metas.values()))
     loss = dict(constants["PLAN"]).get("loss", "cross_entropy")
-    return load_job_file(path, published, widths, n_outputs(meta, loss))
+    return load_job_file(path, published, widths, n_outputs(meta, loss), initial=initial)
 
 
 def _agreed(metas: dict[str, dict[str, Any]], what: str, read: Any) -> Any:
@@ -121,15 +140,22 @@ def _epsilon_per_site(fed: Federation, spec: JobSpec) -> dict[str, float]:
 
 
 def submit(
-    fed: Federation, spec: JobSpec, only: list[str] | None = None, dry: bool = True
+    fed: Federation,
+    spec: JobSpec,
+    only: list[str] | None = None,
+    dry: bool = True,
+    initial: Weights | None = None,
 ) -> dict[str, str]:
     """One code request per site; records the job next to the federation file.
 
     First, as ``try`` does, the job runs once on a mock twin with the sites' own code path: a
     job that cannot run is refused here, before any site reviews it (or charges for it).
+    ``initial`` weights are kept beside the saved job, and ``train`` starts from them.
     """
+    if spec.plan.frozen and initial is None:
+        raise JobError("a job with frozen layers is submitted with its initial weights")
     if dry:  # the round alone: the per-site epsilon would log into every site once more
-        _mock_round(fed, spec)
+        _mock_round(fed, spec, initial)
     requests = {}
     for login in fed.sites:
         if only and login.name not in only:
@@ -137,7 +163,21 @@ def submit(
         client = sites.connect(login)
         requests[login.name] = sites.submit(client, spec, sites.find_asset(client, spec.dataset))
     save_job(fed, spec, requests)
+    if initial is not None:
+        path = initial_path(fed, spec)
+        with open(path.with_suffix(".tmp"), "wb") as fh:
+            np.savez(fh, **initial)
+        os.replace(path.with_suffix(".tmp"), path)
     return requests
+
+
+def initial_path(fed: Federation, spec: JobSpec) -> Path:
+    return jobs_dir(fed) / f"{spec.name}{INITIAL_SUFFIX}"
+
+
+def saved_initial(fed: Federation, spec: JobSpec) -> Weights | None:
+    path = initial_path(fed, spec)
+    return load_initial(path) if path.exists() else None
 
 
 def status(fed: Federation, spec: JobSpec) -> dict[str, dict[str, Any]]:
@@ -282,6 +322,7 @@ def train(fed: Federation, spec: JobSpec, run_dir: Path, **options: Any) -> Any:
         if user_hook:
             user_hook(rec)
 
+    options.setdefault("initial", saved_initial(fed, spec))
     try:
         result = run_federation(fed, spec, run_dir, on_round=on_round, **options)
     finally:

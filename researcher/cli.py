@@ -21,6 +21,13 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 TargetOpt = Annotated[
     str | None, typer.Option(help="Label column (default: the one the sites publish).")
 ]
+InitOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--init-weights",
+        help="Start from these weights (.npz or a run dir): transfer learning; needed by frozen layers.",
+    ),
+]
 
 
 def _fed(path: Path):  # noqa: ANN202
@@ -92,13 +99,15 @@ def try_job(
     job: Annotated[Path, typer.Argument(help="JOB.py")],
     federation: FedOpt,
     target: TargetOpt = None,
+    init_weights: InitOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Run the job locally on mock data through the site runtime, before submitting."""
     from researcher import api
 
     fed = _fed(federation)
-    result = api.dry_run(fed, api.load_job(fed, job, target))
+    initial = api.load_initial(init_weights) if init_weights else None
+    result = api.dry_run(fed, api.load_job(fed, job, target, initial), initial)
     summary = {
         k: result[k] for k in ("metrics", "privacy", "shapes", "epsilon_per_site", "mock_site", "n")
     }
@@ -122,14 +131,16 @@ def submit(
     job: Annotated[Path, typer.Argument(help="JOB.py")],
     federation: FedOpt,
     target: TargetOpt = None,
+    init_weights: InitOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Submit the job to every site of the federation for review."""
     from researcher import api
 
     fed = _fed(federation)
-    spec = api.with_pooled_scaling(fed, api.load_job(fed, job, target))
-    requests = api.submit(fed, spec)
+    initial = api.load_initial(init_weights) if init_weights else None
+    spec = api.with_pooled_scaling(fed, api.load_job(fed, job, target, initial))
+    requests = api.submit(fed, spec, initial=initial)
     if json:
         emit_json({"job": spec.name, "requests": requests})
     else:

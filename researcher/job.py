@@ -30,8 +30,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from policies.errors import PlanError
-from policies.plan import JobSpec, TrainingPlan
+import numpy as np
+
+from policies.errors import PlanError, WireError
+from policies.plan import JobSpec, TrainingPlan, select
+from policies.wire import Weights, check_shapes, frozen_digest
 from researcher.errors import JobError
 
 TEMPLATE = '''def {name}(data, weights):
@@ -75,12 +78,19 @@ def make_job(
     name: str = "fedsite_job",
     n_features: int | None = None,
     n_outputs: int | None = None,
+    initial: Weights | None = None,
 ) -> JobSpec:
-    """Build a job from a model (spec, layer list, nn.Module or make_model source) and a plan."""
+    """Build a job from a model (spec, layer list, nn.Module or make_model source) and a plan.
+
+    ``initial``: the weights the job starts from (transfer learning), checked against the
+    model's shapes. A plan with ``frozen`` layers needs them: the job pins a digest of their
+    frozen tensors, and every site refuses a round whose frozen layers differ from it.
+    """
     try:
         if isinstance(plan, dict):
             plan = TrainingPlan.from_dict(plan)
         spec = model_spec(model, n_features, n_outputs)
+        digest = _frozen_digest(spec, plan, initial)
         job_id = uuid.uuid4().hex
         # syft looks functions up by name, so each job's function name is unique
         return JobSpec(
@@ -90,9 +100,28 @@ def make_job(
             model=spec,
             plan=plan,
             job_id=job_id,
+            frozen_digest=digest,
         )
-    except PlanError as exc:
+    except (PlanError, WireError) as exc:
         raise JobError(str(exc)) from exc
+
+
+def _frozen_digest(spec: dict, plan: TrainingPlan, initial: Weights | None) -> str | None:
+    from policies.modelspec import parse
+
+    parameters = parse(spec).parameters
+    if initial is not None:
+        check_shapes({k: np.asarray(v, np.float32) for k, v in initial.items()}, parameters)
+    names = list(parameters)
+    well_named = all(select(names, (layer,)) for layer in plan.frozen)
+    if not plan.frozen or not well_named or len(select(names, plan.frozen)) == len(names):
+        return None  # nothing frozen, or JobSpec names what is wrong with the layer list
+    if initial is None:
+        raise JobError(
+            "frozen layers need the job's initial weights: pass --init-weights FILE.npz or a "
+            "run dir (for example a model pre-trained on the mock twins)"
+        )
+    return frozen_digest(initial, select(names, plan.frozen))
 
 
 def read_job_file(path: Path) -> dict[str, Any]:
@@ -115,6 +144,7 @@ def load_job_file(
     n_features: int,
     n_outputs: int,
     name: str | None = None,
+    initial: Weights | None = None,
 ) -> JobSpec:
     """The job JOB.py describes, for a table of ``n_features`` and a model of ``n_outputs``.
 
@@ -143,6 +173,7 @@ def load_job_file(
             name=name or _name_from(path),
             n_features=n_features,
             n_outputs=n_outputs,
+            initial=initial,
         )
     except JobError as exc:
         raise JobError(f"{path}: {exc}") from exc
