@@ -377,7 +377,31 @@ def review(
             ["layer", "type", "output shape", "parameters"],
             [[r["layer"], r["type"], str(r["output"]), str(r["params"])] for r in arch.table()],
         )
+        table("plan (what each round runs here)", ["field", "value"], _plan_rows(item.report.job))
     print_report(item)
+
+
+def _plan_rows(job) -> list[list[str]]:  # noqa: ANN001
+    """The plan's fields, with the algorithms spelled out for the reviewer."""
+    plan = job.plan
+    rows = [[k, str(v)] for k, v in plan.to_dict().items()]
+    notes = []
+    if plan.proximal_mu:
+        notes.append(
+            f"FedProx: pull of {plan.proximal_mu:g} toward the global weights, after noise"
+        )
+    if plan.frozen:
+        notes.append(
+            f"frozen, pinned by digest {str(job.frozen_digest)[:12]}: {', '.join(job.frozen_names)}"
+        )
+    if plan.compression != "none":
+        notes.append(f"updates leave compressed ({plan.compression}); post-processing, no epsilon")
+    if plan.personalizes:
+        notes.append(
+            f"after round {plan.rounds}: {plan.personalize_epochs} epoch(s) fine-tuning "
+            f"{', '.join(plan.personalize_layers)}; the model stays here, its DP metrics leave"
+        )
+    return rows + [["algorithm", n] for n in notes]
 
 
 def print_report(item) -> None:  # noqa: ANN001
@@ -452,6 +476,38 @@ def audit(site: SiteOpt, json: JsonOpt = False) -> None:
             for e in entries
         ],
     )
+
+
+@app.command()
+def models(site: SiteOpt, json: JsonOpt = False) -> None:
+    """Personalized models fine-tuned here (plan.personalize_*): they never leave this site."""
+    from datasites.ledger.store import SiteStore
+    from datasites.training.job_state import JobState
+
+    rows = JobState(SiteStore(site.db_path)).models()
+    if json:
+        emit_json(rows)
+        return
+    table(
+        "personalized models (kept at this site; only their DP metrics were released)",
+        ["request", "job", "researcher", "dataset", "at", "val_accuracy (DP)"],
+        [
+            [
+                r["request"][:8],
+                r["job"],
+                r["researcher"],
+                r["dataset"],
+                r["at"][:19],
+                _fmt(r.get("metrics", {}).get("val_accuracy")),
+            ]
+            for r in rows
+        ],
+        whole=["request"],
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def _short(detail: dict) -> str:

@@ -22,6 +22,7 @@ from datasites.serving.config import SiteDir, init_site
 from datasites.training import site_job
 from datasites.training.round_task import run_task
 from datasites.training.runtime import CallerCode
+from policies.errors import RoundLimitReached
 from policies.wire import encode_weights
 from researcher.job import make_job
 
@@ -115,3 +116,78 @@ def test_a_refund_after_a_failure_is_charged_again_when_the_job_runs(site, monke
     kinds = [r["kind"] for r in _ledger(root).releases(WHO, DATASET)]
     assert kinds == ["training"]
     assert _ledger(root).budget(WHO, DATASET).epsilon_spent > 0
+
+
+def _approve(root: SiteDir, plan: dict, code: str = "code-2", **kw) -> tuple[CallerCode, dict]:
+    spec = make_job(
+        LAYERS, DATASET, "y", {"batch_size": 16, "site_metrics": True, **plan}, n_features=3, **kw
+    )
+    store = SiteStore(root.db_path)
+    Approvals(store).record(
+        Approval(
+            code,
+            f"req-{code}",
+            WHO,
+            DATASET,
+            f"hash-{code}",
+            spec.to_dict(),
+            spec.plan.calls,
+            0,
+            None,
+        )
+    )
+    return CallerCode(code, f"hash-{code}"), spec.to_dict()
+
+
+def test_the_personalization_pass_keeps_its_model_and_releases_metrics_only(
+    site, monkeypatch
+) -> None:
+    from datasites.training.job_state import JobState
+    from tests.conftest import last_json, run_cli
+
+    root, _, _ = site
+    monkeypatch.setattr(site_job, "pool", lambda: Pool(fail_on=set()))
+    plan = {
+        "rounds": 1,
+        "noise_multiplier": 1.0,
+        "personalize_layers": ["0"],
+        "personalize_epochs": 2,
+    }
+    caller, job = _approve(root, plan)
+    first = _round(root, caller, job)
+    assert first["status"] == "ok" and "weights" in first
+    ledger = _ledger(root)
+    assert {r["status"] for r in ledger.releases(WHO, DATASET)} == {"reserved"}
+    tuned = _round(root, caller, job)
+    assert tuned["status"] == "ok" and tuned["personalized"] is True
+    assert "weights" not in tuned and "update" not in tuned  # the model stays here
+    assert set(tuned["metrics"]) == {"steps", "val_rows", "val_loss", "val_accuracy"}
+    # the job is complete after rounds + 1 calls: its charge is committed, a further call refused
+    assert {r["status"] for r in ledger.releases(WHO, DATASET)} == {"committed"}
+    with pytest.raises(RoundLimitReached, match="all have run"):
+        _round(root, caller, job)
+    kept = JobState(SiteStore(root.db_path)).model(caller.code_id)
+    assert set(kept) == {"0.weight", "0.bias"} and np.abs(kept["0.weight"]).sum() > 0
+    listed = last_json(run_cli("datasite", "models", "--dir", str(root.root), "--json"))
+    assert [m["researcher"] for m in listed] == [WHO] and listed[0]["metrics"] == tuned["metrics"]
+
+
+def test_top_k_error_feedback_is_kept_at_the_site_between_rounds(site, monkeypatch) -> None:
+    from datasites.training.job_state import JobState
+    from policies.compression import decompress
+
+    root, _, _ = site
+    monkeypatch.setattr(site_job, "pool", lambda: Pool(fail_on=set()))
+    caller, job = _approve(
+        root, {"rounds": 2, "noise_multiplier": 1.0, "compression": "topk", "topk_fraction": 0.25}
+    )
+    state = JobState(SiteStore(root.db_path))
+    reply = _round(root, caller, job)
+    assert reply["compression"] == "topk" and "weights" not in reply
+    shapes = {"0.weight": (2, 3), "0.bias": (2,)}
+    sent = decompress(reply["update"], shapes, "topk", 0.25)
+    assert sum(int(np.count_nonzero(v)) for v in sent.values()) <= 2  # ceil(0.25 * 8)
+    residual = state.residual(caller.code_id)
+    assert residual is not None and residual.shape == (8,) and np.count_nonzero(residual) >= 6
+    _round(root, caller, job)
+    assert not np.array_equal(state.residual(caller.code_id), residual)
