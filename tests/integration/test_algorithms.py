@@ -1,0 +1,134 @@
+"""Each federated algorithm of issue 12, end to end on two real datasites over HTTP.
+
+FedProx, transfer learning with frozen layers, int8 and top-k compression, personalization, and
+a robust strategy: submitted with the researcher package, approved through the site's review,
+trained by the sites' own runtime. The attack on frozen layers uses a plain syft client.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasites.ledger.store import SiteStore
+from datasites.review.queue import ReviewQueue
+from datasites.serving.config import SiteDir
+from datasites.training.job_state import JobState
+from policies.wire import encode_weights
+from researcher import api, sites
+from researcher import model as local_model
+from researcher.strategy import FedMedian
+from tests.conftest import breast_cancer_frame, last_json
+from tests.integration.conftest import EMAIL, job
+
+pytestmark = pytest.mark.integration
+PLAN = {"rounds": 2, "noise_multiplier": 1.0, "batch_size": 64, "learning_rate": 0.5}
+
+
+@pytest.fixture(scope="module")
+def fed(federation):
+    fed, made = federation
+    for s in made:
+        s.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "200")
+        s.cli("policy", "set", "--dataset", "cancer", "--max-epsilon-per-job", "20")
+    return fed, made
+
+
+def _approved(fed, made, spec, initial=None):  # noqa: ANN001, ANN202
+    api.submit(fed, spec, initial=initial)
+    for s in made:
+        queue = ReviewQueue(SiteDir(s.dir))
+        item = next(i for i in queue.items() if i.job_name == spec.name)
+        queue.approve(item.request_id)
+    return spec
+
+
+def _test_set(spec):  # noqa: ANN001, ANN202
+    frame = breast_cancer_frame()
+    x = frame.drop(columns=["target"]).to_numpy(np.float32)
+    return x, frame["target"].to_numpy()
+
+
+def _train(fed, spec, run: Path, **kw):  # noqa: ANN001, ANN202
+    spec = api.saved_job(fed, spec.name)
+    return api.train(fed, spec, run, test=_test_set(spec), **kw)
+
+
+def test_fedprox_trains_and_the_review_names_it(fed, tmp_path: Path) -> None:
+    fed, made = fed
+    spec = _approved(fed, made, api.with_pooled_scaling(fed, job({**PLAN, "proximal_mu": 0.5})))
+    shown = made[0].cli("review", ReviewQueue(SiteDir(made[0].dir)).items()[-1].request_id[:8])
+    assert "FedProx" in shown.stdout
+    result = _train(fed, spec, tmp_path / "prox")
+    assert [len(r["sites"]) for r in result.rounds] == [2, 2]
+    assert result.rounds[-1]["test_accuracy"] > 0.6
+
+
+def test_frozen_layers_stay_as_sent_and_cannot_be_swapped(fed, tmp_path: Path) -> None:
+    fed, made = fed
+    plain = api.with_pooled_scaling(fed, job(PLAN))
+    initial = local_model.weights_of(local_model.build(plain, seed=5))
+    spec = api.with_pooled_scaling(fed, job({**PLAN, "frozen": ["0"]}, initial=initial))
+    _approved(fed, made, spec, initial=initial)
+    result = _train(fed, spec, tmp_path / "frozen")
+    assert np.array_equal(result.weights["0.weight"], initial["0.weight"])
+    assert not np.allclose(result.weights["2.weight"], initial["2.weight"])
+    # attack: a plain syft client calls the approved job with other frozen weights; refused
+    # before anything is charged
+    before = last_json(made[0].cli("budget", "--json"))
+    client = sites.connect(fed.sites[0])
+    swapped = {**initial, "0.weight": np.ones_like(initial["0.weight"])}
+    reply = sites.run_round(
+        client, spec, sites.find_asset(client, "cancer"), encode_weights(swapped)
+    )
+    assert reply["status"] == "refused" and "frozen layers differ" in reply["reason"]
+    assert last_json(made[0].cli("budget", "--json")) == before
+
+
+@pytest.mark.parametrize("kind", ["int8", "topk"])
+def test_compressed_updates_train_the_global_model(fed, tmp_path: Path, kind: str) -> None:
+    fed, made = fed
+    plan = {**PLAN, "compression": kind, "topk_fraction": 0.2}
+    spec = _approved(fed, made, api.with_pooled_scaling(fed, job(plan)))
+    start = local_model.weights_of(local_model.build(spec))
+    result = _train(fed, spec, tmp_path / kind)
+    assert all(np.isfinite(v).all() for v in result.weights.values())
+    assert not np.allclose(result.weights["0.weight"], start["0.weight"])
+    if kind == "topk":  # each site keeps its error-feedback residual between rounds
+        for s in made:
+            store = JobState(SiteStore(SiteDir(s.dir).db_path))
+            with store.store.connect() as conn:
+                kinds = [r[0] for r in conn.execute("SELECT kind FROM job_state")]
+            assert "residual" in kinds
+
+
+def test_personalized_models_stay_at_the_sites(fed, tmp_path: Path) -> None:
+    fed, made = fed
+    plan = {**PLAN, "site_metrics": True, "personalize_layers": ["2"], "personalize_epochs": 1}
+    spec = _approved(fed, made, api.with_pooled_scaling(fed, job(plan)))
+    run = tmp_path / "personal"
+    _train(fed, spec, run)
+    import json
+
+    personalized = json.loads((run / "personalized.json").read_text())
+    assert set(personalized["sites"]) == {"hospital-a", "hospital-b"}
+    assert all("val_accuracy" in m for m in personalized["sites"].values())
+    for s in made:
+        kept = last_json(s.cli("models", "--json"))
+        assert [m["job"] for m in kept] == [spec.name]
+        charges = [
+            r
+            for r in last_json(s.cli("budget", "--json"))[0]["releases"]
+            if r["job"] == spec.job_id
+        ]
+        assert charges and {r["status"] for r in charges} == {"committed"}
+
+
+def test_a_robust_strategy_on_real_sites(fed, tmp_path: Path) -> None:
+    fed, made = fed
+    spec = _approved(fed, made, api.with_pooled_scaling(fed, job(PLAN)))
+    result = _train(fed, spec, tmp_path / "median", strategy=FedMedian())
+    assert [len(r["sites"]) for r in result.rounds] == [2, 2]
+    assert result.rounds[-1]["test_accuracy"] is not None
