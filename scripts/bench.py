@@ -14,6 +14,8 @@ Each figure is a ratio or a difference measured within this one run, on this mac
 4. scale: upload and one DP epoch on generated 100k (and 1M unless --quick) x 30 tables: seconds,
    the whole job call (first and second), and peak RSS of the datasite server process (overall,
    and during the calls alone).
+5. ``--algorithms [--seeds N] [--only a,b]``: every federated algorithm on the label-skewed demo
+   federation (``bench_algorithms.py``): accuracy, rounds to 95% of it, bytes per round.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -286,6 +289,11 @@ def scale(work: Path, rows: int) -> dict[str, float]:
 
 
 def main() -> None:
+    if "--algorithms" in sys.argv:  # the federated algorithms' comparison (bench_algorithms.py)
+        import bench_algorithms
+
+        bench_algorithms.main([a for a in sys.argv[1:] if a != "--algorithms"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no 1M rows")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
