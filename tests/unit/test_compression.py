@@ -102,3 +102,44 @@ def _npz(**arrays: np.ndarray) -> str:
 def test_a_hostile_compressed_update_is_refused(blob: str, kind: str, match: str) -> None:
     with pytest.raises(WireError, match=match):
         decompress(blob, SHAPES, kind, 0.3)
+
+
+def test_the_researcher_rebuilds_each_site_model_from_what_it_sent() -> None:
+    from policies.wire import encode_weights
+    from researcher.job import make_job
+    from researcher.rounds import weights_of_reply
+
+    layers = [
+        {"type": "Linear", "in_features": 2, "out_features": 2},
+        {"type": "ReLU"},
+        {"type": "Linear", "in_features": 2, "out_features": 1},
+    ]
+    sent = {
+        "0.weight": np.ones((2, 2), np.float32),
+        "0.bias": np.zeros(2, np.float32),
+        "2.weight": np.full((1, 2), 2.0, np.float32),
+        "2.bias": np.zeros(1, np.float32),
+    }
+    plan = {"rounds": 1, "noise_multiplier": 1.0, "loss": "mse"}
+    frozen = make_job(layers, "d", "y", {**plan, "frozen": ["0"]}, n_features=2, initial=sent)
+    trained = {
+        "2.weight": np.array([[3.0, 4.0]], np.float32),
+        "2.bias": np.array([0.5], np.float32),
+    }
+    got = weights_of_reply({"weights": encode_weights(trained)}, frozen, sent)
+    assert got["0.weight"].tolist() == sent["0.weight"].tolist()  # never sent back: kept
+    assert got["2.weight"].tolist() == [[3.0, 4.0]] and got["2.bias"].tolist() == [0.5]
+    with pytest.raises(WireError, match="missing"):  # a site that returns a frozen layer
+        weights_of_reply({"weights": encode_weights(sent)}, frozen, sent)
+
+    topk = make_job(
+        layers, "d", "y", {**plan, "compression": "topk", "topk_fraction": 0.2}, n_features=2
+    )
+    delta = {k: np.zeros_like(v) for k, v in sent.items()}
+    delta["2.weight"] = np.array([[0.0, -1.5]], np.float32)
+    delta["0.bias"] = np.array([0.25, 0.0], np.float32)
+    blob, _ = compress(delta, topk.trainable, "topk", 0.2)  # k = ceil(0.2 * 9) = 2
+    got = weights_of_reply({"update": blob, "compression": "topk"}, topk, sent)
+    assert got["2.weight"].tolist() == [[2.0, 0.5]] and got["0.bias"].tolist() == [0.25, 0.0]
+    with pytest.raises(WireError, match="the plan says"):
+        weights_of_reply({"update": blob, "compression": "int8"}, topk, sent)
