@@ -277,6 +277,16 @@ def policy_set(
     max_memory_mb: Annotated[
         int | None, typer.Option(help="Memory a round may add to the trainer process.")
     ] = None,
+    require_secure_aggregation: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-secure-aggregation/--allow-plain-aggregation",
+            help="Refuse jobs whose updates the researcher would see one by one.",
+        ),
+    ] = None,
+    min_aggregation_sites: Annotated[
+        int | None, typer.Option(help="Fewest sites in a secure-aggregation round (k).")
+    ] = None,
 ) -> None:
     """Change a dataset's policy; unnamed fields keep their current value."""
     from dataclasses import replace
@@ -296,6 +306,8 @@ def policy_set(
             "max_parameters": max_parameters,
             "max_seconds_per_round": max_seconds_per_round,
             "max_memory_mb": max_memory_mb,
+            "require_secure_aggregation": require_secure_aggregation,
+            "min_aggregation_sites": min_aggregation_sites,
         }.items()
         if v is not None
     }

@@ -24,6 +24,8 @@ LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("prv", "rdp")
 COMPRESSIONS = ("none", "int8", "topk")
+AGGREGATIONS = ("plain", "secure")
+MAX_UPDATE_BOUND = 1e4
 MAX_PROXIMAL_MU = 100.0
 MAX_LAYER_NAMES = 64
 MAX_ROUNDS = 1000
@@ -71,9 +73,15 @@ class TrainingPlan:
     # Personalization: after the last round, fine-tune these layers at each site; kept there
     personalize_layers: tuple[str, ...] = ()
     personalize_epochs: int = 0
+    # Secure aggregation (policies.secagg): the researcher sees only the sum of masked updates.
+    # ``peers``: the datasites allowed in a round, by identity-key fingerprint (the admin
+    # approves this list); ``update_norm_bound``: each site clips its update to this L2 norm.
+    aggregation: str = "plain"
+    peers: tuple[str, ...] = ()
+    update_norm_bound: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("frozen", "personalize_layers"):
+        for name in ("frozen", "personalize_layers", "peers"):
             value = getattr(self, name)
             if isinstance(value, list | tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -118,6 +126,13 @@ class TrainingPlan:
     def _check_algorithms(self) -> None:
         if self.proximal_mu != 0.0:
             _positive_float("proximal_mu", self.proximal_mu, MAX_PROXIMAL_MU)
+            if self.learning_rate * self.proximal_mu >= 1.0:
+                # each step multiplies w - w_global by (1 - lr*mu): at 2 and above it diverges
+                # (red team: whether it overflows then depends on the rows), above 1 it overshoots
+                raise PlanError(
+                    f"learning_rate x proximal_mu is {self.learning_rate * self.proximal_mu:g}; "
+                    "it must be below 1, or the proximal pull overshoots the global weights"
+                )
         if self.compression not in COMPRESSIONS:
             raise PlanError(
                 f"compression must be one of {', '.join(COMPRESSIONS)}; got {self.compression!r}"
@@ -133,10 +148,39 @@ class TrainingPlan:
                 raise PlanError(f"{name} must be a list of at most {MAX_LAYER_NAMES} layer names")
             if not all(isinstance(v, str) and 0 < len(v) <= 64 for v in value):
                 raise PlanError(f'{name} must hold layer names such as "0" or "2.weight"')
+        self._check_aggregation()
         if self.personalize_epochs != 0 or self.personalize_layers:
             _positive_int("personalize_epochs", self.personalize_epochs, MAX_EPOCHS)
             if not self.personalize_layers:
                 raise PlanError("personalize_epochs needs personalize_layers (the layers to tune)")
+
+    def _check_aggregation(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise PlanError(
+                f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {self.aggregation!r}"
+            )
+        _positive_float("update_norm_bound", self.update_norm_bound, MAX_UPDATE_BOUND)
+        peers = self.peers
+        if not isinstance(peers, tuple) or len(peers) > 64:
+            raise PlanError("peers must be a list of at most 64 datasite fingerprints")
+        hexdigits = set("0123456789abcdef")
+        if not all(isinstance(p, str) and len(p) == 64 and set(p) <= hexdigits for p in peers):
+            raise PlanError("peers must be SHA-256 fingerprints: 64 lowercase hex characters")
+        if self.aggregation == "plain":
+            if peers:
+                raise PlanError('peers are for aggregation "secure"')
+            return
+        if len(set(peers)) < 2:
+            raise PlanError("secure aggregation needs at least 2 distinct peers")
+        if self.compression != "none":
+            raise PlanError(
+                'secure aggregation sums fixed-point updates; compression must be "none" '
+                "(int8 would be quantized twice, top-k needs one index set for all sites)"
+            )
+
+    @property
+    def secure(self) -> bool:
+        return self.aggregation == "secure"
 
     @property
     def personalizes(self) -> bool:
@@ -151,6 +195,7 @@ class TrainingPlan:
         data = asdict(self)
         data["frozen"] = list(self.frozen)
         data["personalize_layers"] = list(self.personalize_layers)
+        data["peers"] = list(self.peers)
         return data
 
     @classmethod

@@ -25,7 +25,7 @@ import numpy as np
 from policies.compression import decompress
 from policies.errors import WireError
 from policies.plan import MIN_STD, JobSpec
-from policies.wire import REPLAY_LAST, decode_weights, encode_weights
+from policies.wire import REPLAY_LAST, check_weights, decode_weights, encode_weights
 from researcher import model as local_model
 from researcher.errors import SiteError, Unreachable
 from researcher.federation import Federation
@@ -384,7 +384,9 @@ def weights_of_reply(reply: dict[str, Any], spec: JobSpec, sent: Weights) -> Wei
                 f"the site compressed with {kind!r}, the plan says {spec.plan.compression!r}"
             )
         delta = decompress(reply["update"], trainable, kind, spec.plan.topk_fraction)
-        returned = {n: (sent[n] + delta[n]).astype(np.float32) for n in trainable}
+        with np.errstate(over="ignore", invalid="ignore"):
+            returned = {n: (sent[n] + delta[n]).astype(np.float32) for n in trainable}
+        check_weights(returned, trainable)  # finite, bounded: as plain weights are (red team)
     else:
         returned = decode_weights(reply["weights"], trainable)
     return {**sent, **returned}

@@ -30,6 +30,9 @@ class DatasetPolicy:
     max_parameters: int = 1_000_000
     max_seconds_per_round: float = 300.0  # a round past it is stopped by the sandbox
     max_memory_mb: int = 4096  # address space a round may add to the trainer process
+    # secure aggregation (policies.secagg): refuse plain jobs, and rounds with fewer sites
+    require_secure_aggregation: bool = False
+    min_aggregation_sites: int = 2
 
     def allows(self, email: str) -> bool:
         email = email.lower()
@@ -60,6 +63,10 @@ class DatasetPolicy:
             raise PlanError("policy min_noise_multiplier must be >= 0")
         if self.max_rounds < 1 or self.max_parameters < 1:
             raise PlanError("policy max_rounds and max_parameters must be >= 1")
+        if not isinstance(self.require_secure_aggregation, bool):
+            raise PlanError("policy require_secure_aggregation must be true or false")
+        if not 2 <= self.min_aggregation_sites <= 64:
+            raise PlanError("policy min_aggregation_sites must be in [2, 64]")
         if not (0 < self.max_seconds_per_round <= 86_400 and self.max_memory_mb >= 64):
             raise PlanError(
                 "policy max_seconds_per_round must be in (0, 86400], max_memory_mb >= 64"

@@ -217,6 +217,7 @@ class ReviewQueue:
             len(schema) - 1 if schema else None,
             meta.get("n_classes"),
             tuple(executed_problems(code)),
+            self.site.fingerprint(),
         )
         report = build_report(
             sub,

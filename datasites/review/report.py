@@ -54,6 +54,7 @@ class Submission:
     n_classes: int | None = None
     # what disagrees between raw_code and what syft will execute (names, parsed code, policies)
     executed_problems: tuple[str, ...] = ()
+    site_fingerprint: str = ""  # this datasite's identity, to find it among a job's peers
 
 
 MAX_CODE_CHARS = 200_000  # the template with a 64-layer spec is far below this
@@ -110,6 +111,7 @@ def build_report(
         spec.plan.rounds <= policy.max_rounds,
         f"{spec.plan.rounds} round(s), limit {policy.max_rounds}",
     )
+    _check_aggregation(report, sub, spec, policy)
     n = spec.architecture.n_parameters
     report.add(
         "model_size",
@@ -117,6 +119,40 @@ def build_report(
         f"{n} trainable parameters, limit {policy.max_parameters}",
     )
     return report
+
+
+def _check_aggregation(
+    report: PolicyReport, sub: Submission, spec: JobSpec, policy: DatasetPolicy
+) -> None:
+    """Plain or secure, as the policy demands; a secure job's peers, shown for the admin."""
+    plan = spec.plan
+    if not plan.secure:
+        report.add(
+            "aggregation",
+            not policy.require_secure_aggregation,
+            "plain: the researcher sees this site's update"
+            + (
+                "; this dataset requires secure aggregation"
+                if policy.require_secure_aggregation
+                else ""
+            ),
+        )
+        return
+    listed = ", ".join(
+        f"{p[:12]} (this site)" if p == sub.site_fingerprint else p[:12] for p in plan.peers
+    )
+    problems = []
+    if sub.site_fingerprint and sub.site_fingerprint not in plan.peers:
+        problems.append("this site's fingerprint is not among the peers")
+    if len(set(plan.peers)) < policy.min_aggregation_sites:
+        problems.append(f"fewer peers than the policy's {policy.min_aggregation_sites}")
+    report.add(
+        "aggregation",
+        not problems,
+        "; ".join(problems)
+        + (": " if problems else "")
+        + f"secure, rounds of at least {policy.min_aggregation_sites} of the peers {listed}",
+    )
 
 
 def _check_model(report: PolicyReport, sub: Submission, spec: JobSpec) -> None:

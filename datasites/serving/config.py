@@ -100,6 +100,12 @@ class SiteDir:
     def signing_key(self) -> str:
         return _read_secret(self.root / KEY_FILE)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the site's public identity key: its name in secure-aggregation peers."""
+        from policies.secagg import fingerprint, identity_of, public_bytes
+
+        return fingerprint(public_bytes(identity_of(self.signing_key()).public_key()))
+
     def split_key(self) -> bytes:
         """The site's key for validation splits (0600); made on first use for older sites."""
         path = self.root / SPLIT_KEY_FILE

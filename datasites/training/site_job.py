@@ -37,9 +37,18 @@ ACTOR = "runtime"
 # One reply for every failure after the budget is reserved, whatever its cause: a message or an
 # exception type that depends on the private rows would answer a question about them for free.
 FAILED = (
-    "the round failed at the datasite; a job never released a round is not charged for it; "
-    "the datasite admin can read the cause in the audit log"
+    "the round failed at the datasite after training; its charge stays, because whether a "
+    "round fails depends on the training; the datasite admin can read the cause in the audit log"
 )
+
+NOT_STARTED = (
+    "the round could not start at the datasite; nothing ran on the data and this job is not "
+    "charged for it (a job already released a round keeps its charge); call again later"
+)
+
+
+class NotStarted(Exception):
+    """A call that failed before its trainer had the rows: refunded, and said so."""
 
 
 def run_at_site(
@@ -77,7 +86,8 @@ def run_at_site(
         )
         raise
     except Exception as exc:  # the admin sees the details; the researcher one fixed line
-        cause = exc.__cause__ if isinstance(exc, RoundFailed) and exc.__cause__ else exc
+        wrapped = isinstance(exc, RoundFailed | NotStarted) and exc.__cause__
+        cause = exc.__cause__ if wrapped else exc
         audit.record(
             ACTOR,
             "failed",
@@ -86,7 +96,10 @@ def run_at_site(
             error=f"{type(cause).__name__}: {cause}",
         )
         log.error("job %s failed: %s", caller.code_id, type(cause).__name__)
-        return {"status": "failed", "reason": FAILED}
+        return {
+            "status": "failed",
+            "reason": NOT_STARTED if isinstance(exc, NotStarted) else FAILED,
+        }
 
 
 def _replay(
@@ -173,12 +186,19 @@ def _run(
         personalize=personalize,
     )
     ledger = BudgetLedger(store)
-    charge = ledger.reserve(
-        approval.researcher, approval.dataset, spec.job_id, privacy.releases, spec.plan.accountant
-    )
-    round_no = Approvals(store).take_round(caller.code_id)
-    if personalize != (spec.plan.personalizes and round_no == spec.plan.calls):
-        raise Refused("another call of this job ran at the same time; nothing ran, call again")
+    releases = (approval.researcher, approval.dataset, spec.job_id, privacy.releases)
+    charge = ledger.reserve(*releases, spec.plan.accountant)
+    try:  # until the trainer has the rows, a failure is refunded: nothing touched the data
+        round_no = Approvals(store).take_round(caller.code_id)
+        if personalize != (spec.plan.personalizes and round_no == spec.plan.calls):
+            raise Refused("another call of this job ran at the same time; nothing ran, call again")
+        trainer = pool()
+    except (Refused, PolicyError):
+        _refund_if_nothing_released(store, audit, approval, caller, ledger, charge.id)
+        raise
+    except Exception as exc:
+        _refund_if_nothing_released(store, audit, approval, caller, ledger, charge.id)
+        raise NotStarted() from exc
     audit.record(
         ACTOR,
         "executed",
@@ -189,8 +209,11 @@ def _run(
         noise_multiplier=privacy.noise_multiplier,
     )
     state = JobState(store)
+    # From here on the charge stays, whatever happens: whether a round fails is a function of
+    # the noisy training on the rows (red team: a diverging plan fails on some tables and not
+    # on others), covered by DP only while it is charged.
     try:
-        output = pool().run(task, policy.max_seconds_per_round, policy.max_memory_mb)
+        output = trainer.run(task, policy.max_seconds_per_round, policy.max_memory_mb)
         if personalize:
             result = _keep_personalized(state, caller, task, output, round_no)
         else:
@@ -200,11 +223,12 @@ def _run(
             if residual is not None:
                 state.put_residual(caller.code_id, residual)
     except SandboxLimit:
-        _refund_if_nothing_released(store, audit, approval, caller, ledger, charge.id)
         raise  # the policy's own limits: a fixed message, which the researcher must see
     except Exception as exc:
-        _refund_if_nothing_released(store, audit, approval, caller, ledger, charge.id)
         raise RoundFailed() from exc
+    # Another call of this job may have failed before its trainer and withdrawn the job's
+    # reservation while this one trained (red team): nothing leaves uncharged.
+    charge = ledger.reserve(*releases, spec.plan.accountant)
     if round_no == spec.plan.calls:
         ledger.commit(charge.id)
     budget = ledger.budget(approval.researcher, approval.dataset)
@@ -255,13 +279,12 @@ def _refund_if_nothing_released(  # noqa: PLR0913
     ledger: BudgetLedger,
     charge_id: int,
 ) -> None:
-    """Withdraw the job's reservation when its round failed and it was never released a round.
+    """Withdraw the job's reservation when a call failed before its trainer had the rows and
+    the job was never released a round.
 
-    DP spends on what is released. A failed round answers one fixed line (``FAILED``, or the
-    policy's limit), whatever the rows hold, so nothing of the data went out and the
-    reservation made for the whole plan is cancelled. Once any round of the job was released
-    the plan's charge covers it and stays. Probing for failures stays bounded: the failed round
-    still uses one of the rounds the admin approved, and each new job needs a new approval.
+    DP spends on what is released, and such a failure depends on no row. A failure after the
+    trainer started is not refunded: its yes/no is an output of the training (see ``_run``).
+    A call that trained meanwhile re-reserves before it releases.
     """
     if Approvals(store).last_release(caller.code_id) is not None:
         return

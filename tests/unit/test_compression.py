@@ -143,3 +143,25 @@ def test_the_researcher_rebuilds_each_site_model_from_what_it_sent() -> None:
     assert got["2.weight"].tolist() == [[2.0, 0.5]] and got["0.bias"].tolist() == [0.25, 0.0]
     with pytest.raises(WireError, match="the plan says"):
         weights_of_reply({"update": blob, "compression": "int8"}, topk, sent)
+
+
+@pytest.mark.parametrize(
+    ("kind", "arrays"),
+    [
+        ("int8", {"q": np.full(8, 127, np.int8), "scale": np.array([3e38, 1.0], np.float32)}),
+        ("topk", {"index": np.array([0], np.uint32), "value": np.array([3e38], np.float32)}),
+    ],
+)
+def test_a_reply_that_rebuilds_to_infinite_weights_is_refused(kind: str, arrays: dict) -> None:
+    """Red team: finite payloads whose sum with the sent weights overflows float32 went into
+    the global model; every site then refused the next round's weights."""
+    from policies.compression import _pack
+    from researcher.job import make_job
+    from researcher.rounds import weights_of_reply
+
+    layers = [{"type": "Linear", "in_features": 3, "out_features": 2}]
+    plan = {"noise_multiplier": 1.0, "compression": kind, "topk_fraction": 0.1}
+    spec = make_job(layers, "d", "y", plan, n_features=3)
+    sent = {"0.weight": np.full((2, 3), 3e38, np.float32), "0.bias": np.zeros(2, np.float32)}
+    with pytest.raises(WireError):
+        weights_of_reply({"update": _pack(arrays), "compression": kind, "n": 10}, spec, sent)

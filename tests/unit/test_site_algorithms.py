@@ -111,6 +111,8 @@ def test_frozen_layers_that_changed_since_approval_are_refused_before_training()
         ({"compression": "zip"}, "compression must be one of"),
         ({"topk_fraction": 0.0}, "topk_fraction"),
         ({"proximal_mu": -1.0}, "proximal_mu"),
+        # red team: lr x mu >= 2 diverges, and whether it overflowed depended on the rows
+        ({"proximal_mu": 55.0, "learning_rate": 100.0}, "must be below 1"),
     ],
 )
 def test_bad_algorithm_fields_are_refused_by_name(plan: dict, match: str) -> None:

@@ -80,16 +80,32 @@ def _ledger(site: SiteDir) -> BudgetLedger:
     return BudgetLedger(SiteStore(site.db_path))
 
 
-def test_a_failed_first_round_releases_nothing_and_charges_nothing(site, monkeypatch) -> None:
+def test_a_round_that_failed_in_the_trainer_keeps_its_charge(site, monkeypatch) -> None:
+    """Red team: whether a round fails is an output of the training on the rows (a diverging
+    plan overflowed on one table and not on another), so a failed round stays charged."""
     root, caller, job = site
     monkeypatch.setattr(site_job, "pool", lambda: Pool(fail_on={1}))
     reply = _round(root, caller, job)
     assert reply == {"status": "failed", "reason": site_job.FAILED}
+    assert _ledger(root).budget(WHO, DATASET).epsilon_spent > 0
+    events = [e["event"] for e in AuditLog(SiteStore(root.db_path)).entries()]
+    assert events[-2:] == ["executed", "failed"] and "refunded" not in events
+
+
+def test_a_call_that_failed_before_its_trainer_is_refunded(site, monkeypatch) -> None:
+    """The trainer could not be had (nothing touched the rows): the reservation is withdrawn,
+    and the call's round is still used up, so probing is bounded by the approval."""
+    root, caller, job = site
+
+    def unavailable():  # noqa: ANN202
+        raise RuntimeError("the trainer pool is down")
+
+    monkeypatch.setattr(site_job, "pool", unavailable)
+    assert _round(root, caller, job) == {"status": "failed", "reason": site_job.NOT_STARTED}
     assert _ledger(root).releases(WHO, DATASET) == []
     assert _ledger(root).budget(WHO, DATASET).epsilon_spent == 0.0
     events = [e["event"] for e in AuditLog(SiteStore(root.db_path)).entries()]
-    assert events[-3:] == ["executed", "refunded", "failed"]
-    # the failed round still used one of the approved rounds: probing is bounded by approvals
+    assert events[-2:] == ["refunded", "failed"]
     assert Approvals(SiteStore(root.db_path)).get("code-1").rounds_run == 1
 
 
@@ -103,18 +119,41 @@ def test_once_a_round_was_released_a_later_failure_keeps_the_charge(site, monkey
     assert spent > 0
     assert _round(root, caller, job)["status"] == "failed"
     assert _ledger(root).budget(WHO, DATASET).epsilon_spent == pytest.approx(spent)
-    events = [e["event"] for e in AuditLog(SiteStore(root.db_path)).entries()]
-    assert "refunded" not in events
 
 
-def test_a_refund_after_a_failure_is_charged_again_when_the_job_runs(site, monkeypatch) -> None:
+def test_a_call_in_flight_when_another_is_refunded_is_charged_before_it_releases(
+    site, monkeypatch
+) -> None:
+    """Red team: call A reserved and waited for the trainer; call B of the same job failed
+    before its trainer and withdrew the job's reservation; A then released uncharged."""
+    import threading
+
     root, caller, job = site
-    pool = Pool(fail_on={1})
-    monkeypatch.setattr(site_job, "pool", lambda: pool)
-    assert _round(root, caller, job)["status"] == "failed"
-    assert _round(root, caller, job)["status"] == "ok"
-    kinds = [r["kind"] for r in _ledger(root).releases(WHO, DATASET)]
-    assert kinds == ["training"]
+    a_in_pool, b_done = threading.Event(), threading.Event()
+
+    class Gate:
+        def run(self, task, max_seconds, max_memory_mb):  # noqa: ANN001, ANN201
+            a_in_pool.set()
+            b_done.wait(10)
+            return run_task(task)
+
+    def pool_for_the_caller():  # noqa: ANN202
+        if threading.current_thread().name == "A":
+            return Gate()
+        raise RuntimeError("B found no trainer")
+
+    monkeypatch.setattr(site_job, "pool", pool_for_the_caller)
+    replies = {}
+    a = threading.Thread(
+        name="A", target=lambda: replies.setdefault("A", _round(root, caller, job))
+    )
+    a.start()
+    assert a_in_pool.wait(10)
+    b = _round(root, caller, job)  # B: refunded, the job's reservation withdrawn
+    assert b["reason"] == site_job.NOT_STARTED
+    b_done.set()
+    a.join(20)
+    assert replies["A"]["status"] == "ok" and "weights" in replies["A"]
     assert _ledger(root).budget(WHO, DATASET).epsilon_spent > 0
 
 

@@ -1,0 +1,242 @@
+"""The site's half of secure aggregation (``policies.secagg``): keys, checks, mask, sign, unmask.
+
+A secure job's calls carry an envelope instead of bare weights (``secagg:{json}``), with a
+``phase``:
+
+* ``hello``: the site's X25519 key for this job, signed with its identity key. No data is read.
+* ``mask``: a training round. Before anything is charged the site checks the participant list
+  the researcher relays: every entry signed by its identity key, every fingerprint among the
+  peers the admin approved, this site itself present with its own key, at least k of them
+  (policy ``min_aggregation_sites``), no label used before. After training it returns only the
+  masked vector of its clipped update.
+* ``sign``: the site signs the round's survivor set, one set per round label.
+* ``unmask``: given the survivor set and every survivor's signature over it, the site reveals its
+  self-mask seed and its pair seeds with the participants that dropped, for that round only.
+
+Every refusal raises :class:`Refused`, which ``site_job`` audits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from datasites.errors import Refused
+from datasites.training.job_state import JobState
+from policies import secagg
+from policies.compression import flatten
+from policies.errors import WireError
+from policies.plan import JobSpec
+from policies.wire import Weights, max_encoded_length
+
+PHASES = ("hello", "mask", "sign", "unmask")
+_LABEL = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ENTRY = 1024  # bound on one participant entry, in envelope characters
+
+
+def parse(weights: str, spec: JobSpec) -> dict[str, Any]:
+    """The envelope of a secure call, bounded before it is parsed."""
+    limit = max_encoded_length(spec.architecture.parameters) + secagg.MAX_SITES * _ENTRY
+    if len(weights) > limit:
+        raise Refused(f"secure-aggregation envelope of {len(weights)} characters, over {limit}")
+    try:
+        env = json.loads(weights[len(secagg.PREFIX) :])
+    except ValueError as exc:
+        raise Refused("secure-aggregation envelope is not JSON") from exc
+    if not isinstance(env, dict) or env.get("phase") not in PHASES:
+        raise Refused(f"secure-aggregation envelope needs a phase among {', '.join(PHASES)}")
+    if env["phase"] != "hello" and not _LABEL.match(str(env.get("label", ""))):
+        raise Refused("a round label is 1-64 letters, digits, '-' or '_'")
+    return env
+
+
+class SecureSite:
+    """One site's keys and round state for one approved job (stored in ``job_state``)."""
+
+    def __init__(self, state: JobState, code_id: str, spec: JobSpec, identity_hex: str) -> None:
+        self.state, self.code_id, self.spec = state, code_id, spec
+        self.identity = secagg.identity_of(identity_hex)
+        self.identity_public = secagg.public_bytes(self.identity.public_key())
+        self.me = secagg.fingerprint(self.identity_public)
+
+    def hello(self) -> dict[str, Any]:
+        key = self._x25519()
+        public = secagg.public_bytes(key.public_key())
+        message = secagg.key_message(self.spec.job_id, self.me, public)
+        return {
+            "status": "ok",
+            "secagg": {
+                "site": self.me,
+                "identity": secagg.b64(self.identity_public),
+                "key": secagg.b64(public),
+                "signature": secagg.b64(self.identity.sign(message)),
+            },
+        }
+
+    def check_round(self, env: dict[str, Any], min_sites: int) -> dict[str, bytes]:
+        """Refuse a round whose participant list is not the approved peers' signed keys; else
+        the pair seeds with every other participant. Runs before anything is charged."""
+        label = str(env["label"])
+        if self._get(f"round:{label}") is not None:
+            raise Refused(f"round label {label!r} was used before; nothing ran")
+        entries = env.get("participants")
+        if not isinstance(entries, list) or len(entries) > secagg.MAX_SITES:
+            raise Refused("the participant list must be a list of at most 64 sites")
+        keys = {}
+        for entry in entries:
+            site, key = self._checked_entry(entry)
+            if site in keys:
+                raise Refused(f"participant {site[:12]} is listed twice; nothing ran")
+            keys[site] = key
+        mine = secagg.public_bytes(self._x25519().public_key())
+        if keys.get(self.me) != mine:
+            raise Refused("this site is not in the participant list with its own key; nothing ran")
+        if len(keys) < min_sites:
+            raise Refused(
+                f"{len(keys)} participant(s), fewer than the {min_sites} this dataset's policy "
+                "requires for secure aggregation; nothing ran"
+            )
+        private = self._x25519()
+        return {
+            site: secagg.pair_seed(private, key, self.spec.job_id, label)
+            for site, key in keys.items()
+            if site != self.me
+        }
+
+    def masked_reply(
+        self, env: dict[str, Any], seeds: dict[str, bytes], trained: Weights, sent: Weights | None
+    ) -> dict[str, Any]:
+        """The masked vector of this round's clipped update; the seeds stay here."""
+        label = str(env["label"])
+        trainable = self.spec.trainable
+        base = sent or {n: np.zeros(s, np.float32) for n, s in trainable.items()}
+        delta = flatten({n: trained[n] - base[n] for n in trainable}, trainable)
+        rng = np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
+        quantized = secagg.quantize(delta, self.spec.plan.update_norm_bound, rng)
+        self_seed = os.urandom(32)
+        masked = secagg.mask(quantized, self_seed, seeds, self.me)
+        participants = sorted([*seeds, self.me])
+        self._put(f"round:{label}", {"self_seed": self_seed.hex(), "participants": participants})
+        return {"masked": secagg.encode_vector(masked), "label": label}
+
+    def sign(self, env: dict[str, Any], min_sites: int) -> dict[str, Any]:
+        label, survivors = self._survivors(env, min_sites)
+        signed = self._get(f"signed:{label}")
+        if signed is not None and signed["survivors"] != survivors:
+            raise Refused(
+                f"this site already signed another survivor set for round {label!r}; refused"
+            )
+        if signed is None:
+            self._put(f"signed:{label}", {"survivors": survivors})
+        message = secagg.survivors_message(self.spec.job_id, label, survivors)
+        return {"status": "ok", "signature": secagg.b64(self.identity.sign(message))}
+
+    def unmask(self, env: dict[str, Any], min_sites: int) -> dict[str, Any]:
+        label, survivors = self._survivors(env, min_sites)
+        signed = self._get(f"signed:{label}")
+        if signed is None or signed["survivors"] != survivors:
+            raise Refused("this site did not sign that survivor set for the round; refused")
+        round_state = self._get(f"round:{label}")
+        identities = self._identities(env)
+        signatures = env.get("signatures")
+        if not isinstance(signatures, dict):
+            raise Refused("unmask needs every survivor's signature over the survivor set")
+        message = secagg.survivors_message(self.spec.job_id, label, survivors)
+        for site in survivors:
+            identity = identities.get(site)
+            signature = signatures.get(site)
+            ok = identity is not None and signature is not None
+            if not ok or not secagg.verify(identity, _unb64(signature), message):
+                raise Refused(f"survivor {site[:12]} did not sign the survivor set; refused")
+        private = self._x25519()
+        keys = {site: _unb64(e["key"], 32) for site, e in self._entries(env).items()}
+        dropped = {
+            site: secagg.b64(secagg.pair_seed(private, keys[site], self.spec.job_id, label))
+            for site in round_state["participants"]
+            if site not in survivors
+        }
+        return {
+            "status": "ok",
+            "self_seed": secagg.b64(bytes.fromhex(round_state["self_seed"])),
+            "dropped": dropped,
+        }
+
+    def _survivors(self, env: dict[str, Any], min_sites: int) -> tuple[str, list[str]]:
+        label = str(env["label"])
+        round_state = self._get(f"round:{label}")
+        if round_state is None:
+            raise Refused(f"this site masked nothing for round {label!r}")
+        survivors = env.get("survivors")
+        if not isinstance(survivors, list) or not all(isinstance(s, str) for s in survivors):
+            raise Refused("the survivor set must be a list of fingerprints")
+        survivors = sorted(set(survivors))
+        if self.me not in survivors:
+            raise Refused("this site is not in the survivor set; refused")
+        if not set(survivors) <= set(round_state["participants"]):
+            raise Refused("the survivor set names sites that were not in the round; refused")
+        if len(survivors) < min_sites:
+            raise Refused(
+                f"{len(survivors)} survivor(s), fewer than the {min_sites} the policy requires; "
+                "refused"
+            )
+        return label, survivors
+
+    def _identities(self, env: dict[str, Any]) -> dict[str, bytes]:
+        return {site: _unb64(e["identity"], 32) for site, e in self._entries(env).items()}
+
+    def _entries(self, env: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        entries = env.get("participants")
+        if not isinstance(entries, list):
+            raise Refused("the call must relay the round's participant list")
+        out = {}
+        for entry in entries:
+            site, _ = self._checked_entry(entry)
+            out[site] = entry
+        return out
+
+    def _checked_entry(self, entry: Any) -> tuple[str, bytes]:
+        if not isinstance(entry, dict) or not {"site", "identity", "key", "signature"} <= set(
+            entry
+        ):
+            raise Refused("a participant entry needs site, identity, key and signature")
+        identity = _unb64(entry["identity"], 32)
+        key = _unb64(entry["key"], 32)
+        site = str(entry["site"])
+        if secagg.fingerprint(identity) != site:
+            raise Refused(f"participant {site[:12]}: its identity key has another fingerprint")
+        if site not in self.spec.plan.peers:
+            raise Refused(
+                f"participant {site[:12]} is not among the job's approved peers; nothing ran"
+            )
+        message = secagg.key_message(self.spec.job_id, site, key)
+        if not secagg.verify(identity, _unb64(entry["signature"]), message):
+            raise Refused(f"participant {site[:12]}: the key's signature does not verify")
+        return site, key
+
+    def _x25519(self) -> X25519PrivateKey:
+        stored = self._get("key")
+        if stored is None:
+            key = X25519PrivateKey.generate()
+            raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+            self._put("key", {"x25519": raw.hex()})
+            return key
+        return X25519PrivateKey.from_private_bytes(bytes.fromhex(stored["x25519"]))
+
+    def _get(self, kind: str) -> dict[str, Any] | None:
+        return self.state.detail(self.code_id, f"secagg:{kind}")
+
+    def _put(self, kind: str, detail: dict[str, Any]) -> None:
+        self.state.put_detail(self.code_id, f"secagg:{kind}", detail)
+
+
+def _unb64(text: Any, size: int | None = None) -> bytes:
+    try:
+        return secagg.unb64(text, size)
+    except WireError as exc:
+        raise Refused(str(exc)) from exc
