@@ -170,7 +170,8 @@ class TrainingPlan:
             if peers:
                 raise PlanError('peers are for aggregation "secure"')
             return
-        if len(set(peers)) < 2:
+        if len(set(peers)) != len(peers) or len(peers) == 1:
+            # none yet is allowed: the researcher package fills in the federation's sites
             raise PlanError("secure aggregation needs at least 2 distinct peers")
         if self.compression != "none":
             raise PlanError(

@@ -119,7 +119,17 @@ def load_job(
     widths = _agreed(metas, "feature count", n_features)
     meta = next(iter(metas.values()))
     loss = dict(constants["PLAN"]).get("loss", "cross_entropy")
-    return load_job_file(path, published, widths, n_outputs(meta, loss), initial=initial)
+    spec = load_job_file(path, published, widths, n_outputs(meta, loss), initial=initial)
+    return with_peers(fed, spec) if spec.plan.secure and not spec.plan.peers else spec
+
+
+def with_peers(fed: Federation, spec: JobSpec) -> JobSpec:
+    """A secure job's peers: every site of the federation, by identity-key fingerprint. Each
+    site's admin sees the list in the review, and its runtime refuses any other participant."""
+    from dataclasses import replace
+
+    peers = tuple(sites.fingerprint(sites.connect(login)) for login in fed.sites)
+    return replace(spec, plan=replace(spec.plan, peers=peers))
 
 
 def _agreed(metas: dict[str, dict[str, Any]], what: str, read: Any) -> Any:

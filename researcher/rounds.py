@@ -210,20 +210,19 @@ def run_federation(  # noqa: PLR0913
         start = initial if initial is not None else initial_weights(spec, _first_meta(links, spec))
         weights = strategy.initialize(start)
     last = None
-    # after an interruption a site may have released a round this client never received
-    recover = _site_rounds(history) if resume else None
+    # after an interruption a site may have released a round this client never received;
+    # a masked round is not replayed (its unmasking needs the round's survivors again)
+    recover = _site_rounds(history) if resume and not spec.plan.secure else None
     with ThreadPoolExecutor(max_workers=len(links)) as pool:
+        entries = _secure_keys(pool, links, spec, strategy) if spec.plan.secure else {}
         for round_no in range(done + 1, spec.plan.rounds + 1):
-            last = _one_round(
-                pool,
-                links,
-                spec,
-                strategy,
-                round_no,
-                weights,
-                (min_sites, timeout_s, retry_backoff),
-                recover,
-            )
+            limits = (min_sites, timeout_s, retry_backoff)
+            if spec.plan.secure:
+                last = _masked_round(
+                    pool, links, spec, strategy, entries, round_no, weights, limits
+                )
+            else:
+                last = _one_round(pool, links, spec, strategy, round_no, weights, limits, recover)
             recover = None
             weights = strategy.aggregate(round_no, last.updates, weights, last.skipped)
             last.test_accuracy = _test_accuracy(spec, weights, test, links)
@@ -270,6 +269,42 @@ def _personalize(
     if len(sites) < min_sites:
         raise SiteError(f"personalization: only {len(sites)} site(s) replied; skipped: {skipped}")
     return {"sites": sites, "skipped": skipped}
+
+
+def _secure_keys(
+    pool: ThreadPoolExecutor, links: list[Site], spec: JobSpec, strategy: Strategy
+) -> dict[str, dict]:
+    from researcher import secure
+
+    secure.check_strategy(strategy.name)
+    entries = secure.collect_keys(pool, links, spec)
+    if len(entries) < 2:
+        raise SiteError(
+            f"secure aggregation: only {len(entries)} site(s) sent a signed key for this job"
+        )
+    return entries
+
+
+def _masked_round(  # noqa: PLR0913
+    pool: ThreadPoolExecutor,
+    links: list[Site],
+    spec: JobSpec,
+    strategy: Strategy,
+    entries: dict[str, dict],
+    round_no: int,
+    weights: Weights,
+    limits: tuple[int, float, float],
+) -> RoundRecord:
+    from researcher import secure
+
+    started = time.perf_counter()
+    sent = strategy.configure_round(round_no, weights)
+    updates, skipped = secure.secure_round(
+        pool, links, spec, entries, round_no, sent, limits[0], limits[1]
+    )
+    for name, why in skipped.items():
+        log.warning("round %d: skipped %s: %s", round_no, name, why)
+    return RoundRecord(round_no, updates, skipped, None, time.perf_counter() - started)
 
 
 def _site_rounds(history: list[dict[str, Any]]) -> dict[str, int]:

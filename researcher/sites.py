@@ -123,7 +123,7 @@ def submit(client: Any, spec: JobSpec, asset: Any) -> str:
         fn = sy.syft_function(
             input_policy=policy,
             # each round, and a replay of it if the reply was lost: the site counts rounds
-            output_policy=OutputPolicyExecuteCount(limit=2 * spec.plan.calls + 1),
+            output_policy=OutputPolicyExecuteCount(limit=syft_call_limit(spec)),
         )(as_function(spec))
         request = check_reply(client.code.request_code_execution(fn), what, SiteError)
     return str(request.id.no_dash)
@@ -204,3 +204,17 @@ class SyftSite:
             self.client = connect(self.login, fresh=self.drops > 0)
             self.asset = find_asset(self.client, dataset)
             self.published = asset_meta(self.asset)
+
+
+def fingerprint(client: Any) -> str:
+    """The site's identity: SHA-256 of the Ed25519 key its syft server signs with."""
+    with syft_errors("reading the site's identity key"):
+        verify_key = str(client.metadata.verify_key)
+    return hashlib.sha256(bytes.fromhex(verify_key)).hexdigest()
+
+
+def syft_call_limit(spec: JobSpec) -> int:
+    """Executions syft allows the job: rounds and replays, and for a secure job each round's
+    sign and unmask calls and the key exchange. The site counts rounds itself; this is slack."""
+    per_call = 4 if spec.plan.secure else 2
+    return per_call * spec.plan.calls + 8

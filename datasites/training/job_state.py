@@ -3,7 +3,9 @@
 * ``residual``: the top-k compression's error-feedback vector (``policies.compression``), a
   function of the job's DP releases, added to the next round's update;
 * ``personalized``: the model a job's personalization pass fine-tuned on this site's rows. It
-  stays here: only its DP validation metrics left. ``datasite models`` lists them.
+  stays here: only its DP validation metrics left. ``datasite models`` lists them;
+* ``secagg:*``: secure aggregation's X25519 key for the job, and per round label the self-mask
+  seed, the participants and the survivor set this site signed (``secure_agg``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,17 @@ class JobState:
             }
             for r in rows
         ]
+
+    def detail(self, code_id: str, kind: str) -> dict[str, Any] | None:
+        """A JSON record kept for the job (secure aggregation's keys and round state)."""
+        with self.store.connect() as conn:
+            row = conn.execute(
+                "SELECT detail FROM job_state WHERE code_id = ? AND kind = ?", (code_id, kind)
+            ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put_detail(self, code_id: str, kind: str, detail: dict[str, Any]) -> None:
+        self._put(code_id, kind, {}, detail)
 
     def _put(self, code_id: str, kind: str, arrays: dict[str, np.ndarray], detail: dict) -> None:
         buf = io.BytesIO()

@@ -21,13 +21,16 @@ from datasites.ledger.store import SiteStore
 from datasites.review.access import PolicyStore
 from datasites.review.approvals import Approval, Approvals
 from datasites.serving.config import SiteDir
+from datasites.training import secure_agg
 from datasites.training.job_state import JobState
 from datasites.training.prepare import prepare_task, privacy_report, release
 from datasites.training.sandbox import SandboxLimit, pool
+from datasites.training.secure_agg import SecureSite
+from policies import secagg
 from policies.errors import PolicyError, WireError
 from policies.plan import JobSpec
 from policies.privacy import privacy_plan
-from policies.wire import REPLAY_LAST
+from policies.wire import REPLAY_LAST, check_shapes
 
 if TYPE_CHECKING:
     from datasites.training.runtime import CallerCode
@@ -63,7 +66,13 @@ def run_at_site(
         approval = _check_approval(approval, caller, job)
         if weights == REPLAY_LAST:
             return _replay(store, audit, approval, caller)
-        return _run(site, store, audit, approval, caller, data, weights, started)
+        envelope = None
+        if isinstance(weights, str) and weights.startswith(secagg.PREFIX):
+            envelope = secure_agg.parse(weights, JobSpec.from_dict(approval.job))
+            if envelope["phase"] != "mask":
+                return _secure_control(site, store, audit, approval, caller, envelope)
+            weights = str(envelope.get("weights", ""))
+        return _run(site, store, audit, approval, caller, data, weights, started, envelope)
     except SandboxLimit as exc:
         audit.record(
             ACTOR,
@@ -141,6 +150,7 @@ def _run(
     data: Any,
     weights: str,
     started: float,
+    envelope: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     spec = JobSpec.from_dict(approval.job)
     meta = site.datasets_meta().get(approval.dataset)
@@ -172,6 +182,9 @@ def _run(
         scaling = (meta["feature_mean"], meta["feature_std"]) if "feature_mean" in meta else None
     # the pass after the last round fine-tunes and keeps the model here (plan.personalize_*)
     personalize = spec.plan.personalizes and approval.rounds_run == spec.plan.rounds
+    secure, seeds = _secure_round(
+        site, store, approval, caller, spec, policy, envelope, personalize
+    )
     # table, model and incoming weights are checked before anything is charged
     task = prepare_task(
         spec,
@@ -216,6 +229,11 @@ def _run(
         output = trainer.run(task, policy.max_seconds_per_round, policy.max_memory_mb)
         if personalize:
             result = _keep_personalized(state, caller, task, output, round_no)
+        elif secure is not None:
+            check_shapes(output.weights, spec.trainable)
+            masked = secure.masked_reply(envelope, seeds, output.weights, task.weights)
+            result = {"status": "ok", "round": round_no, "n": output.n, **masked}
+            result["metrics"] = output.metrics
         else:
             result, residual = release(
                 spec, output, round_no, task.weights, state.residual(caller.code_id)
@@ -254,6 +272,66 @@ def _run(
         timing={**output.timing, "runtime_seconds": time.perf_counter() - started},
     )
     return result
+
+
+def _secure_round(  # noqa: PLR0913
+    site: SiteDir,
+    store: SiteStore,
+    approval: Approval,
+    caller: CallerCode,
+    spec: JobSpec,
+    policy: Any,
+    envelope: dict[str, Any] | None,
+    personalize: bool,
+) -> tuple[SecureSite | None, dict[str, bytes]]:
+    """The policy's aggregation rules for a training round, checked before any charge."""
+    if policy.require_secure_aggregation and not spec.plan.secure:
+        raise Refused(
+            f"dataset {approval.dataset!r} requires secure aggregation; this job is plain"
+        )
+    if not spec.plan.secure or personalize:  # the fine-tuning pass releases no update
+        if envelope is not None and not personalize:
+            raise Refused("a plain job's round carries no secure-aggregation envelope")
+        return None, {}
+    if envelope is None:
+        raise Refused(
+            "this job aggregates securely: a round must relay its signed participant list "
+            "('researcher train' does); nothing ran"
+        )
+    secure = SecureSite(JobState(store), caller.code_id, spec, site.signing_key())
+    return secure, secure.check_round(envelope, policy.min_aggregation_sites)
+
+
+def _secure_control(
+    site: SiteDir,
+    store: SiteStore,
+    audit: AuditLog,
+    approval: Approval,
+    caller: CallerCode,
+    envelope: dict[str, Any],
+) -> dict[str, Any]:
+    """hello, sign, unmask: no row is read, nothing is charged, no round is taken."""
+    spec = JobSpec.from_dict(approval.job)
+    if not spec.plan.secure:
+        raise Refused("this job does not aggregate securely")
+    policy = PolicyStore(site.policies_path).get(approval.dataset)
+    secure = SecureSite(JobState(store), caller.code_id, spec, site.signing_key())
+    phase = envelope["phase"]
+    if phase == "hello":
+        reply = secure.hello()
+    elif phase == "sign":
+        reply = secure.sign(envelope, policy.min_aggregation_sites)
+    else:
+        reply = secure.unmask(envelope, policy.min_aggregation_sites)
+    audit.record(
+        ACTOR,
+        f"secagg-{phase}",
+        approval.request_id,
+        caller.code_hash,
+        label=envelope.get("label"),
+        survivors=envelope.get("survivors"),
+    )
+    return reply
 
 
 def _keep_personalized(

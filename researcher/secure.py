@@ -1,0 +1,206 @@
+"""The researcher's half of secure aggregation (``policies.secagg``): relay, sum, unmask.
+
+The researcher never holds a site's update: it relays the sites' signed keys, sums the masked
+vectors modulo 2^32, and asks the survivors for exactly what removes the masks from the *sum*.
+Each round's mean update is ``sum / |survivors|``: a fixed, equal weight per site. Sites do not
+weight by rows because a weight the researcher relayed could single one site out (weights of 0
+for all but a victim), and a row-weighted sum grows with the tables, coarsening the fixed point.
+
+Strategies that need each site's update (median, trimmed mean) cannot run on a sum and are
+refused; FedAvg and the server optimizers work on the mean; norm bounding is done by the sites
+themselves (``update_norm_bound``).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
+
+import numpy as np
+
+from policies import secagg
+from policies.compression import unflatten
+from policies.errors import WireError
+from policies.plan import JobSpec
+from policies.wire import Weights, encode_weights
+from researcher.errors import SiteError
+from researcher.site import Site
+from researcher.strategy import Update
+
+NEEDS_EACH_UPDATE = ("median", "trimmed-mean")
+SECURE_SITE = "secure-sum"
+
+
+def envelope(phase: str, **fields: Any) -> str:
+    return secagg.PREFIX + json.dumps({"phase": phase, **fields})
+
+
+def check_strategy(name: str) -> None:
+    if name in NEEDS_EACH_UPDATE:
+        raise SiteError(
+            f"strategy {name!r} needs each site's update, and secure aggregation shows only "
+            "their sum; use fedavg, fedavgm, fedadam, fedyogi or norm-bounded"
+        )
+
+
+def collect_keys(pool: ThreadPoolExecutor, links: list[Site], spec: JobSpec) -> dict[str, dict]:
+    """Each site's signed X25519 key for this job, checked here too: a site sending a key its
+    identity did not sign, or a fingerprint outside the job's peers, is left out."""
+    futures = {pool.submit(links_call, link, spec, envelope("hello")): link for link in links}
+    entries: dict[str, dict] = {}
+    for fut, link in futures.items():
+        try:
+            reply = fut.result()
+        except SiteError:
+            continue
+        entry = reply.get("secagg") if reply.get("status") == "ok" else None
+        if entry and _valid(entry, spec):
+            entries[link.name] = entry
+    return entries
+
+
+def _valid(entry: dict, spec: JobSpec) -> bool:
+    try:
+        identity = secagg.unb64(entry["identity"], 32)
+        key = secagg.unb64(entry["key"], 32)
+        signature = secagg.unb64(entry["signature"])
+    except (KeyError, WireError):
+        return False
+    site = entry.get("site")
+    return (
+        secagg.fingerprint(identity) == site
+        and site in spec.plan.peers
+        and secagg.verify(identity, signature, secagg.key_message(spec.job_id, site, key))
+    )
+
+
+def links_call(link: Site, spec: JobSpec, weights: str) -> dict[str, Any]:
+    return link.call(spec, weights)
+
+
+def secure_round(  # noqa: PLR0913
+    pool: ThreadPoolExecutor,
+    links: list[Site],
+    spec: JobSpec,
+    entries: dict[str, dict],
+    round_no: int,
+    sent: Weights,
+    min_sites: int,
+    timeout_s: float,
+) -> tuple[list[Update], dict[str, str]]:
+    """One masked round: mask at every site, survivors sign, survivors unmask the sum.
+
+    Returns one Update per survivor, each holding the same mean model (its own n, metrics and
+    privacy figures), so every strategy and the run's history work unchanged.
+    """
+    label = f"r{round_no}-{secrets.token_hex(6)}"
+    participants = list(entries.values())
+    live = [link for link in links if link.name in entries]
+    blob = encode_weights(sent)
+    masks = _all(
+        pool,
+        live,
+        spec,
+        lambda: envelope("mask", label=label, weights=blob, participants=participants),
+        timeout_s,
+    )
+    skipped = {
+        link.name: "no signed key for secure aggregation"
+        for link in links
+        if link.name not in entries
+    }
+    replies = {}
+    for name, reply in masks.items():
+        if isinstance(reply, str) or reply.get("status") != "ok" or "masked" not in reply:
+            skipped[name] = (
+                reply if isinstance(reply, str) else f"{reply.get('status')}: {reply.get('reason')}"
+            )
+        else:
+            replies[name] = reply
+    if len(replies) < max(min_sites, 2):
+        raise SiteError(
+            f"round {round_no}: {len(replies)} site(s) masked, fewer than needed; skipped: {skipped}"
+        )
+    survivors = sorted(entries[name]["site"] for name in replies)
+    kept = [link for link in live if link.name in replies]
+    signed = _all(
+        pool, kept, spec, lambda: envelope("sign", label=label, survivors=survivors), timeout_s
+    )
+    signatures = {
+        entries[n]["site"]: r.get("signature") for n, r in signed.items() if isinstance(r, dict)
+    }
+    if any(not isinstance(r, dict) or r.get("status") != "ok" for r in signed.values()):
+        raise SiteError(f"round {round_no}: a survivor would not sign the survivor set: {signed}")
+    opened = _all(
+        pool,
+        kept,
+        spec,
+        lambda: envelope(
+            "unmask",
+            label=label,
+            survivors=survivors,
+            signatures=signatures,
+            participants=participants,
+        ),
+        timeout_s,
+    )
+    if any(not isinstance(r, dict) or r.get("status") != "ok" for r in opened.values()):
+        raise SiteError(f"round {round_no}: a survivor would not unmask: {opened}")
+    mean = _mean_update(spec, replies, opened, entries, survivors)
+    model = {**sent, **{k: (sent[k] + v).astype(np.float32) for k, v in mean.items()}}
+    updates = [
+        Update(
+            name,
+            model,
+            int(reply["n"]),
+            reply.get("metrics", {}),
+            {**reply.get("privacy", {}), "aggregation": "secure", "survivors": len(survivors)},
+            int(reply.get("round", 0)),
+        )
+        for name, reply in sorted(replies.items())
+    ]
+    return updates, skipped
+
+
+def _mean_update(
+    spec: JobSpec,
+    replies: dict[str, dict],
+    opened: dict[str, Any],
+    entries: dict[str, dict],
+    survivors: list[str],
+) -> Weights:
+    trainable = spec.trainable
+    size = sum(int(np.prod(s)) for s in trainable.values())
+    try:
+        masked = [secagg.decode_vector(r["masked"], size) for r in replies.values()]
+        self_seeds = [secagg.unb64(o["self_seed"], 32) for o in opened.values()]
+        dropped = [
+            (entries[name]["site"], gone, secagg.unb64(seed, 32))
+            for name, o in opened.items()
+            for gone, seed in o.get("dropped", {}).items()
+        ]
+    except (KeyError, WireError) as exc:
+        raise SiteError(f"a secure-aggregation reply is malformed: {exc}") from exc
+    total = secagg.unmask_sum(masked, self_seeds, dropped)
+    mean = secagg.dequantize(total, spec.plan.update_norm_bound) / len(survivors)
+    return unflatten(mean, trainable)
+
+
+def _all(
+    pool: ThreadPoolExecutor, links: list[Site], spec: JobSpec, make: Any, timeout_s: float
+) -> dict[str, Any]:
+    """One call per site in parallel: its reply, or a line saying why there is none."""
+    futures = {pool.submit(links_call, link, spec, make()): link for link in links}
+    done, pending = wait(futures, timeout=timeout_s)
+    out: dict[str, Any] = {futures[f].name: f"timed out after {timeout_s:.0f}s" for f in pending}
+    for fut in done:
+        try:
+            out[futures[fut].name] = fut.result()
+        except SiteError as exc:
+            out[futures[fut].name] = str(exc)
+    return out
+
+
+__all__ = ["check_strategy", "collect_keys", "secure_round"]
