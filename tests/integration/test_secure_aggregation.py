@@ -1,0 +1,191 @@
+"""Secure aggregation on three real datasites: only masked vectors reach the researcher, their
+sum is the sum of the sites' updates, a site killed mid-round is recovered from the survivors,
+and forged, too short or foreign participant lists are refused from a plain syft client."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from scipy import stats
+
+from datasites.ledger.store import SiteStore
+from datasites.review.queue import ReviewQueue
+from datasites.serving.config import SiteDir
+from datasites.serving.process import server_pid
+from datasites.training.job_state import JobState
+from policies import secagg
+from policies.compression import flatten
+from policies.wire import encode_weights
+from researcher import api, secure, sites
+from researcher import model as local_model
+from tests.conftest import last_json
+from tests.integration.conftest import EMAIL, events, job
+
+pytestmark = pytest.mark.integration
+SITE_NAMES = ("hospital-a", "hospital-b", "hospital-c")
+PLAN = {
+    "rounds": 1,
+    "noise_multiplier": 1.0,
+    "batch_size": 64,
+    "learning_rate": 0.5,
+    "site_metrics": False,
+    "aggregation": "secure",
+}
+
+
+@pytest.fixture(scope="module")
+def fed(federation):
+    fed, made = federation
+    for s in made:
+        s.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "200")
+        s.cli(
+            "policy",
+            "set",
+            "--dataset",
+            "cancer",
+            "--max-epsilon-per-job",
+            "20",
+            "--require-secure-aggregation",
+        )
+    return fed, made
+
+
+def _secure_job(fed, made, plan):  # noqa: ANN001, ANN202
+    spec = api.with_peers(fed, api.with_pooled_scaling(fed, job(plan)))
+    api.submit(fed, spec)
+    for s in made:
+        queue = ReviewQueue(SiteDir(s.dir))
+        item = next(i for i in queue.items() if i.job_name == spec.name)
+        assert {c.name: c.passed for c in item.report.checks}["aggregation"], item.report.to_dict()
+        queue.approve(item.request_id)
+    return spec
+
+
+def _site_update(site_dir: Path, code_state: JobState, code_id: str, reply: dict, entries, spec):  # noqa: ANN001, ANN202
+    """What the researcher never sees: one site's update, unmasked with that site's secrets."""
+    detail = code_state.detail(code_id, f"secagg:round:{reply['label']}")
+    key = X25519PrivateKey.from_private_bytes(
+        bytes.fromhex(code_state.detail(code_id, "secagg:key")["x25519"])
+    )
+    me = SiteDir(site_dir).fingerprint()
+    size = sum(int(np.prod(s)) for s in spec.trainable.values())
+    y = secagg.decode_vector(reply["masked"], size)
+    seeds = {
+        e["site"]: secagg.pair_seed(key, secagg.unb64(e["key"]), spec.job_id, reply["label"])
+        for e in entries.values()
+        if e["site"] != me and e["site"] in detail["participants"]
+    }
+    zero = secagg.mask(np.zeros(size, np.uint32), bytes.fromhex(detail["self_seed"]), seeds, me)
+    return secagg.dequantize(y - zero, spec.plan.update_norm_bound)
+
+
+def test_only_masked_vectors_reach_the_researcher_and_they_sum_right(
+    fed, tmp_path, monkeypatch
+) -> None:
+    fed, made = fed
+    plain = job({**PLAN, "aggregation": "plain"})
+    api.submit(fed, plain)
+    item = next(i for i in ReviewQueue(SiteDir(made[0].dir)).items() if i.job_name == plain.name)
+    assert not {c.name: c.passed for c in item.report.checks}["aggregation"]  # policy: secure only
+
+    spec = _secure_job(fed, made, PLAN)
+    seen: list[tuple[str, dict]] = []
+    real = secure.links_call
+
+    def recording(link, spec, weights):  # noqa: ANN001, ANN202
+        reply = real(link, spec, weights)
+        seen.append((link.name, reply))
+        return reply
+
+    monkeypatch.setattr(secure, "links_call", recording)
+    start = local_model.weights_of(local_model.build(spec))
+    result = api.train(fed, spec, tmp_path / "run")
+    masked = {name: r for name, r in seen if "masked" in r}
+    assert set(masked) == set(SITE_NAMES)
+    assert all("weights" not in r and "update" not in r for _, r in seen)
+    for reply in masked.values():  # uniform on Z_2^32, whatever the update
+        size = sum(int(np.prod(s)) for s in spec.trainable.values())
+        y = secagg.decode_vector(reply["masked"], size)
+        assert stats.kstest(y / 2**32, "uniform").pvalue > 1e-3
+    # the sites' own secrets unmask each update: their mean is what the researcher computed
+    entries = {name: r["secagg"] for name, r in seen if "secagg" in r}
+    updates = []
+    for s in made:
+        queue = ReviewQueue(SiteDir(s.dir))
+        code_id = next(i.code_id for i in queue.items() if i.job_name == spec.name)
+        state = JobState(SiteStore(SiteDir(s.dir).db_path))
+        updates.append(_site_update(s.dir, state, code_id, masked[s.name], entries, spec))
+    got = flatten(result.weights, spec.trainable) - flatten(start, spec.trainable)
+    assert np.allclose(got, np.mean(updates, axis=0), atol=1e-5)
+    assert not np.allclose(updates[0], updates[1], atol=1e-3)  # the sites' updates differ
+    assert (tmp_path / "run" / "model.pt").exists()
+
+
+def test_forged_short_and_foreign_participant_lists_are_refused(fed) -> None:
+    fed, made = fed
+    spec = _secure_job(fed, made, PLAN)
+    clients = [sites.connect(login) for login in fed.sites]
+    assets = [sites.find_asset(c, "cancer") for c in clients]
+    hello = [
+        sites.run_round(c, spec, a, secure.envelope("hello"))
+        for c, a in zip(clients, assets, strict=True)
+    ]
+    entries = [h["secagg"] for h in hello]
+    blob = encode_weights(local_model.weights_of(local_model.build(spec)))
+    before = last_json(made[0].cli("budget", "--json"))
+
+    def call(participants, label):  # noqa: ANN001, ANN202
+        env = secure.envelope("mask", label=label, weights=blob, participants=participants)
+        return sites.run_round(clients[0], spec, assets[0], env)
+
+    forged = [entries[0], entries[1], {**entries[2], "key": entries[1]["key"]}]
+    assert "signature does not verify" in call(forged, "f1")["reason"]
+    assert "fewer than the 2" in call([entries[0]], "f2")["reason"]
+    stranger = Ed25519PrivateKey.generate()
+    ident = secagg.public_bytes(stranger.public_key())
+    key = secagg.public_bytes(X25519PrivateKey.generate().public_key())
+    fp = secagg.fingerprint(ident)
+    foreign = {
+        "site": fp,
+        "identity": secagg.b64(ident),
+        "key": secagg.b64(key),
+        "signature": secagg.b64(stranger.sign(secagg.key_message(spec.job_id, fp, key))),
+    }
+    assert "not among the job's approved peers" in call([entries[0], foreign], "f3")["reason"]
+    # the researcher cannot have one survivor unmask alone, nor an unsigned survivor set
+    unmask = secure.envelope("unmask", label="f4", survivors=[entries[0]["site"]], signatures={})
+    assert sites.run_round(clients[0], spec, assets[0], unmask)["status"] == "refused"
+    assert last_json(made[0].cli("budget", "--json")) == before  # nothing charged
+    assert events(made[0]).count("refused") >= 4
+
+
+def test_a_site_killed_mid_round_is_recovered_from_the_survivors(
+    fed, tmp_path, monkeypatch
+) -> None:
+    fed, made = fed
+    spec = _secure_job(fed, made, {**PLAN, "rounds": 2})
+    real = secure.links_call
+    victim = made[2]
+
+    def kill_at_mask(link, spec, weights):  # noqa: ANN001, ANN202
+        if link.name == victim.name and '"phase": "mask"' in weights:
+            pid = server_pid(SiteDir(victim.dir))
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+        return real(link, spec, weights)
+
+    monkeypatch.setattr(secure, "links_call", kill_at_mask)
+    try:
+        result = api.train(fed, spec, tmp_path / "run", timeout_s=60.0)
+        assert [sorted(r["sites"]) for r in result.rounds] == [["hospital-a", "hospital-b"]] * 2
+        assert all(victim.name in r["skipped"] for r in result.rounds)
+        assert all(np.isfinite(v).all() for v in result.weights.values())
+        assert events(made[0]).count("secagg-unmask") >= 2
+    finally:
+        victim.cli("launch", "--detach", check=False)
