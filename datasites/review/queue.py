@@ -89,6 +89,7 @@ class ReviewQueue:
     def items(self) -> list[ReviewItem]:
         with quiet():
             requests = list(self.client.requests)
+        self._prefetch_code(requests)
         assets = self._asset_datasets()
         used = self.approvals.job_ids()
         items = [self._item(r, assets, used) for r in requests]
@@ -169,6 +170,23 @@ class ReviewQueue:
             reason=reason,
         )
         return item
+
+    def _prefetch_code(self, requests: list[Any]) -> None:
+        """All submitted code in one call, placed where ``request.code`` looks first.
+
+        ``request.code`` otherwise resolves each request's code with its own HTTP call, so a
+        listing was one call per request, and a site with many requests slowed every command.
+        """
+        from syft.service.request.request import UserCodeStatusChange
+
+        with quiet():
+            codes = {str(c.id): c for c in self.client.code.get_all()}
+        for request in requests:
+            for change in getattr(request, "changes", []):
+                if isinstance(change, UserCodeStatusChange):
+                    code = codes.get(str(change.linked_user_code.object_uid))
+                    if code is not None:
+                        change.linked_user_code._resolve_cache = code
 
     def _asset_datasets(self) -> dict[str, str]:
         with quiet():

@@ -26,7 +26,7 @@ from tests.conftest import breast_cancer_frame, last_json
 from tests.integration.conftest import EMAIL, job
 
 pytestmark = pytest.mark.integration
-PLAN = {"rounds": 2, "noise_multiplier": 1.0, "batch_size": 64, "learning_rate": 0.5}
+PLAN = {"rounds": 1, "noise_multiplier": 1.0, "batch_size": 64, "learning_rate": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_fedprox_trains_and_the_review_names_it(fed, tmp_path: Path) -> None:
     shown = made[0].cli("review", ReviewQueue(SiteDir(made[0].dir)).items()[-1].request_id[:8])
     assert "FedProx" in shown.stdout
     result = _train(fed, spec, tmp_path / "prox", strategy=strategy_named("fedyogi"))
-    assert [len(r["sites"]) for r in result.rounds] == [2, 2]
+    assert [len(r["sites"]) for r in result.rounds] == [2]
     assert result.rounds[-1]["test_accuracy"] > 0.6
 
 
@@ -134,5 +134,5 @@ def test_a_robust_strategy_on_real_sites(fed, tmp_path: Path) -> None:
     fed, made = fed
     spec = _approved(fed, made, api.with_pooled_scaling(fed, job(PLAN)))
     result = _train(fed, spec, tmp_path / "median", strategy=FedMedian())
-    assert [len(r["sites"]) for r in result.rounds] == [2, 2]
+    assert [len(r["sites"]) for r in result.rounds] == [2]
     assert result.rounds[-1]["test_accuracy"] is not None
