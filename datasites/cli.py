@@ -94,6 +94,7 @@ def status(site: SiteOpt, json: JsonOpt = False) -> None:
             ["name", "url", "pid", "running", "responding"],
             [[st.name, st.url, st.pid, st.running, st.responding]],
         )
+        out.print(f"identity fingerprint (secure-aggregation peers): {st.fingerprint}")
 
 
 @app.command()

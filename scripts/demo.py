@@ -174,6 +174,11 @@ def main() -> None:
     )
     parser.add_argument("--json", action="store_true", help="last line: one JSON summary")
     parser.add_argument("--keep", action="store_true", help="leave the datasites running")
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="secure aggregation: the researcher sees only the masked sum of the updates",
+    )
     args = parser.parse_args()
     if args.seeds < 1 or (args.keep and args.seeds > 1):
         parser.error("--seeds must be at least 1, and --keep needs a single run")
@@ -190,7 +195,7 @@ def main() -> None:
             f"run(s)) vs centralized non-private {summary['centralized_accuracy']:.3f}; "
             f"epsilon per site "
             f"{ {s: round(p['epsilon'], 3) for s, p in summary['privacy'].items()} }; "
-            f"{summary['seconds']} s"
+            f"{summary['aggregation']} aggregation; {summary['seconds']} s"
         )
 
 
@@ -245,18 +250,23 @@ def run_once(args: argparse.Namespace, seed: int, say) -> dict:  # noqa: ANN001
     try:
         fed = write_federation(work, sites)
         n_features = shares[0].shape[1] - 1  # 30; and 2 classes
+        job_plan = plan(args.rounds, args.epsilon)
+        if args.secure:
+            job_plan["aggregation"] = "secure"
         spec = api.with_pooled_scaling(
             fed,
             make_job(
                 make_model(n_features, 2),
                 "breast-cancer",
                 "target",
-                plan(args.rounds, args.epsilon),
+                job_plan,
                 name="demo",
                 n_features=n_features,
                 n_outputs=2,
             ),
         )
+        if args.secure:  # peers: the three hospitals, by identity-key fingerprint
+            spec = api.with_peers(fed, spec)
         api.submit(fed, spec)
         say("--- each site's admin approves through the CLI ---")
         with ThreadPoolExecutor(3) as pool:
@@ -299,6 +309,7 @@ def run_once(args: argparse.Namespace, seed: int, say) -> dict:  # noqa: ANN001
             "centralized_accuracy": central,
             "seconds": round(time.time() - started, 1),
             "privacy": privacy,
+            "aggregation": spec.plan.aggregation,
             "run_dir": str(work / "run"),
         }
     finally:

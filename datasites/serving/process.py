@@ -28,6 +28,7 @@ class SiteStatus:
     pid: int | None
     running: bool
     responding: bool
+    fingerprint: str = ""  # SHA-256 of the identity key: this site among a job's peers
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -37,6 +38,7 @@ class SiteStatus:
             "pid": self.pid,
             "running": self.running,
             "responding": self.responding,
+            "fingerprint": self.fingerprint,
         }
 
 
@@ -81,7 +83,9 @@ def status(site: SiteDir) -> SiteStatus:
     config = site.config()
     pid = server_pid(site)
     up = pid is not None and responding(config.url)
-    return SiteStatus(config.name, config.url, config.port, pid, pid is not None, up)
+    return SiteStatus(
+        config.name, config.url, config.port, pid, pid is not None, up, site.fingerprint()
+    )
 
 
 def _serve_command(site: SiteDir) -> list[str]:

@@ -181,11 +181,9 @@ def test_a_site_killed_mid_round_is_recovered_from_the_survivors(
         return real(link, spec, weights)
 
     monkeypatch.setattr(secure, "links_call", kill_at_mask)
-    try:
-        result = api.train(fed, spec, tmp_path / "run", timeout_s=60.0)
-        assert [sorted(r["sites"]) for r in result.rounds] == [["hospital-a", "hospital-b"]]
-        assert all(victim.name in r["skipped"] for r in result.rounds)
-        assert all(np.isfinite(v).all() for v in result.weights.values())
-        assert events(made[0]).count("secagg-unmask") >= 2  # this job's and the first test's
-    finally:
-        victim.cli("launch", "--detach", check=False)
+    # the module's last test: the victim stays down, and the fixture's stop tolerates it
+    result = api.train(fed, spec, tmp_path / "run", timeout_s=60.0)
+    assert [sorted(r["sites"]) for r in result.rounds] == [["hospital-a", "hospital-b"]]
+    assert all(victim.name in r["skipped"] for r in result.rounds)
+    assert all(np.isfinite(v).all() for v in result.weights.values())
+    assert events(made[0]).count("secagg-unmask") >= 2  # this job's and the first test's
