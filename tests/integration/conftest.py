@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,12 @@ def federation(request, tmp_path_factory, breast_cancer_csv: Path):
     root = tmp_path_factory.mktemp("fed")
     names = getattr(request.module, "SITE_NAMES", ("hospital-a", "hospital-b"))
     made = make_sites(root, *names)
+    # the CLI's upload and users add are tested elsewhere; here the sites are set up at once
+    with ThreadPoolExecutor(len(made)) as pool:
+        passwords = list(pool.map(lambda s: _set_up(s, breast_cancer_csv), made))
     lines = []
-    for s in made:
-        s.cli("upload", "--name", "cancer", "--file", str(breast_cancer_csv), "--target", "target")
-        creds = last_json(s.cli("users", "add", "--email", EMAIL, "--name", "Ada", "--json"))
-        (root / f"{s.name}.pw").write_text(creds["password"])
+    for s, password in zip(made, passwords, strict=True):
+        (root / f"{s.name}.pw").write_text(password)
         s.cli("policy", "set", "--dataset", "cancer", "--allow-domain", "uni.edu")
         lines += [
             "[[sites]]",
@@ -47,6 +49,17 @@ def federation(request, tmp_path_factory, breast_cancer_csv: Path):
     yield Federation.load(root / "federation.toml"), made
     for s in made:
         s.cli("stop", check=False)
+
+
+def _set_up(site: Site, csv: Path) -> str:
+    """Upload the table with its DP mock and add the researcher, as the CLI does."""
+    from datasites.data.tables import load_table, validate_table
+    from datasites.serving import admin
+    from datasites.serving.config import SiteDir
+
+    site_dir = SiteDir(site.dir)
+    admin.upload(site_dir, "cancer", validate_table(load_table(csv), "target"))
+    return admin.add_user(site_dir, EMAIL, "Ada")
 
 
 def request_id(site: Site, function: str) -> str:

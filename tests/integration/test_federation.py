@@ -89,7 +89,15 @@ def test_a_killed_site_is_skipped_and_rejoins_on_resume(tmp_path: Path) -> None:
                 raise Crash
 
         with pytest.raises(Crash):
-            api.train(fed, spec, run, min_sites=2, timeout_s=60, on_round=kill_c_then_crash)
+            api.train(
+                fed,
+                spec,
+                run,
+                min_sites=2,
+                timeout_s=60,
+                on_round=kill_c_then_crash,
+                retry_backoff=0.05,  # the dead site's retries: the behaviour, not the wait
+            )
         assert [u.site for u in records[1].updates] == ["a", "b", "c"]
         assert [u.site for u in records[2].updates] == ["a", "b"] and "c" in records[2].skipped
         assert (run / "state.json").exists() and (run / "metrics.csv").exists()
