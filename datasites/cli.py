@@ -519,6 +519,23 @@ def models(site: SiteOpt, json: JsonOpt = False) -> None:
     )
 
 
+@app.command()
+def console(
+    site: SiteOpt,
+    port: Annotated[int, typer.Option(help="Port of the console on 127.0.0.1.")] = 8900,
+) -> None:
+    """Serve the admin web console on loopback (log in with the admin password); Ctrl-C stops it."""
+    import uvicorn
+
+    from datasites.console.app import create_app
+
+    if not 1 <= port <= 65535:
+        raise DatasiteError(f"port {port} is outside 1-65535")
+    live(site)
+    out.print(f"console of {site.config().name} on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    uvicorn.run(create_app(site), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
