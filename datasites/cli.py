@@ -45,11 +45,50 @@ def init(
     dir: DirOpt,
     port: Annotated[int, typer.Option(help="HTTP port on loopback.")] = DEFAULT_PORT,
     db_url: Annotated[str, typer.Option(help="SQLAlchemy URL for syft's database.")] = "",
+    self_signed: Annotated[
+        bool, typer.Option(help="Serve HTTPS with a new self-signed certificate.")
+    ] = False,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Serve HTTPS with this PEM certificate (and --tls-key).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The certificate's PEM private key.")] = None,
 ) -> None:
     """Create DIR with a config, a stable server identity and a generated admin password."""
-    config = init_site(dir, name, port=port, db_url=db_url)
+    tls = _tls_material(self_signed, tls_cert, tls_key)
+    config = init_site(dir, name, port=port, db_url=db_url, tls=tls)
     out.print(f"initialised datasite [bold]{config.name}[/bold] in {dir} ({config.url})")
     out.print(f"admin: {config.admin_email}; password in {dir / 'admin-password'} (mode 0600)")
+    if tls is not None:
+        from policies.tls import fingerprint
+
+        out.print(
+            f"TLS certificate fingerprint (SHA-256, researchers pin it): {fingerprint(tls[1])}"
+        )
+
+
+def _tls_material(
+    self_signed: bool, cert: Path | None, key: Path | None
+) -> tuple[bytes, bytes] | None:
+    """(key PEM, certificate PEM) from the init options, checked before DIR is created."""
+    from policies.tls import fingerprint
+    from policies.tls import self_signed as make
+
+    if self_signed and (cert or key):
+        raise DatasiteError("give --self-signed, or --tls-cert with --tls-key, not both")
+    if self_signed:
+        return make("127.0.0.1")
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise DatasiteError("--tls-cert and --tls-key go together")
+    try:
+        material = key.read_bytes(), cert.read_bytes()
+    except OSError as exc:
+        raise DatasiteError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    fingerprint(material[1])  # a PEM certificate, or one clear line
+    if b"PRIVATE KEY" not in material[0]:
+        raise DatasiteError(f"{key} is not a PEM private key")
+    return material
 
 
 @app.command()
@@ -95,6 +134,10 @@ def status(site: SiteOpt, json: JsonOpt = False) -> None:
             [[st.name, st.url, st.pid, st.running, st.responding]],
         )
         out.print(f"identity fingerprint (secure-aggregation peers): {st.fingerprint}")
+        if st.tls_fingerprint:
+            out.print(
+                f"TLS certificate fingerprint (pin it in federation.toml): {st.tls_fingerprint}"
+            )
 
 
 @app.command()
@@ -533,7 +576,9 @@ def console(
         raise DatasiteError(f"port {port} is outside 1-65535")
     live(site)
     out.print(f"console of {site.config().name} on http://127.0.0.1:{port} (Ctrl-C stops it)")
-    uvicorn.run(create_app(site), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(site), host="127.0.0.1", port=port, log_level="warning", access_log=False
+    )
 
 
 def _fmt(value: float | None) -> str:

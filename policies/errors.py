@@ -77,6 +77,13 @@ def map_syft_errors(
     except Exception as exc:
         if _is_syft_error(exc):
             raise failed(f"{what}: {syft_message(exc)}") from exc
+        from policies.tls import is_tls_error
+
+        if is_tls_error(exc):
+            raise failed(
+                f"{what}: the site's TLS certificate is not the one trusted for it (the pinned "
+                "fingerprint or CA file); refused"
+            ) from exc
         if is_connection_error(exc):
             raise unreachable(f"{what}: no datasite answers ({type(exc).__name__})") from exc
         raise

@@ -6,8 +6,11 @@ name = "hospital-a"
 url = "http://127.0.0.1:8081"
 email = "ada@uni.edu"
 password_file = "secrets/hospital-a"   # or: password_env = "HOSPITAL_A_PASSWORD"
+# over HTTPS, trust the site by its certificate's SHA-256 (datasite init prints it)
+fingerprint = "3f1c...e9"                # or: ca_file = "certs/hospital-a.pem"
 ```
-Passwords are never written inline; a relative ``password_file`` is read from the file's folder.
+Passwords are never written inline; a relative ``password_file`` or ``ca_file`` is read from the
+file's folder. An ``https://`` site with neither is checked against the system's CAs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from researcher.errors import FederationError
 
@@ -27,6 +31,14 @@ class SiteLogin:
     email: str
     password_file: Path | None = None
     password_env: str | None = None
+    fingerprint: str | None = None  # pinned SHA-256 of the site's TLS certificate
+    ca_file: Path | None = None
+
+    def trust(self) -> Any:
+        """How syft's connection to this site checks its certificate (``policies.tls``)."""
+        from policies.tls import Trust
+
+        return Trust(self.ca_file, self.fingerprint)
 
     def password(self) -> str:
         if self.password_env:
@@ -78,7 +90,7 @@ class Federation:
         raise FederationError(f"no site named {name!r} in {self.path}")
 
 
-SITE_KEYS = {"name", "url", "email", "password_file", "password_env"}
+SITE_KEYS = {"name", "url", "email", "password_file", "password_env", "fingerprint", "ca_file"}
 
 
 def _site(entry: dict, base: Path, index: int) -> SiteLogin:
@@ -102,5 +114,28 @@ def _site(entry: dict, base: Path, index: int) -> SiteLogin:
         raise FederationError(
             f"site {entry['name']}: give exactly one of password_file or password_env"
         )
-    path = (base / pf) if pf and not Path(pf).is_absolute() else (Path(pf) if pf else None)
-    return SiteLogin(entry["name"], entry["url"].rstrip("/"), entry["email"], path, pe)
+    path = _relative(base, pf)
+    url = str(entry["url"]).rstrip("/")
+    fingerprint, ca = entry.get("fingerprint"), entry.get("ca_file")
+    if (fingerprint or ca) and not url.startswith("https://"):
+        raise FederationError(
+            f"site {entry['name']}: fingerprint and ca_file are for an https:// url, not {url}"
+        )
+    if fingerprint and ca:
+        raise FederationError(f"site {entry['name']}: give fingerprint or ca_file, not both")
+    if fingerprint:
+        from policies.tls import TLSError, check_fingerprint
+
+        try:
+            fingerprint = check_fingerprint(str(fingerprint))
+        except TLSError as exc:
+            raise FederationError(f"site {entry['name']}: {exc}") from exc
+    return SiteLogin(
+        entry["name"], url, entry["email"], path, pe, fingerprint or None, _relative(base, ca)
+    )
+
+
+def _relative(base: Path, value: str | None) -> Path | None:
+    if not value:
+        return None
+    return Path(value) if Path(value).is_absolute() else base / value

@@ -12,6 +12,7 @@ import syft as sy
 from syft.service.policy.policy import OutputPolicyExecuteCount
 from syft.types.result import Err
 
+from policies import tls
 from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
 from policies.metadata import parse_meta
@@ -20,30 +21,7 @@ from researcher.errors import SiteError, Unreachable
 from researcher.federation import SiteLogin
 from researcher.job import as_function
 
-
-def _fail_fast_when_refused() -> None:
-    """syft's HTTP session retries a refused connection three times with back-off, printing a
-    warning each time (about 3.5 s per call to a site that is down). Retrying is this package's
-    job (``rounds.call_with_retry``): the session keeps syft's retries for everything but
-    connecting."""
-    import requests
-    from requests.adapters import HTTPAdapter
-    from syft.client.client import HTTPConnection
-    from urllib3.util.retry import Retry
-
-    def session(self: Any) -> requests.Session:
-        if self.session_cache is None:
-            new = requests.Session()
-            adapter = HTTPAdapter(max_retries=Retry(total=3, connect=0, backoff_factor=0.5))
-            new.mount("http://", adapter)
-            new.mount("https://", adapter)
-            self.session_cache = new
-        return self.session_cache
-
-    HTTPConnection.session = property(session)
-
-
-_fail_fast_when_refused()
+tls.install()  # syft's session: no connect retries (rounds retry), pinned trust for HTTPS
 
 
 @contextmanager
@@ -66,10 +44,13 @@ def connect(login: SiteLogin, fresh: bool = False) -> Any:
     """A logged-in client for ``login``, reused within this process: a syft login fetches the
     whole API (about 1.5 s), and one command often talks to a site several times. ``fresh``
     logs in again (after a dropped connection)."""
-    key = (login.url, login.email, hashlib.sha256(login.password().encode()).hexdigest())
+    secret = f"{login.password()}|{login.fingerprint}|{login.ca_file}"  # trust is part of it
+    key = (login.url, login.email, hashlib.sha256(secret.encode()).hexdigest())
     if not fresh and key in _SESSIONS:
         return _SESSIONS[key]
     host, _, port = login.url.rpartition(":")
+    if login.url.startswith("https://"):
+        tls.pin(login.url, login.trust())
     try:
         with syft_errors(f"{login.name}: login refused"), quiet():
             client = sy.login(

@@ -17,6 +17,7 @@ from datasites.data.mock import DEFAULT_MOCK_EPSILON, class_keys, make_mock
 from datasites.errors import AuthError, ServerError, TableError
 from datasites.serving import sessions
 from datasites.serving.config import SiteDir
+from policies import tls
 from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
 from policies.metadata import format_meta
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from datasites.data.tables import Table
 
 ASSET_NAME = "table"
+tls.install()  # syft's sessions: no connect retries, and pinned trust for HTTPS sites
 
 
 def syft_errors(what: str):  # noqa: ANN201
@@ -50,8 +52,11 @@ def login(url: str, email: str, password: str) -> Any:
 
 def admin_client(site: SiteDir) -> Any:
     """The admin's client, reused within this process (``sessions``): a syft login fetches the
-    whole API, about 1.5 s. ``process`` forgets it when it launches or stops the site."""
+    whole API, about 1.5 s. ``process`` forgets it when it launches or stops the site. Over
+    HTTPS the admin trusts the site's own certificate file, nothing else."""
     config = site.config()
+    if config.tls:
+        tls.pin(config.url, tls.Trust(ca_file=site.tls_cert))
     password = site.admin_password()
     return sessions.session(
         config.url,

@@ -32,6 +32,8 @@ CONFIG_FILE = "site.toml"
 PASSWORD_FILE = "admin-password"
 KEY_FILE = "identity.key"
 SPLIT_KEY_FILE = "split.key"
+TLS_CERT_FILE = "tls.crt"
+TLS_KEY_FILE = "tls.key"  # 0600
 DEFAULT_PORT = 8081
 ADMIN_EMAIL = "admin@fedsite.io"
 
@@ -45,10 +47,11 @@ class SiteConfig:
     db_url: str = ""
     admin_email: str = ADMIN_EMAIL
     secure_noise: bool = True  # kept so older site.toml files load; noise is always secure
+    tls: bool = False  # HTTPS only, with tls.crt / tls.key in DIR
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,20 @@ class SiteDir:
 
         return fingerprint(public_bytes(identity_of(self.signing_key()).public_key()))
 
+    @property
+    def tls_cert(self) -> Path:
+        return self.root / TLS_CERT_FILE
+
+    @property
+    def tls_key(self) -> Path:
+        return self.root / TLS_KEY_FILE
+
+    def tls_fingerprint(self) -> str:
+        """SHA-256 of the site's certificate: what researchers pin; '' without TLS."""
+        from policies.tls import fingerprint
+
+        return fingerprint(self.tls_cert.read_bytes()) if self.config().tls else ""
+
     def split_key(self) -> bytes:
         """The site's key for validation splits (0600); made on first use for older sites."""
         path = self.root / SPLIT_KEY_FILE
@@ -139,8 +156,12 @@ def init_site(
     port: int = DEFAULT_PORT,
     db_url: str = "",
     host: str = "127.0.0.1",
+    tls: tuple[bytes, bytes] | None = None,
 ) -> SiteConfig:
-    """Create DIR with config, identity and a fresh admin password; refuse to overwrite one."""
+    """Create DIR with config, identity and a fresh admin password; refuse to overwrite one.
+
+    ``tls``: (key PEM, certificate PEM): the site then serves HTTPS only.
+    """
     site = SiteDir(root)
     if site.config_path.exists():
         raise ConfigError(f"{root} already holds a datasite; pick another --dir")
@@ -157,7 +178,11 @@ def init_site(
         server_uid=uuid.uuid4().hex,
         host=host,
         db_url=db_url,
+        tls=tls is not None,
     )
+    if tls is not None:
+        _write_secret(root / TLS_KEY_FILE, tls[0].decode())
+        _write_secret(root / TLS_CERT_FILE, tls[1].decode())
     _write_secret(root / KEY_FILE, secrets.token_hex(32))  # an ed25519 seed, as syft stores it
     _write_secret(root / PASSWORD_FILE, secrets.token_urlsafe(24))
     _write_secret(root / SPLIT_KEY_FILE, secrets.token_hex(32))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -29,6 +31,7 @@ class SiteStatus:
     running: bool
     responding: bool
     fingerprint: str = ""  # SHA-256 of the identity key: this site among a job's peers
+    tls_fingerprint: str = ""  # SHA-256 of the TLS certificate: what researchers pin
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -39,6 +42,7 @@ class SiteStatus:
             "running": self.running,
             "responding": self.responding,
             "fingerprint": self.fingerprint,
+            "tls_fingerprint": self.tls_fingerprint,
         }
 
 
@@ -57,9 +61,13 @@ def server_pid(site: SiteDir) -> int | None:
     return pid if alive and "datasites.serving.serve" in cmd else None
 
 
-def responding(url: str, timeout: float = 2.0) -> bool:
+def responding(url: str, timeout: float = 2.0, cafile: Path | None = None) -> bool:
+    """Whether syft's metadata route answers; over HTTPS, trusting only the site's own cert."""
+    context = ssl.create_default_context(cafile=str(cafile)) if url.startswith("https") else None
     try:
-        with urllib.request.urlopen(f"{url}/api/v2/metadata", timeout=timeout) as resp:
+        with urllib.request.urlopen(
+            f"{url}/api/v2/metadata", timeout=timeout, context=context
+        ) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -72,7 +80,7 @@ def require_answering(site: SiteDir) -> None:
     and logs in: a dead server used to cost 10 s of urllib3 retries and three warnings.
     """
     config = site.config()
-    if not responding(config.url):
+    if not responding(config.url, cafile=site.tls_cert):
         raise ServerError(
             f"no datasite answers at {config.url}; start it with "
             f"'datasite launch --dir {site.root} --detach'"
@@ -82,9 +90,16 @@ def require_answering(site: SiteDir) -> None:
 def status(site: SiteDir) -> SiteStatus:
     config = site.config()
     pid = server_pid(site)
-    up = pid is not None and responding(config.url)
+    up = pid is not None and responding(config.url, cafile=site.tls_cert)
     return SiteStatus(
-        config.name, config.url, config.port, pid, pid is not None, up, site.fingerprint()
+        config.name,
+        config.url,
+        config.port,
+        pid,
+        pid is not None,
+        up,
+        site.fingerprint(),
+        site.tls_fingerprint(),
     )
 
 
@@ -132,7 +147,7 @@ def launch_detached(site: SiteDir, timeout: float = READY_TIMEOUT_S) -> SiteStat
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ServerError(f"server exited with code {proc.returncode}; see {site.log_path}")
-        if responding(config.url, timeout=1.0):
+        if responding(config.url, timeout=1.0, cafile=site.tls_cert):
             return status(site)
         time.sleep(0.2)
     proc.kill()

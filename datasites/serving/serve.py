@@ -78,6 +78,9 @@ def serve(root: Path) -> None:
             port=config.port,
             factory=True,
             log_level="warning",
+            # HTTPS only when the site has a certificate (datasite init --self-signed / --tls-cert)
+            ssl_certfile=str(site.tls_cert) if config.tls else None,
+            ssl_keyfile=str(site.tls_key) if config.tls else None,
         )
     finally:
         if site.pid_path.exists() and site.pid_path.read_text().strip() == str(os.getpid()):
