@@ -83,7 +83,25 @@ class Site:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """Test sites serve HTTPS only (``datasite init --self-signed``), as deployed ones do."""
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def fingerprint(self) -> str:
+        """The site's TLS certificate fingerprint: what a researcher pins."""
+        from datasites.serving.config import SiteDir
+
+        return SiteDir(self.dir).tls_fingerprint()
+
+    def login(self, email: str, password: str):  # noqa: ANN201
+        """A plain syft client, trusting this site's certificate only."""
+        import syft as sy
+
+        from policies import tls
+
+        tls.install()
+        tls.pin(self.url, tls.Trust(fingerprint=self.fingerprint))
+        return sy.login(url="https://127.0.0.1", port=self.port, email=email, password=password)
 
     @property
     def password(self) -> str:
@@ -110,17 +128,15 @@ class Site:
             for m in (r["mechanism"] for r in ledger.public_releases(dataset))
         ]
 
-    def admin(self):
-        import syft as sy
-
-        return sy.login(
-            url="http://127.0.0.1", port=self.port, email="admin@fedsite.io", password=self.password
-        )
+    def admin(self):  # noqa: ANN201
+        return self.login("admin@fedsite.io", self.password)
 
 
 def make_site(root: Path, name: str) -> Site:
     site = Site(root / name, name, free_port())
-    run_cli("datasite", "init", name, "--dir", str(site.dir), "--port", str(site.port))
+    run_cli(
+        "datasite", "init", name, "--dir", str(site.dir), "--port", str(site.port), "--self-signed"
+    )
     site.cli("launch", "--detach")
     return site
 
@@ -134,7 +150,16 @@ def make_sites(root: Path, *names: str) -> list[Site]:
 
     made = [Site(root / name, name, free_port()) for name in names]
     for site in made:
-        run_cli("datasite", "init", site.name, "--dir", str(site.dir), "--port", str(site.port))
+        run_cli(
+            "datasite",
+            "init",
+            site.name,
+            "--dir",
+            str(site.dir),
+            "--port",
+            str(site.port),
+            "--self-signed",
+        )
     with ThreadPoolExecutor(len(made)) as pool:
         list(pool.map(lambda site: launch_detached(SiteDir(site.dir)), made))
     return made

@@ -87,7 +87,7 @@ def arena(tmp_path_factory, breast_cancer_csv: Path) -> Iterator[Arena]:
         creds = last_json(site.cli("users", "add", "--email", email, "--name", email, "--json"))
         path = root / f"{email}.pw"
         path.write_text(creds["password"])
-        logins[email] = SiteLogin("hospital-a", site.url, email, path)
+        logins[email] = SiteLogin("hospital-a", site.url, email, path, fingerprint=site.fingerprint)
         site.cli("budget", "set", "--researcher", email, "--dataset", DATASET, "--epsilon", "20")
     rows = breast_cancer_frame().drop(columns=["target"]).to_numpy(np.float64)
     yield Arena(site, logins, rows)
@@ -167,6 +167,6 @@ def assert_nothing_private(arena: Arena, reply: Any) -> None:
 
 
 def assert_serving(arena: Arena) -> None:
-    assert responding(arena.site.url)
+    assert responding(arena.site.url, cafile=arena.site.dir / "tls.crt")
     client = arena.client(ADA)
     assert arena.asset(client) is not None

@@ -43,6 +43,7 @@ def federation(request, tmp_path_factory, breast_cancer_csv: Path):
             f'url = "{s.url}"',
             f'email = "{EMAIL}"',
             f'password_file = "{s.name}.pw"',
+            f'fingerprint = "{s.fingerprint}"',
             "",
         ]
     (root / "federation.toml").write_text("\n".join(lines))

@@ -24,7 +24,9 @@ def test_budget_holds_and_survives_kill_9(federation) -> None:
     email = "bob@uni.edu"
     creds = last_json(a.cli("users", "add", "--email", email, "--name", "Bob", "--json"))
     (fed.path.parent / "bob.pw").write_text(creds["password"])
-    login = fed.site("hospital-a").__class__("hospital-a", a.url, email, fed.path.parent / "bob.pw")
+    login = fed.site("hospital-a").__class__(
+        "hospital-a", a.url, email, fed.path.parent / "bob.pw", fingerprint=a.fingerprint
+    )
     plan = {"rounds": 1, "target_epsilon": 1.2, "batch_size": 64}
     probe = job(plan)
     p = privacy_plan(probe.plan, a.published_rows("cancer"))
@@ -81,7 +83,9 @@ def test_two_concurrent_jobs_race_for_the_last_of_a_budget(federation) -> None:
         "--epsilon",
         str((one + two) / 2),
     )
-    login = fed.site("hospital-a").__class__("hospital-a", a.url, email, fed.path.parent / "cy.pw")
+    login = fed.site("hospital-a").__class__(
+        "hospital-a", a.url, email, fed.path.parent / "cy.pw", fingerprint=a.fingerprint
+    )
     client = sites.connect(login)
     asset = sites.find_asset(client, "cancer")
     specs = [job(plan) for _ in range(2)]

@@ -21,6 +21,7 @@ from datasites.review.access import DatasetPolicy, PolicyStore
 from datasites.review.queue import ReviewQueue
 from datasites.serving import admin, process
 from datasites.serving.config import SiteDir, init_site
+from policies.tls import self_signed
 from researcher import api
 from researcher.federation import Federation
 from researcher.job import make_job
@@ -34,7 +35,7 @@ MODEL = nn.Linear(30, 2)  # breast cancer: 30 features, 2 classes
 
 def start(root: Path, name: str, frame) -> SiteDir:
     site = SiteDir(root / name)
-    init_site(site.root, name, port=free_port())
+    init_site(site.root, name, port=free_port(), tls=self_signed("127.0.0.1"))
     process.launch_detached(site)
     admin.upload(site, "cancer", validate_table(frame, "target"))
     (root / f"{name}.pw").write_text(admin.add_user(site, EMAIL, "Ada"))
@@ -58,6 +59,7 @@ def test_a_killed_site_is_skipped_and_rejoins_on_resume(tmp_path: Path) -> None:
         (tmp_path / "fed.toml").write_text(
             "\n".join(
                 f'[[sites]]\nname = "{s.config().name}"\nurl = "{s.config().url}"\n'
+                f'fingerprint = "{s.tls_fingerprint()}"\n'
                 f'email = "{EMAIL}"\npassword_file = "{s.config().name}.pw"\n'
                 for s in sites
             )

@@ -104,7 +104,11 @@ def _walk(walk: Walk, owner: list, researcher: list, toml: str, job_py: str) -> 
     secrets = walk.root / "secrets"
     secrets.mkdir()
     (secrets / "hospital-a").write_text(password)
-    (walk.root / "federation.toml").write_text(toml.replace("8081", walk.port))
+    from datasites.serving.config import SiteDir
+
+    fingerprint = SiteDir(walk.root / "sites" / "a").tls_fingerprint()  # as init printed it
+    toml = toml.replace("8081", walk.port).replace("SHA256-OF-THE-SITE-CERTIFICATE", fingerprint)
+    (walk.root / "federation.toml").write_text(toml)
     (walk.root / "job.py").write_text(job_py)
 
     by_verb = {c[1]: c for c in researcher if "--resume" not in c}

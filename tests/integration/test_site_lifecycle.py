@@ -17,8 +17,8 @@ from tests.conftest import Site, free_port, last_json, make_site, run_cli
 pytestmark = pytest.mark.integration
 
 
-def researcher_login(site: Site, email: str, password: str):
-    return sy.login(url="http://127.0.0.1", port=site.port, email=email, password=password)
+def researcher_login(site: Site, email: str, password: str):  # noqa: ANN201
+    return site.login(email, password)
 
 
 def test_init_writes_secret_files_0600_and_never_the_default_password(tmp_path: Path) -> None:
@@ -80,9 +80,7 @@ def test_full_lifecycle_survives_kill_9(tmp_path: Path, breast_cancer_csv: Path)
         assert not last_json(site.cli("status", "--json"))["running"]
 
         site.cli("launch", "--detach")
-        admin = sy.login(
-            url="http://127.0.0.1", port=site.port, email="admin@fedsite.io", password=site.password
-        )
+        admin = site.login("admin@fedsite.io", site.password)
         assert [d.name for d in admin.datasets.get_all()] == ["cancer"]
         assert "ada@uni.edu" in [u.email for u in admin.users.get_all()]
         states = {r.code.service_func_name: r.status.name for r in admin.requests}
@@ -198,13 +196,11 @@ def test_bad_inputs_leave_state_untouched(
 
 def test_wrong_password_is_refused(site: Site) -> None:
     with pytest.raises(Exception, match="Invalid credentials"):
-        sy.login(url="http://127.0.0.1", port=site.port, email="admin@fedsite.io", password="wrong")
+        site.login("admin@fedsite.io", "wrong")
     with pytest.raises(Exception):  # noqa: B017  the syft default admin does not exist
-        sy.login(
-            url="http://127.0.0.1",
-            port=site.port,
-            email="info@openmined.org",
-            password="changethis",
+        site.login(
+            "info@openmined.org",
+            "changethis",
         )
     (site.dir / "admin-password").chmod(0o600)
     good = site.password
@@ -236,17 +232,13 @@ def test_a_researcher_password_is_reset_and_an_account_removed(site: Site) -> No
     new = last_json(site.cli("users", "reset-password", "--email", "cy@uni.edu", "--json"))
     assert new["password"] != first["password"]
     with pytest.raises(Exception, match="Invalid credentials"):
-        sy.login(
-            url="http://127.0.0.1", port=site.port, email="cy@uni.edu", password=first["password"]
-        )
-    sy.login(url="http://127.0.0.1", port=site.port, email="cy@uni.edu", password=new["password"])
+        site.login("cy@uni.edu", first["password"])
+    site.login("cy@uni.edu", new["password"])
     refused = site.cli("users", "remove", "--email", "admin@fedsite.io", check=False)
     assert refused.returncode == 1 and "not a researcher account" in refused.stderr
     site.cli("users", "remove", "--email", "cy@uni.edu")
     with pytest.raises(Exception):  # noqa: B017  the account is gone
-        sy.login(
-            url="http://127.0.0.1", port=site.port, email="cy@uni.edu", password=new["password"]
-        )
+        site.login("cy@uni.edu", new["password"])
     emails = [u["email"] for u in last_json(site.cli("users", "list", "--json"))]
     assert "cy@uni.edu" not in emails and "admin@fedsite.io" in emails
     gone = site.cli("users", "reset-password", "--email", "cy@uni.edu", check=False)
