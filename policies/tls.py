@@ -114,12 +114,22 @@ def trust_for(url: str) -> Trust | None:
         return _PINS.get(_key(url))
 
 
-def install() -> None:
+@dataclass(frozen=True)
+class SyftClient:
+    """The pieces of syft's client that :func:`install` patches, handed in by each wing
+    (``policies`` is the syft-free contract and imports no syft itself)."""
+
+    http_connection: Any  # syft.client.client.HTTPConnection
+    server_url: Any  # syft.types.server_url.ServerURL
+    serialize: Any  # syft.serde.serialize._serialize
+    deserialize: Any  # syft.serde.deserialize._deserialize
+
+
+def install(syft: SyftClient) -> None:
     """Give syft's HTTP session, in this process, an adapter that (1) does not retry a refused
     connection (this package retries, with backoff, where it means to) and (2) verifies each
     HTTPS site against what :func:`pin` holds for it."""
     import requests
-    from syft.client.client import HTTPConnection
 
     def session(self: Any) -> requests.Session:
         if self.session_cache is None:
@@ -130,48 +140,18 @@ def install() -> None:
             self.session_cache = new
         return self.session_cache
 
-    HTTPConnection.session = property(session)
-    _keep_https_ports()
-    _api_calls_through_the_session()
+    syft.http_connection.session = property(session)
+    _keep_https_ports(syft.server_url)
+    _api_calls_through_the_session(syft)
 
 
-def _api_calls_through_the_session() -> None:
-    """syft 0.9.5 sends every API call with a bare ``requests.post`` (a new session each time,
-    the system CAs), bypassing the connection's session: pinned trust would not apply, and no
-    connection was kept alive. The call now goes through ``self.session``; the rest is syft's."""
-    import requests
-    from syft.client.client import HTTPConnection
-    from syft.serde.deserialize import _deserialize
-    from syft.serde.serialize import _serialize
-
-    original = HTTPConnection.make_call
-    if getattr(original, "_fedsite_session", False):
-        return
-
-    def make_call(self: Any, signed_call: Any) -> Any:
-        if self.rtunnel_token:  # syft's proxy path, untouched
-            return original(self, signed_call)
-        body = _serialize(obj=signed_call, to_bytes=True)
-        response = self.session.post(url=str(self.api_url), data=body, headers=self.headers)
-        if response.status_code != 200:
-            raise requests.ConnectionError(
-                f"Failed to fetch metadata. Response returned with code {response.status_code}"
-            )
-        return _deserialize(response.content, from_bytes=True)
-
-    make_call._fedsite_session = True  # type: ignore[attr-defined]
-    HTTPConnection.make_call = make_call  # type: ignore[method-assign]
-
-
-def _keep_https_ports() -> None:
+def _keep_https_ports(server_url: Any) -> None:
     """syft 0.9.5's ``ServerURL.from_url`` sets the port of every ``https://`` URL to 443, and
     ``with_path`` (each request) goes through it, so a site on https://host:8443 was called on
     443. The explicit port is kept; a URL without one still gets 443."""
     from urllib.parse import urlsplit
 
-    from syft.types.server_url import ServerURL
-
-    original = ServerURL.from_url.__func__  # type: ignore[attr-defined]
+    original = server_url.from_url.__func__
     if getattr(original, "_fedsite_keeps_port", False):
         return
 
@@ -184,7 +164,32 @@ def _keep_https_ports() -> None:
         return parsed
 
     from_url._fedsite_keeps_port = True  # type: ignore[attr-defined]
-    ServerURL.from_url = classmethod(from_url)  # type: ignore[method-assign]
+    server_url.from_url = classmethod(from_url)
+
+
+def _api_calls_through_the_session(syft: SyftClient) -> None:
+    """syft 0.9.5 sends every API call with a bare ``requests.post`` (a new session each time,
+    the system CAs), bypassing the connection's session: pinned trust would not apply, and no
+    connection was kept alive. The call now goes through ``self.session``; the rest is syft's."""
+    import requests
+
+    original = syft.http_connection.make_call
+    if getattr(original, "_fedsite_session", False):
+        return
+
+    def make_call(self: Any, signed_call: Any) -> Any:
+        if self.rtunnel_token:  # syft's proxy path, untouched
+            return original(self, signed_call)
+        body = syft.serialize(obj=signed_call, to_bytes=True)
+        response = self.session.post(url=str(self.api_url), data=body, headers=self.headers)
+        if response.status_code != 200:
+            raise requests.ConnectionError(
+                f"Failed to fetch metadata. Response returned with code {response.status_code}"
+            )
+        return syft.deserialize(response.content, from_bytes=True)
+
+    make_call._fedsite_session = True  # type: ignore[attr-defined]
+    syft.http_connection.make_call = make_call
 
 
 def _adapter_base() -> Any:

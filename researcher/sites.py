@@ -9,8 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import syft as sy
+from syft.client.client import HTTPConnection
+from syft.serde.deserialize import _deserialize
+from syft.serde.serialize import _serialize
 from syft.service.policy.policy import OutputPolicyExecuteCount
 from syft.types.result import Err
+from syft.types.server_url import ServerURL
 
 from policies import tls
 from policies.console import quiet
@@ -21,7 +25,8 @@ from researcher.errors import SiteError, Unreachable
 from researcher.federation import SiteLogin
 from researcher.job import as_function
 
-tls.install()  # syft's session: no connect retries (rounds retry), pinned trust for HTTPS
+# syft's session: no connect retries (rounds retry), pinned trust for HTTPS
+tls.install(tls.SyftClient(HTTPConnection, ServerURL, _serialize, _deserialize))
 
 
 @contextmanager

@@ -37,6 +37,7 @@ from datasites.ledger.store import SiteStore
 from datasites.review.access import DatasetPolicy, PolicyStore
 from datasites.serving import admin, process
 from datasites.serving.config import SiteDir, init_site
+from policies.tls import self_signed
 from researcher import api
 from researcher.federation import Federation
 from researcher.job import make_job
@@ -88,12 +89,18 @@ def split_data(seed: int = 0) -> tuple[list[pd.DataFrame], pd.DataFrame]:
     return [pd.concat(p).reset_index(drop=True) for p in shares], test.reset_index(drop=True)
 
 
-def start_site(
-    work: Path, name: str, data: pd.DataFrame, epsilon: float, dataset: str = "breast-cancer"
+def start_site(  # noqa: PLR0913
+    work: Path,
+    name: str,
+    data: pd.DataFrame,
+    epsilon: float,
+    dataset: str = "breast-cancer",
+    tls: bool = False,
 ) -> SiteDir:
-    """A launched datasite holding ``data``, with Ada allowed and budgeted (demo defaults)."""
+    """A launched datasite holding ``data``, with Ada allowed and budgeted (demo defaults);
+    ``tls``: HTTPS only, with a self-signed certificate the federation file pins."""
     site = SiteDir(work / name)
-    init_site(site.root, name, port=free_port())
+    init_site(site.root, name, port=free_port(), tls=self_signed("127.0.0.1") if tls else None)
     process.launch_detached(site)
     admin.upload(site, dataset, validate_table(data, "target"), description=f"{name}: {dataset}")
     (work / f"{name}.password").write_text(admin.add_user(site, EMAIL, "Ada"))
@@ -113,7 +120,8 @@ def write_federation(work: Path, sites: list[SiteDir]) -> Federation:
     path.write_text(
         "\n".join(
             f'[[sites]]\nname = "{s.config().name}"\nurl = "{s.config().url}"\n'
-            f'email = "{EMAIL}"\npassword_file = "{s.config().name}.password"\n'
+            + (f'fingerprint = "{s.tls_fingerprint()}"\n' if s.config().tls else "")
+            + f'email = "{EMAIL}"\npassword_file = "{s.config().name}.password"\n'
             for s in sites
         )
     )
@@ -179,6 +187,9 @@ def main() -> None:
         action="store_true",
         help="secure aggregation: the researcher sees only the masked sum of the updates",
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="HTTPS only, each site's certificate pinned"
+    )
     args = parser.parse_args()
     if args.seeds < 1 or (args.keep and args.seeds > 1):
         parser.error("--seeds must be at least 1, and --keep needs a single run")
@@ -237,7 +248,7 @@ def run_once(args: argparse.Namespace, seed: int, say) -> dict:  # noqa: ANN001
     )
     with ThreadPoolExecutor(3) as pool:
         futures = [
-            pool.submit(start_site, work, name, share, args.epsilon)
+            pool.submit(start_site, work, name, share, args.epsilon, tls=args.tls)
             for name, share in zip(SITES, shares, strict=True)
         ]
     sites = [f.result() for f in futures if f.exception() is None]
@@ -310,6 +321,7 @@ def run_once(args: argparse.Namespace, seed: int, say) -> dict:  # noqa: ANN001
             "seconds": round(time.time() - started, 1),
             "privacy": privacy,
             "aggregation": spec.plan.aggregation,
+            "tls": args.tls,
             "run_dir": str(work / "run"),
         }
     finally:

@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import syft as sy
+from syft.client.client import HTTPConnection
+from syft.serde.deserialize import _deserialize
+from syft.serde.serialize import _serialize
+from syft.types.server_url import ServerURL
 
 from datasites.data.mock import DEFAULT_MOCK_EPSILON, class_keys, make_mock
 from datasites.errors import AuthError, ServerError, TableError
@@ -27,7 +31,8 @@ if TYPE_CHECKING:
     from datasites.data.tables import Table
 
 ASSET_NAME = "table"
-tls.install()  # syft's sessions: no connect retries, and pinned trust for HTTPS sites
+# syft's sessions: no connect retries, and pinned trust for HTTPS sites
+tls.install(tls.SyftClient(HTTPConnection, ServerURL, _serialize, _deserialize))
 
 
 def syft_errors(what: str):  # noqa: ANN201

@@ -9,16 +9,14 @@ and a logged-out session is dead.
 from __future__ import annotations
 
 import re
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from datasites.console.app import create_app
-from datasites.serving.config import SiteDir
 from researcher import api
 from tests.conftest import free_port
 from tests.integration.conftest import EMAIL, events, job
@@ -29,22 +27,37 @@ SITE_NAMES = ("hospital-a",)
 
 @pytest.fixture(scope="module")
 def console(federation):
+    """``datasite console`` as an admin runs it: a child process serving on a loopback port."""
     fed, (site,) = federation
     site.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "10")
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(SiteDir(site.dir)), host="127.0.0.1", port=port, log_level="warning"
-        )
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "datasites.cli",
+            "console",
+            "--dir",
+            str(site.dir),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield fed, site, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/login", timeout=1.0).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    try:
+        yield fed, site, url
+    finally:
+        child.terminate()
+        child.wait(10)
 
 
 def _csrf(html: str) -> str:
@@ -55,7 +68,7 @@ def test_log_in_review_and_approve_a_pending_request(console, tmp_path: Path) ->
     fed, site, url = console
     spec = job({"rounds": 1, "noise_multiplier": 1.5, "batch_size": 64})
     api.submit(fed, spec)
-    with httpx.Client(base_url=url) as web:
+    with httpx.Client(base_url=url, timeout=60.0) as web:
         assert web.get("/").headers["location"] == "/login"  # no page without a login
         assert web.post("/login", data={"password": "wrong"}).status_code == 401
         home = web.post("/login", data={"password": site.password}, follow_redirects=True)
@@ -89,7 +102,7 @@ def test_log_in_review_and_approve_a_pending_request(console, tmp_path: Path) ->
         plot = web.get("/epsilon.png")
         assert plot.headers["content-type"] == "image/png" and plot.content[:4] == b"\x89PNG"
         web.post("/logout", data={"csrf": _csrf(done.text)})
-    with httpx.Client(base_url=url, cookies={"fedsite_console": cookie}) as stale:
+    with httpx.Client(base_url=url, cookies={"fedsite_console": cookie}, timeout=60.0) as stale:
         assert stale.get("/").headers["location"] == "/login"  # the session died at logout
 
 
@@ -97,7 +110,7 @@ def test_deny_needs_a_reason_and_the_researcher_sees_it(console) -> None:
     fed, site, url = console
     spec = job({"rounds": 1, "noise_multiplier": 1.5, "batch_size": 64})
     api.submit(fed, spec)
-    with httpx.Client(base_url=url) as web:
+    with httpx.Client(base_url=url, timeout=60.0) as web:
         home = web.post("/login", data={"password": site.password}, follow_redirects=True)
         rid = next(
             m
@@ -123,7 +136,7 @@ def test_deny_needs_a_reason_and_the_researcher_sees_it(console) -> None:
 
 def test_repeated_wrong_passwords_lock_the_login(console) -> None:
     _, site, url = console
-    with httpx.Client(base_url=url) as web:
+    with httpx.Client(base_url=url, timeout=60.0) as web:
         for _ in range(5):
             assert web.post("/login", data={"password": "guess"}).status_code == 401
         locked = web.post("/login", data={"password": site.password})

@@ -72,7 +72,7 @@ def test_no_import_cycle_in_datasites() -> None:
 
 def test_every_datasites_room_says_what_it_holds() -> None:
     rooms = [p for p in (ROOT / "datasites").iterdir() if (p / "__init__.py").exists()]
-    assert {p.name for p in rooms} == {"data", "ledger", "review", "serving", "training"}
+    assert {p.name for p in rooms} == {"console", "data", "ledger", "review", "serving", "training"}
     for room in rooms:
         doc = ast.get_docstring(ast.parse((room / "__init__.py").read_text()))
         assert doc and len(doc.splitlines()) == 1, room.name
