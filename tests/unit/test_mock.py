@@ -129,3 +129,18 @@ def test_every_class_of_the_label_set_appears_even_when_its_noisy_count_is_not_p
     for seed in range(3):
         mock = M.make_mock(frame, "y", rows=100, epsilon=0.2, seed=seed).mock
         assert set(mock["y"]) == {0, 1, 2}
+
+
+def test_a_lone_noise_spike_far_from_the_bulk_does_not_stretch_the_range() -> None:
+    """One mock in six stretched a column [8, 36] to [7, 5e5]: a single noise count past the
+    threshold, far away, was taken as the range's end."""
+    counts = np.zeros(len(M.GRID) - 1, np.int64)
+    bulk = int(np.searchsorted(M.GRID, 10.0))
+    counts[bulk : bulk + 3] = [200, 300, 100]
+    counts[bulk + 25] = 6  # a spike of noise, about 5 sds, six decades up
+    lo, hi = M._dp_range(counts, sigma=1.2)
+    assert lo <= 10.0 and 10.0 < hi < 100.0
+    bimodal = counts.copy()
+    bimodal[bulk + 25] = 0
+    bimodal[bulk + 6] = 150  # a real second mode one and a half decades up stays in
+    assert M._dp_range(bimodal, sigma=1.2)[1] > M.GRID[bulk + 6]
