@@ -168,9 +168,12 @@ def _keep_https_ports(server_url: Any) -> None:
 
 
 def _api_calls_through_the_session(syft: SyftClient) -> None:
-    """syft 0.9.5 sends every API call with a bare ``requests.post`` (a new session each time,
-    the system CAs), bypassing the connection's session: pinned trust would not apply, and no
-    connection was kept alive. The call now goes through ``self.session``; the rest is syft's."""
+    """syft 0.9.5 sends every API call with a bare ``requests.post``, which trusts the system
+    CAs whatever was pinned. The call now goes through a fresh session with the pinned adapter.
+
+    Fresh, as syft's was: a kept-alive connection that the server closed while idle fails the
+    next POST, and a POST (a training round) must not be retried blindly. The rest is syft's.
+    """
     import requests
 
     original = syft.http_connection.make_call
@@ -181,7 +184,10 @@ def _api_calls_through_the_session(syft: SyftClient) -> None:
         if self.rtunnel_token:  # syft's proxy path, untouched
             return original(self, signed_call)
         body = syft.serialize(obj=signed_call, to_bytes=True)
-        response = self.session.post(url=str(self.api_url), data=body, headers=self.headers)
+        with requests.Session() as once:
+            once.mount("http://", PinnedAdapter())
+            once.mount("https://", PinnedAdapter())
+            response = once.post(url=str(self.api_url), data=body, headers=self.headers)
         if response.status_code != 200:
             raise requests.ConnectionError(
                 f"Failed to fetch metadata. Response returned with code {response.status_code}"

@@ -78,6 +78,9 @@ def serve(root: Path) -> None:
             port=config.port,
             factory=True,
             log_level="warning",
+            # clients keep connections alive; without a bound, SIGTERM waited for them until
+            # 'datasite stop' gave up and killed the server (15 s a stop over HTTPS)
+            timeout_graceful_shutdown=2,
             # HTTPS only when the site has a certificate (datasite init --self-signed / --tls-cert)
             ssl_certfile=str(site.tls_cert) if config.tls else None,
             ssl_keyfile=str(site.tls_key) if config.tls else None,
