@@ -133,11 +133,9 @@ def install(syft: SyftClient) -> None:
 
     def session(self: Any) -> requests.Session:
         if self.session_cache is None:
-            new = requests.Session()
-            adapter = PinnedAdapter()
-            new.mount("http://", adapter)
-            new.mount("https://", adapter)
-            self.session_cache = new
+            # the trust pinned for this URL when the connection first talks: a later pin for
+            # the same host and port (another login) never changes an open connection's trust
+            self.session_cache = _session(trust_for(str(self.url)))
         return self.session_cache
 
     syft.http_connection.session = property(session)
@@ -184,9 +182,7 @@ def _api_calls_through_the_session(syft: SyftClient) -> None:
         if self.rtunnel_token:  # syft's proxy path, untouched
             return original(self, signed_call)
         body = syft.serialize(obj=signed_call, to_bytes=True)
-        with requests.Session() as once:
-            once.mount("http://", PinnedAdapter())
-            once.mount("https://", PinnedAdapter())
+        with _session(self.session.get_adapter("https://").trust) as once:
             response = once.post(url=str(self.api_url), data=body, headers=self.headers)
         if response.status_code != 200:
             raise requests.ConnectionError(
@@ -196,6 +192,16 @@ def _api_calls_through_the_session(syft: SyftClient) -> None:
 
     make_call._fedsite_session = True  # type: ignore[attr-defined]
     syft.http_connection.make_call = make_call
+
+
+def _session(trust: Trust | None) -> Any:
+    import requests
+
+    new = requests.Session()
+    adapter = PinnedAdapter(trust)
+    new.mount("http://", adapter)
+    new.mount("https://", adapter)
+    return new
 
 
 def _adapter_base() -> Any:
@@ -212,13 +218,14 @@ class PinnedAdapter(_adapter_base()):  # type: ignore[misc]
     certificate fingerprint (urllib3's ``assert_fingerprint``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, trust: Trust | None = None) -> None:
         from urllib3.util.retry import Retry
 
         super().__init__(max_retries=Retry(total=3, connect=0, backoff_factor=0.5))
+        self.trust = trust
 
     def send(self, request: Any, **kwargs: Any) -> Any:
-        trust = trust_for(request.url) if str(request.url).startswith("https://") else None
+        trust = self.trust if str(request.url).startswith("https://") else None
         if trust is not None and trust.fingerprint:
             kwargs["verify"] = False
             self.poolmanager.connection_pool_kw["assert_fingerprint"] = trust.fingerprint
