@@ -72,6 +72,20 @@ class JobState:
     def put_detail(self, code_id: str, kind: str, detail: dict[str, Any]) -> None:
         self._put(code_id, kind, {}, detail)
 
+    def claim(self, code_id: str, kind: str, detail: dict[str, Any]) -> dict[str, Any]:
+        """Store ``detail`` unless a record exists; either way return the stored one. Check and
+        write are one transaction: two concurrent calls cannot both believe they were first
+        (red team: a site signed two survivor sets for one round that way)."""
+        with self.store.immediate() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO job_state VALUES (?, ?, ?, ?, ?)",
+                (code_id, kind, b"", json.dumps(detail), datetime.now(UTC).isoformat()),
+            )
+            row = conn.execute(
+                "SELECT detail FROM job_state WHERE code_id = ? AND kind = ?", (code_id, kind)
+            ).fetchone()
+        return json.loads(row[0])
+
     def _put(self, code_id: str, kind: str, arrays: dict[str, np.ndarray], detail: dict) -> None:
         buf = io.BytesIO()
         np.savez(buf, **arrays)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 from typing import Any
 
 import numpy as np
@@ -83,8 +84,6 @@ class SecureSite:
         """Refuse a round whose participant list is not the approved peers' signed keys; else
         the pair seeds with every other participant. Runs before anything is charged."""
         label = str(env["label"])
-        if self._get(f"round:{label}") is not None:
-            raise Refused(f"round label {label!r} was used before; nothing ran")
         entries = env.get("participants")
         if not isinstance(entries, list) or len(entries) > secagg.MAX_SITES:
             raise Refused("the participant list must be a list of at most 64 sites")
@@ -102,6 +101,9 @@ class SecureSite:
                 f"{len(keys)} participant(s), fewer than the {min_sites} this dataset's policy "
                 "requires for secure aggregation; nothing ran"
             )
+        claim = secrets.token_hex(8)  # this call's, atomically: a label masks once
+        if self._claim(f"label:{label}", {"by": claim})["by"] != claim:
+            raise Refused(f"round label {label!r} was used before; nothing ran")
         private = self._x25519()
         return {
             site: secagg.pair_seed(private, key, self.spec.job_id, label)
@@ -127,13 +129,11 @@ class SecureSite:
 
     def sign(self, env: dict[str, Any], min_sites: int) -> dict[str, Any]:
         label, survivors = self._survivors(env, min_sites)
-        signed = self._get(f"signed:{label}")
-        if signed is not None and signed["survivors"] != survivors:
+        signed = self._claim(f"signed:{label}", {"survivors": survivors})
+        if signed["survivors"] != survivors:
             raise Refused(
                 f"this site already signed another survivor set for round {label!r}; refused"
             )
-        if signed is None:
-            self._put(f"signed:{label}", {"survivors": survivors})
         message = secagg.survivors_message(self.spec.job_id, label, survivors)
         return {"status": "ok", "signature": secagg.b64(self.identity.sign(message))}
 
@@ -156,10 +156,12 @@ class SecureSite:
                 raise Refused(f"survivor {site[:12]} did not sign the survivor set; refused")
         private = self._x25519()
         keys = {site: _unb64(e["key"], 32) for site, e in self._entries(env).items()}
+        gone = [site for site in round_state["participants"] if site not in survivors]
+        if any(site not in keys for site in gone):
+            raise Refused("unmask must relay the round's whole participant list; refused")
         dropped = {
             site: secagg.b64(secagg.pair_seed(private, keys[site], self.spec.job_id, label))
-            for site in round_state["participants"]
-            if site not in survivors
+            for site in gone
         }
         return {
             "status": "ok",
@@ -221,11 +223,11 @@ class SecureSite:
 
     def _x25519(self) -> X25519PrivateKey:
         stored = self._get("key")
-        if stored is None:
-            key = X25519PrivateKey.generate()
-            raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-            self._put("key", {"x25519": raw.hex()})
-            return key
+        if stored is None:  # first use: one key per job even when two hellos overlap
+            raw = X25519PrivateKey.generate().private_bytes(
+                Encoding.Raw, PrivateFormat.Raw, NoEncryption()
+            )
+            stored = self._claim("key", {"x25519": raw.hex()})
         return X25519PrivateKey.from_private_bytes(bytes.fromhex(stored["x25519"]))
 
     def _get(self, kind: str) -> dict[str, Any] | None:
@@ -233,6 +235,9 @@ class SecureSite:
 
     def _put(self, kind: str, detail: dict[str, Any]) -> None:
         self.state.put_detail(self.code_id, f"secagg:{kind}", detail)
+
+    def _claim(self, kind: str, detail: dict[str, Any]) -> dict[str, Any]:
+        return self.state.claim(self.code_id, f"secagg:{kind}", detail)
 
 
 def _unb64(text: Any, size: int | None = None) -> bytes:

@@ -93,3 +93,28 @@ def test_signatures_bind_the_key_to_the_site_and_the_job() -> None:
         pub, sig, secagg.key_message("other-job", secagg.fingerprint(pub), b"k" * 32)
     )
     assert not secagg.verify(pub, b"\0" * 64, msg)
+
+
+def test_a_claim_is_atomic_under_concurrent_callers(tmp_path) -> None:  # noqa: ANN001
+    """Red team: two overlapping 'sign' calls both read 'not signed yet' and the site signed two
+    survivor sets for one round, which exposed one site's update. A claim is one transaction."""
+    import threading
+
+    from datasites.ledger.store import SiteStore
+    from datasites.training.job_state import JobState
+
+    state = JobState(SiteStore(tmp_path / "site.db"))
+    seen: list[dict] = []
+    start = threading.Barrier(8)
+
+    def claim(i: int) -> None:
+        start.wait()
+        seen.append(state.claim("code", "secagg:signed:r1", {"survivors": [f"set-{i}"]}))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 8 and all(s == seen[0] for s in seen)
+    assert state.detail("code", "secagg:signed:r1") == seen[0]
