@@ -143,7 +143,8 @@ class SecureSite:
         if signed is None or signed["survivors"] != survivors:
             raise Refused("this site did not sign that survivor set for the round; refused")
         round_state = self._get(f"round:{label}")
-        identities = self._identities(env)
+        entries = self._entries(env)  # each entry's signature checked once
+        identities = {site: _unb64(e["identity"], 32) for site, e in entries.items()}
         signatures = env.get("signatures")
         if not isinstance(signatures, dict):
             raise Refused("unmask needs every survivor's signature over the survivor set")
@@ -155,7 +156,7 @@ class SecureSite:
             if not ok or not secagg.verify(identity, _unb64(signature), message):
                 raise Refused(f"survivor {site[:12]} did not sign the survivor set; refused")
         private = self._x25519()
-        keys = {site: _unb64(e["key"], 32) for site, e in self._entries(env).items()}
+        keys = {site: _unb64(e["key"], 32) for site, e in entries.items()}
         gone = [site for site in round_state["participants"] if site not in survivors]
         if any(site not in keys for site in gone):
             raise Refused("unmask must relay the round's whole participant list; refused")
@@ -188,9 +189,6 @@ class SecureSite:
                 "refused"
             )
         return label, survivors
-
-    def _identities(self, env: dict[str, Any]) -> dict[str, bytes]:
-        return {site: _unb64(e["identity"], 32) for site, e in self._entries(env).items()}
 
     def _entries(self, env: dict[str, Any]) -> dict[str, dict[str, Any]]:
         entries = env.get("participants")
