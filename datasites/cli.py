@@ -44,7 +44,13 @@ def init(
     name: Annotated[str, typer.Argument(help="Site name, e.g. hospital-a.")],
     dir: DirOpt,
     port: Annotated[int, typer.Option(help="HTTP port on loopback.")] = DEFAULT_PORT,
-    db_url: Annotated[str, typer.Option(help="SQLAlchemy URL for syft's database.")] = "",
+    db_url: Annotated[
+        str,
+        typer.Option(
+            help="postgresql://USER:PASSWORD@HOST:PORT/DB: syft's store and the site's ledger,"
+            " approvals and audit in that database (schemas 'syft', 'datasite'). Default: SQLite."
+        ),
+    ] = "",
     self_signed: Annotated[
         bool, typer.Option(help="Serve HTTPS with a new self-signed certificate.")
     ] = False,
@@ -55,6 +61,8 @@ def init(
 ) -> None:
     """Create DIR with a config, a stable server identity and a generated admin password."""
     tls = _tls_material(self_signed, tls_cert, tls_key)
+    if db_url:
+        _check_database(db_url)
     config = init_site(dir, name, port=port, db_url=db_url, tls=tls)
     out.print(f"initialised datasite [bold]{config.name}[/bold] in {dir} ({config.url})")
     out.print(f"admin: {config.admin_email}; password in {dir / 'admin-password'} (mode 0600)")
@@ -64,6 +72,16 @@ def init(
         out.print(
             f"TLS certificate fingerprint (SHA-256, researchers pin it): {fingerprint(tls[1])}"
         )
+
+
+def _check_database(url: str) -> None:
+    """Reach the database and create the site's schemas before DIR is written: a wrong URL or
+    password is one line now, not a server that dies at launch."""
+    from datasites.ledger.store import SiteStore, check_db_url, is_postgres
+
+    check_db_url(url)
+    if is_postgres(url):
+        SiteStore(url)
 
 
 def _tls_material(
@@ -154,6 +172,13 @@ def upload(
             help="Epsilon (delta 1e-5) the DP mock spends; it counts in every researcher's budget."
         ),
     ] = DEFAULT_MOCK_EPSILON,
+    max_categories: Annotated[
+        int,
+        typer.Option(
+            help="A text column with at most this many distinct values is one-hot encoded (its "
+            "categories are published as schema); more is refused. Booleans become 0/1."
+        ),
+    ] = 32,
     json: JsonOpt = False,
 ) -> None:
     """Validate a table and upload it as private data with a differentially private mock twin."""
@@ -167,7 +192,10 @@ def upload(
         raise DatasiteError(f"--mock-rows must be in [10, 1000000], got {mock_rows}")
     if not 0.01 <= mock_epsilon <= 100:
         raise DatasiteError(f"--mock-epsilon must be in [0.01, 100], got {mock_epsilon}")
-    table = validate_table(load_table(file), target)  # before syft's slow import
+    if not 1 <= max_categories <= 1000:
+        raise DatasiteError(f"--max-categories must be in [1, 1000], got {max_categories}")
+    # before syft's slow import
+    table = validate_table(load_table(file), target, max_categories=max_categories)
     live(site)
     from datasites.serving import admin
 
@@ -452,6 +480,22 @@ def _plan_rows(job) -> list[list[str]]:  # noqa: ANN001
         )
     if plan.compression != "none":
         notes.append(f"updates leave compressed ({plan.compression}); post-processing, no epsilon")
+    if plan.class_weight is not None or plan.pos_weight is not None:
+        kind = "class_weight" if plan.class_weight is not None else "pos_weight"
+        value = plan.class_weight if plan.class_weight is not None else plan.pos_weight
+        source = (
+            "from this dataset's published DP class counts"
+            if value == "balanced"
+            else "numbers the researcher chose"
+        )
+        notes.append(
+            f"{kind} {value} ({source}): scales each row's loss before clipping; no epsilon"
+        )
+    if plan.binary_metrics:
+        notes.append(
+            "each round a noised score histogram per class (validation rows) -> recall, "
+            "precision, ROC-AUC, PR-AUC; charged as 'scores' at the metric noise"
+        )
     if plan.personalizes:
         notes.append(
             f"after round {plan.rounds}: {plan.personalize_epochs} epoch(s) fine-tuning "
@@ -509,7 +553,7 @@ def audit(site: SiteOpt, json: JsonOpt = False) -> None:
     from datasites.ledger.audit import AuditLog
     from datasites.ledger.store import SiteStore
 
-    log = AuditLog(SiteStore(site.db_path))
+    log = AuditLog(SiteStore(site.site_db))
     entries = log.entries()
     if not log.verify():
         raise DatasiteError("the audit log's hash chain is broken: it was edited")
@@ -540,7 +584,7 @@ def models(site: SiteOpt, json: JsonOpt = False) -> None:
     from datasites.ledger.store import SiteStore
     from datasites.training.job_state import JobState
 
-    rows = JobState(SiteStore(site.db_path)).models()
+    rows = JobState(SiteStore(site.site_db)).models()
     if json:
         emit_json(rows)
         return
@@ -605,7 +649,7 @@ def budget(
     from datasites.ledger.store import SiteStore
 
     site = open_site(str(dir))
-    ledger = BudgetLedger(SiteStore(site.db_path))
+    ledger = BudgetLedger(SiteStore(site.site_db))
     rows = [b.to_dict() for b in ledger.all()]
     public = ledger.public_releases()
     if json:
@@ -693,7 +737,7 @@ def budget_set(
         raise DatasiteError(
             f"no account {researcher} on this datasite; add it first with 'datasite users add'"
         )
-    BudgetLedger(SiteStore(site.db_path)).set_budget(researcher, dataset, epsilon, delta)
+    BudgetLedger(SiteStore(site.site_db)).set_budget(researcher, dataset, epsilon, delta)
     out.print(f"budget of {researcher} on {dataset}: epsilon {epsilon}, delta {delta}")
 
 

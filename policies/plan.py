@@ -38,6 +38,9 @@ MIN_GRAD_NORM = 1e-4
 MAX_NOISE = 1000.0
 MAX_EPSILON = 100.0
 MAX_LOSS_CLIP = 1e4
+MAX_CLASS_WEIGHT = 1e3  # a weight past it would make one row's loss dwarf the clipping bound's use
+MAX_WEIGHTED_CLASSES = 1024
+BALANCED = "balanced"
 CLASSIFIERS = ("cross_entropy", "bce_with_logits")
 
 
@@ -79,14 +82,23 @@ class TrainingPlan:
     aggregation: str = "plain"
     peers: tuple[str, ...] = ()
     update_norm_bound: float = 10.0
+    # Imbalanced labels (policies.imbalance): a per-class loss weight, "balanced" (resolved at
+    # the site from its published DP class counts, never from the private labels) or one
+    # number per class; ``pos_weight`` is bce_with_logits' weight of the positive term.
+    class_weight: str | tuple[float, ...] | None = None
+    pos_weight: str | float | None = None
+    # Each round, a noised score histogram of the validation rows per class, from which the
+    # site releases recall, precision, ROC-AUC, PR-AUC and balanced accuracy (binary models)
+    binary_metrics: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("frozen", "personalize_layers", "peers"):
+        for name in ("frozen", "personalize_layers", "peers", "class_weight"):
             value = getattr(self, name)
             if isinstance(value, list | tuple):
                 object.__setattr__(self, name, tuple(value))
         self._check_ranges()
         self._check_algorithms()
+        self._check_imbalance()
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise PlanError("give exactly one of noise_multiplier or target_epsilon")
 
@@ -179,6 +191,36 @@ class TrainingPlan:
                 "(int8 would be quantized twice, top-k needs one index set for all sites)"
             )
 
+    def _check_imbalance(self) -> None:
+        weight = self.class_weight
+        if weight is not None and weight != BALANCED:
+            ok = isinstance(weight, tuple) and 2 <= len(weight) <= MAX_WEIGHTED_CLASSES
+            if not ok or not all(_in_range(w, MAX_CLASS_WEIGHT) for w in weight):
+                raise PlanError(
+                    f'class_weight must be "balanced" or a list of 2 to {MAX_WEIGHTED_CLASSES} '
+                    f"numbers in (0, {MAX_CLASS_WEIGHT:g}], got {weight!r}"
+                )
+        if weight is not None and self.loss not in CLASSIFIERS:
+            raise PlanError(f"class_weight needs a classifier loss, not {self.loss}")
+        bce = self.loss == "bce_with_logits"
+        if bce and weight is not None and weight != BALANCED and len(weight) != 2:
+            raise PlanError("class_weight for bce_with_logits takes 2 numbers (class 0, 1)")
+        pos = self.pos_weight
+        if pos is not None:
+            if self.loss != "bce_with_logits":
+                raise PlanError("pos_weight is for loss bce_with_logits")
+            if pos != BALANCED and not _in_range(pos, MAX_CLASS_WEIGHT):
+                raise PlanError(
+                    f'pos_weight must be "balanced" or a number in (0, {MAX_CLASS_WEIGHT:g}], '
+                    f"got {pos!r}"
+                )
+            if weight is not None:
+                raise PlanError("give class_weight or pos_weight, not both")
+        if not isinstance(self.binary_metrics, bool):
+            raise PlanError(f"binary_metrics must be true or false, got {self.binary_metrics!r}")
+        if self.binary_metrics and (not self.site_metrics or self.loss not in CLASSIFIERS):
+            raise PlanError("binary_metrics needs site_metrics and a classifier loss")
+
     @property
     def secure(self) -> bool:
         return self.aggregation == "secure"
@@ -197,6 +239,8 @@ class TrainingPlan:
         data["frozen"] = list(self.frozen)
         data["personalize_layers"] = list(self.personalize_layers)
         data["peers"] = list(self.peers)
+        if isinstance(self.class_weight, tuple):
+            data["class_weight"] = list(self.class_weight)
         return data
 
     @classmethod
@@ -227,6 +271,9 @@ class JobSpec:
     # SHA-256 of the frozen layers of the job's initial weights (policies.wire.frozen_digest):
     # every round's incoming frozen tensors must match it, so they cannot change mid-job.
     frozen_digest: str | None = None
+    # The federation-wide one-hot layout of a table with categorical columns (policies.layout),
+    # built from every site's published schema; each site encodes its rows to it.
+    layout: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -236,7 +283,27 @@ class JobSpec:
         object.__setattr__(self, "model", self.architecture.to_dict())  # normalised
         if self.scaling is not None:
             _check_scaling(self.scaling, self.architecture.input)
+        if self.layout is not None:
+            _check_layout(self.layout, self.architecture.input)
         self._check_layer_names()
+        self._check_binary()
+
+    def _check_binary(self) -> None:
+        """Binary metrics and a per-class weight list must match the model's output width."""
+        plan, width = self.plan, self.architecture.output[-1]
+        if plan.binary_metrics and not (
+            (plan.loss == "bce_with_logits" and width == 1)
+            or (plan.loss == "cross_entropy" and width == 2)
+        ):
+            raise PlanError(
+                "binary_metrics needs a binary model: bce_with_logits with 1 output, or "
+                f"cross_entropy with 2; this one gives {width} with {plan.loss}"
+            )
+        weight = plan.class_weight
+        if plan.loss == "cross_entropy" and isinstance(weight, tuple) and len(weight) != width:
+            raise PlanError(
+                f"class_weight has {len(weight)} numbers; the model has {width} classes"
+            )
 
     def _check_layer_names(self) -> None:
         names = list(self.architecture.parameters)
@@ -296,6 +363,16 @@ MIN_STD = 1e-6
 MAX_MEAN = 1e12
 
 
+def _check_layout(layout: Any, input_shape: tuple[int, ...]) -> None:
+    from policies.layout import check_layout, width
+
+    check_layout(layout)
+    if (width(layout),) != tuple(input_shape):
+        raise PlanError(
+            f"the model takes {list(input_shape)} inputs; the layout gives {width(layout)}"
+        )
+
+
 def _check_scaling(scaling: Any, input_shape: tuple[int, ...]) -> None:
     """Researcher-supplied standardisation: finite, bounded, one value per feature.
 
@@ -334,6 +411,18 @@ def metric_queries(n_rows: int, plan: TrainingPlan) -> int:
     return 2 if plan.loss in CLASSIFIERS else 1
 
 
+def score_queries(n_rows: int, plan: TrainingPlan) -> int:
+    """Noised score histograms a site releases per round (``binary_metrics``): 0 or 1.
+
+    One histogram is one Gaussian release: a swapped validation row moves one count out of a
+    bin and one into another (L2 sensitivity sqrt 2), and every bin gets noise of
+    ``metric_noise_multiplier`` times that (``policies.imbalance``).
+    """
+    if not plan.binary_metrics or metric_queries(n_rows, plan) == 0:
+        return 0
+    return 1
+
+
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:
     """Optimizer steps per epoch as Opacus' Poisson loader takes them: ceil(n / batch)."""
     return max(1, math.ceil(n_rows / batch_size))
@@ -365,6 +454,11 @@ def personal_steps(n_rows: int, plan: TrainingPlan) -> int:
 def _positive_int(name: str, value: Any, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
         raise PlanError(f"{name} must be an integer in [1, {high}], got {value!r}")
+
+
+def _in_range(value: Any, high: float) -> bool:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return ok and math.isfinite(value) and 0 < value <= high
 
 
 def _positive_float(name: str, value: Any, high: float) -> None:

@@ -9,7 +9,11 @@ A job releases two kinds of numbers, and both are charged:
 - its validation metrics (unless the plan turns them off): per round, the clipped loss sum
   (sensitivity ``metric_loss_clip``) and, for a classifier, the count of correct predictions
   (sensitivity 1), each with Gaussian noise of ``metric_noise_multiplier`` times its
-  sensitivity: a Gaussian mechanism at sample rate 1, one "step" per released sum.
+  sensitivity: a Gaussian mechanism at sample rate 1, one "step" per released sum;
+- with ``binary_metrics``, per round one score histogram per class over the validation rows
+  (``policies.imbalance``): a swapped row moves one count between bins (L2 sensitivity
+  sqrt 2) and every bin gets noise ``metric_noise_multiplier`` times sqrt 2, so it is one more
+  Gaussian release at that noise, charged as its own kind, ``scores``.
 
 The validation rows are a uniformly random subset of fixed size, drawn with a key the
 researcher does not know. Adding one row to a table can be coupled to a change of at most one
@@ -27,12 +31,13 @@ from policies.plan import (
     metric_queries,
     personal_steps,
     sample_rate,
+    score_queries,
     steps_per_epoch,
     total_steps,
     training_rows,
 )
 
-TRAINING, METRICS = "training", "metrics"
+TRAINING, METRICS, SCORES = "training", "metrics", "scores"
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class PrivacyPlan:
     metric_noise_multiplier: float = 0.0
     metric_releases: int = 0  # noised sums over the whole job
     personal_steps: int = 0  # the fine-tuning pass after the last round
+    score_releases: int = 0  # noised score histograms over the whole job (binary_metrics)
 
     @property
     def mechanism(self) -> Mechanism:
@@ -60,6 +66,8 @@ class PrivacyPlan:
             out.append(
                 (METRICS, Mechanism(self.metric_noise_multiplier, 1.0, self.metric_releases))
             )
+        if self.score_releases:
+            out.append((SCORES, Mechanism(self.metric_noise_multiplier, 1.0, self.score_releases)))
         return out
 
 
@@ -76,6 +84,9 @@ def privacy_plan(plan: TrainingPlan, n_rows: int, min_noise: float = 0.0) -> Pri
     total = total_steps(n_train, plan)  # bounded before any accountant runs
     queries = metric_queries(n_rows, plan) * plan.calls  # the fine-tuning pass releases them too
     metrics = [Mechanism(plan.metric_noise_multiplier, 1.0, queries)] if queries else []
+    scores = score_queries(n_rows, plan) * plan.calls
+    if scores:
+        metrics.append(Mechanism(plan.metric_noise_multiplier, 1.0, scores))
     if plan.target_epsilon is not None:
         noise = noise_for_target(
             plan.target_epsilon, plan.delta, q, total, plan.accountant, tuple(metrics)
@@ -93,4 +104,5 @@ def privacy_plan(plan: TrainingPlan, n_rows: int, min_noise: float = 0.0) -> Pri
         plan.metric_noise_multiplier,
         queries,
         personal_steps(n_train, plan),
+        scores,
     )

@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import syft as sy
 from syft.client.client import HTTPConnection
@@ -24,6 +25,7 @@ from datasites.serving.config import SiteDir
 from policies import tls
 from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
+from policies.layout import encode
 from policies.metadata import format_meta
 
 if TYPE_CHECKING:
@@ -114,7 +116,7 @@ def upload(  # noqa: PLR0913
             name=ASSET_NAME, description=format_meta(meta), data=table.frame, mock=release.mock
         )
     )
-    ledger = BudgetLedger(SiteStore(site.db_path))
+    ledger = BudgetLedger(SiteStore(site.site_db))
     charge = ledger.charge_public(name, f"upload:{name}", "mock", release.mechanism)
     try:
         with syft_errors(f"upload of {name!r} failed"), quiet():
@@ -140,10 +142,19 @@ def _class_codes(target: Any) -> bool:
     )
 
 
+def _mock_class_counts(labels: pd.Series, keys: list, rows: int) -> list[float] | None:
+    if not keys:
+        return None
+    shares = labels.value_counts(normalize=True).reindex(keys, fill_value=0.0)
+    return [round(float(v) * rows, 1) for v in shares]
+
+
 def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
     """What researchers see: schema, and statistics of the DP mock only (post-processing)."""
     mock = release.mock
     keys = class_keys(table.frame, table.target)
+    own = {"columns": [[c, table.categories().get(c)] for c in table.features]}
+    encoded = encode(mock, table.target, own).astype(np.float64)
     return {
         "dataset": name,
         "target": table.target,
@@ -152,15 +163,22 @@ def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
         "mock_epsilon": release.epsilon,
         "mock_delta": release.delta,
         "schema": table.schema(),
+        # category lists of categorical columns: disclosed as schema, like the column names
+        "categories": table.categories(),
         "classes": table.classes,
         # the label set is schema (disclosed); a continuous target publishes no count of values
         "n_classes": len(keys) or None,
         # whether the target holds exactly the class codes 0..n_classes-1: published, so that a
         # site decides whether cross-entropy applies from metadata, never from private labels
         "class_codes": bool(keys) and _class_codes(table.frame[table.target]),
+        # per class, the mock's label share times the noisy row count: post-processing of the
+        # mock's noisy class counts, for "balanced" class weights (policies.imbalance)
+        "class_counts": _mock_class_counts(mock[table.target], keys, release.rows),
         # From the mock: lets every round standardise features the same way, at no extra cost.
-        "feature_mean": [float(v) for v in mock[table.features].mean()],
-        "feature_std": [float(v) or 1.0 for v in mock[table.features].std(ddof=0)],
+        # Over this site's own one-hot encoding (policies.layout.align_stats moves them onto
+        # the federation's layout).
+        "feature_mean": [float(v) for v in encoded.mean(axis=0)],
+        "feature_std": [float(v) or 1.0 for v in encoded.std(axis=0)],
     }
 
 

@@ -13,6 +13,7 @@ with parameters taken from the approved plan. Two rules hold for every call:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import nn
 
 from datasites.training import fused_dp
 from datasites.training.secure_noise import make_secure, secure_gaussian
+from policies import imbalance
 from policies.plan import CLASSIFIERS, TrainingPlan
 from policies.wire import Weights
 
@@ -89,6 +91,40 @@ def loss_fn(name: str, reduction: str = "mean") -> nn.Module:
         "mse": nn.MSELoss,
         "bce_with_logits": nn.BCEWithLogitsLoss,
     }[name](reduction=reduction)
+
+
+class _ClassWeighted(nn.Module):
+    """A per-row loss times its row's class weight (for BCE, whose own ``weight`` is per
+    element, not per class). A label out of 0..k-1 takes the nearest class's weight."""
+
+    def __init__(self, base: nn.Module, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.base, self.weights = base, weights
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        index = y.round().long().clamp(0, len(self.weights) - 1)
+        return self.base(out, y) * self.weights[index]
+
+
+def criterion(plan: TrainingPlan, dev: torch.device) -> nn.Module:
+    """The per-row training loss of a plan, with its class or positive weight.
+
+    The plan's weights are numbers here: a site resolves "balanced" from its published DP
+    counts before the task reaches the trainer (``policies.imbalance.resolve``). A weight
+    scales the row's loss before its gradient is clipped: sensitivity and noise are unchanged.
+    """
+    weight, pos = plan.class_weight, plan.pos_weight
+    if isinstance(weight, str) or isinstance(pos, str):
+        raise ValueError('a "balanced" weight must be resolved before training')
+    if plan.loss == "bce_with_logits" and pos is not None:
+        pos_t = torch.tensor([float(pos)], dtype=torch.float32, device=dev)
+        return nn.BCEWithLogitsLoss(reduction="none", pos_weight=pos_t)
+    if weight is None:
+        return loss_fn(plan.loss, reduction="none")
+    weights = torch.tensor(weight, dtype=torch.float32, device=dev)
+    if plan.loss == "cross_entropy":
+        return nn.CrossEntropyLoss(weight=weights, reduction="none")
+    return _ClassWeighted(loss_fn(plan.loss, reduction="none"), weights)
 
 
 def targets(y: np.ndarray, loss: str) -> torch.Tensor:
@@ -229,13 +265,13 @@ def _fused_step(
         _noise(secure_mode, dev),
         example,
     )
-    criterion = loss_fn(plan.loss, reduction="none")
+    per_row_loss = criterion(plan, dev)
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor | None:
         if not len(xb):
             dp.empty_step()
             return None
-        per_row = criterion(forward(model, xb, plan.loss), yb)
+        per_row = per_row_loss(forward(model, xb, plan.loss), yb)
         loss_sum = per_row.sum()
         dp.step(loss_sum)
         return loss_sum.detach() if torch.isfinite(loss_sum) else finite_sum(per_row)
@@ -263,11 +299,11 @@ def _opacus_step(
     )
     if secure_mode:
         make_secure(optimizer)
-    criterion = loss_fn(plan.loss, reduction="none")
+    per_row_loss = criterion(plan, next(model.parameters()).device)
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor | None:
         optimizer.zero_grad(set_to_none=True)
-        per_row = criterion(forward(private_model, xb, plan.loss), yb)
+        per_row = per_row_loss(forward(private_model, xb, plan.loss), yb)
         per_row.mean().backward()  # an empty batch gives (empty) per-sample grads: noise only
         zero_non_finite_rows(optimizer)
         optimizer.step()
@@ -367,7 +403,27 @@ def private_metrics(
     if plan.loss in CLASSIFIERS:
         correct = float(_correct(out, yt, plan.loss).sum()) + gaussian(z)
         released["val_accuracy"] = min(max(correct / n, 0.0), 1.0)
+    if plan.binary_metrics:
+        released.update(_binary_release(out, y, plan, gaussian))
     return released
+
+
+def _binary_release(
+    out: torch.Tensor, y: np.ndarray, plan: TrainingPlan, gaussian: Callable[[float], float]
+) -> dict[str, float]:
+    """Recall, precision, ROC-AUC, PR-AUC, balanced accuracy from one noised histogram pair.
+
+    The validation rows' log-odds are counted in fixed bins per class
+    (``policies.imbalance``); a swapped row changes two counts by one, so the L2 sensitivity
+    is sqrt 2 and every bin gets noise of ``metric_noise_multiplier * sqrt 2``: one Gaussian
+    release at that noise multiplier (``policies.privacy`` charges it as ``scores``). The
+    metrics are computed from the noisy counts alone.
+    """
+    score = out[:, 1] - out[:, 0] if plan.loss == "cross_entropy" else out.reshape(-1)
+    exact = imbalance.histograms(score.double().cpu().numpy(), np.asarray(y))
+    std = plan.metric_noise_multiplier * math.sqrt(2.0)
+    noisy = exact + np.array([gaussian(std) for _ in range(exact.size)]).reshape(exact.shape)
+    return {f"val_{k}": v for k, v in imbalance.binary_metrics(noisy).items()}
 
 
 def _correct(out: torch.Tensor, yt: torch.Tensor, loss: str) -> torch.Tensor:

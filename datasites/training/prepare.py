@@ -9,19 +9,53 @@ import numpy as np
 import pandas as pd
 
 from datasites.errors import Refused
+from policies import imbalance
 from policies.compression import compress
 from policies.errors import PlanError
+from policies.layout import align_stats, check_site, encode
 from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs, select
 from policies.privacy import PrivacyPlan
 from policies.wire import Weights, check_shapes, decode_weights, encode_weights, frozen_digest
 
 
-def table_arrays(frame: pd.DataFrame, target: str) -> tuple[np.ndarray, np.ndarray]:
-    """Features (a float32 copy, ours to edit) and target of a table."""
+def table_arrays(
+    frame: pd.DataFrame, target: str, layout: dict[str, Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features (a float32 copy, ours to edit) and target of a table; categorical columns
+    one-hot encoded to the job's federation-wide ``layout`` (``policies.layout``)."""
     if target not in frame.columns:
         raise Refused(f"target column {target!r} is not in the data")
+    if layout is not None:
+        try:
+            return encode(frame, target, layout), frame[target].to_numpy()
+        except PlanError as exc:
+            raise Refused(str(exc)) from exc
+    categorical = [c for c in frame.columns if c != target and frame[c].dtype.name == "category"]
+    if categorical:
+        raise Refused(
+            f"column(s) {', '.join(categorical)} are categorical and the job carries no one-hot "
+            "layout; build the job with researcher load_job (it reads the sites' schema)"
+        )
     x = frame.drop(columns=[target]).to_numpy(dtype=np.float32, copy=True)
     return x, frame[target].to_numpy()
+
+
+def site_scaling(spec: JobSpec, meta: dict[str, Any]) -> tuple[Any, Any] | None:
+    """The standardisation a site applies: the job's federation-wide one, else this dataset's
+    published (mock) statistics, moved onto the job's layout. Refused, from the published
+    schema alone, when the layout does not cover this dataset's columns and categories."""
+    if spec.layout is not None:
+        try:
+            check_site(spec.layout, meta)
+        except PlanError as exc:
+            raise Refused(str(exc)) from exc
+    if spec.scaling:
+        return (spec.scaling["mean"], spec.scaling["std"])
+    if "feature_mean" not in meta:
+        return None
+    if spec.layout is not None:
+        return align_stats(meta, spec.layout)
+    return (meta["feature_mean"], meta["feature_std"])
 
 
 def prepare_task(
@@ -35,15 +69,18 @@ def prepare_task(
     scaling: tuple[Any, Any] | None,
     public_rows: int | None = None,
     personalize: bool = False,
+    class_counts: list[float] | None = None,
 ) -> Any:
     """Check the table, the model and the incoming weights; the trainer's task, or Refused.
 
     ``personalize``: the job's fine-tuning pass after its last round, which trains only the
-    plan's ``personalize_layers`` for ``personalize_epochs``.
+    plan's ``personalize_layers`` for ``personalize_epochs``. ``class_counts``: the dataset's
+    published (DP) counts per class, from which a "balanced" weight is computed; never the
+    private labels'.
     """
     from datasites.training.round_task import RoundTask
 
-    x, y = table_arrays(frame, target)
+    x, y = table_arrays(frame, target, spec.layout)
     outputs = n_outputs(spec.plan.loss, n_classes)
     try:
         check_fits(spec, x.shape[1], outputs)
@@ -58,7 +95,10 @@ def prepare_task(
             raise Refused("feature statistics do not match the table's columns")
     incoming = decode_weights(weights, spec.architecture.parameters) if weights else None
     _check_frozen(spec, incoming)
-    plan = spec.plan.to_dict()
+    try:
+        plan = imbalance.resolve(spec.plan, class_counts).to_dict()
+    except PlanError as exc:
+        raise Refused(str(exc)) from exc
     frozen = tuple(spec.frozen_names)
     if personalize:
         tuned = set(select(list(spec.architecture.parameters), spec.plan.personalize_layers))
@@ -134,4 +174,5 @@ def privacy_report(plan: TrainingPlan, privacy: PrivacyPlan) -> dict[str, Any]:
         if privacy.metric_releases
         else None,
         "metric_releases": privacy.metric_releases,
+        "score_releases": privacy.score_releases,
     }

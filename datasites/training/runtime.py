@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from datasites.errors import Refused
-from datasites.training.prepare import prepare_task, privacy_report, release
+from datasites.training.prepare import prepare_task, privacy_report, release, table_arrays
 from policies.errors import PolicyError
 from policies.plan import JobSpec
 from policies.privacy import privacy_plan
@@ -89,8 +89,8 @@ def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None
     if spec.scaling:
         scaling = (spec.scaling["mean"], spec.scaling["std"])
     else:
-        features = frame.drop(columns=[spec.target])
-        scaling = (features.mean().tolist(), features.std(ddof=0).tolist())
+        features, _ = table_arrays(frame, spec.target, spec.layout)  # one-hot, as a site does
+        scaling = (features.mean(axis=0).tolist(), features.std(axis=0).tolist())
     if n_classes is None and spec.plan.loss == "cross_entropy":
         # the model's own width: a mock may lack a rare class (its noisy count fell to zero);
         # at a site the published class count decides
@@ -104,9 +104,17 @@ def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None
         n_classes,
         secrets.randbits(63),
         scaling,
+        class_counts=_mock_class_counts(frame[spec.target], n_classes or 2),
     )
     result, _ = release(spec, run_task(task), 1, task.weights)
     result["mode"] = "dry-run"
     result["privacy"] = privacy_report(spec.plan, privacy)
     result["shapes"] = {k: list(v) for k, v in spec.architecture.parameters.items()}
     return result
+
+
+def _mock_class_counts(target: pd.Series, n_classes: int) -> list[float]:
+    """Label counts of the table a dry run is given, the public mock: what "balanced" reads
+    there (a site reads its published DP counts instead)."""
+    codes = pd.to_numeric(target, errors="coerce")
+    return [float((codes == k).sum()) for k in range(n_classes)]

@@ -23,7 +23,7 @@ from datasites.review.approvals import Approval, Approvals
 from datasites.serving.config import SiteDir
 from datasites.training import secure_agg
 from datasites.training.job_state import JobState
-from datasites.training.prepare import prepare_task, privacy_report, release
+from datasites.training.prepare import prepare_task, privacy_report, release, site_scaling
 from datasites.training.sandbox import SandboxLimit, pool
 from datasites.training.secure_agg import SecureSite
 from policies import secagg
@@ -59,7 +59,7 @@ def run_at_site(
 ) -> dict[str, Any]:
     started = time.perf_counter()
     site = SiteDir(root)
-    store = SiteStore(site.db_path)
+    store = SiteStore(site.site_db)
     audit = AuditLog(store)
     approval = Approvals(store).get(caller.code_id)
     try:
@@ -176,10 +176,7 @@ def _run(
             f"the whole plan would spend epsilon {privacy.epsilon_job:.3f}, more than "
             f"the {policy.max_epsilon_per_job} one job may spend on this dataset"
         )
-    if spec.scaling:
-        scaling = (spec.scaling["mean"], spec.scaling["std"])
-    else:
-        scaling = (meta["feature_mean"], meta["feature_std"]) if "feature_mean" in meta else None
+    scaling = site_scaling(spec, meta)  # and the job's one-hot layout checked against the schema
     # the pass after the last round fine-tunes and keeps the model here (plan.personalize_*)
     personalize = spec.plan.personalizes and approval.rounds_run == spec.plan.rounds
     secure, seeds = _secure_round(
@@ -197,6 +194,7 @@ def _run(
         scaling,
         rows,
         personalize=personalize,
+        class_counts=meta.get("class_counts"),  # published (DP): for "balanced" weights
     )
     ledger = BudgetLedger(store)
     releases = (approval.researcher, approval.dataset, spec.job_id, privacy.releases)
