@@ -120,9 +120,10 @@ class Site:
         """The mechanisms of the dataset's public releases (its DP mock), as the ledger holds."""
         from datasites.ledger.budget import BudgetLedger
         from datasites.ledger.store import SiteStore
+        from datasites.serving.config import SiteDir
         from policies.accounting import Mechanism
 
-        ledger = BudgetLedger(SiteStore(self.dir / "site.db"))
+        ledger = BudgetLedger(SiteStore(SiteDir(self.dir).site_db))
         return [
             Mechanism(m["noise_multiplier"], m["sample_rate"], m["steps"])
             for m in (r["mechanism"] for r in ledger.public_releases(dataset))
@@ -181,3 +182,16 @@ def site(tmp_path_factory) -> Iterator[Site]:
 
 def breast_cancer_frame() -> pd.DataFrame:
     return load_breast_cancer(as_frame=True).frame
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():  # noqa: ANN201
+    """A real PostgreSQL cluster for this test session (``scripts/pg_throwaway``)."""
+    from tests import pg
+
+    reason = pg.binaries_missing()
+    if reason:
+        pytest.skip(reason)
+    cluster = pg.start_cluster()
+    yield cluster
+    pg.remove_cluster(cluster)

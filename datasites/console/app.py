@@ -38,7 +38,7 @@ HEADERS = {
 def create_app(site: SiteDir) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     sessions = Sessions(site.admin_password())
-    store = SiteStore(site.db_path)
+    store = SiteStore(site.site_db)
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Response:

@@ -2,8 +2,8 @@
 
 Reserve before training, commit after. A reservation counts as spent from the moment it is
 written, so a job interrupted by a crash stays charged (conservative). The check and the insert
-happen in one ``BEGIN IMMEDIATE`` transaction, so two concurrent jobs cannot both take the last
-of a budget.
+happen in one ``SiteStore.immediate()`` transaction (SQLite's ``BEGIN IMMEDIATE``, PostgreSQL's
+row lock), so two concurrent jobs cannot both take the last of a budget.
 
 Composition: the spend of a (researcher, dataset) pair is the epsilon of *all* its charged
 mechanisms composed in one accountant at the budget's delta. Adaptive composition of DP-SGD runs
@@ -76,7 +76,7 @@ def check_budget(epsilon_total: float, delta: float) -> None:
 
 
 class BudgetLedger:
-    """Budgets and charges of one datasite, in its own SQLite database."""
+    """Budgets and charges of one datasite, in its own database (SQLite or PostgreSQL)."""
 
     def __init__(self, store: SiteStore, accountant: str = "prv") -> None:
         self.store = store
@@ -167,7 +167,7 @@ class BudgetLedger:
         cur = conn.execute(
             "INSERT INTO charges (researcher, dataset, job_id, noise_multiplier, sample_rate,"
             " steps, epsilon, accountant, status, kind)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?) RETURNING id",
             (
                 researcher,
                 dataset,
@@ -180,7 +180,7 @@ class BudgetLedger:
                 kind,
             ),
         )
-        return int(cur.lastrowid or 0)
+        return int(cur.fetchone()[0])
 
     def commit(self, charge_id: int) -> None:
         """Mark every charge of the job that ``charge_id`` belongs to as committed."""

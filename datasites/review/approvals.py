@@ -36,7 +36,11 @@ class Approvals:
     def record(self, approval: Approval) -> None:
         with self.store.immediate() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                "INSERT INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (code_id) "
+                "DO UPDATE SET request_id = excluded.request_id, researcher = excluded.researcher,"
+                " dataset = excluded.dataset, code_hash = excluded.code_hash, job = excluded.job,"
+                " rounds_allowed = excluded.rounds_allowed, rounds_run = 0,"
+                " override_reason = excluded.override_reason, approved_at = excluded.approved_at",
                 (
                     approval.code_id,
                     approval.request_id,
@@ -60,7 +64,8 @@ class Approvals:
         a dropped connection) can have it again without training or charging twice."""
         with self.store.immediate() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO released VALUES (?, ?, ?, ?)",
+                "INSERT INTO released VALUES (?, ?, ?, ?) ON CONFLICT (code_id) DO UPDATE SET"
+                " round = excluded.round, reply = excluded.reply, at = excluded.at",
                 (code_id, round_no, json.dumps(reply), datetime.now(UTC).isoformat()),
             )
 

@@ -80,7 +80,7 @@ class ReviewItem:
 class ReviewQueue:
     def __init__(self, site: SiteDir) -> None:
         self.site = site
-        self.store = SiteStore(site.db_path)
+        self.store = SiteStore(site.site_db)
         self.audit = AuditLog(self.store)
         self.approvals = Approvals(self.store)
         self.policies = PolicyStore(site.policies_path)

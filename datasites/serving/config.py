@@ -6,7 +6,8 @@ Layout of DIR::
     identity.key     the server's signing key (0600)
     admin-password   the generated admin password (0600)
     state/           syft's SQLite database and blobs (SYFT_TEMP_ROOT)
-    site.db          this project's ledger, audit log and approvals
+    site.db          this project's ledger, audit log and approvals (with a postgresql://
+                     db_url they live in that database instead, schema 'datasite')
     policies.json    per-dataset access policies
     datasets.json    per-dataset metadata: target column, row count, schema
     server.pid, server.log
@@ -71,6 +72,15 @@ class SiteDir:
     @property
     def db_path(self) -> Path:
         return self.root / "site.db"
+
+    @property
+    def site_db(self) -> Path | str:
+        """Where the site's own tables live: the PostgreSQL database of ``--db-url`` (beside
+        syft's store, so one backup holds both), else ``site.db`` in DIR."""
+        from datasites.ledger.store import is_postgres
+
+        url = self.config().db_url
+        return url if is_postgres(url) else self.db_path
 
     @property
     def pid_path(self) -> Path:

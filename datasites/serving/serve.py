@@ -9,11 +9,14 @@ removed from the environment right after, so code running inside the server cann
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import threading
 from pathlib import Path
+from typing import TextIO
 
+from datasites.ledger.store import SYFT_SCHEMA, SiteStore, is_postgres
 from datasites.serving import syft_patches
 from datasites.serving.config import SiteDir, keep_private
 from datasites.training import sandbox
@@ -43,7 +46,44 @@ def _prepare_environment(site: SiteDir) -> None:
     }
     if config.db_url:
         env["SYFT_DB_URL"] = config.db_url
+    if is_postgres(config.db_url):
+        # syft 0.9.5 rebuilds its URL without options, so its schema comes through libpq's
+        # environment: its tables go to 'syft', the site's own to 'datasite' (SiteStore)
+        env["PGOPTIONS"] = f"-c search_path={SYFT_SCHEMA}"
+        SiteStore(config.db_url)  # both schemas exist before syft creates its tables
     os.environ.update(env)
+
+
+class _Masked(io.TextIOBase):
+    """A stream that writes through with a secret replaced by ``***``.
+
+    syft 0.9.5 prints its database URL, password included, into the server log at launch
+    ("Using PostgresDBConfig and postgresql://user:PASSWORD@...", and its settings dict)."""
+
+    def __init__(self, stream: TextIO, secret: str) -> None:
+        self._stream, self._secret = stream, secret
+
+    def write(self, text: str) -> int:
+        self._stream.write(text.replace(self._secret, "***"))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+
+def _mask_db_password(db_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    password = make_url(db_url).password if db_url else None
+    if password:
+        sys.stdout = _Masked(sys.stdout, password)
+        sys.stderr = _Masked(sys.stderr, password)
 
 
 def _warm_runtime() -> None:
@@ -60,6 +100,7 @@ def serve(root: Path) -> None:
     keep_private()  # syft's database, blob store and our site.db: 0600, before any is opened
     site = SiteDir(root)
     config = site.config()
+    _mask_db_password(config.db_url)
     _prepare_environment(site)
     import syft.server.uvicorn  # noqa: F401  reads the identity variables at import
     import uvicorn

@@ -78,7 +78,7 @@ class JobState:
         (red team: a site signed two survivor sets for one round that way)."""
         with self.store.immediate() as conn:
             conn.execute(
-                "INSERT OR IGNORE INTO job_state VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO job_state VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (code_id, kind, b"", json.dumps(detail), datetime.now(UTC).isoformat()),
             )
             row = conn.execute(
@@ -91,7 +91,8 @@ class JobState:
         np.savez(buf, **arrays)
         with self.store.immediate() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO job_state VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO job_state VALUES (?, ?, ?, ?, ?) ON CONFLICT (code_id, kind) DO UPDATE"
+                " SET value = excluded.value, detail = excluded.detail, at = excluded.at",
                 (code_id, kind, buf.getvalue(), json.dumps(detail), datetime.now(UTC).isoformat()),
             )
 

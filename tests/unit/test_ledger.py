@@ -1,4 +1,8 @@
-"""The budget ledger never lets spend pass the total, under any sequence or race."""
+"""The budget ledger never lets spend pass the total, under any sequence or race.
+
+The tests taking ``target`` run on both back ends of the site's store: a SQLite file, and a fresh
+database in a real throwaway PostgreSQL (``scripts/pg_throwaway``).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,15 @@ from datasites.ledger.budget import DEFAULT_EPSILON, BudgetLedger
 from datasites.ledger.store import SiteStore
 from policies.accounting import Mechanism, epsilon
 from policies.errors import BudgetExceeded
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path: Path) -> Path | str:
+    """Where a test's store lives: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "site.db"
+    return request.getfixturevalue("pg_cluster").new_database()
+
 
 mechanisms = st.builds(
     Mechanism,
@@ -42,8 +55,8 @@ def test_spend_never_passes_total(tmp_path_factory, jobs, total) -> None:
     assert budget.epsilon_spent == pytest.approx(epsilon(accepted, 1e-5, "rdp"))
 
 
-def test_reserve_is_idempotent_per_job_and_default_is_conservative(tmp_path: Path) -> None:
-    ledger = BudgetLedger(SiteStore(tmp_path / "site.db"))
+def test_reserve_is_idempotent_per_job_and_default_is_conservative(target: Path | str) -> None:
+    ledger = BudgetLedger(SiteStore(target))
     b = ledger.budget("new@x.org", "d")
     assert b.is_default and b.epsilon_total == DEFAULT_EPSILON and b.epsilon_spent == 0
     m = Mechanism(3.0, 0.05, 100)
@@ -52,8 +65,8 @@ def test_reserve_is_idempotent_per_job_and_default_is_conservative(tmp_path: Pat
     assert first.id == again.id and ledger.budget("new@x.org", "d").charges == 1
 
 
-def test_concurrent_reservations_cannot_both_take_the_last_of_a_budget(tmp_path: Path) -> None:
-    store = SiteStore(tmp_path / "site.db")
+def test_concurrent_reservations_cannot_both_take_the_last_of_a_budget(target: Path | str) -> None:
+    store = SiteStore(target)
     m = Mechanism(1.0, 0.05, 200)
     one = epsilon([m], 1e-5, "prv")
     BudgetLedger(store).set_budget("r@x.org", "d", one * 1.2, 1e-5)  # room for one job only
@@ -77,8 +90,8 @@ def test_concurrent_reservations_cannot_both_take_the_last_of_a_budget(tmp_path:
     assert sorted(results) == ["ok", "refused", "refused", "refused"]
 
 
-def test_audit_log_is_append_only_and_chained(tmp_path: Path) -> None:
-    store = SiteStore(tmp_path / "site.db")
+def test_audit_log_is_append_only_and_chained(target: Path | str) -> None:
+    store = SiteStore(target)
     log = AuditLog(store)
     log.record("admin", "approved", "req1", "hash1", reason="fine")
     log.record("runtime", "executed", "req1", "hash1", round=1)
@@ -89,9 +102,9 @@ def test_audit_log_is_append_only_and_chained(tmp_path: Path) -> None:
         conn.execute("DELETE FROM audit")
 
 
-def test_a_public_release_counts_in_every_researchers_budget(tmp_path: Path) -> None:
+def test_a_public_release_counts_in_every_researchers_budget(target: Path | str) -> None:
     """The mock twin is seen by all: its charge is in each spend, and is listed once."""
-    ledger = BudgetLedger(SiteStore(tmp_path / "site.db"))
+    ledger = BudgetLedger(SiteStore(target))
     mock = Mechanism(3.77, 1.0, 1)
     ledger.charge_public("d", "upload:d", "mock", mock)
     ledger.set_budget("a@x.org", "d", 10.0, 1e-5)
