@@ -189,6 +189,12 @@ def train(
     min_sites: Annotated[int, typer.Option(help="Fewest replies a round accepts.")] = 1,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a site per round.")] = 300,
     test: Annotated[Path | None, typer.Option(help="CSV of your own test rows.")] = None,
+    precision: Annotated[
+        float,
+        typer.Option(
+            help="With --test and a binary model: report the recall reachable at this precision."
+        ),
+    ] = 0.5,
     target: TargetOpt = None,
     strategy: Annotated[
         str,
@@ -207,6 +213,8 @@ def train(
     from researcher.strategy import strategy_named
 
     aggregator = strategy_named(strategy)  # a typo is refused before any site is contacted
+    if not 0.0 < precision <= 1.0:
+        raise JobError(f"--precision must be in (0, 1], got {precision}")
 
     if (run_dir is None) == (resume is None):
         raise JobError("give exactly one of --run-dir DIR (new run) or --resume RUN_DIR")
@@ -234,6 +242,7 @@ def train(
                 progress.console.print(
                     f"round {rec.round}: DP val accuracy {accs}"
                     + (f"; test {rec.test_accuracy:.3f}" if rec.test_accuracy is not None else "")
+                    + _ranking(rec.test_metrics)
                     + skipped
                 )
 
@@ -246,6 +255,7 @@ def train(
                 min_sites=min_sites,
                 timeout_s=timeout,
                 test=test_xy,
+                test_precision=precision,
                 on_round=on_round,
                 strategy=aggregator,
             )
@@ -261,11 +271,23 @@ def train(
         "run_dir": str(run_dir),
         "rounds": len(result.rounds),
         "test_accuracy": result.rounds[-1].get("test_accuracy") if result.rounds else None,
+        "test_metrics": result.rounds[-1].get("test_metrics") if result.rounds else None,
     }
     if json:
         emit_json(summary)
     else:
         out.print(f"done: {summary['rounds']} rounds; model, metrics.csv and plots in {run_dir}")
+
+
+def _ranking(metrics: dict) -> str:
+    """ROC-AUC, PR-AUC, balanced accuracy and recall at the precision, when the model is binary."""
+    if "roc_auc" not in metrics:
+        return ""
+    return (
+        f", ROC-AUC {metrics['roc_auc']:.3f}, PR-AUC {metrics['pr_auc']:.3f}, balanced "
+        f"{metrics['balanced_accuracy']:.3f}, recall {metrics['recall_at_precision']:.3f} at "
+        f"precision {metrics['precision_target']:g}"
+    )
 
 
 def _test_split(path: Path, target: str):  # noqa: ANN202

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,14 @@ from policies.plan import MIN_STD, JobSpec
 from policies.wire import REPLAY_LAST, check_weights, decode_weights, encode_weights
 from researcher import model as local_model
 from researcher.errors import SiteError, Unreachable
+from researcher.evaluation import DEFAULT_PRECISION, held_out_metrics
 from researcher.federation import Federation
 from researcher.site import Site
 from researcher.sites import SyftSite
 from researcher.strategy import FedAvg, Strategy, Update, Weights
 
 log = logging.getLogger("researcher.rounds")
+TEST_COLUMNS = ("roc_auc", "pr_auc", "balanced_accuracy", "recall_at_precision")
 RETRIES = 3
 
 
@@ -44,6 +46,9 @@ class RoundRecord:
     skipped: dict[str, str]
     test_accuracy: float | None
     seconds: float
+    # the researcher's exact test metrics (researcher.evaluation): accuracy, and for a binary
+    # model ROC-AUC, PR-AUC, balanced accuracy, recall at the chosen precision
+    test_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,6 +158,7 @@ class Checkpoint:
             "val_accuracy",
             "epsilon_spent",
             "test_accuracy",
+            *(f"test_{k}" for k in TEST_COLUMNS),
         ]
         tmp = self.dir / "metrics.csv.tmp"
         with open(tmp, "w", newline="") as fh:
@@ -161,8 +167,14 @@ class Checkpoint:
             for h in history:
                 for site, m in h["sites"].items():
                     writer.writerow({"round": h["round"], "site": site, **m})
+                tests = {f"test_{k}": v for k, v in (h.get("test_metrics") or {}).items()}
                 writer.writerow(
-                    {"round": h["round"], "site": "global", "test_accuracy": h.get("test_accuracy")}
+                    {
+                        "round": h["round"],
+                        "site": "global",
+                        "test_accuracy": h.get("test_accuracy"),
+                        **tests,
+                    }
                 )
         os.replace(tmp, self.dir / "metrics.csv")
 
@@ -184,6 +196,7 @@ def run_federation(  # noqa: PLR0913
     timeout_s: float = 300.0,
     strategy: Strategy | None = None,
     test: tuple[np.ndarray, np.ndarray] | None = None,
+    test_precision: float = DEFAULT_PRECISION,
     resume: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
     initial: Weights | None = None,
@@ -225,7 +238,8 @@ def run_federation(  # noqa: PLR0913
                 last = _one_round(pool, links, spec, strategy, round_no, weights, limits, recover)
             recover = None
             weights = strategy.aggregate(round_no, last.updates, weights, last.skipped)
-            last.test_accuracy = _test_accuracy(spec, weights, test, links)
+            last.test_metrics = _test_metrics(spec, weights, test, test_precision)
+            last.test_accuracy = last.test_metrics.get("accuracy")
             history.append(_history_row(last))
             ckpt.save(spec, round_no, weights, history)
             # after the round: a crash in between resumes with the previous moments (one round's
@@ -427,14 +441,15 @@ def weights_of_reply(reply: dict[str, Any], spec: JobSpec, sent: Weights) -> Wei
     return {**sent, **returned}
 
 
-def _test_accuracy(spec: JobSpec, weights: Weights, test: Any, links: list[Site]) -> float | None:
+def _test_metrics(spec: JobSpec, weights: Weights, test: Any, precision: float) -> dict[str, float]:
+    """The global model on the researcher's own test rows, exactly (they are not private)."""
     if test is None:
-        return None
+        return {}
     x, y = test
     if spec.plan.standardize and spec.scaling:
         x = (x - np.asarray(spec.scaling["mean"])) / np.asarray(spec.scaling["std"])
-    model = local_model.build(spec)
-    return local_model.accuracy(local_model.load(model, weights), x, y, spec.plan.loss)
+    model = local_model.load(local_model.build(spec), weights)
+    return held_out_metrics(model, x, y, spec.plan.loss, precision)
 
 
 def _history_row(rec: RoundRecord) -> dict[str, Any]:
@@ -442,6 +457,7 @@ def _history_row(rec: RoundRecord) -> dict[str, Any]:
         "round": rec.round,
         "seconds": rec.seconds,
         "test_accuracy": rec.test_accuracy,
+        "test_metrics": rec.test_metrics,
         "skipped": rec.skipped,
         "sites": {
             u.site: {"n": u.n, **u.metrics, "epsilon_spent": u.privacy.get("epsilon_spent")}
