@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from policies.errors import PlanError
+from policies.layout import align_stats, federation_layout, one_hot_mask, width
 from policies.plan import JobSpec
 from policies.privacy import privacy_plan
 from policies.wire import Weights, encode_weights
@@ -116,11 +117,26 @@ def load_job(
     published = _agreed(metas, "target", lambda m: m.get("target"))
     if target is not None and target != published:
         raise JobError(f"the sites publish {published!r} as the label column, not {target!r}")
-    widths = _agreed(metas, "feature count", n_features)
+    layout = federation_layout_of(metas)
+    widths = width(layout) if layout else _agreed(metas, "feature count", n_features)
     meta = next(iter(metas.values()))
     loss = dict(constants["PLAN"]).get("loss", "cross_entropy")
     spec = load_job_file(path, published, widths, n_outputs(meta, loss), initial=initial)
+    if layout is not None:
+        from dataclasses import replace
+
+        spec = replace(spec, layout=layout)
     return with_peers(fed, spec) if spec.plan.secure and not spec.plan.peers else spec
+
+
+def federation_layout_of(metas: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The one-hot layout every site encodes to, from each site's published schema: each
+    categorical column's categories, united over the sites (a category one site lacks is an
+    all-zero input there). None for an all-numeric dataset."""
+    try:
+        return federation_layout(metas)
+    except PlanError as exc:
+        raise JobError(str(exc)) from exc
 
 
 def with_peers(fed: Federation, spec: JobSpec) -> JobSpec:
@@ -291,7 +307,16 @@ def with_pooled_scaling(fed: Federation, spec: JobSpec) -> JobSpec:
     from researcher.rounds import pooled_scaling
 
     metas = list(dataset_metas(fed, spec.dataset).values())
-    return replace(spec, scaling=pooled_scaling(metas))
+    if spec.layout is None:
+        return replace(spec, scaling=pooled_scaling(metas))
+    # each site's statistics over its own categories, moved onto the job's layout: a category
+    # a site lacks has mean 0 and std 0 there (no such rows), which the pool weighs in
+    aligned = []
+    for meta in metas:
+        if meta.get("feature_mean") and meta.get("rows"):
+            mean, std = align_stats(meta, spec.layout, missing_std=0.0)
+            aligned.append({**meta, "feature_mean": mean, "feature_std": std})
+    return replace(spec, scaling=pooled_scaling(aligned, one_hot_mask(spec.layout)))
 
 
 def _check_approved_somewhere(fed: Federation, spec: JobSpec) -> None:

@@ -72,11 +72,21 @@ def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
                 for d in rows
             ],
         )
+        for d in rows:
+            if d.get("categories"):
+                out.print(f"{d['name']} categories (public): {_categories(d)}", highlight=False)
     out.print(
         "Row counts and mocks are differentially private (each site's ledger charges the mock "
-        "to every researcher); column names, dtypes and class labels are disclosed as schema.",
+        "to every researcher); column names, dtypes, class labels and the category lists of "
+        "categorical columns are disclosed as schema, without noise.",
         style="dim",
     )
+
+
+def _categories(dataset: dict) -> str:
+    """Each categorical column with its published categories, e.g. "region: east|north"."""
+    listed = dataset.get("categories") or {}
+    return "; ".join(f"{col}: {'|'.join(map(str, cats))}" for col, cats in listed.items())
 
 
 def _preview(dataset: dict) -> str:
@@ -225,7 +235,7 @@ def train(
     run_dir = run_dir or resume
     fed = _fed(federation)
     spec = api.saved_job(fed, job)
-    test_xy = _test_split(test, target or spec.target) if test else None
+    test_xy = _test_split(test, target or spec.target, spec.layout) if test else None
     with Progress(disable=json) as progress:
         bar = progress.add_task("rounds", total=spec.plan.rounds)
 
@@ -290,9 +300,13 @@ def _ranking(metrics: dict) -> str:
     )
 
 
-def _test_split(path: Path, target: str):  # noqa: ANN202
+def _test_split(path: Path, target: str, layout: dict | None = None):  # noqa: ANN202
+    """The test rows as (x, y); text columns one-hot encoded to the job's layout, as the sites
+    encode theirs."""
     import pandas as pd
 
+    from policies.errors import PlanError
+    from policies.layout import encode
     from researcher.errors import JobError
 
     try:
@@ -301,6 +315,11 @@ def _test_split(path: Path, target: str):  # noqa: ANN202
         raise JobError(f"cannot read test file {path}: {exc}") from exc
     if target not in frame.columns:
         raise JobError(f"test file {path} has no column {target!r}")
+    if layout is not None:
+        try:
+            return encode(frame, target, layout), frame[target].to_numpy()
+        except PlanError as exc:
+            raise JobError(f"test file {path}: {exc}") from exc
     return frame.drop(columns=[target]).to_numpy(dtype="float32"), frame[target].to_numpy()
 
 

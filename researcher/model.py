@@ -39,4 +39,8 @@ def n_outputs(meta: dict[str, Any], loss: str) -> int:
 
 
 def n_features(meta: dict[str, Any]) -> int:
-    return len(meta.get("schema") or []) - 1
+    """Inputs of one site's own table: a categorical column counts one per category (a job for
+    a federation uses the layout of every site's categories, ``policies.layout``)."""
+    from policies.layout import site_columns
+
+    return sum(1 if cats is None else len(cats) for _, cats in site_columns(meta))

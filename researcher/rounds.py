@@ -78,12 +78,16 @@ OUTLIER_RATIO = 10.0
 PERSONALIZED_FILE = "personalized.json"  # each site's DP metrics of its fine-tuned model
 
 
-def pooled_scaling(metas: list[dict[str, Any]]) -> dict[str, list[float]] | None:
+def pooled_scaling(
+    metas: list[dict[str, Any]], one_hot: list[bool] | None = None
+) -> dict[str, list[float]] | None:
     """Federation-wide feature mean/std from each site's published mean, std and row count.
 
     The published statistics come from DP mocks; on a small site a column's range can miss
     (the noise hid it), which shows as a std far from the other sites'. Per feature, a site
     whose std is more than ``OUTLIER_RATIO`` times off the median is left out of the pool.
+    ``one_hot`` marks inputs that are category shares: no outlier rule there (a category held
+    at one site alone is no miss of the noise), every site counts.
     """
     usable = [m for m in metas if m.get("feature_mean") and m.get("rows")]
     if not usable:
@@ -94,7 +98,10 @@ def pooled_scaling(metas: list[dict[str, Any]]) -> dict[str, list[float]] | None
     if len(usable) >= 3:
         median = np.median(sd, axis=0)
         ratio = np.maximum(sd, MIN_STD) / np.maximum(median, MIN_STD)
-        n = n * ((ratio < OUTLIER_RATIO) & (ratio > 1 / OUTLIER_RATIO))
+        keep = (ratio < OUTLIER_RATIO) & (ratio > 1 / OUTLIER_RATIO)
+        if one_hot is not None:
+            keep |= np.asarray(one_hot, dtype=bool)[None, :]
+        n = n * keep
     mean = (n * mu).sum(0) / n.sum(0)
     var = (n * (sd**2 + mu**2)).sum(0) / n.sum(0) - mean**2
     std = np.sqrt(np.maximum(var, 0.0))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy as np
 import pandas as pd
 import syft as sy
 from syft.client.client import HTTPConnection
@@ -25,6 +26,7 @@ from datasites.serving.config import SiteDir
 from policies import tls
 from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
+from policies.layout import encode
 from policies.layout import encode
 from policies.metadata import format_meta
 
@@ -155,6 +157,8 @@ def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
     keys = class_keys(table.frame, table.target)
     own = {"columns": [[c, table.categories().get(c)] for c in table.features]}
     encoded = encode(mock, table.target, own).astype(np.float64)
+    own = {"columns": [[c, table.categories().get(c)] for c in table.features]}
+    encoded = encode(mock, table.target, own).astype(np.float64)
     return {
         "dataset": name,
         "target": table.target,
@@ -163,6 +167,8 @@ def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
         "mock_epsilon": release.epsilon,
         "mock_delta": release.delta,
         "schema": table.schema(),
+        # category lists of categorical columns: disclosed as schema, like the column names
+        "categories": table.categories(),
         # category lists of categorical columns: disclosed as schema, like the column names
         "categories": table.categories(),
         "classes": table.classes,

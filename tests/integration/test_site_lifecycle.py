@@ -131,13 +131,15 @@ def test_bad_inputs_leave_state_untouched(
             "--target",
             "nope",
         ],
-        "non-numeric feature column(s) b": [
+        "column 'b' has 2 distinct text values, more than --max-categories 1": [
             "--name",
             "x3",
             "--file",
             str(bad_csv),
             "--target",
             "label",
+            "--max-categories",
+            "1",
         ],
         "missing values in column(s) a (1)": [
             "--name",

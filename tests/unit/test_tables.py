@@ -51,10 +51,10 @@ def test_missing_target() -> None:
         validate_table(frame, "label")
 
 
-def test_text_feature_is_refused_with_its_name() -> None:
+def test_text_feature_past_max_categories_is_refused_with_its_name() -> None:
     frame = pd.DataFrame({"a": [1.0, 2.0], "city": ["x", "y"], "label": [0, 1]})
-    with pytest.raises(TableError, match="non-numeric feature column.*city"):
-        validate_table(frame, "label")
+    with pytest.raises(TableError, match="column 'city' has 2 distinct text values"):
+        validate_table(frame, "label", max_categories=1)
 
 
 def test_nan_is_refused_with_column_and_count() -> None:
