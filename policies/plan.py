@@ -274,9 +274,6 @@ class JobSpec:
     # The federation-wide one-hot layout of a table with categorical columns (policies.layout),
     # built from every site's published schema; each site encodes its rows to it.
     layout: dict[str, Any] | None = None
-    # The federation-wide one-hot layout of a table with categorical columns (policies.layout),
-    # built from every site's published schema; each site encodes its rows to it.
-    layout: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -364,16 +361,6 @@ def select(names: list[str], layers: tuple[str, ...]) -> list[str]:
 
 MIN_STD = 1e-6
 MAX_MEAN = 1e12
-
-
-def _check_layout(layout: Any, input_shape: tuple[int, ...]) -> None:
-    from policies.layout import check_layout, width
-
-    check_layout(layout)
-    if (width(layout),) != tuple(input_shape):
-        raise PlanError(
-            f"the model takes {list(input_shape)} inputs; the layout gives {width(layout)}"
-        )
 
 
 def _check_layout(layout: Any, input_shape: tuple[int, ...]) -> None:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy as np
 import pandas as pd
 import syft as sy
 from syft.client.client import HTTPConnection
@@ -26,7 +25,6 @@ from datasites.serving.config import SiteDir
 from policies import tls
 from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
-from policies.layout import encode
 from policies.layout import encode
 from policies.metadata import format_meta
 
@@ -157,8 +155,6 @@ def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
     keys = class_keys(table.frame, table.target)
     own = {"columns": [[c, table.categories().get(c)] for c in table.features]}
     encoded = encode(mock, table.target, own).astype(np.float64)
-    own = {"columns": [[c, table.categories().get(c)] for c in table.features]}
-    encoded = encode(mock, table.target, own).astype(np.float64)
     return {
         "dataset": name,
         "target": table.target,
@@ -167,8 +163,6 @@ def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
         "mock_epsilon": release.epsilon,
         "mock_delta": release.delta,
         "schema": table.schema(),
-        # category lists of categorical columns: disclosed as schema, like the column names
-        "categories": table.categories(),
         # category lists of categorical columns: disclosed as schema, like the column names
         "categories": table.categories(),
         "classes": table.classes,

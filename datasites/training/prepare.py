@@ -13,7 +13,6 @@ from policies import imbalance
 from policies.compression import compress
 from policies.errors import PlanError
 from policies.layout import align_stats, check_site, encode
-from policies.layout import align_stats, check_site, encode
 from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs, select
 from policies.privacy import PrivacyPlan
 from policies.wire import Weights, check_shapes, decode_weights, encode_weights, frozen_digest
