@@ -103,3 +103,60 @@ def test_two_concurrent_jobs_race_for_the_last_of_a_budget(federation) -> None:
     assert outcomes == ["ok", "refused"]
     ledger = {r["researcher"]: r for r in last_json(a.cli("budget", "--json"))}[email]
     assert ledger["charges"] == 1 and ledger["epsilon_spent"] <= ledger["epsilon_total"]
+
+
+def test_dp_recall_and_auc_are_released_and_charged_as_scores(federation) -> None:
+    """A rare-label job on a real site: "balanced" weights from the published DP class counts,
+    recall/precision/ROC-AUC from one noised score histogram a round, in the ledger as its own
+    release, and the spend is the hand composition of mock, training, metrics and scores."""
+    from datasites.serving.config import SiteDir
+    from policies import imbalance
+    from policies.accounting import Mechanism
+
+    fed, (a,) = federation
+    email = "dee@uni.edu"
+    creds = last_json(a.cli("users", "add", "--email", email, "--name", "Dee", "--json"))
+    (fed.path.parent / "dee.pw").write_text(creds["password"])
+    a.cli("budget", "set", "--researcher", email, "--dataset", "cancer", "--epsilon", "8")
+    login = fed.site("hospital-a").__class__(
+        "hospital-a", a.url, email, fed.path.parent / "dee.pw", fingerprint=a.fingerprint
+    )
+    plan = {
+        "rounds": 1,
+        "noise_multiplier": 1.5,
+        "batch_size": 64,
+        "class_weight": "balanced",
+        "binary_metrics": True,
+        "metric_noise_multiplier": 4.0,  # the job stays within the per-job 3
+    }
+    spec = job(plan)
+    meta = SiteDir(a.dir).datasets_meta()["cancer"]
+    counts = meta["class_counts"]  # published: the mock's label shares times the DP row count
+    assert len(counts) == 2 and sum(counts) == pytest.approx(meta["rows"], abs=1)
+    assert imbalance.balanced_weights(counts)[0] > 1 > imbalance.balanced_weights(counts)[1]
+    client = sites.connect(login)
+    asset = sites.find_asset(client, "cancer")
+    sites.submit(client, spec, asset)
+    rid = request_id(a, spec.name)
+    shown = a.cli("review", rid).stdout
+    assert "published DP class counts" in shown and "'scores'" in shown
+    a.cli("approve", rid)
+    reply = sites.run_round(client, spec, asset, "")
+    assert reply["status"] == "ok", reply
+    released = reply["metrics"]
+    for key in ("val_recall", "val_precision", "val_roc_auc", "val_pr_auc"):
+        assert 0.0 <= released[key] <= 1.0
+    assert reply["privacy"]["score_releases"] == 1 and reply["privacy"]["metric_releases"] == 2
+    row = {r["researcher"]: r for r in last_json(a.cli("budget", "--json"))}[email]
+    kinds = {r["kind"]: r["mechanism"] for r in row["releases"] if r["job"] == spec.job_id}
+    assert set(kinds) == {"training", "metrics", "scores"}
+    assert kinds["scores"]["steps"] == 1 and kinds["scores"]["noise_multiplier"] == 4.0
+    p = privacy_plan(spec.plan, a.published_rows("cancer"))
+    hand = [
+        *a.public_mechanisms("cancer"),
+        Mechanism(1.5, p.sample_rate, p.mechanism.steps),
+        Mechanism(4.0, 1.0, 3),  # 2 metric sums and 1 histogram, all at noise 4
+    ]
+    assert row["epsilon_spent"] == pytest.approx(epsilon(hand, 1e-5, "prv"), rel=1e-6)
+    without = epsilon(hand[:-1] + [Mechanism(4.0, 1.0, 2)], 1e-5, "prv")
+    assert row["epsilon_spent"] > without  # the histogram is charged, not free
