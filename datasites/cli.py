@@ -179,6 +179,13 @@ def upload(
             "categories are published as schema); more is refused. Booleans become 0/1."
         ),
     ] = 32,
+    max_memory_mb: Annotated[
+        int,
+        typer.Option(
+            help="Memory the upload may use; a table that would need more is refused before "
+            "it is read."
+        ),
+    ] = 1536,
     json: JsonOpt = False,
 ) -> None:
     """Validate a table and upload it as private data with a differentially private mock twin."""
@@ -195,7 +202,9 @@ def upload(
     if not 1 <= max_categories <= 1000:
         raise DatasiteError(f"--max-categories must be in [1, 1000], got {max_categories}")
     # before syft's slow import
-    table = validate_table(load_table(file), target, max_categories=max_categories)
+    table = validate_table(
+        load_table(file, max_memory_mb=max_memory_mb), target, max_categories=max_categories
+    )
     live(site)
     from datasites.serving import admin
 

@@ -12,11 +12,15 @@ values.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
 from datasites.data.mock import MAX_CLASSES
 from datasites.errors import TableError
@@ -24,7 +28,17 @@ from datasites.errors import TableError
 MAX_FEATURES = 2000  # 300 rows x 2,000 columns: the DP mock in about 5 s on 2 cores
 DEFAULT_MAX_CATEGORIES = 32  # a text column with more distinct values is refused, not encoded
 
-READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
+CSV_SUFFIXES = (".csv",)
+PARQUET_SUFFIXES = (".parquet", ".pq")
+EXCEL_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods")
+EXCEL_MAGIC = (b"PK\x03\x04", b"\xd0\xcf\x11\xe0")  # zip (xlsx, ods) and OLE2 (xls)
+DEFAULT_MAX_MEMORY_MB = 1536  # what one upload may hold in memory (peak RSS goal)
+# Peak RSS of an upload over the table's size at 8 bytes a cell (read, validate, mock, Parquet,
+# syft's import), measured with scripts/bench --upload-scale: a table of more than
+# budget / PEAK_FACTOR is refused before it is read.
+PEAK_FACTOR = 3.0
+SNIFF_BYTES = 1 << 16
+DICT_CARDINALITY = 1001  # text columns with more values arrive as plain strings (refused later)
 
 
 @dataclass(frozen=True)
@@ -50,21 +64,100 @@ class Table:
         }
 
 
-def load_table(path: Path) -> pd.DataFrame:
-    """Read a CSV or Parquet file, turning every failure into one TableError line."""
+def load_table(path: Path, max_memory_mb: int = DEFAULT_MAX_MEMORY_MB) -> pd.DataFrame:
+    """Read a CSV or Parquet file, turning every failure into one TableError line.
+
+    Checked before any row is read: the file type (an Excel workbook gets its own line, also
+    when it is named .csv), the column count (``MAX_FEATURES``: a 5,000-column CSV used to run
+    for minutes), and the table's size in memory against ``max_memory_mb`` (a table that cannot
+    fit is refused, never killed for memory half-way). CSVs are read by pyarrow: a UTF-8 BOM is
+    skipped, a semicolon-separated file (with decimal commas or points) is read as such, text
+    columns arrive dictionary-encoded (pandas categoricals, a few bytes a row).
+    """
     path = Path(path)
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
+    suffix = path.suffix.lower()
+    if suffix in EXCEL_SUFFIXES:
+        raise TableError(f"{path}: Excel workbooks are not read; save the sheet as CSV or Parquet")
+    if suffix not in CSV_SUFFIXES + PARQUET_SUFFIXES:
         raise TableError(f"{path}: unsupported file type {path.suffix!r}; use .csv or .parquet")
     if not path.is_file():
         raise TableError(f"{path}: file not found")
     try:
-        frame = reader(path)
-    except pd.errors.EmptyDataError as exc:
-        raise TableError(f"{path}: the table is empty") from exc
-    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise TableError(f"{path}: cannot be read: {str(exc).splitlines()[0]}") from exc
+        if suffix in PARQUET_SUFFIXES:
+            return _read_parquet(path, max_memory_mb)
+        return _read_csv(path, max_memory_mb)
+    except TableError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TableError(f"{path}: cannot be read: {message}") from exc
+
+
+def _read_parquet(path: Path, max_memory_mb: int) -> pd.DataFrame:
+    meta = pq.ParquetFile(path).metadata  # the footer only: rows and columns, no data
+    _check_size(path, meta.num_rows, meta.num_columns, max_memory_mb)
+    frame = pq.read_table(path).to_pandas()
+    if frame.empty:
+        raise TableError(f"{path}: the table is empty")
     return frame
+
+
+def _read_csv(path: Path, max_memory_mb: int) -> pd.DataFrame:
+    with path.open("rb") as fh:
+        head = fh.read(SNIFF_BYTES)
+    if head.startswith(EXCEL_MAGIC):
+        raise TableError(
+            f"{path}: this is an Excel workbook named .csv; save the sheet as CSV or Parquet"
+        )
+    text = head.decode("utf-8-sig", errors="replace")
+    lines = text.splitlines()
+    if not text.strip():
+        raise TableError(f"{path}: the table is empty")
+    delimiter = max(",;\t", key=lines[0].count)
+    columns = lines[0].count(delimiter) + 1
+    body = lines[1:-1] if len(head) == SNIFF_BYTES else lines[1:]  # the last may be cut
+    line_bytes = max(1.0, sum(len(line.encode()) + 1 for line in body) / max(1, len(body)))
+    rows = int((path.stat().st_size - len(lines[0])) / line_bytes) if body else 0
+    _check_size(path, rows, columns, max_memory_mb, estimated=True)
+    decimal = "," if delimiter == ";" and _decimal_commas(body, delimiter) else "."
+    table = pcsv.read_csv(
+        path,
+        parse_options=pcsv.ParseOptions(delimiter=delimiter),
+        convert_options=pcsv.ConvertOptions(
+            decimal_point=decimal,
+            strings_can_be_null=True,  # an empty text cell is missing, as in a numeric column
+            auto_dict_encode=True,
+            auto_dict_max_cardinality=DICT_CARDINALITY,
+        ),
+    )
+    return table.to_pandas()
+
+
+def _decimal_commas(lines: list[str], delimiter: str) -> bool:
+    """Whether a semicolon-separated file writes numbers as 1,5 (the European convention)."""
+    return any(DECIMAL_COMMA.match(cell) for line in lines[:50] for cell in line.split(delimiter))
+
+
+DECIMAL_COMMA = re.compile(r"^\s*-?\d+,\d+\s*$")
+
+
+def _check_size(
+    path: Path, rows: int, columns: int, max_memory_mb: int, estimated: bool = False
+) -> None:
+    if columns - 1 > MAX_FEATURES:
+        raise TableError(
+            f"{path}: {columns - 1} feature columns; at most {MAX_FEATURES} are accepted (the DP "
+            "mock adds noise to about 120 counts per column, and past this it takes long and is "
+            "mostly noise): select or aggregate columns first"
+        )
+    need_mb = rows * columns * 8 * PEAK_FACTOR / 2**20
+    if need_mb > max_memory_mb:
+        about = "about " if estimated else ""
+        raise TableError(
+            f"{path}: {about}{rows:,} rows x {columns} columns would need about "
+            f"{need_mb / 1024:.1f} GB to upload, more than the {max_memory_mb} MB memory budget "
+            "(--max-memory-mb): upload it in parts as separate datasets, or raise the budget"
+        )
 
 
 def validate_table(
@@ -77,7 +170,7 @@ def validate_table(
     columns = [str(c) for c in frame.columns]
     if len(set(columns)) != len(columns):
         raise TableError("the table has duplicate column names")
-    frame = frame.copy()
+    frame = frame.copy(deep=False)  # columns are replaced below, never written into: no copy
     frame.columns = columns
     if target not in frame.columns:
         raise TableError(f"target column {target!r} not found; columns are {', '.join(columns)}")
@@ -130,15 +223,25 @@ def _categorical(column: pd.Series, name: str, max_categories: int) -> pd.Series
     """A text column as a pandas categorical over its sorted values, or TableError when it has
     more than ``max_categories`` of them (an identifier or free text, not a category: one-hot
     would be as wide as the table, and the category list is published)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):  # read dictionary-encoded: no strings
+        column = column.cat.remove_unused_categories()
+        names = [str(c) for c in column.cat.categories]
+        if len(set(names)) == len(names):
+            _check_categories(name, len(names), max_categories)
+            column = column.cat.rename_categories(names)
+            return column.cat.reorder_categories(sorted(names))
     values = column.astype(str)
-    distinct = values.nunique()
+    _check_categories(name, values.nunique(), max_categories)
+    return values.astype(pd.CategoricalDtype(sorted(values.unique())))
+
+
+def _check_categories(name: str, distinct: int, max_categories: int) -> None:
     if distinct > max_categories:
         raise TableError(
             f"column {name!r} has {distinct} distinct text values, more than --max-categories "
             f"{max_categories}: drop it, group its values, or raise --max-categories (each "
             "category is published as schema)"
         )
-    return values.astype(pd.CategoricalDtype(sorted(values.unique())))
 
 
 def _check_missing(frame: pd.DataFrame) -> None:

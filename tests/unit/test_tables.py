@@ -20,6 +20,10 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 def test_unsupported_suffix(tmp_path: Path) -> None:
     path = tmp_path / "data.xlsx"
     path.write_text("x")
+    with pytest.raises(TableError, match="Excel workbooks are not read; save the sheet as CSV"):
+        load_table(path)
+    path = tmp_path / "data.json"
+    path.write_text("x")
     with pytest.raises(TableError, match="unsupported file type"):
         load_table(path)
 
