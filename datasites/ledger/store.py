@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS charges (
     epsilon REAL NOT NULL, accountant TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('reserved', 'committed')),
     kind TEXT NOT NULL DEFAULT 'training',
-    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    l2 REAL NOT NULL DEFAULT 0, l1 REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     at TEXT NOT NULL, actor TEXT NOT NULL, event TEXT NOT NULL,
@@ -126,7 +127,7 @@ def _migrate(conn: Connection) -> None:
 
 def is_postgres(target: str | Path) -> bool:
     """True for a ``postgresql://`` URL: the site's tables then live in that database."""
-    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+    return isinstance(target, str) and target.startswith("postgresql://")
 
 
 def check_db_url(url: str) -> None:
