@@ -32,8 +32,12 @@ from tests.integration.conftest import EMAIL, job
 pytestmark = pytest.mark.integration
 
 SITE_NAMES = ("hospital-a",)  # the federation fixture's sites
-CHROMIUM = os.environ.get("FEDSITE_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("FEDSITE_CHROMEDRIVER", "/usr/bin/chromedriver")
+CHROMIUM = os.environ.get("FEDSITE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = (
+    os.environ.get("FEDSITE_CHROMEDRIVER")
+    or shutil.which("chromedriver")
+    or "/usr/bin/chromedriver"
+)
 PLAN = {"rounds": 1, "noise_multiplier": 1.5, "batch_size": 64}
 WIDTH = 1200
 
@@ -51,7 +55,7 @@ def browser():
     if missing:
         _no_browser(
             f"no {' or '.join(missing)}: Debian's chromium and chromium-driver are not installed "
-            "and scripts/setup could not install them (no apt-get, or not root)"
+            "(scripts/setup installs them where apt-get runs as root)"
         )
     try:
         from selenium import webdriver
@@ -237,6 +241,8 @@ def _login_by_keyboard(driver, console: dict) -> None:
         ActionChains(driver).send_keys(Keys.TAB).perform()
         if driver.switch_to.active_element.get_attribute("id") == "password":
             break
+    else:
+        raise AssertionError("Tab never reaches the password field")
     ActionChains(driver).send_keys(console["site"].password, Keys.TAB, Keys.ENTER).perform()
     _wait_for(driver, lambda d: d.current_url.rstrip("/") == console["url"])
 
@@ -261,7 +267,7 @@ def _open_request(driver, console: dict, job_name: str) -> str:
 # --- the tests ------------------------------------------------------------------------------
 
 
-def test_the_login_page_is_reached_and_used_by_keyboard(console, browser) -> None:
+def test_the_login_page_is_reached_and_used_by_keyboard(browser, console) -> None:
     browser.delete_all_cookies()
     browser.get(console["url"] + "/")
     assert browser.current_url.endswith("/login")  # no page without a login
@@ -281,7 +287,7 @@ def test_the_login_page_is_reached_and_used_by_keyboard(console, browser) -> Non
     _accessible(browser)  # the error box too
 
 
-def test_an_admin_approves_a_pending_request_in_the_browser(console, browser) -> None:
+def test_an_admin_approves_a_pending_request_in_the_browser(browser, console) -> None:
     fed, site, spec = console["fed"], console["site"], console["approve"]
     assert api.status(fed, spec)["hospital-a"]["status"] == "pending"
     browser.delete_all_cookies()
@@ -333,7 +339,7 @@ def test_an_admin_approves_a_pending_request_in_the_browser(console, browser) ->
     _screenshot(console, browser, "audit")
 
 
-def test_a_post_without_the_csrf_token_is_refused(console, browser) -> None:
+def test_a_post_without_the_csrf_token_is_refused(browser, console) -> None:
     fed, spec = console["fed"], console["forge"]
     browser.delete_all_cookies()
     _login_by_keyboard(browser, console)
