@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from scipy.optimize import brentq
@@ -29,11 +30,22 @@ warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 @dataclass(frozen=True)
 class Mechanism:
-    """One DP-SGD run: Gaussian noise scale, Poisson sampling rate and number of steps."""
+    """One DP-SGD run: noise scale, Poisson sampling rate and number of steps.
+
+    The noise is Gaussian, or, with ``l2`` > 0, Skellam noise of total variance
+    (noise_multiplier * l2)^2 on integer updates with L2 and L1 sensitivities ``l2`` and ``l1``
+    (distributed DP, ``policies.skellam``).
+    """
 
     noise_multiplier: float
     sample_rate: float
     steps: int
+    l2: float = 0.0
+    l1: float = 0.0
+
+    @property
+    def skellam(self) -> bool:
+        return self.l2 > 0
 
 
 def _accountant(name: str) -> PRVAccountant | RDPAccountant:
@@ -69,6 +81,8 @@ def _composed(mechanisms: tuple[Mechanism, ...], delta: float, accountant: str) 
         return 0.0
     if any(m.noise_multiplier <= 0 for m in active):
         return math.inf
+    if any(m.skellam for m in active):
+        return _rdp_composed(active, delta)
     history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in active]
     rdp = _accountant("rdp")
     rdp.history = list(history)
@@ -78,6 +92,52 @@ def _composed(mechanisms: tuple[Mechanism, ...], delta: float, accountant: str) 
     acc = _accountant(accountant)
     acc.history = history
     return float(acc.get_epsilon(delta=delta))
+
+
+def _rdp_composed(mechanisms: Sequence[Mechanism], delta: float) -> float:
+    """Renyi composition of Gaussian and Skellam runs at integer orders (``policies.skellam``):
+    PRV has no Skellam, so a budget that holds one is accounted in RDP throughout (sound)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from policies import skellam
+
+    total = np.zeros(len(skellam.ORDERS))
+    for m in mechanisms:
+        if m.skellam:
+            curve = skellam.rdp_curve(m.noise_multiplier, m.sample_rate, m.steps, m.l2, m.l1)
+            total += np.asarray(curve)
+        else:
+            total += compute_rdp(
+                q=m.sample_rate,
+                noise_multiplier=m.noise_multiplier,
+                steps=m.steps,
+                orders=list(skellam.ORDERS),
+            )
+    return skellam.to_epsilon(total, delta)
+
+
+def skellam_noise_for_target(
+    target: float, delta: float, q: float, steps: int, l2: float, l1: float
+) -> float:
+    """The smallest total noise multiplier whose Skellam run keeps ``target`` (bisection)."""
+
+    def eps(sigma: float) -> float:
+        return epsilon([Mechanism(sigma, q, steps, l2, l1)], delta)
+
+    low, high = 0.05, 1.0
+    while eps(high) > target:
+        low, high = high, 2 * high
+        if high > MAX_SEARCH_NOISE:
+            raise PlanError(
+                f"no noise multiplier up to {MAX_SEARCH_NOISE:g} reaches epsilon {target} "
+                f"at delta {delta} over {steps} distributed steps"
+            )
+    if eps(low) <= target:
+        return low
+    sigma = brentq(lambda s: eps(s) - target, low, high, xtol=1e-6, rtol=1e-5)
+    while eps(sigma) > target:
+        sigma *= 1.0001
+    return sigma
 
 
 @lru_cache(maxsize=256)

@@ -125,13 +125,13 @@ class BudgetLedger:
         researcher = researcher.lower()
         with self.store.immediate() as conn:
             existing = conn.execute(
-                "SELECT id, noise_multiplier, sample_rate, steps FROM charges "
+                "SELECT id, noise_multiplier, sample_rate, steps, l2, l1 FROM charges "
                 "WHERE job_id = ? AND researcher = ? AND dataset = ? ORDER BY id",
                 (job_id, researcher, dataset),
             ).fetchall()
             if existing:  # one charge per job, made at its first round, covers all its rounds
                 budget = self._budget(conn, researcher, dataset)
-                mine = [Mechanism(r[1], r[2], r[3]) for r in existing]
+                mine = [Mechanism(r[1], r[2], r[3], r[4], r[5]) for r in existing]
                 job_eps = epsilon(mine, budget.delta, job_accountant)
                 return Charge(existing[0][0], job_eps, budget.epsilon_spent, budget)
             before = self._budget(conn, researcher, dataset)
@@ -178,6 +178,8 @@ class BudgetLedger:
                 epsilon([mechanism], delta, accountant),
                 accountant,
                 kind,
+                mechanism.l2,
+                mechanism.l1,
             ),
         )
         return int(cur.fetchone()[0])
@@ -248,7 +250,7 @@ class BudgetLedger:
     def _releases(self, conn, researcher: str, dataset: str) -> list[dict[str, object]]:  # noqa: ANN001
         rows = conn.execute(
             "SELECT kind, job_id, noise_multiplier, sample_rate, steps, epsilon, accountant, "
-            "status, created_at, researcher FROM charges WHERE researcher IN (?, ?) AND dataset = ? ORDER BY id",
+            "status, created_at, researcher, l2, l1 FROM charges WHERE researcher IN (?, ?) AND dataset = ? ORDER BY id",
             (researcher, PUBLIC, dataset),
         ).fetchall()
         return [
@@ -256,14 +258,7 @@ class BudgetLedger:
                 "kind": r["kind"],
                 "public": r["researcher"] == PUBLIC,
                 "job": r["job_id"],
-                "mechanism": {
-                    "type": "gaussian"
-                    if r["sample_rate"] >= 1.0
-                    else "poisson-subsampled gaussian",
-                    "noise_multiplier": r["noise_multiplier"],
-                    "sample_rate": r["sample_rate"],
-                    "steps": r["steps"],
-                },
+                "mechanism": _mechanism_dict(r),
                 "epsilon": r["epsilon"],
                 "accountant": r["accountant"],
                 "status": r["status"],
@@ -281,11 +276,11 @@ class BudgetLedger:
 
     def _mechanisms(self, conn, researcher: str, dataset: str) -> list[Mechanism]:  # noqa: ANN001
         rows = conn.execute(
-            "SELECT noise_multiplier, sample_rate, steps FROM charges "
+            "SELECT noise_multiplier, sample_rate, steps, l2, l1 FROM charges "
             "WHERE researcher IN (?, ?) AND dataset = ? ORDER BY id",
             (researcher, PUBLIC, dataset),
         ).fetchall()
-        return [Mechanism(r[0], r[1], r[2]) for r in rows]
+        return [Mechanism(*r) for r in rows]
 
     def _budget(self, conn, researcher: str, dataset: str) -> Budget:  # noqa: ANN001
         row = conn.execute(
@@ -305,3 +300,17 @@ class BudgetLedger:
         return Budget(
             researcher, dataset, total, delta, spent, sums[0], sums[1], row is None, releases
         )
+
+
+def _mechanism_dict(row) -> dict[str, object]:  # noqa: ANN001
+    """A charge's mechanism as the budget listings show it."""
+    noise = "skellam" if row["l2"] else "gaussian"
+    out: dict[str, object] = {
+        "type": noise if row["sample_rate"] >= 1.0 else f"poisson-subsampled {noise}",
+        "noise_multiplier": row["noise_multiplier"],
+        "sample_rate": row["sample_rate"],
+        "steps": row["steps"],
+    }
+    if row["l2"]:
+        out.update(l2_sensitivity=row["l2"], l1_sensitivity=row["l1"])
+    return out
