@@ -96,13 +96,14 @@ def start_site(  # noqa: PLR0913
     epsilon: float,
     dataset: str = "breast-cancer",
     tls: bool = False,
+    target: str = "target",
 ) -> SiteDir:
     """A launched datasite holding ``data``, with Ada allowed and budgeted (demo defaults);
     ``tls``: HTTPS only, with a self-signed certificate the federation file pins."""
     site = SiteDir(work / name)
     init_site(site.root, name, port=free_port(), tls=self_signed("127.0.0.1") if tls else None)
     process.launch_detached(site)
-    admin.upload(site, dataset, validate_table(data, "target"), description=f"{name}: {dataset}")
+    admin.upload(site, dataset, validate_table(data, target), description=f"{name}: {dataset}")
     (work / f"{name}.password").write_text(admin.add_user(site, EMAIL, "Ada"))
     (work / f"{name}.password").chmod(0o600)
     limit = max(3.0, epsilon)
@@ -180,6 +181,13 @@ def main() -> None:
         default=1,
         help="run N times (seeds 0..N-1: the model's initial weights); report mean and range",
     )
+    parser.add_argument(
+        "--scenario",
+        choices=("hospital", "bank"),
+        default="hospital",
+        help="hospital: breast cancer at three hospitals (default); bank: ISLP's Default "
+        "credit data at three banks, rare labels, a categorical column (scripts/demo_bank.py)",
+    )
     parser.add_argument("--json", action="store_true", help="last line: one JSON summary")
     parser.add_argument("--keep", action="store_true", help="leave the datasites running")
     parser.add_argument(
@@ -195,6 +203,11 @@ def main() -> None:
         parser.error("--seeds must be at least 1, and --keep needs a single run")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     say = (lambda *_: None) if args.json else print
+    if args.scenario == "bank":
+        import demo_bank  # scripts/ is on the path of this script
+
+        demo_bank.main(args, say)
+        return
     runs = [run_once(args, seed, say) for seed in range(args.seeds)]
     summary = runs[-1] if len(runs) == 1 else summarise(runs)
     if args.json:
