@@ -19,7 +19,10 @@ from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
 from datasites.serving.config import SiteDir
 from policies.accounting import Mechanism
+from researcher import sites
+from researcher.federation import SiteLogin
 from tests.conftest import Site, free_port, last_json, run_cli
+from tests.integration.conftest import job, request_id
 
 pytestmark = pytest.mark.integration
 EMAIL = "ada@uni.edu"
@@ -74,6 +77,7 @@ def test_kill_9_and_a_postgres_crash_lose_nothing(
             "password"
         ]
         site.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "5")
+        site.cli("policy", "set", "--dataset", "cancer", "--allow-domain", "uni.edu")
 
         # where things are: syft's tables in 'syft', the site's in 'datasite', no SQLite anywhere
         assert SiteDir(site.dir).site_db == url
@@ -84,28 +88,37 @@ def test_kill_9_and_a_postgres_crash_lose_nothing(
         stray = [p.name for p in site.dir.rglob("*") if p.suffix in (".db", ".sqlite")]
         assert stray == []
 
-        # a job charged and committed, a second one reserved when the server dies (stays charged)
-        store = SiteStore(url)
-        ledger = BudgetLedger(store)
-        done = ledger.reserve(EMAIL, "cancer", "job-1", Mechanism(1.5, 0.05, 100), "prv")
-        ledger.commit(done.id)
-        ledger.reserve(EMAIL, "cancer", "job-2", Mechanism(2.0, 0.05, 50), "prv")
-        audit = AuditLog(store)
-        audit.record("admin", "approved", "req-1", "hash-1", reason="fine")
-        audit.record("runtime", "executed", "req-1", "hash-1", round=1)
+        # a real job round through the server: approved, trained, charged and committed there
+        (tmp_path / "ada.pw").write_text(password)
+        login = SiteLogin(
+            site.name, site.url, EMAIL, tmp_path / "ada.pw", fingerprint=site.fingerprint
+        )
+        client = sites.connect(login)
+        asset = sites.find_asset(client, "cancer")
+        spec = job({"rounds": 1, "target_epsilon": 1.0, "batch_size": 64})
+        sites.submit(client, spec, asset)
+        site.cli("approve", request_id(site, spec.name))
+        reply = sites.run_round(client, spec, asset, "")
+        assert reply["status"] == "ok", last_json(site.cli("audit", "--json"))[-1]
+        # and a second job's reservation, made as the server dies (it stays charged)
+        ledger = BudgetLedger(SiteStore(url))
+        ledger.reserve(EMAIL, "cancer", "job-in-flight", Mechanism(2.0, 0.05, 50), "prv")
         before = last_json(site.cli("budget", "--json"))
-        assert before[0]["charges"] == 2
+        statuses = [(r["job"], r["status"]) for r in before[0]["releases"] if not r["public"]]
+        assert (spec.job_id, "committed") in statuses and ("job-in-flight", "reserved") in statuses
+        audit_before = last_json(site.cli("audit", "--json"))
+        assert "approved" in [e["event"] for e in audit_before]
+        assert _count(url, "SELECT count(*) FROM datasite.approvals") == 1
 
         _kill_9(site)
         pg_cluster.stop("immediate")  # a crash: recovery replays the WAL at the next start
         pg_cluster.start()
         site.cli("launch", "--detach")
 
-        after = last_json(site.cli("budget", "--json"))
-        assert after == before
-        assert [r["status"] for r in after[0]["releases"]] == ["committed", "committed", "reserved"]
-        entries = last_json(site.cli("audit", "--json"))  # the CLI refuses a broken chain
-        assert [e["event"] for e in entries] == ["approved", "executed"] and audit.verify()
+        assert last_json(site.cli("budget", "--json")) == before
+        # the CLI refuses a broken chain; the same entries, oldest first, hashes and all
+        assert last_json(site.cli("audit", "--json")) == audit_before
+        assert AuditLog(SiteStore(url)).verify()
         admin = site.admin()
         assert [d.name for d in admin.datasets.get_all()] == ["cancer"]
         ada = site.login(EMAIL, password)
