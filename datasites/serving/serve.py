@@ -92,7 +92,7 @@ def _warm_runtime() -> None:
     Training itself runs in the sandbox's warm trainer pool (started before serving); this
     keeps the first call from paying for the accountant's and the runtime's imports.
     """
-    from datasites import site_job  # noqa: F401
+    from datasites.training import site_job  # noqa: F401
     from policies import accounting  # noqa: F401
 
 
