@@ -8,7 +8,8 @@ from typing import Any
 from datasites.review.access import DatasetPolicy
 from datasites.review.codecheck import parse_template
 from policies.errors import PlanError
-from policies.plan import JobSpec, check_fits, n_outputs
+from policies.layout import check_site, width
+from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Submission:
     # what disagrees between raw_code and what syft will execute (names, parsed code, policies)
     executed_problems: tuple[str, ...] = ()
     site_fingerprint: str = ""  # this datasite's identity, to find it among a job's peers
+    # the dataset's published metadata: a job's one-hot layout is checked against its schema
+    published: dict[str, Any] | None = None
 
 
 MAX_CODE_CHARS = 200_000  # the template with a 64-layer spec is far below this
@@ -146,30 +149,67 @@ def _check_aggregation(
         problems.append("this site's fingerprint is not among the peers")
     if len(set(plan.peers)) < policy.min_aggregation_sites:
         problems.append(f"fewer peers than the policy's {policy.min_aggregation_sites}")
+    mode = "secure"
+    if plan.distributed:
+        problems += distributed_problems(plan, policy)
+        mode = (
+            f"secure with distributed DP (each site adds 1/{plan.honest_sites} of the noise; "
+            f"survives {plan.colluding_sites} colluding site(s))"
+        )
     report.add(
         "aggregation",
         not problems,
         "; ".join(problems)
         + (": " if problems else "")
-        + f"secure, rounds of at least {policy.min_aggregation_sites} of the peers {listed}",
+        + f"{mode}, rounds of at least {policy.min_aggregation_sites} of the peers {listed}",
     )
+
+
+def distributed_problems(plan: TrainingPlan, policy: DatasetPolicy) -> list[str]:
+    """Why a distributed-DP plan falls short of this dataset's policy (empty: it does not).
+
+    The site's noise share assumes that ``plan.honest_sites`` shares reach the target; the
+    policy's collusion threshold and fewest sites must be covered by the plan's.
+    """
+    problems = []
+    if plan.colluding_sites < policy.colluding_sites:
+        problems.append(
+            f"the plan's noise survives {plan.colluding_sites} colluding site(s); "
+            f"the policy requires {policy.colluding_sites}"
+        )
+    if plan.survivors_needed < policy.min_aggregation_sites:
+        problems.append(
+            f"the plan unmasks with {plan.survivors_needed} site(s), fewer than the policy's "
+            f"{policy.min_aggregation_sites}"
+        )
+    return problems
 
 
 def _check_model(report: PolicyReport, sub: Submission, spec: JobSpec) -> None:
     """The declarative model against the table's published shape (arithmetic only)."""
     arch = spec.architecture
-    if sub.n_features is None:
+    n_features, layout_note = sub.n_features, ""
+    if n_features is None:
         report.add("model", False, "the dataset publishes no schema to check the model against")
         return
     try:
-        check_fits(spec, sub.n_features, n_outputs(spec.plan.loss, sub.n_classes))
+        if spec.layout is not None:  # categorical columns: the federation-wide one-hot layout
+            check_site(spec.layout, sub.published or {})
+            n_features = width(spec.layout)
+            categorical = [name for name, cats in spec.layout["columns"] if cats is not None]
+            layout_note = (
+                f"; one-hot layout of {', '.join(categorical)} from the sites' published "
+                f"categories ({n_features} inputs)"
+            )
+        check_fits(spec, n_features, n_outputs(spec.plan.loss, sub.n_classes))
     except PlanError as exc:
         report.add("model", False, str(exc))
         return
     report.add(
         "model",
         True,
-        f"{len(arch.rows)} allowlisted layers, {list(arch.input)} -> {list(arch.output)}",
+        f"{len(arch.rows)} allowlisted layers, {list(arch.input)} -> {list(arch.output)}"
+        + layout_note,
     )
 
 

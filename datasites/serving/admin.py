@@ -19,6 +19,7 @@ from syft.serde.serialize import _serialize
 from syft.types.server_url import ServerURL
 
 from datasites.data.mock import DEFAULT_MOCK_EPSILON, class_keys, make_mock
+from datasites.data.store import remove_private, write_private
 from datasites.errors import AuthError, ServerError, TableError
 from datasites.serving import sessions
 from datasites.serving.config import SiteDir
@@ -99,7 +100,10 @@ def upload(  # noqa: PLR0913
     """Build the DP mock twin of a validated table and upload both, unless the name is taken.
 
     The mock is charged in the ledger as a public release before it leaves, and the charge is
-    withdrawn if the upload fails (nothing was released then).
+    withdrawn if the upload fails (nothing was released then). The private rows go to the
+    site's own Parquet file, and the syft asset holds a stub naming it (``datasites.data.store``:
+    syft's upload path cost most of the time and memory of a large upload); the file is removed
+    again if the upload fails.
     """
     # here, not at the top: the user commands need no privacy accountant (opacus, ~1.2 s)
     from datasites.ledger.budget import BudgetLedger
@@ -111,18 +115,22 @@ def upload(  # noqa: PLR0913
     release = make_mock(table.frame, table.target, rows=mock_rows, epsilon=mock_epsilon)
     meta = {**_meta(table, name, release), "description": description}
     dataset = sy.Dataset(name=name, description=description or f"{name}: ~{release.rows} rows")
+    stub = write_private(site.root, name, table.frame)
     dataset.add_asset(
-        sy.Asset(
-            name=ASSET_NAME, description=format_meta(meta), data=table.frame, mock=release.mock
-        )
+        sy.Asset(name=ASSET_NAME, description=format_meta(meta), data=stub, mock=release.mock)
     )
     ledger = BudgetLedger(SiteStore(site.site_db))
-    charge = ledger.charge_public(name, f"upload:{name}", "mock", release.mechanism)
+    try:
+        charge = ledger.charge_public(name, f"upload:{name}", "mock", release.mechanism)
+    except BaseException:
+        remove_private(site.root, stub)
+        raise
     try:
         with syft_errors(f"upload of {name!r} failed"), quiet():
             check_reply(client.upload_dataset(dataset), f"upload of {name!r} failed", ServerError)
     except BaseException:
         ledger.withdraw_public(charge)
+        remove_private(site.root, stub)
         raise
     site.save_dataset_meta(name, meta)
     return UploadResult(
