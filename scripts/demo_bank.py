@@ -40,13 +40,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from demo import approve_via_cli, forget_sites, start_site, write_federation
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from datasites.serving import process
 from policies.layout import encode, width
-from researcher import api
 from researcher.evaluation import held_out_metrics
 from researcher.job import make_job
 
@@ -136,6 +133,10 @@ def centralized(shares: list[pd.DataFrame], test: pd.DataFrame, spec: Any) -> di
 
 def run_once(args: argparse.Namespace, seed: int, say: Callable[..., None]) -> dict[str, Any]:
     """Three fresh bank datasites, submit, approve through the CLI, train, evaluate."""
+    from demo import forget_sites, start_site  # syft: imported when servers are needed
+
+    from datasites.serving import process
+
     started = time.time()
     torch.manual_seed(seed)
     work = Path(tempfile.mkdtemp(prefix="fedsite-bank-"))
@@ -176,6 +177,10 @@ def _federate(  # noqa: PLR0913
     test: pd.DataFrame,
     started: float,
 ) -> dict[str, Any]:
+    from demo import approve_via_cli, write_federation
+
+    from researcher import api
+
     fed = write_federation(work, sites)
     # the one-hot layout from the three published schemas: campus-bank publishes only "Yes"
     # for student, private-bank only "No"; the layout holds both
