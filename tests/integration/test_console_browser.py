@@ -247,7 +247,8 @@ def _login_by_keyboard(driver, console: dict) -> None:
     _wait_for(driver, lambda d: d.current_url.rstrip("/") == console["url"])
 
 
-def _wait_for(driver, ready, timeout: float = 20.0):
+def _wait_for(driver, ready, timeout: float = 90.0):
+    """Generous: an approval (a syft call) on a loaded two-core machine has taken over 20 s."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout).until(ready)
