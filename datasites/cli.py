@@ -225,7 +225,10 @@ def datasets(site: SiteOpt, json: JsonOpt = False) -> None:
         {
             "name": name,
             "description": meta.get("description", ""),
-            **{k: meta.get(k) for k in ("target", "rows", "mock_rows", "mock_epsilon", "schema")},
+            **{
+                k: meta.get(k)
+                for k in ("target", "rows", "mock_rows", "mock_epsilon", "schema", "categories")
+            },
         }
         for name, meta in sorted(site.datasets_meta().items())
     ]
@@ -368,6 +371,12 @@ def policy_set(
     min_aggregation_sites: Annotated[
         int | None, typer.Option(help="Fewest sites in a secure-aggregation round (k).")
     ] = None,
+    colluding_sites: Annotated[
+        int | None,
+        typer.Option(
+            help="Distributed DP: sites that may pool their noise; the rest must suffice (t)."
+        ),
+    ] = None,
 ) -> None:
     """Change a dataset's policy; unnamed fields keep their current value."""
     from dataclasses import replace
@@ -389,6 +398,7 @@ def policy_set(
             "max_memory_mb": max_memory_mb,
             "require_secure_aggregation": require_secure_aggregation,
             "min_aggregation_sites": min_aggregation_sites,
+            "colluding_sites": colluding_sites,
         }.items()
         if v is not None
     }

@@ -25,6 +25,7 @@ OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("prv", "rdp")
 COMPRESSIONS = ("none", "int8", "topk")
 AGGREGATIONS = ("plain", "secure")
+DP_MODES = ("local", "distributed")
 MAX_UPDATE_BOUND = 1e4
 MAX_PROXIMAL_MU = 100.0
 MAX_LAYER_NAMES = 64
@@ -82,6 +83,15 @@ class TrainingPlan:
     aggregation: str = "plain"
     peers: tuple[str, ...] = ()
     update_norm_bound: float = 10.0
+    # Distributed DP (policies.skellam): "local" (each site noises its own update fully) or
+    # "distributed" (a round is one DP-SGD step over the union of the sites: each samples its
+    # rows at ``sample_rate``, adds a Skellam share, masks; the shares of the honest sites add up
+    # to the plan's noise). ``min_sites``: fewest survivors a round is unmasked with (0: every
+    # peer); ``colluding_sites``: how many sites may pool their noise and still leave enough.
+    dp: str = "local"
+    sample_rate: float | None = None
+    min_sites: int = 0
+    colluding_sites: int = 0
     # Imbalanced labels (policies.imbalance): a per-class loss weight, "balanced" (resolved at
     # the site from its published DP class counts, never from the private labels) or one
     # number per class; ``pos_weight`` is bce_with_logits' weight of the positive term.
@@ -178,9 +188,14 @@ class TrainingPlan:
         hexdigits = set("0123456789abcdef")
         if not all(isinstance(p, str) and len(p) == 64 and set(p) <= hexdigits for p in peers):
             raise PlanError("peers must be SHA-256 fingerprints: 64 lowercase hex characters")
+        if self.dp not in DP_MODES:
+            raise PlanError(f"dp must be one of {', '.join(DP_MODES)}; got {self.dp!r}")
         if self.aggregation == "plain":
             if peers:
                 raise PlanError('peers are for aggregation "secure"')
+            if self.distributed:
+                raise PlanError('dp "distributed" needs aggregation "secure": the noise is shared')
+            self._check_distributed()
             return
         if len(set(peers)) != len(peers) or len(peers) == 1:
             # none yet is allowed: the researcher package fills in the federation's sites
@@ -189,6 +204,44 @@ class TrainingPlan:
             raise PlanError(
                 'secure aggregation sums fixed-point updates; compression must be "none" '
                 "(int8 would be quantized twice, top-k needs one index set for all sites)"
+            )
+        self._check_distributed()
+
+    def _check_distributed(self) -> None:
+        if not self.distributed:
+            if self.sample_rate is not None or self.min_sites or self.colluding_sites:
+                raise PlanError(
+                    'sample_rate, min_sites and colluding_sites are for dp "distributed"'
+                )
+            return
+        if self.sample_rate is not None:
+            _positive_float("sample_rate", self.sample_rate, 1.0)
+        peers = len(self.peers)
+        if not isinstance(self.min_sites, int) or not 0 <= self.min_sites <= max(peers, 64):
+            raise PlanError(f"min_sites must be an integer in [0, {max(peers, 64)}]")
+        if peers and self.min_sites > peers:
+            raise PlanError(f"min_sites is {self.min_sites}, more than the {peers} peers")
+        if not isinstance(self.colluding_sites, int) or self.colluding_sites < 0:
+            raise PlanError("colluding_sites must be a non-negative integer")
+        if peers and self.honest_sites < 1:
+            raise PlanError(
+                f"colluding_sites ({self.colluding_sites}) must be below min_sites "
+                f"({self.survivors_needed}): some honest site's noise must remain"
+            )
+        for name, value, allowed in (
+            ("site_metrics", self.site_metrics, False),
+            ("local_epochs", self.local_epochs, 1),
+            ("personalize_epochs", self.personalize_epochs, 0),
+        ):
+            if value != allowed:
+                raise PlanError(
+                    f'dp "distributed" needs {name} = {allowed!r}: a round is one noisy step '
+                    "summed over the sites, and only that sum leaves them"
+                )
+        if self.proximal_mu or self.frozen or self.class_weight or self.pos_weight:
+            raise PlanError(
+                'dp "distributed" takes one plain gradient step per round: no proximal_mu, '
+                "frozen layers or class weights"
             )
 
     def _check_imbalance(self) -> None:
@@ -224,6 +277,21 @@ class TrainingPlan:
     @property
     def secure(self) -> bool:
         return self.aggregation == "secure"
+
+    @property
+    def distributed(self) -> bool:
+        return self.dp == "distributed"
+
+    @property
+    def survivors_needed(self) -> int:
+        """Fewest sites a distributed round is unmasked with: ``min_sites``, or every peer."""
+        return self.min_sites or len(self.peers)
+
+    @property
+    def honest_sites(self) -> int:
+        """Sites whose noise shares must alone reach the plan's noise: the survivors a round
+        needs, less those that may collude. Each site adds 1/honest_sites of the variance."""
+        return self.survivors_needed - self.colluding_sites
 
     @property
     def personalizes(self) -> bool:

@@ -23,10 +23,14 @@ sensitivity on neighbouring tables, and they compose sequentially in the same ac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from policies.accounting import Mechanism, epsilon, noise_for_target
+from policies import skellam
+from policies.accounting import Mechanism, epsilon, noise_for_target, skellam_noise_for_target
+from policies.errors import PlanError
 from policies.plan import (
+    JobSpec,
     TrainingPlan,
     metric_queries,
     personal_steps,
@@ -51,12 +55,16 @@ class PrivacyPlan:
     metric_releases: int = 0  # noised sums over the whole job
     personal_steps: int = 0  # the fine-tuning pass after the last round
     score_releases: int = 0  # noised score histograms over the whole job (binary_metrics)
+    # distributed DP: the integer sensitivities of one row (policies.skellam); 0 when local
+    l2: float = 0.0
+    l1: float = 0.0
+    scale: float = 0.0  # gamma: gradients are scaled by it before rounding
 
     @property
     def mechanism(self) -> Mechanism:
         """The DP-SGD steps of the whole job, the personalization pass included."""
         steps = self.steps_per_round * self.rounds + self.personal_steps
-        return Mechanism(self.noise_multiplier, self.sample_rate, steps)
+        return Mechanism(self.noise_multiplier, self.sample_rate, steps, self.l2, self.l1)
 
     @property
     def releases(self) -> list[tuple[str, Mechanism]]:
@@ -71,13 +79,23 @@ class PrivacyPlan:
         return out
 
 
-def privacy_plan(plan: TrainingPlan, n_rows: int, min_noise: float = 0.0) -> PrivacyPlan:
+def job_privacy(spec: JobSpec, n_rows: int, min_noise: float = 0.0) -> PrivacyPlan:
+    """:func:`privacy_plan` of a whole job: a distributed plan needs the update's size."""
+    dimension = sum(math.prod(shape) for shape in spec.trainable.values())
+    return privacy_plan(spec.plan, n_rows, min_noise, dimension)
+
+
+def privacy_plan(
+    plan: TrainingPlan, n_rows: int, min_noise: float = 0.0, dimension: int = 0
+) -> PrivacyPlan:
     """Noise, sampling rate and steps of the whole approved plan on a table of ``n_rows``.
 
     ``n_rows`` is the whole table; the training rows are what is left after the validation
     split. With ``target_epsilon``, the training noise is the smallest that keeps training and
     metrics together within the target.
     """
+    if plan.distributed:
+        return _distributed(plan, dimension, min_noise)
     n_train = training_rows(n_rows, plan)
     q = sample_rate(n_train, plan.batch_size)
     per_round = plan.local_epochs * steps_per_epoch(n_train, plan.batch_size)
@@ -106,3 +124,26 @@ def privacy_plan(plan: TrainingPlan, n_rows: int, min_noise: float = 0.0) -> Pri
         personal_steps(n_train, plan),
         scores,
     )
+
+
+def _distributed(plan: TrainingPlan, dimension: int, min_noise: float) -> PrivacyPlan:
+    """One Skellam-noised step per round, at the plan's rate, on every site's whole table.
+
+    The noise multiplier is the *total* over the honest sites, in units of the L2 sensitivity;
+    each site adds 1/``honest_sites`` of its variance. Nothing else is released: no metrics.
+    """
+    if plan.sample_rate is None or dimension < 1:
+        raise PlanError(
+            'dp "distributed" needs the plan\'s sample_rate (researcher submit fills it in '
+            "from the sites' published row counts) and a model with trainable parameters"
+        )
+    gamma = skellam.scale(plan.max_grad_norm, dimension, plan.batch_size)
+    l2, l1 = skellam.sensitivities(plan.max_grad_norm, dimension, gamma)
+    q, steps = float(plan.sample_rate), plan.rounds
+    if plan.target_epsilon is not None:
+        noise = skellam_noise_for_target(plan.target_epsilon, plan.delta, q, steps, l2, l1)
+    else:
+        noise = float(plan.noise_multiplier or 0.0)
+    noise = max(noise, min_noise)
+    eps = epsilon([Mechanism(noise, q, steps, l2, l1)], plan.delta)
+    return PrivacyPlan(noise, q, 1, plan.rounds, eps, l2=l2, l1=l1, scale=gamma)

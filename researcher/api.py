@@ -22,7 +22,7 @@ import numpy as np
 from policies.errors import PlanError
 from policies.layout import align_stats, federation_layout, one_hot_mask, width
 from policies.plan import JobSpec
-from policies.privacy import privacy_plan
+from policies.privacy import job_privacy
 from policies.wire import Weights, encode_weights
 from researcher import sites
 from researcher.errors import JobError, SiteError
@@ -126,7 +126,22 @@ def load_job(
         from dataclasses import replace
 
         spec = replace(spec, layout=layout)
-    return with_peers(fed, spec) if spec.plan.secure and not spec.plan.peers else spec
+    spec = with_peers(fed, spec) if spec.plan.secure and not spec.plan.peers else spec
+    return with_sample_rate(spec, metas)
+
+
+def with_sample_rate(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> JobSpec:
+    """A distributed-DP job's rate q: the plan's batch_size over the federation's published
+    rows, the same at every site, so the sum is a step over the pooled rows."""
+    from dataclasses import replace
+
+    if not spec.plan.distributed or spec.plan.sample_rate is not None:
+        return spec
+    rows = sum(int(m["rows"]) for m in metas.values() if m.get("rows"))
+    if rows < 1:
+        raise JobError("no site publishes a row count; give the plan a sample_rate")
+    rate = min(1.0, spec.plan.batch_size / rows)
+    return replace(spec, plan=replace(spec.plan, sample_rate=rate))
 
 
 def federation_layout_of(metas: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -159,7 +174,7 @@ def _agreed(metas: dict[str, dict[str, Any]], what: str, read: Any) -> Any:
 
 def _epsilon_per_site(fed: Federation, spec: JobSpec) -> dict[str, float]:
     return {
-        site: privacy_plan(spec.plan, int(meta["rows"])).epsilon_job
+        site: job_privacy(spec, int(meta["rows"])).epsilon_job
         for site, meta in dataset_metas(fed, spec.dataset).items()
         if meta.get("rows")
     }

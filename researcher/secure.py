@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from policies import secagg
+from policies import secagg, skellam
 from policies.compression import unflatten
 from policies.errors import WireError
 from policies.plan import JobSpec
@@ -156,7 +156,12 @@ def secure_round(  # noqa: PLR0913
             model,
             int(reply["n"]),
             reply.get("metrics", {}),
-            {**reply.get("privacy", {}), "aggregation": "secure", "survivors": len(survivors)},
+            {
+                **reply.get("privacy", {}),
+                "aggregation": "secure",
+                "dp": spec.plan.dp,
+                "survivors": len(survivors),
+            },
             int(reply.get("round", 0)),
         )
         for name, reply in sorted(replies.items())
@@ -184,6 +189,11 @@ def _mean_update(
     except (KeyError, WireError) as exc:
         raise SiteError(f"a secure-aggregation reply is malformed: {exc}") from exc
     total = secagg.unmask_sum(masked, self_seeds, dropped)
+    if spec.plan.distributed:  # one central DP-SGD step: -lr times the noisy mean gradient
+        rows = sum(int(r["n"]) for r in replies.values()) * float(spec.plan.sample_rate or 0.0)
+        gamma = skellam.scale(spec.plan.max_grad_norm, size, spec.plan.batch_size)
+        step = -spec.plan.learning_rate * skellam.gradient(total, gamma, rows)
+        return unflatten(step, trainable)
     mean = secagg.dequantize(total, spec.plan.update_norm_bound) / len(survivors)
     return unflatten(mean, trainable)
 

@@ -179,12 +179,12 @@ def _epsilon(site: SiteDir, item: Any) -> float | None:
     """The whole plan's epsilon on this site's published row count, as the runtime will charge."""
     if item.report.job is None:
         return None
-    from policies.privacy import privacy_plan
+    from policies.privacy import job_privacy
 
     meta = site.datasets_meta().get(item.report.job.dataset, {})
     rows = meta.get("rows")
     try:
-        return privacy_plan(item.report.job.plan, int(rows)).epsilon_job if rows else None
+        return job_privacy(item.report.job, int(rows)).epsilon_job if rows else None
     except FedsiteError:
         return None
 

@@ -33,6 +33,8 @@ class DatasetPolicy:
     # secure aggregation (policies.secagg): refuse plain jobs, and rounds with fewer sites
     require_secure_aggregation: bool = False
     min_aggregation_sites: int = 2
+    # distributed DP (policies.skellam): the noise must survive this many sites pooling theirs
+    colluding_sites: int = 0
 
     def allows(self, email: str) -> bool:
         email = email.lower()
@@ -67,6 +69,8 @@ class DatasetPolicy:
             raise PlanError("policy require_secure_aggregation must be true or false")
         if not 2 <= self.min_aggregation_sites <= 64:
             raise PlanError("policy min_aggregation_sites must be in [2, 64]")
+        if not 0 <= self.colluding_sites < 64:
+            raise PlanError("policy colluding_sites must be in [0, 63]")
         if not (0 < self.max_seconds_per_round <= 86_400 and self.max_memory_mb >= 64):
             raise PlanError(
                 "policy max_seconds_per_round must be in (0, 86400], max_memory_mb >= 64"

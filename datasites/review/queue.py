@@ -22,7 +22,7 @@ from datasites.review.report import PolicyReport, Submission, build_report
 from datasites.serving.admin import admin_client, quiet
 from datasites.serving.config import SiteDir
 from policies.plan import JobSpec
-from policies.privacy import privacy_plan
+from policies.privacy import job_privacy
 
 ADMIN_ACTOR = "admin"
 UNOVERRIDABLE = {"template", "executed", "model", "dataset", "inputs", "job_id"}
@@ -282,7 +282,7 @@ def _uid(rule: Any) -> UID | None:
 
 def _epsilon_of(policy: DatasetPolicy) -> Any:
     def epsilon_of(spec: JobSpec, rows: int) -> float:
-        return privacy_plan(spec.plan, rows, policy.min_noise_multiplier).epsilon_job
+        return job_privacy(spec, rows, policy.min_noise_multiplier).epsilon_job
 
     return epsilon_of
 

@@ -9,7 +9,7 @@ from datasites.review.access import DatasetPolicy
 from datasites.review.codecheck import parse_template
 from policies.errors import PlanError
 from policies.layout import check_site, width
-from policies.plan import JobSpec, check_fits, n_outputs
+from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs
 
 
 @dataclass(frozen=True)
@@ -149,13 +149,40 @@ def _check_aggregation(
         problems.append("this site's fingerprint is not among the peers")
     if len(set(plan.peers)) < policy.min_aggregation_sites:
         problems.append(f"fewer peers than the policy's {policy.min_aggregation_sites}")
+    mode = "secure"
+    if plan.distributed:
+        problems += distributed_problems(plan, policy)
+        mode = (
+            f"secure with distributed DP (each site adds 1/{plan.honest_sites} of the noise; "
+            f"survives {plan.colluding_sites} colluding site(s))"
+        )
     report.add(
         "aggregation",
         not problems,
         "; ".join(problems)
         + (": " if problems else "")
-        + f"secure, rounds of at least {policy.min_aggregation_sites} of the peers {listed}",
+        + f"{mode}, rounds of at least {policy.min_aggregation_sites} of the peers {listed}",
     )
+
+
+def distributed_problems(plan: TrainingPlan, policy: DatasetPolicy) -> list[str]:
+    """Why a distributed-DP plan falls short of this dataset's policy (empty: it does not).
+
+    The site's noise share assumes that ``plan.honest_sites`` shares reach the target; the
+    policy's collusion threshold and fewest sites must be covered by the plan's.
+    """
+    problems = []
+    if plan.colluding_sites < policy.colluding_sites:
+        problems.append(
+            f"the plan's noise survives {plan.colluding_sites} colluding site(s); "
+            f"the policy requires {policy.colluding_sites}"
+        )
+    if plan.survivors_needed < policy.min_aggregation_sites:
+        problems.append(
+            f"the plan unmasks with {plan.survivors_needed} site(s), fewer than the policy's "
+            f"{policy.min_aggregation_sites}"
+        )
+    return problems
 
 
 def _check_model(report: PolicyReport, sub: Submission, spec: JobSpec) -> None:

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from datasites.errors import Refused
 from datasites.training.prepare import prepare_task, privacy_report, release, table_arrays
 from policies.errors import PolicyError
 from policies.plan import JobSpec
-from policies.privacy import privacy_plan
+from policies.privacy import job_privacy
 
 SITE_DIR_ENV = "FEDSITE_DIR"
 
@@ -85,7 +86,7 @@ def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None
     frame = pd.DataFrame(data)
     if spec.target not in frame.columns:
         raise Refused(f"target column {spec.target!r} is not in the data")
-    privacy = privacy_plan(spec.plan, len(frame))
+    privacy = job_privacy(spec, len(frame))
     if spec.scaling:
         scaling = (spec.scaling["mean"], spec.scaling["std"])
     else:
@@ -106,11 +107,38 @@ def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None
         scaling,
         class_counts=_mock_class_counts(frame[spec.target], n_classes or 2),
     )
-    result, _ = release(spec, run_task(task), 1, task.weights)
+    if spec.plan.distributed:
+        task, output = _distributed_dry_run(spec, task, privacy)
+    else:
+        output = run_task(task)
+    result, _ = release(spec, output, 1, task.weights)
     result["mode"] = "dry-run"
     result["privacy"] = privacy_report(spec.plan, privacy)
     result["shapes"] = {k: list(v) for k, v in spec.architecture.parameters.items()}
     return result
+
+
+def _distributed_dry_run(spec: JobSpec, task: Any, privacy: Any) -> tuple[Any, Any]:
+    """A distributed step on the mock alone: its noised sum, taken as the whole federation's,
+    applied to the starting weights as the researcher would (``policies.skellam.gradient``)."""
+    from dataclasses import replace
+
+    from datasites.training.distributed import SUM
+    from datasites.training.round_task import RoundOutput, run_task
+    from policies.compression import flatten, unflatten
+    from policies.skellam import gradient
+    from policies.torch_model import build
+
+    if task.weights is None:
+        model = build(spec.architecture)
+        start = {k: v.detach().numpy().copy() for k, v in model.named_parameters()}
+        task = replace(task, weights=start)
+    output = run_task(task)
+    rows = len(task.features) * float(spec.plan.sample_rate or 0.0)
+    step = gradient(output.weights[SUM], privacy.scale, rows) * spec.plan.learning_rate
+    trained = unflatten(flatten(task.weights, spec.trainable) - step, spec.trainable)
+    weights = {k: np.asarray(v, np.float32) for k, v in trained.items()}
+    return task, RoundOutput(weights, output.n, {}, output.timing)
 
 
 def _mock_class_counts(target: pd.Series, n_classes: int) -> list[float]:

@@ -121,6 +121,17 @@ class SecureSite:
         delta = flatten({n: trained[n] - base[n] for n in trainable}, trainable)
         rng = np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
         quantized = secagg.quantize(delta, self.spec.plan.update_norm_bound, rng)
+        return self._masked(label, quantized, seeds)
+
+    def masked_integers(
+        self, env: dict[str, Any], seeds: dict[str, bytes], noised_sum: np.ndarray
+    ) -> dict[str, Any]:
+        """Distributed DP: the masked vector of this site's noised integer gradient sum
+        (``datasites.training.distributed``), taken modulo 2^32."""
+        quantized = (np.asarray(noised_sum, np.int64) % secagg.MODULUS).astype(np.uint32)
+        return self._masked(str(env["label"]), quantized, seeds)
+
+    def _masked(self, label: str, quantized: np.ndarray, seeds: dict[str, bytes]) -> dict[str, Any]:
         self_seed = os.urandom(32)
         masked = secagg.mask(quantized, self_seed, seeds, self.me)
         participants = sorted([*seeds, self.me])

@@ -21,8 +21,10 @@ from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
 from datasites.review.access import PolicyStore
 from datasites.review.approvals import Approval, Approvals
+from datasites.review.report import distributed_problems
 from datasites.serving.config import SiteDir
 from datasites.training import secure_agg
+from datasites.training.distributed import SUM
 from datasites.training.job_state import JobState
 from datasites.training.prepare import prepare_task, privacy_report, release, site_scaling
 from datasites.training.sandbox import SandboxLimit, pool
@@ -30,7 +32,7 @@ from datasites.training.secure_agg import SecureSite
 from policies import secagg
 from policies.errors import PolicyError, WireError
 from policies.plan import JobSpec
-from policies.privacy import privacy_plan
+from policies.privacy import job_privacy
 from policies.wire import REPLAY_LAST, check_shapes
 
 if TYPE_CHECKING:
@@ -171,7 +173,7 @@ def _run(
     frame = read_private(site.root, data)  # the site's Parquet file behind the asset's stub
     # the published (DP) row count, never len(frame): rate, steps and every released count follow
     rows = public_rows(meta, frame)
-    privacy = privacy_plan(spec.plan, rows, min_noise=policy.min_noise_multiplier)
+    privacy = job_privacy(spec, rows, min_noise=policy.min_noise_multiplier)
     if privacy.epsilon_job > policy.max_epsilon_per_job:
         raise Refused(
             f"the whole plan would spend epsilon {privacy.epsilon_job:.3f}, more than "
@@ -230,7 +232,10 @@ def _run(
             result = _keep_personalized(state, caller, task, output, round_no)
         elif secure is not None:
             check_shapes(output.weights, spec.trainable)
-            masked = secure.masked_reply(envelope, seeds, output.weights, task.weights)
+            if spec.plan.distributed:
+                masked = secure.masked_integers(envelope, seeds, output.weights[SUM])
+            else:
+                masked = secure.masked_reply(envelope, seeds, output.weights, task.weights)
             result = {"status": "ok", "round": round_no, "n": output.n, **masked}
             result["metrics"] = output.metrics
         else:
@@ -297,8 +302,19 @@ def _secure_round(  # noqa: PLR0913
             "this job aggregates securely: a round must relay its signed participant list "
             "('researcher train' does); nothing ran"
         )
+    if spec.plan.distributed:
+        problems = distributed_problems(spec.plan, policy)
+        if problems:
+            raise Refused(f"distributed DP: {'; '.join(problems)}; nothing ran")
     secure = SecureSite(JobState(store), caller.code_id, spec, site.signing_key())
-    return secure, secure.check_round(envelope, policy.min_aggregation_sites)
+    return secure, secure.check_round(envelope, fewest_sites(spec, policy))
+
+
+def fewest_sites(spec: JobSpec, policy: Any) -> int:
+    """Fewest sites a round is masked, signed and unmasked with: the policy's k, and for
+    distributed DP also the plan's, on which every site's noise share relies."""
+    k = policy.min_aggregation_sites
+    return max(k, spec.plan.survivors_needed) if spec.plan.distributed else k
 
 
 def _secure_control(
@@ -319,9 +335,9 @@ def _secure_control(
     if phase == "hello":
         reply = secure.hello()
     elif phase == "sign":
-        reply = secure.sign(envelope, policy.min_aggregation_sites)
+        reply = secure.sign(envelope, fewest_sites(spec, policy))
     else:
-        reply = secure.unmask(envelope, policy.min_aggregation_sites)
+        reply = secure.unmask(envelope, fewest_sites(spec, policy))
     audit.record(
         ACTOR,
         f"secagg-{phase}",
