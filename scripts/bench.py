@@ -16,6 +16,9 @@ Each figure is a ratio or a difference measured within this one run, on this mac
    and during the calls alone).
 5. ``--algorithms [--seeds N] [--only a,b]``: every federated algorithm on the label-skewed demo
    federation (``bench_algorithms.py``): accuracy, rounds to 95% of it, bytes per round.
+6. ``--upload-scale [--rows N] [--runs R]``: ``datasite upload`` of a 1M x 30 bank table with
+   categoricals, its phases, the mock, one round, and the refusal of a too-large table
+   (``bench_upload.py``).
 """
 
 from __future__ import annotations
@@ -289,6 +292,11 @@ def scale(work: Path, rows: int) -> dict[str, float]:
 
 
 def main() -> None:
+    if "--upload-scale" in sys.argv:  # a 1M-row categorical bank table (bench_upload.py)
+        import bench_upload
+
+        bench_upload.main([a for a in sys.argv[1:] if a != "--upload-scale"])
+        return
     if "--algorithms" in sys.argv:  # the federated algorithms' comparison (bench_algorithms.py)
         import bench_algorithms
 
