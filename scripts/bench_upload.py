@@ -9,7 +9,10 @@ Measured on this machine, within one run:
    start, syft's import, login, the upload of the stub and the mock twin) and ours outside the
    phases.
 3. The mock twin: its categorical columns hold only published categories.
-4. One DP round of a job built from the published schema (the one-hot layout) at the site.
+4. One DP round of a job built from the published schema (the one-hot layout) at the site:
+   the call's wall time, and the site's own timing of it (training, the whole runtime).
+   ``upload_100_rows_*``: the same command on 100 rows, its fixed cost (start-up, syft's
+   import and login, the ledger's accountant), so the table's own share is the difference.
 5. A table 5x the memory budget (a sparse file) is refused in one line, with its time.
 """
 
@@ -32,6 +35,7 @@ from demo import approve_pending, start_site, write_federation
 from datasites.data.mock import make_mock
 from datasites.data.store import write_private
 from datasites.data.tables import DEFAULT_MAX_MEMORY_MB, load_table, validate_table
+from datasites.ledger.audit import AuditLog
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
 from datasites.review.access import DatasetPolicy, PolicyStore
@@ -151,8 +155,12 @@ def one_round(work: Path, site: SiteDir, dataset: str) -> dict[str, float]:
     seconds = time.perf_counter() - started
     if reply.get("status") != "ok":
         raise RuntimeError(f"round failed: {reply}")
+    timing = AuditLog(SiteStore(site.site_db)).entries()
+    released = next(e["detail"]["timing"] for e in reversed(timing) if e["event"] == "released")
     return {
         "round_seconds": seconds,
+        "round_train_seconds": released.get("train_seconds"),
+        "round_runtime_seconds": released.get("runtime_seconds"),
         "round_server_peak_rss_mb": rss.stop(),
         "model_inputs": spec.architecture.input[0],
     }
@@ -194,6 +202,9 @@ def main(argv: list[str]) -> None:
         site = start_site(work, "bank", warm, 50.0, dataset="warmup")
         try:
             runs = [upload_once(site, f"bank{i}", csv) for i in range(args.runs)]
+            # the fixed cost of the command: a 100-row table of the same columns
+            small = bank_csv(work / "small.csv", 100, seed=1)
+            fixed = [upload_once(site, f"small{i}", small) for i in range(args.runs)]
             meta = site.datasets_meta()["bank0"]
             results: dict[str, object] = {
                 "rows": args.rows,
@@ -203,6 +214,8 @@ def main(argv: list[str]) -> None:
                 "upload_seconds": summary([r["seconds"] for r in runs]),
                 "upload_peak_rss_mb": summary([r["peak_rss_mb"] for r in runs]),
                 "server_peak_rss_mb": summary([r["server_peak_rss_mb"] for r in runs]),
+                "upload_100_rows_seconds": summary([r["seconds"] for r in fixed]),
+                "upload_100_rows_peak_rss_mb": summary([r["peak_rss_mb"] for r in fixed]),
                 "mock_rows": meta["mock_rows"],
                 "published_categories": sum(len(v) for v in meta["categories"].values()),
             }
