@@ -195,3 +195,30 @@ def test_a_dry_run_on_a_categorical_mock_trains_at_the_layout_width() -> None:
     assert out["shapes"]["0.weight"] == [2, 6]
     with pytest.raises(PlanError, match=r"takes \[6\] inputs; the layout gives 1"):
         replace(spec, layout={"columns": [["balance", None]]})
+
+
+def test_the_review_checks_the_layout_against_the_published_schema() -> None:
+    from dataclasses import replace
+
+    from datasites.review.access import DatasetPolicy
+    from datasites.review.report import Submission, build_report
+    from researcher.job import render
+
+    meta, _ = _meta(validate_table(_bank(regions=("east", "north")), "default"))
+    model = [{"type": "Linear", "in_features": 6, "out_features": 2}]
+    spec = make_job(model, "bank", "default", {"rounds": 1, "noise_multiplier": 2.0}, n_features=6)
+
+    def model_check(layout: dict) -> tuple[bool, str]:
+        code = render(replace(spec, layout=layout))
+        sub = Submission(code, "ada@uni.edu", "bank", 400, ("data", "weights"), 4, 2, (), "", meta)
+        check = next(
+            c for c in build_report(sub, DatasetPolicy(), set()).checks if c.name == "model"
+        )
+        return check.passed, check.reason
+
+    wide = [["balance", None], ["region", ["east", "north", "south"]], ["student", ["No", "Yes"]]]
+    passed, reason = model_check({"columns": wide})
+    assert passed and "one-hot layout of region, student" in reason and "(6 inputs)" in reason
+    lacking = [["balance", None], ["region", ["east", "south", "west"]], ["student", ["No", "Yes"]]]
+    passed, reason = model_check({"columns": lacking})
+    assert not passed and "lacks categories ['north'] of column 'region'" in reason
