@@ -166,8 +166,8 @@ class BudgetLedger:
     ) -> int:
         cur = conn.execute(
             "INSERT INTO charges (researcher, dataset, job_id, noise_multiplier, sample_rate,"
-            " steps, epsilon, accountant, status, kind)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?) RETURNING id",
+            " steps, epsilon, accountant, status, kind, l2, l1)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?, ?, ?) RETURNING id",
             (
                 researcher,
                 dataset,

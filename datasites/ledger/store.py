@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -210,8 +211,10 @@ class Row(tuple):
 _PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\?|:")
 
 
-def _named(sql: str) -> str:
-    """``?`` placeholders to SQLAlchemy's ``:p0, :p1 ...``; a ``:`` in a literal is escaped."""
+@lru_cache(maxsize=512)
+def _named(sql: str) -> tuple[str, int]:
+    """``?`` placeholders to SQLAlchemy's ``:p0, :p1 ...`` (and how many); a ``:`` in a literal
+    is escaped."""
     count = 0
 
     def swap(match: re.Match[str]) -> str:
@@ -224,7 +227,8 @@ def _named(sql: str) -> str:
             return "\\:"
         return token.replace(":", "\\:")
 
-    return _PLACEHOLDER.sub(swap, sql)
+    named = _PLACEHOLDER.sub(swap, sql)
+    return named, count
 
 
 class StoreConnection:
@@ -234,8 +238,11 @@ class StoreConnection:
         self._conn = conn
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        named, count = _named(sql)
+        if count != len(params):  # SQLAlchemy would drop the extra values without a word
+            raise ValueError(f"{count} placeholder(s) but {len(params)} value(s): {sql[:60]}")
         bound = {f"p{i}": v for i, v in enumerate(params)}
-        return Cursor(self._conn.execute(sa.text(_named(sql)), bound))
+        return Cursor(self._conn.execute(sa.text(named), bound))
 
 
 _ENGINES: dict[str, Engine] = {}

@@ -128,7 +128,11 @@ class SecureSite:
     ) -> dict[str, Any]:
         """Distributed DP: the masked vector of this site's noised integer gradient sum
         (``datasites.training.distributed``), taken modulo 2^32."""
-        quantized = (np.asarray(noised_sum, np.int64) % secagg.MODULUS).astype(np.uint32)
+        size = sum(int(np.prod(s)) for s in self.spec.trainable.values())
+        vector = np.asarray(noised_sum)
+        if vector.shape != (size,) or vector.dtype != np.int64:
+            raise WireError(f"a distributed round's sum must be {size} integers")
+        quantized = (vector % secagg.MODULUS).astype(np.uint32)
         return self._masked(str(env["label"]), quantized, seeds)
 
     def _masked(self, label: str, quantized: np.ndarray, seeds: dict[str, bytes]) -> dict[str, Any]:

@@ -231,10 +231,10 @@ def _run(
         if personalize:
             result = _keep_personalized(state, caller, task, output, round_no)
         elif secure is not None:
-            check_shapes(output.weights, spec.trainable)
             if spec.plan.distributed:
                 masked = secure.masked_integers(envelope, seeds, output.weights[SUM])
             else:
+                check_shapes(output.weights, spec.trainable)
                 masked = secure.masked_reply(envelope, seeds, output.weights, task.weights)
             result = {"status": "ok", "round": round_no, "n": output.n, **masked}
             result["metrics"] = output.metrics

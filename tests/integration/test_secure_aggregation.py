@@ -4,6 +4,7 @@ and forged, too short or foreign participant lists are refused from a plain syft
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -19,8 +20,9 @@ from datasites.review.queue import ReviewQueue
 from datasites.serving.config import SiteDir
 from datasites.serving.process import server_pid
 from datasites.training.job_state import JobState
-from policies import secagg
+from policies import secagg, skellam
 from policies.compression import flatten
+from policies.privacy import job_privacy
 from policies.wire import encode_weights
 from researcher import api, secure, sites
 from researcher import model as local_model
@@ -163,6 +165,113 @@ def test_forged_short_and_foreign_participant_lists_are_refused(fed) -> None:
     assert sites.run_round(clients[0], spec, assets[0], unmask)["status"] == "refused"
     assert last_json(made[0].cli("budget", "--json")) == before  # nothing charged
     assert events(made[0]).count("refused") >= 4
+
+
+def _site_integers(site_dir: Path, code_id: str, reply: dict, entries, spec) -> np.ndarray:  # noqa: ANN001
+    """One site's noised integer sum, unmasked with that site's own secrets (test only)."""
+    state = JobState(SiteStore(SiteDir(site_dir).db_path))
+    detail = state.detail(code_id, f"secagg:round:{reply['label']}")
+    key = X25519PrivateKey.from_private_bytes(
+        bytes.fromhex(state.detail(code_id, "secagg:key")["x25519"])
+    )
+    me = SiteDir(site_dir).fingerprint()
+    size = sum(int(np.prod(s)) for s in spec.trainable.values())
+    seeds = {
+        e["site"]: secagg.pair_seed(key, secagg.unb64(e["key"]), spec.job_id, reply["label"])
+        for e in entries.values()
+        if e["site"] != me and e["site"] in detail["participants"]
+    }
+    zero = secagg.mask(np.zeros(size, np.uint32), bytes.fromhex(detail["self_seed"]), seeds, me)
+    return skellam.signed(secagg.decode_vector(reply["masked"], size) - zero)
+
+
+def test_distributed_dp_rounds_are_one_noisy_step_over_the_sites_and_charged_as_skellam(
+    fed, tmp_path, monkeypatch
+) -> None:
+    fed, made = fed
+    for s in made:
+        s.cli("policy", "set", "--dataset", "cancer", "--colluding-sites", "1")
+    plan = {
+        **PLAN,
+        "rounds": 1,
+        "batch_size": 96,
+        "dp": "distributed",
+        "colluding_sites": 0,
+    }
+    short = api.with_sample_rate(
+        api.with_peers(fed, api.with_pooled_scaling(fed, job(plan))),
+        api.dataset_metas(fed, "cancer"),
+    )
+    api.submit(fed, short)  # the policy wants noise that survives one colluding site
+    item = next(i for i in ReviewQueue(SiteDir(made[0].dir)).items() if i.job_name == short.name)
+    checks = {c.name: c for c in item.report.checks}
+    assert not checks["aggregation"].passed
+    assert "survives 0 colluding site(s); the policy requires 1" in checks["aggregation"].reason
+
+    spec = api.with_sample_rate(
+        api.with_peers(fed, api.with_pooled_scaling(fed, job({**plan, "colluding_sites": 1}))),
+        api.dataset_metas(fed, "cancer"),
+    )
+    published = sum(m["rows"] for m in api.dataset_metas(fed, "cancer").values())
+    assert spec.plan.sample_rate == pytest.approx(96 / published)  # the same q at every site
+    _approve_all(fed, made, spec)
+    seen: list[tuple[str, dict]] = []
+    real = secure.links_call
+
+    def recording(link, spec, weights):  # noqa: ANN001, ANN202
+        reply = real(link, spec, weights)
+        seen.append((link.name, reply))
+        return reply
+
+    monkeypatch.setattr(secure, "links_call", recording)
+    start = local_model.weights_of(local_model.build(spec))
+    result = api.train(fed, spec, tmp_path / "run")
+    masked = {name: r for name, r in seen if "masked" in r}
+    assert set(masked) == set(SITE_NAMES)
+    assert all("weights" not in r and "update" not in r and not r.get("metrics") for _, r in seen)
+    size = sum(int(np.prod(s)) for s in spec.trainable.values())
+    for reply in masked.values():
+        assert (
+            stats.kstest(secagg.decode_vector(reply["masked"], size) / 2**32, "uniform").pvalue
+            > 1e-3
+        )
+    entries = {name: r["secagg"] for name, r in seen if "secagg" in r}
+    ints = [_site_integers(s.dir, _code_id(s, spec), masked[s.name], entries, spec) for s in made]
+    privacy = job_privacy(spec, 190)
+    # each site's share: 1/(3 - 1) of the total Skellam variance, on top of its gradient sum
+    share = (privacy.noise_multiplier * privacy.l2) ** 2 / 2
+    assert np.mean([np.var(v) for v in ints]) > 0.5 * share
+    rows = sum(int(r["n"]) for r in masked.values()) * spec.plan.sample_rate
+    step = -spec.plan.learning_rate * np.sum(ints, axis=0) / (privacy.scale * rows)
+    got = flatten(result.weights, spec.trainable) - flatten(start, spec.trainable)
+    assert np.allclose(got, step, atol=1e-5)
+    # the run dir says which mode ran and what each site spent
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["job"]["plan"]["dp"] == "distributed"
+    assert {p["dp"] for p in state["history"][0]["privacy"].values()} == {"distributed"}
+    for s in made:
+        releases = last_json(s.cli("budget", "--json"))
+        charge = [
+            r
+            for b in releases
+            for r in b["releases"]
+            if r["job"] == spec.job_id and r["kind"] == "training"
+        ]
+        assert charge and charge[0]["mechanism"]["type"] == "poisson-subsampled skellam"
+        assert charge[0]["epsilon"] == pytest.approx(privacy.epsilon_job, rel=1e-6)
+
+
+def _approve_all(fed, made, spec) -> None:  # noqa: ANN001
+    api.submit(fed, spec)
+    for s in made:
+        queue = ReviewQueue(SiteDir(s.dir))
+        item = next(i for i in queue.items() if i.job_name == spec.name)
+        assert {c.name: c.passed for c in item.report.checks}["aggregation"], item.report.to_dict()
+        queue.approve(item.request_id)
+
+
+def _code_id(s, spec) -> str:  # noqa: ANN001
+    return next(i.code_id for i in ReviewQueue(SiteDir(s.dir)).items() if i.job_name == spec.name)
 
 
 def test_a_site_killed_mid_round_is_recovered_from_the_survivors(

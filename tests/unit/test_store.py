@@ -11,8 +11,17 @@ from datasites.ledger.store import Row, _named, check_db_url, is_postgres
 def test_placeholders_become_named_binds_but_not_inside_literals() -> None:
     sql = "SELECT a::text FROM t WHERE b = ? AND c = '?:x' AND d IN (?, ?)"
     assert _named(sql) == (
-        "SELECT a\\:\\:text FROM t WHERE b = :p0 AND c = '?\\:x' AND d IN (:p1, :p2)"
+        "SELECT a\\:\\:text FROM t WHERE b = :p0 AND c = '?\\:x' AND d IN (:p1, :p2)",
+        3,
     )
+
+
+def test_a_value_without_its_placeholder_is_refused_not_dropped(tmp_path) -> None:  # noqa: ANN001
+    from datasites.ledger.store import SiteStore
+
+    store = SiteStore(tmp_path / "site.db")
+    with pytest.raises(ValueError, match="2 placeholder"), store.connect() as conn:
+        conn.execute("SELECT ?, ?", (1, 2, 3))
 
 
 def test_a_row_answers_by_index_name_and_dict() -> None:
