@@ -30,7 +30,7 @@ import torch
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 
-from datasites.training.distributed import SUM
+from datasites.training.distributed import SUM, distributed_step
 from datasites.training.round_task import RoundTask, run_task
 from policies import skellam
 from policies.compression import flatten, unflatten
@@ -162,7 +162,7 @@ def distributed_dp(
                 weights,
                 privacy.noise_multiplier,
             )
-            total = total + (run_task(task).weights[SUM] % (1 << 32)).astype(np.uint32)
+            total = total + (distributed_step(task).weights[SUM] % (1 << 32)).astype(np.uint32)
         grad = skellam.gradient(total, privacy.scale, rows * float(plan.sample_rate))
         velocity = 0.9 * velocity + grad  # server-side momentum: post-processing of the sum
         flat = flatten(weights, shapes) - plan.learning_rate * velocity * 0.1

@@ -92,10 +92,8 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     from policies.torch_model import build, load
 
     plan = TrainingPlan.from_dict(task.plan)
-    if plan.distributed:  # one noised step's integer sum, masked by the runtime
-        from datasites.training.distributed import distributed_step
-
-        return distributed_step(task, _test_seed)
+    if plan.distributed:
+        raise ValueError("a distributed-DP round is distributed.distributed_step's, not this")
     spec = parse(task.model)
     x = standardise(task.features, task.scaling if plan.standardize else None)
     y = class_codes(task.target, spec.output[-1]) if plan.loss == "cross_entropy" else task.target

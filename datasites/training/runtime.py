@@ -123,8 +123,8 @@ def _distributed_dry_run(spec: JobSpec, task: Any, privacy: Any) -> tuple[Any, A
     applied to the starting weights as the researcher would (``policies.skellam.gradient``)."""
     from dataclasses import replace
 
-    from datasites.training.distributed import SUM
-    from datasites.training.round_task import RoundOutput, run_task
+    from datasites.training.distributed import SUM, distributed_step
+    from datasites.training.round_task import RoundOutput
     from policies.compression import flatten, unflatten
     from policies.skellam import gradient
     from policies.torch_model import build
@@ -133,7 +133,7 @@ def _distributed_dry_run(spec: JobSpec, task: Any, privacy: Any) -> tuple[Any, A
         model = build(spec.architecture)
         start = {k: v.detach().numpy().copy() for k, v in model.named_parameters()}
         task = replace(task, weights=start)
-    output = run_task(task)
+    output = distributed_step(task)
     rows = len(task.features) * float(spec.plan.sample_rate or 0.0)
     step = gradient(output.weights[SUM], privacy.scale, rows) * spec.plan.learning_rate
     trained = unflatten(flatten(task.weights, spec.trainable) - step, spec.trainable)

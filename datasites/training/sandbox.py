@@ -127,15 +127,18 @@ def _warm() -> list[RoundOutput]:
 
 
 def _run(task: RoundTask, max_memory_mb: int) -> RoundOutput:
+    from datasites.training.distributed import distributed_step
     from datasites.training.round_task import run_task
 
+    # a distributed-DP round is one noised step's integer sum, which the runtime masks
+    train = distributed_step if task.plan.get("dp") == "distributed" else run_task
     if "error" in _ISOLATION:
         raise RuntimeError(f"the trainer could not start: {_ISOLATION['error']}")
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     base = _address_space()
     resource.setrlimit(resource.RLIMIT_AS, (base + max_memory_mb * _MB, hard))
     try:
-        return run_task(task)
+        return train(task)
     except RuntimeError as exc:  # torch's CPU allocator reports a failed mmap this way
         if "allocate memory" in str(exc):
             raise MemoryError(str(exc)[:200]) from None

@@ -1,0 +1,120 @@
+"""A site's share of a distributed DP-SGD step: the integer sum is the clipped gradients' sum
+times gamma, every row stays within the accounted sensitivities, and the noise is the share."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from datasites.training.distributed import SUM, _clip_scale_round, distributed_step
+from datasites.training.round_task import RoundTask
+from datasites.training.runtime import dry_run
+from policies import skellam
+from policies.modelspec import parse
+from policies.plan import JobSpec, TrainingPlan
+from policies.torch_model import build
+
+MODEL = parse(
+    {
+        "input": [4],
+        "layers": [
+            {"type": "Linear", "in_features": 4, "out_features": 3},
+            {"type": "ReLU"},
+            {"type": "Linear", "in_features": 3, "out_features": 2},
+        ],
+    }
+).to_dict()
+PEERS = tuple(c * 64 for c in "abc")
+
+
+def _plan(**kw) -> TrainingPlan:  # noqa: ANN003
+    fields = {
+        "aggregation": "secure",
+        "dp": "distributed",
+        "peers": PEERS,
+        "site_metrics": False,
+        "noise_multiplier": 1.0,
+        "sample_rate": 1.0,
+        "batch_size": 50,
+        "standardize": False,
+        "max_grad_norm": 0.5,
+        **kw,
+    }
+    return TrainingPlan(**fields)
+
+
+def _data(n: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 4)).astype(np.float32) * 3, rng.integers(0, 2, n)
+
+
+def _weights() -> dict[str, np.ndarray]:
+    torch.manual_seed(0)
+    return {k: v.detach().numpy().copy() for k, v in build(MODEL).named_parameters()}
+
+
+def test_the_sum_is_gamma_times_the_clipped_gradients_at_sample_rate_one() -> None:
+    x, y = _data()
+    plan = _plan()
+    weights = _weights()
+    task = RoundTask(MODEL, plan.to_dict(), x.copy(), y, 0, None, weights, 1e-9)
+    got = distributed_step(task, _test_seed=1).weights[SUM]
+    model = build(MODEL)
+    for name, p in model.named_parameters():
+        p.data = torch.as_tensor(weights[name])
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        out = model(torch.as_tensor(x[i : i + 1]))
+        torch.nn.functional.cross_entropy(out, torch.as_tensor(y[i : i + 1])).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().numpy()
+        rows.append(g * min(1.0, 0.5 / np.linalg.norm(g)))
+    gamma = skellam.scale(0.5, got.size, 50)
+    expected = gamma * np.sum(rows, axis=0)
+    # rounding adds at most one unit per row and coordinate, about sqrt(50) in sum
+    assert got.dtype == np.int64
+    assert np.max(np.abs(got - expected)) < 50
+    assert np.abs(expected).max() > 10 * 50  # the check above is not trivially met
+
+
+def test_each_rounded_row_stays_within_the_accounted_sensitivities() -> None:
+    rng = np.random.default_rng(2)
+    grads = rng.normal(size=(64, 300)) * 1e6  # far past the clip
+    grads[0] = 0.0
+    grads[1, :] = 1e-3
+    gamma = skellam.scale(1.0, 300, 64)
+    rounded = _clip_scale_round(grads, 1.0, gamma, rng.random)
+    l2, l1 = skellam.sensitivities(1.0, 300, gamma)
+    assert np.linalg.norm(rounded, axis=1).max() <= l2
+    assert np.abs(rounded).sum(axis=1).max() <= l1
+    assert np.abs(rounded[0]).max() == 0
+
+
+def test_non_finite_rows_add_nothing_and_the_noise_is_the_share() -> None:
+    x, y = _data(200)
+    x[:100] = np.nan  # rows that would poison a sum contribute zero instead
+    plan = _plan(batch_size=200, colluding_sites=1)
+    task = RoundTask(MODEL, plan.to_dict(), x.copy(), y, 0, None, _weights(), 2.0)
+    totals = np.stack([distributed_step(task, _test_seed=s).weights[SUM] for s in range(40)])
+    assert np.isfinite(totals).all()
+    gamma = skellam.scale(0.5, totals.shape[1], 200)
+    l2, _ = skellam.sensitivities(0.5, totals.shape[1], gamma)
+    share = (2.0 * l2) ** 2 / plan.honest_sites  # 1/(3 - 1) of the total variance
+    noise_var = totals.var(axis=0).mean()  # the sampled rows are the same: only noise varies
+    assert plan.honest_sites == 2
+    assert math.isclose(noise_var, share, rel_tol=0.25)
+
+
+def test_a_distributed_dry_run_on_the_mock_returns_weights_one_step_away() -> None:
+    x, y = _data(120)
+    import pandas as pd
+
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(4)]).assign(label=y)
+    spec = JobSpec("dist", "t", "label", MODEL, _plan(sample_rate=0.5, noise_multiplier=0.8))
+    result = dry_run(frame, "", spec, n_classes=2)
+    assert result["status"] == "ok" and result["mode"] == "dry-run"
+    assert result["privacy"]["noise_multiplier"] == pytest.approx(0.8)
+    assert "weights" in result
