@@ -19,6 +19,8 @@ Each figure is a ratio or a difference measured within this one run, on this mac
 6. ``--upload-scale [--rows N] [--runs R]``: ``datasite upload`` of a 1M x 30 bank table with
    categoricals, its phases, the mock, one round, and the refusal of a too-large table
    (``bench_upload.py``).
+7. ``--utility [--seeds N] [--epsilons 1,2,4] [--tables digits,cancer]``: distributed DP against
+   per-site DP and central non-private training (``bench_utility.py``).
 """
 
 from __future__ import annotations
@@ -296,6 +298,11 @@ def main() -> None:
         import bench_upload
 
         bench_upload.main([a for a in sys.argv[1:] if a != "--upload-scale"])
+        return
+    if "--utility" in sys.argv:  # distributed DP against per-site DP and central (bench_utility.py)
+        import bench_utility
+
+        bench_utility.main([a for a in sys.argv[1:] if a != "--utility"])
         return
     if "--algorithms" in sys.argv:  # the federated algorithms' comparison (bench_algorithms.py)
         import bench_algorithms
