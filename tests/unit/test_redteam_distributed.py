@@ -315,3 +315,93 @@ def test_a_colluder_reusing_an_honest_peers_key_unmasks_one_sites_noised_sum(tmp
         f"the researcher holds site A's own noised sum, noise variance {share:.3g} of the "
         f"{(privacy.noise_multiplier * privacy.l2) ** 2:.3g} its ledger charged for"
     )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "LEAK (high, one colluding site, any fingerprint order): unmask takes the dropped "
+        "sites' keys from the participant list relayed with the unmask call, not the keys it "
+        "masked with. The colluder masks nothing (it 'dropped'), then signs the victim A's "
+        "X25519 key as its own; each honest survivor asked to unmask with that list reveals "
+        "pair_seed(its key, A's key) = its pair seed with A. With A's self seed, the researcher "
+        "strips every mask off A's vector: A's own sum, under 1/honest_sites of the noise"
+    ),
+)
+def test_a_dropped_colluders_relayed_key_at_unmask_reveals_honest_pair_seeds(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    seeds = (*SEEDS, "44" * 32)
+    fps = [_fingerprint(s) for s in seeds]
+    a_fp, b_fp, c_fp, x_fp = fps
+    # 4 peers, rounds of 3, 1 may collude: each site adds 1/2 of the noise
+    plan = _plan(peers=tuple(fps), min_sites=3, colluding_sites=1)
+    spec = JobSpec("dist", "t", "label", MODEL, plan)
+    fewest = plan.survivors_needed
+    honest = [
+        SecureSite(JobState(SiteStore(tmp_path / f"s{i}.db")), "code", spec, seed)
+        for i, seed in enumerate(seeds[:3])
+    ]
+    a = honest[0]
+    colluder = secagg.identity_of(seeds[3])
+    x_ident = secagg.b64(secagg.public_bytes(colluder.public_key()))
+
+    def colluder_entry(key: bytes) -> dict:
+        message = secagg.key_message(spec.job_id, x_fp, key)
+        return {
+            "site": x_fp,
+            "identity": x_ident,
+            "key": secagg.b64(key),
+            "signature": secagg.b64(colluder.sign(message)),
+        }
+
+    x_key = secagg.public_bytes(X25519PrivateKey.generate().public_key())
+    entries = [s.hello()["secagg"] for s in honest]
+    participants = [*entries, colluder_entry(x_key)]
+    env = {"phase": "mask", "label": "r1", "participants": participants}
+    privacy = job_privacy(spec, 50)
+    sums, masked = {}, {}
+    for i, site in enumerate(honest):
+        pair = site.check_round(env, fewest)
+        xs, ys = _data(50, i)
+        task = RoundTask(
+            spec.model,
+            plan.to_dict(),
+            xs.copy(),
+            ys,
+            0,
+            None,
+            _weights(),
+            privacy.noise_multiplier,
+        )
+        sums[site.me] = distributed_step(task).weights[SUM]
+        masked[site.me] = site.masked_integers(env, pair, sums[site.me])
+    survivors = sorted([a_fp, b_fp, c_fp])  # the colluder "dropped"
+    sign = {"phase": "sign", "label": "r1", "survivors": survivors}
+    signatures = {s.me: s.sign(sign, fewest)["signature"] for s in honest}
+    unmask = {**sign, "phase": "unmask", "signatures": signatures}
+    a_key = secagg.unb64(entries[0]["key"], 32)
+    lying = [*entries, colluder_entry(a_key)]  # the colluder now vouches for A's key
+    try:
+        opened_a = a.unmask({**unmask, "participants": participants}, fewest)
+        pair_with_a = {
+            s.me: s.unmask({**unmask, "participants": lying}, fewest)["dropped"][x_fp]
+            for s in honest[1:]
+        }
+    except Refused:
+        return  # fixed: unmask reveals seeds only for the keys the site masked with
+    size = sum(int(np.prod(s)) for s in spec.trainable.values())
+    y_a = secagg.decode_vector(masked[a_fp]["masked"], size)
+    strip = secagg.mask(
+        np.zeros(size, np.uint32),
+        secagg.unb64(opened_a["self_seed"], 32),
+        {
+            x_fp: secagg.unb64(opened_a["dropped"][x_fp], 32),  # the colluder's own
+            **{fp: secagg.unb64(seed, 32) for fp, seed in pair_with_a.items()},
+        },
+        a_fp,
+    )
+    recovered = skellam.signed(y_a - strip)
+    assert not np.array_equal(recovered, sums[a_fp]), (
+        "the researcher holds site A's own noised sum, with half the noise its ledger charged"
+    )
