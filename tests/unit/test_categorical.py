@@ -222,3 +222,13 @@ def test_the_review_checks_the_layout_against_the_published_schema() -> None:
     lacking = [["balance", None], ["region", ["east", "south", "west"]], ["student", ["No", "Yes"]]]
     passed, reason = model_check({"columns": lacking})
     assert not passed and "lacks categories ['north'] of column 'region'" in reason
+
+
+def test_validation_leaves_the_callers_frame_as_it_was() -> None:
+    """validate_table copies no data (a 1M-row table), yet never writes into the caller's."""
+    frame = _bank(50)
+    frame["flag"] = frame["balance"] > 1000
+    before = frame.copy()
+    table = validate_table(frame, "default")
+    pd.testing.assert_frame_equal(frame, before)
+    assert table.frame["flag"].dtype == np.int64 and table.frame["region"].dtype.name == "category"
