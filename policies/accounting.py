@@ -110,7 +110,7 @@ def _rdp_composed(mechanisms: Sequence[Mechanism], delta: float) -> float:
         )
         for m in mechanisms
     ]
-    return float(rdp.get_epsilon(delta=delta))
+    return float(rdp.get_epsilon(delta=delta, alphas=skellam.INTEGER_ORDERS))
 
 
 def skellam_noise_for_target(

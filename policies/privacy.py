@@ -144,6 +144,18 @@ def _distributed(plan: TrainingPlan, dimension: int, min_noise: float) -> Privac
         noise = skellam_noise_for_target(plan.target_epsilon, plan.delta, q, steps, l2, l1)
     else:
         noise = float(plan.noise_multiplier or 0.0)
-    noise = max(noise, min_noise)
+    if noise < min_noise:
+        # a site may not raise only its own share: the others add the plan's (red team: the
+        # floor was charged as the total while the sum carried less)
+        raise PlanError(
+            f"the plan's total noise multiplier {noise:.3f} is below this dataset's floor of "
+            f"{min_noise}; every site adds a share of the same noise, so raise it in the plan"
+        )
+    mu = skellam.share((noise * l2) ** 2, plan.honest_sites)
+    if mu > skellam.MAX_POISSON_MEAN:
+        raise PlanError(
+            f"each site's Skellam share would need a Poisson mean of {mu:.3g}, past the "
+            f"{skellam.MAX_POISSON_MEAN:.3g} numpy samples exactly; lower the noise or the model"
+        )
     eps = epsilon([Mechanism(noise, q, steps, l2, l1)], plan.delta)
     return PrivacyPlan(noise, q, 1, plan.rounds, eps, l2=l2, l1=l1, scale=gamma)

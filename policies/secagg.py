@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import math
 
 import numpy as np
@@ -60,12 +61,21 @@ def public_bytes(key: Ed25519PublicKey | X25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def key_message(job_id: str, site: str, x25519_public: bytes) -> bytes:
-    return f"fedsite-secagg-key|{job_id}|{site}|{x25519_public.hex()}".encode()
+def job_tag(job: dict) -> str:
+    """What every signed message and every pair seed of a job is bound to: a SHA-256 of the
+    whole approved job (plan, peers, noise, rate), not its id alone. A researcher who gives
+    two sites different plans under one job id (red team: less noise at the others) gets keys
+    that do not verify and masks that do not cancel."""
+    canonical = json.dumps(job, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def survivors_message(job_id: str, label: str, survivors: list[str]) -> bytes:
-    return f"fedsite-secagg-survivors|{job_id}|{label}|{','.join(sorted(survivors))}".encode()
+def key_message(tag: str, site: str, x25519_public: bytes) -> bytes:
+    return f"fedsite-secagg-key|{tag}|{site}|{x25519_public.hex()}".encode()
+
+
+def survivors_message(tag: str, label: str, survivors: list[str]) -> bytes:
+    return f"fedsite-secagg-survivors|{tag}|{label}|{','.join(sorted(survivors))}".encode()
 
 
 def verify(identity_public: bytes, signature: bytes, message: bytes) -> bool:
@@ -91,14 +101,19 @@ def unb64(text: object, size: int | None = None) -> bytes:
     return raw
 
 
-def pair_seed(mine: X25519PrivateKey, peer_public: bytes, job_id: str, label: str) -> bytes:
-    """The seed of the mask shared by two sites for one round: nobody else can derive it."""
+def pair_seed(  # noqa: PLR0913
+    mine: X25519PrivateKey, peer_public: bytes, tag: str, label: str, me: str, peer: str
+) -> bytes:
+    """The seed of the mask shared by sites ``me`` and ``peer`` for one round: nobody else can
+    derive it. The pair's fingerprints are in the derivation (red team: without them a colluder
+    who claimed an honest peer's key as its own made a victim's two masks cancel)."""
     shared = mine.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    low, high = sorted((me, peer))
     return HKDF(
         algorithm=hashes.SHA256(),
         length=32,
-        salt=job_id.encode(),
-        info=f"fedsite-secagg-pair|{label}".encode(),
+        salt=tag.encode(),
+        info=f"fedsite-secagg-pair|{label}|{low}|{high}".encode(),
     ).derive(shared)
 
 

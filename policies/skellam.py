@@ -10,7 +10,11 @@ Why Skellam (Agarwal, Kairouz and Liu, "The Skellam Mechanism for Differentially
 Federated Learning", NeurIPS 2021): it is integer-valued, so it survives the modular arithmetic
 of secure aggregation, and it is closed under summation: Sk(mu_1) + Sk(mu_2) = Sk(mu_1 + mu_2),
 so the honest sites' shares add up to exactly the Skellam variance the accounting assumes (the
-distributed discrete Gaussian of Kairouz et al. 2021 is only approximately closed).
+distributed discrete Gaussian of Kairouz et al. 2021 is only approximately closed). That holds
+when every site runs the same plan: keys and pair seeds are bound to a digest of the whole
+approved job (``secagg.job_tag``), and a site refuses a plan whose total noise is below its
+floor rather than raising its own share alone (red team: both had let the sum carry less noise
+than a site charged).
 
 Sensitivity. Each per-sample gradient g (||g||_2 <= C) becomes round(gamma * g), rounded
 coordinate by coordinate (down or up at random, unbiased). Each coordinate moves by less than 1,
@@ -26,11 +30,12 @@ Accounting (Renyi DP):
   with the total variance written as (sigma D2)^2 the first term is the Gaussian's alpha/(2 sigma^2),
   and the whole is at most the Gaussian's with a slightly smaller ``effective_noise``;
 * Poisson subsampling and composition: the sampled Gaussian mechanism's RDP (Mironov, Talwar and
-  Zhang 2019; Opacus' RDP accountant) at that effective noise. For the *add* direction this is a
-  proof: at integer orders the subsampled divergence is a binomial sum of the base mechanism's
-  divergences (their Sec. 3.3), each bounded above. For the *remove* direction Mironov et al.
-  prove the Gaussian's is the smaller; for Skellam we check it numerically in one dimension
-  instead of proving it (the general bound of Zhu and Wang 2019, Thm 6, which needs no such
+  Zhang 2019; Opacus' RDP accountant) at that effective noise, at integer orders only
+  (``INTEGER_ORDERS``). For the *add* direction this is a proof: at integer orders the
+  subsampled divergence is a binomial sum of the base mechanism's divergences (their Sec. 3.3),
+  each bounded above. For the *remove* direction Mironov et al. prove the Gaussian's is the
+  smaller; for Skellam we check it numerically, in one dimension only (the multi-dimensional
+  case is neither checked nor proved), instead of proving it (the general bound of Zhu and Wang 2019, Thm 6, which needs no such
   check, needed twice the noise here: sigma 4.1 against 1.9 at epsilon 4, q 0.18, 60 steps);
 * the conversion to (epsilon, delta) is Opacus' (Balle et al. 2020).
 
@@ -47,8 +52,14 @@ import numpy as np
 MODULUS_HALF = 1 << 31
 # the rounding's sqrt(d) is at most 1/RESOLUTION of gamma C, so it adds under 1% to D2
 RESOLUTION = 128
-# the expected global batch's sum times this headroom stays below 2^31: no wrap in practice
+# the expected global batch's sum times this headroom stays below 2^31: no wrap in practice.
+# Not enforced (a site's sampled batch can exceed it); a wrap costs accuracy, never privacy.
 HEADROOM = 8
+# numpy's Poisson sampler loses the low bits near 2^53 (red team: only even draws there, so the
+# parity of the gradient sum left unnoised); shares stay far below
+MAX_POISSON_MEAN = float(2**48)
+# integer Renyi orders: the subsampling argument (a binomial sum) holds at integer orders only
+INTEGER_ORDERS = list(range(2, 257))
 
 
 def scale(clip: float, dimension: int, batch: int) -> float:

@@ -72,7 +72,9 @@ def _valid(entry: dict, spec: JobSpec) -> bool:
     return (
         secagg.fingerprint(identity) == site
         and site in spec.plan.peers
-        and secagg.verify(identity, signature, secagg.key_message(spec.job_id, site, key))
+        and secagg.verify(
+            identity, signature, secagg.key_message(secagg.job_tag(spec.to_dict()), site, key)
+        )
     )
 
 

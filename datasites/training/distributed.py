@@ -56,7 +56,10 @@ def distributed_step(task: RoundTask, _test_seed: int | None = None) -> RoundOut
         total += _clip_scale_round(grads, plan.max_grad_norm, gamma, uniform).sum(axis=0)
     l2, _ = skellam.sensitivities(plan.max_grad_norm, dimension, gamma)
     variance = (task.noise_multiplier * l2) ** 2
-    total += skellam.sample_skellam(skellam.share(variance, plan.honest_sites), dimension, rng)
+    mu = skellam.share(variance, plan.honest_sites)
+    if mu > skellam.MAX_POISSON_MEAN:  # the runtime refuses such plans before any charge
+        raise ValueError("Skellam share past the exact range of the sampler")
+    total += skellam.sample_skellam(mu, dimension, rng)
     return RoundOutput(
         {SUM: total},
         int(task.public_rows or len(x)),

@@ -65,11 +65,13 @@ class SecureSite:
         self.identity = secagg.identity_of(identity_hex)
         self.identity_public = secagg.public_bytes(self.identity.public_key())
         self.me = secagg.fingerprint(self.identity_public)
+        self.tag = secagg.job_tag(spec.to_dict())
+        self._keys: dict[str, dict[str, str]] = {}  # this round's participants, as checked
 
     def hello(self) -> dict[str, Any]:
         key = self._x25519()
         public = secagg.public_bytes(key.public_key())
-        message = secagg.key_message(self.spec.job_id, self.me, public)
+        message = secagg.key_message(self.tag, self.me, public)
         return {
             "status": "ok",
             "secagg": {
@@ -92,7 +94,10 @@ class SecureSite:
             site, key = self._checked_entry(entry)
             if site in keys:
                 raise Refused(f"participant {site[:12]} is listed twice; nothing ran")
+            if key in keys.values():  # a colluder claiming an honest peer's key (red team)
+                raise Refused(f"participant {site[:12]} relays another site's key; nothing ran")
             keys[site] = key
+            self._keys[site] = {"identity": str(entry["identity"]), "key": key.hex()}
         mine = secagg.public_bytes(self._x25519().public_key())
         if keys.get(self.me) != mine:
             raise Refused("this site is not in the participant list with its own key; nothing ran")
@@ -106,7 +111,7 @@ class SecureSite:
             raise Refused(f"round label {label!r} was used before; nothing ran")
         private = self._x25519()
         return {
-            site: secagg.pair_seed(private, key, self.spec.job_id, label)
+            site: secagg.pair_seed(private, key, self.tag, label, self.me, site)
             for site, key in keys.items()
             if site != self.me
         }
@@ -139,7 +144,10 @@ class SecureSite:
         self_seed = os.urandom(32)
         masked = secagg.mask(quantized, self_seed, seeds, self.me)
         participants = sorted([*seeds, self.me])
-        self._put(f"round:{label}", {"self_seed": self_seed.hex(), "participants": participants})
+        self._put(
+            f"round:{label}",
+            {"self_seed": self_seed.hex(), "participants": participants, "keys": self._keys},
+        )
         return {"masked": secagg.encode_vector(masked), "label": label}
 
     def sign(self, env: dict[str, Any], min_sites: int) -> dict[str, Any]:
@@ -149,7 +157,7 @@ class SecureSite:
             raise Refused(
                 f"this site already signed another survivor set for round {label!r}; refused"
             )
-        message = secagg.survivors_message(self.spec.job_id, label, survivors)
+        message = secagg.survivors_message(self.tag, label, survivors)
         return {"status": "ok", "signature": secagg.b64(self.identity.sign(message))}
 
     def unmask(self, env: dict[str, Any], min_sites: int) -> dict[str, Any]:
@@ -158,12 +166,15 @@ class SecureSite:
         if signed is None or signed["survivors"] != survivors:
             raise Refused("this site did not sign that survivor set for the round; refused")
         round_state = self._get(f"round:{label}")
-        entries = self._entries(env)  # each entry's signature checked once
-        identities = {site: _unb64(e["identity"], 32) for site, e in entries.items()}
+        # identities and keys as this site checked them when it masked, never as relayed now
+        # (red team: a "dropped" colluder relaying a victim's key at unmask got the survivors'
+        # pair seeds with the victim)
+        stored = round_state.get("keys") or {}
+        identities = {site: _unb64(e["identity"], 32) for site, e in stored.items()}
         signatures = env.get("signatures")
         if not isinstance(signatures, dict):
             raise Refused("unmask needs every survivor's signature over the survivor set")
-        message = secagg.survivors_message(self.spec.job_id, label, survivors)
+        message = secagg.survivors_message(self.tag, label, survivors)
         for site in survivors:
             identity = identities.get(site)
             signature = signatures.get(site)
@@ -171,12 +182,12 @@ class SecureSite:
             if not ok or not secagg.verify(identity, _unb64(signature), message):
                 raise Refused(f"survivor {site[:12]} did not sign the survivor set; refused")
         private = self._x25519()
-        keys = {site: _unb64(e["key"], 32) for site, e in entries.items()}
+        keys = {site: bytes.fromhex(e["key"]) for site, e in stored.items()}
         gone = [site for site in round_state["participants"] if site not in survivors]
         if any(site not in keys for site in gone):
-            raise Refused("unmask must relay the round's whole participant list; refused")
+            raise Refused("this site holds no key for a dropped participant; refused")
         dropped = {
-            site: secagg.b64(secagg.pair_seed(private, keys[site], self.spec.job_id, label))
+            site: secagg.b64(secagg.pair_seed(private, keys[site], self.tag, label, self.me, site))
             for site in gone
         }
         return {
@@ -205,16 +216,6 @@ class SecureSite:
             )
         return label, survivors
 
-    def _entries(self, env: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        entries = env.get("participants")
-        if not isinstance(entries, list):
-            raise Refused("the call must relay the round's participant list")
-        out = {}
-        for entry in entries:
-            site, _ = self._checked_entry(entry)
-            out[site] = entry
-        return out
-
     def _checked_entry(self, entry: Any) -> tuple[str, bytes]:
         if not isinstance(entry, dict) or not {"site", "identity", "key", "signature"} <= set(
             entry
@@ -229,7 +230,7 @@ class SecureSite:
             raise Refused(
                 f"participant {site[:12]} is not among the job's approved peers; nothing ran"
             )
-        message = secagg.key_message(self.spec.job_id, site, key)
+        message = secagg.key_message(self.tag, site, key)
         if not secagg.verify(identity, _unb64(entry["signature"]), message):
             raise Refused(f"participant {site[:12]}: the key's signature does not verify")
         return site, key

@@ -79,7 +79,14 @@ def _site_update(site_dir: Path, code_state: JobState, code_id: str, reply: dict
     size = sum(int(np.prod(s)) for s in spec.trainable.values())
     y = secagg.decode_vector(reply["masked"], size)
     seeds = {
-        e["site"]: secagg.pair_seed(key, secagg.unb64(e["key"]), spec.job_id, reply["label"])
+        e["site"]: secagg.pair_seed(
+            key,
+            secagg.unb64(e["key"]),
+            secagg.job_tag(spec.to_dict()),
+            reply["label"],
+            me,
+            e["site"],
+        )
         for e in entries.values()
         if e["site"] != me and e["site"] in detail["participants"]
     }
@@ -157,7 +164,9 @@ def test_forged_short_and_foreign_participant_lists_are_refused(fed) -> None:
         "site": fp,
         "identity": secagg.b64(ident),
         "key": secagg.b64(key),
-        "signature": secagg.b64(stranger.sign(secagg.key_message(spec.job_id, fp, key))),
+        "signature": secagg.b64(
+            stranger.sign(secagg.key_message(secagg.job_tag(spec.to_dict()), fp, key))
+        ),
     }
     assert "not among the job's approved peers" in call([entries[0], foreign], "f3")["reason"]
     # the researcher cannot have one survivor unmask alone, nor an unsigned survivor set
@@ -177,7 +186,14 @@ def _site_integers(site_dir: Path, code_id: str, reply: dict, entries, spec) -> 
     me = SiteDir(site_dir).fingerprint()
     size = sum(int(np.prod(s)) for s in spec.trainable.values())
     seeds = {
-        e["site"]: secagg.pair_seed(key, secagg.unb64(e["key"]), spec.job_id, reply["label"])
+        e["site"]: secagg.pair_seed(
+            key,
+            secagg.unb64(e["key"]),
+            secagg.job_tag(spec.to_dict()),
+            reply["label"],
+            me,
+            e["site"],
+        )
         for e in entries.values()
         if e["site"] != me and e["site"] in detail["participants"]
     }

@@ -1,8 +1,8 @@
 """Red team: distributed DP over secure aggregation (plan ``dp = "distributed"``).
 
 Each test drives the real site code in-process (``SecureSite``, ``distributed_step``, the
-accountant). A test marked ``xfail(strict=True)`` reproduces a leak: it passes once the leak is
-fixed, and strict mode then asks for the marker to go.
+accountant). Each test reproduced a leak found by the red team (they were strict xfails); each now
+passes because the site refuses, and stays as the regression test.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from datasites.training.round_task import RoundTask
 from datasites.training.secure_agg import SecureSite
 from policies import secagg, skellam
 from policies.accounting import Mechanism, epsilon
+from policies.errors import PlanError
 from policies.modelspec import parse
 from policies.plan import JobSpec, TrainingPlan
 from policies.privacy import job_privacy
@@ -101,16 +102,6 @@ def _one_round(sites, specs, label, data, weights, fewest, floors=(0.0, 0.0, 0.0
     return skellam.signed(total)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "LEAK (high): the peers' key signatures bind only the job_id, not the plan. The researcher "
-        "gives the victim site a plan with noise 2.0 and 3 honest shares, and the other peers "
-        "another plan under the same job_id (noise 0.5, batch 65536, sample_rate 1e-9); the "
-        "victim masks with them, and its gradient sum is unmasked under ~1/sqrt(3) of the noise "
-        "its ledger charged"
-    ),
-)
 def test_peers_running_another_plan_under_the_same_job_id_cut_the_victims_noise(tmp_path):
     job_id = "f" * 32
     victim = JobSpec("dist", "t", "label", MODEL, _plan(), job_id=job_id)
@@ -162,16 +153,10 @@ BIG = parse(
 ).to_dict()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "LEAK (medium; needs a policy max_parameters above ~1.08M): numpy's Poisson sampler "
-        "returns only even numbers for a mean >= 2^53 (PTRS computes k in float64), so the "
-        "Skellam share is always even and the parity of every coordinate of the gradient sum "
-        "leaves the site without noise, at an accounted epsilon near 0"
-    ),
-)
 def test_skellam_shares_at_a_huge_mean_keep_the_parity_of_the_gradient_sum():
+    """Was a leak (medium): numpy's Poisson sampler returns only even numbers for a mean at or
+    above 2^53, so the parity of every coordinate of the gradient sum left unnoised. Such a
+    share is now refused before anything runs (and the trainer refuses it too)."""
     plan = TrainingPlan(
         aggregation="secure",
         dp="distributed",
@@ -187,75 +172,28 @@ def test_skellam_shares_at_a_huge_mean_keep_the_parity_of_the_gradient_sum():
         rounds=1,
     )
     spec = JobSpec("big", "t", "label", BIG, plan)
-    privacy = job_privacy(spec, 1)
-    dimension = sum(math.prod(s) for s in spec.trainable.values())
-    mu = skellam.share((privacy.noise_multiplier * privacy.l2) ** 2, plan.honest_sites)
-    assert dimension < 1_200_000 and mu > 2**53
-    assert privacy.epsilon_job < 0.2  # the ledger charges almost nothing (RDP's floor at order 63)
-
-    def release(rows: int) -> np.ndarray:
-        rng = np.random.default_rng(5)
-        x = rng.normal(size=(rows, 1100)).astype(np.float32)
-        y = rng.normal(size=rows).astype(np.float32)
-        task = RoundTask(spec.model, plan.to_dict(), x, y, 0, None, None, privacy.noise_multiplier)
-        return distributed_step(task).weights[SUM]
-
-    without, with_row = release(0), release(1)
-    odd_without, odd_with = np.mean(without % 2), np.mean(with_row % 2)
-    # membership of the one row, read off the parity: noise alone is never odd
-    assert 0.4 < odd_without < 0.6, (
-        f"odd coordinates: {odd_without:.3f} of the noise alone, {odd_with:.3f} with the row"
-    )
+    with pytest.raises(PlanError, match="Poisson mean"):
+        job_privacy(spec, 1)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(1, 1100)).astype(np.float32)
+    task = RoundTask(spec.model, plan.to_dict(), x, x[:, 0], 0, None, None, 1000.0)
+    with pytest.raises(ValueError, match="Skellam share"):
+        distributed_step(task)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "FREE EPSILON (medium): a site whose policy min_noise_multiplier is above the plan's "
-        "noise (a target_epsilon plan passes the review) raises only its own share and charges "
-        "its ledger as if the whole sum carried the raised noise; the other sites add shares of "
-        "the plan's noise, so the sum carries far less than the victim charged for"
-    ),
-)
-def test_a_sites_noise_floor_raises_its_own_share_only_but_is_charged_as_the_total(tmp_path):
+def test_a_sites_noise_floor_raises_its_own_share_only_but_is_charged_as_the_total():
+    """Was free epsilon (medium): a site whose policy floor was above the plan's noise raised
+    its own share only, yet charged as if the whole sum carried it. Now the plan is refused at
+    that site (review and runtime both compute ``job_privacy``), and every site that runs it
+    adds a share of the one total the plan fixes."""
     spec = JobSpec("dist", "t", "label", MODEL, _plan(noise_multiplier=None, target_epsilon=30.0))
-    floors = (3.0, 0.5, 0.5)  # the victim's policy; the others' (the default)
-    charged = job_privacy(spec, 50, min_noise=floors[0])
-    planned = job_privacy(spec, 50, min_noise=floors[1])
-    assert planned.noise_multiplier < 2.0 < charged.noise_multiplier == 3.0
-    sites = [
-        SecureSite(JobState(SiteStore(tmp_path / f"s{i}.db")), "code", spec, seed)
-        for i, seed in enumerate(SEEDS)
-    ]
-    data = [_data(50, 0), _data(50, 1), _data(50, 2)]
-    weights = _weights()
-    totals = []
-    try:
-        for r in range(30):
-            totals.append(_one_round(sites, [spec] * 3, f"r{r}", data, weights, 3, floors))
-    except Refused:
-        return  # fixed: refused rather than raised locally
-    measured = np.stack(totals).var(axis=0, ddof=1).mean()
-    real_sigma = math.sqrt(measured) / charged.l2
-    real = epsilon([Mechanism(real_sigma, 1.0, spec.plan.rounds, charged.l2, charged.l1)], 1e-5)
-    assert real <= charged.epsilon_job * 1.05, (
-        f"real sigma {real_sigma:.2f} (plan {planned.noise_multiplier:.2f}), the victim charged "
-        f"sigma {charged.noise_multiplier:.2f}: real epsilon {real:.2f}, charged "
-        f"{charged.epsilon_job:.2f}"
-    )
+    planned = job_privacy(spec, 50, min_noise=0.5)
+    assert planned.noise_multiplier < 3.0
+    with pytest.raises(PlanError, match="below this dataset's floor"):
+        job_privacy(spec, 50, min_noise=3.0)
+    assert job_privacy(spec, 50, min_noise=0.1).noise_multiplier == planned.noise_multiplier
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "LEAK (high, within the trust model: one colluding site): pair_seed binds neither "
-        "site's identity and check_round accepts two participants with the same X25519 key. "
-        "A colluder signs the honest peer B's key as its own; the victim A, sorted between "
-        "them, adds +PRG(k_AB) - PRG(k_AX) = 0, so A's masked vector minus its self mask "
-        "(revealed at unmask for a survivor set all signed) is A's own noised sum, carrying "
-        "1/honest_sites of the noise its ledger charged for"
-    ),
-)
 def test_a_colluder_reusing_an_honest_peers_key_unmasks_one_sites_noised_sum(tmp_path):
     colluder_seed, victim_seed, honest_seed = SEEDS  # fingerprints sort in this order
     x_fp, a_fp, b_fp = (_fingerprint(s) for s in SEEDS)
@@ -271,7 +209,9 @@ def test_a_colluder_reusing_an_honest_peers_key_unmasks_one_sites_noised_sum(tmp
         "site": x_fp,
         "identity": secagg.b64(secagg.public_bytes(colluder.public_key())),
         "key": entry_b["key"],
-        "signature": secagg.b64(colluder.sign(secagg.key_message(spec.job_id, x_fp, b_key))),
+        "signature": secagg.b64(
+            colluder.sign(secagg.key_message(secagg.job_tag(spec.to_dict()), x_fp, b_key))
+        ),
     }
     participants = [entry_a, entry_b, fake]
     env = {"phase": "mask", "label": "r1", "participants": participants}
@@ -296,7 +236,7 @@ def test_a_colluder_reusing_an_honest_peers_key_unmasks_one_sites_noised_sum(tmp
             masked[name] = site.masked_integers(env, seeds, sums[name])
         survivors = sorted([x_fp, a_fp, b_fp])
         sign = {"phase": "sign", "label": "r1", "survivors": survivors}
-        message = secagg.survivors_message(spec.job_id, "r1", survivors)
+        message = secagg.survivors_message(secagg.job_tag(spec.to_dict()), "r1", survivors)
         signatures = {
             a_fp: a.sign(sign, plan.survivors_needed)["signature"],
             b_fp: b.sign(sign, plan.survivors_needed)["signature"],
@@ -317,17 +257,6 @@ def test_a_colluder_reusing_an_honest_peers_key_unmasks_one_sites_noised_sum(tmp
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "LEAK (high, one colluding site, any fingerprint order): unmask takes the dropped "
-        "sites' keys from the participant list relayed with the unmask call, not the keys it "
-        "masked with. The colluder masks nothing (it 'dropped'), then signs the victim A's "
-        "X25519 key as its own; each honest survivor asked to unmask with that list reveals "
-        "pair_seed(its key, A's key) = its pair seed with A. With A's self seed, the researcher "
-        "strips every mask off A's vector: A's own sum, under 1/honest_sites of the noise"
-    ),
-)
 def test_a_dropped_colluders_relayed_key_at_unmask_reveals_honest_pair_seeds(tmp_path):
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -347,7 +276,7 @@ def test_a_dropped_colluders_relayed_key_at_unmask_reveals_honest_pair_seeds(tmp
     x_ident = secagg.b64(secagg.public_bytes(colluder.public_key()))
 
     def colluder_entry(key: bytes) -> dict:
-        message = secagg.key_message(spec.job_id, x_fp, key)
+        message = secagg.key_message(secagg.job_tag(spec.to_dict()), x_fp, key)
         return {
             "site": x_fp,
             "identity": x_ident,

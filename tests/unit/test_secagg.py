@@ -21,7 +21,9 @@ def _masked(sites, updates, bound, rng):  # noqa: ANN001, ANN202
     pubs = {fp: secagg.public_bytes(k.public_key()) for fp, k in sites}
     out, selfs = [], []
     for (fp, key), x in zip(sites, updates, strict=True):
-        seeds = {p: secagg.pair_seed(key, pub, JOB, LABEL) for p, pub in pubs.items() if p != fp}
+        seeds = {
+            p: secagg.pair_seed(key, pub, JOB, LABEL, fp, p) for p, pub in pubs.items() if p != fp
+        }
         b = rng.bytes(32)
         selfs.append(b)
         out.append(secagg.mask(secagg.quantize(x, bound, rng), b, seeds, fp))
@@ -31,8 +33,19 @@ def _masked(sites, updates, bound, rng):  # noqa: ANN001, ANN202
 def test_pair_seeds_agree_and_differ_per_round() -> None:
     (a, ka), (b, kb) = _sites(2)
     pa, pb = (secagg.public_bytes(k.public_key()) for k in (ka, kb))
-    assert secagg.pair_seed(ka, pb, JOB, LABEL) == secagg.pair_seed(kb, pa, JOB, LABEL)
-    assert secagg.pair_seed(ka, pb, JOB, LABEL) != secagg.pair_seed(ka, pb, JOB, "r2")
+    seed = secagg.pair_seed(ka, pb, JOB, LABEL, a, b)
+    assert seed == secagg.pair_seed(kb, pa, JOB, LABEL, b, a)
+    assert seed != secagg.pair_seed(ka, pb, JOB, "r2", a, b)
+    # bound to the pair: the same key agreement under another site's name is another seed
+    assert seed != secagg.pair_seed(ka, pb, JOB, LABEL, a, f"{9:064x}")
+    assert seed != secagg.pair_seed(ka, pb, "another-job-tag", LABEL, a, b)
+
+
+def test_the_job_tag_covers_the_whole_job() -> None:
+    job = {"job_id": "j", "plan": {"noise_multiplier": 2.0, "peers": ["a", "b"]}}
+    other = {"job_id": "j", "plan": {"noise_multiplier": 0.5, "peers": ["a", "b"]}}
+    assert secagg.job_tag(job) == secagg.job_tag(dict(reversed(list(job.items()))))
+    assert secagg.job_tag(job) != secagg.job_tag(other)
 
 
 def test_the_masks_cancel_and_the_sum_is_the_sum_of_updates() -> None:
@@ -51,7 +64,9 @@ def test_a_dropped_site_is_recovered_from_the_survivors_seeds() -> None:
     updates = [rng.normal(size=20) for _ in sites]
     masked, selfs, pubs = _masked(sites, updates, 10.0, rng)
     (gone, _), survivors = sites[2], sites[:2]
-    dropped = [(fp, gone, secagg.pair_seed(k, pubs[gone], JOB, LABEL)) for fp, k in survivors]
+    dropped = [
+        (fp, gone, secagg.pair_seed(k, pubs[gone], JOB, LABEL, fp, gone)) for fp, k in survivors
+    ]
     total = secagg.unmask_sum(masked[:2], selfs[:2], dropped)
     assert np.allclose(secagg.dequantize(total, 10.0), updates[0] + updates[1], atol=1e-5)
 
