@@ -11,6 +11,8 @@ Each figure is a ratio or a difference measured within this one run, on this mac
    CPU seconds of the servers and of this client, and ``round_cpu_floor_s``, the CPU a round
    uses divided by the machine's cores: no round can be faster than that here.
 3. parallel_ratio: a three-site round's wall time / the slowest site's round wall time alone.
+   distributed_round_s: a distributed-DP round (mask, sign, unmask at three real sites, one
+   DP-SGD step; median after the first) and its rate; ``--round-rate`` measures it alone.
 4. scale: upload and one DP epoch on generated 100k (and 1M unless --quick) x 30 tables: seconds,
    the whole job call (first and second), and peak RSS of the datasite server process (overall,
    and during the calls alone).
@@ -190,6 +192,51 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
             process.stop(s)
 
 
+def distributed_rounds(work: Path, rounds: int) -> dict[str, float]:
+    """Distributed DP's round rate over three real HTTP datasites (``scripts/demo --secure``'s
+    job): each round is mask, sign and unmask at every site, one DP-SGD step."""
+    from demo import secure_plan
+
+    shares, _ = split_data()
+    with ThreadPoolExecutor(3) as pool:
+        site_dirs = list(
+            pool.map(
+                lambda a: start_site(work, a[0], a[1], 50.0),
+                [(f"site-{i}", s) for i, s in enumerate(shares)],
+            )
+        )
+    try:
+        fed = write_federation(work, site_dirs)
+        plan = secure_plan(rounds, 50.0)
+        spec = api.with_pooled_scaling(
+            fed,
+            make_job(
+                make_model(30, 2),
+                "breast-cancer",
+                "target",
+                plan,
+                name="bench_ddp",
+                n_features=30,
+                n_outputs=2,
+            ),
+        )
+        spec = api.with_peers(fed, spec)
+        spec = api.with_sample_rate(spec, api.dataset_metas(fed, "breast-cancer"))
+        api.submit(fed, spec)
+        approve_pending(site_dirs)
+        seconds: list[float] = []
+        api.train(fed, spec, work / "run", on_round=lambda rec: seconds.append(rec.seconds))
+        steady = seconds[1:] or seconds  # the first round also fetches keys and warms up
+        return {
+            "distributed_round_s": float(np.median(steady)),
+            "distributed_rounds_per_s": float(1.0 / np.median(steady)),
+            "distributed_first_round_s": float(seconds[0]),
+        }
+    finally:
+        for s in site_dirs:
+            process.stop(s)
+
+
 def last_timing(site: SiteDir) -> dict[str, float]:
     """The site's own timing of its last released round, from its audit log (never released)."""
     entries = AuditLog(SiteStore(site.db_path)).entries()
@@ -304,6 +351,10 @@ def main() -> None:
 
         bench_utility.main([a for a in sys.argv[1:] if a != "--utility"])
         return
+    if "--round-rate" in sys.argv:  # distributed DP's rounds over real sites, alone
+        with tempfile.TemporaryDirectory(prefix="fedsite-bench-", ignore_cleanup_errors=True) as t:
+            print(json.dumps(distributed_rounds(Path(t), rounds=20)))
+        return
     if "--algorithms" in sys.argv:  # the federated algorithms' comparison (bench_algorithms.py)
         import bench_algorithms
 
@@ -325,6 +376,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedsite-bench-", ignore_cleanup_errors=True) as tmp:
         work = Path(tmp)
         results.update(federated(work / "fed", rounds=4 if args.quick else 8))
+        results.update(distributed_rounds(work / "ddp", rounds=6 if args.quick else 20))
         for rows, tag in ((100_000, "100k"), (1_000_000, "1m")):
             if args.quick and rows > 100_000:
                 continue
