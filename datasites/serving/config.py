@@ -2,9 +2,11 @@
 
 Layout of DIR::
 
-    site.toml        name, port, host, db_url, admin email, server id (no secrets)
+    site.toml        name, port, host, db_url (its password removed), admin email, server id
+                     (no secrets)
     identity.key     the server's signing key (0600)
     admin-password   the generated admin password (0600)
+    db-password      the password of ``--db-url``, when it has one (0600)
     state/           syft's SQLite database and blobs (SYFT_TEMP_ROOT)
     site.db          this project's ledger, audit log and approvals (with a postgresql://
                      db_url they live in that database instead, schema 'datasite')
@@ -37,6 +39,7 @@ TLS_CERT_FILE = "tls.crt"
 TLS_KEY_FILE = "tls.key"  # 0600
 DEFAULT_PORT = 8081
 ADMIN_EMAIL = "admin@fedsite.io"
+DB_PASSWORD_FILE = "db-password"  # 0600; site.toml keeps the URL without it
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,20 @@ class SiteDir:
         syft's store, so one backup holds both), else ``site.db`` in DIR."""
         from datasites.ledger.store import is_postgres
 
-        url = self.config().db_url
+        url = self.db_url()
         return url if is_postgres(url) else self.db_path
+
+    def db_url(self) -> str:
+        """The ``--db-url`` with its password, which lives in ``db-password`` (0600), never in
+        site.toml."""
+        url = self.config().db_url
+        secret = self.root / DB_PASSWORD_FILE
+        if not url or not secret.exists():
+            return url
+        from sqlalchemy.engine import make_url
+
+        full = make_url(url).set(password=_read_secret(secret))
+        return full.render_as_string(hide_password=False)
 
     @property
     def pid_path(self) -> Path:
@@ -182,6 +197,7 @@ def init_site(
     keep_private()
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)
+    db_url, db_password = _split_password(db_url)
     config = SiteConfig(
         name=name,
         port=port,
@@ -190,6 +206,8 @@ def init_site(
         db_url=db_url,
         tls=tls is not None,
     )
+    if db_password:
+        _write_secret(root / DB_PASSWORD_FILE, db_password)
     if tls is not None:
         _write_secret(root / TLS_KEY_FILE, tls[0].decode())
         _write_secret(root / TLS_CERT_FILE, tls[1].decode())
@@ -199,6 +217,21 @@ def init_site(
     (root / "state").mkdir(exist_ok=True)
     _atomic_write(site.config_path, tomli_w.dumps({"site": asdict(config)}))
     return config
+
+
+def _split_password(db_url: str) -> tuple[str, str | None]:
+    """(the URL without its password, the password): the password goes to its own 0600 file."""
+    if not db_url:
+        return db_url, None
+    from sqlalchemy.engine import URL, make_url
+
+    url = make_url(db_url)
+    if url.password is None:
+        return db_url, None
+    bare = URL.create(
+        url.drivername, url.username, None, url.host, url.port, url.database, url.query
+    )
+    return bare.render_as_string(hide_password=False), str(url.password)
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -44,13 +44,14 @@ def _prepare_environment(site: SiteDir) -> None:
         "SYFT_CREATE_PRODUCER": "False",
         "SYFT_PROCESSES": "1",
     }
-    if config.db_url:
-        env["SYFT_DB_URL"] = config.db_url
-    if is_postgres(config.db_url):
+    db_url = site.db_url()  # with its password, from db-password
+    if db_url:
+        env["SYFT_DB_URL"] = db_url
+    if is_postgres(db_url):
         # syft 0.9.5 rebuilds its URL without options, so its schema comes through libpq's
         # environment: its tables go to 'syft', the site's own to 'datasite' (SiteStore)
         env["PGOPTIONS"] = f"-c search_path={SYFT_SCHEMA}"
-        SiteStore(config.db_url)  # both schemas exist before syft creates its tables
+        SiteStore(db_url)  # both schemas exist before syft creates its tables
     os.environ.update(env)
 
 
@@ -100,7 +101,7 @@ def serve(root: Path) -> None:
     keep_private()  # syft's database, blob store and our site.db: 0600, before any is opened
     site = SiteDir(root)
     config = site.config()
-    _mask_db_password(config.db_url)
+    _mask_db_password(site.db_url())
     _prepare_environment(site)
     import syft.server.uvicorn  # noqa: F401  reads the identity variables at import
     import uvicorn

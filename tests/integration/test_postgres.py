@@ -79,6 +79,13 @@ def test_kill_9_and_a_postgres_crash_lose_nothing(
         site.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "5")
         site.cli("policy", "set", "--dataset", "cancer", "--allow-domain", "uni.edu")
 
+        # the URL's password is in its own 0600 file, never in site.toml
+        from sqlalchemy.engine import make_url
+
+        password_file = site.dir / "db-password"
+        assert password_file.read_text().strip() == make_url(url).password
+        assert password_file.stat().st_mode & 0o777 == 0o600
+        assert make_url(url).password not in (site.dir / "site.toml").read_text()
         # where things are: syft's tables in 'syft', the site's in 'datasite', no SQLite anywhere
         assert SiteDir(site.dir).site_db == url
         assert _count(url, 'SELECT count(*) FROM syft."Dataset"') == 1
