@@ -1,0 +1,61 @@
+"""Red team of the PostgreSQL back end, end to end: a real throwaway cluster and a real server.
+
+Marked ``xfail(strict=True)`` where the leak is still there (the assertion is what should hold).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import NullPool
+
+from tests.conftest import free_port, run_cli
+
+pytestmark = pytest.mark.integration
+
+# A password a person picks: '&', '!' and '@' are percent-encoded in a URL
+SPECIAL = "Tr0ub4dor&3!pw@x"
+
+
+def _role_with_password(cluster_url: str, password: str) -> str:
+    """A fresh role and database owned by it, in the throwaway cluster; the role's URL."""
+    import uuid
+
+    name = f"r_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(cluster_url, poolclass=NullPool)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {name} LOGIN PASSWORD %(pw)s", {"pw": password})
+        conn.exec_driver_sql(f"CREATE DATABASE {name} OWNER {name}")
+    engine.dispose()
+    base = make_url(cluster_url)
+    return URL.create("postgresql", name, password, base.host, base.port, name).render_as_string(
+        hide_password=False
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SECRET IN LOG: with a db password holding a URL-special character, syft's launch "
+    "lines carry it percent-encoded and the server's mask (decoded form only) lets it into "
+    "DIR/server.log ('Starting server with settings: ... %263%21pw%40x' and 'Using "
+    "PostgresDBConfig and ...%25263%2521pw%2540x'); syft then logs in with the still-encoded "
+    "password, so such a site cannot launch at all (password authentication failed)",
+)
+def test_a_db_password_with_special_characters_stays_out_of_the_server_log(
+    tmp_path: Path, pg_cluster
+) -> None:
+    url = _role_with_password(pg_cluster.url, SPECIAL)
+    d = tmp_path / "s"
+    run_cli("datasite", "init", "s", "--dir", str(d), "--port", str(free_port()), "--db-url", url)
+    assert SPECIAL not in (d / "site.toml").read_text()  # held: the config keeps no password
+    proc = run_cli("datasite", "launch", "--detach", "--dir", str(d), check=False, child=True)
+    try:
+        log = (d / "server.log").read_text(errors="replace") if (d / "server.log").exists() else ""
+        seen = proc.stdout + proc.stderr + log
+        assert SPECIAL not in unquote(unquote(seen)), seen[-3000:]
+    finally:
+        run_cli("datasite", "stop", "--dir", str(d), check=False)
