@@ -59,3 +59,44 @@ def test_a_db_password_with_special_characters_stays_out_of_the_server_log(
         assert SPECIAL not in unquote(unquote(seen)), seen[-3000:]
     finally:
         run_cli("datasite", "stop", "--dir", str(d), check=False)
+
+
+def test_a_plain_syft_client_cannot_reach_the_stub_or_the_table_file(arena) -> None:
+    """Held: every syft path eve has to the asset's private half (the stub naming the site's
+    Parquet file) gives her neither the file's name nor the stub; nor does the description."""
+    from syft.service.action.action_object import TwinMode
+
+    from tests.adversarial.conftest import EVE, assert_serving
+
+    files = list((arena.site.dir / "tables").glob("*.parquet"))
+    assert len(files) == 1
+    token = files[0].stem.rsplit("-", 1)[1]
+    client = arena.client(EVE)
+    asset = arena.asset(client)
+    seen: list[str] = [
+        repr(asset),
+        str(getattr(asset.description, "text", asset.description)),
+        repr(getattr(asset, "shape", None)),
+    ]
+
+    def attempt(label: str, thunk) -> None:  # noqa: ANN001
+        try:
+            got = thunk()
+            seen.append(f"{label}: {got!r}")
+            seen.append(f"{label}: {getattr(got, 'syft_action_data', None)!r}")
+        except Exception as exc:  # syft refuses: its message is what eve reads
+            seen.append(f"{label}: {type(exc).__name__}: {exc}")
+
+    api = client.api.services
+    attempt("asset.data", lambda: asset.data)
+    attempt("asset.pointer", lambda: asset.pointer)
+    attempt("action.get", lambda: api.action.get(asset.action_id))
+    attempt("action.get_pointer", lambda: api.action.get_pointer(asset.action_id))
+    attempt(
+        "action.get private", lambda: api.action.get(asset.action_id, twin_mode=TwinMode.PRIVATE)
+    )
+    attempt("dataset.get_all", lambda: api.dataset.get_all())
+    attempt("blob.get_all", lambda: api.blob_storage.get_all())
+    text = "\n".join(seen)
+    assert token not in text and "fedsite_table" not in text, text[-2000:]
+    assert_serving(arena)
