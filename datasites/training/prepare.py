@@ -162,8 +162,11 @@ def release(
 
 
 def privacy_report(plan: TrainingPlan, privacy: PrivacyPlan) -> dict[str, Any]:
+    # a Skellam run is accounted in RDP whatever the plan names (policies.accounting)
+    distributed = {"mechanism": "skellam", "l2": privacy.l2, "l1": privacy.l1}
     return {
-        "accountant": plan.accountant,
+        "accountant": "rdp" if plan.distributed else plan.accountant,
+        **(distributed if plan.distributed else {}),
         "noise_multiplier": privacy.noise_multiplier,
         "sample_rate": privacy.sample_rate,
         "steps": privacy.mechanism.steps,
