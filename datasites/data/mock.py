@@ -121,7 +121,12 @@ def make_mock(  # noqa: PLR0913
 def class_keys(frame: pd.DataFrame, target: str) -> list:
     """The label set of a class target (disclosed as schema), or [] for a continuous one."""
     values = frame[target].unique()
-    return sorted(values.tolist()) if len(values) <= MAX_CLASSES else []
+    if len(values) > MAX_CLASSES:
+        return []
+    whole = np.all(np.mod(np.asarray(values, dtype=np.float64), 1.0) == 0)
+    # a float target with a few values is a measurement, not classes: as class keys its exact
+    # values would be in the mock (red team)
+    return sorted(values.tolist()) if whole else []
 
 
 def _class_counts(frame: pd.DataFrame, target: str, keys: list) -> np.ndarray:

@@ -15,6 +15,7 @@ directory is 0600 (the CLI and the server set umask 077).
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 import pandas as pd
 
 from datasites.errors import Refused
+
+log = logging.getLogger("datasites.data.store")
 
 STUB_COLUMNS = ["fedsite_table", "rows"]
 TABLES_DIR = "tables"
@@ -66,7 +69,12 @@ def read_private(root: Path, data: Any) -> pd.DataFrame:
     try:
         frame = pd.read_parquet(path)
     except (OSError, ValueError) as exc:
-        raise Refused(f"the dataset's private table cannot be read at this site: {exc}") from exc
+        # the cause (with this site's paths) goes to the admin's log, not into the reply
+        log.error("private table unreadable: %s", exc)
+        raise Refused(
+            "the dataset's private table cannot be read at this site; its admin can see why "
+            "in the server log"
+        ) from exc
     if len(frame) != int(data[STUB_COLUMNS[1]].iloc[0]):
         raise Refused("the dataset's private table is not the one uploaded; nothing ran")
     return frame

@@ -27,6 +27,11 @@ from datasites.errors import TableError
 
 MAX_FEATURES = 2000  # 300 rows x 2,000 columns: the DP mock in about 5 s on 2 cores
 DEFAULT_MAX_CATEGORIES = 32  # a text column with more distinct values is refused, not encoded
+# a category held by fewer rows is published as OTHER, not by name: a rare value (a diagnosis
+# one patient has) would tell who is in the table (red team). Not DP: a k-threshold.
+MIN_CATEGORY_ROWS = 5
+OTHER = "(other)"
+_DATE_KINDS = {"date", "datetime", "datetime64", "time", "timedelta", "timedelta64", "period"}
 
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -183,18 +188,50 @@ def validate_table(
             "it takes long and is mostly noise): select or aggregate columns first"
         )
     _check_missing(frame)
-    frame, classes = _encode_target(frame, target)
+    frame[target] = _numbers_or_text(frame[target], target)
+    frame, classes = _encode_target(frame, target, max_categories)
     features = [c for c in frame.columns if c != target]
     for c in features:
         if pd.api.types.is_bool_dtype(frame[c]):
             frame[c] = frame[c].astype("int64")
         elif not pd.api.types.is_numeric_dtype(frame[c]):
-            frame[c] = _categorical(frame[c], c, max_categories)
+            column = _numbers_or_text(frame[c], c)
+            is_text = not pd.api.types.is_numeric_dtype(column)
+            frame[c] = _categorical(column, c, max_categories) if is_text else column
     _check_finite(frame)
     return Table(frame.reset_index(drop=True), target, classes)
 
 
-def _encode_target(frame: pd.DataFrame, target: str) -> tuple[pd.DataFrame, list[str] | None]:
+def _numbers_or_text(column: pd.Series, name: str) -> pd.Series:
+    """A column that is not numeric by dtype: numbers it holds (decimals, numeric strings) as
+    float64; refused when it holds dates or mixes numbers with text. Its values would otherwise
+    become a category list, published exactly (red team: balances, birth dates and ages with
+    one 'unknown' cell were all published)."""
+    if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        return column
+    values = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else column
+    kind = pd.api.types.infer_dtype(values, skipna=True)
+    if kind in _DATE_KINDS or pd.api.types.is_datetime64_any_dtype(column):
+        raise TableError(
+            f"column {name!r} holds dates or times: convert them to numbers (days since an "
+            "event, a year) before upload; as categories each value would be published"
+        )
+    distinct = pd.Series(pd.unique(np.asarray(values, dtype=object)))
+    numeric = pd.to_numeric(distinct.astype(str), errors="coerce").notna()
+    if numeric.all():
+        return pd.to_numeric(column.astype(str), errors="raise").astype("float64")
+    if numeric.mean() >= 0.5:
+        text = [str(v) for v in distinct[~numeric].head(3)]
+        raise TableError(
+            f"column {name!r} holds numbers and text ({', '.join(map(repr, text))}): clean it "
+            "(as categories its numbers would be published exactly)"
+        )
+    return column
+
+
+def _encode_target(
+    frame: pd.DataFrame, target: str, max_categories: int = DEFAULT_MAX_CATEGORIES
+) -> tuple[pd.DataFrame, list[str] | None]:
     col = frame[target]
     values = col.unique()
     if len(values) < 2:
@@ -215,6 +252,12 @@ def _encode_target(frame: pd.DataFrame, target: str) -> tuple[pd.DataFrame, list
     if pd.api.types.is_numeric_dtype(col):
         return frame, None
     classes = sorted(col.astype(str).unique())
+    if len(classes) > MAX_CLASSES:
+        # every label is published as the class list (red team: 300 names went out verbatim)
+        raise TableError(
+            f"target column {target!r} has {len(classes)} distinct text values, more than "
+            f"{MAX_CLASSES} classes: a text target must be class labels"
+        )
     frame[target] = col.astype(str).map({c: i for i, c in enumerate(classes)}).astype("int64")
     return frame, classes
 
@@ -226,12 +269,17 @@ def _categorical(column: pd.Series, name: str, max_categories: int) -> pd.Series
     if isinstance(column.dtype, pd.CategoricalDtype):  # read dictionary-encoded: no strings
         column = column.cat.remove_unused_categories()
         names = [str(c) for c in column.cat.categories]
-        if len(set(names)) == len(names):
+        rare = column.value_counts().lt(MIN_CATEGORY_ROWS).any()
+        if len(set(names)) == len(names) and not rare:
             _check_categories(name, len(names), max_categories)
             column = column.cat.rename_categories(names)
             return column.cat.reorder_categories(sorted(names))
     values = column.astype(str)
     _check_categories(name, values.nunique(), max_categories)
+    counts = values.value_counts()
+    rare = counts.index[counts < MIN_CATEGORY_ROWS]
+    if len(rare):
+        values = values.where(~values.isin(rare), OTHER)
     return values.astype(pd.CategoricalDtype(sorted(values.unique())))
 
 

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, CursorResult, Engine, make_url
@@ -148,19 +149,32 @@ def check_db_url(url: str) -> None:
     """
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise ConfigError(f"--db-url {url!r} is not a database URL: {exc}") from exc
+        port = parsed.port  # a bad port raises here, not later
+    except (ArgumentError, ValueError) as exc:
+        # the URL may hold a password: the line names neither (red team)
+        raise ConfigError(
+            "--db-url is not a database URL of the form postgresql://USER:PASSWORD@HOST:PORT/"
+            f"DATABASE ({type(exc).__name__})"
+        ) from None
     if parsed.drivername not in ("postgresql", "sqlite"):
         raise ConfigError(
             f"--db-url scheme {parsed.drivername!r} is not supported; use postgresql://"
             "USER:PASSWORD@HOST:PORT/DATABASE (or sqlite:///PATH)"
         )
     if parsed.drivername == "postgresql":
-        parts = (parsed.username, parsed.password, parsed.host, parsed.port, parsed.database)
+        parts = (parsed.username, parsed.password, parsed.host, port, parsed.database)
         if parsed.query or not all(parts):
             raise ConfigError(
                 "--db-url must be postgresql://USER:PASSWORD@HOST:PORT/DATABASE, each part "
                 "given and no '?' options (syft 0.9.5 requires all five and drops options)"
+            )
+        if quote(str(parsed.password), safe="") != str(parsed.password):
+            # syft logs in with the still-encoded password, and logs it encoded (red team)
+            raise ConfigError(
+                "--db-url: the database password holds characters that must be %-encoded in a "
+                "URL (such as @ : / % & # ! or spaces), which syft 0.9.5 cannot pass to "
+                "PostgreSQL; give the database user a password of letters, digits, '-', '_', "
+                "'.' and '~'"
             )
 
 

@@ -62,10 +62,18 @@ class _Masked(io.TextIOBase):
     ("Using PostgresDBConfig and postgresql://user:PASSWORD@...", and its settings dict)."""
 
     def __init__(self, stream: TextIO, secret: str) -> None:
-        self._stream, self._secret = stream, secret
+        from urllib.parse import quote
+
+        once = quote(secret, safe="")
+        # syft logs the URL %-encoded, and its connection string encoded twice (red team)
+        self._stream = stream
+        self._secrets = sorted({secret, once, quote(once, safe="")}, key=len, reverse=True)
 
     def write(self, text: str) -> int:
-        self._stream.write(text.replace(self._secret, "***"))
+        masked = text
+        for secret in self._secrets:
+            masked = masked.replace(secret, "***")
+        self._stream.write(masked)
         return len(text)
 
     def flush(self) -> None:

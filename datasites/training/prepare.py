@@ -12,7 +12,7 @@ from datasites.errors import Refused
 from policies import imbalance
 from policies.compression import compress
 from policies.errors import PlanError
-from policies.layout import align_stats, check_site, encode
+from policies.layout import align_stats, check_site, encode, width
 from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs, select
 from policies.privacy import PrivacyPlan
 from policies.wire import Weights, check_shapes, decode_weights, encode_weights, frozen_digest
@@ -49,6 +49,7 @@ def site_scaling(spec: JobSpec, meta: dict[str, Any]) -> tuple[Any, Any] | None:
             check_site(spec.layout, meta)
         except PlanError as exc:
             raise Refused(str(exc)) from exc
+        _check_encoded_size(spec.layout, meta)
     if spec.scaling:
         return (spec.scaling["mean"], spec.scaling["std"])
     if "feature_mean" not in meta:
@@ -56,6 +57,25 @@ def site_scaling(spec: JobSpec, meta: dict[str, Any]) -> tuple[Any, Any] | None:
     if spec.layout is not None:
         return align_stats(meta, spec.layout)
     return (meta["feature_mean"], meta["feature_std"])
+
+
+# Encoding to the layout happens in the server process, before the trainer's memory limit
+# applies (red team: a layout padded to 20,000 inputs would have needed 160 GB for 1M rows).
+MAX_ENCODED_BYTES = 2 * 2**30
+ENCODED_BYTES_PER_VALUE = 8  # float32, and one copy while it is built
+
+
+def _check_encoded_size(layout: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Refuse a layout whose encoding of this dataset would not fit, from the published row
+    count (never the private one) and the layout's width."""
+    rows = meta.get("rows")
+    need = int(rows or 0) * width(layout) * ENCODED_BYTES_PER_VALUE
+    if need > MAX_ENCODED_BYTES:
+        raise Refused(
+            f"the job's layout is {width(layout)} inputs wide: encoding this dataset to it "
+            f"would take {need / 2**30:.1f} GiB, past the site's {MAX_ENCODED_BYTES / 2**30:.0f}"
+            " GiB; nothing ran"
+        )
 
 
 def prepare_task(

@@ -20,12 +20,11 @@ from sqlalchemy.engine import URL
 from datasites.data.mock import make_mock
 from datasites.data.store import read_private, write_private
 from datasites.data.tables import load_table, validate_table
-from datasites.errors import Refused
+from datasites.errors import Refused, TableError
 from datasites.ledger.audit import AuditLog
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore, check_db_url
-from datasites.review.access import DatasetPolicy
-from datasites.training.prepare import site_scaling, table_arrays
+from datasites.training.prepare import ENCODED_BYTES_PER_VALUE, site_scaling, table_arrays
 from policies import imbalance
 from policies.accounting import Mechanism
 from policies.layout import MAX_WIDTH, check_layout, width
@@ -58,11 +57,6 @@ def _published(table, rows: int = 300) -> dict:
 #    minimum count. Adding or removing one row changes them deterministically (epsilon = inf).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LEAK (design-level): a category held by one private row is published verbatim in "
-    "meta['categories'] and in the mock's category list; no DP, no minimum count",
-)
 def test_a_category_held_by_one_row_is_not_published() -> None:
     frame = _clinic()
     frame.loc[7, "dx"] = RARE  # one patient's free-text value, <= --max-categories distinct
@@ -73,11 +67,6 @@ def test_a_category_held_by_one_row_is_not_published() -> None:
     assert RARE not in published and RARE not in mock_categories
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LEAK: one text cell in a numeric column turns it into a categorical, and every "
-    "distinct private value of the column (exact ages here) is published as its category list",
-)
 def test_one_text_cell_does_not_publish_a_numeric_columns_values(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     ages = rng.choice([23, 31, 47, 58, 64, 71, 88, 102], 200)
@@ -85,17 +74,10 @@ def test_one_text_cell_does_not_publish_a_numeric_columns_values(tmp_path: Path)
     frame.loc[3, "age"] = "unknown"  # a typical stray cell; pyarrow does not read it as null
     path = tmp_path / "clinic.csv"
     frame.to_csv(path, index=False)
-    table = validate_table(load_table(path), "y")
-    published = _published(table)["categories"]
-    assert "102" not in str(published), published
+    with pytest.raises(TableError, match="numbers and text"):  # refused, nothing published
+        validate_table(load_table(path), "y")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LEAK: a Parquet DECIMAL column (money in a bank export) and a date column are not "
-    "numeric to pandas, so they become categoricals: every exact balance and birth date of a "
-    "small table is published as a category list",
-)
 def test_decimal_and_date_columns_do_not_publish_their_values(tmp_path: Path) -> None:
     import decimal
 
@@ -115,15 +97,15 @@ def test_decimal_and_date_columns_do_not_publish_their_values(tmp_path: Path) ->
     )
     path = tmp_path / "bank.parquet"
     pq.write_table(table, path)
-    published = str(_published(validate_table(load_table(path), "y"))["categories"])
-    assert str(balances[0]) not in published and str(births[0].date()) not in published, published
+    with pytest.raises(TableError, match="dates"):  # dates are refused, not published
+        validate_table(load_table(path), "y")
+    pq.write_table(table.drop(["born"]), path)
+    checked = validate_table(load_table(path), "y")  # decimals are numbers
+    assert checked.categories() == {}
+    assert checked.frame["balance"].dtype == np.float64
+    assert str(balances[0]) not in str(_published(checked)["categories"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LEAK: a float target with <= 20 distinct values is a 'class target'; the mock "
-    "draws every one of its exact private values (a one-row outlier 73.25 included) as a label",
-)
 def test_a_float_targets_exact_values_are_not_in_the_mock() -> None:
     frame = _clinic()
     frame["y"] = frame["y"].astype(float)
@@ -134,19 +116,11 @@ def test_a_float_targets_exact_values_are_not_in_the_mock() -> None:
     assert meta["n_classes"] is None  # it is a continuous target, not a label set
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LEAK: a text target is encoded with every distinct value published in "
-    "meta['classes'], uncapped (--max-categories covers features only): 300 identifiers here, "
-    "published although the target is then 'continuous' (> 20 values) and nothing can use them",
-)
 def test_a_text_targets_values_are_capped_like_a_features_categories() -> None:
     frame = _clinic(300)
     frame["y"] = [f"patient {i} / SSN 078-05-{1000 + i}" for i in range(len(frame))]
-    table = validate_table(frame, "y")
-    meta = _published(table, rows=100)
-    published = str({k: v for k, v in meta.items() if k != "mock"})
-    assert "078-05-1042" not in published, f"{len(meta['classes'])} target values published"
+    with pytest.raises(TableError, match="distinct text values"):  # refused: nothing published
+        validate_table(frame, "y")
 
 
 def test_class_counts_and_feature_stats_come_from_the_mock_only() -> None:
@@ -184,12 +158,6 @@ def _spec(layout: dict) -> JobSpec:
     return dataclasses.replace(spec, layout=layout)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DoS: a layout padded with categories no site has passes check_site and the review, "
-    "and prepare_task expands rows x 20,000 float32 (x2) in the server process, outside the "
-    "sandbox's max_memory_mb, before any charge: ~160 KB a row, ~160 GB at 1M rows",
-)
 def test_a_padded_layout_cannot_make_the_server_expand_the_table_past_its_memory_limit() -> None:
     n = 1000
     table = validate_table(_clinic(n), "y")
@@ -198,7 +166,7 @@ def test_a_padded_layout_cannot_make_the_server_expand_the_table_past_its_memory
     layout = {"columns": [["age", None], ["dx", pad]]}
     check_layout(layout)
     spec = _spec(layout)
-    site_scaling(spec, meta)  # the site's own check: passes (a superset of its categories)
+    site_scaling(spec, meta)  # 1,000 rows: 160 MB, allowed
     frame = table.frame
     tracemalloc.start()
     try:
@@ -207,9 +175,11 @@ def test_a_padded_layout_cannot_make_the_server_expand_the_table_past_its_memory
     finally:
         tracemalloc.stop()
     per_row = peak / n
-    limit = DatasetPolicy().max_memory_mb * 2**20  # what a whole round may add to a trainer
-    # README "Scale": 1M-row tables are a supported upload
-    assert per_row * 1_000_000 <= limit, f"{per_row:.0f} bytes a row in the server process"
+    # README "Scale": 1M-row tables are a supported upload; there the padded layout is refused
+    # before anything is encoded or charged, from the published row count
+    with pytest.raises(Refused, match="GiB"):
+        site_scaling(spec, {**meta, "rows": 1_000_000})
+    assert per_row <= ENCODED_BYTES_PER_VALUE * width(layout) * 1.5
 
 
 def test_a_layout_is_checked_against_the_published_schema_alone() -> None:
@@ -257,11 +227,6 @@ def test_balanced_weights_never_read_private_labels() -> None:
 # 4. The private table's file: what a refusal tells the researcher.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="INFO LEAK (low): a missing or unreadable table file is refused to the researcher "
-    "with the site's absolute path and the file's secret name in the reason",
-)
 def test_a_refusal_about_the_table_file_names_no_site_path(tmp_path: Path) -> None:
     stub = write_private(tmp_path, "clinic", _clinic(20))
     (tmp_path / "tables" / stub["fedsite_table"].iloc[0]).unlink()
@@ -326,12 +291,6 @@ def test_hostile_names_are_data_not_sql(target) -> None:
 SPECIAL = "Tr0ub4dor&3!pw@x"  # a password a person picks: '&', '!', '@' are URL-encoded
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SECRET IN LOG: syft prints its DB URL with the password percent-encoded "
-    "(twice, in its connection string); the server's mask replaces only the decoded password, "
-    "so any password with a URL-special character reaches server.log",
-)
 def test_syft_launch_lines_do_not_carry_the_db_password(tmp_path: Path) -> None:
     from syft.store.db.db import DBConfig
 
@@ -357,11 +316,6 @@ def test_syft_launch_lines_do_not_carry_the_db_password(tmp_path: Path) -> None:
     assert SPECIAL not in unquote(unquote(logged)), logged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SECRET ON CONSOLE (low): a --db-url that does not parse is echoed whole, password "
-    "included, in the one-line error",
-)
 def test_a_bad_db_url_error_does_not_echo_the_password() -> None:
     from datasites.errors import ConfigError
 

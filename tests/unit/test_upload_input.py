@@ -17,7 +17,8 @@ from tests.conftest import run_cli
 
 def test_a_utf8_bom_is_skipped(tmp_path: Path) -> None:
     path = tmp_path / "bom.csv"
-    path.write_bytes(b"\xef\xbb\xbfage,region,label\n30,north,0\n41,south,1\n")
+    rows = b"30,north,0\n41,south,1\n" * 5  # five rows a region: published by name
+    path.write_bytes(b"\xef\xbb\xbfage,region,label\n" + rows)
     frame = load_table(path)
     assert list(frame.columns) == ["age", "region", "label"]
     assert validate_table(frame, "label").categories() == {"region": ["north", "south"]}
