@@ -346,6 +346,16 @@ def policy_set(
             help="Researcher email to remove (repeatable); takes effect at the next round."
         ),
     ] = [],  # noqa: B006
+    trust_peer: Annotated[
+        list[str],
+        typer.Option(
+            help="A datasite's identity fingerprint this dataset may aggregate with (repeatable;"
+            " 'datasite status' prints a site's own)."
+        ),
+    ] = [],  # noqa: B006
+    untrust_peer: Annotated[
+        list[str], typer.Option(help="A fingerprint to remove from the trusted peers.")
+    ] = [],  # noqa: B006
     revoke_domain: Annotated[
         list[str], typer.Option(help="Email domain to remove (repeatable).")
     ] = [],  # noqa: B006
@@ -413,6 +423,9 @@ def policy_set(
         gone = {d.lower().lstrip("@") for d in revoke_domain}
         domains = {*current.allowed_domains, *allow_domain}
         changes["allowed_domains"] = sorted(d for d in domains if d.lower().lstrip("@") not in gone)
+    if trust_peer or untrust_peer:
+        peers = {p.lower() for p in (*current.trusted_peers, *trust_peer)}
+        changes["trusted_peers"] = sorted(peers - {p.lower() for p in untrust_peer})
     store.set(dataset, replace(current, **changes))
     out.print(f"policy of {dataset} updated")
 

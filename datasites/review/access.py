@@ -35,6 +35,10 @@ class DatasetPolicy:
     min_aggregation_sites: int = 2
     # distributed DP (policies.skellam): the noise must survive this many sites pooling theirs
     colluding_sites: int = 0
+    # secure aggregation: the datasites (identity fingerprints) this dataset may aggregate
+    # with; empty: any peer list the admin approves (red team: a researcher-run "peer" is an
+    # uncounted colluder)
+    trusted_peers: list[str] = field(default_factory=list)
 
     def allows(self, email: str) -> bool:
         email = email.lower()
@@ -71,6 +75,9 @@ class DatasetPolicy:
             raise PlanError("policy min_aggregation_sites must be in [2, 64]")
         if not 0 <= self.colluding_sites < 64:
             raise PlanError("policy colluding_sites must be in [0, 63]")
+        hexdigits = set("0123456789abcdef")
+        if not all(len(p) == 64 and set(p) <= hexdigits for p in self.trusted_peers):
+            raise PlanError("policy trusted_peers must be 64-character lowercase hex fingerprints")
         if not (0 < self.max_seconds_per_round <= 86_400 and self.max_memory_mb >= 64):
             raise PlanError(
                 "policy max_seconds_per_round must be in (0, 86400], max_memory_mb >= 64"

@@ -149,6 +149,7 @@ def _check_aggregation(
         problems.append("this site's fingerprint is not among the peers")
     if len(set(plan.peers)) < policy.min_aggregation_sites:
         problems.append(f"fewer peers than the policy's {policy.min_aggregation_sites}")
+    problems += untrusted_peers(plan, policy)
     mode = "secure"
     if plan.distributed:
         problems += distributed_problems(plan, policy)
@@ -163,6 +164,17 @@ def _check_aggregation(
         + (": " if problems else "")
         + f"{mode}, rounds of at least {policy.min_aggregation_sites} of the peers {listed}",
     )
+
+
+def untrusted_peers(plan: TrainingPlan, policy: DatasetPolicy) -> list[str]:
+    """Peers outside the policy's ``trusted_peers`` (none when the policy names no list)."""
+    if not policy.trusted_peers:
+        return []
+    outside = [p for p in plan.peers if p not in set(policy.trusted_peers)]
+    if not outside:
+        return []
+    listed = ", ".join(p[:12] for p in outside)
+    return [f"peer(s) {listed} are not among this dataset's trusted peers"]
 
 
 def distributed_problems(plan: TrainingPlan, policy: DatasetPolicy) -> list[str]:

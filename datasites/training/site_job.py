@@ -21,7 +21,7 @@ from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
 from datasites.review.access import PolicyStore
 from datasites.review.approvals import Approval, Approvals
-from datasites.review.report import distributed_problems
+from datasites.review.report import distributed_problems, untrusted_peers
 from datasites.serving.config import SiteDir
 from datasites.training import secure_agg
 from datasites.training.distributed import SUM
@@ -302,6 +302,9 @@ def _secure_round(  # noqa: PLR0913
             "this job aggregates securely: a round must relay its signed participant list "
             "('researcher train' does); nothing ran"
         )
+    outside = untrusted_peers(spec.plan, policy)
+    if outside:
+        raise Refused(f"{outside[0]}; nothing ran")
     if spec.plan.distributed:
         problems = distributed_problems(spec.plan, policy)
         if problems:

@@ -148,3 +148,48 @@ def test_commands_that_read_the_site_dir_import_no_syft(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "SYFT False" in proc.stdout, proc.stdout + proc.stderr
     assert proc.stdout.count("ERR") == 1  # users list: the server is down
+
+
+def test_trusted_peers_bound_the_peer_list_in_the_review_and_at_a_round(tmp_path: Path) -> None:
+    """Red team: a peer the researcher runs is a colluder nobody counted. With trusted peers
+    set, a job naming any other datasite fails the review and its rounds are refused."""
+    import json
+
+    import pytest
+
+    from datasites.errors import Refused
+    from datasites.review.access import DatasetPolicy, PolicyStore
+    from datasites.review.report import untrusted_peers
+    from datasites.serving.config import SiteDir, init_site
+    from datasites.training.site_job import _secure_round
+    from policies.errors import PlanError
+    from policies.plan import TrainingPlan
+
+    init_site(tmp_path / "s", "s", port=1)
+    site = SiteDir(tmp_path / "s")
+    site.save_dataset_meta("d", {"dataset": "d", "target": "y"})
+    d, ours, theirs, rogue = str(site.root), "a" * 64, "b" * 64, "c" * 64
+    for fp in (ours, theirs):
+        run_cli("datasite", "policy", "set", "--dir", d, "--dataset", "d", "--trust-peer", fp)
+    policy = PolicyStore(site.policies_path).get("d")
+    assert policy.trusted_peers == [ours, theirs]
+    plan = TrainingPlan(aggregation="secure", peers=(ours, theirs, rogue), noise_multiplier=1.0)
+    assert untrusted_peers(plan, policy) == [
+        "peer(s) cccccccccccc are not among this dataset's trusted peers"
+    ]
+    assert untrusted_peers(plan, DatasetPolicy()) == []  # no list: the admin reads the peers
+    fair = TrainingPlan(aggregation="secure", peers=(ours, theirs), noise_multiplier=1.0)
+    assert untrusted_peers(fair, policy) == []
+
+    class Spec:  # what _secure_round reads of a job
+        plan = TrainingPlan(aggregation="secure", peers=(ours, rogue), noise_multiplier=1.0)
+
+    with pytest.raises(Refused, match="trusted peers; nothing ran"):
+        _secure_round(site, None, None, None, Spec(), policy, {"phase": "mask"}, False)
+    with pytest.raises(PlanError, match="fingerprints"):
+        DatasetPolicy(trusted_peers=["not-hex"]).validate()
+    run_cli("datasite", "policy", "set", "--dir", d, "--dataset", "d", "--untrust-peer", theirs)
+    shown = json.loads(
+        run_cli("datasite", "policy", "show", "--dir", d, "--json").stdout.splitlines()[-1]
+    )
+    assert shown["d"]["trusted_peers"] == [ours]
