@@ -152,6 +152,7 @@ def status(site: SiteOpt, json: JsonOpt = False) -> None:
             [[st.name, st.url, st.pid, st.running, st.responding]],
         )
         out.print(f"identity fingerprint (secure-aggregation peers): {st.fingerprint}")
+        out.print(f"database: {st.database}")
         if st.tls_fingerprint:
             out.print(
                 f"TLS certificate fingerprint (pin it in federation.toml): {st.tls_fingerprint}"

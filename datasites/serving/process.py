@@ -32,6 +32,7 @@ class SiteStatus:
     responding: bool
     fingerprint: str = ""  # SHA-256 of the identity key: this site among a job's peers
     tls_fingerprint: str = ""  # SHA-256 of the TLS certificate: what researchers pin
+    database: str = "sqlite"  # where syft's store and the site's tables are: never a password
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -43,6 +44,7 @@ class SiteStatus:
             "responding": self.responding,
             "fingerprint": self.fingerprint,
             "tls_fingerprint": self.tls_fingerprint,
+            "database": self.database,
         }
 
 
@@ -100,6 +102,7 @@ def status(site: SiteDir) -> SiteStatus:
         up,
         site.fingerprint(),
         site.tls_fingerprint(),
+        config.db_url or "sqlite (state/ and site.db in DIR)",  # site.toml's: no password
     )
 
 

@@ -86,6 +86,8 @@ def test_kill_9_and_a_postgres_crash_lose_nothing(
         assert password_file.read_text().strip() == make_url(url).password
         assert password_file.stat().st_mode & 0o777 == 0o600
         assert make_url(url).password not in (site.dir / "site.toml").read_text()
+        shown = last_json(site.cli("status", "--json"))["database"]  # where, and no password
+        assert shown.startswith("postgresql://") and make_url(url).password not in shown
         # where things are: syft's tables in 'syft', the site's in 'datasite', no SQLite anywhere
         assert SiteDir(site.dir).site_db == url
         assert _count(url, 'SELECT count(*) FROM syft."Dataset"') == 1
