@@ -21,6 +21,7 @@ def test_there_is_one_example_per_plan_algorithm() -> None:
         "compressed_topk",
         "personalized",
         "transfer",
+        "distributed_dp",
     } <= names
 
 
