@@ -118,3 +118,56 @@ def test_a_distributed_dry_run_on_the_mock_returns_weights_one_step_away() -> No
     assert result["status"] == "ok" and result["mode"] == "dry-run"
     assert result["privacy"]["noise_multiplier"] == pytest.approx(0.8)
     assert "weights" in result
+
+
+def test_a_distributed_round_completes_from_the_survivors_when_min_sites_allows(tmp_path) -> None:  # noqa: ANN001
+    """Three peers, min_sites 2: one site never masks; the two survivors' pair seeds with it
+    remove its masks, and the sum is exactly the survivors' two noised sums. Each survivor's
+    share was sized for 2 honest sites, so the sum still carries the plan's noise."""
+    from datasites.errors import Refused
+    from datasites.ledger.store import SiteStore
+    from datasites.training.job_state import JobState
+    from datasites.training.secure_agg import SecureSite
+    from policies import secagg
+
+    seeds = ("11" * 32, "22" * 32, "33" * 32)
+    peers = tuple(
+        secagg.fingerprint(secagg.public_bytes(secagg.identity_of(s).public_key())) for s in seeds
+    )
+    plan = _plan(peers=peers, min_sites=2)
+    assert plan.honest_sites == 2
+    spec = JobSpec("dist", "t", "label", MODEL, plan)
+    sites = [
+        SecureSite(JobState(SiteStore(tmp_path / f"s{i}.db")), "code", spec, seed)
+        for i, seed in enumerate(seeds)
+    ]
+    entries = [s.hello()["secagg"] for s in sites]
+    env = {"phase": "mask", "label": "r1", "participants": entries}
+    x, y = _data()
+    sums, masked = [], []
+    for site in sites[:2]:  # the third site dies before it masks
+        pair = site.check_round(env, plan.survivors_needed)
+        task = RoundTask(MODEL, plan.to_dict(), x.copy(), y, 0, None, _weights(), 1.0)
+        sums.append(distributed_step(task).weights[SUM])
+        masked.append(site.masked_integers(env, pair, sums[-1]))
+    survivors = sorted(s.me for s in sites[:2])
+    sign = {"phase": "sign", "label": "r1", "survivors": survivors}
+    signatures = {s.me: s.sign(sign, plan.survivors_needed)["signature"] for s in sites[:2]}
+    opened = [
+        s.unmask({**sign, "phase": "unmask", "signatures": signatures}, plan.survivors_needed)
+        for s in sites[:2]
+    ]
+    size = sums[0].size
+    total = secagg.unmask_sum(
+        [secagg.decode_vector(m["masked"], size) for m in masked],
+        [secagg.unb64(o["self_seed"], 32) for o in opened],
+        [
+            (s.me, gone, secagg.unb64(seed, 32))
+            for s, o in zip(sites[:2], opened, strict=True)
+            for gone, seed in o["dropped"].items()
+        ],
+    )
+    assert skellam.signed(total).tolist() == (sums[0] + sums[1]).tolist()
+    # one survivor alone is refused: fewer than min_sites
+    with pytest.raises(Refused, match="fewer than the 2"):
+        sites[0].sign({**sign, "label": "r1", "survivors": [sites[0].me]}, plan.survivors_needed)
