@@ -231,6 +231,7 @@ def test_distributed_dp_rounds_are_one_noisy_step_over_the_sites_and_charged_as_
     published = sum(m["rows"] for m in api.dataset_metas(fed, "cancer").values())
     assert spec.plan.sample_rate == pytest.approx(96 / published)  # the same q at every site
     _approve_all(fed, made, spec)
+    _plain_client_attacks_on_a_distributed_job(fed, made, spec)
     seen: list[tuple[str, dict]] = []
     real = secure.links_call
 
@@ -275,6 +276,33 @@ def test_distributed_dp_rounds_are_one_noisy_step_over_the_sites_and_charged_as_
         ]
         assert charge and charge[0]["mechanism"]["type"] == "poisson-subsampled skellam"
         assert charge[0]["epsilon"] == pytest.approx(privacy.epsilon_job, rel=1e-6)
+
+
+def _plain_client_attacks_on_a_distributed_job(fed, made, spec) -> None:  # noqa: ANN001
+    """From a plain syft client, before the job trains: a round with fewer sites than the
+    plan's min_sites (so each site's vector would carry more of the sum's noise), a colluder
+    relaying another site's key, and a distributed round without the envelope are refused,
+    uncharged; no masked vector or sum comes back."""
+    clients = [sites.connect(login) for login in fed.sites]
+    assets = [sites.find_asset(c, "cancer") for c in clients]
+    entries = [
+        sites.run_round(c, spec, a, secure.envelope("hello"))["secagg"]
+        for c, a in zip(clients, assets, strict=True)
+    ]
+    blob = encode_weights(local_model.weights_of(local_model.build(spec)))
+    before = last_json(made[0].cli("budget", "--json"))
+
+    def mask(participants, label):  # noqa: ANN001, ANN202
+        env = secure.envelope("mask", label=label, weights=blob, participants=participants)
+        return sites.run_round(clients[0], spec, assets[0], env)
+
+    short = mask(entries[:2], "d1")  # 2 of 3: the plan needs every peer
+    assert short["status"] == "refused" and "fewer than the 3" in short["reason"]
+    copied = mask([entries[0], entries[1], {**entries[2], "key": entries[1]["key"]}], "d2")
+    assert copied["status"] == "refused" and "masked" not in copied
+    bare = sites.run_round(clients[0], spec, assets[0], blob)
+    assert bare["status"] == "refused" and "participant list" in bare["reason"]
+    assert last_json(made[0].cli("budget", "--json")) == before
 
 
 def _approve_all(fed, made, spec) -> None:  # noqa: ANN001
