@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -116,25 +116,14 @@ def _rdp_composed(mechanisms: Sequence[Mechanism], delta: float) -> float:
 def skellam_noise_for_target(
     target: float, delta: float, q: float, steps: int, l2: float, l1: float
 ) -> float:
-    """The smallest total noise multiplier whose Skellam run keeps ``target`` (bisection)."""
+    """The smallest total noise multiplier whose Skellam run keeps ``target``."""
 
     def eps(sigma: float) -> float:
         return epsilon([Mechanism(sigma, q, steps, l2, l1)], delta)
 
-    low, high = 0.05, 1.0
-    while eps(high) > target:
-        low, high = high, 2 * high
-        if high > MAX_SEARCH_NOISE:
-            raise PlanError(
-                f"no noise multiplier up to {MAX_SEARCH_NOISE:g} reaches epsilon {target} "
-                f"at delta {delta} over {steps} distributed steps"
-            )
-    if eps(low) <= target:
-        return low
-    sigma = brentq(lambda s: eps(s) - target, low, high, xtol=1e-6, rtol=1e-5)
-    while eps(sigma) > target:
-        sigma *= 1.0001
-    return sigma
+    return _smallest_noise(
+        eps, target, 0.0, 1.0, f"at delta {delta} over {steps} distributed steps"
+    )
 
 
 @lru_cache(maxsize=256)
@@ -206,12 +195,21 @@ def _noise_with(
             low = high / 2 if eps(high / 2) > target else 0.0
         except PlanError:  # RDP is too loose for this target; PRV may still reach it
             pass
+    return _smallest_noise(
+        eps, target, low, high, f"at delta {delta} over {steps} steps beside the site metrics"
+    )
+
+
+def _smallest_noise(
+    eps: Callable[[float], float], target: float, low: float, high: float, what: str
+) -> float:
+    """The smallest sigma with ``eps(sigma) <= target``, within EPSILON_TOLERANCE: double
+    ``high`` until it keeps the target, then Brent's method between a ``low`` above it."""
     while eps(high) > target:
         low, high = high, 2 * high
         if high > MAX_SEARCH_NOISE:
             raise PlanError(
-                f"no noise multiplier up to {MAX_SEARCH_NOISE:g} reaches epsilon {target} "
-                f"at delta {delta} over {steps} steps beside the site metrics"
+                f"no noise multiplier up to {MAX_SEARCH_NOISE:g} reaches epsilon {target} {what}"
             )
     if target - eps(high) <= EPSILON_TOLERANCE:
         return high

@@ -60,38 +60,28 @@ def fed(federation):
 
 def _secure_job(fed, made, plan):  # noqa: ANN001, ANN202
     spec = api.with_peers(fed, api.with_pooled_scaling(fed, job(plan)))
-    api.submit(fed, spec)
-    for s in made:
-        queue = ReviewQueue(SiteDir(s.dir))
-        item = next(i for i in queue.items() if i.job_name == spec.name)
-        assert {c.name: c.passed for c in item.report.checks}["aggregation"], item.report.to_dict()
-        queue.approve(item.request_id)
+    _approve_all(fed, made, spec)
     return spec
 
 
-def _site_update(site_dir: Path, code_state: JobState, code_id: str, reply: dict, entries, spec):  # noqa: ANN001, ANN202
-    """What the researcher never sees: one site's update, unmasked with that site's secrets."""
-    detail = code_state.detail(code_id, f"secagg:round:{reply['label']}")
+def _unmasked(site_dir: Path, code_id: str, reply: dict, entries, spec) -> np.ndarray:  # noqa: ANN001
+    """What the researcher never sees: one site's vector in Z_2^32, unmasked with that site's
+    own secrets (its round state and X25519 key), for the test to compare against."""
+    state = JobState(SiteStore(SiteDir(site_dir).db_path))
+    detail = state.detail(code_id, f"secagg:round:{reply['label']}")
     key = X25519PrivateKey.from_private_bytes(
-        bytes.fromhex(code_state.detail(code_id, "secagg:key")["x25519"])
+        bytes.fromhex(state.detail(code_id, "secagg:key")["x25519"])
     )
     me = SiteDir(site_dir).fingerprint()
     size = sum(int(np.prod(s)) for s in spec.trainable.values())
-    y = secagg.decode_vector(reply["masked"], size)
+    tag = secagg.job_tag(spec.to_dict())
     seeds = {
-        e["site"]: secagg.pair_seed(
-            key,
-            secagg.unb64(e["key"]),
-            secagg.job_tag(spec.to_dict()),
-            reply["label"],
-            me,
-            e["site"],
-        )
+        e["site"]: secagg.pair_seed(key, secagg.unb64(e["key"]), tag, reply["label"], me, e["site"])
         for e in entries.values()
         if e["site"] != me and e["site"] in detail["participants"]
     }
     zero = secagg.mask(np.zeros(size, np.uint32), bytes.fromhex(detail["self_seed"]), seeds, me)
-    return secagg.dequantize(y - zero, spec.plan.update_norm_bound)
+    return secagg.decode_vector(reply["masked"], size) - zero
 
 
 def test_only_masked_vectors_reach_the_researcher_and_they_sum_right(
@@ -126,10 +116,8 @@ def test_only_masked_vectors_reach_the_researcher_and_they_sum_right(
     entries = {name: r["secagg"] for name, r in seen if "secagg" in r}
     updates = []
     for s in made:
-        queue = ReviewQueue(SiteDir(s.dir))
-        code_id = next(i.code_id for i in queue.items() if i.job_name == spec.name)
-        state = JobState(SiteStore(SiteDir(s.dir).db_path))
-        updates.append(_site_update(s.dir, state, code_id, masked[s.name], entries, spec))
+        vector = _unmasked(s.dir, _code_id(s, spec), masked[s.name], entries, spec)
+        updates.append(secagg.dequantize(vector, spec.plan.update_norm_bound))
     got = flatten(result.weights, spec.trainable) - flatten(start, spec.trainable)
     assert np.allclose(got, np.mean(updates, axis=0), atol=1e-5)
     assert not np.allclose(updates[0], updates[1], atol=1e-3)  # the sites' updates differ
@@ -174,31 +162,6 @@ def test_forged_short_and_foreign_participant_lists_are_refused(fed) -> None:
     assert sites.run_round(clients[0], spec, assets[0], unmask)["status"] == "refused"
     assert last_json(made[0].cli("budget", "--json")) == before  # nothing charged
     assert events(made[0]).count("refused") >= 4
-
-
-def _site_integers(site_dir: Path, code_id: str, reply: dict, entries, spec) -> np.ndarray:  # noqa: ANN001
-    """One site's noised integer sum, unmasked with that site's own secrets (test only)."""
-    state = JobState(SiteStore(SiteDir(site_dir).db_path))
-    detail = state.detail(code_id, f"secagg:round:{reply['label']}")
-    key = X25519PrivateKey.from_private_bytes(
-        bytes.fromhex(state.detail(code_id, "secagg:key")["x25519"])
-    )
-    me = SiteDir(site_dir).fingerprint()
-    size = sum(int(np.prod(s)) for s in spec.trainable.values())
-    seeds = {
-        e["site"]: secagg.pair_seed(
-            key,
-            secagg.unb64(e["key"]),
-            secagg.job_tag(spec.to_dict()),
-            reply["label"],
-            me,
-            e["site"],
-        )
-        for e in entries.values()
-        if e["site"] != me and e["site"] in detail["participants"]
-    }
-    zero = secagg.mask(np.zeros(size, np.uint32), bytes.fromhex(detail["self_seed"]), seeds, me)
-    return skellam.signed(secagg.decode_vector(reply["masked"], size) - zero)
 
 
 def test_distributed_dp_rounds_are_one_noisy_step_over_the_sites_and_charged_as_skellam(
@@ -253,7 +216,10 @@ def test_distributed_dp_rounds_are_one_noisy_step_over_the_sites_and_charged_as_
             > 1e-3
         )
     entries = {name: r["secagg"] for name, r in seen if "secagg" in r}
-    ints = [_site_integers(s.dir, _code_id(s, spec), masked[s.name], entries, spec) for s in made]
+    ints = [
+        skellam.signed(_unmasked(s.dir, _code_id(s, spec), masked[s.name], entries, spec))
+        for s in made
+    ]
     privacy = job_privacy(spec, 190)
     # each site's share: 1/(3 - 1) of the total Skellam variance, on top of its gradient sum
     share = (privacy.noise_multiplier * privacy.l2) ** 2 / 2
