@@ -35,7 +35,9 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +122,9 @@ def dp_overhead(reps: int) -> dict[str, float]:
     return out
 
 
-def federated(work: Path, rounds: int) -> dict[str, float]:
+@contextmanager
+def _demo_sites(work: Path) -> Iterator[list[SiteDir]]:
+    """The demo's three hospitals as real datasites, started at once, stopped afterwards."""
     shares, _ = split_data()
     with ThreadPoolExecutor(3) as pool:
         site_dirs = list(
@@ -130,6 +134,14 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
             )
         )
     try:
+        yield site_dirs
+    finally:
+        for s in site_dirs:
+            process.stop(s)
+
+
+def federated(work: Path, rounds: int) -> dict[str, float]:
+    with _demo_sites(work) as site_dirs:
         fed = write_federation(work, site_dirs)
         plan = {**demo_plan(2 * rounds + 1, 50.0), "target_epsilon": None, "noise_multiplier": 1.0}
         model = make_model(30, 2)  # the demo's model on breast cancer: 30 features, 2 classes
@@ -187,9 +199,6 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
             "slowest_alone_s": float(np.median(alone)),
             "parallel_ratio": float(np.median(walls) / np.median(alone)),
         }
-    finally:
-        for s in site_dirs:
-            process.stop(s)
 
 
 def distributed_rounds(work: Path, rounds: int) -> dict[str, float]:
@@ -197,15 +206,7 @@ def distributed_rounds(work: Path, rounds: int) -> dict[str, float]:
     job): each round is mask, sign and unmask at every site, one DP-SGD step."""
     from demo import secure_plan
 
-    shares, _ = split_data()
-    with ThreadPoolExecutor(3) as pool:
-        site_dirs = list(
-            pool.map(
-                lambda a: start_site(work, a[0], a[1], 50.0),
-                [(f"site-{i}", s) for i, s in enumerate(shares)],
-            )
-        )
-    try:
+    with _demo_sites(work) as site_dirs:
         fed = write_federation(work, site_dirs)
         plan = secure_plan(rounds, 8.0)  # epsilon 8: the noise stays above the policy floor
         spec = api.with_pooled_scaling(
@@ -232,9 +233,6 @@ def distributed_rounds(work: Path, rounds: int) -> dict[str, float]:
             "distributed_rounds_per_s": float(1.0 / np.median(steady)),
             "distributed_first_round_s": float(seconds[0]),
         }
-    finally:
-        for s in site_dirs:
-            process.stop(s)
 
 
 def last_timing(site: SiteDir) -> dict[str, float]:
