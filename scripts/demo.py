@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -249,6 +250,23 @@ def main() -> None:
         )
 
 
+def start_sites(
+    work: Path, named: list[tuple[str, pd.DataFrame]], start: Callable[[str, pd.DataFrame], SiteDir]
+) -> list[SiteDir]:
+    """Every site started at once; if one fails, the others are stopped (no orphan servers)
+    and its error is raised."""
+    with ThreadPoolExecutor(len(named)) as pool:
+        futures = [pool.submit(start, name, share) for name, share in named]
+    sites = [f.result() for f in futures if f.exception() is None]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:
+        for s in sites:
+            process.stop(s)
+        forget_sites(work, sites)
+        raise failed[0]
+    return sites
+
+
 def forget_sites(work: Path, sites: list[SiteDir]) -> None:
     """Remove the stopped demo sites (private tables, admin and researcher passwords); the run
     folder with the model, metrics and plots stays."""
@@ -285,18 +303,11 @@ def run_once(args: argparse.Namespace, seed: int, say) -> dict:  # noqa: ANN001
         f"state in {work}; site rows {[len(s) for s in shares]}, "
         f"malignant share {[round(float((s.target == 0).mean()), 2) for s in shares]}"
     )
-    with ThreadPoolExecutor(3) as pool:
-        futures = [
-            pool.submit(start_site, work, name, share, args.epsilon, tls=args.tls)
-            for name, share in zip(SITES, shares, strict=True)
-        ]
-    sites = [f.result() for f in futures if f.exception() is None]
-    failed = [f.exception() for f in futures if f.exception() is not None]
-    if failed:  # no orphan servers: stop the sites that did start
-        for s in sites:
-            process.stop(s)
-        forget_sites(work, sites)
-        raise failed[0]
+    sites = start_sites(
+        work,
+        list(zip(SITES, shares, strict=True)),
+        lambda name, share: start_site(work, name, share, args.epsilon, tls=args.tls),
+    )
     try:
         fed = write_federation(work, sites)
         n_features = shares[0].shape[1] - 1  # 30; and 2 classes

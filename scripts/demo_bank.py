@@ -133,7 +133,7 @@ def centralized(shares: list[pd.DataFrame], test: pd.DataFrame, spec: Any) -> di
 
 def run_once(args: argparse.Namespace, seed: int, say: Callable[..., None]) -> dict[str, Any]:
     """Three fresh bank datasites, submit, approve through the CLI, train, evaluate."""
-    from demo import forget_sites, start_site  # syft: imported when servers are needed
+    from demo import forget_sites, start_site, start_sites  # syft: imported when servers are needed
 
     from datasites.serving import process
 
@@ -146,18 +146,11 @@ def run_once(args: argparse.Namespace, seed: int, say: Callable[..., None]) -> d
         f"{[round(float(labels(s).mean()), 3) for s in shares]}, students "
         f"{[round(float((s.student == 'Yes').mean()), 2) for s in shares]}"
     )
-    with ThreadPoolExecutor(len(BANKS)) as pool:
-        futures = [
-            pool.submit(start_site, work, name, share, args.epsilon, DATASET, args.tls, TARGET)
-            for name, share in zip(BANKS, shares, strict=True)
-        ]
-    sites = [f.result() for f in futures if f.exception() is None]
-    failed = [f.exception() for f in futures if f.exception() is not None]
-    if failed:  # no orphan servers: stop the sites that did start
-        for s in sites:
-            process.stop(s)
-        forget_sites(work, sites)
-        raise failed[0]
+    sites = start_sites(
+        work,
+        list(zip(BANKS, shares, strict=True)),
+        lambda name, share: start_site(work, name, share, args.epsilon, DATASET, args.tls, TARGET),
+    )
     try:
         return _federate(args, seed, say, work, sites, shares, test, started)
     finally:
