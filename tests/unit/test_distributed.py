@@ -13,20 +13,10 @@ from datasites.training.distributed import SUM, _clip_scale_round, distributed_s
 from datasites.training.round_task import RoundTask
 from datasites.training.runtime import dry_run
 from policies import skellam
-from policies.modelspec import parse
 from policies.plan import JobSpec, TrainingPlan
 from policies.torch_model import build
+from tests.unit.distributed_job import MODEL, small_table, start_weights
 
-MODEL = parse(
-    {
-        "input": [4],
-        "layers": [
-            {"type": "Linear", "in_features": 4, "out_features": 3},
-            {"type": "ReLU"},
-            {"type": "Linear", "in_features": 3, "out_features": 2},
-        ],
-    }
-).to_dict()
 PEERS = tuple(c * 64 for c in "abc")
 
 
@@ -46,20 +36,10 @@ def _plan(**kw) -> TrainingPlan:  # noqa: ANN003
     return TrainingPlan(**fields)
 
 
-def _data(n: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return rng.normal(size=(n, 4)).astype(np.float32) * 3, rng.integers(0, 2, n)
-
-
-def _weights() -> dict[str, np.ndarray]:
-    torch.manual_seed(0)
-    return {k: v.detach().numpy().copy() for k, v in build(MODEL).named_parameters()}
-
-
 def test_the_sum_is_gamma_times_the_clipped_gradients_at_sample_rate_one() -> None:
-    x, y = _data()
+    x, y = small_table()
     plan = _plan()
-    weights = _weights()
+    weights = start_weights()
     task = RoundTask(MODEL, plan.to_dict(), x.copy(), y, 0, None, weights, 1e-9)
     got = distributed_step(task, _test_seed=1).weights[SUM]
     model = build(MODEL)
@@ -94,10 +74,10 @@ def test_each_rounded_row_stays_within_the_accounted_sensitivities() -> None:
 
 
 def test_non_finite_rows_add_nothing_and_the_noise_is_the_share() -> None:
-    x, y = _data(200)
+    x, y = small_table(200)
     x[:100] = np.nan  # rows that would poison a sum contribute zero instead
     plan = _plan(batch_size=200, colluding_sites=1)
-    task = RoundTask(MODEL, plan.to_dict(), x.copy(), y, 0, None, _weights(), 2.0)
+    task = RoundTask(MODEL, plan.to_dict(), x.copy(), y, 0, None, start_weights(), 2.0)
     totals = np.stack([distributed_step(task, _test_seed=s).weights[SUM] for s in range(40)])
     assert np.isfinite(totals).all()
     gamma = skellam.scale(0.5, totals.shape[1], 200)
@@ -109,7 +89,7 @@ def test_non_finite_rows_add_nothing_and_the_noise_is_the_share() -> None:
 
 
 def test_a_distributed_dry_run_on_the_mock_returns_weights_one_step_away() -> None:
-    x, y = _data(120)
+    x, y = small_table(120)
     import pandas as pd
 
     frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(4)]).assign(label=y)
@@ -143,11 +123,11 @@ def test_a_distributed_round_completes_from_the_survivors_when_min_sites_allows(
     ]
     entries = [s.hello()["secagg"] for s in sites]
     env = {"phase": "mask", "label": "r1", "participants": entries}
-    x, y = _data()
+    x, y = small_table()
     sums, masked = [], []
     for site in sites[:2]:  # the third site dies before it masks
         pair = site.check_round(env, plan.survivors_needed)
-        task = RoundTask(MODEL, plan.to_dict(), x.copy(), y, 0, None, _weights(), 1.0)
+        task = RoundTask(MODEL, plan.to_dict(), x.copy(), y, 0, None, start_weights(), 1.0)
         sums.append(distributed_step(task).weights[SUM])
         masked.append(site.masked_integers(env, pair, sums[-1]))
     survivors = sorted(s.me for s in sites[:2])

@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from datasites.errors import Refused
 from datasites.ledger.store import SiteStore
@@ -25,18 +24,8 @@ from policies.errors import PlanError
 from policies.modelspec import parse
 from policies.plan import JobSpec, TrainingPlan
 from policies.privacy import job_privacy
-from policies.torch_model import build
+from tests.unit.distributed_job import MODEL, small_table, start_weights
 
-MODEL = parse(
-    {
-        "input": [4],
-        "layers": [
-            {"type": "Linear", "in_features": 4, "out_features": 3},
-            {"type": "ReLU"},
-            {"type": "Linear", "in_features": 3, "out_features": 2},
-        ],
-    }
-).to_dict()
 SEEDS = ("11" * 32, "22" * 32, "33" * 32)
 
 
@@ -63,16 +52,6 @@ def _plan(**kw) -> TrainingPlan:  # noqa: ANN003
         **kw,
     }
     return TrainingPlan(**fields)
-
-
-def _data(n: int = 50, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 4)).astype(np.float32) * 3, rng.integers(0, 2, n)
-
-
-def _weights() -> dict[str, np.ndarray]:
-    torch.manual_seed(0)
-    return {k: v.detach().numpy().copy() for k, v in build(MODEL).named_parameters()}
 
 
 def _one_round(sites, specs, label, data, weights, fewest, floors=(0.0, 0.0, 0.0)):  # noqa: ANN001, ANN202, PLR0913
@@ -120,8 +99,8 @@ def test_peers_running_another_plan_under_the_same_job_id_cut_the_victims_noise(
         SecureSite(JobState(SiteStore(tmp_path / f"s{i}.db")), "code", spec, seed)
         for i, (spec, seed) in enumerate(zip(specs, SEEDS, strict=True))
     ]
-    data = [_data(50, 0), _data(50, 1), _data(50, 2)]
-    weights = _weights()
+    data = [small_table(50, 0), small_table(50, 1), small_table(50, 2)]
+    weights = start_weights()
     fewest = victim.plan.survivors_needed
     privacy = job_privacy(victim, 50)
     accounted = (privacy.noise_multiplier * privacy.l2) ** 2  # the total the ledger charged for
@@ -216,11 +195,11 @@ def test_a_colluder_reusing_an_honest_peers_key_unmasks_one_sites_noised_sum(tmp
     participants = [entry_a, entry_b, fake]
     env = {"phase": "mask", "label": "r1", "participants": participants}
     privacy = job_privacy(spec, 50)
-    x, y = _data(50, 0)
+    x, y = small_table(50, 0)
     try:
         sums = {}
         masked = {}
-        for name, site, (xs, ys) in (("a", a, (x, y)), ("b", b, _data(50, 1))):
+        for name, site, (xs, ys) in (("a", a, (x, y)), ("b", b, small_table(50, 1))):
             seeds = site.check_round(env, plan.survivors_needed)
             task = RoundTask(
                 spec.model,
@@ -229,7 +208,7 @@ def test_a_colluder_reusing_an_honest_peers_key_unmasks_one_sites_noised_sum(tmp
                 ys,
                 0,
                 None,
-                _weights(),
+                start_weights(),
                 privacy.noise_multiplier,
             )
             sums[name] = distributed_step(task).weights[SUM]
@@ -292,7 +271,7 @@ def test_a_dropped_colluders_relayed_key_at_unmask_reveals_honest_pair_seeds(tmp
     sums, masked = {}, {}
     for i, site in enumerate(honest):
         pair = site.check_round(env, fewest)
-        xs, ys = _data(50, i)
+        xs, ys = small_table(50, i)
         task = RoundTask(
             spec.model,
             plan.to_dict(),
@@ -300,7 +279,7 @@ def test_a_dropped_colluders_relayed_key_at_unmask_reveals_honest_pair_seeds(tmp
             ys,
             0,
             None,
-            _weights(),
+            start_weights(),
             privacy.noise_multiplier,
         )
         sums[site.me] = distributed_step(task).weights[SUM]
