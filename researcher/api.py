@@ -187,22 +187,38 @@ def submit(
     dry: bool = True,
     initial: Weights | None = None,
 ) -> dict[str, str]:
-    """One code request per site; records the job next to the federation file.
+    """One code request per site, all or nothing; records the job next to the federation file.
 
-    First, as ``try`` does, the job runs once on a mock twin with the sites' own code path: a
-    job that cannot run is refused here, before any site reviews it (or charges for it).
+    Every site is checked first (up, logged in, holding the dataset), then, as ``try`` does,
+    the job runs once on a mock twin with the sites' own code path: a job that cannot run is
+    refused before any site reviews it. Only then is it submitted. A site that fails after
+    that leaves the job recorded as partly submitted (``status`` shows where it is missing),
+    and the same submit again sends it only there, under the same job id.
     ``initial`` weights are kept beside the saved job, and ``train`` starts from them.
     """
     if spec.plan.frozen and initial is None:
         raise JobError("a job with frozen layers is submitted with its initial weights")
+    record = _partial_record(fed, spec)
+    if record is not None:
+        spec = JobSpec.from_dict(record["job"])  # the retry keeps the job id the sites hold
+    targets = [login for login in fed.sites if not only or login.name in only]
+    ready = _reach_all(targets, spec)
     if dry:  # the round alone: the per-site epsilon would log into every site once more
         _mock_round(fed, spec, initial)
-    requests = {}
-    for login in fed.sites:
-        if only and login.name not in only:
+    requests: dict[str, str] = dict(record["requests"]) if record else {}
+    for name, (client, asset) in ready.items():
+        if name in requests:
             continue
-        client = sites.connect(login)
-        requests[login.name] = sites.submit(client, spec, sites.find_asset(client, spec.dataset))
+        try:
+            requests[name] = sites.submit(client, spec, asset)
+        except SiteError as exc:
+            missing = [n for n in ready if n not in requests]
+            save_job(fed, spec, requests, missing=missing)
+            held = ", ".join(requests) or "no site"
+            raise JobError(
+                f"{exc}; job {spec.name} is now pending at {held} and missing at "
+                f"{', '.join(missing)}: run the same submit again to send it there"
+            ) from exc
     save_job(fed, spec, requests)
     if initial is not None:
         path = initial_path(fed, spec)
@@ -210,6 +226,49 @@ def submit(
             np.savez(fh, **initial)
         os.replace(path.with_suffix(".tmp"), path)
     return requests
+
+
+def _reach_all(targets: list[Any], spec: JobSpec) -> dict[str, tuple[Any, Any]]:
+    """A logged-in client and the job's asset at every target site, or JobError naming each
+    site that failed: nothing is submitted anywhere unless every site answers."""
+    ready, problems = {}, []
+    for login in targets:
+        try:
+            client = sites.connect(login)
+            ready[login.name] = (client, sites.find_asset(client, spec.dataset))
+        except SiteError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise JobError(f"nothing was submitted: {'; '.join(problems)}")
+    return ready
+
+
+def _partial_record(fed: Federation, spec: JobSpec) -> dict[str, Any] | None:
+    """The saved record of this same job when an earlier submit stopped part-way, else None.
+
+    The same job: the same model, plan, dataset and scaling. Its name and job id are drawn
+    anew each time a job file is loaded, so they are not compared; the record's are kept.
+    """
+    folder = jobs_dir(fed)
+    if not folder.is_dir():
+        return None
+    wanted = _sans_identity(spec.to_dict())
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(record, dict)
+            and record.get("missing")
+            and isinstance(record.get("job"), dict)
+        ) and _sans_identity(record["job"]) == wanted:
+            return record
+    return None
+
+
+def _sans_identity(job: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in job.items() if k not in ("job_id", "name")}
 
 
 def initial_path(fed: Federation, spec: JobSpec) -> Path:
@@ -235,10 +294,17 @@ def status(fed: Federation, spec: JobSpec) -> dict[str, dict[str, Any]]:
         except SiteError as exc:
             state = {"status": "unreachable", "reason": str(exc)}
         mine = progress.get("sites", {}).get(login.name)
+        if state["status"] == "not submitted" and login.name in _missing(fed, spec):
+            state["reason"] = "a submit stopped before this site; run the same submit again"
         if state["status"] == "approved" and mine:
             state = _after_approval(mine, progress.get("running", False), spec.plan.rounds)
         out[login.name] = state
     return out
+
+
+def _missing(fed: Federation, spec: JobSpec) -> list[str]:
+    path = jobs_dir(fed) / f"{spec.name}.json"
+    return list(json.loads(path.read_text()).get("missing", [])) if path.exists() else []
 
 
 def _after_approval(mine: dict[str, Any], running: bool, rounds: int) -> dict[str, Any]:
@@ -278,12 +344,18 @@ def jobs_dir(fed: Federation) -> Path:
     return fed.path.parent / JOBS_DIR
 
 
-def save_job(fed: Federation, spec: JobSpec, requests: dict[str, str]) -> Path:
+def save_job(
+    fed: Federation, spec: JobSpec, requests: dict[str, str], missing: list[str] | None = None
+) -> Path:
+    """The job and its request ids; ``missing``: sites a part-way submit did not reach."""
     folder = jobs_dir(fed)
     folder.mkdir(exist_ok=True)
     path = folder / f"{spec.name}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"job": spec.to_dict(), "requests": requests}, indent=2))
+    record: dict[str, Any] = {"job": spec.to_dict(), "requests": requests}
+    if missing:
+        record["missing"] = missing
+    tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, path)
     return path
 
