@@ -422,6 +422,17 @@ def _check_approved_somewhere(fed: Federation, spec: JobSpec) -> None:
         raise JobError(f"job {spec.name} is approved nowhere yet ({listed}); nothing ran")
 
 
+def run_finished(run_dir: Path) -> int:
+    """The number of rounds of the run in ``run_dir`` when it already ran them all, else 0."""
+    from researcher.rounds import Checkpoint
+
+    ckpt = Checkpoint(Path(run_dir))
+    if not ckpt.exists():
+        return 0
+    spec, done, _, _ = ckpt.load()
+    return done if done >= spec.plan.rounds else 0
+
+
 def train(fed: Federation, spec: JobSpec, run_dir: Path, **options: Any) -> Any:
     """Run the federated rounds (see ``researcher.rounds.run_federation``) and plot them."""
     from researcher.plots import plot_run

@@ -196,7 +196,10 @@ def train(
     resume: Annotated[
         Path | None, typer.Option(help="Continue the run checkpointed in this RUN_DIR.")
     ] = None,
-    min_sites: Annotated[int, typer.Option(help="Fewest replies a round accepts.")] = 1,
+    min_sites: Annotated[
+        int | None,
+        typer.Option(help="Fewest replies a round accepts (default: every site of the job)."),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a site per round.")] = 300,
     test: Annotated[Path | None, typer.Option(help="CSV of your own test rows.")] = None,
     precision: Annotated[
@@ -215,7 +218,12 @@ def train(
     ] = "fedavg",
     json: JsonOpt = False,
 ) -> None:
-    """Run the federated rounds of an approved job: progress, checkpoints, metrics, plots."""
+    """Run the federated rounds of an approved job: progress, checkpoints, metrics, plots.
+
+    Every round waits for every site unless --min-sites says less. The run ends with a
+    per-site summary. Exit code: 0 when every site took every round; 3 when the run finished
+    but a site missed rounds (the summary says which and why); 1 on an error.
+    """
     from rich.progress import Progress
 
     from researcher import api
@@ -233,6 +241,13 @@ def train(
     if run_dir is not None and (run_dir / "state.json").exists():
         raise JobError(f"{run_dir} already holds a run; continue it with --resume {run_dir}")
     run_dir = run_dir or resume
+    if resume is not None and api.run_finished(resume):
+        done = api.run_finished(resume)
+        if json:
+            emit_json({"run_dir": str(resume), "rounds": done, "finished": True})
+        else:
+            out.print(f"{resume}: this run already finished all {done} rounds; nothing to do")
+        return
     fed = _fed(federation)
     spec = api.saved_job(fed, job)
     test_xy = _test_split(test, target or spec.target, spec.layout) if test else None
@@ -242,15 +257,9 @@ def train(
         def on_round(rec) -> None:  # noqa: ANN001
             progress.update(bar, completed=rec.round)
             if not json:
-                accs = ", ".join(
-                    f"{u.site} {u.metrics['val_accuracy']:.3f}"
-                    if "val_accuracy" in u.metrics
-                    else f"{u.site} ok"
-                    for u in rec.updates
-                )
                 skipped = f"; skipped {', '.join(rec.skipped)}" if rec.skipped else ""
                 progress.console.print(
-                    f"round {rec.round}: DP val accuracy {accs}"
+                    f"round {rec.round}: {_round_sites(rec.updates)}"
                     + (f"; test {rec.test_accuracy:.3f}" if rec.test_accuracy is not None else "")
                     + _ranking(rec.test_metrics)
                     + skipped
@@ -283,10 +292,45 @@ def train(
         "test_accuracy": result.rounds[-1].get("test_accuracy") if result.rounds else None,
         "test_metrics": result.rounds[-1].get("test_metrics") if result.rounds else None,
     }
+    summary["sites"] = result.sites
+    summary["complete"] = result.complete
     if json:
         emit_json(summary)
     else:
+        _site_table(result.sites)
         out.print(f"done: {summary['rounds']} rounds; model, metrics.csv and plots in {run_dir}")
+    if not result.complete:
+        missed = [n for n, s in result.sites.items() if s["rounds_missed"]]
+        err.print(f"warning: {', '.join(missed)} missed rounds (see the summary); exit code 3")
+        raise typer.Exit(3)
+
+
+def _round_sites(updates: list) -> str:
+    """The sites that sent an update; their DP validation accuracy only where the plan asked
+    the sites for metrics (otherwise there is none to show, and the line says so)."""
+    if any("val_accuracy" in u.metrics for u in updates):
+        return "DP val accuracy " + ", ".join(
+            f"{u.site} {u.metrics['val_accuracy']:.3f}" if "val_accuracy" in u.metrics else u.site
+            for u in updates
+        )
+    return f"updates from {', '.join(u.site for u in updates)} (no site metrics in this plan)"
+
+
+def _site_table(sites: dict) -> None:
+    table(
+        "per site",
+        ["site", "rounds taken", "rounds missed", "why missed", "epsilon spent"],
+        [
+            [
+                name,
+                s["rounds_taken"],
+                s["rounds_missed"],
+                "; ".join(f"{why} (x{n})" for why, n in s["missed_because"].items()),
+                "" if s["epsilon_spent"] is None else f"{s['epsilon_spent']:.3f}",
+            ]
+            for name, s in sites.items()
+        ],
+    )
 
 
 def _ranking(metrics: dict) -> str:
