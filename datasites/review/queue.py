@@ -238,12 +238,18 @@ class ReviewQueue:
             self.site.fingerprint(),
             meta,
         )
-        report = build_report(
-            sub,
-            policy,
-            used - ({approved_before.job["job_id"]} if approved_before else set()),
-            _epsilon_of(policy),
-        )
+        # this very request's own approval is not a second one; any other is
+        own = approved_before is not None and approved_before.request_id == str(request.id.no_dash)
+        mine = {approved_before.job.get("job_id", "")} if own and approved_before else set()
+        report = build_report(sub, policy, used - mine, _epsilon_of(policy))
+        if approved_before is not None and not own:
+            # a second syft request on approved code: it would run again on the one charge
+            report.add(
+                "job_id",
+                False,
+                f"this code was already approved through request "
+                f"{approved_before.request_id[:8]}; code is approved once, ever",
+            )
         status = request.status.name
         reason = request.deny_reason if status == "REJECTED" else None
         return ReviewItem(

@@ -155,11 +155,11 @@ def _check_aggregation(
     problems += untrusted_peers(plan, policy)
     mode = "secure"
     if plan.distributed:
-        problems += distributed_problems(plan, policy)
+        problems += distributed_problems(plan, policy, sub.site_fingerprint)
         mode = (
             f"secure with distributed DP (each site adds 1/{plan.honest_sites} of the noise; "
             f"survives {plan.colluding_sites} colluding site(s))"
-        )
+        ) + trust_savings(plan, policy, sub.site_fingerprint)
     report.add(
         "aggregation",
         not problems,
@@ -180,17 +180,47 @@ def untrusted_peers(plan: TrainingPlan, policy: DatasetPolicy) -> list[str]:
     return [f"peer(s) {listed} are not among this dataset's trusted peers"]
 
 
-def distributed_problems(plan: TrainingPlan, policy: DatasetPolicy) -> list[str]:
+def unverified_peers(plan: TrainingPlan, policy: DatasetPolicy, site: str) -> list[str]:
+    """The peers other than this site that its admin has not verified (trusted_peers).
+
+    A peer nobody verified may be a key the researcher holds: the researcher then removes its
+    masks and reads this site's own noised sum, so it counts as a colluder.
+    """
+    trusted = set(policy.trusted_peers)
+    return [p for p in plan.peers if p != site and p not in trusted]
+
+
+def colluders_assumed(plan: TrainingPlan, policy: DatasetPolicy, site: str) -> int:
+    """How many colluders a round's sum can hold, counting every unverified peer as one."""
+    return max(
+        policy.colluding_sites,
+        min(len(unverified_peers(plan, policy, site)), plan.survivors_needed - 1),
+    )
+
+
+def distributed_problems(plan: TrainingPlan, policy: DatasetPolicy, site: str) -> list[str]:
     """Why a distributed-DP plan falls short of this dataset's policy (empty: it does not).
 
-    The site's noise share assumes that ``plan.honest_sites`` shares reach the target; the
-    policy's collusion threshold and fewest sites must be covered by the plan's.
+    The site's noise share assumes that ``plan.honest_sites`` shares reach the target. Any
+    unmasked sum holds at least ``survivors_needed`` sites, of which every unverified peer may
+    be the researcher's; so the plan must survive that many colluders (or the admin trusts the
+    peers). ``site`` is this datasite's fingerprint.
     """
     problems = []
-    if plan.colluding_sites < policy.colluding_sites:
+    assumed = colluders_assumed(plan, policy, site)
+    if plan.colluding_sites < assumed:
+        unverified = len(unverified_peers(plan, policy, site))
+        honest = plan.survivors_needed - assumed
         problems.append(
             f"the plan's noise survives {plan.colluding_sites} colluding site(s); "
-            f"the policy requires {policy.colluding_sites}"
+            + (
+                f"the policy requires {policy.colluding_sites}"
+                if assumed == policy.colluding_sites
+                else f"{unverified} peer(s) are not on this dataset's trusted peers and count "
+                f"as colluders, so it needs colluding_sites {assumed} (each site adds "
+                f"1/{honest} of the noise); trusting them (datasite policy set --trust-peer) "
+                f"would let each site add 1/{plan.honest_sites}"
+            )
         )
     if plan.survivors_needed < policy.min_aggregation_sites:
         problems.append(
@@ -198,6 +228,22 @@ def distributed_problems(plan: TrainingPlan, policy: DatasetPolicy) -> list[str]
             f"{policy.min_aggregation_sites}"
         )
     return problems
+
+
+def trust_savings(plan: TrainingPlan, policy: DatasetPolicy, site: str) -> str:
+    """What trusting the peers would save, for the admin: a reason to set the list."""
+    unverified = unverified_peers(plan, policy, site)
+    if not unverified or not plan.distributed:
+        return ""
+    alone = plan.survivors_needed - colluders_assumed(plan, policy, site)
+    trusted = plan.survivors_needed - policy.colluding_sites
+    if trusted <= alone:
+        return ""
+    return (
+        f"; trusting the {len(unverified)} unverified peer(s) would cut this site's noise "
+        f"share from 1/{alone} to 1/{trusted} of the variance (its std by "
+        f"{1 - (alone / trusted) ** 0.5:.0%})"
+    )
 
 
 def _check_model(report: PolicyReport, sub: Submission, spec: JobSpec) -> None:
