@@ -223,3 +223,27 @@ def test_the_test_file_is_coded_in_the_job_classes(tmp_path: Path) -> None:
     assert _test_split(path, "y", None, ["1", "2"])[1].tolist() == [0, 1]
     with pytest.raises(JobError, match=r"labels \['2'\] are not among the job's classes"):
         _test_split(path, "y", None, ["0", "1"])
+
+
+def test_load_job_sizes_the_model_from_the_federation_not_the_first_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The researcher's side of the digits refusal: the first site lacks digit 0 (9 classes),
+    the model gets 10 outputs all the same."""
+    from researcher import api
+
+    digits = list(range(10))
+    _, lacking, _ = _table(digits[1:], n=400)
+    _, full, _ = _table(digits, n=400)
+    metas = {"first": lacking, "second": full, "third": full}
+    monkeypatch.setattr(api, "dataset_metas", lambda fed, dataset: metas)
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import torch.nn as nn\n"
+        'DATASET = "d"\n'
+        'PLAN = {"rounds": 1, "noise_multiplier": 1.0}\n'
+        "def make_model(n_features, n_outputs):\n"
+        "    return nn.Linear(n_features, n_outputs)\n"
+    )
+    spec = api.load_job(None, job)
+    assert spec.architecture.output == (10,) and spec.classes == [str(d) for d in digits]
