@@ -23,7 +23,7 @@ from policies.errors import PlanError
 from policies.labels import check_site as check_site_classes
 from policies.labels import federation_classes, site_to_job
 from policies.layout import align_stats, federation_layout, one_hot_mask, width
-from policies.plan import JobSpec
+from policies.plan import CLASSIFIERS, JobSpec
 from policies.plan import n_outputs as outputs_for
 from policies.privacy import job_privacy
 from policies.wire import Weights, encode_weights
@@ -139,7 +139,8 @@ def load_job(
     widths = width(layout) if layout else _agreed(metas, "feature count", n_features)
     meta = next(iter(metas.values()))
     loss = dict(constants["PLAN"]).get("loss", "cross_entropy")
-    classes = federation_classes_of(metas)
+    # a measured target (mse) keeps its values: a label space is for class codes
+    classes = federation_classes_of(metas) if loss in CLASSIFIERS else None
     outputs = outputs_for(loss, len(classes)) if classes else n_outputs(meta, loss)
     spec = load_job_file(path, published, widths, outputs, initial=initial)
     if layout is not None or classes is not None:
