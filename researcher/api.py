@@ -20,8 +20,11 @@ from typing import Any
 import numpy as np
 
 from policies.errors import PlanError
+from policies.labels import check_site as check_site_classes
+from policies.labels import federation_classes, site_to_job
 from policies.layout import align_stats, federation_layout, one_hot_mask, width
-from policies.plan import JobSpec
+from policies.plan import CLASSIFIERS, JobSpec
+from policies.plan import n_outputs as outputs_for
 from policies.privacy import job_privacy
 from policies.wire import Weights, encode_weights
 from researcher import sites
@@ -68,6 +71,7 @@ def _mock_round(fed: Federation, spec: JobSpec, initial: Weights | None = None) 
             continue
         with sites.quiet():
             mock = asset.mock
+        mock = mock_in_job_codes(mock, sites.asset_meta(asset), spec)
         weights = encode_weights(initial) if initial is not None else ""
         result = as_function(spec)(data=mock, weights=weights)
         if result.get("status") != "ok":
@@ -75,6 +79,20 @@ def _mock_round(fed: Federation, spec: JobSpec, initial: Weights | None = None) 
         result["mock_site"] = login.name
         return result
     raise JobError(f"no site in the federation has dataset {spec.dataset!r}")
+
+
+def mock_in_job_codes(mock: Any, meta: dict[str, Any], spec: JobSpec) -> Any:
+    """The mock with its target in the job's label space: its codes are its site's own, and
+    the site maps its private rows the same way (``policies.labels.site_to_job``)."""
+    if spec.classes is None or spec.target not in getattr(mock, "columns", ()):
+        return mock
+    try:
+        own = check_site_classes(spec.classes, meta)
+    except PlanError as exc:
+        raise JobError(f"dry run: {exc}") from exc
+    mapped = mock.copy()
+    mapped[spec.target] = site_to_job(mapped[spec.target].to_numpy(), own, spec.classes)
+    return mapped
 
 
 def dataset_metas(fed: Federation, dataset: str) -> dict[str, dict[str, Any]]:
@@ -121,11 +139,17 @@ def load_job(
     widths = width(layout) if layout else _agreed(metas, "feature count", n_features)
     meta = next(iter(metas.values()))
     loss = dict(constants["PLAN"]).get("loss", "cross_entropy")
-    spec = load_job_file(path, published, widths, n_outputs(meta, loss), initial=initial)
-    if layout is not None:
+    # a measured target (mse) keeps its values: a label space is for class codes
+    classes = federation_classes_of(metas) if loss in CLASSIFIERS else None
+    outputs = outputs_for(loss, len(classes)) if classes else n_outputs(meta, loss)
+    spec = load_job_file(path, published, widths, outputs, initial=initial)
+    if layout is not None or classes is not None:
         from dataclasses import replace
 
-        spec = replace(spec, layout=layout)
+        try:
+            spec = replace(spec, layout=layout, classes=classes)
+        except PlanError as exc:
+            raise JobError(f"{path}: {exc}") from exc
     spec = with_peers(fed, spec) if spec.plan.secure and not spec.plan.peers else spec
     return with_sample_rate(spec, metas)
 
@@ -150,6 +174,16 @@ def federation_layout_of(metas: dict[str, dict[str, Any]]) -> dict[str, Any] | N
     all-zero input there). None for an all-numeric dataset."""
     try:
         return federation_layout(metas)
+    except PlanError as exc:
+        raise JobError(str(exc)) from exc
+
+
+def federation_classes_of(metas: dict[str, dict[str, Any]]) -> list[str] | None:
+    """The label space every site maps its codes into: the union of each site's published
+    classes (a class one site lacks is simply never its label there). None for a measured
+    target."""
+    try:
+        return federation_classes(metas)
     except PlanError as exc:
         raise JobError(str(exc)) from exc
 

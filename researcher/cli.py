@@ -75,6 +75,9 @@ def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
         for d in rows:
             if d.get("categories"):
                 out.print(f"{d['name']} categories (public): {_categories(d)}", highlight=False)
+            if d.get("classes"):
+                listed = "|".join(map(str, d["classes"]))
+                out.print(f"{d['name']} classes (public): {listed}", highlight=False)
     out.print(
         "Row counts and mocks are differentially private (each site's ledger charges the mock "
         "to every researcher); column names, dtypes, class labels and the category lists of "
@@ -250,7 +253,7 @@ def train(
         return
     fed = _fed(federation)
     spec = api.saved_job(fed, job)
-    test_xy = _test_split(test, target or spec.target, spec.layout) if test else None
+    test_xy = _test_split(test, target or spec.target, spec.layout, spec.classes) if test else None
     with Progress(disable=json) as progress:
         bar = progress.add_task("rounds", total=spec.plan.rounds)
 
@@ -344,9 +347,11 @@ def _ranking(metrics: dict) -> str:
     )
 
 
-def _test_split(path: Path, target: str, layout: dict | None = None):  # noqa: ANN202
-    """The test rows as (x, y); text columns one-hot encoded to the job's layout, as the sites
-    encode theirs."""
+def _test_split(  # noqa: ANN202
+    path: Path, target: str, layout: dict | None = None, classes: list[str] | None = None
+):
+    """The test rows as (x, y); text columns one-hot encoded to the job's layout, and labels
+    coded in the job's class list, as the sites encode and code theirs."""
     import pandas as pd
 
     from policies.errors import PlanError
@@ -359,12 +364,21 @@ def _test_split(path: Path, target: str, layout: dict | None = None):  # noqa: A
         raise JobError(f"cannot read test file {path}: {exc}") from exc
     if target not in frame.columns:
         raise JobError(f"test file {path} has no column {target!r}")
-    if layout is not None:
-        try:
-            return encode(frame, target, layout), frame[target].to_numpy()
-        except PlanError as exc:
-            raise JobError(f"test file {path}: {exc}") from exc
-    return frame.drop(columns=[target]).to_numpy(dtype="float32"), frame[target].to_numpy()
+    try:
+        y = _test_labels(frame[target], classes)
+        if layout is not None:
+            return encode(frame, target, layout), y
+    except PlanError as exc:
+        raise JobError(f"test file {path}: {exc}") from exc
+    return frame.drop(columns=[target]).to_numpy(dtype="float32"), y
+
+
+def _test_labels(column, classes: list[str] | None):  # noqa: ANN001, ANN201
+    """The test file's raw labels as the model's codes: their places in the job's class list
+    (labels {1, 2} or Yes/No scored against codes 0, 1); as they are without a list."""
+    from policies.labels import labels_to_codes
+
+    return column.to_numpy() if classes is None else labels_to_codes(column.to_numpy(), classes)
 
 
 def main() -> None:

@@ -8,8 +8,10 @@ from typing import Any
 from datasites.review.access import DatasetPolicy
 from datasites.review.codecheck import parse_template
 from policies.errors import PlanError
+from policies.labels import check_site as check_site_classes
+from policies.labels import site_classes
 from policies.layout import check_site, width
-from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs
+from policies.plan import JobSpec, TrainingPlan, check_fits, class_count, n_outputs
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ def build_report(
     report.add("template", True, "the project's template calling the site runtime")
     _check_inputs(report, sub, spec, used_job_ids)
     _check_model(report, sub, spec)
+    _check_labels(report, sub, spec)
     try:
         _check_dp(report, spec, policy, sub.rows, epsilon_of)
     except PlanError as exc:  # e.g. more DP-SGD steps than any plan may take
@@ -259,7 +262,8 @@ def _check_model(report: PolicyReport, sub: Submission, spec: JobSpec) -> None:
                 f"; one-hot layout of {', '.join(categorical)} from the sites' published "
                 f"categories ({n_features} inputs)"
             )
-        check_fits(spec, n_features, n_outputs(spec.plan.loss, sub.n_classes))
+        outputs = n_outputs(spec.plan.loss, class_count(spec, sub.n_classes))
+        check_fits(spec, n_features, outputs)
     except PlanError as exc:
         report.add("model", False, str(exc))
         return
@@ -269,6 +273,39 @@ def _check_model(report: PolicyReport, sub: Submission, spec: JobSpec) -> None:
         f"{len(arch.rows)} allowlisted layers, {list(arch.input)} -> {list(arch.output)}"
         + layout_note,
     )
+
+
+def _check_labels(report: PolicyReport, sub: Submission, spec: JobSpec) -> None:
+    """The job's class list against this dataset's published one (schema only): every label
+    this site holds must have a code in it, or its rows would train as another class."""
+    published = sub.published or {}
+    own = site_classes(published)
+    if spec.classes is None:
+        if own is not None and own != [str(i) for i in range(len(own))]:
+            report.add(
+                "labels",
+                True,
+                f"the job carries no class list: this site's own codes 0..{len(own) - 1} "
+                f"stand for its labels {', '.join(own)} (a job built by researcher load_job "
+                "carries the federation's)",
+            )
+        return
+    try:
+        own = check_site_classes(spec.classes, published)
+    except PlanError as exc:
+        report.add("labels", False, str(exc))
+        return
+    report.add(
+        "labels",
+        True,
+        f"the job's {len(spec.classes)} classes ({_short(spec.classes)}) cover this "
+        f"dataset's {len(own)} ({_short(own)})",
+    )
+
+
+def _short(labels: list[str], most: int = 12) -> str:
+    shown = ", ".join(labels[:most])
+    return shown + (f", ... ({len(labels) - most} more)" if len(labels) > most else "")
 
 
 def _check_inputs(report: PolicyReport, sub: Submission, spec: JobSpec, used: set[str]) -> None:

@@ -26,6 +26,7 @@ from datasites.serving.config import SiteDir
 from policies import tls
 from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
+from policies.labels import label_text
 from policies.layout import encode
 from policies.metadata import format_meta
 
@@ -150,6 +151,15 @@ def _class_codes(target: Any) -> bool:
     )
 
 
+def published_classes(table: Table, keys: list) -> list[str] | None:
+    """The class list a dataset publishes: the labels its stored codes stand for (re-coded at
+    upload, ``datasites.data.tables``), or the codes themselves when the labels were already
+    0..k-1; None for a target that is not class codes (a measurement)."""
+    if not keys or not _class_codes(table.frame[table.target]):
+        return None
+    return list(table.classes) if table.classes else [label_text(k) for k in keys]
+
+
 def _mock_class_counts(labels: pd.Series, keys: list, rows: int) -> list[float] | None:
     if not keys:
         return None
@@ -173,7 +183,9 @@ def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
         "schema": table.schema(),
         # category lists of categorical columns: disclosed as schema, like the column names
         "categories": table.categories(),
-        "classes": table.classes,
+        # the labels the target's codes 0..k-1 stand for, in code order: schema (disclosed),
+        # from which the researcher builds the federation's label space (policies.labels)
+        "classes": published_classes(table, keys),
         # the label set is schema (disclosed); a continuous target publishes no count of values
         "n_classes": len(keys) or None,
         # whether the target holds exactly the class codes 0..n_classes-1: published, so that a

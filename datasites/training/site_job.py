@@ -31,6 +31,7 @@ from datasites.training.sandbox import SandboxLimit, pool
 from datasites.training.secure_agg import SecureSite
 from policies import secagg
 from policies.errors import PolicyError, RoundLimitReached, WireError
+from policies.labels import site_classes
 from policies.plan import JobSpec
 from policies.privacy import job_privacy
 from policies.wire import REPLAY_LAST, check_shapes
@@ -203,6 +204,7 @@ def _run(
         rows,
         personalize=personalize,
         class_counts=meta.get("class_counts"),  # published (DP): for "balanced" weights
+        site_classes=site_classes(meta),  # published: the labels its codes stand for
     )
     ledger = BudgetLedger(store)
     releases = (approval.researcher, approval.dataset, spec.job_id, privacy.releases)
