@@ -108,7 +108,8 @@ def _refusal(message: str) -> Any:
 
 def _inline_string(obj: Any) -> int | None:
     """The size of a plain inline string ActionObject, else None."""
-    from syft.service.action.action_object import ActionObject, TwinObject
+    from syft.service.action.action_object import ActionObject
+    from syft.types.twin_object import TwinObject
 
     if not isinstance(obj, ActionObject) or isinstance(obj, TwinObject):
         return None
