@@ -33,6 +33,7 @@ FLOOR_BYTES = 16 * MiB  # the mock twin of --mock-rows 1000 over 300 columns sti
 MARGIN_BYTES = 1 * MiB  # syft's envelope of a call, per-tensor npz headers, a secure-agg wrapper
 DEFAULT_QUOTA_OBJECTS = 8
 LIMITS_TABLE = "limits"
+SITE_DIR_ENV = "FEDSITE_DIR"  # set by serve (its SITE_DIR_ENV) before uvicorn calls the factory
 
 
 @dataclass(frozen=True)
@@ -213,8 +214,6 @@ def cached(site: SiteDir) -> Callable[[], Effective]:
 def app_factory() -> Any:
     """syft's FastAPI app behind the body cap; uvicorn's factory in ``serve``."""
     from syft.server.uvicorn import app_factory as syft_app
-
-    from datasites.serving.serve import SITE_DIR_ENV
 
     site = SiteDir(Path(os.environ[SITE_DIR_ENV]))
     current = _Cached(site)

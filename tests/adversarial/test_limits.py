@@ -89,7 +89,7 @@ def test_a_150_mb_body_is_refused_before_syft_reads_it(arena) -> None:
     after = _server_memory(arena)
     grew = {k: (after[k] - before[k]) / MiB for k in after}
     print(f"server memory under 3 x 150 MB bodies: {grew} MiB (cap {cap / MiB:.1f} MiB)")
-    # the cap is ~6 MiB; a body syft had read would have cost ~900 MB (issue 24)
+    # the cap is 16 MiB here (its floor); a body syft had read would have cost ~900 MB (issue 24)
     assert grew["VmRSS"] < 64 and grew["VmHWM"] < 96, grew
     assert_serving(arena)
 
