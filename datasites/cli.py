@@ -654,8 +654,77 @@ def console(
     live(site)
     out.print(f"console of {site.config().name} on http://127.0.0.1:{port} (Ctrl-C stops it)")
     uvicorn.run(
-        create_app(site), host="127.0.0.1", port=port, log_level="warning", access_log=False
+        create_app(site),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        # failed logins are counted per client address: never one a header names
+        proxy_headers=False,
     )
+
+
+limits_app = typer.Typer(
+    help="Site-wide request and storage limits (size of a request, researchers' uploads).",
+    no_args_is_help=True,
+)
+app.add_typer(limits_app, name="limits")
+
+
+@limits_app.command("show")
+def limits_show(site: SiteOpt, json: JsonOpt = False) -> None:
+    """The limits in force: set by the admin, or derived from the largest model allowed."""
+    from dataclasses import asdict
+
+    from datasites.serving.limits import effective, read_limits
+
+    now, own = effective(site), read_limits(site)
+    if json:
+        emit_json({"effective": now.to_dict(), "set": asdict(own)})
+        return
+    table(
+        "limits",
+        ["limit", "in force", "set by the admin (0: derived)"],
+        [
+            ["request body (bytes)", now.request_bytes, own.max_request_mb],
+            ["uploads held per researcher (bytes)", now.quota_bytes, own.quota_mb],
+            ["uploads held per researcher (objects)", now.quota_objects, own.quota_objects],
+        ],
+    )
+    out.print(f"derived from the largest model any policy allows: {now.derived_from} parameters")
+
+
+@limits_app.command("set")
+def limits_set(
+    site: SiteOpt,
+    max_request_mb: Annotated[
+        float | None,
+        typer.Option(help="Largest request body in MiB (0: derived from the policies)."),
+    ] = None,
+    quota_mb: Annotated[
+        float | None,
+        typer.Option(help="MiB of uploads a researcher may hold at once (0: derived)."),
+    ] = None,
+    quota_objects: Annotated[
+        int | None, typer.Option(help="Uploads a researcher may hold at once.")
+    ] = None,
+) -> None:
+    """Change the limits; a running server applies them to its next request."""
+    from dataclasses import replace
+
+    from datasites.serving.limits import read_limits, write_limits
+
+    changes = {
+        k: v
+        for k, v in {
+            "max_request_mb": max_request_mb,
+            "quota_mb": quota_mb,
+            "quota_objects": quota_objects,
+        }.items()
+        if v is not None
+    }
+    write_limits(site, replace(read_limits(site), **changes))
+    out.print("limits updated")
 
 
 def _fmt(value: float | None) -> str:

@@ -114,6 +114,7 @@ def upload(  # noqa: PLR0913
     if name in dataset_names(client):
         raise TableError(f"a dataset named {name!r} already exists on this datasite")
     release = make_mock(table.frame, table.target, rows=mock_rows, epsilon=mock_epsilon)
+    _check_request_size(site, release.mock)
     meta = {**_meta(table, name, release), "description": description}
     dataset = sy.Dataset(name=name, description=description or f"{name}: ~{release.rows} rows")
     stub = write_private(site.root, name, table.frame)
@@ -142,6 +143,20 @@ def upload(  # noqa: PLR0913
         table.target,
         release.epsilon,
     )
+
+
+def _check_request_size(site: SiteDir, mock: pd.DataFrame) -> None:
+    """Refuse, before anything is written, a mock twin the server's body cap would refuse."""
+    from datasites.serving.limits import MARGIN_BYTES, MiB, effective
+
+    size = len(_serialize(mock, to_bytes=True))
+    cap = effective(site).request_bytes
+    if size + MARGIN_BYTES > cap:
+        raise TableError(
+            f"the mock twin is {size / MiB:.1f} MiB, past this datasite's request limit of "
+            f"{cap / MiB:.1f} MiB: lower --mock-rows, or raise the limit "
+            "('datasite limits set --max-request-mb')"
+        )
 
 
 def _class_codes(target: Any) -> bool:

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import TextIO
 
 from datasites.ledger.store import SYFT_SCHEMA, SiteStore, is_postgres
-from datasites.serving import syft_patches
+from datasites.serving import limits, quota, syft_patches
 from datasites.serving.config import SiteDir, keep_private
 from datasites.training import sandbox
 
 SITE_DIR_ENV = "FEDSITE_DIR"
+BLOB_THRESHOLD_MB = 1_000_000
 _SECRET_ENV = ("DEFAULT_ROOT_PASSWORD", "SERVER_PRIVATE_KEY")
 
 
@@ -43,6 +44,9 @@ def _prepare_environment(site: SiteDir) -> None:
         "SYFT_N_CONSUMERS": "0",
         "SYFT_CREATE_PRODUCER": "False",
         "SYFT_PROCESSES": "1",
+        # no client upload ever goes to blob storage (researchers may not write it: quota.py);
+        # every request is bounded by the body cap instead (limits.py)
+        "MIN_SIZE_BLOB_STORAGE_MB": str(BLOB_THRESHOLD_MB),
     }
     db_url = site.db_url()  # with its password, from db-password
     if db_url:
@@ -118,12 +122,14 @@ def serve(root: Path) -> None:
         os.environ.pop(name, None)
     syft_patches.install()
     syft_patches.summarise_dataframe_repr()
+    caps = limits.cached(site)
+    quota.install(site.root, lambda: (caps().quota_objects, caps().quota_bytes))
     sandbox.start()  # trainer processes: started before any request thread, env scrubbed
     threading.Thread(target=_warm_runtime, name="warm-runtime", daemon=True).start()
     site.pid_path.write_text(f"{os.getpid()}\n")
     try:
         uvicorn.run(
-            "syft.server.uvicorn:app_factory",
+            "datasites.serving.limits:app_factory",  # syft's app behind the body cap
             host=config.host,
             port=config.port,
             factory=True,
