@@ -243,6 +243,7 @@ class ReviewQueue:
             policy,
             used - ({approved_before.job["job_id"]} if approved_before else set()),
             _epsilon_of(policy),
+            _noise_of(policy),
         )
         status = request.status.name
         reason = request.deny_reason if status == "REJECTED" else None
@@ -285,6 +286,15 @@ def _epsilon_of(policy: DatasetPolicy) -> Any:
         return job_privacy(spec, rows, policy.min_noise_multiplier).epsilon_job
 
     return epsilon_of
+
+
+def _noise_of(policy: DatasetPolicy) -> Any:
+    """The noise multiplier this site would train the job at (for the utility warnings)."""
+
+    def noise_of(spec: JobSpec, rows: int) -> float:
+        return job_privacy(spec, rows, policy.min_noise_multiplier).noise_multiplier
+
+    return noise_of
 
 
 __all__ = ["ReviewItem", "ReviewQueue"]
