@@ -165,7 +165,8 @@ def one_run(table: str, eps: float, seed: int, scaling: str) -> dict[str, Any]:
         spec = replace(spec, scaling=pooled_scaling(metas))
     elif scaling == "exact":  # tuning only: no federation can scale with its private rows
         x = pd.concat(sites).drop(columns=["target"]).to_numpy(np.float64)
-        spec = replace(spec, scaling={"mean": x.mean(0).tolist(), "std": x.std(0).tolist()})
+        std = np.where(x.std(0) > 1e-6, x.std(0), 1.0)
+        spec = replace(spec, scaling={"mean": x.mean(0).tolist(), "std": std.tolist()})
     torch.manual_seed(seed)
     handlers = [
         Site(s, spec, m, seed * 10 + i) for i, (s, m) in enumerate(zip(sites, metas, strict=True))
