@@ -542,8 +542,15 @@ def print_report(item) -> None:  # noqa: ANN001
     table(
         f"policy report for {item.request_id[:8]} from {item.researcher}: {verdict}",
         ["check", "result", "reason"],
-        [[c.name, "ok" if c.passed else "FAIL", c.reason] for c in item.report.checks],
+        [[c.name, "ok" if c.passed else "FAIL", c.reason] for c in item.report.checks]
+        + [[w.name, "warn", w.reason] for w in item.report.warnings],
     )
+    if item.report.warnings:
+        out.print(
+            "warnings do not block approval: the job may train to the majority class and "
+            "still spend its epsilon; the researcher sees the same warnings",
+            style="dim",
+        )
 
 
 @app.command()

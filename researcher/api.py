@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from policies import autoplan, utility
+from policies.autoplan import AutoPlan
 from policies.errors import PlanError
 from policies.labels import check_site as check_site_classes
 from policies.labels import federation_classes, site_to_job
@@ -26,6 +28,7 @@ from policies.layout import align_stats, federation_layout, one_hot_mask, width
 from policies.plan import CLASSIFIERS, JobSpec
 from policies.plan import n_outputs as outputs_for
 from policies.privacy import job_privacy
+from policies.utility import UtilityWarning
 from policies.wire import Weights, encode_weights
 from researcher import sites
 from researcher.errors import JobError, SiteError
@@ -54,10 +57,13 @@ def datasets(fed: Federation) -> dict[str, Any]:
 def dry_run(fed: Federation, spec: JobSpec, initial: Weights | None = None) -> dict[str, Any]:
     """Run the exact function the sites will run, locally, on the first site's mock data.
 
-    Adds the epsilon the whole plan would spend at each site, from each site's row count.
+    Adds the epsilon the whole plan would spend at each site, from each site's row count, and
+    the utility warnings (``policies.utility``): why the job may not learn, from public numbers.
     """
     result = _mock_round(fed, spec, initial)
-    result["epsilon_per_site"] = _epsilon_per_site(fed, spec)
+    metas = dataset_metas(fed, spec.dataset)
+    result["epsilon_per_site"] = _epsilon_per_site(spec, metas)
+    result["warnings"] = [w.to_dict() for w in warnings_for(spec, metas)]
     return result
 
 
@@ -119,13 +125,31 @@ def load_initial(path: Path) -> Weights:
 
 
 def load_job(
-    fed: Federation, path: Path, target: str | None = None, initial: Weights | None = None
+    fed: Federation,
+    path: Path,
+    target: str | None = None,
+    initial: Weights | None = None,
+    auto_plan: bool = False,
 ) -> JobSpec:
     """JOB.py as a job for this federation: sizes and target from the sites' published schema.
 
     The model is built and converted here, on the researcher's machine; a layer the sites
-    cannot build is refused now, with its name, before anything is submitted.
+    cannot build is refused now, with its name, before anything is submitted. A minimal PLAN
+    (``target_epsilon`` and none of the hand-tuned fields) is filled by the auto-plan from the
+    sites' public numbers; ``auto_plan`` takes every tuned field from it (see :func:`load_planned`).
     """
+    return load_planned(fed, path, target, initial, auto_plan)[0]
+
+
+def load_planned(
+    fed: Federation,
+    path: Path,
+    target: str | None = None,
+    initial: Weights | None = None,
+    auto_plan: bool = False,
+) -> tuple[JobSpec, AutoPlan | None]:
+    """:func:`load_job`, and the auto-plan that filled its plan (None when the file's PLAN is
+    used as written), to show the researcher what was chosen and why."""
     constants = read_job_file(path)
     metas = dataset_metas(fed, constants["DATASET"])
     if not metas:
@@ -138,11 +162,20 @@ def load_job(
     layout = federation_layout_of(metas)
     widths = width(layout) if layout else _agreed(metas, "feature count", n_features)
     meta = next(iter(metas.values()))
-    loss = dict(constants["PLAN"]).get("loss", "cross_entropy")
+    plan_fields = dict(constants["PLAN"]) if isinstance(constants["PLAN"], dict) else None
+    loss = (plan_fields or {}).get("loss", "cross_entropy")
     # a measured target (mse) keeps its values: a label space is for class codes
     classes = federation_classes_of(metas) if loss in CLASSIFIERS else None
     outputs = outputs_for(loss, len(classes)) if classes else n_outputs(meta, loss)
-    spec = load_job_file(path, published, widths, outputs, initial=initial)
+    auto = _auto_fill(plan_fields, metas, auto_plan)
+    spec = load_job_file(
+        path,
+        published,
+        widths,
+        outputs,
+        initial=initial,
+        plan=auto.fields if auto else None,
+    )
     if layout is not None or classes is not None:
         from dataclasses import replace
 
@@ -151,7 +184,53 @@ def load_job(
         except PlanError as exc:
             raise JobError(f"{path}: {exc}") from exc
     spec = with_peers(fed, spec) if spec.plan.secure and not spec.plan.peers else spec
-    return with_sample_rate(spec, metas)
+    return with_sample_rate(spec, metas), auto
+
+
+def _auto_fill(
+    plan_fields: dict[str, Any] | None, metas: dict[str, dict[str, Any]], forced: bool
+) -> AutoPlan | None:
+    """The auto-plan for a minimal PLAN, or for any with ``forced`` (``--auto-plan``)."""
+    if plan_fields is None or not (forced or autoplan.is_minimal(plan_fields)):
+        return None
+    sites_ = [autoplan.SiteNumbers.from_meta(name, m) for name, m in metas.items()]
+    try:
+        return autoplan.fill(plan_fields, sites_, override=forced)
+    except PlanError as exc:
+        raise JobError(f"auto-plan: {exc}") from exc
+
+
+def plan_for(
+    fed: Federation, dataset: str, target_epsilon: float, given: dict[str, Any] | None = None
+) -> tuple[AutoPlan, list[UtilityWarning]]:
+    """``researcher plan``: a DP plan for ``dataset`` from the sites' public numbers (free),
+    and the utility warnings that remain at it (a statistic too noisy to scale with, say)."""
+    metas = dataset_metas(fed, dataset)
+    if not metas:
+        raise JobError(f"no site in the federation has dataset {dataset!r}")
+    sites_ = [autoplan.SiteNumbers.from_meta(name, m) for name, m in metas.items()]
+    try:
+        auto = autoplan.suggest(sites_, target_epsilon, given)
+    except PlanError as exc:
+        raise JobError(f"auto-plan: {exc}") from exc
+    return auto, utility.utility_warnings(auto.plan(), metas, auto.noise_multiplier)
+
+
+def utility_warnings(fed: Federation, spec: JobSpec) -> list[UtilityWarning]:
+    """Why the job may not learn, from the sites' public numbers only (no epsilon spent)."""
+    metas = dataset_metas(fed, spec.dataset)
+    return warnings_for(spec, metas)
+
+
+def warnings_for(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> list[UtilityWarning]:
+    noise = {}
+    for site, meta in metas.items():
+        if meta.get("rows"):
+            try:
+                noise[site] = job_privacy(spec, int(meta["rows"])).noise_multiplier
+            except PlanError:
+                continue
+    return utility.utility_warnings(spec.plan, metas, noise)
 
 
 def with_sample_rate(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> JobSpec:
@@ -206,10 +285,10 @@ def _agreed(metas: dict[str, dict[str, Any]], what: str, read: Any) -> Any:
     return next(iter(values.values()))
 
 
-def _epsilon_per_site(fed: Federation, spec: JobSpec) -> dict[str, float]:
+def _epsilon_per_site(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> dict[str, float]:
     return {
         site: job_privacy(spec, int(meta["rows"])).epsilon_job
-        for site, meta in dataset_metas(fed, spec.dataset).items()
+        for site, meta in metas.items()
         if meta.get("rows")
     }
 

@@ -21,6 +21,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 TargetOpt = Annotated[
     str | None, typer.Option(help="Label column (default: the one the sites publish).")
 ]
+AutoOpt = Annotated[
+    bool,
+    typer.Option(
+        "--auto-plan",
+        help="Take batch size, epochs, rounds, learning rate and clip from 'researcher plan' "
+        "(public numbers, no epsilon), replacing the job file's.",
+    ),
+]
 InitOpt = Annotated[
     Path | None,
     typer.Option(
@@ -113,6 +121,7 @@ def try_job(
     federation: FedOpt,
     target: TargetOpt = None,
     init_weights: InitOpt = None,
+    auto_plan: AutoOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Run the job locally on mock data through the site runtime, before submitting."""
@@ -120,13 +129,18 @@ def try_job(
 
     fed = _fed(federation)
     initial = api.load_initial(init_weights) if init_weights else None
-    result = api.dry_run(fed, api.load_job(fed, job, target, initial), initial)
+    spec, auto = api.load_planned(fed, job, target, initial, auto_plan)
+    result = api.dry_run(fed, spec, initial)
     summary = {
-        k: result[k] for k in ("metrics", "privacy", "shapes", "epsilon_per_site", "mock_site", "n")
+        k: result[k]
+        for k in ("metrics", "privacy", "shapes", "epsilon_per_site", "mock_site", "n", "warnings")
     }
+    summary["auto_plan"] = auto.to_dict() if auto else None
     if json:
         emit_json(summary)
         return
+    if auto:
+        _show_plan(auto, f"plan filled by the auto-plan for {spec.dataset}")
     table(
         f"dry run on {result['mock_site']}'s mock ({result['n']} training rows)",
         ["what", "value"],
@@ -137,6 +151,7 @@ def try_job(
             *[[f"epsilon at {s}", f"{e:.3f}"] for s, e in result["epsilon_per_site"].items()],
         ],
     )
+    _show_warnings(result["warnings"])
 
 
 @app.command()
@@ -145,6 +160,7 @@ def submit(
     federation: FedOpt,
     target: TargetOpt = None,
     init_weights: InitOpt = None,
+    auto_plan: AutoOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Submit the job to every site of the federation for review."""
@@ -152,14 +168,87 @@ def submit(
 
     fed = _fed(federation)
     initial = api.load_initial(init_weights) if init_weights else None
-    spec = api.with_pooled_scaling(fed, api.load_job(fed, job, target, initial))
+    spec, auto = api.load_planned(fed, job, target, initial, auto_plan)
+    spec = api.with_pooled_scaling(fed, spec)
+    warnings = [w.to_dict() for w in api.utility_warnings(fed, spec)]
+    if auto and not json:
+        _show_plan(auto, f"plan filled by the auto-plan for {spec.dataset}")
     requests = api.submit(fed, spec, initial=initial)
     if json:
-        emit_json({"job": spec.name, "requests": requests})
-    else:
-        out.print(
-            f"submitted {spec.name} to {', '.join(requests)}; follow it with 'researcher status'"
+        emit_json(
+            {
+                "job": spec.name,
+                "requests": requests,
+                "plan": spec.plan.to_dict(),
+                "auto_plan": auto.to_dict() if auto else None,
+                "warnings": warnings,
+            }
         )
+        return
+    _show_warnings(warnings)
+    out.print(f"submitted {spec.name} to {', '.join(requests)}; follow it with 'researcher status'")
+
+
+@app.command()
+def plan(
+    federation: FedOpt,
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Target epsilon per site.")],
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset (default: the one every site publishes).")
+    ] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Suggest a DP-SGD plan from the sites' public numbers (rows, classes); spends no epsilon."""
+    from researcher import api
+
+    fed = _fed(federation)
+    name = dataset or _only_dataset(api.datasets(fed))
+    auto, warnings = api.plan_for(fed, name, epsilon)
+    if json:
+        emit_json({"dataset": name, **auto.to_dict(), "warnings": [w.to_dict() for w in warnings]})
+        return
+    _show_plan(auto, f"suggested plan for {name} at epsilon {epsilon:g} per site")
+    _show_warnings([w.to_dict() for w in warnings])
+    out.print(
+        f'Minimal job file: DATASET = "{name}" and PLAN = {{"target_epsilon": {epsilon:g}}} '
+        "(the rest is filled as above; no model means one linear layer).",
+        style="dim",
+        highlight=False,
+    )
+
+
+def _only_dataset(data: dict) -> str:
+    """The one dataset name the reachable sites publish; JobError if none or several."""
+    from researcher.errors import JobError
+
+    names = sorted({d["name"] for rows in data.values() if isinstance(rows, list) for d in rows})
+    if len(names) != 1:
+        found = ", ".join(names) or "none"
+        raise JobError(f"name the dataset with --dataset (the sites publish: {found})")
+    return names[0]
+
+
+def _show_plan(auto, title: str) -> None:  # noqa: ANN001
+    """The auto-plan's fields with the reason for each, then what each site will spend."""
+    table(
+        title,
+        ["field", "value", "why"],
+        [[k, str(auto.fields[k]), why] for k, why in auto.reasons.items()],
+    )
+    table(
+        "at each site (from its published rows)",
+        ["site", "noise multiplier", "epsilon", "step noise (sigma/batch)"],
+        [
+            [s, f"{auto.noise_multiplier[s]:.3g}", f"{auto.epsilon[s]:.3f}", f"{r:.3g}"]
+            for s, r in auto.noise_to_signal.items()
+        ],
+    )
+
+
+def _show_warnings(warnings: list[dict]) -> None:
+    """Each utility warning on its own line, cause then fix (stderr: stdout stays the result)."""
+    for w in warnings:
+        err.print(f"warning: {w['cause']}: {w['fix']}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -241,7 +241,9 @@ class ReviewQueue:
         # this very request's own approval is not a second one; any other is
         own = approved_before is not None and approved_before.request_id == str(request.id.no_dash)
         mine = {approved_before.job.get("job_id", "")} if own and approved_before else set()
-        report = build_report(sub, policy, used - mine, _epsilon_of(policy))
+        report = build_report(
+            sub, policy, used - mine, _epsilon_of(policy), _noise_of(policy)
+        )
         if approved_before is not None and not own:
             # a second syft request on approved code: it would run again on the one charge
             report.add(
@@ -291,6 +293,15 @@ def _epsilon_of(policy: DatasetPolicy) -> Any:
         return job_privacy(spec, rows, policy.min_noise_multiplier).epsilon_job
 
     return epsilon_of
+
+
+def _noise_of(policy: DatasetPolicy) -> Any:
+    """The noise multiplier this site would train the job at (for the utility warnings)."""
+
+    def noise_of(spec: JobSpec, rows: int) -> float:
+        return job_privacy(spec, rows, policy.min_noise_multiplier).noise_multiplier
+
+    return noise_of
 
 
 __all__ = ["ReviewItem", "ReviewQueue"]

@@ -25,6 +25,9 @@ class Check:
 class PolicyReport:
     checks: list[Check] = field(default_factory=list)
     job: JobSpec | None = None
+    # "utility": why the job may not learn (policies.utility), from public numbers. Advice for
+    # the admin and the researcher, never a reason the report fails: approval stays possible.
+    warnings: list[Check] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -38,6 +41,7 @@ class PolicyReport:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+        out["warnings"] = [asdict(w) for w in self.warnings]
         if self.job is not None:
             out["architecture"] = self.job.architecture.table()
             out["parameters"] = self.job.architecture.n_parameters
@@ -70,12 +74,14 @@ def build_report(
     policy: DatasetPolicy,
     used_job_ids: set[str],
     epsilon_of: Any = None,
+    noise_of: Any = None,
 ) -> PolicyReport:
     """Run every check; later checks are skipped (and fail) when the template check fails.
 
     Nothing from the submission is built or run: the model's size and shapes come from the
-    spec's arithmetic. ``epsilon_of(spec, rows)`` is injected by the datasite so this module
-    stays free of torch; when absent that check is reported as not run.
+    spec's arithmetic. ``epsilon_of(spec, rows)`` and ``noise_of(spec, rows)`` (the plan's
+    noise multiplier here, for the utility warnings) are injected by the datasite so this module
+    stays free of torch; when absent, those checks are reported as not run.
     """
     report = PolicyReport()
     report.add(
@@ -124,7 +130,23 @@ def build_report(
         n <= policy.max_parameters,
         f"{n} trainable parameters, limit {policy.max_parameters}",
     )
+    _warn_utility(report, sub, spec, noise_of)
     return report
+
+
+def _warn_utility(report: PolicyReport, sub: Submission, spec: JobSpec, noise_of: Any) -> None:
+    """Non-blocking: why this job may not learn, from this site's published numbers."""
+    if noise_of is None or not sub.published or sub.rows < 1:
+        return
+    from policies.utility import utility_warnings
+
+    try:
+        noise = {"this site": float(noise_of(spec, sub.rows))}
+    except PlanError:  # the dp_parameters check already says why
+        return
+    meta = {**sub.published, "rows": sub.rows}
+    for w in utility_warnings(spec.plan, {"this site": meta}, noise):
+        report.warnings.append(Check(f"utility ({w.kind})", True, w.text))
 
 
 def _check_aggregation(
