@@ -81,7 +81,7 @@ class ReviewQueue:
     def __init__(self, site: SiteDir) -> None:
         self.site = site
         self.store = SiteStore(site.site_db)
-        self.audit = AuditLog(self.store)
+        self.audit = AuditLog(self.store, site.root)
         self.approvals = Approvals(self.store)
         self.policies = PolicyStore(site.policies_path)
         self.client = admin_client(site)
