@@ -153,8 +153,8 @@ class Fit:
             f", the public mock's {self.public_spent:.3f} included" if self.public_spent else ""
         )
         mine = (
-            f"epsilon {self.epsilon_job:.3f} for this job; {b.researcher}'s spend on "
-            f"{b.dataset!r} composed with it: {self.epsilon_after:.3f} of "
+            f"epsilon {self.epsilon_job:.3f} for this job (delta {b.delta:g}); "
+            f"{b.researcher}'s spend on {b.dataset!r} composed with it: {self.epsilon_after:.3f} of "
             f"{b.epsilon_total:.3f} ({b.remaining:.3f} left before it{public})"
         )
         if t.epsilon_cap is None:

@@ -14,6 +14,7 @@ from syft.types.uid import UID
 
 from datasites.errors import ReviewError
 from datasites.ledger.audit import AuditLog
+from datasites.ledger.budget import BudgetLedger, Fit
 from datasites.ledger.store import SiteStore
 from datasites.review.access import DatasetPolicy, PolicyStore
 from datasites.review.approvals import Approval, Approvals
@@ -243,6 +244,7 @@ class ReviewQueue:
             policy,
             used - ({approved_before.job["job_id"]} if approved_before else set()),
             _epsilon_of(policy),
+            _budget_of(self.store, policy),
         )
         status = request.status.name
         reason = request.deny_reason if status == "REJECTED" else None
@@ -285,6 +287,19 @@ def _epsilon_of(policy: DatasetPolicy) -> Any:
         return job_privacy(spec, rows, policy.min_noise_multiplier).epsilon_job
 
     return epsilon_of
+
+
+def _budget_of(store: SiteStore, policy: DatasetPolicy) -> Any:
+    """The ledger's own would-it-fit, on the releases the runtime would charge (site_job)."""
+    ledger = BudgetLedger(store)
+
+    def budget_of(spec: JobSpec, researcher: str, rows: int) -> Fit:
+        releases = job_privacy(spec, rows, policy.min_noise_multiplier).releases
+        return ledger.would_fit(
+            researcher, spec.dataset, releases, spec.plan.accountant, spec.job_id
+        )
+
+    return budget_of
 
 
 __all__ = ["ReviewItem", "ReviewQueue"]
