@@ -325,12 +325,26 @@ def policy_show(
         _known_dataset(site, dataset)
     store = PolicyStore(site.policies_path)
     names = [dataset] if dataset else sorted(set(site.datasets_meta()) | set(store.all()))
-    data = {n: store.get(n).to_dict() for n in names}
+    caps = _caps(site)
+    data = {
+        n: {**store.get(n).to_dict(), "max_total_epsilon": caps.get(n, (None, None))[0]}
+        for n in names
+    }
     if json:
         emit_json(data)
     else:
         for name, policy in data.items():
             table(f"policy: {name}", ["field", "value"], [[k, v] for k, v in policy.items()])
+
+
+def _caps(site: SiteDir) -> dict[str, tuple[float, float]]:
+    """Each capped dataset's (epsilon, delta), read from the ledger's table alone: no
+    accountant is imported for a listing."""
+    from datasites.ledger.store import SiteStore
+
+    with SiteStore(site.site_db).connect() as conn:
+        rows = conn.execute("SELECT dataset, epsilon_total, delta FROM dataset_caps").fetchall()
+    return {r[0]: (r[1], r[2]) for r in rows}
 
 
 @policy_app.command("set")
@@ -388,6 +402,16 @@ def policy_set(
             help="Distributed DP: sites that may pool their noise; the rest must suffice (t)."
         ),
     ] = None,
+    max_total_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            help="Cap on every release on the dataset, over all researchers and the public mock"
+            " (the data subjects' guarantee); a job that would pass it is refused."
+        ),
+    ] = None,
+    max_total_delta: Annotated[
+        float | None, typer.Option(help="Delta of that cap (default 1e-5).")
+    ] = None,
 ) -> None:
     """Change a dataset's policy; unnamed fields keep their current value."""
     from dataclasses import replace
@@ -395,6 +419,13 @@ def policy_set(
     from datasites.review.access import PolicyStore
 
     _known_dataset(site, dataset)
+    if max_total_delta is not None and max_total_epsilon is None:
+        raise DatasiteError("--max-total-delta goes with --max-total-epsilon")
+    if max_total_epsilon is not None:
+        from datasites.ledger.budget import DEFAULT_DELTA, check_budget
+
+        max_total_delta = DEFAULT_DELTA if max_total_delta is None else max_total_delta
+        check_budget(max_total_epsilon, max_total_delta)  # before anything is written
     store = PolicyStore(site.policies_path)
     changes = {
         k: v
@@ -427,8 +458,27 @@ def policy_set(
     if trust_peer or untrust_peer:
         peers = {p.lower() for p in (*current.trusted_peers, *trust_peer)}
         changes["trusted_peers"] = sorted(peers - {p.lower() for p in untrust_peer})
-    store.set(dataset, replace(current, **changes))
+    policy = replace(current, **changes)
+    policy.validate()  # before the cap is written: all of it, or nothing
+    if max_total_epsilon is not None:
+        _set_cap(site, dataset, max_total_epsilon, max_total_delta or 0.0)
+    store.set(dataset, policy)
     out.print(f"policy of {dataset} updated")
+
+
+def _set_cap(site: SiteDir, dataset: str, epsilon: float, delta: float) -> None:
+    """Cap the dataset's total in the ledger (where reserve reads it, under its lock)."""
+    from datasites.ledger.budget import BudgetLedger
+    from datasites.ledger.store import SiteStore
+
+    ledger = BudgetLedger(SiteStore(site.site_db))
+    ledger.set_cap(dataset, epsilon, delta)
+    total = ledger.total(dataset)
+    out.print(
+        f"total epsilon on {dataset} capped at {epsilon:g} (delta {delta:g}), over every "
+        f"researcher and the public mock: {total.epsilon_spent:.3f} spent, "
+        f"{total.remaining:.3f} left"
+    )
 
 
 @app.command()
@@ -593,10 +643,11 @@ def audit(site: SiteOpt, json: JsonOpt = False) -> None:
     from datasites.ledger.audit import AuditLog
     from datasites.ledger.store import SiteStore
 
-    log = AuditLog(SiteStore(site.site_db))
+    log = AuditLog(SiteStore(site.site_db), site.root)
+    problem = log.problem()
+    if problem is not None:
+        raise DatasiteError(f"the audit log was tampered with: {problem}")
     entries = log.entries()
-    if not log.verify():
-        raise DatasiteError("the audit log's hash chain is broken: it was edited")
     if json:
         emit_json(entries)
         return
@@ -759,7 +810,8 @@ def budget(
 
     site = open_site(str(dir))
     ledger = BudgetLedger(SiteStore(site.site_db))
-    rows = [b.to_dict() for b in ledger.all()]
+    totals = {t.dataset: t.to_dict() for t in ledger.totals()}
+    rows = [{**b.to_dict(), "dataset_total": totals.get(b.dataset)} for b in ledger.all()]
     public = ledger.public_releases()
     if json:
         emit_json(rows)  # public releases are in each row's releases, marked "public"
@@ -780,8 +832,16 @@ def budget(
             ],
         )
     table(
-        "privacy budgets",
-        ["researcher", "dataset", "epsilon spent", "epsilon total", "delta", "jobs"],
+        "privacy budgets (dataset total: every researcher and the public mock, composed)",
+        [
+            "researcher",
+            "dataset",
+            "epsilon spent",
+            "epsilon total",
+            "delta",
+            "jobs",
+            "dataset total / cap",
+        ],
         [
             [
                 r["researcher"],
@@ -790,10 +850,18 @@ def budget(
                 f"{r['epsilon_total']:.3f}",
                 r["delta"],
                 r["charges"],
+                _total_text(r["dataset_total"]),
             ]
             for r in rows
         ],
     )
+    alone = [t for name, t in totals.items() if name not in {r["dataset"] for r in rows}]
+    if alone:  # capped, or spent by the public mock only: no researcher row shows them
+        table(
+            "datasets no researcher has spent on yet",
+            ["dataset", "dataset total / cap"],
+            [[t["dataset"], _total_text(t)] for t in alone],
+        )
     releases = [
         (r["researcher"], r["dataset"], rel)
         for r in rows
@@ -817,6 +885,17 @@ def budget(
                 for who, dataset, rel in releases
             ],
         )
+
+
+def _total_text(total: dict | None) -> str:
+    if total is None:
+        return ""
+    if total["epsilon_cap"] is None:
+        return f"{total['epsilon_spent']:.3f} / no cap"
+    return (
+        f"{total['epsilon_spent']:.3f} / {total['epsilon_cap']:.3f} "
+        f"({total['epsilon_remaining']:.3f} left)"
+    )
 
 
 def _mechanism_text(m: dict) -> str:

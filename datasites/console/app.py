@@ -182,7 +182,7 @@ def create_app(site: SiteDir) -> FastAPI:
         session = current(request)
         if session is None:
             return login_first()
-        log = AuditLog(store)
+        log = AuditLog(store, site.root)
         return page(request, "audit.html", session, entries=log.entries(), intact=log.verify())
 
     @app.get("/epsilon.png", response_model=None)

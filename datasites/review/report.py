@@ -75,13 +75,16 @@ def build_report(
     used_job_ids: set[str],
     epsilon_of: Any = None,
     noise_of: Any = None,
+    budget_of: Any = None,
 ) -> PolicyReport:
     """Run every check; later checks are skipped (and fail) when the template check fails.
 
     Nothing from the submission is built or run: the model's size and shapes come from the
     spec's arithmetic. ``epsilon_of(spec, rows)`` and ``noise_of(spec, rows)`` (the plan's
     noise multiplier here, for the utility warnings) are injected by the datasite so this module
-    stays free of torch; when absent, those checks are reported as not run.
+    stays free of torch; when absent, those checks are reported as not run. ``budget_of(spec,
+    researcher, rows)`` answers with the ledger's ``Fit`` (``BudgetLedger.would_fit`` on the
+    releases the runtime would charge); when absent the budget check is left out.
     """
     report = PolicyReport()
     report.add(
@@ -118,6 +121,8 @@ def build_report(
         _check_dp(report, spec, policy, sub.rows, epsilon_of)
     except PlanError as exc:  # e.g. more DP-SGD steps than any plan may take
         report.add("dp_parameters", False, str(exc))
+    if budget_of is not None:
+        _check_budget(report, sub, spec, budget_of)
     report.add(
         "rounds",
         spec.plan.rounds <= policy.max_rounds,
@@ -147,6 +152,31 @@ def _warn_utility(report: PolicyReport, sub: Submission, spec: JobSpec, noise_of
     meta = {**sub.published, "rows": sub.rows}
     for w in utility_warnings(spec.plan, {"this site": meta}, noise):
         report.warnings.append(Check(f"utility ({w.kind})", True, w.text))
+
+
+def _check_budget(report: PolicyReport, sub: Submission, spec: JobSpec, budget_of: Any) -> None:
+    """The job beside what is left of the researcher's budget (the public mock's spend in it)
+    and of the dataset's cap, composed with the history as the ledger charges it. A job that
+    cannot fit fails here, not at its first round. Overridable, because a budget or cap raised
+    before the job runs lets it fit; the reason says so."""
+    if sub.dataset != spec.dataset or sub.rows < 1:
+        report.add("budget", False, "not computed: the job is not bound to a dataset with rows")
+        return
+    try:
+        fit = budget_of(spec, sub.researcher, sub.rows)
+    except PlanError as exc:
+        report.add("budget", False, f"not computed: {exc}")
+        return
+    refusal = fit.refusal()
+    if refusal is None:
+        report.add("budget", True, fit.summary())
+        return
+    report.add(
+        "budget",
+        False,
+        f"epsilon {fit.epsilon_job:.3f} for this job: {refusal}. The site would refuse its "
+        "first round, charging nothing; override only if the budget or cap is raised first",
+    )
 
 
 def _check_aggregation(

@@ -64,7 +64,7 @@ def run_at_site(
     started = time.perf_counter()
     site = SiteDir(root)
     store = SiteStore(site.site_db)
-    audit = AuditLog(store)
+    audit = AuditLog(store, site.root)
     approval = Approvals(store).get(caller.code_id)
     try:
         approval = _check_approval(approval, caller, job)
