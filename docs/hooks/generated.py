@@ -36,9 +36,8 @@ def _render(kind: str, arg: str | None) -> str:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     if kind == "plan-reference":
-        from policies.plan import TrainingPlan
-
         import policies.plan as plan
+        from policies.plan import TrainingPlan
 
         steps = getattr(plan, "MAX_TOTAL_STEPS", None)
         cap = f"A plan may take at most {steps:,} DP-SGD steps in all.\n\n" if steps else ""
