@@ -34,7 +34,7 @@ def _report(ledger: BudgetLedger, spec, researcher: str = "ada@uni.edu"):  # noq
     sub = Submission(
         render(spec), researcher, "cancer", ROWS, ("data", "weights"), n_features=30, n_classes=2
     )
-    report = build_report(sub, POLICY, set(), None, _budget_of(ledger.store, POLICY))
+    report = build_report(sub, POLICY, set(), None, budget_of=_budget_of(ledger.store, POLICY))
     return report, {c.name: c for c in report.checks}["budget"]
 
 
