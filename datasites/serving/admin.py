@@ -28,6 +28,7 @@ from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
 from policies.layout import encode
 from policies.metadata import format_meta
+from policies.scaling import floored_std
 
 if TYPE_CHECKING:
     from datasites.data.mock import MockRelease
@@ -158,11 +159,11 @@ def _mock_class_counts(labels: pd.Series, keys: list, rows: int) -> list[float] 
 
 
 def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
-    """What researchers see: schema, and statistics of the DP mock only (post-processing)."""
+    """What researchers see: schema, declared bounds, and post-processing of the DP release."""
     mock = release.mock
     keys = class_keys(table.frame, table.target)
     own = {"columns": [[c, table.categories().get(c)] for c in table.features]}
-    encoded = encode(mock, table.target, own).astype(np.float64)
+    stats = _feature_stats(table, mock, release, own)
     return {
         "dataset": name,
         "target": table.target,
@@ -182,11 +183,37 @@ def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
         # per class, the mock's label share times the noisy row count: post-processing of the
         # mock's noisy class counts, for "balanced" class weights (policies.imbalance)
         "class_counts": _mock_class_counts(mock[table.target], keys, release.rows),
-        # From the mock: lets every round standardise features the same way, at no extra cost.
-        # Over this site's own one-hot encoding (policies.layout.align_stats moves them onto
-        # the federation's layout).
-        "feature_mean": [float(v) for v in encoded.mean(axis=0)],
-        "feature_std": [float(v) or 1.0 for v in encoded.std(axis=0)],
+        # each numeric feature's range: declared by the owner (public schema) or found by the DP
+        # release ("dp"; "weak" where no decade stood clear of the noise)
+        "bounds": {c: list(release.ranges[c]) for c in table.features if c in release.ranges},
+        "bounds_source": {c: release.sources[c] for c in table.features if c in release.sources},
+        # Over this site's own one-hot encoding (policies.layout.align_stats moves them onto the
+        # federation's layout): every round clamps to [low, high] and standardises with these
+        **stats,
+    }
+
+
+def _feature_stats(
+    table: Table, mock: pd.DataFrame, release: MockRelease, own: dict[str, Any]
+) -> dict[str, list[float]]:
+    """Per input of this site's encoding: mean, std (floored, ``policies.scaling``), low, high.
+
+    A numeric column's come from the release's ranges and noisy shape counts; a one-hot input's
+    mean and std from the mock's category shares, its range [0, 1]."""
+    encoded = encode(mock, table.target, own).astype(np.float64)
+    mean, std = encoded.mean(axis=0), encoded.std(axis=0)
+    low, high = np.zeros(len(mean)), np.ones(len(mean))
+    at = 0
+    for column, categories in own["columns"]:
+        if categories is None:
+            mean[at], std[at] = release.stats[column]
+            low[at], high[at] = release.ranges[column]
+        at += len(categories) if categories is not None else 1
+    return {
+        "feature_mean": [float(v) for v in mean],
+        "feature_std": [float(v) for v in floored_std(std, low, high)],
+        "feature_low": [float(v) for v in low],
+        "feature_high": [float(v) for v in high],
     }
 
 
