@@ -7,7 +7,7 @@ subclasses here, at the boundary.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from syft.types.server_url import ServerURL
 
 from datasites.data.mock import DEFAULT_MOCK_EPSILON, class_keys, make_mock
 from datasites.data.store import remove_private, write_private
+from datasites.data.tables import Table, clamp
 from datasites.errors import AuthError, ServerError, TableError
 from datasites.serving import sessions
 from datasites.serving.config import SiteDir
@@ -32,7 +33,6 @@ from policies.scaling import floored_std
 
 if TYPE_CHECKING:
     from datasites.data.mock import MockRelease
-    from datasites.data.tables import Table
 
 ASSET_NAME = "table"
 # syft's sessions: no connect retries, and pinned trust for HTTPS sites
@@ -83,6 +83,9 @@ class UploadResult:
     columns: list[str]
     target: str
     mock_epsilon: float
+    # per bounded column, how many values lay outside its declared bounds and were clamped:
+    # the owner's alone (upload output, ``datasite datasets``), never published
+    clamped: dict[str, int] = field(default_factory=dict)
 
 
 def dataset_names(client: Any) -> list[str]:
@@ -97,6 +100,7 @@ def upload(  # noqa: PLR0913
     description: str = "",
     mock_rows: int = 1000,
     mock_epsilon: float = DEFAULT_MOCK_EPSILON,
+    bounds: dict[str, tuple[float, float]] | None = None,
 ) -> UploadResult:
     """Build the DP mock twin of a validated table and upload both, unless the name is taken.
 
@@ -113,7 +117,13 @@ def upload(  # noqa: PLR0913
     client = admin_client(site)
     if name in dataset_names(client):
         raise TableError(f"a dataset named {name!r} already exists on this datasite")
-    release = make_mock(table.frame, table.target, rows=mock_rows, epsilon=mock_epsilon)
+    clamped: dict[str, int] = {}
+    if bounds:  # declared public bounds: the private rows are kept clamped to them
+        frame, clamped = clamp(table.frame, bounds)
+        table = Table(frame, table.target, table.classes)
+    release = make_mock(
+        table.frame, table.target, rows=mock_rows, epsilon=mock_epsilon, bounds=bounds
+    )
     meta = {**_meta(table, name, release), "description": description}
     dataset = sy.Dataset(name=name, description=description or f"{name}: ~{release.rows} rows")
     stub = write_private(site.root, name, table.frame)
@@ -133,7 +143,9 @@ def upload(  # noqa: PLR0913
         ledger.withdraw_public(charge)
         remove_private(site.root, stub)
         raise
-    site.save_dataset_meta(name, meta)
+    # the site's own record keeps the clamp counts beside what it published (OWNER_ONLY: never
+    # in the asset's description)
+    site.save_dataset_meta(name, {**meta, OWNER_ONLY: {"clamped": clamped}})
     return UploadResult(
         name,
         len(table.frame),
@@ -141,7 +153,11 @@ def upload(  # noqa: PLR0913
         list(table.frame.columns),
         table.target,
         release.epsilon,
+        clamped,
     )
+
+
+OWNER_ONLY = "owner_only"
 
 
 def _class_codes(target: Any) -> bool:
