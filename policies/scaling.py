@@ -26,13 +26,16 @@ MIN_STD = 1e-6
 
 def floored_std(std: Any, low: Any = None, high: Any = None) -> np.ndarray:
     """The std to divide by: at least ``(high - low) / STD_FLOOR_DIVISOR`` (public quantities
-    only) and at least ``MIN_STD``; a std that is not finite and positive becomes the floor."""
+    only) and at least ``MIN_STD``; a std that is not finite and positive becomes the floor
+    (1 where no range is given)."""
     std = np.asarray(std, dtype=np.float64)
     floor = np.full(std.shape, MIN_STD)
+    fallback = 1.0  # no range known: a constant input is divided by 1, as it always was
     if low is not None and high is not None:
         width = np.asarray(high, np.float64) - np.asarray(low, np.float64)
         floor = np.maximum(floor, np.nan_to_num(width, nan=0.0, posinf=0.0) / STD_FLOOR_DIVISOR)
-    std = np.where(np.isfinite(std) & (std > 0), std, floor)
+        fallback = floor
+    std = np.where(np.isfinite(std) & (std > 0), std, fallback)
     return np.maximum(std, floor)
 
 

@@ -134,7 +134,8 @@ def _strong(metas: list[dict[str, Any]], width: int) -> np.ndarray:
         if m.get("feature_weak") is not None:
             rows.append(m["feature_weak"])
         else:
-            rows.append(weak_inputs(m) if m.get("schema") else [False] * width)
+            own = weak_inputs(m) if m.get("schema") else []
+            rows.append(own if len(own) == width else [False] * width)
     weak = np.array(rows, dtype=bool).reshape(len(metas), width)
     some_strong = (~weak).any(axis=0)
     return np.where(weak & some_strong[None, :], 0.0, 1.0)

@@ -12,7 +12,7 @@ of each per-column histogram):
 2. *Where each column lies*, for every numeric column without owner-declared bounds: a histogram
    over a fixed, data-independent grid of decades (-1e9 .. -1e-3, 0, 1e-3 .. 1e9), at scale
    ``sigma_r``. A column's range is the span of decades whose noisy count stands
-   ``RANGE_SIGMAS`` noise sds clear (``_dp_range``). Decades, not quarter decades: a bin then
+   ``_threshold`` noise sds clear (``_dp_range``). Decades, not quarter decades: a bin then
    holds four times the rows for the same noise, and on a 66-row table half the columns' ranges
    used to land on a noise spike (a mean of -13,855,824 for a column in [0.4, 3.6], issue 25).
    The grid is bounded: no range reaches past 1e9. Columns with declared bounds (public schema,
@@ -59,14 +59,25 @@ if TYPE_CHECKING:
 MAX_CLASSES = 20  # a target with more distinct values is continuous
 DEFAULT_MOCK_EPSILON = 1.0
 BINS = 16
-RANGE_SIGMAS = 3.0
+RANGE_SIGMAS = 3.0  # the least a window must stand clear of the noise (``_threshold``)
+FALSE_WINDOW = 0.01  # the chance a column gets a window of pure noise in its range search
 FALLBACK_WIDTH = 2  # decades
 MAX_WIDTH = 3  # decades: the widest window tried for a range
 # shares of the budget (zCDP rho): class counts, range search, shapes; without a range search its
 # share goes to the shapes
-SHARES = (0.1, 0.6, 0.3)
-_POS = 10.0 ** np.arange(-3, 10)  # 1e-3 .. 1e9, one edge per decade
-GRID = np.concatenate([-_POS[::-1], [0.0], _POS])
+SHARES = (0.1, 0.7, 0.2)
+
+
+def grid(per_decade: int = 1) -> np.ndarray:
+    """The range search's edges: 0, and +-1e-3 .. +-1e9 with ``per_decade`` bins a decade."""
+    pos = 10.0 ** (np.arange(-3 * per_decade, 9 * per_decade + 1) / per_decade)
+    return np.concatenate([-pos[::-1], [0.0], pos])
+
+
+GRID = grid(1)
+# bins a decade for the range search, from the noisy row count over the grid's noise sd (both
+# public once the class counts are released): finer where the rows stand far above the noise
+RESOLUTIONS = ((50.0, 4), (20.0, 2), (0.0, 1))
 # decades below this magnitude count as "at zero" when deciding whether two passing windows are
 # one bulk: a zero-inflated column (digits' pixels: 0, or 1..16) is one bulk, not a spike
 NEAR_ZERO = 0.1
@@ -122,10 +133,12 @@ def make_mock(  # noqa: PLR0913
     ranges = {c: (float(bounds[c][0]), float(bounds[c][1])) for c in numeric if c in bounds}
     sources = dict.fromkeys(ranges, "declared")
     if searched:
-        grid = [_grid_counts(frame[c].to_numpy(np.float64)) for c in searched]
-        noisy_grid = np.split(_noisy(np.concatenate(grid), sigma_r), len(searched))
+        noisy_rows = float(np.clip(counts, 0, None).sum())
+        edges_r = grid(next(r for ratio, r in RESOLUTIONS if noisy_rows >= ratio * sigma_r))
+        counted = [_grid_counts(frame[c].to_numpy(np.float64), edges_r) for c in searched]
+        noisy_grid = np.split(_noisy(np.concatenate(counted), sigma_r), len(searched))
         for c, noisy in zip(searched, noisy_grid, strict=True):
-            lo, hi, found = _dp_range(noisy, sigma_r)
+            lo, hi, found = _dp_range(noisy, sigma_r, edges_r)
             ranges[c], sources[c] = (lo, hi), "dp" if found else "weak"
     edges = {c: _edges(*ranges[c], _is_int(frame[c])) for c in numeric}
     # a categorical column's domain is its public category list: one unit bin per code
@@ -196,54 +209,81 @@ def _noisy(counts: np.ndarray, sigma: float) -> np.ndarray:
     return np.asarray(measure([int(c) for c in counts]), dtype=np.int64)
 
 
-def _grid_counts(values: np.ndarray) -> np.ndarray:
-    bins = np.clip(np.searchsorted(GRID, values, side="right") - 1, 0, len(GRID) - 2)
-    return np.bincount(bins, minlength=len(GRID) - 1)
+def _grid_counts(values: np.ndarray, edges: np.ndarray = GRID) -> np.ndarray:
+    bins = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+    return np.bincount(bins, minlength=len(edges) - 1)
 
 
-def _dp_range(noisy: np.ndarray, sigma: float) -> tuple[float, float, bool]:
-    """The span of decades that stand clear of the noise (post-processing of one histogram),
+def _dp_range(
+    noisy: np.ndarray, sigma: float, edges: np.ndarray = GRID
+) -> tuple[float, float, bool]:
+    """The span of grid bins that stand clear of the noise (post-processing of one histogram),
     and whether any did.
 
-    Decades are summed in windows of 1, 2, 3 neighbours (a window's noise grows as its square
-    root) until some window passes ``RANGE_SIGMAS`` noise sds; the range spans the run of
-    passing windows around the fullest (``_bulk``). When none passes (few rows, much noise), the
-    fullest window of ``FALLBACK_WIDTH`` decades is taken and the range is published as weak:
-    the researcher's pooling prefers another site's found range (``researcher.rounds``).
+    Bins are summed in windows of 1, 2, ... neighbours up to ``MAX_WIDTH`` decades (a window's
+    noise grows as its square root); every window that passes ``_threshold`` noise sds at
+    any width is a candidate, and the range spans the run of candidates around the fullest
+    (``_bulk``): a zero spike and a tail spread over two decades are then one range. When none
+    passes (few rows, much noise), the fullest window of ``FALLBACK_WIDTH`` decades is taken and
+    the range is published as weak: the researcher's pooling prefers another site's range.
     """
     noisy = noisy.astype(np.float64)
-    for width in range(1, MAX_WIDTH + 1):
+    per_decade = max(1, round((len(edges) - 2) / 24))
+    widths = range(1, MAX_WIDTH * per_decade + 1)
+    threshold = _threshold(sum(len(noisy) - w + 1 for w in widths))
+    spans: list[tuple[int, int, float]] = []  # (first bin, last bin, noise sds)
+    for width in widths:
         sums = np.convolve(noisy, np.ones(width), mode="valid")
-        passing = np.flatnonzero(sums > RANGE_SIGMAS * sigma * math.sqrt(width))
-        if len(passing):
-            lo, hi = _bulk(passing, int(passing[np.argmax(sums[passing])]))
-            return float(GRID[lo]), float(GRID[hi + width]), True
-    sums = np.convolve(noisy, np.ones(FALLBACK_WIDTH), mode="valid")
+        score = sums / (sigma * math.sqrt(width))
+        for i in np.flatnonzero(score > threshold):
+            # only windows that pass on their own: one that holds a passing narrower window
+            # passes because of it, and would stretch the range by its width
+            if not any(a >= i and b <= i + width - 1 for a, b, _ in spans):
+                spans.append((int(i), int(i) + width - 1, float(score[i])))
+    if spans:
+        lo, hi = _bulk(spans, edges)
+        return float(edges[lo]), float(edges[hi + 1]), True
+    sums = np.convolve(noisy, np.ones(FALLBACK_WIDTH * per_decade), mode="valid")
     start = int(np.argmax(sums))
-    return float(GRID[start]), float(GRID[start + FALLBACK_WIDTH]), False
+    return float(edges[start]), float(edges[start + FALLBACK_WIDTH * per_decade]), False
 
 
-def _position(index: int) -> int:
-    """A grid bin's place for the gap rule: decades below ``NEAR_ZERO`` all sit at zero."""
-    edge = max(abs(GRID[index]), abs(GRID[index + 1]))
-    decades = max(0, math.ceil(math.log10(edge / NEAR_ZERO))) if edge > NEAR_ZERO else 0
-    return decades if GRID[index] >= 0 else -decades
+def _threshold(tests: int) -> float:
+    """Noise sds a window must stand clear of: about one column in ``1 / FALSE_WINDOW`` gets a
+    window of pure noise past it, whatever the number of windows tried (a Bonferroni bound)."""
+    from scipy.stats import norm
+
+    return max(RANGE_SIGMAS, float(norm.isf(FALSE_WINDOW / tests)))
 
 
-def _bulk(passing: np.ndarray, peak: int) -> tuple[int, int]:
-    """The run of passing windows around the fullest one, gaps of up to ``MAX_GAP`` decades
-    allowed (counted from ``NEAR_ZERO``, so zeros and a tail of 1..16 are one bulk).
+def _position(index: int, edges: np.ndarray) -> float:
+    """A grid bin's place for the gap rule, in decades: all below ``NEAR_ZERO`` sit at zero."""
+    edge = max(abs(edges[index]), abs(edges[index + 1]))
+    decades = math.log10(edge / NEAR_ZERO) if edge > NEAR_ZERO else 0.0
+    return decades if edges[index] >= 0 else -decades
+
+
+def _bulk(spans: list[tuple[int, int, float]], edges: np.ndarray) -> tuple[int, int]:
+    """The bins covered by the passing windows linked to the most significant one, a window
+    linking to the run when it lies within ``MAX_GAP`` decades of it (counted from
+    ``NEAR_ZERO``, so zeros and a tail of 1..16 are one bulk).
 
     A lone noise spike passes somewhere now and then; spanning first-to-last passing window
     stretched a column [8, 36] to [7, 5e5]. A spike is far from the bulk; a real second mode is
     rarely more than three decades away.
     """
-    lo = hi = int(np.searchsorted(passing, peak))
-    while lo > 0 and _position(passing[lo]) - _position(passing[lo - 1]) <= MAX_GAP:
-        lo -= 1
-    while hi < len(passing) - 1 and _position(passing[hi + 1]) - _position(passing[hi]) <= MAX_GAP:
-        hi += 1
-    return int(passing[lo]), int(passing[hi])
+    first, last, _ = max(spans, key=lambda s: s[2])
+    grown = True
+    while grown:
+        grown = False
+        for a, b, _ in spans:
+            if a >= first and b <= last:
+                continue
+            below = _position(first, edges) - _position(b, edges)
+            above = _position(a, edges) - _position(last, edges)
+            if max(below, above) <= MAX_GAP:
+                first, last, grown = min(first, a), max(last, b), True
+    return first, last
 
 
 def _column_stats(
