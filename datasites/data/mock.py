@@ -10,11 +10,13 @@ of each per-column histogram):
 
 1. *The class counts* (or the row count of a continuous target), at scale ``sigma_c``.
 2. *Where each column lies*, for every numeric column without owner-declared bounds: a histogram
-   over a fixed, data-independent grid of decades (-1e9 .. -1e-3, 0, 1e-3 .. 1e9), at scale
-   ``sigma_r``. A column's range is the span of decades whose noisy count stands
-   ``_threshold`` noise sds clear (``_dp_range``). Decades, not quarter decades: a bin then
-   holds four times the rows for the same noise, and on a 66-row table half the columns' ranges
-   used to land on a noise spike (a mean of -13,855,824 for a column in [0.4, 3.6], issue 25).
+   over a fixed grid (-1e9 .. -1e-3, 0, 1e-3 .. 1e9), at scale ``sigma_r``. A column's range is
+   the span of windows whose noisy count stands ``_threshold`` noise sds clear (``_dp_range``).
+   The grid has one bin a decade on small tables, and two or four where the noisy row count
+   (released first) stands 20 or 50 noise sds above ``sigma_r`` (``RESOLUTIONS``): a decade
+   holds four times the rows of a quarter decade for the same noise, and on a 66-row table
+   half the columns' ranges used to land on a noise spike of the quarter-decade grid (a mean of
+   -13,855,824 for a column in [0.4, 3.6], issue 25).
    The grid is bounded: no range reaches past 1e9. Columns with declared bounds (public schema,
    ``datasite upload --bounds``) skip this release: no epsilon is spent finding their range.
 3. *The shape within*: per class, per column, a histogram of ``BINS`` equal bins over the range
