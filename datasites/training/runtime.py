@@ -30,8 +30,8 @@ from datasites.errors import Refused
 from datasites.training.prepare import prepare_task, privacy_report, release, table_arrays
 from policies.errors import PolicyError
 from policies.plan import JobSpec
-from policies.scaling import unpack
 from policies.privacy import job_privacy
+from policies.scaling import unpack
 
 SITE_DIR_ENV = "FEDSITE_DIR"
 
