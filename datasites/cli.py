@@ -187,10 +187,19 @@ def upload(
             "it is read."
         ),
     ] = 1536,
+    bounds: Annotated[
+        Path | None,
+        typer.Option(
+            help="TOML, YAML or CSV of public bounds: per numeric column a lower and an upper "
+            "value (CSV header column,lower,upper; '*' for every column not named). Published as "
+            "schema; values outside are clamped (you alone see how many); no epsilon is spent "
+            "finding those columns' ranges."
+        ),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Validate a table and upload it as private data with a differentially private mock twin."""
-    from datasites.data.tables import load_table, validate_table
+    from datasites.data.tables import load_bounds, load_table, validate_table
 
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise DatasiteError(f"dataset name {name!r} may hold only letters, digits, '-', '_', '.'")
@@ -206,10 +215,11 @@ def upload(
     table = validate_table(
         load_table(file, max_memory_mb=max_memory_mb), target, max_categories=max_categories
     )
+    declared = load_bounds(bounds, table) if bounds is not None else None
     live(site)
     from datasites.serving import admin
 
-    result = admin.upload(site, name, table, description, mock_rows, mock_epsilon)
+    result = admin.upload(site, name, table, description, mock_rows, mock_epsilon, declared)
     if json:
         emit_json(result.__dict__)
     else:
@@ -217,6 +227,19 @@ def upload(
             f"uploaded {result.name}: {result.rows} private rows, {result.mock_rows} mock rows "
             f"(DP, epsilon {result.mock_epsilon:g}, public), target {result.target!r}"
         )
+        if declared is not None:
+            out.print(
+                f"bounds declared for {len(declared)} column(s) (public schema); {_clamped(result.clamped)}"
+            )
+
+
+def _clamped(counts: dict[str, int] | None) -> str:
+    """The owner's line on clamping: how many values each column had outside its bounds."""
+    outside = {c: n for c, n in (counts or {}).items() if n}
+    if not outside:
+        return "no value lay outside them"
+    listed = ", ".join(f"{c} {n}" for c, n in outside.items())
+    return f"values clamped to them (yours alone, never published): {listed}"
 
 
 @app.command()
@@ -230,6 +253,9 @@ def datasets(site: SiteOpt, json: JsonOpt = False) -> None:
                 k: meta.get(k)
                 for k in ("target", "rows", "mock_rows", "mock_epsilon", "schema", "categories")
             },
+            "bounds": meta.get("bounds") if meta.get("bounds_source") else None,
+            "bounds_source": meta.get("bounds_source"),
+            "clamped": (meta.get("owner_only") or {}).get("clamped"),
         }
         for name, meta in sorted(site.datasets_meta().items())
     ]
@@ -238,12 +264,27 @@ def datasets(site: SiteOpt, json: JsonOpt = False) -> None:
     else:
         table(
             "datasets",
-            ["name", "rows", "target", "columns", "description"],
+            ["name", "rows", "target", "columns", "declared bounds", "clamped", "description"],
             [
-                [r["name"], r["rows"], r["target"], len(r["schema"] or []), r["description"]]
+                [
+                    r["name"],
+                    r["rows"],
+                    r["target"],
+                    len(r["schema"] or []),
+                    sum(s == "declared" for s in (r["bounds_source"] or {}).values()),
+                    _clamped_short(r["clamped"]),
+                    r["description"],
+                ]
                 for r in rows
             ],
         )
+
+
+def _clamped_short(counts: dict[str, int] | None) -> str:
+    if counts is None:
+        return "-"
+    outside = {c: n for c, n in counts.items() if n}
+    return ", ".join(f"{c} {n}" for c, n in outside.items()) or "0"
 
 
 @users_app.command("add")

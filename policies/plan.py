@@ -470,9 +470,11 @@ def _check_scaling(scaling: Any, input_shape: tuple[int, ...]) -> None:
     A subnormal std or an infinite mean would turn rows into infinities, and whether a round
     then fails would depend on private values.
     """
-    if not isinstance(scaling, dict) or set(scaling) != {"mean", "std"}:
-        raise PlanError("scaling must be a dict with exactly 'mean' and 'std'")
-    for key, low, high in (("mean", -MAX_MEAN, MAX_MEAN), ("std", MIN_STD, MAX_MEAN)):
+    keys = set(scaling) if isinstance(scaling, dict) else set()
+    if keys not in ({"mean", "std"}, {"mean", "std", "low", "high"}):
+        raise PlanError("scaling must be a dict of 'mean' and 'std', and optionally 'low', 'high'")
+    ranged = (("low", -MAX_MEAN, MAX_MEAN), ("high", -MAX_MEAN, MAX_MEAN)) if "low" in keys else ()
+    for key, low, high in (("mean", -MAX_MEAN, MAX_MEAN), ("std", MIN_STD, MAX_MEAN), *ranged):
         values = scaling[key]
         if not isinstance(values, list) or len(values) != input_shape[-1]:
             raise PlanError(f"scaling {key} must be a list of {input_shape[-1]} numbers")
@@ -480,6 +482,8 @@ def _check_scaling(scaling: Any, input_shape: tuple[int, ...]) -> None:
             ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
             if not ok or not low <= v <= high:
                 raise PlanError(f"scaling {key} values must be finite in [{low:g}, {high:g}]")
+    if "low" in keys and any(a > b for a, b in zip(scaling["low"], scaling["high"], strict=True)):
+        raise PlanError("scaling low must not exceed high for any input")
 
 
 def validation_rows(n_rows: int, fraction: float) -> int:

@@ -123,9 +123,24 @@ def statistic_warnings(
 
 
 def _unbounded(meta: Mapping[str, Any], names: list[str]) -> list[str]:
-    bounds = meta.get("bounds") or {}
+    """Numeric columns without owner-declared bounds, the weak ranges first.
+
+    ``bounds_source`` says per column where its published range came from: "declared" by the
+    owner (exact, skipped here), "dp" (found by the mock's range search) or "weak" (no range
+    stood clear of the noise). Metadata from before it lists declared ``bounds`` only.
+    """
+    source = meta.get("bounds_source")
+    if source is None:
+        declared = set(meta.get("bounds") or {})
+    else:
+        declared = {c for c, s in source.items() if s == "declared"}
     categorical = set(meta.get("categories") or {})
-    return [n for n in names if n not in bounds and n not in categorical]
+    left = [n for n in names if n not in declared and n not in categorical]
+    return [n for n in left if _weak(meta, n)] + [n for n in left if not _weak(meta, n)]
+
+
+def _weak(meta: Mapping[str, Any], name: str) -> bool:
+    return (meta.get("bounds_source") or {}).get(name) == "weak"
 
 
 def _feature_names(meta: Mapping[str, Any]) -> list[str]:
@@ -145,7 +160,7 @@ def _mock_warning(
     if sigma is None or rows < 1 or not columns:
         return None
     need = RANGE_SIGMAS * sigma * math.sqrt(RANGE_WINDOW)
-    if rows >= need:
+    if rows >= need and not any(_weak(meta, c) for c in columns):
         return None
     eps = float(meta.get("mock_epsilon"))
     wanted = _mock_epsilon_for(meta, rows / (RANGE_SIGMAS * math.sqrt(RANGE_WINDOW)))

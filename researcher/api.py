@@ -28,6 +28,7 @@ from policies.layout import align_stats, federation_layout, one_hot_mask, width
 from policies.plan import CLASSIFIERS, JobSpec
 from policies.plan import n_outputs as outputs_for
 from policies.privacy import job_privacy
+from policies.scaling import published_ranges, weak_inputs
 from policies.utility import UtilityWarning
 from policies.wire import Weights, encode_weights
 from researcher import sites
@@ -515,7 +516,19 @@ def with_pooled_scaling(fed: Federation, spec: JobSpec) -> JobSpec:
     for meta in metas:
         if meta.get("feature_mean") and meta.get("rows"):
             mean, std = align_stats(meta, spec.layout, missing_std=0.0)
-            aligned.append({**meta, "feature_mean": mean, "feature_std": std})
+            ranges = published_ranges(meta, spec.layout)
+            low, high = ranges if ranges is not None else (None, None)
+            weak = weak_inputs(meta, spec.layout)
+            aligned.append(
+                {
+                    **meta,
+                    "feature_mean": mean,
+                    "feature_std": std,
+                    "feature_low": low,
+                    "feature_high": high,
+                    "feature_weak": weak,
+                }
+            )
     return replace(spec, scaling=pooled_scaling(aligned, one_hot_mask(spec.layout)))
 
 

@@ -86,6 +86,8 @@ def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
             if d.get("classes"):
                 listed = "|".join(map(str, d["classes"]))
                 out.print(f"{d['name']} classes (public): {listed}", highlight=False)
+            if d.get("bounds"):
+                out.print(f"{d['name']} column ranges: {_bounds(d)}", highlight=False)
     out.print(
         "Row counts and mocks are differentially private (each site's ledger charges the mock "
         "to every researcher); column names, dtypes, class labels and the category lists of "
@@ -98,6 +100,16 @@ def _categories(dataset: dict) -> str:
     """Each categorical column with its published categories, e.g. "region: east|north"."""
     listed = dataset.get("categories") or {}
     return "; ".join(f"{col}: {'|'.join(map(str, cats))}" for col, cats in listed.items())
+
+
+def _bounds(dataset: dict) -> str:
+    """Each numeric column's range and where it came from: "age [18, 99] declared"; a range
+    the DP release found is "dp", one no decade of it stood clear for is "weak"."""
+    source = dataset.get("bounds_source") or {}
+    return "; ".join(
+        f"{col} [{lo:g}, {hi:g}] {source.get(col, 'dp')}"
+        for col, (lo, hi) in (dataset.get("bounds") or {}).items()
+    )
 
 
 def _preview(dataset: dict) -> str:

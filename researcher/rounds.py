@@ -26,6 +26,8 @@ import numpy as np
 from policies.compression import decompress
 from policies.errors import WireError
 from policies.plan import MIN_STD, JobSpec
+from policies.scaling import apply as apply_scaling
+from policies.scaling import floored_std, weak_inputs
 from policies.wire import REPLAY_LAST, check_weights, decode_weights, encode_weights
 from researcher import model as local_model
 from researcher.errors import SiteError, Unreachable
@@ -89,13 +91,16 @@ PERSONALIZED_FILE = "personalized.json"  # each site's DP metrics of its fine-tu
 def pooled_scaling(
     metas: list[dict[str, Any]], one_hot: list[bool] | None = None
 ) -> dict[str, list[float]] | None:
-    """Federation-wide feature mean/std from each site's published mean, std and row count.
+    """Federation-wide feature mean, std and range from each site's published ones.
 
-    The published statistics come from DP mocks; on a small site a column's range can miss
-    (the noise hid it), which shows as a std far from the other sites'. Per feature, a site
-    whose std is more than ``OUTLIER_RATIO`` times off the median is left out of the pool.
-    ``one_hot`` marks inputs that are category shares: no outlier rule there (a category held
-    at one site alone is no miss of the noise), every site counts.
+    The published statistics come from DP releases; on a small site a column's range can miss
+    (the noise hid it). Per feature: a site whose range is weak (no decade stood clear of the
+    noise, ``datasites.data.mock``) is left out where another site found or declared one; and,
+    with three sites or more, a site whose std is more than ``OUTLIER_RATIO`` times off the
+    median is left out. ``one_hot`` marks inputs that are category shares: no outlier rule there
+    (a category held at one site alone is no miss of the noise), every site counts. The range is
+    the union of the kept sites' ranges, and the std is floored by it (``policies.scaling``), so
+    that every input, clamped to the range, scales to at most ``STD_FLOOR_DIVISOR``.
     """
     usable = [m for m in metas if m.get("feature_mean") and m.get("rows")]
     if not usable:
@@ -103,6 +108,7 @@ def pooled_scaling(
     n = np.array([m["rows"] for m in usable], dtype=np.float64)[:, None]
     mu = np.array([m["feature_mean"] for m in usable])
     sd = np.array([m["feature_std"] for m in usable])
+    n = n * _strong(usable, mu.shape[1])
     if len(usable) >= 3:
         median = np.median(sd, axis=0)
         ratio = np.maximum(sd, MIN_STD) / np.maximum(median, MIN_STD)
@@ -110,10 +116,37 @@ def pooled_scaling(
         if one_hot is not None:
             keep |= np.asarray(one_hot, dtype=bool)[None, :]
         n = n * keep
+    n = np.where(n.sum(0) > 0, n, 1.0)  # every site left out of an input: all count again
     mean = (n * mu).sum(0) / n.sum(0)
     var = (n * (sd**2 + mu**2)).sum(0) / n.sum(0) - mean**2
     std = np.sqrt(np.maximum(var, 0.0))
-    return {"mean": mean.tolist(), "std": np.where(std > MIN_STD, std, 1.0).tolist()}
+    ranged = all(m.get("feature_low") and m.get("feature_high") for m in usable)
+    if not ranged:
+        return {"mean": mean.tolist(), "std": np.where(std > MIN_STD, std, 1.0).tolist()}
+    kept = n > 0
+    low = np.where(kept, np.array([m["feature_low"] for m in usable]), np.inf).min(0)
+    high = np.where(kept, np.array([m["feature_high"] for m in usable]), -np.inf).max(0)
+    mean = np.clip(mean, low, high)
+    return {
+        "mean": mean.tolist(),
+        "std": floored_std(std, low, high).tolist(),
+        "low": low.tolist(),
+        "high": high.tolist(),
+    }
+
+
+def _strong(metas: list[dict[str, Any]], width: int) -> np.ndarray:
+    """Per site and input, 0 where the site's range is weak and another site's is not."""
+    rows = []
+    for m in metas:
+        if m.get("feature_weak") is not None:
+            rows.append(m["feature_weak"])
+        else:
+            own = weak_inputs(m) if m.get("schema") else []
+            rows.append(own if len(own) == width else [False] * width)
+    weak = np.array(rows, dtype=bool).reshape(len(metas), width)
+    some_strong = (~weak).any(axis=0)
+    return np.where(weak & some_strong[None, :], 0.0, 1.0)
 
 
 def initial_weights(spec: JobSpec, meta: dict[str, Any]) -> Weights:
@@ -490,7 +523,7 @@ def _test_metrics(spec: JobSpec, weights: Weights, test: Any, precision: float) 
         return {}
     x, y = test
     if spec.plan.standardize and spec.scaling:
-        x = (x - np.asarray(spec.scaling["mean"])) / np.asarray(spec.scaling["std"])
+        x = apply_scaling(np.array(x, dtype=np.float32), spec.scaling)  # as every site does
     model = local_model.load(local_model.build(spec), weights)
     return held_out_metrics(model, x, y, spec.plan.loss, precision)
 

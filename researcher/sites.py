@@ -89,6 +89,10 @@ def datasets(client: Any, preview_rows: int = 5) -> list[dict[str, Any]]:
                     "n_classes": meta.get("n_classes"),
                     "classes": meta.get("classes"),
                     "mock_epsilon": meta.get("mock_epsilon"),
+                    # per numeric column: [low, high], declared by the owner or found by the DP
+                    # release ("dp", "weak"): what every round clamps to
+                    "bounds": meta.get("bounds") or {},
+                    "bounds_source": meta.get("bounds_source") or {},
                     "mock_preview": mock.head(preview_rows).to_dict(orient="records"),
                 }
             )

@@ -177,11 +177,11 @@ def _cli(module: str, *args: str) -> str:
 def centralized_accuracy(shares: list[pd.DataFrame], test: pd.DataFrame, spec) -> float:
     """The same model without DP on the pooled training rows, same scaling and test split."""
 
+    from policies.scaling import apply as apply_scaling
     from researcher import model as local_model
 
     pooled = pd.concat(shares)
-    mean, std = np.asarray(spec.scaling["mean"]), np.asarray(spec.scaling["std"])
-    x = ((pooled.drop(columns=["target"]).to_numpy() - mean) / std).astype(np.float32)
+    x = apply_scaling(pooled.drop(columns=["target"]).to_numpy(np.float32), spec.scaling)
     y = torch.as_tensor(pooled["target"].to_numpy())
     model = local_model.build(spec)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -190,7 +190,7 @@ def centralized_accuracy(shares: list[pd.DataFrame], test: pd.DataFrame, spec) -
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(xt), y).backward()
         opt.step()
-    xs = ((test.drop(columns=["target"]).to_numpy() - mean) / std).astype(np.float32)
+    xs = apply_scaling(test.drop(columns=["target"]).to_numpy(np.float32), spec.scaling)
     return local_model.accuracy(model, xs, test["target"].to_numpy(), "cross_entropy")
 
 

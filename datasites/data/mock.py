@@ -1,40 +1,54 @@
-"""The differentially private mock twin of a private table.
+"""The differentially private mock twin of a private table, and the statistics it publishes.
 
 Why this shape: everything the mock shows about the private table must be covered by the site's
 ledger, so the mock is drawn from noisy counts alone (OpenDP's discrete Gaussian on integer
 vectors, exact sampling, no floating-point leak), and every published statistic (row count,
-feature mean and std) is computed from the mock, which is post-processing.
+feature range, mean and std) is post-processing of those counts.
 
-Two releases, both Gaussian with the same scale ``sigma``, under add/remove-one-row neighbours:
+Three count vectors, each Gaussian, under add/remove-one-row neighbours (one row moves one count
+of each per-column histogram):
 
-1. *Where the data lies.* The per-class row counts, and for every column a histogram over a fixed,
-   data-independent grid of quarter-decades (..., -1.78, -1, 0, 1, 1.78, 3.16, ... up to 1e10).
-   One row moves one class count and one bin per column: L2 sensitivity sqrt(1 + d). A column's
-   range is the span of grid bins whose noisy count passes ``RANGE_SIGMAS * sigma``.
-2. *The shape within.* Per class, per column, a histogram of ``BINS`` equal bins over that range
-   (unit bins for integer columns of a narrow range). One row moves one bin per column in its
-   class: sensitivity sqrt(d).
+1. *The class counts* (or the row count of a continuous target), at scale ``sigma_c``.
+2. *Where each column lies*, for every numeric column without owner-declared bounds: a histogram
+   over a fixed grid (-1e9 .. -1e-3, 0, 1e-3 .. 1e9), at scale ``sigma_r``. A column's range is
+   the span of windows whose noisy count stands ``_threshold`` noise sds clear (``_dp_range``).
+   The grid has one bin a decade on small tables, and two or four where the noisy row count
+   (released first) stands 20 or 50 noise sds above ``sigma_r`` (``RESOLUTIONS``): a decade
+   holds four times the rows of a quarter decade for the same noise, and on a 66-row table
+   half the columns' ranges used to land on a noise spike of the quarter-decade grid (a mean of
+   -13,855,824 for a column in [0.4, 3.6], issue 25).
+   The grid is bounded: no range reaches past 1e9. Columns with declared bounds (public schema,
+   ``datasite upload --bounds``) skip this release: no epsilon is spent finding their range.
+3. *The shape within*: per class, per column, a histogram of ``BINS`` equal bins over the range
+   (unit bins for integer columns of a narrow range), at scale ``sigma_f``.
+
+The three scales share one budget: 1/sigma_c^2 + d_r/sigma_r^2 + d/sigma_f^2 = 1/nm^2, with
+shares ``SHARES`` (the range gets most where it must be found: a wrong range costs a column,
+a noisy shape only some fidelity). Gaussian DP composes in quadrature, so the whole is exactly
+one Gaussian mechanism of noise multiplier nm, charged as ``Mechanism(nm, 1.0, 1)``.
 
 A categorical column (text at upload, a pandas categorical here) has a public domain, its
-published category list, so it skips release 1 and its release 2 is a histogram over its
-categories. With ``d`` columns of which ``d_num`` are numeric the sensitivity is
-sqrt(1 + d_num + d).
+published category list: no range release, and its shape histogram is over its categories.
 
-Composed, the two are exactly one Gaussian mechanism of noise multiplier sigma / sqrt(1 + d_num +
-d) (Gaussian DP composes in quadrature), charged in the ledger as ``Mechanism(nm, 1.0, 1)``.
+Published per numeric column (``MockRelease.ranges``, ``.stats``, ``.sources``): the range
+(declared, or found, or "weak" when no decade stood clear and the fullest window was taken), and a
+mean and std from the noisy shape counts summed over classes, shrunk towards the range's centre
+and quarter width as far as the noise there demands (``_column_stats``): on a few dozen rows the
+published std is then the range's, never the std of a 28-row mock (0.0003 for digits' columns
+whose std is 5). Every consumer clamps to the range and floors the std (``policies.scaling``).
 
 Rows are then drawn class by class (class share from the noisy counts), each column independently
 from its class's noisy histogram, uniformly within a bin. Not kept: correlations between columns.
-Disclosed without noise, as schema: column names and dtypes, the label set of a class target, and
-the category list of each categorical column.
+Disclosed without noise, as schema: column names and dtypes, the label set of a class target, the
+category list of each categorical column, and declared bounds.
 On small tables with many columns the noise dominates: the mock is for running code, not for
-modelling; ``--mock-epsilon`` buys fidelity with budget.
+modelling; ``--mock-epsilon`` buys fidelity with budget, and declared bounds buy it for free.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,10 +61,32 @@ if TYPE_CHECKING:
 MAX_CLASSES = 20  # a target with more distinct values is continuous
 DEFAULT_MOCK_EPSILON = 1.0
 BINS = 16
-RANGE_SIGMAS = 4.0
-FALLBACK_WIDTH = 8
-_POS = 10.0 ** (np.arange(-12, 41) / 4)  # 1e-3 .. 1e10 in quarter decades
-GRID = np.concatenate([-_POS[::-1], [0.0], _POS])
+RANGE_SIGMAS = 3.0  # the least a window must stand clear of the noise (``_threshold``)
+FALSE_WINDOW = 0.01  # the chance a column gets a window of pure noise in its range search
+FALLBACK_WIDTH = 2  # decades
+MAX_WIDTH = 3  # decades: the widest window tried for a range
+# shares of the budget (zCDP rho): class counts, range search, shapes; without a range search its
+# share goes to the shapes
+SHARES = (0.1, 0.7, 0.2)
+
+
+def grid(per_decade: int = 1) -> np.ndarray:
+    """The range search's edges: 0, and +-1e-3 .. +-1e9 with ``per_decade`` bins a decade."""
+    pos = 10.0 ** (np.arange(-3 * per_decade, 9 * per_decade + 1) / per_decade)
+    return np.concatenate([-pos[::-1], [0.0], pos])
+
+
+GRID = grid(1)
+# bins a decade for the range search, from the noisy row count over the grid's noise sd (both
+# public once the class counts are released): finer where the rows stand far above the noise
+RESOLUTIONS = ((50.0, 4), (20.0, 2), (0.0, 1))
+# decades below this magnitude count as "at zero" when deciding whether two passing windows are
+# one bulk: a zero-inflated column (digits' pixels: 0, or 1..16) is one bulk, not a spike
+NEAR_ZERO = 0.1
+MAX_GAP = 3  # decades between passing windows that still belong to one bulk
+
+
+Bounds = dict[str, tuple[float, float]]
 
 
 @dataclass(frozen=True)
@@ -62,6 +98,11 @@ class MockRelease:
     mechanism: Mechanism
     epsilon: float
     delta: float
+    # per numeric column: the published range, its source ("declared", "dp", "weak"), and the
+    # published (mean, std) from the noisy shape counts
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def make_mock(  # noqa: PLR0913
@@ -71,30 +112,36 @@ def make_mock(  # noqa: PLR0913
     epsilon: float = DEFAULT_MOCK_EPSILON,
     delta: float = 1e-5,
     seed: int | None = None,
+    bounds: Bounds | None = None,
 ) -> MockRelease:
     """Synthetic rows with the columns and dtypes of ``frame``, epsilon-DP at ``delta``.
 
-    ``seed`` fixes the sampling from the noisy histograms only; the noise itself is never seeded.
+    ``bounds``: owner-declared public (lower, upper) per numeric column; ``frame`` must already
+    be clamped to them (``datasites.data.tables.clamp``). ``seed`` fixes the sampling from the
+    noisy histograms only; the noise itself is never seeded.
     """
     import pandas as pd
 
     from policies.accounting import Mechanism, noise_for_target
 
+    bounds = dict(bounds or {})
     keys = class_keys(frame, target)
     columns = [c for c in frame.columns if not (keys and c == target)]
     numeric = [c for c in columns if not _is_categorical(frame[c])]
-    sensitivity_sq = 1 + len(numeric) + len(columns)
+    searched = [c for c in numeric if c not in bounds]
     nm = noise_for_target(float(epsilon), float(delta), 1.0, 1)
-    sigma = nm * math.sqrt(sensitivity_sq)
-    # stage 1, one noisy vector: class counts, then each numeric column's grid histogram
-    class_counts = _class_counts(frame, target, keys)
-    grid = [_grid_counts(frame[c].to_numpy(np.float64)) for c in numeric]
-    noisy = _noisy(np.concatenate([class_counts, *grid]), sigma)
-    counts, noisy_grid = noisy[: len(class_counts)], noisy[len(class_counts) :]
-    width = len(GRID) - 1
-    ranges = {
-        c: _dp_range(noisy_grid[i * width : (i + 1) * width], sigma) for i, c in enumerate(numeric)
-    }
+    sigma_c, sigma_r, sigma_f = _scales(nm, len(searched), len(columns))
+    counts = _noisy(_class_counts(frame, target, keys), sigma_c)
+    ranges = {c: (float(bounds[c][0]), float(bounds[c][1])) for c in numeric if c in bounds}
+    sources = dict.fromkeys(ranges, "declared")
+    if searched:
+        noisy_rows = float(np.clip(counts, 0, None).sum())
+        edges_r = grid(next(r for ratio, r in RESOLUTIONS if noisy_rows >= ratio * sigma_r))
+        counted = [_grid_counts(frame[c].to_numpy(np.float64), edges_r) for c in searched]
+        noisy_grid = np.split(_noisy(np.concatenate(counted), sigma_r), len(searched))
+        for c, noisy in zip(searched, noisy_grid, strict=True):
+            lo, hi, found = _dp_range(noisy, sigma_r, edges_r)
+            ranges[c], sources[c] = (lo, hi), "dp" if found else "weak"
     edges = {c: _edges(*ranges[c], _is_int(frame[c])) for c in numeric}
     # a categorical column's domain is its public category list: one unit bin per code
     edges.update(
@@ -103,19 +150,38 @@ def make_mock(  # noqa: PLR0913
     rng = np.random.default_rng(seed)
     total = max(1, int(np.clip(counts, 0, None).sum()))
     n_rows = max(1, min(rows, total))
-    parts = []
+    parts, shapes = [], {c: np.zeros(len(edges[c]) - 1) for c in numeric}
     for i, key in enumerate(keys or [None]):
         group = frame if key is None else frame[frame[target] == key]
-        share = _share(counts, i)
-        n = max(1, round(n_rows * share))  # every class of the (public) label set appears
-        part = _draw_group(group, columns, edges, sigma, n, rng)
+        n = max(1, round(n_rows * _share(counts, i)))  # every class of the (public) label set
+        part, noisy = _draw_group(group, columns, edges, sigma_f, n, rng)
+        for c in numeric:
+            shapes[c] += noisy[c]
         if key is not None:
             part[target] = key
         parts.append(part)
+    groups = len(keys) or 1
+    stats = {
+        c: _column_stats(shapes[c], edges[c], total, sigma_f * math.sqrt(groups)) for c in numeric
+    }
     mock = pd.concat(parts, ignore_index=True)
     mock = _finish(mock, frame, ranges)
     mock = mock.sample(frac=1.0, random_state=int(rng.integers(1 << 31))).reset_index(drop=True)
-    return MockRelease(mock, total, Mechanism(nm, 1.0, 1), float(epsilon), float(delta))
+    mechanism = Mechanism(nm, 1.0, 1)
+    return MockRelease(mock, total, mechanism, float(epsilon), float(delta), ranges, sources, stats)
+
+
+def _scales(nm: float, searched: int, columns: int) -> tuple[float, float, float]:
+    """Noise scales of the class counts, the range grids and the shapes, whose zCDP costs add
+    up to one Gaussian of noise multiplier ``nm``: a_c + a_r + a_f = 1 with 1/sigma^2 = a/nm^2
+    per unit-sensitivity count set (``searched`` range grids, ``columns`` shape histograms)."""
+    a_c, a_r, a_f = SHARES
+    if not searched:
+        a_r, a_f = 0.0, a_r + a_f
+    sigma_c = nm / math.sqrt(a_c)
+    sigma_r = nm * math.sqrt(searched / a_r) if searched else math.inf
+    sigma_f = nm * math.sqrt(columns / a_f)
+    return sigma_c, sigma_r, sigma_f
 
 
 def class_keys(frame: pd.DataFrame, target: str) -> list:
@@ -145,46 +211,112 @@ def _noisy(counts: np.ndarray, sigma: float) -> np.ndarray:
     return np.asarray(measure([int(c) for c in counts]), dtype=np.int64)
 
 
-def _grid_counts(values: np.ndarray) -> np.ndarray:
-    bins = np.clip(np.searchsorted(GRID, values, side="right") - 1, 0, len(GRID) - 2)
-    return np.bincount(bins, minlength=len(GRID) - 1)
+def _grid_counts(values: np.ndarray, edges: np.ndarray = GRID) -> np.ndarray:
+    bins = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+    return np.bincount(bins, minlength=len(edges) - 1)
 
 
-def _dp_range(noisy: np.ndarray, sigma: float) -> tuple[float, float]:
-    """The span of grid bins that stand clear of the noise (post-processing of one histogram).
+def _dp_range(
+    noisy: np.ndarray, sigma: float, edges: np.ndarray = GRID
+) -> tuple[float, float, bool]:
+    """The span of grid bins that stand clear of the noise (post-processing of one histogram),
+    and whether any did.
 
-    Bins are summed in windows of 1, 2, 4... neighbours (a window's noise grows as its square
-    root) until some window passes ``RANGE_SIGMAS`` noise sds; the range spans every window that
-    passes at that width. A spread-out column then still finds its bulk, not a noise spike. When
-    none passes (few rows, much noise), the fullest window of ``FALLBACK_WIDTH`` bins is used.
+    Bins are summed in windows of 1, 2, ... neighbours up to ``MAX_WIDTH`` decades (a window's
+    noise grows as its square root); every window that passes ``_threshold`` noise sds at
+    any width is a candidate, and the range spans the run of candidates around the fullest
+    (``_bulk``): a zero spike and a tail spread over two decades are then one range. When none
+    passes (few rows, much noise), the fullest window of ``FALLBACK_WIDTH`` decades is taken and
+    the range is published as weak: the researcher's pooling prefers another site's range.
     """
     noisy = noisy.astype(np.float64)
-    for width in (1, 2, 4, 8):
+    per_decade = max(1, round((len(edges) - 2) / 24))
+    widths = range(1, MAX_WIDTH * per_decade + 1)
+    threshold = _threshold(sum(len(noisy) - w + 1 for w in widths))
+    spans: list[tuple[int, int, float]] = []  # (first bin, last bin, noise sds)
+    for width in widths:
         sums = np.convolve(noisy, np.ones(width), mode="valid")
-        passing = np.flatnonzero(sums > RANGE_SIGMAS * sigma * math.sqrt(width))
-        if len(passing):
-            lo, hi = _bulk(passing, int(passing[np.argmax(sums[passing])]))
-            return float(GRID[lo]), float(GRID[hi + width])
+        score = sums / (sigma * math.sqrt(width))
+        for i in np.flatnonzero(score > threshold):
+            # only windows that pass on their own: one that holds a passing narrower window
+            # passes because of it, and would stretch the range by its width
+            if not any(a >= i and b <= i + width - 1 for a, b, _ in spans):
+                spans.append((int(i), int(i) + width - 1, float(score[i])))
+    if spans:
+        lo, hi = _bulk(spans, edges)
+        return float(edges[lo]), float(edges[hi + 1]), True
+    sums = np.convolve(noisy, np.ones(FALLBACK_WIDTH * per_decade), mode="valid")
     start = int(np.argmax(sums))
-    return float(GRID[start]), float(GRID[start + FALLBACK_WIDTH])
+    return float(edges[start]), float(edges[start + FALLBACK_WIDTH * per_decade]), False
 
 
-MAX_GAP = 8  # grid bins (two decades) between passing windows that still belong to one bulk
+def _threshold(tests: int) -> float:
+    """Noise sds a window must stand clear of: about one column in ``1 / FALSE_WINDOW`` gets a
+    window of pure noise past it, whatever the number of windows tried (a Bonferroni bound)."""
+    from scipy.stats import norm
+
+    return max(RANGE_SIGMAS, float(norm.isf(FALSE_WINDOW / tests)))
 
 
-def _bulk(passing: np.ndarray, peak: int) -> tuple[int, int]:
-    """The run of passing windows around the fullest one, gaps of up to ``MAX_GAP`` bins allowed.
+def _position(index: int, edges: np.ndarray) -> float:
+    """A grid bin's place for the gap rule, in decades: all below ``NEAR_ZERO`` sit at zero."""
+    edge = max(abs(edges[index]), abs(edges[index + 1]))
+    decades = math.log10(edge / NEAR_ZERO) if edge > NEAR_ZERO else 0.0
+    return decades if edges[index] >= 0 else -decades
 
-    With ~100 grid bins per column and 4 sds, a lone noise spike passes somewhere in one mock in
-    six (30 columns); spanning first-to-last passing window stretched a column [8, 36] to
-    [7, 5e5]. A spike is far from the bulk; a real second mode is rarely two decades away.
+
+def _bulk(spans: list[tuple[int, int, float]], edges: np.ndarray) -> tuple[int, int]:
+    """The bins covered by the passing windows linked to the most significant one, a window
+    linking to the run when it lies within ``MAX_GAP`` decades of it (counted from
+    ``NEAR_ZERO``, so zeros and a tail of 1..16 are one bulk).
+
+    A lone noise spike passes somewhere now and then; spanning first-to-last passing window
+    stretched a column [8, 36] to [7, 5e5]. A spike is far from the bulk; a real second mode is
+    rarely more than three decades away.
     """
-    lo = hi = int(np.searchsorted(passing, peak))
-    while lo > 0 and passing[lo] - passing[lo - 1] <= MAX_GAP:
-        lo -= 1
-    while hi < len(passing) - 1 and passing[hi + 1] - passing[hi] <= MAX_GAP:
-        hi += 1
-    return int(passing[lo]), int(passing[hi])
+    first, last, _ = max(spans, key=lambda s: s[2])
+    grown = True
+    while grown:
+        grown = False
+        for a, b, _ in spans:
+            if a >= first and b <= last:
+                continue
+            below = _position(first, edges) - _position(b, edges)
+            above = _position(a, edges) - _position(last, edges)
+            if max(below, above) <= MAX_GAP:
+                first, last, grown = min(first, a), max(last, b), True
+    return first, last
+
+
+def _column_stats(
+    noisy: np.ndarray, edges: np.ndarray, rows: int, sigma: float
+) -> tuple[float, float]:
+    """A column's published mean and std from its noisy shape counts (summed over classes, each
+    count of noise sd ``sigma``), shrunk towards the range's centre and quarter width by how
+    much of the estimate is noise.
+
+    Why shrink: on a few dozen rows the counts are mostly noise, and an estimate from them (or
+    from a mock drawn from them) is anywhere in the range, its std anything from 0 up. The
+    range's own centre and quarter width are public once the range is, and cost nothing; the
+    weight on the data grows as the noise shrinks against the rows.
+    """
+    lo, hi = float(edges[0]), float(edges[-1])
+    mids = (edges[:-1] + edges[1:]) / 2.0
+    centre, spread = (lo + hi) / 2.0, max((hi - lo) / 4.0, 1e-12)
+    n = float(max(rows, 1))
+    counts = noisy.astype(np.float64)
+    mean_est = float(np.clip(counts @ mids / n, lo, hi))
+    mean_noise = sigma**2 * float(np.sum((mids - centre) ** 2)) / n**2
+    w = spread**2 / (spread**2 + mean_noise)
+    mean = w * mean_est + (1 - w) * centre
+    width_sq = np.diff(edges) ** 2 / 12.0  # uniform within a bin
+    var_est = float(np.clip(counts, 0, None) @ ((mids - mean) ** 2 + width_sq))
+    var_est /= max(float(np.clip(counts, 0, None).sum()), 1.0)
+    var_noise = sigma**2 * float(np.sum((mids - mean) ** 4)) / n**2
+    prior_var = spread**2
+    v = prior_var**2 / (prior_var**2 + var_noise)
+    std = math.sqrt(max(v * var_est + (1 - v) * prior_var, 0.0))
+    return float(mean), float(std)
 
 
 def _is_int(column: pd.Series) -> bool:
@@ -206,6 +338,8 @@ def _edges(lo: float, hi: float, integer: bool) -> np.ndarray:
     """Fine bins over a released range: unit bins for a narrow integer column, else ``BINS``."""
     if integer and math.floor(hi) - math.ceil(lo) < 2 * BINS:
         return np.arange(math.ceil(lo), math.floor(hi) + 2) - 0.5
+    if hi <= lo:  # a declared constant column
+        hi = lo + 1.0
     return np.linspace(lo, hi, BINS + 1)
 
 
@@ -226,22 +360,25 @@ def _draw_group(  # noqa: PLR0913
     sigma: float,
     n: int,
     rng: np.random.Generator,
-) -> pd.DataFrame:
-    """Each column from its noisy histogram in this class, uniformly within the drawn bin.
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Each column from its noisy histogram in this class, uniformly within the drawn bin; and
+    the noisy counts themselves (unclipped, for the published statistics).
 
-    Stage 2's noise for the whole class is one vector (iid per count, as separate calls)."""
+    Stage 3's noise for the whole class is one vector (iid per count, as separate calls)."""
     fine = [_fine_counts(_values(group[c]), edges[c]) for c in columns]
-    noisy_all = np.clip(_noisy(np.concatenate(fine), sigma), 0, None)
+    noisy_all = _noisy(np.concatenate(fine), sigma)
     splits = np.cumsum([len(f) for f in fine])[:-1]
-    out = {}
+    out, raw = {}, {}
     for col, noisy in zip(columns, np.split(noisy_all, splits), strict=True):
+        raw[col] = noisy
+        kept = np.clip(noisy, 0, None)
         e = edges[col]
-        p = noisy / noisy.sum() if noisy.sum() > 0 else np.full(len(noisy), 1.0 / len(noisy))
+        p = kept / kept.sum() if kept.sum() > 0 else np.full(len(kept), 1.0 / len(kept))
         bins = rng.choice(len(p), size=n, p=p)
         out[col] = rng.uniform(e[bins], e[bins + 1])
     import pandas as pd
 
-    return pd.DataFrame(out, columns=columns)
+    return pd.DataFrame(out, columns=columns), raw
 
 
 def _finish(mock: pd.DataFrame, frame: pd.DataFrame, ranges: dict) -> pd.DataFrame:

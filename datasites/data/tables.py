@@ -309,3 +309,112 @@ def _check_finite(frame: pd.DataFrame) -> None:
     ]
     if cols:
         raise TableError(f"infinite values in column(s) {', '.join(cols)}")
+
+
+BOUNDS_SUFFIXES = (".toml", ".yaml", ".yml", ".csv")
+ANY_COLUMN = "*"  # a bounds entry for every numeric column the file does not name
+
+
+def load_bounds(path: Path, table: Table) -> dict[str, tuple[float, float]]:
+    """Owner-declared public bounds per numeric feature column, from TOML, YAML or CSV.
+
+    TOML and YAML map a column to ``[lower, upper]`` or ``{lower = .., upper = ..}`` (TOML may
+    put them under a ``[bounds]`` table); a CSV has the header ``column,lower,upper``. The
+    entry ``*`` covers every numeric column not named. Every numeric feature column needs bounds
+    (a data dictionary lists them all); a column the table lacks, a categorical column, a
+    missing, non-finite or non-numeric value, and lower > upper are each one TableError line.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in BOUNDS_SUFFIXES:
+        raise TableError(f"{path}: bounds must be a .toml, .yaml or .csv file")
+    if not path.is_file():
+        raise TableError(f"{path}: file not found")
+    try:
+        raw = _read_bounds(path, suffix)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TableError(f"{path}: cannot be read as bounds: {message}") from exc
+    numeric = [
+        c for c in table.features if not isinstance(table.frame[c].dtype, pd.CategoricalDtype)
+    ]
+    unknown = [c for c in raw if c != ANY_COLUMN and c not in numeric]
+    if unknown:
+        raise TableError(
+            f"{path}: bounds for {', '.join(map(repr, unknown[:5]))}, not a numeric feature column "
+            f"of the table (numeric features: {', '.join(numeric[:10])})"
+        )
+    missing = [c for c in numeric if c not in raw and ANY_COLUMN not in raw]
+    if missing:
+        raise TableError(
+            f"{path}: no bounds for column(s) {', '.join(map(repr, missing[:5]))}"
+            f"{' and more' if len(missing) > 5 else ''}; declare every numeric feature "
+            f"(or a '{ANY_COLUMN}' entry for the rest)"
+        )
+    return {c: _bound_pair(path, c, raw.get(c, raw.get(ANY_COLUMN))) for c in numeric}
+
+
+def _read_bounds(path: Path, suffix: str) -> dict[str, object]:
+    if suffix == ".csv":
+        import csv
+
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or not {"column", "lower", "upper"} <= set(rows[0]):
+            raise ValueError("a CSV of bounds needs the header column,lower,upper")
+        return {str(r["column"]).strip(): [r["lower"], r["upper"]] for r in rows}
+    if suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ValueError(str(exc).replace("\n", " ")) from exc
+    if isinstance(data, dict) and isinstance(data.get("bounds"), dict) and len(data) == 1:
+        data = data["bounds"]
+    if not isinstance(data, dict):
+        raise ValueError("expected a mapping of column -> [lower, upper]")
+    return {str(k): v for k, v in data.items()}
+
+
+def _bound_pair(path: Path, column: str, value: object) -> tuple[float, float]:
+    if isinstance(value, dict):
+        value = [value.get("lower"), value.get("upper")]
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise TableError(f"{path}: column {column!r} needs a lower and an upper value")
+    try:
+        lower, upper = (float(v) for v in value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TableError(
+            f"{path}: column {column!r} has bounds {value!r}: both must be numbers"
+        ) from None
+    if not (np.isfinite(lower) and np.isfinite(upper)):
+        raise TableError(f"{path}: column {column!r} has a bound that is not a finite number")
+    if lower > upper:
+        raise TableError(f"{path}: column {column!r} has lower {lower:g} > upper {upper:g}")
+    if max(abs(lower), abs(upper)) > MAX_BOUND:
+        raise TableError(f"{path}: column {column!r} has a bound beyond +-{MAX_BOUND:g}")
+    return lower, upper
+
+
+MAX_BOUND = 1e12  # what a job's scaling may carry (policies.plan)
+
+
+def clamp(
+    frame: pd.DataFrame, bounds: dict[str, tuple[float, float]]
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The table with each bounded column clamped to its bounds, and how many values each had
+    outside them: for the owner's eyes only (a count of outliers is not DP, never published)."""
+    frame = frame.copy(deep=False)
+    counts = {}
+    for column, (lower, upper) in bounds.items():
+        values = frame[column]
+        outside = int(((values < lower) | (values > upper)).sum())
+        counts[column] = outside
+        if outside:  # an integer column stays one when its bounds are whole numbers
+            frame[column] = values.clip(lower, upper)
+    return frame, counts

@@ -117,6 +117,7 @@ def build_report(
     _check_inputs(report, sub, spec, used_job_ids)
     _check_model(report, sub, spec)
     _check_labels(report, sub, spec)
+    _note_ranges(report, sub.published)
     try:
         _check_dp(report, spec, policy, sub.rows, epsilon_of)
     except PlanError as exc:  # e.g. more DP-SGD steps than any plan may take
@@ -177,6 +178,26 @@ def _check_budget(report: PolicyReport, sub: Submission, spec: JobSpec, budget_o
         f"epsilon {fit.epsilon_job:.3f} for this job: {refusal}. The site would refuse its "
         "first round, charging nothing; override only if the budget or cap is raised first",
     )
+
+
+def _note_ranges(report: PolicyReport, published: dict[str, Any] | None) -> None:
+    """The ranges every round clamps this dataset's inputs to, and where they came from: the
+    owner's declared bounds (public schema) or the DP mock's release. Information, not a gate."""
+    source = (published or {}).get("bounds_source") or {}
+    if not source:
+        return
+    bounds = (published or {}).get("bounds") or {}
+    declared = [c for c, s in source.items() if s == "declared"]
+    weak = [c for c, s in source.items() if s == "weak"]
+    shown = "; ".join(f"{c} [{bounds[c][0]:g}, {bounds[c][1]:g}]" for c in declared[:8])
+    more = f" and {len(declared) - 8} more" if len(declared) > 8 else ""
+    text = (
+        f"inputs clamped to published ranges: {len(declared)} declared"
+        + (f" ({shown}{more})" if declared else "")
+        + f", {len(source) - len(declared)} found by the DP mock"
+        + (f" ({len(weak)} weak: {', '.join(weak[:5])})" if weak else "")
+    )
+    report.add("ranges", True, text)
 
 
 def _check_aggregation(

@@ -7,7 +7,7 @@ subclasses here, at the boundary.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from syft.types.server_url import ServerURL
 
 from datasites.data.mock import DEFAULT_MOCK_EPSILON, class_keys, make_mock
 from datasites.data.store import remove_private, write_private
+from datasites.data.tables import Table, clamp
 from datasites.errors import AuthError, ServerError, TableError
 from datasites.serving import sessions
 from datasites.serving.config import SiteDir
@@ -29,10 +30,10 @@ from policies.errors import check_reply, map_syft_errors
 from policies.labels import label_text
 from policies.layout import encode
 from policies.metadata import format_meta
+from policies.scaling import floored_std
 
 if TYPE_CHECKING:
     from datasites.data.mock import MockRelease
-    from datasites.data.tables import Table
 
 ASSET_NAME = "table"
 # syft's sessions: no connect retries, and pinned trust for HTTPS sites
@@ -83,6 +84,9 @@ class UploadResult:
     columns: list[str]
     target: str
     mock_epsilon: float
+    # per bounded column, how many values lay outside its declared bounds and were clamped:
+    # the owner's alone (upload output, ``datasite datasets``), never published
+    clamped: dict[str, int] = field(default_factory=dict)
 
 
 def dataset_names(client: Any) -> list[str]:
@@ -97,6 +101,7 @@ def upload(  # noqa: PLR0913
     description: str = "",
     mock_rows: int = 1000,
     mock_epsilon: float = DEFAULT_MOCK_EPSILON,
+    bounds: dict[str, tuple[float, float]] | None = None,
 ) -> UploadResult:
     """Build the DP mock twin of a validated table and upload both, unless the name is taken.
 
@@ -113,7 +118,13 @@ def upload(  # noqa: PLR0913
     client = admin_client(site)
     if name in dataset_names(client):
         raise TableError(f"a dataset named {name!r} already exists on this datasite")
-    release = make_mock(table.frame, table.target, rows=mock_rows, epsilon=mock_epsilon)
+    clamped: dict[str, int] = {}
+    if bounds:  # declared public bounds: the private rows are kept clamped to them
+        frame, clamped = clamp(table.frame, bounds)
+        table = Table(frame, table.target, table.classes)
+    release = make_mock(
+        table.frame, table.target, rows=mock_rows, epsilon=mock_epsilon, bounds=bounds
+    )
     _check_request_size(site, release.mock)
     meta = {**_meta(table, name, release), "description": description}
     dataset = sy.Dataset(name=name, description=description or f"{name}: ~{release.rows} rows")
@@ -134,7 +145,9 @@ def upload(  # noqa: PLR0913
         ledger.withdraw_public(charge)
         remove_private(site.root, stub)
         raise
-    site.save_dataset_meta(name, meta)
+    # the site's own record keeps the clamp counts beside what it published (OWNER_ONLY: never
+    # in the asset's description)
+    site.save_dataset_meta(name, {**meta, OWNER_ONLY: {"clamped": clamped}})
     return UploadResult(
         name,
         len(table.frame),
@@ -142,6 +155,7 @@ def upload(  # noqa: PLR0913
         list(table.frame.columns),
         table.target,
         release.epsilon,
+        clamped,
     )
 
 
@@ -157,6 +171,9 @@ def _check_request_size(site: SiteDir, mock: pd.DataFrame) -> None:
             f"{cap / MiB:.1f} MiB: lower --mock-rows, or raise the limit "
             "('datasite limits set --max-request-mb')"
         )
+
+
+OWNER_ONLY = "owner_only"
 
 
 def _class_codes(target: Any) -> bool:
@@ -183,11 +200,11 @@ def _mock_class_counts(labels: pd.Series, keys: list, rows: int) -> list[float] 
 
 
 def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
-    """What researchers see: schema, and statistics of the DP mock only (post-processing)."""
+    """What researchers see: schema, declared bounds, and post-processing of the DP release."""
     mock = release.mock
     keys = class_keys(table.frame, table.target)
     own = {"columns": [[c, table.categories().get(c)] for c in table.features]}
-    encoded = encode(mock, table.target, own).astype(np.float64)
+    stats = _feature_stats(table, mock, release, own)
     return {
         "dataset": name,
         "target": table.target,
@@ -209,11 +226,37 @@ def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
         # per class, the mock's label share times the noisy row count: post-processing of the
         # mock's noisy class counts, for "balanced" class weights (policies.imbalance)
         "class_counts": _mock_class_counts(mock[table.target], keys, release.rows),
-        # From the mock: lets every round standardise features the same way, at no extra cost.
-        # Over this site's own one-hot encoding (policies.layout.align_stats moves them onto
-        # the federation's layout).
-        "feature_mean": [float(v) for v in encoded.mean(axis=0)],
-        "feature_std": [float(v) or 1.0 for v in encoded.std(axis=0)],
+        # each numeric feature's range: declared by the owner (public schema) or found by the DP
+        # release ("dp"; "weak" where no decade stood clear of the noise)
+        "bounds": {c: list(release.ranges[c]) for c in table.features if c in release.ranges},
+        "bounds_source": {c: release.sources[c] for c in table.features if c in release.sources},
+        # Over this site's own one-hot encoding (policies.layout.align_stats moves them onto the
+        # federation's layout): every round clamps to [low, high] and standardises with these
+        **stats,
+    }
+
+
+def _feature_stats(
+    table: Table, mock: pd.DataFrame, release: MockRelease, own: dict[str, Any]
+) -> dict[str, list[float]]:
+    """Per input of this site's encoding: mean, std (floored, ``policies.scaling``), low, high.
+
+    A numeric column's come from the release's ranges and noisy shape counts; a one-hot input's
+    mean and std from the mock's category shares, its range [0, 1]."""
+    encoded = encode(mock, table.target, own).astype(np.float64)
+    mean, std = encoded.mean(axis=0), encoded.std(axis=0)
+    low, high = np.zeros(len(mean)), np.ones(len(mean))
+    at = 0
+    for column, categories in own["columns"]:
+        if categories is None:
+            mean[at], std[at] = release.stats[column]
+            low[at], high[at] = release.ranges[column]
+        at += len(categories) if categories is not None else 1
+    return {
+        "feature_mean": [float(v) for v in mean],
+        "feature_std": [float(v) for v in floored_std(std, low, high)],
+        "feature_low": [float(v) for v in low],
+        "feature_high": [float(v) for v in high],
     }
 
 

@@ -17,6 +17,7 @@ from policies.labels import counts_to_job, site_to_job
 from policies.layout import align_stats, check_site, encode, width
 from policies.plan import JobSpec, TrainingPlan, check_fits, class_count, n_outputs, select
 from policies.privacy import PrivacyPlan
+from policies.scaling import published_ranges, unpack
 from policies.wire import Weights, check_shapes, decode_weights, encode_weights, frozen_digest
 
 
@@ -42,9 +43,11 @@ def table_arrays(
     return x, frame[target].to_numpy()
 
 
-def site_scaling(spec: JobSpec, meta: dict[str, Any]) -> tuple[Any, Any] | None:
-    """The standardisation a site applies: the job's federation-wide one, else this dataset's
-    published (mock) statistics, moved onto the job's layout. Refused, from the published
+def site_scaling(spec: JobSpec, meta: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The standardisation a site applies: (mean, std, low, high) per input. The job's
+    federation-wide one, else this dataset's published statistics, moved onto the job's layout;
+    a job that carries no range is clamped to this dataset's published one (``policies.scaling``:
+    with the range, no published statistic can blow an input up). Refused, from the published
     schema alone, when the layout does not cover this dataset's columns and categories."""
     if spec.layout is not None:
         try:
@@ -52,13 +55,23 @@ def site_scaling(spec: JobSpec, meta: dict[str, Any]) -> tuple[Any, Any] | None:
         except PlanError as exc:
             raise Refused(str(exc)) from exc
         _check_encoded_size(spec.layout, meta)
+    own = published_ranges(meta, spec.layout)
     if spec.scaling:
-        return (spec.scaling["mean"], spec.scaling["std"])
+        mean, std, low, high = unpack(spec.scaling)
+        if low is None and own is not None:
+            low, high = own
+        return (mean, std, low, high) if low is not None else (mean, std)
     if "feature_mean" not in meta:
         return None
-    if spec.layout is not None:
-        return align_stats(meta, spec.layout)
-    return (meta["feature_mean"], meta["feature_std"])
+    mean, std = (
+        align_stats(meta, spec.layout)
+        if spec.layout is not None
+        else (
+            meta["feature_mean"],
+            meta["feature_std"],
+        )
+    )
+    return (mean, std, *own) if own is not None else (mean, std)
 
 
 # Encoding to the layout happens in the server process, before the trainer's memory limit
@@ -115,8 +128,8 @@ def prepare_task(
     # for free (red team). Whether the target holds class codes is published at upload (see
     # site_job); the trainer clamps labels into range, so no row can fail a round.
     if scaling is not None:
-        scaling = (list(scaling[0]), list(scaling[1]))
-        if len(scaling[0]) != x.shape[1] or len(scaling[1]) != x.shape[1]:
+        scaling = tuple(list(v) for v in scaling)
+        if any(len(v) != x.shape[1] for v in scaling):
             raise Refused("feature statistics do not match the table's columns")
     incoming = decode_weights(weights, spec.architecture.parameters) if weights else None
     _check_frozen(spec, incoming)

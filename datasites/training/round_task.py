@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 
 from policies.plan import TrainingPlan, validation_rows
+from policies.scaling import apply as scaling_apply
 from policies.wire import Weights
 
-Scaling = tuple[list[float], list[float]] | None
+# (mean, std) or (mean, std, low, high), one value per input: ``policies.scaling``
+Scaling = tuple[list[float], ...] | None
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,10 @@ def class_codes(y: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def standardise(x: np.ndarray, scaling: Scaling) -> np.ndarray:
-    if scaling is None:
-        return x
-    mean, std = (np.asarray(v, dtype=np.float32) for v in scaling)
-    x -= mean  # x is this task's own copy
-    x /= np.where(std > 0, std, np.float32(1.0))
-    return x
+    """Clamp to the published range, centre, divide by the floored std (``policies.scaling``,
+    the same function the dry run and the researcher's ``--test`` apply). ``x`` is this task's
+    own copy: written in place."""
+    return scaling_apply(x, scaling)
 
 
 def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:

@@ -31,6 +31,7 @@ from datasites.training.prepare import prepare_task, privacy_report, release, ta
 from policies.errors import PolicyError
 from policies.plan import JobSpec
 from policies.privacy import job_privacy
+from policies.scaling import unpack
 
 SITE_DIR_ENV = "FEDSITE_DIR"
 
@@ -87,8 +88,8 @@ def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None
     if spec.target not in frame.columns:
         raise Refused(f"target column {spec.target!r} is not in the data")
     privacy = job_privacy(spec, len(frame))
-    if spec.scaling:
-        scaling = (spec.scaling["mean"], spec.scaling["std"])
+    if spec.scaling:  # the federation's, range included: the inputs every site trains on
+        scaling = tuple(v for v in unpack(spec.scaling) if v is not None)
     else:
         features, _ = table_arrays(frame, spec.target, spec.layout)  # one-hot, as a site does
         scaling = (features.mean(axis=0).tolist(), features.std(axis=0).tolist())

@@ -135,12 +135,24 @@ def test_a_lone_noise_spike_far_from_the_bulk_does_not_stretch_the_range() -> No
     """One mock in six stretched a column [8, 36] to [7, 5e5]: a single noise count past the
     threshold, far away, was taken as the range's end."""
     counts = np.zeros(len(M.GRID) - 1, np.int64)
-    bulk = int(np.searchsorted(M.GRID, 10.0))
-    counts[bulk : bulk + 3] = [200, 300, 100]
-    counts[bulk + 25] = 6  # a spike of noise, about 5 sds, six decades up
-    lo, hi = M._dp_range(counts, sigma=1.2)
-    assert lo <= 10.0 and 10.0 < hi < 100.0
+    bulk = int(np.searchsorted(M.GRID, 10.0))  # the decade [10, 100)
+    counts[bulk] = 600
+    counts[bulk + 5] = 6  # a spike of noise, 5 sds, four decades up
+    lo, hi, found = M._dp_range(counts, sigma=1.2)
+    assert found and (lo, hi) == (10.0, 100.0)
     bimodal = counts.copy()
-    bimodal[bulk + 25] = 0
-    bimodal[bulk + 6] = 150  # a real second mode one and a half decades up stays in
-    assert M._dp_range(bimodal, sigma=1.2)[1] > M.GRID[bulk + 6]
+    bimodal[bulk + 5] = 0
+    bimodal[bulk + 2] = 150  # a real second mode two decades up stays in
+    assert M._dp_range(bimodal, sigma=1.2)[1] == 1e4
+
+
+def test_zeros_and_a_tail_are_one_range_and_a_hidden_range_is_weak() -> None:
+    """Digits' pixels: most rows 0, the rest 1..16 over two decades. The range spans both (it
+    was [0, 0.001] before, a std of 0.0003). No bin clear of the noise: a weak range."""
+    counts = np.zeros(len(M.GRID) - 1, np.int64)
+    zero = int(np.searchsorted(M.GRID, 0.0))
+    counts[zero] = 900
+    counts[zero + 4 : zero + 6] = [80, 80]  # [1, 10) and [10, 100): 160 rows
+    lo, hi, found = M._dp_range(counts, sigma=30.0)
+    assert found and lo == 0.0 and hi == 100.0
+    assert M._dp_range(np.zeros(len(M.GRID) - 1, np.int64), sigma=30.0)[2] is False
