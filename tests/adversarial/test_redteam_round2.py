@@ -122,7 +122,7 @@ def test_a_rider_change_cannot_rewrite_the_code_after_review(arena) -> None:
 #    fresh default budget (1.0), but the public mock's default charge (1.0) fills all of it: held
 #    here only because the two defaults are equal (a cheaper mock leaves the rest to each rename).
 def test_a_new_email_address_is_not_a_new_budget(arena, mal) -> None:
-    spec = job("new_address", ONE_ROUND)  # epsilon ~0.7: more than mal's 0.5
+    spec = job("new_address", ONE_ROUND)  # epsilon ~0.57: more than mal's 0.5
     fresh = "mal.two@uni.edu"
     before = _spent(arena, MAL)
     try:
