@@ -26,7 +26,7 @@ from policies.plan import JobSpec
 from policies.privacy import job_privacy
 
 ADMIN_ACTOR = "admin"
-UNOVERRIDABLE = {"template", "executed", "model", "dataset", "inputs", "job_id"}
+UNOVERRIDABLE = {"template", "executed", "model", "dataset", "inputs", "job_id", "changes"}
 
 
 STATES = {"PENDING": "pending", "APPROVED": "approved", "REJECTED": "denied"}
@@ -141,6 +141,9 @@ class ReviewQueue:
                 reason if failed else None,
             )
         )
+        problem = _changes_problem(item.request, item.request.code)
+        if problem:  # again at the last moment: syft applies every change with admin rights
+            raise ReviewError(f"cannot approve: {problem}")
         with quiet():
             item.request.approve(disable_warnings=True)
         event = "overridden" if failed else "approved"
@@ -250,6 +253,12 @@ class ReviewQueue:
             noise_of=_noise_of(policy),
             budget_of=_budget_of(self.store, policy),
         )
+        changes = _changes_problem(request, code)
+        report.add(
+            "changes",
+            changes is None,
+            changes or "one change: this code's status, nothing else is applied on approval",
+        )
         if approved_before is not None and not own:
             # a second syft request on approved code: it would run again on the one charge
             report.add(
@@ -286,6 +295,25 @@ class ReviewQueue:
                 self.audit.record(
                     "review", "reported", item.request_id, item.code_hash, **item.report.to_dict()
                 )
+
+
+def _changes_problem(request: Any, code: Any) -> str | None:
+    """Why a request carries more than its own code's status change (None: it does not).
+
+    syft applies every change of a request with the approver's rights. Red team: a request
+    filed with ``request.submit`` carried, beside the status change, an ``ObjectMutation`` that
+    rewrote the approved code's ``parsed_code``; the report read only ``request.code``.
+    """
+    from syft.service.request.request import UserCodeStatusChange
+
+    changes = list(getattr(request, "changes", []) or [])
+    kinds = ", ".join(type(c).__name__ for c in changes) or "none"
+    if len(changes) != 1 or type(changes[0]) is not UserCodeStatusChange:
+        return f"the request carries changes [{kinds}]; only one code status change is allowed"
+    linked = getattr(changes[0].linked_user_code, "object_uid", None)
+    if str(linked) != str(code.id):
+        return "the request's status change points at other code than it shows"
+    return None
 
 
 def _uid(rule: Any) -> UID | None:

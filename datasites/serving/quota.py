@@ -41,7 +41,42 @@ REFUSED = {
     "blob_storage.delete",
     "blob_storage.mount_azure",
 }
-WATCHED = REFUSED | {"action.set", "code.call"}
+# syft endpoints a researcher role may call that the job path never needs, each a way in
+# (red team, round 2): a request carrying a second change that rewrites the approved code
+# (request.submit, code.update), a rename onto another researcher's e-mail and budget
+# (user.update), and stores without bound (code.submit, logs, projects, notifications)
+REFUSED |= {
+    "request.submit",
+    "code.submit",
+    "code.update",
+    "code.delete",
+    "code.store_execution_output",
+    "code_status.create",
+    "user.update",
+    "user.create",
+    "user.delete",
+    "user.request_password_reset",
+    "log.add",
+    "log.append",
+    "log.delete",
+    "log.restart",
+    "network.add_peer",
+    "notifications.reply",
+}
+REFUSED_PREFIXES = ("project.",)
+# a researcher's code requests: each is stored whole (up to the body cap), so their rate is
+# bounded; an honest researcher submits one job per site at a time
+REQUEST_PATH = "code.request_code_execution"
+MAX_REQUESTS_PER_HOUR = 30
+# the job template with the largest model spec is a few KB; syft stores a request's code whole,
+# several times over (red team: 18 MB of docstrings grew a site by 43 MB)
+MAX_REQUEST_BYTES = 512 * 1024
+WATCHED = REFUSED | {"action.set", "code.call", REQUEST_PATH}
+
+
+def refused_path(path: str) -> bool:
+    """A syft endpoint this datasite does not open to researchers."""
+    return path in REFUSED or path.startswith(REFUSED_PREFIXES)
 
 
 class Uploads:
@@ -133,12 +168,49 @@ def _uids(values: Any) -> list[str]:
     return found
 
 
+def _request_too_big(message: Any) -> str | None:
+    """Why a code request is too large to store (None: it is not)."""
+    from syft.serde.serialize import _serialize
+
+    size = len(_serialize(message, to_bytes=True))
+    if size <= MAX_REQUEST_BYTES:
+        return None
+    return (
+        f"request refused: {size} bytes, more than the {MAX_REQUEST_BYTES} a job's code "
+        "request may take on this datasite"
+    )
+
+
+class RequestRate:
+    """Code requests per researcher in the last hour, in this server process."""
+
+    def __init__(self, limit: int = MAX_REQUESTS_PER_HOUR, window: float = 3600.0) -> None:
+        self.limit, self.window = limit, window
+        self._seen: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, user: str) -> str | None:
+        """Count one more request of ``user``, or say why it is refused."""
+        now = time.time()
+        with self._lock:
+            recent = [t for t in self._seen.get(user, []) if now - t < self.window]
+            if len(recent) >= self.limit:
+                self._seen[user] = recent
+                return (
+                    f"request refused: this datasite takes at most {self.limit} code requests "
+                    "an hour from one researcher; try again later"
+                )
+            self._seen[user] = [*recent, now]
+        return None
+
+
 class Gate:
     """The wrapper of ``Server.handle_api_call_with_unsigned_result`` (see the module doc)."""
 
     def __init__(self, uploads: Uploads, quota: Callable[[], tuple[int, int]]) -> None:
         self.uploads = uploads
         self.quota = quota
+        self.requests = RequestRate()
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         gate = self
@@ -149,15 +221,21 @@ class Gate:
             message = getattr(api_call, "message", api_call)
             path = getattr(message, "path", "")
             # unsigned calls and bad signatures: syft refuses them (required_signed_calls)
-            if path not in WATCHED or not isinstance(api_call, SignedSyftAPICall):
+            watched = path in WATCHED or refused_path(path)
+            if not watched or not isinstance(api_call, SignedSyftAPICall):
                 return original(server, api_call, *args, **kwargs)
             if not api_call.is_valid:
                 return original(server, api_call, *args, **kwargs)
             if gate.privileged(server, api_call.credentials):
                 return original(server, api_call, *args, **kwargs)
             user = str(api_call.credentials)
-            if path in REFUSED:
+            if refused_path(path):
                 return _refusal(f"{path} is not open to researchers on this datasite")
+            if path == REQUEST_PATH:
+                refused = _request_too_big(message) or gate.requests.take(user)
+                if refused:
+                    return _refusal(refused)
+                return original(server, api_call, *args, **kwargs)
             if path == "action.set":
                 return gate.upload(
                     server, message, user, lambda: original(server, api_call, *args, **kwargs)
