@@ -13,8 +13,9 @@ import io
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from datasites.ledger.store import SYFT_SCHEMA, SiteStore, is_postgres
 from datasites.serving import syft_patches
@@ -105,6 +106,25 @@ def _warm_runtime() -> None:
     from policies import accounting  # noqa: F401
 
 
+def _app_factory(site: SiteDir, channels: list) -> Callable[[], Any]:
+    """syft's app factory, then the admin channel on the worker it made (``channel_server``):
+    the ``datasite`` commands reach this process through it, with no import and no login."""
+
+    def factory() -> Any:
+        from syft.server.server import ServerRegistry
+        from syft.server.uvicorn import app_factory
+        from syft.types.uid import UID
+
+        from datasites.serving import channel_server
+
+        app = app_factory()
+        worker = ServerRegistry.server_for(UID(site.config().server_uid))
+        channels.append(channel_server.start(site, lambda: worker.root_client))
+        return app
+
+    return factory
+
+
 def serve(root: Path) -> None:
     keep_private()  # syft's database, blob store and our site.db: 0600, before any is opened
     site = SiteDir(root)
@@ -121,9 +141,10 @@ def serve(root: Path) -> None:
     sandbox.start()  # trainer processes: started before any request thread, env scrubbed
     threading.Thread(target=_warm_runtime, name="warm-runtime", daemon=True).start()
     site.pid_path.write_text(f"{os.getpid()}\n")
+    channels: list = []
     try:
         uvicorn.run(
-            "syft.server.uvicorn:app_factory",
+            _app_factory(site, channels),
             host=config.host,
             port=config.port,
             factory=True,
@@ -136,6 +157,8 @@ def serve(root: Path) -> None:
             ssl_keyfile=str(site.tls_key) if config.tls else None,
         )
     finally:
+        for opened in channels:
+            opened.close()
         if site.pid_path.exists() and site.pid_path.read_text().strip() == str(os.getpid()):
             site.pid_path.unlink()
 
