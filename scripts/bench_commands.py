@@ -91,7 +91,8 @@ def _set_up(work: Path, code: Path, runs: int) -> tuple[Path, Path]:
         json.loads(stdout.strip().splitlines()[-1])["password"]
     )
     (work / "hospital-a.password").chmod(0o600)
-    _cli(code, "policy", "set", *d, "--dataset", "breast-cancer", "--allow-domain", "uni.edu")
+    _cli(code, "policy", "set", *d, "--dataset", "breast-cancer", "--allow-domain", "uni.edu",
+         "--max-epsilon-per-job", "20")  # fmt: skip
     _cli(code, "budget", "set", *d, "--researcher", EMAIL, "--dataset", "breast-cancer",
          "--epsilon", "20")  # fmt: skip
     write_federation(work, [SiteDir(site)])

@@ -107,9 +107,7 @@ def test_another_local_user_can_neither_connect_nor_read_the_token(site: Site) -
 
 def test_a_researchers_syft_login_cannot_do_what_the_channel_does(site: Site) -> None:
     """Attack: a researcher logs in with syft and tries the admin's operations there."""
-    creds = last_json(
-        site.cli("users", "add", "--email", "rex@uni.edu", "--name", "Rex", "--json")
-    )
+    creds = last_json(site.cli("users", "add", "--email", "rex@uni.edu", "--name", "Rex", "--json"))
     client = site.login("rex@uni.edu", creds["password"])
     before = _users(site)
     with pytest.raises(Exception, match="no permission"):
