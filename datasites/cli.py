@@ -323,12 +323,26 @@ def policy_show(
         _known_dataset(site, dataset)
     store = PolicyStore(site.policies_path)
     names = [dataset] if dataset else sorted(set(site.datasets_meta()) | set(store.all()))
-    data = {n: store.get(n).to_dict() for n in names}
+    caps = _caps(site)
+    data = {
+        n: {**store.get(n).to_dict(), "max_total_epsilon": caps.get(n, (None, None))[0]}
+        for n in names
+    }
     if json:
         emit_json(data)
     else:
         for name, policy in data.items():
             table(f"policy: {name}", ["field", "value"], [[k, v] for k, v in policy.items()])
+
+
+def _caps(site: SiteDir) -> dict[str, tuple[float, float]]:
+    """Each capped dataset's (epsilon, delta), read from the ledger's table alone: no
+    accountant is imported for a listing."""
+    from datasites.ledger.store import SiteStore
+
+    with SiteStore(site.site_db).connect() as conn:
+        rows = conn.execute("SELECT dataset, epsilon_total, delta FROM dataset_caps").fetchall()
+    return {r[0]: (r[1], r[2]) for r in rows}
 
 
 @policy_app.command("set")
@@ -386,6 +400,16 @@ def policy_set(
             help="Distributed DP: sites that may pool their noise; the rest must suffice (t)."
         ),
     ] = None,
+    max_total_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            help="Cap on every release on the dataset, over all researchers and the public mock"
+            " (the data subjects' guarantee); a job that would pass it is refused."
+        ),
+    ] = None,
+    max_total_delta: Annotated[
+        float | None, typer.Option(help="Delta of that cap (default 1e-5).")
+    ] = None,
 ) -> None:
     """Change a dataset's policy; unnamed fields keep their current value."""
     from dataclasses import replace
@@ -393,6 +417,13 @@ def policy_set(
     from datasites.review.access import PolicyStore
 
     _known_dataset(site, dataset)
+    if max_total_delta is not None and max_total_epsilon is None:
+        raise DatasiteError("--max-total-delta goes with --max-total-epsilon")
+    if max_total_epsilon is not None:
+        from datasites.ledger.budget import DEFAULT_DELTA, check_budget
+
+        max_total_delta = DEFAULT_DELTA if max_total_delta is None else max_total_delta
+        check_budget(max_total_epsilon, max_total_delta)  # before anything is written
     store = PolicyStore(site.policies_path)
     changes = {
         k: v
@@ -425,8 +456,27 @@ def policy_set(
     if trust_peer or untrust_peer:
         peers = {p.lower() for p in (*current.trusted_peers, *trust_peer)}
         changes["trusted_peers"] = sorted(peers - {p.lower() for p in untrust_peer})
-    store.set(dataset, replace(current, **changes))
+    policy = replace(current, **changes)
+    policy.validate()  # before the cap is written: all of it, or nothing
+    if max_total_epsilon is not None:
+        _set_cap(site, dataset, max_total_epsilon, max_total_delta or 0.0)
+    store.set(dataset, policy)
     out.print(f"policy of {dataset} updated")
+
+
+def _set_cap(site: SiteDir, dataset: str, epsilon: float, delta: float) -> None:
+    """Cap the dataset's total in the ledger (where reserve reads it, under its lock)."""
+    from datasites.ledger.budget import BudgetLedger
+    from datasites.ledger.store import SiteStore
+
+    ledger = BudgetLedger(SiteStore(site.site_db))
+    ledger.set_cap(dataset, epsilon, delta)
+    total = ledger.total(dataset)
+    out.print(
+        f"total epsilon on {dataset} capped at {epsilon:g} (delta {delta:g}), over every "
+        f"researcher and the public mock: {total.epsilon_spent:.3f} spent, "
+        f"{total.remaining:.3f} left"
+    )
 
 
 @app.command()
@@ -501,8 +551,15 @@ def print_report(item: dict) -> None:
     table(
         f"policy report for {item['id'][:8]} from {item['researcher']}: {verdict}",
         ["check", "result", "reason"],
-        [[c["name"], "ok" if c["passed"] else "FAIL", c["reason"]] for c in report["checks"]],
+        [[c["name"], "ok" if c["passed"] else "FAIL", c["reason"]] for c in report["checks"]]
+        + [[w["name"], "warn", w["reason"]] for w in report.get("warnings", [])],
     )
+    if report.get("warnings"):
+        out.print(
+            "warnings do not block approval: the job may train to the majority class and "
+            "still spend its epsilon; the researcher sees the same warnings",
+            style="dim",
+        )
 
 
 @app.command()
@@ -539,10 +596,11 @@ def audit(site: SiteOpt, json: JsonOpt = False) -> None:
     from datasites.ledger.audit import AuditLog
     from datasites.ledger.store import SiteStore
 
-    log = AuditLog(SiteStore(site.site_db))
+    log = AuditLog(SiteStore(site.site_db), site.root)
+    problem = log.problem()
+    if problem is not None:
+        raise DatasiteError(f"the audit log was tampered with: {problem}")
     entries = log.entries()
-    if not log.verify():
-        raise DatasiteError("the audit log's hash chain is broken: it was edited")
     if json:
         emit_json(entries)
         return
@@ -607,8 +665,77 @@ def console(
     live(site)
     out.print(f"console of {site.config().name} on http://127.0.0.1:{port} (Ctrl-C stops it)")
     uvicorn.run(
-        create_app(site), host="127.0.0.1", port=port, log_level="warning", access_log=False
+        create_app(site),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        # failed logins are counted per client address: never one a header names
+        proxy_headers=False,
     )
+
+
+limits_app = typer.Typer(
+    help="Site-wide request and storage limits (size of a request, researchers' uploads).",
+    no_args_is_help=True,
+)
+app.add_typer(limits_app, name="limits")
+
+
+@limits_app.command("show")
+def limits_show(site: SiteOpt, json: JsonOpt = False) -> None:
+    """The limits in force: set by the admin, or derived from the largest model allowed."""
+    from dataclasses import asdict
+
+    from datasites.serving.limits import effective, read_limits
+
+    now, own = effective(site), read_limits(site)
+    if json:
+        emit_json({"effective": now.to_dict(), "set": asdict(own)})
+        return
+    table(
+        "limits",
+        ["limit", "in force", "set by the admin (0: derived)"],
+        [
+            ["request body (bytes)", now.request_bytes, own.max_request_mb],
+            ["uploads held per researcher (bytes)", now.quota_bytes, own.quota_mb],
+            ["uploads held per researcher (objects)", now.quota_objects, own.quota_objects],
+        ],
+    )
+    out.print(f"derived from the largest model any policy allows: {now.derived_from} parameters")
+
+
+@limits_app.command("set")
+def limits_set(
+    site: SiteOpt,
+    max_request_mb: Annotated[
+        float | None,
+        typer.Option(help="Largest request body in MiB (0: derived from the policies)."),
+    ] = None,
+    quota_mb: Annotated[
+        float | None,
+        typer.Option(help="MiB of uploads a researcher may hold at once (0: derived)."),
+    ] = None,
+    quota_objects: Annotated[
+        int | None, typer.Option(help="Uploads a researcher may hold at once.")
+    ] = None,
+) -> None:
+    """Change the limits; a running server applies them to its next request."""
+    from dataclasses import replace
+
+    from datasites.serving.limits import read_limits, write_limits
+
+    changes = {
+        k: v
+        for k, v in {
+            "max_request_mb": max_request_mb,
+            "quota_mb": quota_mb,
+            "quota_objects": quota_objects,
+        }.items()
+        if v is not None
+    }
+    write_limits(site, replace(read_limits(site), **changes))
+    out.print("limits updated")
 
 
 def _fmt(value: float | None) -> str:
@@ -632,7 +759,7 @@ def budget(
     if dir is None:
         raise DatasiteError("budget needs --dir DIR")
     site = open_site(str(dir))
-    rows, public = _budget_rows(site)
+    rows, public, totals = _budget_rows(site)
     if json:
         emit_json(rows)  # public releases are in each row's releases, marked "public"
         return
@@ -652,8 +779,16 @@ def budget(
             ],
         )
     table(
-        "privacy budgets",
-        ["researcher", "dataset", "epsilon spent", "epsilon total", "delta", "jobs"],
+        "privacy budgets (dataset total: every researcher and the public mock, composed)",
+        [
+            "researcher",
+            "dataset",
+            "epsilon spent",
+            "epsilon total",
+            "delta",
+            "jobs",
+            "dataset total / cap",
+        ],
         [
             [
                 r["researcher"],
@@ -662,10 +797,18 @@ def budget(
                 f"{r['epsilon_total']:.3f}",
                 r["delta"],
                 r["charges"],
+                _total_text(r["dataset_total"]),
             ]
             for r in rows
         ],
     )
+    alone = [t for name, t in totals.items() if name not in {r["dataset"] for r in rows}]
+    if alone:  # capped, or spent by the public mock only: no researcher row shows them
+        table(
+            "datasets no researcher has spent on yet",
+            ["dataset", "dataset total / cap"],
+            [[t["dataset"], _total_text(t)] for t in alone],
+        )
     releases = [
         (r["researcher"], r["dataset"], rel)
         for r in rows
@@ -691,19 +834,30 @@ def budget(
         )
 
 
-def _budget_rows(site: SiteDir) -> tuple[list[dict], list[dict]]:
-    """The ledger's rows and public releases: from the running server (fast), or, when it is
-    stopped, read here (the ledger needs the accountant's import, seconds)."""
+def _budget_rows(site: SiteDir) -> tuple[list[dict], list[dict], dict[str, dict]]:
+    """The ledger's rows, public releases and dataset totals: from the running server (fast),
+    or, when it is stopped, read here (the ledger needs the accountant's import, seconds)."""
     try:
         reply = _call(site, channel.Budget())
-        return reply.rows, reply.public
+        return reply.rows, reply.public, reply.totals
     except channel.SiteDown:
         pass
     from datasites.ledger.budget import BudgetLedger
     from datasites.ledger.store import SiteStore
+    from datasites.serving.channel_server import ledger_rows
 
-    ledger = BudgetLedger(SiteStore(site.site_db))
-    return [b.to_dict() for b in ledger.all()], ledger.public_releases()
+    return ledger_rows(BudgetLedger(SiteStore(site.site_db)))
+
+
+def _total_text(total: dict | None) -> str:
+    if total is None:
+        return ""
+    if total["epsilon_cap"] is None:
+        return f"{total['epsilon_spent']:.3f} / no cap"
+    return (
+        f"{total['epsilon_spent']:.3f} / {total['epsilon_cap']:.3f} "
+        f"({total['epsilon_remaining']:.3f} left)"
+    )
 
 
 def _mechanism_text(m: dict) -> str:

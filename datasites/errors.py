@@ -6,6 +6,7 @@ DatasiteError
  ├── ServerError        the server cannot start, stop, or be reached (port in use, not running)
  ├── AuthError          a login was refused (wrong password)
  ├── ReviewError        unknown request, refused approval, missing reason
+ │    └── AlreadyApproved  a code or job id that was approved before (approved once, ever)
  ├── Refused            a job call the runtime will not run (the reply says why, nothing charged)
  ├── RoundFailed        a round failed after its charge (one fixed reply; cause in the audit log)
  └── SandboxLimit       a round passed the site's time or memory limit and was stopped
@@ -36,6 +37,10 @@ class AuthError(DatasiteError):
 
 class ReviewError(DatasiteError):
     pass
+
+
+class AlreadyApproved(ReviewError):
+    """A second approval of a code id or job id: one approval, one budget, per job, ever."""
 
 
 class Refused(DatasiteError):

@@ -342,6 +342,9 @@ class JobSpec:
     # The federation-wide one-hot layout of a table with categorical columns (policies.layout),
     # built from every site's published schema; each site encodes its rows to it.
     layout: dict[str, Any] | None = None
+    # The federation-wide class list of a class target (policies.labels), the union of every
+    # site's published classes; each site maps its own label codes into it.
+    classes: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -353,6 +356,8 @@ class JobSpec:
             _check_scaling(self.scaling, self.architecture.input)
         if self.layout is not None:
             _check_layout(self.layout, self.architecture.input)
+        if self.classes is not None:
+            _check_classes(self.classes, self.plan.loss, self.architecture.output)
         self._check_layer_names()
         self._check_binary()
 
@@ -438,6 +443,24 @@ def _check_layout(layout: Any, input_shape: tuple[int, ...]) -> None:
     if (width(layout),) != tuple(input_shape):
         raise PlanError(
             f"the model takes {list(input_shape)} inputs; the layout gives {width(layout)}"
+        )
+
+
+def _check_classes(classes: Any, loss: str, output: tuple[int, ...]) -> None:
+    """The job's label space: well-formed, and as wide as a classifier's output needs."""
+    from policies.labels import check_classes
+
+    check_classes(classes)
+    need = n_outputs(loss, len(classes)) if loss == "cross_entropy" else 1
+    if loss in CLASSIFIERS and tuple(output) != (need,):
+        raise PlanError(
+            f"the model gives {list(output)} per row; the job's {len(classes)} classes need "
+            f"[{need}] with {loss}"
+        )
+    if loss == "bce_with_logits" and len(classes) != 2:
+        raise PlanError(
+            f"bce_with_logits is for 2 classes; the job's label space has {len(classes)} "
+            f"({', '.join(classes)}): use cross_entropy"
         )
 
 
@@ -533,6 +556,12 @@ def _positive_float(name: str, value: Any, high: float) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or not 0 < value <= high:
         raise PlanError(f"{name} must be a number in (0, {high:g}], got {value!r}")
+
+
+def class_count(spec: JobSpec, n_classes: int | None) -> int | None:
+    """The class count a round trains for: the job's label space when it carries one, else
+    the dataset's own published count (a job built before the label space was)."""
+    return len(spec.classes) if spec.classes else n_classes
 
 
 def n_outputs(loss: str, n_classes: int | None) -> int:

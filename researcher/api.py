@@ -19,10 +19,16 @@ from typing import Any
 
 import numpy as np
 
+from policies import autoplan, utility
+from policies.autoplan import AutoPlan
 from policies.errors import PlanError
+from policies.labels import check_site as check_site_classes
+from policies.labels import federation_classes, site_to_job
 from policies.layout import align_stats, federation_layout, one_hot_mask, width
-from policies.plan import JobSpec
+from policies.plan import CLASSIFIERS, JobSpec
+from policies.plan import n_outputs as outputs_for
 from policies.privacy import job_privacy
+from policies.utility import UtilityWarning
 from policies.wire import Weights, encode_weights
 from researcher import sites
 from researcher.errors import JobError, SiteError
@@ -51,10 +57,13 @@ def datasets(fed: Federation) -> dict[str, Any]:
 def dry_run(fed: Federation, spec: JobSpec, initial: Weights | None = None) -> dict[str, Any]:
     """Run the exact function the sites will run, locally, on the first site's mock data.
 
-    Adds the epsilon the whole plan would spend at each site, from each site's row count.
+    Adds the epsilon the whole plan would spend at each site, from each site's row count, and
+    the utility warnings (``policies.utility``): why the job may not learn, from public numbers.
     """
     result = _mock_round(fed, spec, initial)
-    result["epsilon_per_site"] = _epsilon_per_site(fed, spec)
+    metas = dataset_metas(fed, spec.dataset)
+    result["epsilon_per_site"] = _epsilon_per_site(spec, metas)
+    result["warnings"] = [w.to_dict() for w in warnings_for(spec, metas)]
     return result
 
 
@@ -68,6 +77,7 @@ def _mock_round(fed: Federation, spec: JobSpec, initial: Weights | None = None) 
             continue
         with sites.quiet():
             mock = asset.mock
+        mock = mock_in_job_codes(mock, sites.asset_meta(asset), spec)
         weights = encode_weights(initial) if initial is not None else ""
         result = as_function(spec)(data=mock, weights=weights)
         if result.get("status") != "ok":
@@ -75,6 +85,20 @@ def _mock_round(fed: Federation, spec: JobSpec, initial: Weights | None = None) 
         result["mock_site"] = login.name
         return result
     raise JobError(f"no site in the federation has dataset {spec.dataset!r}")
+
+
+def mock_in_job_codes(mock: Any, meta: dict[str, Any], spec: JobSpec) -> Any:
+    """The mock with its target in the job's label space: its codes are its site's own, and
+    the site maps its private rows the same way (``policies.labels.site_to_job``)."""
+    if spec.classes is None or spec.target not in getattr(mock, "columns", ()):
+        return mock
+    try:
+        own = check_site_classes(spec.classes, meta)
+    except PlanError as exc:
+        raise JobError(f"dry run: {exc}") from exc
+    mapped = mock.copy()
+    mapped[spec.target] = site_to_job(mapped[spec.target].to_numpy(), own, spec.classes)
+    return mapped
 
 
 def dataset_metas(fed: Federation, dataset: str) -> dict[str, dict[str, Any]]:
@@ -101,13 +125,31 @@ def load_initial(path: Path) -> Weights:
 
 
 def load_job(
-    fed: Federation, path: Path, target: str | None = None, initial: Weights | None = None
+    fed: Federation,
+    path: Path,
+    target: str | None = None,
+    initial: Weights | None = None,
+    auto_plan: bool = False,
 ) -> JobSpec:
     """JOB.py as a job for this federation: sizes and target from the sites' published schema.
 
     The model is built and converted here, on the researcher's machine; a layer the sites
-    cannot build is refused now, with its name, before anything is submitted.
+    cannot build is refused now, with its name, before anything is submitted. A minimal PLAN
+    (``target_epsilon`` and none of the hand-tuned fields) is filled by the auto-plan from the
+    sites' public numbers; ``auto_plan`` takes every tuned field from it (see :func:`load_planned`).
     """
+    return load_planned(fed, path, target, initial, auto_plan)[0]
+
+
+def load_planned(
+    fed: Federation,
+    path: Path,
+    target: str | None = None,
+    initial: Weights | None = None,
+    auto_plan: bool = False,
+) -> tuple[JobSpec, AutoPlan | None]:
+    """:func:`load_job`, and the auto-plan that filled its plan (None when the file's PLAN is
+    used as written), to show the researcher what was chosen and why."""
     constants = read_job_file(path)
     metas = dataset_metas(fed, constants["DATASET"])
     if not metas:
@@ -120,14 +162,75 @@ def load_job(
     layout = federation_layout_of(metas)
     widths = width(layout) if layout else _agreed(metas, "feature count", n_features)
     meta = next(iter(metas.values()))
-    loss = dict(constants["PLAN"]).get("loss", "cross_entropy")
-    spec = load_job_file(path, published, widths, n_outputs(meta, loss), initial=initial)
-    if layout is not None:
+    plan_fields = dict(constants["PLAN"]) if isinstance(constants["PLAN"], dict) else None
+    loss = (plan_fields or {}).get("loss", "cross_entropy")
+    # a measured target (mse) keeps its values: a label space is for class codes
+    classes = federation_classes_of(metas) if loss in CLASSIFIERS else None
+    outputs = outputs_for(loss, len(classes)) if classes else n_outputs(meta, loss)
+    auto = _auto_fill(plan_fields, metas, auto_plan)
+    spec = load_job_file(
+        path,
+        published,
+        widths,
+        outputs,
+        initial=initial,
+        plan=auto.fields if auto else None,
+    )
+    if layout is not None or classes is not None:
         from dataclasses import replace
 
-        spec = replace(spec, layout=layout)
+        try:
+            spec = replace(spec, layout=layout, classes=classes)
+        except PlanError as exc:
+            raise JobError(f"{path}: {exc}") from exc
     spec = with_peers(fed, spec) if spec.plan.secure and not spec.plan.peers else spec
-    return with_sample_rate(spec, metas)
+    return with_sample_rate(spec, metas), auto
+
+
+def _auto_fill(
+    plan_fields: dict[str, Any] | None, metas: dict[str, dict[str, Any]], forced: bool
+) -> AutoPlan | None:
+    """The auto-plan for a minimal PLAN, or for any with ``forced`` (``--auto-plan``)."""
+    if plan_fields is None or not (forced or autoplan.is_minimal(plan_fields)):
+        return None
+    sites_ = [autoplan.SiteNumbers.from_meta(name, m) for name, m in metas.items()]
+    try:
+        return autoplan.fill(plan_fields, sites_, override=forced)
+    except PlanError as exc:
+        raise JobError(f"auto-plan: {exc}") from exc
+
+
+def plan_for(
+    fed: Federation, dataset: str, target_epsilon: float, given: dict[str, Any] | None = None
+) -> tuple[AutoPlan, list[UtilityWarning]]:
+    """``researcher plan``: a DP plan for ``dataset`` from the sites' public numbers (free),
+    and the utility warnings that remain at it (a statistic too noisy to scale with, say)."""
+    metas = dataset_metas(fed, dataset)
+    if not metas:
+        raise JobError(f"no site in the federation has dataset {dataset!r}")
+    sites_ = [autoplan.SiteNumbers.from_meta(name, m) for name, m in metas.items()]
+    try:
+        auto = autoplan.suggest(sites_, target_epsilon, given)
+    except PlanError as exc:
+        raise JobError(f"auto-plan: {exc}") from exc
+    return auto, utility.utility_warnings(auto.plan(), metas, auto.noise_multiplier)
+
+
+def utility_warnings(fed: Federation, spec: JobSpec) -> list[UtilityWarning]:
+    """Why the job may not learn, from the sites' public numbers only (no epsilon spent)."""
+    metas = dataset_metas(fed, spec.dataset)
+    return warnings_for(spec, metas)
+
+
+def warnings_for(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> list[UtilityWarning]:
+    noise = {}
+    for site, meta in metas.items():
+        if meta.get("rows"):
+            try:
+                noise[site] = job_privacy(spec, int(meta["rows"])).noise_multiplier
+            except PlanError:
+                continue
+    return utility.utility_warnings(spec.plan, metas, noise)
 
 
 def with_sample_rate(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> JobSpec:
@@ -154,6 +257,16 @@ def federation_layout_of(metas: dict[str, dict[str, Any]]) -> dict[str, Any] | N
         raise JobError(str(exc)) from exc
 
 
+def federation_classes_of(metas: dict[str, dict[str, Any]]) -> list[str] | None:
+    """The label space every site maps its codes into: the union of each site's published
+    classes (a class one site lacks is simply never its label there). None for a measured
+    target."""
+    try:
+        return federation_classes(metas)
+    except PlanError as exc:
+        raise JobError(str(exc)) from exc
+
+
 def with_peers(fed: Federation, spec: JobSpec) -> JobSpec:
     """A secure job's peers: every site of the federation, by identity-key fingerprint. Each
     site's admin sees the list in the review, and its runtime refuses any other participant."""
@@ -172,10 +285,10 @@ def _agreed(metas: dict[str, dict[str, Any]], what: str, read: Any) -> Any:
     return next(iter(values.values()))
 
 
-def _epsilon_per_site(fed: Federation, spec: JobSpec) -> dict[str, float]:
+def _epsilon_per_site(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> dict[str, float]:
     return {
         site: job_privacy(spec, int(meta["rows"])).epsilon_job
-        for site, meta in dataset_metas(fed, spec.dataset).items()
+        for site, meta in metas.items()
         if meta.get("rows")
     }
 
@@ -187,22 +300,38 @@ def submit(
     dry: bool = True,
     initial: Weights | None = None,
 ) -> dict[str, str]:
-    """One code request per site; records the job next to the federation file.
+    """One code request per site, all or nothing; records the job next to the federation file.
 
-    First, as ``try`` does, the job runs once on a mock twin with the sites' own code path: a
-    job that cannot run is refused here, before any site reviews it (or charges for it).
+    Every site is checked first (up, logged in, holding the dataset), then, as ``try`` does,
+    the job runs once on a mock twin with the sites' own code path: a job that cannot run is
+    refused before any site reviews it. Only then is it submitted. A site that fails after
+    that leaves the job recorded as partly submitted (``status`` shows where it is missing),
+    and the same submit again sends it only there, under the same job id.
     ``initial`` weights are kept beside the saved job, and ``train`` starts from them.
     """
     if spec.plan.frozen and initial is None:
         raise JobError("a job with frozen layers is submitted with its initial weights")
+    record = _partial_record(fed, spec)
+    if record is not None:
+        spec = JobSpec.from_dict(record["job"])  # the retry keeps the job id the sites hold
+    targets = [login for login in fed.sites if not only or login.name in only]
+    ready = _reach_all(targets, spec)
     if dry:  # the round alone: the per-site epsilon would log into every site once more
         _mock_round(fed, spec, initial)
-    requests = {}
-    for login in fed.sites:
-        if only and login.name not in only:
+    requests: dict[str, str] = dict(record["requests"]) if record else {}
+    for name, (client, asset) in ready.items():
+        if name in requests:
             continue
-        client = sites.connect(login)
-        requests[login.name] = sites.submit(client, spec, sites.find_asset(client, spec.dataset))
+        try:
+            requests[name] = sites.submit(client, spec, asset)
+        except SiteError as exc:
+            missing = [n for n in ready if n not in requests]
+            save_job(fed, spec, requests, missing=missing)
+            held = ", ".join(requests) or "no site"
+            raise JobError(
+                f"{exc}; job {spec.name} is now pending at {held} and missing at "
+                f"{', '.join(missing)}: run the same submit again to send it there"
+            ) from exc
     save_job(fed, spec, requests)
     if initial is not None:
         path = initial_path(fed, spec)
@@ -210,6 +339,49 @@ def submit(
             np.savez(fh, **initial)
         os.replace(path.with_suffix(".tmp"), path)
     return requests
+
+
+def _reach_all(targets: list[Any], spec: JobSpec) -> dict[str, tuple[Any, Any]]:
+    """A logged-in client and the job's asset at every target site, or JobError naming each
+    site that failed: nothing is submitted anywhere unless every site answers."""
+    ready, problems = {}, []
+    for login in targets:
+        try:
+            client = sites.connect(login)
+            ready[login.name] = (client, sites.find_asset(client, spec.dataset))
+        except SiteError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise JobError(f"nothing was submitted: {'; '.join(problems)}")
+    return ready
+
+
+def _partial_record(fed: Federation, spec: JobSpec) -> dict[str, Any] | None:
+    """The saved record of this same job when an earlier submit stopped part-way, else None.
+
+    The same job: the same model, plan, dataset and scaling. Its name and job id are drawn
+    anew each time a job file is loaded, so they are not compared; the record's are kept.
+    """
+    folder = jobs_dir(fed)
+    if not folder.is_dir():
+        return None
+    wanted = _sans_identity(spec.to_dict())
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(record, dict)
+            and record.get("missing")
+            and isinstance(record.get("job"), dict)
+        ) and _sans_identity(record["job"]) == wanted:
+            return record
+    return None
+
+
+def _sans_identity(job: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in job.items() if k not in ("job_id", "name")}
 
 
 def initial_path(fed: Federation, spec: JobSpec) -> Path:
@@ -235,10 +407,17 @@ def status(fed: Federation, spec: JobSpec) -> dict[str, dict[str, Any]]:
         except SiteError as exc:
             state = {"status": "unreachable", "reason": str(exc)}
         mine = progress.get("sites", {}).get(login.name)
+        if state["status"] == "not submitted" and login.name in _missing(fed, spec):
+            state["reason"] = "a submit stopped before this site; run the same submit again"
         if state["status"] == "approved" and mine:
             state = _after_approval(mine, progress.get("running", False), spec.plan.rounds)
         out[login.name] = state
     return out
+
+
+def _missing(fed: Federation, spec: JobSpec) -> list[str]:
+    path = jobs_dir(fed) / f"{spec.name}.json"
+    return list(json.loads(path.read_text()).get("missing", [])) if path.exists() else []
 
 
 def _after_approval(mine: dict[str, Any], running: bool, rounds: int) -> dict[str, Any]:
@@ -278,12 +457,18 @@ def jobs_dir(fed: Federation) -> Path:
     return fed.path.parent / JOBS_DIR
 
 
-def save_job(fed: Federation, spec: JobSpec, requests: dict[str, str]) -> Path:
+def save_job(
+    fed: Federation, spec: JobSpec, requests: dict[str, str], missing: list[str] | None = None
+) -> Path:
+    """The job and its request ids; ``missing``: sites a part-way submit did not reach."""
     folder = jobs_dir(fed)
     folder.mkdir(exist_ok=True)
     path = folder / f"{spec.name}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"job": spec.to_dict(), "requests": requests}, indent=2))
+    record: dict[str, Any] = {"job": spec.to_dict(), "requests": requests}
+    if missing:
+        record["missing"] = missing
+    tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, path)
     return path
 
@@ -348,6 +533,17 @@ def _check_approved_somewhere(fed: Federation, spec: JobSpec) -> None:
             by_state.setdefault(state, []).append(site)
         listed = "; ".join(f"{state} at {', '.join(names)}" for state, names in by_state.items())
         raise JobError(f"job {spec.name} is approved nowhere yet ({listed}); nothing ran")
+
+
+def run_finished(run_dir: Path) -> int:
+    """The number of rounds of the run in ``run_dir`` when it already ran them all, else 0."""
+    from researcher.rounds import Checkpoint
+
+    ckpt = Checkpoint(Path(run_dir))
+    if not ckpt.exists():
+        return 0
+    spec, done, _, _ = ckpt.load()
+    return done if done >= spec.plan.rounds else 0
 
 
 def train(fed: Federation, spec: JobSpec, run_dir: Path, **options: Any) -> Any:

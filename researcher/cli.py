@@ -21,6 +21,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 TargetOpt = Annotated[
     str | None, typer.Option(help="Label column (default: the one the sites publish).")
 ]
+AutoOpt = Annotated[
+    bool,
+    typer.Option(
+        "--auto-plan",
+        help="Take batch size, epochs, rounds, learning rate and clip from 'researcher plan' "
+        "(public numbers, no epsilon), replacing the job file's.",
+    ),
+]
 InitOpt = Annotated[
     Path | None,
     typer.Option(
@@ -75,6 +83,9 @@ def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
         for d in rows:
             if d.get("categories"):
                 out.print(f"{d['name']} categories (public): {_categories(d)}", highlight=False)
+            if d.get("classes"):
+                listed = "|".join(map(str, d["classes"]))
+                out.print(f"{d['name']} classes (public): {listed}", highlight=False)
     out.print(
         "Row counts and mocks are differentially private (each site's ledger charges the mock "
         "to every researcher); column names, dtypes, class labels and the category lists of "
@@ -110,6 +121,7 @@ def try_job(
     federation: FedOpt,
     target: TargetOpt = None,
     init_weights: InitOpt = None,
+    auto_plan: AutoOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Run the job locally on mock data through the site runtime, before submitting."""
@@ -117,13 +129,18 @@ def try_job(
 
     fed = _fed(federation)
     initial = api.load_initial(init_weights) if init_weights else None
-    result = api.dry_run(fed, api.load_job(fed, job, target, initial), initial)
+    spec, auto = api.load_planned(fed, job, target, initial, auto_plan)
+    result = api.dry_run(fed, spec, initial)
     summary = {
-        k: result[k] for k in ("metrics", "privacy", "shapes", "epsilon_per_site", "mock_site", "n")
+        k: result[k]
+        for k in ("metrics", "privacy", "shapes", "epsilon_per_site", "mock_site", "n", "warnings")
     }
+    summary["auto_plan"] = auto.to_dict() if auto else None
     if json:
         emit_json(summary)
         return
+    if auto:
+        _show_plan(auto, f"plan filled by the auto-plan for {spec.dataset}")
     table(
         f"dry run on {result['mock_site']}'s mock ({result['n']} training rows)",
         ["what", "value"],
@@ -134,6 +151,7 @@ def try_job(
             *[[f"epsilon at {s}", f"{e:.3f}"] for s, e in result["epsilon_per_site"].items()],
         ],
     )
+    _show_warnings(result["warnings"])
 
 
 @app.command()
@@ -142,6 +160,7 @@ def submit(
     federation: FedOpt,
     target: TargetOpt = None,
     init_weights: InitOpt = None,
+    auto_plan: AutoOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Submit the job to every site of the federation for review."""
@@ -149,14 +168,87 @@ def submit(
 
     fed = _fed(federation)
     initial = api.load_initial(init_weights) if init_weights else None
-    spec = api.with_pooled_scaling(fed, api.load_job(fed, job, target, initial))
+    spec, auto = api.load_planned(fed, job, target, initial, auto_plan)
+    spec = api.with_pooled_scaling(fed, spec)
+    warnings = [w.to_dict() for w in api.utility_warnings(fed, spec)]
+    if auto and not json:
+        _show_plan(auto, f"plan filled by the auto-plan for {spec.dataset}")
     requests = api.submit(fed, spec, initial=initial)
     if json:
-        emit_json({"job": spec.name, "requests": requests})
-    else:
-        out.print(
-            f"submitted {spec.name} to {', '.join(requests)}; follow it with 'researcher status'"
+        emit_json(
+            {
+                "job": spec.name,
+                "requests": requests,
+                "plan": spec.plan.to_dict(),
+                "auto_plan": auto.to_dict() if auto else None,
+                "warnings": warnings,
+            }
         )
+        return
+    _show_warnings(warnings)
+    out.print(f"submitted {spec.name} to {', '.join(requests)}; follow it with 'researcher status'")
+
+
+@app.command()
+def plan(
+    federation: FedOpt,
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Target epsilon per site.")],
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset (default: the one every site publishes).")
+    ] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Suggest a DP-SGD plan from the sites' public numbers (rows, classes); spends no epsilon."""
+    from researcher import api
+
+    fed = _fed(federation)
+    name = dataset or _only_dataset(api.datasets(fed))
+    auto, warnings = api.plan_for(fed, name, epsilon)
+    if json:
+        emit_json({"dataset": name, **auto.to_dict(), "warnings": [w.to_dict() for w in warnings]})
+        return
+    _show_plan(auto, f"suggested plan for {name} at epsilon {epsilon:g} per site")
+    _show_warnings([w.to_dict() for w in warnings])
+    out.print(
+        f'Minimal job file: DATASET = "{name}" and PLAN = {{"target_epsilon": {epsilon:g}}} '
+        "(the rest is filled as above; no model means one linear layer).",
+        style="dim",
+        highlight=False,
+    )
+
+
+def _only_dataset(data: dict) -> str:
+    """The one dataset name the reachable sites publish; JobError if none or several."""
+    from researcher.errors import JobError
+
+    names = sorted({d["name"] for rows in data.values() if isinstance(rows, list) for d in rows})
+    if len(names) != 1:
+        found = ", ".join(names) or "none"
+        raise JobError(f"name the dataset with --dataset (the sites publish: {found})")
+    return names[0]
+
+
+def _show_plan(auto, title: str) -> None:  # noqa: ANN001
+    """The auto-plan's fields with the reason for each, then what each site will spend."""
+    table(
+        title,
+        ["field", "value", "why"],
+        [[k, str(auto.fields[k]), why] for k, why in auto.reasons.items()],
+    )
+    table(
+        "at each site (from its published rows)",
+        ["site", "noise multiplier", "epsilon", "step noise (sigma/batch)"],
+        [
+            [s, f"{auto.noise_multiplier[s]:.3g}", f"{auto.epsilon[s]:.3f}", f"{r:.3g}"]
+            for s, r in auto.noise_to_signal.items()
+        ],
+    )
+
+
+def _show_warnings(warnings: list[dict]) -> None:
+    """Each utility warning on its own line, cause then fix (stderr: stdout stays the result)."""
+    for w in warnings:
+        err.print(f"warning: {w['cause']}: {w['fix']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -196,7 +288,10 @@ def train(
     resume: Annotated[
         Path | None, typer.Option(help="Continue the run checkpointed in this RUN_DIR.")
     ] = None,
-    min_sites: Annotated[int, typer.Option(help="Fewest replies a round accepts.")] = 1,
+    min_sites: Annotated[
+        int | None,
+        typer.Option(help="Fewest replies a round accepts (default: every site of the job)."),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a site per round.")] = 300,
     test: Annotated[Path | None, typer.Option(help="CSV of your own test rows.")] = None,
     precision: Annotated[
@@ -215,7 +310,12 @@ def train(
     ] = "fedavg",
     json: JsonOpt = False,
 ) -> None:
-    """Run the federated rounds of an approved job: progress, checkpoints, metrics, plots."""
+    """Run the federated rounds of an approved job: progress, checkpoints, metrics, plots.
+
+    Every round waits for every site unless --min-sites says less. The run ends with a
+    per-site summary. Exit code: 0 when every site took every round; 3 when the run finished
+    but a site missed rounds (the summary says which and why); 1 on an error.
+    """
     from rich.progress import Progress
 
     from researcher import api
@@ -233,24 +333,25 @@ def train(
     if run_dir is not None and (run_dir / "state.json").exists():
         raise JobError(f"{run_dir} already holds a run; continue it with --resume {run_dir}")
     run_dir = run_dir or resume
+    if resume is not None and api.run_finished(resume):
+        done = api.run_finished(resume)
+        if json:
+            emit_json({"run_dir": str(resume), "rounds": done, "finished": True})
+        else:
+            out.print(f"{resume}: this run already finished all {done} rounds; nothing to do")
+        return
     fed = _fed(federation)
     spec = api.saved_job(fed, job)
-    test_xy = _test_split(test, target or spec.target, spec.layout) if test else None
+    test_xy = _test_split(test, target or spec.target, spec.layout, spec.classes) if test else None
     with Progress(disable=json) as progress:
         bar = progress.add_task("rounds", total=spec.plan.rounds)
 
         def on_round(rec) -> None:  # noqa: ANN001
             progress.update(bar, completed=rec.round)
             if not json:
-                accs = ", ".join(
-                    f"{u.site} {u.metrics['val_accuracy']:.3f}"
-                    if "val_accuracy" in u.metrics
-                    else f"{u.site} ok"
-                    for u in rec.updates
-                )
                 skipped = f"; skipped {', '.join(rec.skipped)}" if rec.skipped else ""
                 progress.console.print(
-                    f"round {rec.round}: DP val accuracy {accs}"
+                    f"round {rec.round}: {_round_sites(rec.updates)}"
                     + (f"; test {rec.test_accuracy:.3f}" if rec.test_accuracy is not None else "")
                     + _ranking(rec.test_metrics)
                     + skipped
@@ -283,10 +384,45 @@ def train(
         "test_accuracy": result.rounds[-1].get("test_accuracy") if result.rounds else None,
         "test_metrics": result.rounds[-1].get("test_metrics") if result.rounds else None,
     }
+    summary["sites"] = result.sites
+    summary["complete"] = result.complete
     if json:
         emit_json(summary)
     else:
+        _site_table(result.sites)
         out.print(f"done: {summary['rounds']} rounds; model, metrics.csv and plots in {run_dir}")
+    if not result.complete:
+        missed = [n for n, s in result.sites.items() if s["rounds_missed"]]
+        err.print(f"warning: {', '.join(missed)} missed rounds (see the summary); exit code 3")
+        raise typer.Exit(3)
+
+
+def _round_sites(updates: list) -> str:
+    """The sites that sent an update; their DP validation accuracy only where the plan asked
+    the sites for metrics (otherwise there is none to show, and the line says so)."""
+    if any("val_accuracy" in u.metrics for u in updates):
+        return "DP val accuracy " + ", ".join(
+            f"{u.site} {u.metrics['val_accuracy']:.3f}" if "val_accuracy" in u.metrics else u.site
+            for u in updates
+        )
+    return f"updates from {', '.join(u.site for u in updates)} (no site metrics in this plan)"
+
+
+def _site_table(sites: dict) -> None:
+    table(
+        "per site",
+        ["site", "rounds taken", "rounds missed", "why missed", "epsilon spent"],
+        [
+            [
+                name,
+                s["rounds_taken"],
+                s["rounds_missed"],
+                "; ".join(f"{why} (x{n})" for why, n in s["missed_because"].items()),
+                "" if s["epsilon_spent"] is None else f"{s['epsilon_spent']:.3f}",
+            ]
+            for name, s in sites.items()
+        ],
+    )
 
 
 def _ranking(metrics: dict) -> str:
@@ -300,9 +436,11 @@ def _ranking(metrics: dict) -> str:
     )
 
 
-def _test_split(path: Path, target: str, layout: dict | None = None):  # noqa: ANN202
-    """The test rows as (x, y); text columns one-hot encoded to the job's layout, as the sites
-    encode theirs."""
+def _test_split(  # noqa: ANN202
+    path: Path, target: str, layout: dict | None = None, classes: list[str] | None = None
+):
+    """The test rows as (x, y); text columns one-hot encoded to the job's layout, and labels
+    coded in the job's class list, as the sites encode and code theirs."""
     import pandas as pd
 
     from policies.errors import PlanError
@@ -315,12 +453,21 @@ def _test_split(path: Path, target: str, layout: dict | None = None):  # noqa: A
         raise JobError(f"cannot read test file {path}: {exc}") from exc
     if target not in frame.columns:
         raise JobError(f"test file {path} has no column {target!r}")
-    if layout is not None:
-        try:
-            return encode(frame, target, layout), frame[target].to_numpy()
-        except PlanError as exc:
-            raise JobError(f"test file {path}: {exc}") from exc
-    return frame.drop(columns=[target]).to_numpy(dtype="float32"), frame[target].to_numpy()
+    try:
+        y = _test_labels(frame[target], classes)
+        if layout is not None:
+            return encode(frame, target, layout), y
+    except PlanError as exc:
+        raise JobError(f"test file {path}: {exc}") from exc
+    return frame.drop(columns=[target]).to_numpy(dtype="float32"), y
+
+
+def _test_labels(column, classes: list[str] | None):  # noqa: ANN001, ANN201
+    """The test file's raw labels as the model's codes: their places in the job's class list
+    (labels {1, 2} or Yes/No scored against codes 0, 1); as they are without a list."""
+    from policies.labels import labels_to_codes
+
+    return column.to_numpy() if classes is None else labels_to_codes(column.to_numpy(), classes)
 
 
 def main() -> None:

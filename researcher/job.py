@@ -11,6 +11,9 @@ A JOB.py file is ordinary PyTorch with two constants::
         return nn.Sequential(nn.Linear(n_features, 32), nn.ReLU(), nn.Linear(32, n_outputs))
 
 or, instead of ``make_model``, ``MODEL = [{"type": "Linear", "in_features": 30, ...}, ...]``.
+Without either, the job gets ``policies.autoplan.default_model`` (one linear layer). The
+smallest job file is ``DATASET = "cancer"`` and ``PLAN = {"target_epsilon": 3.0}``: the
+researcher package fills the rest of the plan from the sites' public numbers (``policies.autoplan``).
 
 The file runs here, on the researcher's machine, and never travels: ``make_model``'s result is
 converted to a declarative spec (``policies.torch_model.to_spec``), which refuses what a spec
@@ -145,10 +148,12 @@ def load_job_file(
     n_outputs: int,
     name: str | None = None,
     initial: Weights | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> JobSpec:
     """The job JOB.py describes, for a table of ``n_features`` and a model of ``n_outputs``.
 
-    ``researcher.api.load_job`` fills the sizes in from the federation's published schema.
+    ``researcher.api.load_job`` fills the sizes in from the federation's published schema, and
+    ``plan`` (the file's PLAN with the auto-plan's fields filled in) when it has one.
     """
     path = Path(path)
     constants = read_job_file(path)
@@ -158,6 +163,10 @@ def load_job_file(
             namespace = runpy.run_path(str(path), run_name="fedsite_job_file")
         except Exception as exc:  # the researcher's own file: report, do not crash
             raise JobError(f"{path} failed to run: {type(exc).__name__}: {exc}") from exc
+        if "make_model" not in namespace:
+            from policies.autoplan import default_model
+
+            namespace["make_model"] = default_model
         try:
             model = _factory(namespace, str(path))(n_features, n_outputs)
         except JobError:
@@ -169,7 +178,7 @@ def load_job_file(
             model,
             constants["DATASET"],
             target,
-            constants["PLAN"],
+            constants["PLAN"] if plan is None else plan,
             name=name or _name_from(path),
             n_features=n_features,
             n_outputs=n_outputs,

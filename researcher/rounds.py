@@ -1,7 +1,8 @@
 """The federated round loop: global weights out to every site in parallel, updates back, averaged.
 
 Faults: a site that times out, errors or refuses is skipped for the round with a warning; the
-round goes on when at least ``min_sites`` replied, else the run stops with a clear error.
+round goes on when at least ``min_sites`` replied (by default every site: a quorum of all), else
+the run stops with a clear error. The run ends with a per-site summary (``site_summary``).
 Connection failures are retried with backoff (a call that never reached the site spends nothing).
 After every round the global weights, the round number and the metrics are checkpointed in the
 run directory, so ``resume`` continues from there.
@@ -57,6 +58,13 @@ class RunResult:
     weights: Weights
     rounds: list[dict[str, Any]]
     last: RoundRecord | None = None
+    # per site: rounds taken and missed (with why) and epsilon spent; see ``site_summary``
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """Every site took every round of the run."""
+        return all(s["rounds_missed"] == 0 for s in self.sites.values())
 
 
 def call_with_retry(
@@ -199,7 +207,7 @@ def run_federation(  # noqa: PLR0913
     *,
     sites: Sequence[Site] | None = None,
     retry_backoff: float = 0.5,
-    min_sites: int = 1,
+    min_sites: int | None = None,
     timeout_s: float = 300.0,
     strategy: Strategy | None = None,
     test: tuple[np.ndarray, np.ndarray] | None = None,
@@ -222,6 +230,9 @@ def run_federation(  # noqa: PLR0913
             raise SiteError("run_federation needs a federation or a list of sites")
         sites = [SyftSite(login) for login in fed.sites]
     links = list(sites)
+    # a quorum of every site unless the caller accepts fewer: a site that drops out is an error
+    # the researcher sees, not a run that quietly trains on the others
+    min_sites = len(links) if min_sites is None else min_sites
     if resume and ckpt.exists():
         spec, done, weights, history = ckpt.load()
         ckpt.load_strategy(strategy)
@@ -259,7 +270,31 @@ def run_federation(  # noqa: PLR0913
             passed = _personalize(pool, links, spec, weights, min_sites, timeout_s)
             _write(personalized, json.dumps(passed, indent=2))
     _save_final(run_dir, spec, weights)
-    return RunResult(Path(run_dir), weights, history, last)
+    summary = site_summary(history, [link.name for link in links])
+    return RunResult(Path(run_dir), weights, history, last, summary)
+
+
+def site_summary(history: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per site, over a run's rounds: how many it took, how many it missed and why, and the
+    epsilon its ledger reported spent after its last round."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        taken = [row for row in history if name in row.get("sites", {})]
+        reasons: dict[str, int] = {}
+        for row in history:
+            why = row.get("skipped", {}).get(name)
+            if why is not None:
+                reasons[why] = reasons.get(why, 0) + 1
+            elif name not in row.get("sites", {}):
+                reasons["no reply"] = reasons.get("no reply", 0) + 1
+        spent = [row["sites"][name].get("epsilon_spent") for row in taken]
+        out[name] = {
+            "rounds_taken": len(taken),
+            "rounds_missed": len(history) - len(taken),
+            "missed_because": reasons,
+            "epsilon_spent": next((e for e in reversed(spent) if e is not None), None),
+        }
+    return out
 
 
 def _personalize(
@@ -420,7 +455,8 @@ def _one_round(
     if len(updates) < min_sites:
         raise SiteError(
             f"round {round_no}: only {len(updates)} site(s) replied, fewer than "
-            f"min_sites={min_sites}; skipped: {skipped}"
+            f"min_sites={min_sites} (by default every site; --min-sites N accepts fewer); "
+            f"skipped: {skipped}"
         )
     updates.sort(key=lambda u: u.site)
     return RoundRecord(round_no, updates, skipped, None, time.perf_counter() - started)

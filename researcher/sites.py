@@ -87,6 +87,7 @@ def datasets(client: Any, preview_rows: int = 5) -> list[dict[str, Any]]:
                     "schema": meta.get("schema"),
                     "categories": meta.get("categories") or {},
                     "n_classes": meta.get("n_classes"),
+                    "classes": meta.get("classes"),
                     "mock_epsilon": meta.get("mock_epsilon"),
                     "mock_preview": mock.head(preview_rows).to_dict(orient="records"),
                 }

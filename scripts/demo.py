@@ -267,6 +267,19 @@ def start_sites(
     return sites
 
 
+def trust_each_other(sites: list[SiteDir], dataset: str) -> None:
+    """Each demo admin trusts the other demo sites' identity keys (in real life, compared out
+    of band): an unverified peer counts as a colluder, and each site would add all the noise."""
+    from dataclasses import replace
+
+    from datasites.review.access import PolicyStore
+
+    fingerprints = sorted(s.fingerprint() for s in sites)
+    for site in sites:
+        store = PolicyStore(site.policies_path)
+        store.set(dataset, replace(store.get(dataset), trusted_peers=fingerprints))
+
+
 def forget_sites(work: Path, sites: list[SiteDir]) -> None:
     """Remove the stopped demo sites (private tables, admin and researcher passwords); the run
     folder with the model, metrics and plots stays."""
@@ -309,6 +322,8 @@ def run_once(args: argparse.Namespace, seed: int, say) -> dict:  # noqa: ANN001
         lambda name, share: start_site(work, name, share, args.epsilon, tls=args.tls),
     )
     try:
+        if args.secure:
+            trust_each_other(sites, "breast-cancer")
         fed = write_federation(work, sites)
         n_features = shares[0].shape[1] - 1  # 30; and 2 classes
         job_plan = (

@@ -9,6 +9,7 @@ Jinja2 with autoescaping, so submitted code and reasons are shown, never interpr
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from datasites.serving.config import SiteDir
 from policies.errors import FedsiteError
 
 COOKIE = "fedsite_console"
+DEVICE_COOKIE = "fedsite_device"  # a device that has logged in: its own failed-login count
+DEVICE_SECONDS = 180 * 24 * 3600
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 HEADERS = {
     "Cache-Control": "no-store",
@@ -67,16 +70,32 @@ def create_app(site: SiteDir) -> FastAPI:
 
     @app.post("/login", response_model=None)
     def login(request: Request, password: str = Form("")) -> Response:
-        sid = sessions.login(password)
-        if sid is None:
+        address = request.client.host if request.client else ""
+        device = request.cookies.get(DEVICE_COOKIE)
+        attempt = sessions.attempt(password, address, device)
+        if attempt.sid is None:
+            wait = math.ceil(attempt.retry_after)
             error = (
-                "too many failed logins; wait a minute" if sessions.locked() else "wrong password"
+                f"too many failed logins from here; try again in {wait} s"
+                if attempt.throttled
+                else "wrong password"
             )
             response = page(request, "login.html", None, error=error)
-            response.status_code = 401
+            response.status_code = 429 if attempt.throttled else 401
+            if attempt.throttled:
+                response.headers["Retry-After"] = str(wait)
             return response
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, sid, httponly=True, samesite="strict", path="/")
+        response.set_cookie(COOKIE, attempt.sid, httponly=True, samesite="strict", path="/")
+        if sessions.client_key(address, device).startswith("address:"):
+            response.set_cookie(
+                DEVICE_COOKIE,
+                sessions.new_device(),
+                max_age=DEVICE_SECONDS,
+                httponly=True,
+                samesite="strict",
+                path="/login",
+            )
         return response
 
     @app.post("/logout", response_model=None)
@@ -163,7 +182,7 @@ def create_app(site: SiteDir) -> FastAPI:
         session = current(request)
         if session is None:
             return login_first()
-        log = AuditLog(store)
+        log = AuditLog(store, site.root)
         return page(request, "audit.html", session, entries=log.entries(), intact=log.verify())
 
     @app.get("/epsilon.png", response_model=None)

@@ -2,8 +2,14 @@
 
 The cookie carries only a random id (``secrets.token_urlsafe``); nothing in it is trusted or
 decoded. A session ends at logout, after ``IDLE_SECONDS`` unused, or when the console stops.
-Failed logins are counted per process: after ``MAX_FAILURES`` the console refuses logins for
-``LOCKOUT_SECONDS``, so the admin password cannot be guessed at HTTP speed.
+
+Failed logins slow down the client that makes them, and only that client (issue 24: a global
+lockout let anyone keep the admin out by guessing once a minute). A client is its network
+address, or, once it has logged in here, its *device*: an HMAC-signed cookie this process gave
+it, so an admin whose browser has logged in before is never slowed by guesses made from the
+same address. After ``FREE_FAILURES`` wrong passwords a client waits ``BASE_DELAY`` seconds,
+doubling with each further failure up to ``MAX_DELAY``; while it waits, its attempts are refused
+unchecked (the right password too), so the password cannot be guessed at HTTP speed.
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from hashlib import sha256
 
 IDLE_SECONDS = 30 * 60
-MAX_FAILURES = 5
-LOCKOUT_SECONDS = 60.0
+FREE_FAILURES = 3
+BASE_DELAY = 1.0
+MAX_DELAY = 15 * 60.0
+MAX_CLIENTS = 10_000  # clients remembered; the oldest is forgotten first
 
 
 @dataclass
@@ -25,32 +34,90 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class _Client:
+    failures: int = 0
+    wait_until: float = 0.0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of one login: a session id, or how long this client must wait."""
+
+    sid: str | None = None
+    retry_after: float = 0.0
+
+    @property
+    def throttled(self) -> bool:
+        return self.retry_after > 0
+
+
+def delay_after(failures: int) -> float:
+    """Seconds a client waits after its ``failures``-th wrong password in a row."""
+    if failures <= FREE_FAILURES:
+        return 0.0
+    return min(MAX_DELAY, BASE_DELAY * 2 ** (failures - FREE_FAILURES - 1))
+
+
+def clean_password(password: str) -> str:
+    """The password as typed, less the line end that ``cat admin-password`` or a pasted line
+    carries (issue 26); a generated password never ends in whitespace."""
+    return password.rstrip("\r\n")
+
+
 class Sessions:
     def __init__(self, password: str) -> None:
         self._password = password
         self._live: dict[str, Session] = {}
+        self._clients: dict[str, _Client] = {}
         self._lock = threading.Lock()
-        self._failures = 0
-        self._locked_until = 0.0
+        self._device_key = secrets.token_bytes(32)
 
-    def login(self, password: str) -> str | None:
-        """A new session id for the right password, else None (counted toward the lockout)."""
+    def attempt(self, password: str, address: str, device: str | None = None) -> Attempt:
+        """Check ``password`` for the client at ``address`` (or its signed ``device`` cookie)."""
+        key = self.client_key(address, device)
         with self._lock:
             now = time.monotonic()
-            if now < self._locked_until:
-                return None
-            if not hmac.compare_digest(password.encode(), self._password.encode()):
-                self._failures += 1
-                if self._failures >= MAX_FAILURES:
-                    self._failures, self._locked_until = 0, now + LOCKOUT_SECONDS
-                return None
-            self._failures = 0
+            client = self._clients.get(key)
+            if client is not None and now < client.wait_until:
+                return Attempt(retry_after=client.wait_until - now)
+            if not hmac.compare_digest(clean_password(password).encode(), self._password.encode()):
+                client = self._clients.pop(key, None) or _Client()
+                client.failures += 1
+                client.wait_until = now + delay_after(client.failures)
+                self._remember(key, client)
+                return Attempt()
+            self._clients.pop(key, None)
             sid = secrets.token_urlsafe(32)
             self._live[sid] = Session(secrets.token_urlsafe(32))
-            return sid
+            return Attempt(sid=sid)
 
-    def locked(self) -> bool:
-        return time.monotonic() < self._locked_until
+    def login(self, password: str, address: str = "", device: str | None = None) -> str | None:
+        """A new session id for the right password, else None."""
+        return self.attempt(password, address, device).sid
+
+    def client_key(self, address: str, device: str | None) -> str:
+        """The device, when its cookie is one this process signed; else the address."""
+        if device and self._device_ok(device):
+            return "device:" + device
+        return "address:" + address
+
+    def new_device(self) -> str:
+        """A cookie value naming a device that has logged in: ``id.mac``."""
+        ident = secrets.token_urlsafe(16)
+        return f"{ident}.{self._mac(ident)}"
+
+    def _device_ok(self, device: str) -> bool:
+        ident, _, mac = device.partition(".")
+        return bool(ident) and hmac.compare_digest(mac.encode(), self._mac(ident).encode())
+
+    def _mac(self, ident: str) -> str:
+        return hmac.new(self._device_key, ident.encode(), sha256).hexdigest()
+
+    def _remember(self, key: str, client: _Client) -> None:
+        self._clients[key] = client  # re-inserted last: dicts keep insertion order
+        while len(self._clients) > MAX_CLIENTS:
+            self._clients.pop(next(iter(self._clients)))
 
     def get(self, sid: str | None) -> Session | None:
         with self._lock:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from datasites.errors import AlreadyApproved
 from datasites.ledger.store import SiteStore
 from policies.errors import RoundLimitReached
 
@@ -34,13 +35,33 @@ class Approvals:
         self.store = store
 
     def record(self, approval: Approval) -> None:
-        with self.store.immediate() as conn:
+        """Write an approval, once: a code id or a job id that was ever approved is refused.
+
+        There is no update path on purpose. Re-approving approved code (a second syft request
+        on the same user code, which any logged-in user can file) used to reset ``rounds_run``
+        while the ledger kept the job's one charge: fresh noisy rounds for no epsilon.
+        """
+        job_id = str(approval.job.get("job_id", ""))
+        with self.store.immediate() as conn:  # check and insert in one write transaction
+            clash = conn.execute(
+                "SELECT code_id, request_id FROM approvals WHERE code_id = ?", (approval.code_id,)
+            ).fetchone()
+            if clash is None and job_id:
+                clash = next(
+                    (
+                        (r[0], r[1])
+                        for r in conn.execute("SELECT code_id, request_id, job FROM approvals")
+                        if json.loads(r[2]).get("job_id") == job_id
+                    ),
+                    None,
+                )
+            if clash is not None:
+                raise AlreadyApproved(
+                    f"job {job_id or approval.code_id} was already approved (request "
+                    f"{str(clash[1])[:8]}); a job is approved once, submit a new job"
+                )
             conn.execute(
-                "INSERT INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (code_id) "
-                "DO UPDATE SET request_id = excluded.request_id, researcher = excluded.researcher,"
-                " dataset = excluded.dataset, code_hash = excluded.code_hash, job = excluded.job,"
-                " rounds_allowed = excluded.rounds_allowed, rounds_run = 0,"
-                " override_reason = excluded.override_reason, approved_at = excluded.approved_at",
+                "INSERT INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
                 (
                     approval.code_id,
                     approval.request_id,
@@ -82,12 +103,29 @@ class Approvals:
         return {json.loads(r[0]).get("job_id", "") for r in rows}
 
     def take_round(self, code_id: str) -> int:
-        """Count one more call of an approved job, atomically; refuse past its limit."""
+        """Count one more call of an approved job, atomically; refuse past its limit.
+
+        Rounds are counted per job id over every approval that carries it (there is one, as
+        ``record`` refuses a second; counting over all of them keeps the limit even if an old
+        database holds two).
+        """
         with self.store.immediate() as conn:
             row = conn.execute(
-                "SELECT rounds_allowed, rounds_run FROM approvals WHERE code_id = ?", (code_id,)
+                "SELECT rounds_allowed, job FROM approvals WHERE code_id = ?", (code_id,)
             ).fetchone()
-            allowed, run = row
+            if row is None:
+                raise RoundLimitReached("this code has no approval at this datasite")
+            allowed, job_id = row[0], json.loads(row[1]).get("job_id")
+            same_job = [
+                r[0]
+                for r in conn.execute("SELECT code_id, job FROM approvals")
+                if r[0] == code_id or (job_id and json.loads(r[1]).get("job_id") == job_id)
+            ]
+            marks = ",".join("?" * len(same_job))
+            run = conn.execute(
+                f"SELECT COALESCE(SUM(rounds_run), 0) FROM approvals WHERE code_id IN ({marks})",
+                same_job,
+            ).fetchone()[0]
             if run >= allowed:
                 raise RoundLimitReached(
                     f"this approval covers {allowed} round(s) and all have run; submit a new job"
@@ -95,7 +133,7 @@ class Approvals:
             conn.execute(
                 "UPDATE approvals SET rounds_run = rounds_run + 1 WHERE code_id = ?", (code_id,)
             )
-        return run + 1
+        return int(run) + 1
 
 
 def _row(row: Any) -> Approval:

@@ -15,6 +15,8 @@ from typing import Any
 from syft.service.code.user_code import get_code_hash, parse_user_code
 from syft.service.policy.policy import MixedInputPolicy, OutputPolicyExecuteCount
 
+from datasites.review.codecheck import parsed_problems
+
 TEMPLATE_INPUTS = ["data", "weights"]
 
 
@@ -39,6 +41,10 @@ def executed_problems(code: Any) -> list[str]:
     expected = parse_user_code(raw, code.unique_func_name, code.service_func_name, TEMPLATE_INPUTS)
     if code.parsed_code != expected:
         problems.append("the parsed code syft executes differs from the raw code")
+    problems += [
+        f"syft's parsed code, {finding}"
+        for finding in parsed_problems(code.parsed_code, code.service_func_name)
+    ]
     if code.nested_codes or code.uses_datasite:
         problems.append("the code launches nested jobs")
     if code.input_policy_type is not MixedInputPolicy:

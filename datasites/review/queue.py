@@ -14,6 +14,7 @@ from syft.types.uid import UID
 
 from datasites.errors import ReviewError
 from datasites.ledger.audit import AuditLog
+from datasites.ledger.budget import BudgetLedger, Fit
 from datasites.ledger.store import SiteStore
 from datasites.review.access import DatasetPolicy, PolicyStore
 from datasites.review.approvals import Approval, Approvals
@@ -81,7 +82,7 @@ class ReviewQueue:
     def __init__(self, site: SiteDir) -> None:
         self.site = site
         self.store = SiteStore(site.site_db)
-        self.audit = AuditLog(self.store)
+        self.audit = AuditLog(self.store, site.root)
         self.approvals = Approvals(self.store)
         self.policies = PolicyStore(site.policies_path)
         self.client = admin_client(site)
@@ -238,12 +239,25 @@ class ReviewQueue:
             self.site.fingerprint(),
             meta,
         )
+        # this very request's own approval is not a second one; any other is
+        own = approved_before is not None and approved_before.request_id == str(request.id.no_dash)
+        mine = {approved_before.job.get("job_id", "")} if own and approved_before else set()
         report = build_report(
             sub,
             policy,
-            used - ({approved_before.job["job_id"]} if approved_before else set()),
+            used - mine,
             _epsilon_of(policy),
+            noise_of=_noise_of(policy),
+            budget_of=_budget_of(self.store, policy),
         )
+        if approved_before is not None and not own:
+            # a second syft request on approved code: it would run again on the one charge
+            report.add(
+                "job_id",
+                False,
+                f"this code was already approved through request "
+                f"{approved_before.request_id[:8]}; code is approved once, ever",
+            )
         status = request.status.name
         reason = request.deny_reason if status == "REJECTED" else None
         return ReviewItem(
@@ -285,6 +299,28 @@ def _epsilon_of(policy: DatasetPolicy) -> Any:
         return job_privacy(spec, rows, policy.min_noise_multiplier).epsilon_job
 
     return epsilon_of
+
+
+def _noise_of(policy: DatasetPolicy) -> Any:
+    """The noise multiplier this site would train the job at (for the utility warnings)."""
+
+    def noise_of(spec: JobSpec, rows: int) -> float:
+        return job_privacy(spec, rows, policy.min_noise_multiplier).noise_multiplier
+
+    return noise_of
+
+
+def _budget_of(store: SiteStore, policy: DatasetPolicy) -> Any:
+    """The ledger's own would-it-fit, on the releases the runtime would charge (site_job)."""
+    ledger = BudgetLedger(store)
+
+    def budget_of(spec: JobSpec, researcher: str, rows: int) -> Fit:
+        releases = job_privacy(spec, rows, policy.min_noise_multiplier).releases
+        return ledger.would_fit(
+            researcher, spec.dataset, releases, spec.plan.accountant, spec.job_id
+        )
+
+    return budget_of
 
 
 __all__ = ["ReviewItem", "ReviewQueue"]

@@ -8,8 +8,10 @@ from typing import Any
 from datasites.review.access import DatasetPolicy
 from datasites.review.codecheck import parse_template
 from policies.errors import PlanError
+from policies.labels import check_site as check_site_classes
+from policies.labels import site_classes
 from policies.layout import check_site, width
-from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs
+from policies.plan import JobSpec, TrainingPlan, check_fits, class_count, n_outputs
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,9 @@ class Check:
 class PolicyReport:
     checks: list[Check] = field(default_factory=list)
     job: JobSpec | None = None
+    # "utility": why the job may not learn (policies.utility), from public numbers. Advice for
+    # the admin and the researcher, never a reason the report fails: approval stays possible.
+    warnings: list[Check] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -36,6 +41,7 @@ class PolicyReport:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+        out["warnings"] = [asdict(w) for w in self.warnings]
         if self.job is not None:
             out["architecture"] = self.job.architecture.table()
             out["parameters"] = self.job.architecture.n_parameters
@@ -68,12 +74,17 @@ def build_report(
     policy: DatasetPolicy,
     used_job_ids: set[str],
     epsilon_of: Any = None,
+    noise_of: Any = None,
+    budget_of: Any = None,
 ) -> PolicyReport:
     """Run every check; later checks are skipped (and fail) when the template check fails.
 
     Nothing from the submission is built or run: the model's size and shapes come from the
-    spec's arithmetic. ``epsilon_of(spec, rows)`` is injected by the datasite so this module
-    stays free of torch; when absent that check is reported as not run.
+    spec's arithmetic. ``epsilon_of(spec, rows)`` and ``noise_of(spec, rows)`` (the plan's
+    noise multiplier here, for the utility warnings) are injected by the datasite so this module
+    stays free of torch; when absent, those checks are reported as not run. ``budget_of(spec,
+    researcher, rows)`` answers with the ledger's ``Fit`` (``BudgetLedger.would_fit`` on the
+    releases the runtime would charge); when absent the budget check is left out.
     """
     report = PolicyReport()
     report.add(
@@ -105,10 +116,13 @@ def build_report(
     report.add("template", True, "the project's template calling the site runtime")
     _check_inputs(report, sub, spec, used_job_ids)
     _check_model(report, sub, spec)
+    _check_labels(report, sub, spec)
     try:
         _check_dp(report, spec, policy, sub.rows, epsilon_of)
     except PlanError as exc:  # e.g. more DP-SGD steps than any plan may take
         report.add("dp_parameters", False, str(exc))
+    if budget_of is not None:
+        _check_budget(report, sub, spec, budget_of)
     report.add(
         "rounds",
         spec.plan.rounds <= policy.max_rounds,
@@ -121,7 +135,48 @@ def build_report(
         n <= policy.max_parameters,
         f"{n} trainable parameters, limit {policy.max_parameters}",
     )
+    _warn_utility(report, sub, spec, noise_of)
     return report
+
+
+def _warn_utility(report: PolicyReport, sub: Submission, spec: JobSpec, noise_of: Any) -> None:
+    """Non-blocking: why this job may not learn, from this site's published numbers."""
+    if noise_of is None or not sub.published or sub.rows < 1:
+        return
+    from policies.utility import utility_warnings
+
+    try:
+        noise = {"this site": float(noise_of(spec, sub.rows))}
+    except PlanError:  # the dp_parameters check already says why
+        return
+    meta = {**sub.published, "rows": sub.rows}
+    for w in utility_warnings(spec.plan, {"this site": meta}, noise):
+        report.warnings.append(Check(f"utility ({w.kind})", True, w.text))
+
+
+def _check_budget(report: PolicyReport, sub: Submission, spec: JobSpec, budget_of: Any) -> None:
+    """The job beside what is left of the researcher's budget (the public mock's spend in it)
+    and of the dataset's cap, composed with the history as the ledger charges it. A job that
+    cannot fit fails here, not at its first round. Overridable, because a budget or cap raised
+    before the job runs lets it fit; the reason says so."""
+    if sub.dataset != spec.dataset or sub.rows < 1:
+        report.add("budget", False, "not computed: the job is not bound to a dataset with rows")
+        return
+    try:
+        fit = budget_of(spec, sub.researcher, sub.rows)
+    except PlanError as exc:
+        report.add("budget", False, f"not computed: {exc}")
+        return
+    refusal = fit.refusal()
+    if refusal is None:
+        report.add("budget", True, fit.summary())
+        return
+    report.add(
+        "budget",
+        False,
+        f"epsilon {fit.epsilon_job:.3f} for this job: {refusal}. The site would refuse its "
+        "first round, charging nothing; override only if the budget or cap is raised first",
+    )
 
 
 def _check_aggregation(
@@ -152,11 +207,11 @@ def _check_aggregation(
     problems += untrusted_peers(plan, policy)
     mode = "secure"
     if plan.distributed:
-        problems += distributed_problems(plan, policy)
+        problems += distributed_problems(plan, policy, sub.site_fingerprint)
         mode = (
             f"secure with distributed DP (each site adds 1/{plan.honest_sites} of the noise; "
             f"survives {plan.colluding_sites} colluding site(s))"
-        )
+        ) + trust_savings(plan, policy, sub.site_fingerprint)
     report.add(
         "aggregation",
         not problems,
@@ -177,17 +232,47 @@ def untrusted_peers(plan: TrainingPlan, policy: DatasetPolicy) -> list[str]:
     return [f"peer(s) {listed} are not among this dataset's trusted peers"]
 
 
-def distributed_problems(plan: TrainingPlan, policy: DatasetPolicy) -> list[str]:
+def unverified_peers(plan: TrainingPlan, policy: DatasetPolicy, site: str) -> list[str]:
+    """The peers other than this site that its admin has not verified (trusted_peers).
+
+    A peer nobody verified may be a key the researcher holds: the researcher then removes its
+    masks and reads this site's own noised sum, so it counts as a colluder.
+    """
+    trusted = set(policy.trusted_peers)
+    return [p for p in plan.peers if p != site and p not in trusted]
+
+
+def colluders_assumed(plan: TrainingPlan, policy: DatasetPolicy, site: str) -> int:
+    """How many colluders a round's sum can hold, counting every unverified peer as one."""
+    return max(
+        policy.colluding_sites,
+        min(len(unverified_peers(plan, policy, site)), plan.survivors_needed - 1),
+    )
+
+
+def distributed_problems(plan: TrainingPlan, policy: DatasetPolicy, site: str) -> list[str]:
     """Why a distributed-DP plan falls short of this dataset's policy (empty: it does not).
 
-    The site's noise share assumes that ``plan.honest_sites`` shares reach the target; the
-    policy's collusion threshold and fewest sites must be covered by the plan's.
+    The site's noise share assumes that ``plan.honest_sites`` shares reach the target. Any
+    unmasked sum holds at least ``survivors_needed`` sites, of which every unverified peer may
+    be the researcher's; so the plan must survive that many colluders (or the admin trusts the
+    peers). ``site`` is this datasite's fingerprint.
     """
     problems = []
-    if plan.colluding_sites < policy.colluding_sites:
+    assumed = colluders_assumed(plan, policy, site)
+    if plan.colluding_sites < assumed:
+        unverified = len(unverified_peers(plan, policy, site))
+        honest = plan.survivors_needed - assumed
         problems.append(
             f"the plan's noise survives {plan.colluding_sites} colluding site(s); "
-            f"the policy requires {policy.colluding_sites}"
+            + (
+                f"the policy requires {policy.colluding_sites}"
+                if assumed == policy.colluding_sites
+                else f"{unverified} peer(s) are not on this dataset's trusted peers and count "
+                f"as colluders, so it needs colluding_sites {assumed} (each site adds "
+                f"1/{honest} of the noise); trusting them (datasite policy set --trust-peer) "
+                f"would let each site add 1/{plan.honest_sites}"
+            )
         )
     if plan.survivors_needed < policy.min_aggregation_sites:
         problems.append(
@@ -195,6 +280,22 @@ def distributed_problems(plan: TrainingPlan, policy: DatasetPolicy) -> list[str]
             f"{policy.min_aggregation_sites}"
         )
     return problems
+
+
+def trust_savings(plan: TrainingPlan, policy: DatasetPolicy, site: str) -> str:
+    """What trusting the peers would save, for the admin: a reason to set the list."""
+    unverified = unverified_peers(plan, policy, site)
+    if not unverified or not plan.distributed:
+        return ""
+    alone = plan.survivors_needed - colluders_assumed(plan, policy, site)
+    trusted = plan.survivors_needed - policy.colluding_sites
+    if trusted <= alone:
+        return ""
+    return (
+        f"; trusting the {len(unverified)} unverified peer(s) would cut this site's noise "
+        f"share from 1/{alone} to 1/{trusted} of the variance (its std by "
+        f"{1 - (alone / trusted) ** 0.5:.0%})"
+    )
 
 
 def _check_model(report: PolicyReport, sub: Submission, spec: JobSpec) -> None:
@@ -213,7 +314,8 @@ def _check_model(report: PolicyReport, sub: Submission, spec: JobSpec) -> None:
                 f"; one-hot layout of {', '.join(categorical)} from the sites' published "
                 f"categories ({n_features} inputs)"
             )
-        check_fits(spec, n_features, n_outputs(spec.plan.loss, sub.n_classes))
+        outputs = n_outputs(spec.plan.loss, class_count(spec, sub.n_classes))
+        check_fits(spec, n_features, outputs)
     except PlanError as exc:
         report.add("model", False, str(exc))
         return
@@ -223,6 +325,39 @@ def _check_model(report: PolicyReport, sub: Submission, spec: JobSpec) -> None:
         f"{len(arch.rows)} allowlisted layers, {list(arch.input)} -> {list(arch.output)}"
         + layout_note,
     )
+
+
+def _check_labels(report: PolicyReport, sub: Submission, spec: JobSpec) -> None:
+    """The job's class list against this dataset's published one (schema only): every label
+    this site holds must have a code in it, or its rows would train as another class."""
+    published = sub.published or {}
+    own = site_classes(published)
+    if spec.classes is None:
+        if own is not None and own != [str(i) for i in range(len(own))]:
+            report.add(
+                "labels",
+                True,
+                f"the job carries no class list: this site's own codes 0..{len(own) - 1} "
+                f"stand for its labels {', '.join(own)} (a job built by researcher load_job "
+                "carries the federation's)",
+            )
+        return
+    try:
+        own = check_site_classes(spec.classes, published)
+    except PlanError as exc:
+        report.add("labels", False, str(exc))
+        return
+    report.add(
+        "labels",
+        True,
+        f"the job's {len(spec.classes)} classes ({_short(spec.classes)}) cover this "
+        f"dataset's {len(own)} ({_short(own)})",
+    )
+
+
+def _short(labels: list[str], most: int = 12) -> str:
+    shown = ", ".join(labels[:most])
+    return shown + (f", ... ({len(labels) - most} more)" if len(labels) > most else "")
 
 
 def _check_inputs(report: PolicyReport, sub: Submission, spec: JobSpec, used: set[str]) -> None:

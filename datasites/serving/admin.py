@@ -26,6 +26,7 @@ from datasites.serving.config import SiteDir
 from policies import tls
 from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
+from policies.labels import label_text
 from policies.layout import encode
 from policies.metadata import format_meta
 
@@ -113,6 +114,7 @@ def upload(  # noqa: PLR0913
     if name in dataset_names(client):
         raise TableError(f"a dataset named {name!r} already exists on this datasite")
     release = make_mock(table.frame, table.target, rows=mock_rows, epsilon=mock_epsilon)
+    _check_request_size(site, release.mock)
     meta = {**_meta(table, name, release), "description": description}
     dataset = sy.Dataset(name=name, description=description or f"{name}: ~{release.rows} rows")
     stub = write_private(site.root, name, table.frame)
@@ -143,11 +145,34 @@ def upload(  # noqa: PLR0913
     )
 
 
+def _check_request_size(site: SiteDir, mock: pd.DataFrame) -> None:
+    """Refuse, before anything is written, a mock twin the server's body cap would refuse."""
+    from datasites.serving.limits import MARGIN_BYTES, MiB, effective
+
+    size = len(_serialize(mock, to_bytes=True))
+    cap = effective(site).request_bytes
+    if size + MARGIN_BYTES > cap:
+        raise TableError(
+            f"the mock twin is {size / MiB:.1f} MiB, past this datasite's request limit of "
+            f"{cap / MiB:.1f} MiB: lower --mock-rows, or raise the limit "
+            "('datasite limits set --max-request-mb')"
+        )
+
+
 def _class_codes(target: Any) -> bool:
     values = target.unique()
     return bool(
         pd.api.types.is_integer_dtype(target) and set(values.tolist()) == set(range(len(values)))
     )
+
+
+def published_classes(table: Table, keys: list) -> list[str] | None:
+    """The class list a dataset publishes: the labels its stored codes stand for (re-coded at
+    upload, ``datasites.data.tables``), or the codes themselves when the labels were already
+    0..k-1; None for a target that is not class codes (a measurement)."""
+    if not keys or not _class_codes(table.frame[table.target]):
+        return None
+    return list(table.classes) if table.classes else [label_text(k) for k in keys]
 
 
 def _mock_class_counts(labels: pd.Series, keys: list, rows: int) -> list[float] | None:
@@ -173,7 +198,9 @@ def _meta(table: Table, name: str, release: MockRelease) -> dict[str, Any]:
         "schema": table.schema(),
         # category lists of categorical columns: disclosed as schema, like the column names
         "categories": table.categories(),
-        "classes": table.classes,
+        # the labels the target's codes 0..k-1 stand for, in code order: schema (disclosed),
+        # from which the researcher builds the federation's label space (policies.labels)
+        "classes": published_classes(table, keys),
         # the label set is schema (disclosed); a continuous target publishes no count of values
         "n_classes": len(keys) or None,
         # whether the target holds exactly the class codes 0..n_classes-1: published, so that a

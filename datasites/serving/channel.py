@@ -145,6 +145,7 @@ class DoneReply:
 class BudgetReply:
     rows: list[dict[str, Any]]
     public: list[dict[str, Any]]
+    totals: dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)

@@ -182,8 +182,7 @@ class AdminChannel:
         return PasswordReply(call.email, admin.reset_password(self.site, call.email))
 
     def _do_budget(self, _: channel.Budget) -> channel.BudgetReply:
-        ledger = _ledger(self.site)
-        return channel.BudgetReply([b.to_dict() for b in ledger.all()], ledger.public_releases())
+        return channel.BudgetReply(*ledger_rows(_ledger(self.site)))
 
     def _do_budget_set(self, call: channel.BudgetSet) -> DoneReply:
         from datasites.ledger.budget import check_budget
@@ -214,6 +213,15 @@ class AdminChannel:
         return UploadReply(**result.__dict__)
 
 
+def ledger_rows(ledger: Any) -> tuple[list[dict], list[dict], dict[str, dict]]:
+    """What ``datasite budget`` shows: each budget with its dataset's total, the public
+    releases, and every dataset's total (here for the running server, and for the CLI when the
+    server is stopped)."""
+    totals = {t.dataset: t.to_dict() for t in ledger.totals()}
+    rows = [{**b.to_dict(), "dataset_total": totals.get(b.dataset)} for b in ledger.all()]
+    return rows, ledger.public_releases(), totals
+
+
 def _ledger(site: SiteDir) -> Any:
     from datasites.ledger.budget import BudgetLedger
     from datasites.ledger.store import SiteStore
@@ -239,7 +247,7 @@ def _cached_queue(site: SiteDir, reports: dict[tuple[str, str, str], Any]) -> An
 
     The key is (request id, code hash, policy version); the version digests what a report
     reads besides the request: the site's policies, its datasets' published metadata, the job
-    ids approved so far, and the budget ledger. Status and deny reason are read fresh."""
+    ids approved so far, and the budget ledger (budgets, caps, public releases). Status and deny reason are read fresh."""
     from datasites.review.queue import ReviewQueue
 
     class CachedQueue(ReviewQueue):
@@ -292,9 +300,7 @@ def _policy_version(queue: Any) -> str:
             digest.update(path.read_bytes())
         digest.update(b"\0")
     digest.update(json.dumps(sorted(queue.approvals.job_ids())).encode())
-    digest.update(
-        json.dumps([b.to_dict() for b in _ledger(queue.site).all()], default=str).encode()
-    )
+    digest.update(json.dumps(ledger_rows(_ledger(queue.site)), default=str).encode())
     return digest.hexdigest()
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from datasites.ledger.store import SYFT_SCHEMA, SiteStore, is_postgres
-from datasites.serving import syft_patches
+from datasites.serving import limits, quota, syft_patches
 from datasites.serving.config import SiteDir, keep_private
 from datasites.training import sandbox
 
 SITE_DIR_ENV = "FEDSITE_DIR"
+BLOB_THRESHOLD_MB = 1_000_000
 _SECRET_ENV = ("DEFAULT_ROOT_PASSWORD", "SERVER_PRIVATE_KEY")
 
 
@@ -45,6 +46,9 @@ def _prepare_environment(site: SiteDir) -> None:
         "SYFT_N_CONSUMERS": "0",
         "SYFT_CREATE_PRODUCER": "False",
         "SYFT_PROCESSES": "1",
+        # no client upload ever goes to blob storage (researchers may not write it: quota.py);
+        # every request is bounded by the body cap instead (limits.py)
+        "MIN_SIZE_BLOB_STORAGE_MB": str(BLOB_THRESHOLD_MB),
     }
     db_url = site.db_url()  # with its password, from db-password
     if db_url:
@@ -132,18 +136,17 @@ class _StartClock:
 
 
 def _app_factory(site: SiteDir, channels: list, clock: _StartClock) -> Callable[[], Any]:
-    """syft's app factory, then the admin channel on the worker it made (``channel_server``):
+    """syft's app behind the body cap (``limits.app_factory``), then the admin channel on the worker it made (``channel_server``):
     the ``datasite`` commands reach this process through it, with no import and no login."""
 
     def factory() -> Any:
         from syft.server.server import ServerRegistry
-        from syft.server.uvicorn import app_factory
         from syft.types.uid import UID
 
         from datasites.serving import channel_server
 
         clock.mark("uvicorn")
-        app = app_factory()
+        app = limits.app_factory()
         clock.mark("syft app and database")
         worker = ServerRegistry.server_for(UID(site.config().server_uid))
         channels.append(channel_server.start(site, lambda: worker.root_client))
@@ -173,12 +176,14 @@ def serve(root: Path) -> None:
         os.environ.pop(name, None)
     syft_patches.install()
     syft_patches.summarise_dataframe_repr()
+    caps = limits.cached(site)
+    quota.install(site.root, lambda: (caps().quota_objects, caps().quota_bytes))
     threading.Thread(target=_warm_runtime, name="warm-runtime", daemon=True).start()
     site.pid_path.write_text(f"{os.getpid()}\n")
     channels: list = []
     try:
         uvicorn.run(
-            _app_factory(site, channels, clock),
+            _app_factory(site, channels, clock),  # syft's app behind the body cap, + channel
             host=config.host,
             port=config.port,
             factory=True,

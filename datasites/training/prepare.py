@@ -12,8 +12,10 @@ from datasites.errors import Refused
 from policies import imbalance
 from policies.compression import compress
 from policies.errors import PlanError
+from policies.labels import check_site as check_site_classes
+from policies.labels import counts_to_job, site_to_job
 from policies.layout import align_stats, check_site, encode, width
-from policies.plan import JobSpec, TrainingPlan, check_fits, n_outputs, select
+from policies.plan import JobSpec, TrainingPlan, check_fits, class_count, n_outputs, select
 from policies.privacy import PrivacyPlan
 from policies.wire import Weights, check_shapes, decode_weights, encode_weights, frozen_digest
 
@@ -90,18 +92,21 @@ def prepare_task(
     public_rows: int | None = None,
     personalize: bool = False,
     class_counts: list[float] | None = None,
+    site_classes: list[str] | None = None,
 ) -> Any:
     """Check the table, the model and the incoming weights; the trainer's task, or Refused.
 
     ``personalize``: the job's fine-tuning pass after its last round, which trains only the
     plan's ``personalize_layers`` for ``personalize_epochs``. ``class_counts``: the dataset's
     published (DP) counts per class, from which a "balanced" weight is computed; never the
-    private labels'.
+    private labels'. ``site_classes``: this dataset's published class list, the labels its
+    stored codes stand for (``job_labels``).
     """
     from datasites.training.round_task import RoundTask
 
     x, y = table_arrays(frame, target, spec.layout)
-    outputs = n_outputs(spec.plan.loss, n_classes)
+    y, class_counts = job_labels(spec, y, site_classes, class_counts)
+    outputs = n_outputs(spec.plan.loss, class_count(spec, n_classes))
     try:
         check_fits(spec, x.shape[1], outputs)
     except PlanError as exc:
@@ -136,6 +141,33 @@ def prepare_task(
         public_rows,
         frozen,
     )
+
+
+def job_labels(
+    spec: JobSpec,
+    y: np.ndarray,
+    site_classes: list[str] | None,
+    class_counts: list[float] | None,
+) -> tuple[np.ndarray, list[float] | None]:
+    """The target and the published class counts in the job's label space.
+
+    A job that carries a class list (``policies.labels``) has every site's codes mapped into
+    it, and the counts moved with them; Refused, from the published schema alone, when the list
+    lacks one of this dataset's classes. A job without one trains this dataset's own codes, as
+    before the label space existed.
+    """
+    if spec.classes is None:
+        return y, class_counts
+    if site_classes is None:
+        raise Refused(
+            "the job names classes but this dataset publishes no class list for its target; "
+            "nothing ran"
+        )
+    try:
+        own = check_site_classes(spec.classes, {"classes": site_classes})
+        return site_to_job(y, own, spec.classes), counts_to_job(class_counts, own, spec.classes)
+    except PlanError as exc:
+        raise Refused(str(exc)) from exc
 
 
 def _check_frozen(spec: JobSpec, incoming: Weights | None) -> None:

@@ -106,6 +106,9 @@ def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None
         secrets.randbits(63),
         scaling,
         class_counts=_mock_class_counts(frame[spec.target], n_classes or 2),
+        # the mock's labels arrive as the job's codes (researcher.api maps them with the
+        # mock's site's published class list, as that site maps its rows)
+        site_classes=spec.classes,
     )
     if spec.plan.distributed:
         task, output = _distributed_dry_run(spec, task, privacy)

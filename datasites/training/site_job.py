@@ -30,7 +30,8 @@ from datasites.training.prepare import prepare_task, privacy_report, release, si
 from datasites.training.sandbox import SandboxLimit, pool
 from datasites.training.secure_agg import SecureSite
 from policies import secagg
-from policies.errors import PolicyError, WireError
+from policies.errors import PolicyError, RoundLimitReached, WireError
+from policies.labels import site_classes
 from policies.plan import JobSpec
 from policies.privacy import job_privacy
 from policies.wire import REPLAY_LAST, check_shapes
@@ -63,7 +64,7 @@ def run_at_site(
     started = time.perf_counter()
     site = SiteDir(root)
     store = SiteStore(site.site_db)
-    audit = AuditLog(store)
+    audit = AuditLog(store, site.root)
     approval = Approvals(store).get(caller.code_id)
     try:
         approval = _check_approval(approval, caller, job)
@@ -156,6 +157,11 @@ def _run(
     envelope: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     spec = JobSpec.from_dict(approval.job)
+    if approval.rounds_run >= approval.rounds_allowed:  # before any row is read or charged
+        raise RoundLimitReached(
+            f"this approval covers {approval.rounds_allowed} round(s) and all have run; "
+            "submit a new job"
+        )
     meta = site.datasets_meta().get(approval.dataset)
     if meta is None:
         raise Refused(f"dataset {approval.dataset!r} has no metadata on this datasite")
@@ -198,6 +204,7 @@ def _run(
         rows,
         personalize=personalize,
         class_counts=meta.get("class_counts"),  # published (DP): for "balanced" weights
+        site_classes=site_classes(meta),  # published: the labels its codes stand for
     )
     ledger = BudgetLedger(store)
     releases = (approval.researcher, approval.dataset, spec.job_id, privacy.releases)
@@ -306,7 +313,7 @@ def _secure_round(  # noqa: PLR0913
     if outside:
         raise Refused(f"{outside[0]}; nothing ran")
     if spec.plan.distributed:
-        problems = distributed_problems(spec.plan, policy)
+        problems = distributed_problems(spec.plan, policy, site.fingerprint())
         if problems:
             raise Refused(f"distributed DP: {'; '.join(problems)}; nothing ran")
     secure = SecureSite(JobState(store), caller.code_id, spec, site.signing_key())

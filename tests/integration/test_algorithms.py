@@ -77,11 +77,8 @@ def test_frozen_layers_stay_as_sent_and_cannot_be_swapped(fed, tmp_path: Path) -
     initial = local_model.weights_of(local_model.build(plain, seed=5))
     spec = api.with_pooled_scaling(fed, job({**PLAN, "frozen": ["0"]}, initial=initial))
     _approved(fed, made, spec, initial=initial)
-    result = _train(fed, spec, tmp_path / "frozen", strategy=strategy_named("fedavgm"))
-    assert np.array_equal(result.weights["0.weight"], initial["0.weight"])
-    assert not np.allclose(result.weights["2.weight"], initial["2.weight"])
-    # attack: a plain syft client calls the approved job with other frozen weights; refused
-    # before anything is charged
+    # attack: a plain syft client calls the approved job with other frozen weights while it
+    # still has rounds; refused before anything is charged or any round is taken
     before = last_json(made[0].cli("budget", "--json"))
     client = sites.connect(fed.sites[0])
     swapped = {**initial, "0.weight": np.ones_like(initial["0.weight"])}
@@ -90,6 +87,10 @@ def test_frozen_layers_stay_as_sent_and_cannot_be_swapped(fed, tmp_path: Path) -
     )
     assert reply["status"] == "refused" and "frozen layers differ" in reply["reason"]
     assert last_json(made[0].cli("budget", "--json")) == before
+    result = _train(fed, spec, tmp_path / "frozen", strategy=strategy_named("fedavgm"))
+    assert np.array_equal(result.weights["0.weight"], initial["0.weight"])
+    assert not np.allclose(result.weights["2.weight"], initial["2.weight"])
+    assert [len(r["sites"]) for r in result.rounds] == [2] * len(result.rounds)
 
 
 def test_top_k_updates_with_error_feedback_and_norm_bounding(fed, tmp_path: Path) -> None:

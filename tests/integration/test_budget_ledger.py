@@ -4,6 +4,7 @@ and two concurrent jobs cannot both take the last of it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -41,10 +42,21 @@ def test_budget_holds_and_survives_kill_9(federation) -> None:
     client = sites.connect(login)
     asset = sites.find_asset(client, "cancer")
     outcomes = []
-    for _ in range(3):
+    for k in range(3):
         spec = job(plan)
         sites.submit(client, spec, asset)
-        a.cli("approve", request_id(a, spec.name))
+        rid = request_id(a, spec.name)
+        if k == 2:  # the review already says it cannot fit, with what is left (issue 26)
+            [item] = [i for i in last_json(a.cli("requests", "--json")) if i["job"] == spec.name]
+            failed = {c["name"]: c["reason"] for c in item["report"]["checks"] if not c["passed"]}
+            assert list(failed) == ["budget"] and "past the budget" in failed["budget"]
+            left = re.search(r"\(([0-9.]+) remaining\)", failed["budget"])
+            assert left and float(left.group(1)) == pytest.approx(total - two, abs=1e-3)
+            refused = a.cli("approve", rid, check=False)
+            assert refused.returncode == 1 and "budget" in refused.stderr
+            a.cli("approve", rid, "--override", "--reason", "to see the runtime refuse it")
+        else:
+            a.cli("approve", rid)
         outcomes.append(sites.run_round(client, spec, asset, ""))
     assert [o["status"] for o in outcomes] == ["ok", "ok", "refused"]
     assert "past the budget" in outcomes[2]["reason"]

@@ -127,7 +127,7 @@ def test_kill_9_and_a_postgres_crash_lose_nothing(
         assert last_json(site.cli("budget", "--json")) == before
         # the CLI refuses a broken chain; the same entries, oldest first, hashes and all
         assert last_json(site.cli("audit", "--json")) == audit_before
-        assert AuditLog(SiteStore(url)).verify()
+        assert AuditLog(SiteStore(url), site.dir).verify()
         admin = site.admin()
         assert [d.name for d in admin.datasets.get_all()] == ["cancer"]
         ada = site.login(EMAIL, password)

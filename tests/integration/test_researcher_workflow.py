@@ -127,3 +127,51 @@ def test_a_round_lost_by_the_researcher_is_replayed_on_resume(federation, tmp_pa
             update.weights["0.weight"], decode_weights(lost[update.site]["weights"])["0.weight"]
         )
     assert {s.name: last_json(s.cli("budget", "--json")) for s in made} == spent
+
+
+def test_a_site_killed_between_check_and_submit_leaves_a_recorded_job_that_a_retry_finishes(
+    federation, tmp_path, monkeypatch
+) -> None:
+    """Submit is all or nothing: every site is checked first; a site that dies after the check
+    leaves the job recorded where it is pending, ``status`` says where it is missing, and the
+    same submit again sends it there only, under the same job id. Runs last: it restarts b."""
+    from datasites.serving.process import launch_detached, stop
+
+    fed, made = federation
+    plan = {"rounds": 1, "noise_multiplier": 1.5}
+    spec_named = job(plan, name="killed_mid_submit")
+    real_submit = sites.submit
+    calls = []
+
+    def submit_then_kill(client, s, asset):  # noqa: ANN001, ANN202
+        calls.append(client.name)
+        if len(calls) == 1:  # the check passed everywhere; now hospital-b goes down
+            stop(SiteDir(made[1].dir))
+        return real_submit(client, s, asset)
+
+    monkeypatch.setattr(sites, "submit", submit_then_kill)
+    with pytest.raises(JobError, match="run the same submit again") as err:
+        api.submit(fed, spec_named, dry=False)
+    assert "hospital-b" in str(err.value) and "pending at hospital-a" in str(err.value)
+    record = api.saved_jobs(fed)[-1]
+    assert record.name == spec_named.name and record.job_id == spec_named.job_id
+    monkeypatch.setattr(sites, "submit", real_submit)
+    with pytest.raises(JobError, match="nothing was submitted: hospital-b"):
+        api.submit(fed, spec_named, dry=False)  # b is still down: nothing new anywhere
+    launch_detached(SiteDir(made[1].dir))
+    sites._SESSIONS.clear()
+    state = api.status(fed, spec_named)
+    assert state["hospital-a"]["status"] == "pending"
+    assert state["hospital-b"]["status"] == "not submitted"
+    assert "run the same submit again" in state["hospital-b"]["reason"]
+    again = job(plan, name="killed_mid_submit")  # a reload draws a new job id: the record's wins
+    assert again.job_id != spec_named.job_id
+    requests = api.submit(fed, again, dry=False)
+    assert set(requests) == {"hospital-a", "hospital-b"}
+    sites._SESSIONS.clear()  # `researcher status` is a new process, with a new login
+    state = api.status(fed, spec_named)
+    listed = {s.name: last_json(s.cli("requests", "--json")) for s in made}
+    assert {v["status"] for v in state.values()} == {"pending"}, (state, requests, listed)
+    for s in made:  # one request per site for this job, all under the first job id
+        mine = [i for i in last_json(s.cli("requests", "--json")) if i["job"] == spec_named.name]
+        assert len(mine) == 1

@@ -6,7 +6,7 @@ import dp_accounting
 import pytest
 from opacus.accountants.rdp import RDPAccountant
 
-from policies.accounting import Mechanism, epsilon, noise_for_target
+from policies.accounting import Mechanism, epsilon, noise_for_target, rdp_epsilon
 
 CASES = [(0.01, 1.0, 1000), (0.125, 1.64, 24), (0.05, 0.8, 300), (0.004, 1.2, 5000)]
 DELTA = 1e-5
@@ -47,3 +47,19 @@ def test_noise_for_target_reaches_the_target(kind) -> None:
     sigma = noise_for_target(2.0, DELTA, 0.05, 400, kind)
     assert epsilon([Mechanism(sigma, 0.05, 400)], DELTA, kind) <= 2.0
     assert epsilon([Mechanism(sigma * 0.97, 0.05, 400)], DELTA, kind) > 2.0 * 0.99
+
+
+def test_rdp_epsilon_is_the_rdp_composition_of_any_history() -> None:
+    """The dataset cap's fast composition (cached one-step curves) answers as the accountant."""
+    history = [
+        Mechanism(1.1, 0.05, 120),
+        Mechanism(3.77, 1.0, 1),  # the mock
+        Mechanism(5.0, 1.0, 6),  # metrics
+        Mechanism(1.1, 0.05, 80),  # the same mechanism again: its steps add
+        Mechanism(1.4, 0.05, 10, l2=3.0, l1=9.0),  # a Skellam run: integer orders for all
+    ]
+    for k in range(len(history) + 1):
+        assert rdp_epsilon(history[:k], 1e-5) == pytest.approx(
+            epsilon(history[:k], 1e-5, "rdp"), rel=1e-9
+        )
+    assert rdp_epsilon([Mechanism(0.0, 0.05, 1)], 1e-5) == float("inf")

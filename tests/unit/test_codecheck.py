@@ -200,3 +200,58 @@ def test_plan_validation_messages() -> None:
         TrainingPlan(noise_multiplier=0.0)
     with pytest.raises(PlanError, match="learning_rate must be a number in"):
         TrainingPlan(noise_multiplier=1.0, learning_rate=float("nan"))
+
+
+# --- the template check is exact (issue 24, item 5) -------------------------------------------
+
+EXACT_DEPARTURES = [
+    # (what a plain syft client changes, a needle of the one-line finding)
+    (
+        lambda s: s.replace("(data, weights):", "(data: 'x', weights):", 1),
+        "'data' has an annotation",
+    ),
+    (lambda s: s.replace("(data, weights):", "(data, weights) -> dict:", 1), "return annotation"),
+    (lambda s: s.replace("(data, weights):", "(data, weights=print('hi')):", 1), "default value"),
+    (lambda s: "@staticmethod\n" + s, "has a decorator"),
+    (lambda s: s.replace("    from datasites", "    x = 1\n    from datasites", 1), "3 statements"),
+    # not one of the named ones: the keywords reordered, caught by the node-for-node comparison
+    (
+        lambda s: s.replace("data=data, weights=weights, job=", "weights=weights, data=data, job="),
+        "differs from the template",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "needle"), EXACT_DEPARTURES)
+def test_anything_beyond_the_template_fails_on_raw_and_on_syfts_parsed_code(
+    change, needle: str
+) -> None:
+    from syft.service.code.user_code import parse_user_code
+
+    from datasites.review.codecheck import parse_template, parsed_problems
+
+    spec = job()
+    code = change(render(spec))
+    literal, findings = parse_template(code)
+    assert literal is None
+    assert needle in "; ".join(str(f) for f in findings)
+    assert needle in failed(code)["template"]
+    # syft strips decorators from what it executes; everything else reaches its parsed code
+    parsed = parse_user_code(code, f"user_func_{spec.name}", spec.name, ["data", "weights"])
+    if needle != "has a decorator":
+        assert parsed_problems(parsed, spec.name)
+
+
+def test_the_true_template_passes_on_raw_and_on_syfts_parsed_code() -> None:
+    from syft.service.code.user_code import parse_user_code
+
+    from datasites.review.codecheck import parse_template, parsed_problems
+
+    spec = job()
+    code = render(spec)
+    literal, findings = parse_template(code)
+    assert findings == [] and literal == spec.to_dict()
+    parsed = parse_user_code(code, f"user_func_{spec.name}", spec.name, ["data", "weights"])
+    assert parsed_problems(parsed, spec.name) == []
+    # a wrapper syft never made (an extra statement after the call) is refused
+    assert parsed_problems(parsed + "\n    print(result)", spec.name)

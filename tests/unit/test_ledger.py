@@ -90,9 +90,9 @@ def test_concurrent_reservations_cannot_both_take_the_last_of_a_budget(target: P
     assert sorted(results) == ["ok", "refused", "refused", "refused"]
 
 
-def test_audit_log_is_append_only_and_chained(target: Path | str) -> None:
+def test_audit_log_is_append_only_and_chained(target: Path | str, tmp_path: Path) -> None:
     store = SiteStore(target)
-    log = AuditLog(store)
+    log = AuditLog(store, tmp_path)
     log.record("admin", "approved", "req1", "hash1", reason="fine")
     log.record("runtime", "executed", "req1", "hash1", round=1)
     assert log.verify() and [e["event"] for e in log.entries()] == ["approved", "executed"]

@@ -265,9 +265,9 @@ def target(request, tmp_path: Path) -> Path | str:
     return request.getfixturevalue("pg_cluster").new_database()
 
 
-def test_hostile_names_are_data_not_sql(target) -> None:
+def test_hostile_names_are_data_not_sql(target, tmp_path: Path) -> None:
     store = SiteStore(target)
-    ledger, audit = BudgetLedger(store), AuditLog(store)
+    ledger, audit = BudgetLedger(store), AuditLog(store, tmp_path)
     m = Mechanism(2.0, 0.01, 100)
     ledger.charge_public("clinic", "upload:clinic", "mock", m)
     for i, name in enumerate(HOSTILE):

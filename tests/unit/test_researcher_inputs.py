@@ -98,7 +98,6 @@ def test_job_file_may_give_the_model_as_a_literal(tmp_path: Path) -> None:
         ("def make_model(a, b):\n    raise ValueError('no')\n", "make_model failed: ValueError"),
         ("MODEL = 3\n", "must be an nn.Module, a list of layer dicts or a spec dict, not int"),
         ("x = 1 / 0\n", "failed to run: ZeroDivisionError"),
-        ("y = 2\n", "must define make_model(n_features, n_outputs) or MODEL"),
     ],
 )
 def test_a_bad_job_file_is_one_clear_job_error(tmp_path: Path, body: str, needle: str) -> None:
@@ -108,6 +107,14 @@ def test_a_bad_job_file_is_one_clear_job_error(tmp_path: Path, body: str, needle
     )
     with pytest.raises(JobError, match=re.escape(needle)):
         load_job_file(job, "target", 4, 2)
+
+
+def test_a_job_file_without_a_model_gets_the_default_linear_one(tmp_path: Path) -> None:
+    job = write(tmp_path / "job.py", "DATASET = 'd'\nPLAN = {'target_epsilon': 3.0}\n")
+    spec = load_job_file(job, "target", 4, 3)
+    assert spec.model["layers"] == [
+        {"type": "Linear", "in_features": 4, "out_features": 3, "bias": True}
+    ]
 
 
 def test_train_needs_run_dir_or_resume(tmp_path: Path) -> None:

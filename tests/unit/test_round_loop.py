@@ -105,6 +105,36 @@ def test_a_refusing_and_a_failing_site_are_skipped_while_the_quorum_holds(tmp_pa
         _run(sites, tmp_path / "again", min_sites=2, spec=_spec(1))
 
 
+def test_every_site_is_needed_by_default_and_the_summary_counts_missed_rounds(
+    tmp_path: Path,
+) -> None:
+    """Issue 26: a site that went down was passed over silently (default --min-sites 1, exit 0,
+    no word of the 16 rounds it missed). Now a round waits for every site unless the caller
+    accepts fewer, and the run's per-site summary says who missed what, and why."""
+
+    def down_in_round_2(site: LocalSite):  # noqa: ANN202
+        def handler(spec, weights):  # noqa: ANN001, ANN202
+            if site.trained == 1 and weights != REPLAY_LAST:
+                site.trained += 1  # the round is used up at the site, as a crash after it
+                raise SiteError("b: no datasite answers")
+            return site(spec, weights)
+
+        return InProcessSite("b", site.meta, handler)
+
+    sites = [LocalSite("a", _table(0)).site(), down_in_round_2(LocalSite("b", _table(1)))]
+    with pytest.raises(SiteError, match="by default every site"):
+        _run(sites, tmp_path / "all", spec=_spec(3))
+    sites = [LocalSite("a", _table(0)).site(), down_in_round_2(LocalSite("b", _table(1)))]
+    result = _run(sites, tmp_path / "some", min_sites=1, spec=_spec(3))
+    assert not result.complete
+    assert result.sites["a"]["rounds_taken"] == 3 and result.sites["a"]["rounds_missed"] == 0
+    b = result.sites["b"]
+    assert (b["rounds_taken"], b["rounds_missed"]) == (2, 1)
+    assert b["missed_because"] == {"b: no datasite answers": 1}
+    full = _run([LocalSite(n, _table(i)).site() for i, n in enumerate("ab")], tmp_path / "ok")
+    assert full.complete and {s["rounds_taken"] for s in full.sites.values()} == {3}
+
+
 def test_a_site_that_does_not_answer_in_time_is_skipped(tmp_path: Path) -> None:
     import threading
 
@@ -122,7 +152,7 @@ def test_a_site_that_does_not_answer_in_time_is_skipped(tmp_path: Path) -> None:
 
     sites = [LocalSite("a", _table(0)).site(), InProcessSite("slow", {}, slow)]
     try:
-        _run(sites, tmp_path, timeout_s=2.0, on_round=on_round, spec=_spec(1))
+        _run(sites, tmp_path, timeout_s=2.0, min_sites=1, on_round=on_round, spec=_spec(1))
     finally:
         released.set()
     assert seen[0].skipped == {"slow": "timed out after 2s"} and len(seen[0].updates) == 1

@@ -230,3 +230,46 @@ def test_top_k_error_feedback_is_kept_at_the_site_between_rounds(site, monkeypat
     assert residual is not None and residual.shape == (8,) and np.count_nonzero(residual) >= 6
     _round(root, caller, job)
     assert not np.array_equal(state.residual(caller.code_id), residual)
+
+
+def test_approved_code_is_never_approved_again_and_its_rounds_never_reset(
+    site, monkeypatch
+) -> None:
+    """Red team (issue 24): a second syft request on approved code was approved, which reset
+    ``rounds_run`` while the ledger reused the job's one charge: fresh rounds for no epsilon."""
+    from datasites.errors import AlreadyApproved
+
+    root, caller, job = site
+    monkeypatch.setattr(site_job, "pool", lambda: Pool(fail_on=set()))
+    for _ in range(3):
+        assert _round(root, caller, job)["status"] == "ok"
+    ledger = _ledger(root)
+    spent = ledger.budget(WHO, DATASET).epsilon_spent
+    approvals = Approvals(SiteStore(root.db_path))
+    again = Approval("code-1", "req-2", WHO, DATASET, "hash-1", job, 3, 0, None)
+    with pytest.raises(AlreadyApproved, match="approved once"):
+        approvals.record(again)  # the same code id, through another request
+    other = Approval("code-9", "req-3", WHO, DATASET, "hash-9", job, 3, 0, None)
+    with pytest.raises(AlreadyApproved, match="approved once"):
+        approvals.record(other)  # the same job id under another code id
+    assert approvals.get("code-1").rounds_run == 3
+    assert approvals.get("code-9") is None
+    with pytest.raises(RoundLimitReached, match="all have run"):
+        _round(root, caller, job)
+    assert ledger.budget(WHO, DATASET).epsilon_spent == pytest.approx(spent)
+
+
+def test_rounds_are_counted_per_job_id_across_code_ids(site) -> None:
+    """An old database may hold two approvals of one job id: their rounds count together."""
+    root, _, job = site
+    store = SiteStore(root.db_path)
+    with store.immediate() as conn:  # as a database written before the one-approval rule
+        conn.execute(
+            "INSERT INTO approvals VALUES ('code-7', 'req-7', ?, ?, 'hash-7', ?, 3, 0, NULL, 'x')",
+            (WHO, DATASET, __import__("json").dumps(job)),
+        )
+    approvals = Approvals(store)
+    assert [approvals.take_round("code-1") for _ in range(2)] == [1, 2]
+    assert approvals.take_round("code-7") == 3
+    with pytest.raises(RoundLimitReached):
+        approvals.take_round("code-7")

@@ -1,0 +1,227 @@
+"""What a researcher may store in syft's action and blob stores (issue 24, item 4).
+
+syft 0.9.5 lets every logged-in user ``action.set`` any object, run ``action.execute`` on the
+server's numpy, and allocate and write blob storage; nothing bounds them (four 24 MB uploads
+grew a site by 100 MB). The job path needs exactly one of these: calling the approved job,
+syft's client first uploads the ``weights`` string with ``action.set`` and then passes its id
+to ``code.call``. So for a user below data owner, in the server process:
+
+* blob storage writes, ``action.execute`` and ``action.np_array`` are refused outright (the
+  server is launched with a blob threshold above any request, so honest weights never need
+  blob storage);
+* ``action.set`` takes only a plain string held inline (no twin, no blob, no link), and only
+  within the user's quota of bytes and objects held at once;
+* the upload is removed when the ``code.call`` that names it has run, and any upload left
+  unused for :data:`UNUSED_SECONDS` is removed at the next upload, by anyone.
+
+The registry of uploads is a small SQLite file in the site directory, so a restart keeps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("datasites.serving.quota")
+
+UPLOADS_FILE = "uploads.db"
+UNUSED_SECONDS = 3600.0
+REFUSED = {
+    "action.execute",
+    "action.np_array",
+    "blob_storage.allocate",
+    "blob_storage.allocate_for_user",
+    "blob_storage.write_to_disk",
+    "blob_storage.mark_write_complete",
+    "blob_storage.delete",
+    "blob_storage.mount_azure",
+}
+WATCHED = REFUSED | {"action.set", "code.call"}
+
+
+class Uploads:
+    """Which user uploaded which object, of how many bytes, when."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS uploads "
+            "(uid TEXT PRIMARY KEY, user TEXT NOT NULL, bytes INTEGER NOT NULL, at REAL NOT NULL)"
+        )
+        self._lock = threading.Lock()
+
+    def usage(self, user: str) -> tuple[int, int]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM uploads WHERE user = ?", (user,)
+            ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def reserve(self, uid: str, user: str, size: int, quota: tuple[int, int]) -> str | None:
+        """Record the upload, or say why it is over ``quota`` (objects, bytes)."""
+        with self._lock:
+            count, used = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM uploads WHERE user = ?", (user,)
+            ).fetchone()
+            if count + 1 > quota[0] or used + size > quota[1]:
+                return (
+                    f"upload refused: this datasite holds at most {quota[0]} objects and "
+                    f"{quota[1]} bytes of yours at once (you hold {count}, {used} bytes; this "
+                    f"one is {size} bytes); an upload is removed when the job call using it ends"
+                )
+            self._db.execute(
+                "INSERT OR REPLACE INTO uploads VALUES (?, ?, ?, ?)",
+                (uid, user, size, time.time()),
+            )
+        return None
+
+    def release(self, uids: list[str], user: str | None = None) -> list[str]:
+        """Forget these uploads (of ``user`` only, when given); the ones that were known."""
+        with self._lock:
+            known = [
+                uid
+                for uid in uids
+                if self._db.execute(
+                    "SELECT 1 FROM uploads WHERE uid = ? AND (? IS NULL OR user = ?)",
+                    (uid, user, user),
+                ).fetchone()
+            ]
+            self._db.executemany("DELETE FROM uploads WHERE uid = ?", [(u,) for u in known])
+        return known
+
+    def stale(self, older_than: float) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT uid FROM uploads WHERE at < ?", (older_than,))
+            return [r[0] for r in rows.fetchall()]
+
+
+def _refusal(message: str) -> Any:
+    from syft.service.response import SyftError
+
+    return SyftError(message=message)
+
+
+def _inline_string(obj: Any) -> int | None:
+    """The size of a plain inline string ActionObject, else None."""
+    from syft.service.action.action_object import ActionObject
+    from syft.types.twin_object import TwinObject
+
+    if not isinstance(obj, ActionObject) or isinstance(obj, TwinObject):
+        return None
+    if obj.syft_blob_storage_entry_id is not None or obj.syft_action_saved_to_blob_store:
+        return None
+    data = obj.syft_action_data_cache
+    return len(data.encode()) if isinstance(data, str) else None
+
+
+def _uids(values: Any) -> list[str]:
+    """The ids of ActionObjects (or UIDs) among a call's arguments."""
+    from syft.service.action.action_object import ActionObject
+    from syft.types.uid import UID
+
+    found = []
+    for value in values:
+        if isinstance(value, ActionObject):
+            found.append(str(value.id))
+        elif isinstance(value, UID):
+            found.append(str(value))
+    return found
+
+
+class Gate:
+    """The wrapper of ``Server.handle_api_call_with_unsigned_result`` (see the module doc)."""
+
+    def __init__(self, uploads: Uploads, quota: Callable[[], tuple[int, int]]) -> None:
+        self.uploads = uploads
+        self.quota = quota
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        gate = self
+
+        def handle(server: Any, api_call: Any, *args: Any, **kwargs: Any) -> Any:
+            from syft.client.api import SignedSyftAPICall
+
+            message = getattr(api_call, "message", api_call)
+            path = getattr(message, "path", "")
+            # unsigned calls and bad signatures: syft refuses them (required_signed_calls)
+            if path not in WATCHED or not isinstance(api_call, SignedSyftAPICall):
+                return original(server, api_call, *args, **kwargs)
+            if not api_call.is_valid:
+                return original(server, api_call, *args, **kwargs)
+            if gate.privileged(server, api_call.credentials):
+                return original(server, api_call, *args, **kwargs)
+            user = str(api_call.credentials)
+            if path in REFUSED:
+                return _refusal(f"{path} is not open to researchers on this datasite")
+            if path == "action.set":
+                return gate.upload(
+                    server, message, user, lambda: original(server, api_call, *args, **kwargs)
+                )
+            try:
+                return original(server, api_call, *args, **kwargs)
+            finally:
+                gate.remove(server, gate.uploads.release(_uids(message.kwargs.values()), user))
+
+        return handle
+
+    @staticmethod
+    def privileged(server: Any, credentials: Any) -> bool:
+        from syft.service.user.user_roles import ServiceRole
+
+        role = server.get_role_for_credentials(credentials=credentials)
+        return role.value >= ServiceRole.DATA_OWNER.value
+
+    def upload(self, server: Any, message: Any, user: str, run: Callable[[], Any]) -> Any:
+        from syft.service.response import SyftError
+
+        obj = message.args[0] if message.args else message.kwargs.get("action_object")
+        size = _inline_string(obj)
+        if size is None:
+            return _refusal(
+                "action.set takes only a job's weights (a plain string) from researchers"
+            )
+        self.remove(server, self.uploads.release(self.uploads.stale(time.time() - UNUSED_SECONDS)))
+        refused = self.uploads.reserve(str(obj.id), user, size, self.quota())
+        if refused:
+            return _refusal(refused)
+        result = run()
+        if isinstance(result, SyftError):
+            self.uploads.release([str(obj.id)], user)
+        return result
+
+    @staticmethod
+    def remove(server: Any, uids: list[str]) -> None:
+        """Delete these objects from syft's stores, as the server itself."""
+        if not uids:
+            return
+        from syft.service.context import AuthedServiceContext
+        from syft.service.user.user_roles import ServiceRole
+        from syft.types.uid import UID
+
+        context = AuthedServiceContext(
+            server=server, credentials=server.verify_key, role=ServiceRole.ADMIN
+        )
+        for uid in uids:
+            try:
+                server.services.action.delete(context, UID(uid))
+            except Exception as exc:  # gone already; the registry has forgotten it either way
+                log.info("upload %s not removed: %s", uid, exc)
+
+
+def install(site_root: Path, quota: Callable[[], tuple[int, int]]) -> Callable[[], None]:
+    """Gate syft's API calls in this process; returns what undoes it (for tests)."""
+    from syft.server.server import Server
+
+    gate = Gate(Uploads(site_root / UPLOADS_FILE), quota)
+    saved = Server.handle_api_call_with_unsigned_result
+    Server.handle_api_call_with_unsigned_result = gate.wrap(saved)  # type: ignore[method-assign]
+
+    def restore() -> None:
+        Server.handle_api_call_with_unsigned_result = saved  # type: ignore[method-assign]
+
+    return restore

@@ -1,0 +1,261 @@
+"""Will this job learn? Warnings from public numbers only, each naming its cause and its fix.
+
+Why: a DP job that cannot learn still spends its budget, and its only symptom is a model that
+predicts the majority class. Three causes are visible before anything runs, from what the
+sites publish (row counts, class counts, the mock's rows and epsilon, the published feature
+statistics) and the plan itself, so the researcher's ``try`` and ``submit`` and the admin's
+review can all say so, at no cost in epsilon:
+
+* **a step that is mostly noise**: DP-SGD adds noise of std ``sigma * clip`` to the sum of a
+  batch's clipped gradients, each of norm at most ``clip``; the mean over an expected batch of
+  ``B`` rows then carries noise ``sigma * clip / B`` per coordinate. Past ``clip`` (a ratio
+  ``sigma / B`` above 1) every coordinate's noise is as large as the whole signal's norm;
+* **a published statistic that is mostly noise**: the feature mean and std come from the DP
+  mock (``datasites.data.mock``). Its range search sums a column's grid histogram over windows
+  of up to ``RANGE_WINDOW`` bins and keeps windows above ``RANGE_SIGMAS`` noise sds; a site
+  whose rows are fewer than that threshold cannot find any column's range above the noise, so
+  its published scale is a guess, and a job that standardises with it gets near-constant
+  inputs. Declared bounds make the statistic exact in range;
+* **a class the batches rarely see**: a class with fewer expected rows per step than one, over
+  the whole federation, is absent from most steps' gradients.
+
+The warnings never block: a job may still be worth running, and the admin decides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from policies.plan import TrainingPlan, steps_per_epoch, training_rows
+
+MAX_STEP_NOISE = 1.0  # sigma / expected batch: noise std per coordinate over the clip
+RANGE_SIGMAS = 4.0  # as datasites.data.mock: a window passes at this many noise sds
+RANGE_WINDOW = 8  # the widest window the mock's range search sums (grid bins)
+MIN_CLASS_ROWS_PER_STEP = 1.0
+OUTLIER_RATIO = 10.0  # a site's std this far off the other sites' median is named
+MOCK_EPSILONS = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)  # what a warning may suggest
+
+
+@dataclass(frozen=True)
+class UtilityWarning:
+    """One reason the job may not learn: what (``kind``), why (``cause``), what to do (``fix``)."""
+
+    kind: str
+    cause: str
+    fix: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.cause}: {self.fix}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "cause": self.cause, "fix": self.fix}
+
+
+def expected_batch(rows: int, plan: TrainingPlan) -> float:
+    """The mean batch a site's Poisson sampler draws: its training rows over its steps/epoch."""
+    n_train = training_rows(rows, plan)
+    return max(1.0, n_train / steps_per_epoch(n_train, plan.batch_size))
+
+
+def step_noise(noise_multiplier: float, rows: int, plan: TrainingPlan) -> float:
+    """Noise std per coordinate of a step's mean gradient, in units of the clip."""
+    return noise_multiplier / expected_batch(rows, plan)
+
+
+def step_warnings(
+    plan: TrainingPlan, rows: Mapping[str, int], noise: Mapping[str, float]
+) -> list[UtilityWarning]:
+    """Sites whose DP-SGD step is mostly noise, at the plan's sigma and expected batch."""
+    out = []
+    for site, sigma in noise.items():
+        n = int(rows.get(site) or 0)
+        if n < 1 or not plan.distributed and sigma <= 0:
+            continue
+        ratio = step_noise(sigma, n, plan)
+        if ratio <= MAX_STEP_NOISE:
+            continue
+        batch = expected_batch(n, plan)
+        wanted = min(training_rows(n, plan), math.ceil(sigma / MAX_STEP_NOISE * 2))
+        out.append(
+            UtilityWarning(
+                "step_noise",
+                f"at {site}, each step's noise (sigma {sigma:.3g} x clip over an expected batch of "
+                f"{batch:.0f} rows) is {ratio:.2g} times the clipped gradient's whole norm; the "
+                "model will learn little more than the majority class",
+                f"raise batch_size (toward {wanted}), lower rounds or local_epochs, raise "
+                "target_epsilon, or run 'researcher plan'",
+            )
+        )
+    return out
+
+
+def mock_noise(meta: Mapping[str, Any], epsilon: float | None = None) -> float | None:
+    """The std of the Gaussian noise on each count of the site's mock histograms (public)."""
+    from policies.accounting import noise_for_target
+
+    eps = float(epsilon if epsilon is not None else meta.get("mock_epsilon") or 0.0)
+    schema = meta.get("schema") or []
+    columns = max(1, len(schema) - 1) if schema else len(meta.get("feature_std") or [])
+    if eps <= 0 or columns < 1:
+        return None
+    numeric = columns - len(meta.get("categories") or {})
+    nm = noise_for_target(eps, float(meta.get("mock_delta") or 1e-5), 1.0, 1)
+    return nm * math.sqrt(1 + numeric + columns)
+
+
+def statistic_warnings(
+    metas: Mapping[str, Mapping[str, Any]], plan: TrainingPlan, names: list[str] | None = None
+) -> list[UtilityWarning]:
+    """Published feature statistics too noisy to standardise with (only when the plan does)."""
+    if not plan.standardize:
+        return []
+    out = []
+    for site, meta in metas.items():
+        warning = _mock_warning(site, meta, names)
+        if warning:
+            out.append(warning)
+    out += _outlier_warnings(metas, names)
+    return out
+
+
+def _unbounded(meta: Mapping[str, Any], names: list[str]) -> list[str]:
+    bounds = meta.get("bounds") or {}
+    categorical = set(meta.get("categories") or {})
+    return [n for n in names if n not in bounds and n not in categorical]
+
+
+def _feature_names(meta: Mapping[str, Any]) -> list[str]:
+    target = meta.get("target")
+    schema = meta.get("schema") or []
+    named = [str(c[0] if isinstance(c, list | tuple) else c) for c in schema]
+    named = [c for c in named if c != target]
+    return named or [f"x{i}" for i in range(len(meta.get("feature_std") or []))]
+
+
+def _mock_warning(
+    site: str, meta: Mapping[str, Any], names: list[str] | None
+) -> UtilityWarning | None:
+    rows = int(meta.get("rows") or 0)
+    sigma = mock_noise(meta)
+    columns = _unbounded(meta, names or _feature_names(meta))
+    if sigma is None or rows < 1 or not columns:
+        return None
+    need = RANGE_SIGMAS * sigma * math.sqrt(RANGE_WINDOW)
+    if rows >= need:
+        return None
+    eps = float(meta.get("mock_epsilon"))
+    wanted = _mock_epsilon_for(meta, rows / (RANGE_SIGMAS * math.sqrt(RANGE_WINDOW)))
+    listed = ", ".join(columns[:3]) + (f" and {len(columns) - 3} more" if len(columns) > 3 else "")
+    upload = (
+        f"upload with --mock-epsilon {wanted:g}"
+        if wanted is not None
+        else f"no mock epsilon up to {MOCK_EPSILONS[-1]:g} suffices at this size"
+    )
+    mock_rows = meta.get("mock_rows") or rows
+    return UtilityWarning(
+        "statistics",
+        f"at {site}, the published mean and std of {listed} come from a {mock_rows}-row mock "
+        f"at epsilon {eps:g}, whose histogram noise (sd {sigma:.3g} per count) hides a column "
+        f"of {rows} rows: the scale may be off by orders of magnitude",
+        f"declare bounds for these columns, or {upload}, or set standardize to false",
+    )
+
+
+def _mock_epsilon_for(meta: Mapping[str, Any], sigma_wanted: float) -> float | None:
+    """The smallest of a few round mock epsilons whose histogram noise is at most this."""
+    current = float(meta.get("mock_epsilon") or 1.0)
+    for eps in MOCK_EPSILONS:
+        if eps <= current:
+            continue
+        sigma = mock_noise(meta, eps)
+        if sigma is not None and sigma <= sigma_wanted:
+            return eps
+    return None
+
+
+def _outlier_warnings(
+    metas: Mapping[str, Mapping[str, Any]], names: list[str] | None
+) -> list[UtilityWarning]:
+    """Columns whose published std at one site is OUTLIER_RATIO off the others' median."""
+    stds = {s: m.get("feature_std") for s, m in metas.items() if m.get("feature_std")}
+    if len(stds) < 3 or len({len(v) for v in stds.values()}) != 1:
+        return []
+    first = next(iter(metas.values()))
+    names = names or _feature_names(first)
+    out = []
+    for j in range(len(next(iter(stds.values())))):
+        column = sorted(float(v[j]) for v in stds.values())
+        median = column[len(column) // 2]
+        for site, values in stds.items():
+            ratio = max(float(values[j]), 1e-12) / max(median, 1e-12)
+            if ratio > OUTLIER_RATIO or ratio < 1 / OUTLIER_RATIO:
+                name = names[j] if j < len(names) else f"feature {j}"
+                out.append(
+                    UtilityWarning(
+                        "statistics",
+                        f"column {name}'s published std at {site} is {float(values[j]):.3g}, "
+                        f"{ratio:.2g} times the other sites' median {median:.3g}",
+                        f"ask {site} to declare bounds for {name}, or to upload with a higher "
+                        "--mock-epsilon",
+                    )
+                )
+    return out
+
+
+def class_warnings(
+    plan: TrainingPlan, metas: Mapping[str, Mapping[str, Any]]
+) -> list[UtilityWarning]:
+    """Classes that the federation's batches rarely contain (expected rows per step < 1)."""
+    if plan.loss == "mse":
+        return []
+    per_step: dict[int, float] = {}
+    for meta in metas.values():
+        counts, rows = meta.get("class_counts"), int(meta.get("rows") or 0)
+        if not counts or rows < 1:
+            continue
+        q = 1.0 / steps_per_epoch(training_rows(rows, plan), plan.batch_size)
+        for k, count in enumerate(counts):
+            per_step[k] = per_step.get(k, 0.0) + max(float(count), 0.0) * q
+    classes = _class_names(metas)
+    out = []
+    for k, expected in sorted(per_step.items()):
+        if expected >= MIN_CLASS_ROWS_PER_STEP:
+            continue
+        label = classes[k] if k < len(classes) else k
+        out.append(
+            UtilityWarning(
+                "classes",
+                f"class {label} has ~{expected:.2g} expected rows per step over the whole "
+                "federation (fewer rows than batches): most steps never see it",
+                "raise batch_size so that each step holds at least one of its rows, or "
+                'use class_weight "balanced"',
+            )
+        )
+    return out
+
+
+def _class_names(metas: Mapping[str, Mapping[str, Any]]) -> list[Any]:
+    for meta in metas.values():
+        if meta.get("classes"):
+            return list(meta["classes"])
+    return []
+
+
+def utility_warnings(
+    plan: TrainingPlan,
+    metas: Mapping[str, Mapping[str, Any]],
+    noise: Mapping[str, float],
+) -> list[UtilityWarning]:
+    """Every warning for ``plan`` over the sites' published metadata and their noise."""
+    if plan.distributed:  # one shared step per round over all sites: its own arithmetic
+        return class_warnings(plan, metas) + statistic_warnings(metas, plan)
+    rows = {site: int(meta.get("rows") or 0) for site, meta in metas.items()}
+    return (
+        step_warnings(plan, rows, noise)
+        + statistic_warnings(metas, plan)
+        + class_warnings(plan, metas)
+    )

@@ -1,0 +1,118 @@
+"""Free epsilon (issue 24), against a real datasite: a second syft request on approved code, and
+a distributed-DP "peer" whose key the researcher holds. Each attack ends with the ledger showing
+every spend and nothing released past what was charged."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasites.errors import ReviewError
+from datasites.ledger.store import SiteStore
+from datasites.serving.config import SiteDir
+from datasites.training.job_state import JobState
+from datasites.training.secure_agg import SecureSite
+from policies import secagg
+from policies.wire import encode_weights
+from researcher import sites
+from tests.adversarial.conftest import EVE, assert_nothing_private, assert_serving, job
+
+pytestmark = pytest.mark.integration
+
+
+def _request_again(client, code) -> str:  # noqa: ANN001
+    """A second syft request for already-approved user code, as any logged-in user can file it
+    (syft's ``request.submit``), bypassing ``request_code_execution``'s one-request check."""
+    from syft.service.code.user_code import UserCodeStatus
+    from syft.service.request.request import SubmitRequest, UserCodeStatusChange
+    from syft.store.linked_obj import LinkedObject
+
+    change = UserCodeStatusChange(
+        value=UserCodeStatus.APPROVED,
+        linked_obj=code.status_link,
+        linked_user_code=LinkedObject.from_obj(code, server_uid=client.id),
+    )
+    request = client.api.services.request.submit(request=SubmitRequest(changes=[change]))
+    return str(request.id.no_dash)
+
+
+def test_a_second_request_on_approved_code_gets_no_round(arena) -> None:
+    spec = job("once_only", {"rounds": 1, "noise_multiplier": 3.0, "batch_size": 64})
+    client = arena.client(EVE)
+    asset = arena.asset(client)
+    sites.submit(client, spec, asset)
+    queue = arena.queue()
+    first = arena.item(spec.name)
+    queue.approve(first.request_id)
+    reply = sites.run_round(client, spec, asset, "")
+    assert reply["status"] == "ok"
+    spent = arena.spent(EVE)
+    code = next(c for c in client.code.get_all() if c.service_func_name == spec.name)
+    second_id = _request_again(client, code)
+    second = next(i for i in queue.items() if i.request_id == second_id)
+    failed = {c.name: c.reason for c in second.report.failures()}
+    assert "already approved" in failed.get("job_id", ""), second.report.to_dict()
+    for override in (False, True):
+        with pytest.raises(ReviewError, match="job_id|approved once"):
+            queue.approve(second_id, override=override, reason="looks the same" * override)
+    again = sites.run_round(client, spec, asset, "")
+    assert again["status"] == "refused" and "all have run" in again["reason"], again
+    assert arena.spent(EVE) == pytest.approx(spent)
+    assert len([r for r in queue.approvals.job_ids() if r == spec.job_id]) == 1
+    assert_nothing_private(arena, [reply, again])
+    assert_serving(arena)
+
+
+def test_a_researcher_held_peer_is_a_colluder_by_default(arena) -> None:
+    """The researcher names the site and a key of its own as the peers of a distributed-DP
+    job, so that unmasking leaves the site's own noised sum with half the plan's noise."""
+    site_fp = SiteDir(arena.site.dir).fingerprint()  # its identity key, not its TLS pin
+    eve_seed = "5e" * 32
+    eve_fp = secagg.fingerprint(secagg.public_bytes(secagg.identity_of(eve_seed).public_key()))
+    plan = {
+        "rounds": 3,
+        "noise_multiplier": 2.0,
+        "batch_size": 64,
+        "learning_rate": 0.5,
+        "site_metrics": False,
+        "aggregation": "secure",
+        "dp": "distributed",
+        "sample_rate": 0.2,
+        "peers": [site_fp, eve_fp],
+    }
+    spec = job("two_peers", plan)
+    client = arena.client(EVE)
+    asset = arena.asset(client)
+    sites.submit(client, spec, asset)
+    item = arena.item(spec.name)
+    aggregation = next(c for c in item.report.checks if c.name == "aggregation")
+    assert not aggregation.passed
+    assert "count as colluders" in aggregation.reason and "trust" in aggregation.reason
+    assert "not among the peers" not in aggregation.reason  # that is the only problem
+    # an admin who overrides the report anyway: the runtime still refuses
+    arena.queue().approve(item.request_id, override=True, reason="the peers look fine")
+    before = arena.spent(EVE)
+    hello = sites.run_round(client, spec, asset, secagg.PREFIX + json.dumps({"phase": "hello"}))
+    assert hello["status"] == "ok"
+    store = SiteStore(Path(tempfile.mkdtemp()) / "eve.db")
+    eve_entry = SecureSite(JobState(store), "eve", spec, eve_seed).hello()["secagg"]
+    start = {k: np.zeros(s, np.float32) for k, s in spec.trainable.items()}
+    mask = secagg.PREFIX + json.dumps(
+        {
+            "phase": "mask",
+            "label": "r1-eve",
+            "weights": encode_weights(start),
+            "participants": [hello["secagg"], eve_entry],
+        }
+    )
+    reply = sites.run_round(client, spec, asset, mask)
+    assert reply["status"] == "refused", reply
+    assert "count as colluders" in reply["reason"]
+    assert "masked" not in reply and "weights" not in reply
+    assert arena.spent(EVE) == pytest.approx(before)
+    assert_nothing_private(arena, [hello, reply])
+    assert_serving(arena)
