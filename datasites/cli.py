@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from datasites.data.mock import DEFAULT_MOCK_EPSILON
 from datasites.errors import DatasiteError
+from datasites.serving import channel
 from datasites.serving.config import DEFAULT_PORT, SiteDir, init_site, keep_private
 from policies.console import emit_json, out, run_cli, table
-from policies.errors import FedsiteError
+from policies.errors import FedsiteError, PlanError
 
 app = typer.Typer(
     help="Run a datasite: launch it, upload data, add researchers, review jobs.",
@@ -199,8 +201,6 @@ def upload(
     json: JsonOpt = False,
 ) -> None:
     """Validate a table and upload it as private data with a differentially private mock twin."""
-    from datasites.data.tables import load_bounds, load_table, validate_table
-
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise DatasiteError(f"dataset name {name!r} may hold only letters, digits, '-', '_', '.'")
     if name in site.datasets_meta():
@@ -211,15 +211,30 @@ def upload(
         raise DatasiteError(f"--mock-epsilon must be in [0.01, 100], got {mock_epsilon}")
     if not 1 <= max_categories <= 1000:
         raise DatasiteError(f"--max-categories must be in [1, 1000], got {max_categories}")
-    # before syft's slow import
-    table = validate_table(
-        load_table(file, max_memory_mb=max_memory_mb), target, max_categories=max_categories
+    call = channel.Upload(
+        name,
+        str(file.resolve()),
+        target,
+        description,
+        mock_rows,
+        mock_epsilon,
+        max_categories,
+        max_memory_mb,
+        str(bounds.resolve()) if bounds is not None else "",
     )
-    declared = load_bounds(bounds, table) if bounds is not None else None
-    live(site)
-    from datasites.serving import admin
+    try:  # the server reads and checks the table itself: no row crosses the admin channel
+        result = _call(site, call)
+    except channel.SiteDown:
+        from datasites.data.tables import load_bounds, load_table, validate_table
 
-    result = admin.upload(site, name, table, description, mock_rows, mock_epsilon, declared)
+        # a bad table or bounds file is the line to show, also when the server is down
+        table = validate_table(
+            load_table(file, max_memory_mb), target, max_categories=max_categories
+        )
+        if bounds is not None:
+            load_bounds(bounds, table)
+        raise
+    declared = result.clamped if bounds is not None else None
     if json:
         emit_json(result.__dict__)
     else:
@@ -295,10 +310,7 @@ def users_add(
     json: JsonOpt = False,
 ) -> None:
     """Register a researcher and show their initial password once."""
-    live(site)
-    from datasites.serving import admin
-
-    password = admin.add_user(site, email, name)
+    password = _call(site, channel.UsersAdd(email, name)).password
     if json:
         emit_json({"email": email, "password": password})
     else:
@@ -310,10 +322,7 @@ def users_remove(
     site: SiteOpt, email: Annotated[str, typer.Option(help="The researcher's email.")]
 ) -> None:
     """Delete a researcher's account (the ledger and audit log keep what they did)."""
-    live(site)
-    from datasites.serving import admin
-
-    admin.remove_user(site, email)
+    _call(site, channel.UsersRemove(email))
     out.print(f"removed {email}")
 
 
@@ -324,10 +333,7 @@ def users_reset_password(
     json: JsonOpt = False,
 ) -> None:
     """Give a researcher a new generated password, shown once; the old one stops working."""
-    live(site)
-    from datasites.serving import admin
-
-    password = admin.reset_password(site, email)
+    password = _call(site, channel.ResetPassword(email)).password
     if json:
         emit_json({"email": email, "password": password})
     else:
@@ -337,10 +343,7 @@ def users_reset_password(
 @users_app.command("list")
 def users_list(site: SiteOpt, json: JsonOpt = False) -> None:
     """Accounts on this datasite."""
-    live(site)
-    from datasites.serving import admin
-
-    rows = admin.list_users(admin.admin_client(site))
+    rows = _call(site, channel.UsersList()).users
     if json:
         emit_json(rows)
     else:
@@ -525,12 +528,9 @@ def _set_cap(site: SiteDir, dataset: str, epsilon: float, delta: float) -> None:
 @app.command()
 def requests(site: SiteOpt, json: JsonOpt = False) -> None:
     """Submitted jobs with their automatic policy report."""
-    from datasites.review.queue import ReviewQueue
-
-    live(site)
-    items = ReviewQueue(site).items()
+    items = _call(site, channel.Requests()).items
     if json:
-        emit_json([i.to_dict() for i in items])
+        emit_json(items)
         return
     table(
         "requests",
@@ -546,14 +546,14 @@ def requests(site: SiteOpt, json: JsonOpt = False) -> None:
         ],
         [
             [
-                i.request_id[:8],
-                i.job_name,
-                i.submitted,
-                i.researcher,
-                i.state,
-                i.report.job.dataset if i.report.job else "",
-                "pass" if i.report.passed else "FAIL",
-                ", ".join(c.name for c in i.report.failures()),
+                i["id"][:8],
+                i["job"],
+                i["submitted"],
+                i["researcher"],
+                i["status"],
+                i["dataset"] or "",
+                "pass" if i["report"]["passed"] else "FAIL",
+                ", ".join(c["name"] for c in i["report"]["checks"] if not c["passed"]),
             ]
             for i in items
         ],
@@ -570,73 +570,37 @@ def review(
     """Show a request's code and its policy report."""
     from rich.syntax import Syntax
 
-    from datasites.review.queue import ReviewQueue
-
-    live(site)
-    item = ReviewQueue(site).find(request_id)
+    reply = _call(site, channel.Review(request_id))
+    item = reply.item
     if json:
-        emit_json({**item.to_dict(), "code": item.raw_code})
+        emit_json({**item, "code": reply.code})
         return
-    out.print(Syntax(item.raw_code[:4000], "python", word_wrap=True))
-    if item.report.job:
-        arch = item.report.job.architecture
+    out.print(Syntax(reply.code[:4000], "python", word_wrap=True))
+    if reply.plan_rows is not None:
+        report = item["report"]
         table(
-            f"model: {arch.n_parameters} trainable parameters, input {list(arch.input)}",
+            f"model: {report['parameters']} trainable parameters, input {reply.model_input}",
             ["layer", "type", "output shape", "parameters"],
-            [[r["layer"], r["type"], str(r["output"]), str(r["params"])] for r in arch.table()],
+            [
+                [r["layer"], r["type"], str(r["output"]), str(r["params"])]
+                for r in report["architecture"]
+            ],
         )
-        table("plan (what each round runs here)", ["field", "value"], _plan_rows(item.report.job))
+        table("plan (what each round runs here)", ["field", "value"], reply.plan_rows)
     print_report(item)
 
 
-def _plan_rows(job) -> list[list[str]]:  # noqa: ANN001
-    """The plan's fields, with the algorithms spelled out for the reviewer."""
-    plan = job.plan
-    rows = [[k, str(v)] for k, v in plan.to_dict().items()]
-    notes = []
-    if plan.proximal_mu:
-        notes.append(
-            f"FedProx: pull of {plan.proximal_mu:g} toward the global weights, after noise"
-        )
-    if plan.frozen:
-        notes.append(
-            f"frozen, pinned by digest {str(job.frozen_digest)[:12]}: {', '.join(job.frozen_names)}"
-        )
-    if plan.compression != "none":
-        notes.append(f"updates leave compressed ({plan.compression}); post-processing, no epsilon")
-    if plan.class_weight is not None or plan.pos_weight is not None:
-        kind = "class_weight" if plan.class_weight is not None else "pos_weight"
-        value = plan.class_weight if plan.class_weight is not None else plan.pos_weight
-        source = (
-            "from this dataset's published DP class counts"
-            if value == "balanced"
-            else "numbers the researcher chose"
-        )
-        notes.append(
-            f"{kind} {value} ({source}): scales each row's loss before clipping; no epsilon"
-        )
-    if plan.binary_metrics:
-        notes.append(
-            "each round a noised score histogram per class (validation rows) -> recall, "
-            "precision, ROC-AUC, PR-AUC; charged as 'scores' at the metric noise"
-        )
-    if plan.personalizes:
-        notes.append(
-            f"after round {plan.rounds}: {plan.personalize_epochs} epoch(s) fine-tuning "
-            f"{', '.join(plan.personalize_layers)}; the model stays here, its DP metrics leave"
-        )
-    return rows + [["algorithm", n] for n in notes]
-
-
-def print_report(item) -> None:  # noqa: ANN001
-    verdict = "[green]PASSED[/green]" if item.report.passed else "[red]FAILED[/red]"
+def print_report(item: dict) -> None:
+    """A request's policy report, from its ``to_dict()`` as the admin channel sends it."""
+    report = item["report"]
+    verdict = "[green]PASSED[/green]" if report["passed"] else "[red]FAILED[/red]"
     table(
-        f"policy report for {item.request_id[:8]} from {item.researcher}: {verdict}",
+        f"policy report for {item['id'][:8]} from {item['researcher']}: {verdict}",
         ["check", "result", "reason"],
-        [[c.name, "ok" if c.passed else "FAIL", c.reason] for c in item.report.checks]
-        + [[w.name, "warn", w.reason] for w in item.report.warnings],
+        [[c["name"], "ok" if c["passed"] else "FAIL", c["reason"]] for c in report["checks"]]
+        + [[w["name"], "warn", w["reason"]] for w in report.get("warnings", [])],
     )
-    if item.report.warnings:
+    if report.get("warnings"):
         out.print(
             "warnings do not block approval: the job may train to the majority class and "
             "still spend its epsilon; the researcher sees the same warnings",
@@ -652,14 +616,11 @@ def approve(
     reason: Annotated[str, typer.Option(help="Why (required with --override).")] = "",
 ) -> None:
     """Approve a request whose policy report passes (or override, with a recorded reason)."""
-    from datasites.review.queue import ReviewQueue
-
     if override and not reason.strip():
         raise DatasiteError("--override needs --reason TEXT, which is recorded")
-    live(site)
-    item = ReviewQueue(site).approve(request_id, override=override, reason=reason)
+    item = _call(site, channel.Approve(request_id, override, reason)).item
     print_report(item)
-    out.print(f"approved {item.request_id[:8]} from {item.researcher}")
+    out.print(f"approved {item['id'][:8]} from {item['researcher']}")
 
 
 @app.command()
@@ -669,13 +630,10 @@ def deny(
     reason: Annotated[str, typer.Option(help="Shown to the researcher.")] = "",
 ) -> None:
     """Deny a request with a reason the researcher will see."""
-    from datasites.review.queue import ReviewQueue
-
     if not reason.strip():
         raise DatasiteError("deny needs --reason TEXT; the researcher sees it")
-    live(site)
-    item = ReviewQueue(site).deny(request_id, reason)
-    out.print(f"denied {item.request_id[:8]} from {item.researcher}")
+    item = _call(site, channel.Deny(request_id, reason)).item
+    out.print(f"denied {item['id'][:8]} from {item['researcher']}")
 
 
 @app.command()
@@ -846,14 +804,8 @@ def budget(
         return
     if dir is None:
         raise DatasiteError("budget needs --dir DIR")
-    from datasites.ledger.budget import BudgetLedger
-    from datasites.ledger.store import SiteStore
-
     site = open_site(str(dir))
-    ledger = BudgetLedger(SiteStore(site.site_db))
-    totals = {t.dataset: t.to_dict() for t in ledger.totals()}
-    rows = [{**b.to_dict(), "dataset_total": totals.get(b.dataset)} for b in ledger.all()]
-    public = ledger.public_releases()
+    rows, public, totals = _budget_rows(site)
     if json:
         emit_json(rows)  # public releases are in each row's releases, marked "public"
         return
@@ -928,6 +880,21 @@ def budget(
         )
 
 
+def _budget_rows(site: SiteDir) -> tuple[list[dict], list[dict], dict[str, dict]]:
+    """The ledger's rows, public releases and dataset totals: from the running server (fast),
+    or, when it is stopped, read here (the ledger needs the accountant's import, seconds)."""
+    try:
+        reply = _call(site, channel.Budget())
+        return reply.rows, reply.public, reply.totals
+    except channel.SiteDown:
+        pass
+    from datasites.ledger.budget import BudgetLedger
+    from datasites.ledger.store import SiteStore
+    from datasites.serving.channel_server import ledger_rows
+
+    return ledger_rows(BudgetLedger(SiteStore(site.site_db)))
+
+
 def _total_text(total: dict | None) -> str:
     if total is None:
         return ""
@@ -954,20 +921,16 @@ def budget_set(
     delta: Annotated[float, typer.Option(help="Delta of the budget.")] = 1e-5,
 ) -> None:
     """Set the total privacy budget of a researcher (an account on this site) on a dataset."""
-    from datasites.ledger.budget import BudgetLedger, check_budget
-    from datasites.ledger.store import SiteStore
-    from datasites.serving import admin
-
     _known_dataset(site, dataset)
-    check_budget(epsilon, delta)  # before the login: no server needed
-    live(site)
-    accounts = {u["email"].lower() for u in admin.list_users(admin.admin_client(site))}
-    if researcher.lower() not in accounts:
-        raise DatasiteError(
-            f"no account {researcher} on this datasite; add it first with 'datasite users add'"
-        )
-    BudgetLedger(SiteStore(site.site_db)).set_budget(researcher, dataset, epsilon, delta)
+    if not (0 < epsilon < math.inf) or not 0 < delta < 1:  # as check_budget, before any call
+        raise PlanError("a budget needs a finite epsilon > 0 and 0 < delta < 1")
+    _call(site, channel.BudgetSet(researcher, dataset, epsilon, delta))  # checks the account
     out.print(f"budget of {researcher} on {dataset}: epsilon {epsilon}, delta {delta}")
+
+
+def _call(site: SiteDir, message: object) -> Any:
+    """One call to this site's running server over its admin channel (``serving.channel``)."""
+    return channel.call(site.root, message, site.config().url)
 
 
 def live(site: SiteDir) -> None:

@@ -23,6 +23,8 @@ Each figure is a ratio or a difference measured within this one run, on this mac
    (``bench_upload.py``).
 7. ``--utility [--seeds N] [--epsilons 1,2,4] [--tables digits,cancer]``: distributed DP against
    per-site DP and central non-private training (``bench_utility.py``).
+8. ``--commands [--runs 5] [--code DIR]``: every admin command's wall time as a fresh process,
+   median and range, with 20 pending requests (``bench_commands.py``).
 """
 
 from __future__ import annotations
@@ -348,6 +350,11 @@ def main() -> None:
         import bench_utility
 
         bench_utility.main([a for a in sys.argv[1:] if a != "--utility"])
+        return
+    if "--commands" in sys.argv:  # each admin command's wall time (bench_commands.py)
+        import bench_commands
+
+        bench_commands.main([a for a in sys.argv[1:] if a != "--commands"])
         return
     if "--round-rate" in sys.argv:  # distributed DP's rounds over real sites, alone
         with tempfile.TemporaryDirectory(prefix="fedsite-bench-", ignore_cleanup_errors=True) as t:

@@ -13,8 +13,10 @@ import io
 import os
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from datasites.ledger.store import SYFT_SCHEMA, SiteStore, is_postgres
 from datasites.serving import limits, quota, syft_patches
@@ -109,8 +111,59 @@ def _warm_runtime() -> None:
     from policies import accounting  # noqa: F401
 
 
+class _StartClock:
+    """Seconds since this process was created, per phase of the start, for ``server.log``:
+    what ``datasite launch`` waits on (issue 26 asked for the figure)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._created = psutil.Process().create_time()
+        self.marks: list[tuple[str, float, float]] = []
+
+    def mark(self, phase: str) -> None:
+        self.marks.append((phase, time.time() - self._created, time.process_time()))
+
+    def line(self) -> str:
+        """Wall and CPU seconds per phase: on a loaded machine the wall time is mostly waiting."""
+        steps, last, last_cpu = [], 0.0, 0.0
+        for phase, at, cpu in self.marks:
+            steps.append(f"{phase} {at - last:.1f} s (cpu {cpu - last_cpu:.1f})")
+            last, last_cpu = at, cpu
+        return f"start: app ready {last:.1f} s after exec, cpu {last_cpu:.1f} s: " + ", ".join(
+            steps
+        )
+
+
+def _app_factory(site: SiteDir, channels: list, clock: _StartClock) -> Callable[[], Any]:
+    """syft's app behind the body cap (``limits.app_factory``), then the admin channel on the worker it made (``channel_server``):
+    the ``datasite`` commands reach this process through it, with no import and no login."""
+
+    def factory() -> Any:
+        from syft.server.server import ServerRegistry
+        from syft.types.uid import UID
+
+        from datasites.serving import channel_server
+
+        clock.mark("uvicorn")
+        app = limits.app_factory()
+        clock.mark("syft app and database")
+        worker = ServerRegistry.server_for(UID(site.config().server_uid))
+        channels.append(channel_server.start(site, lambda: worker.root_client))
+        clock.mark("admin channel")
+        print(clock.line(), flush=True)
+        return app
+
+    return factory
+
+
 def serve(root: Path) -> None:
+    clock = _StartClock()
+    clock.mark("python and imports")
     keep_private()  # syft's database, blob store and our site.db: 0600, before any is opened
+    # trainer processes: the fork server starts now, with a scrubbed environment, before any
+    # secret is in this process's; it preloads torch while this process imports syft
+    sandbox.start_early()
     site = SiteDir(root)
     config = site.config()
     _mask_db_password(site.db_url())
@@ -118,18 +171,19 @@ def serve(root: Path) -> None:
     import syft.server.uvicorn  # noqa: F401  reads the identity variables at import
     import uvicorn
 
+    clock.mark("syft import")
     for name in _SECRET_ENV:
         os.environ.pop(name, None)
     syft_patches.install()
     syft_patches.summarise_dataframe_repr()
     caps = limits.cached(site)
     quota.install(site.root, lambda: (caps().quota_objects, caps().quota_bytes))
-    sandbox.start()  # trainer processes: started before any request thread, env scrubbed
     threading.Thread(target=_warm_runtime, name="warm-runtime", daemon=True).start()
     site.pid_path.write_text(f"{os.getpid()}\n")
+    channels: list = []
     try:
         uvicorn.run(
-            "datasites.serving.limits:app_factory",  # syft's app behind the body cap
+            _app_factory(site, channels, clock),  # syft's app behind the body cap, + channel
             host=config.host,
             port=config.port,
             factory=True,
@@ -142,6 +196,8 @@ def serve(root: Path) -> None:
             ssl_keyfile=str(site.tls_key) if config.tls else None,
         )
     finally:
+        for opened in channels:
+            opened.close()
         if site.pid_path.exists() and site.pid_path.read_text().strip() == str(os.getpid()):
             site.pid_path.unlink()
 

@@ -248,6 +248,40 @@ def start(workers: int = 1) -> TrainerPool:
         return _POOL
 
 
+def start_early(workers: int = 1) -> None:
+    """Start the fork server now and build the pool in the background; call first thing.
+
+    The fork server's preload (torch, Opacus, the training code: seconds) then runs in its own
+    process while the server imports syft, instead of after it: ``datasite launch`` was ready
+    that much later. Only the fork server's spawn reads the environment, so only the spawn runs
+    under the scrubbed one, here, while this process is single-threaded and before the site's
+    secrets are in its environment at all. The workers fork from the fork server, not from this
+    process. ``pool()`` waits for the background build (the lock is held until it is done).
+    """
+    from multiprocessing import forkserver
+
+    _context()  # the preload list
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(clean_environment())
+    try:
+        forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    _POOL_LOCK.acquire()  # released by the builder: pool() waits for it, never races it
+    threading.Thread(target=_build, args=(workers,), name="trainer-pool", daemon=True).start()
+
+
+def _build(workers: int) -> None:
+    global _POOL
+    try:
+        if _POOL is None:
+            _POOL = TrainerPool(workers)
+    finally:
+        _POOL_LOCK.release()
+
+
 def pool() -> TrainerPool:
     """The site's pool (started by ``datasites.serving.serve`` at launch)."""
     return _POOL if _POOL is not None else start()

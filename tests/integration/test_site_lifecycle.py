@@ -207,14 +207,17 @@ def test_wrong_password_is_refused(site: Site) -> None:
             "info@openmined.org",
             "changethis",
         )
-    (site.dir / "admin-password").chmod(0o600)
-    good = site.password
-    (site.dir / "admin-password").write_text("not-the-password\n")
+    # the admin commands go through the admin channel, whose key is the launch's token (the
+    # password is the console's and syft's): a wrong token is one line, exit 1
+    token = site.dir / "admin-token"
+    good = token.read_text()
+    token.write_text("not-the-token\n")
     try:
         proc = site.cli("users", "list", check=False)
-        assert proc.returncode == 1 and "wrong email or password" in proc.stderr
+        assert proc.returncode == 1 and "wrong token" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
     finally:
-        (site.dir / "admin-password").write_text(good + "\n")
+        token.write_text(good)
 
 
 def test_port_in_use_and_double_launch(site: Site, tmp_path: Path) -> None:
