@@ -14,12 +14,14 @@ import base64
 import io
 import math
 import zipfile
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from policies.errors import WireError
 
-Weights = dict[str, np.ndarray]
+Weights = dict[str, npt.NDArray[np.floating[Any]]]
 Shapes = dict[str, tuple[int, ...]]
 MAX_TENSOR_NORM = 1e4  # L2 norm of any one incoming tensor
 _NPY_HEADER = 512  # generous bound on one .npy member's header
