@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -12,6 +12,9 @@ from datasites.errors import DatasiteError
 from datasites.serving.config import DEFAULT_PORT, SiteDir, init_site, keep_private
 from policies.console import emit_json, out, run_cli, table
 from policies.errors import FedsiteError
+
+if TYPE_CHECKING:  # the CLI imports the ledger only in the commands that use it
+    from datasites.ledger.budget import ReleaseMechanism
 
 app = typer.Typer(
     help="Run a datasite: launch it, upload data, add researchers, review jobs.",
@@ -396,7 +399,7 @@ def policy_set(
 
     _known_dataset(site, dataset)
     store = PolicyStore(site.policies_path)
-    changes = {
+    changes: dict[str, Any] = {
         k: v
         for k, v in {
             "max_epsilon_per_job": max_epsilon_per_job,
@@ -714,7 +717,7 @@ def limits_set(
 
     from datasites.serving.limits import read_limits, write_limits
 
-    changes = {
+    changes: dict[str, Any] = {
         k: v
         for k, v in {
             "max_request_mb": max_request_mb,
@@ -812,7 +815,7 @@ def budget(
         )
 
 
-def _mechanism_text(m: dict) -> str:
+def _mechanism_text(m: ReleaseMechanism) -> str:
     if m["sample_rate"] >= 1.0:
         return f"gaussian x{m['steps']}, noise {m['noise_multiplier']:.3g}"
     return f"DP-SGD {m['steps']} steps, noise {m['noise_multiplier']:.3g}, q {m['sample_rate']:.3g}"

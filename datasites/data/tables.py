@@ -243,12 +243,12 @@ def _encode_target(
         frame[target] = col.astype("int64")
         return frame, None
     if pd.api.types.is_integer_dtype(col):
-        values = sorted(col.unique().tolist())
-        if len(values) > MAX_CLASSES or values == list(range(len(values))):
+        labels = sorted(col.unique().tolist())
+        if len(labels) > MAX_CLASSES or labels == list(range(len(labels))):
             return frame, None  # a continuous target, or codes 0..k-1 already
         # labels such as {1, 2} or {-1, 1}: codes 0..k-1 in sorted order, the labels published
-        frame[target] = col.map({v: i for i, v in enumerate(values)}).astype("int64")
-        return frame, [str(v) for v in values]
+        frame[target] = col.map({v: i for i, v in enumerate(labels)}).astype("int64")
+        return frame, [str(v) for v in labels]
     if pd.api.types.is_numeric_dtype(col):
         return frame, None
     classes = sorted(col.astype(str).unique())
@@ -269,8 +269,8 @@ def _categorical(column: pd.Series, name: str, max_categories: int) -> pd.Series
     if isinstance(column.dtype, pd.CategoricalDtype):  # read dictionary-encoded: no strings
         column = column.cat.remove_unused_categories()
         names = [str(c) for c in column.cat.categories]
-        rare = column.value_counts().lt(MIN_CATEGORY_ROWS).any()
-        if len(set(names)) == len(names) and not rare:
+        any_rare = column.value_counts().lt(MIN_CATEGORY_ROWS).any()
+        if len(set(names)) == len(names) and not any_rare:
             _check_categories(name, len(names), max_categories)
             column = column.cat.rename_categories(names)
             return column.cat.reorder_categories(sorted(names))

@@ -43,7 +43,7 @@ class Approvals:
         """
         job_id = str(approval.job.get("job_id", ""))
         with self.store.immediate() as conn:  # check and insert in one write transaction
-            clash = conn.execute(
+            clash: tuple[Any, ...] | None = conn.execute(
                 "SELECT code_id, request_id FROM approvals WHERE code_id = ?", (approval.code_id,)
             ).fetchone()
             if clash is None and job_id:
@@ -125,7 +125,7 @@ class Approvals:
             run = conn.execute(
                 f"SELECT COALESCE(SUM(rounds_run), 0) FROM approvals WHERE code_id IN ({marks})",
                 same_job,
-            ).fetchone()[0]
+            ).one()[0]
             if run >= allowed:
                 raise RoundLimitReached(
                     f"this approval covers {allowed} round(s) and all have run; submit a new job"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -347,7 +347,7 @@ def _optimizer(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
 
 
 def add_proximal_term(
-    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], mu: float
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], mu: float
 ) -> None:
     """FedProx: every step's gradient gets mu * (w - w_global), w_global the round's start.
 

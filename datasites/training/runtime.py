@@ -21,6 +21,7 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,7 @@ def caller_code() -> CallerCode:
     then on the mock (``ActionService._user_code_execute``). The mock pass is recognised by
     its kwargs being that frame's ``mock_kwargs``, and must neither train nor count a round.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "execute_byte_code" and "code_item" in frame.f_locals:
             item = frame.f_locals["code_item"]

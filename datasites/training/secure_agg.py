@@ -89,7 +89,7 @@ class SecureSite:
         entries = env.get("participants")
         if not isinstance(entries, list) or len(entries) > secagg.MAX_SITES:
             raise Refused("the participant list must be a list of at most 64 sites")
-        keys = {}
+        keys: dict[str, bytes] = {}
         for entry in entries:
             site, key = self._checked_entry(entry)
             if site in keys:
@@ -166,6 +166,8 @@ class SecureSite:
         if signed is None or signed["survivors"] != survivors:
             raise Refused("this site did not sign that survivor set for the round; refused")
         round_state = self._get(f"round:{label}")
+        if round_state is None:  # _survivors refused that already
+            raise Refused(f"this site masked nothing for round {label!r}")
         # identities and keys as this site checked them when it masked, never as relayed now
         # (red team: a "dropped" colluder relaying a victim's key at unmask got the survivors'
         # pair seeds with the victim)
@@ -178,8 +180,11 @@ class SecureSite:
         for site in survivors:
             identity = identities.get(site)
             signature = signatures.get(site)
-            ok = identity is not None and signature is not None
-            if not ok or not secagg.verify(identity, _unb64(signature), message):
+            if (
+                identity is None
+                or signature is None
+                or not secagg.verify(identity, _unb64(signature), message)
+            ):
                 raise Refused(f"survivor {site[:12]} did not sign the survivor set; refused")
         private = self._x25519()
         keys = {site: bytes.fromhex(e["key"]) for site, e in stored.items()}

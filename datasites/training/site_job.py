@@ -238,6 +238,7 @@ def _run(
         if personalize:
             result = _keep_personalized(state, caller, task, output, round_no)
         elif secure is not None:
+            assert envelope is not None  # _secure_round gave a SecureSite for an envelope only
             if spec.plan.distributed:
                 masked = secure.masked_integers(envelope, seeds, output.weights[SUM])
             else:
