@@ -15,6 +15,7 @@ from typing import Any
 from datasites.errors import AlreadyApproved
 from datasites.ledger.store import SiteStore
 from policies.errors import RoundLimitReached
+from policies.wire import RoundReply
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class Approvals:
             row = conn.execute("SELECT * FROM approvals WHERE code_id = ?", (code_id,)).fetchone()
         return _row(row) if row else None
 
-    def record_release(self, code_id: str, round_no: int, reply: dict[str, Any]) -> None:
+    def record_release(self, code_id: str, round_no: int, reply: RoundReply) -> None:
         """Keep the last reply released to this job, so that a researcher who lost it (Ctrl-C,
         a dropped connection) can have it again without training or charging twice."""
         with self.store.immediate() as conn:
@@ -90,7 +91,7 @@ class Approvals:
                 (code_id, round_no, json.dumps(reply), datetime.now(UTC).isoformat()),
             )
 
-    def last_release(self, code_id: str) -> dict[str, Any] | None:
+    def last_release(self, code_id: str) -> RoundReply | None:
         with self.store.connect() as conn:
             row = conn.execute(
                 "SELECT reply FROM released WHERE code_id = ?", (code_id,)

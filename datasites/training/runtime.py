@@ -32,6 +32,7 @@ from datasites.training.prepare import prepare_task, privacy_report, release, ta
 from policies.errors import PolicyError
 from policies.plan import JobSpec
 from policies.privacy import job_privacy
+from policies.wire import RoundReply
 
 SITE_DIR_ENV = "FEDSITE_DIR"
 
@@ -45,7 +46,7 @@ class CallerCode:
     mock: bool = False
 
 
-def run_job(data: Any, weights: str, job: dict[str, Any]) -> dict[str, Any]:
+def run_job(data: Any, weights: str, job: dict[str, Any]) -> RoundReply:
     """Entry point of every submitted job; returns a dict of plain values only."""
     site_dir = os.environ.get(SITE_DIR_ENV)
     try:
@@ -80,7 +81,7 @@ def caller_code() -> CallerCode:
     raise Refused("run_job was not called by syft's code execution; refused")
 
 
-def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None) -> dict[str, Any]:
+def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None) -> RoundReply:
     """Run one round exactly as a site would, on the table given (the mock), with no ledger."""
     from datasites.training.round_task import run_task
 
