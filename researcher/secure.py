@@ -30,7 +30,6 @@ from researcher.site import Site
 from researcher.strategy import Update
 
 NEEDS_EACH_UPDATE = ("median", "trimmed-mean")
-SECURE_SITE = "secure-sum"
 
 
 def envelope(phase: str, **fields: Any) -> str:

@@ -189,7 +189,7 @@ def validate_table(
         )
     _check_missing(frame)
     frame[target] = _numbers_or_text(frame[target], target)
-    frame, classes = _encode_target(frame, target, max_categories)
+    frame, classes = _encode_target(frame, target)
     features = [c for c in frame.columns if c != target]
     for c in features:
         if pd.api.types.is_bool_dtype(frame[c]):
@@ -229,9 +229,7 @@ def _numbers_or_text(column: pd.Series, name: str) -> pd.Series:
     return column
 
 
-def _encode_target(
-    frame: pd.DataFrame, target: str, max_categories: int = DEFAULT_MAX_CATEGORIES
-) -> tuple[pd.DataFrame, list[str] | None]:
+def _encode_target(frame: pd.DataFrame, target: str) -> tuple[pd.DataFrame, list[str] | None]:
     col = frame[target]
     values = col.unique()
     if len(values) < 2:
