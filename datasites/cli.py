@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -14,6 +14,9 @@ from datasites.serving import channel
 from datasites.serving.config import DEFAULT_PORT, SiteDir, init_site, keep_private
 from policies.console import emit_json, out, run_cli, table
 from policies.errors import FedsiteError, PlanError
+
+if TYPE_CHECKING:  # the CLI imports the ledger only in the commands that use it
+    from datasites.ledger.budget import ReleaseMechanism
 
 app = typer.Typer(
     help="Run a datasite: launch it, upload data, add researchers, review jobs.",
@@ -471,7 +474,7 @@ def policy_set(
         max_total_delta = DEFAULT_DELTA if max_total_delta is None else max_total_delta
         check_budget(max_total_epsilon, max_total_delta)  # before anything is written
     store = PolicyStore(site.policies_path)
-    changes = {
+    changes: dict[str, Any] = {
         k: v
         for k, v in {
             "max_epsilon_per_job": max_epsilon_per_job,
@@ -771,7 +774,7 @@ def limits_set(
 
     from datasites.serving.limits import read_limits, write_limits
 
-    changes = {
+    changes: dict[str, Any] = {
         k: v
         for k, v in {
             "max_request_mb": max_request_mb,
@@ -906,7 +909,7 @@ def _total_text(total: dict | None) -> str:
     )
 
 
-def _mechanism_text(m: dict) -> str:
+def _mechanism_text(m: ReleaseMechanism) -> str:
     if m["sample_rate"] >= 1.0:
         return f"gaussian x{m['steps']}, noise {m['noise_multiplier']:.3g}"
     return f"DP-SGD {m['steps']} steps, noise {m['noise_multiplier']:.3g}, q {m['sample_rate']:.3g}"

@@ -264,7 +264,7 @@ def _smallest_noise(
             high = low
     # epsilon falls smoothly with sigma: Brent's method needs ~6 PRV evaluations where the
     # bisection took ~12 (3 s a plan); the answer is then nudged up until it keeps the target
-    sigma = brentq(lambda s: eps(s) - target, low, high, xtol=1e-6, rtol=1e-5)
+    sigma = float(brentq(lambda s: eps(s) - target, low, high, xtol=1e-6, rtol=1e-5))
     while eps(sigma) > target:
         sigma *= 1.0001
     return min(sigma, high)

@@ -23,8 +23,10 @@ import base64
 import io
 import math
 import zipfile
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from policies.errors import WireError
 from policies.wire import Shapes, Weights
@@ -32,7 +34,7 @@ from policies.wire import Shapes, Weights
 INT8, TOPK = "int8", "topk"
 
 
-def flatten(weights: Weights, shapes: Shapes) -> np.ndarray:
+def flatten(weights: Weights, shapes: Shapes) -> npt.NDArray[np.float32]:
     return (
         np.concatenate([np.asarray(weights[n], np.float32).ravel() for n in shapes])
         if shapes
@@ -40,7 +42,7 @@ def flatten(weights: Weights, shapes: Shapes) -> np.ndarray:
     )
 
 
-def unflatten(vector: np.ndarray, shapes: Shapes) -> Weights:
+def unflatten(vector: npt.NDArray[np.floating[Any]], shapes: Shapes) -> Weights:
     out, at = {}, 0
     for name, shape in shapes.items():
         size = math.prod(shape)
@@ -58,9 +60,9 @@ def compress(
     shapes: Shapes,
     kind: str,
     fraction: float = 0.1,
-    residual: np.ndarray | None = None,
+    residual: npt.NDArray[np.floating[Any]] | None = None,
     rng: np.random.Generator | None = None,
-) -> tuple[str, np.ndarray | None]:
+) -> tuple[str, npt.NDArray[np.floating[Any]] | None]:
     """The encoded update, and the residual to keep for the next round (top-k only)."""
     rng = rng or np.random.default_rng()
     if kind == INT8:
@@ -75,7 +77,7 @@ def compress(
             rounded = np.floor(d / scale + rng.random(d.size))
             q.append(np.clip(rounded, -127, 127).astype(np.int8))
             scales.append(scale)
-        arrays = {
+        arrays: dict[str, npt.NDArray[Any]] = {
             "q": np.concatenate(q) if q else np.zeros(0, np.int8),
             "scale": np.asarray(scales, np.float32),
         }
@@ -101,6 +103,7 @@ def decompress(blob: str, shapes: Shapes, kind: str, fraction: float = 0.1) -> W
     """The delta a site sent, checked against the trainable shapes before and after decoding."""
     size = sum(math.prod(s) for s in shapes.values())
     if kind == INT8:
+        expected: dict[str, tuple[int, type[np.generic]]]
         expected = {"q": (size, np.int8), "scale": (len(shapes), np.float32)}
     elif kind == TOPK:
         k = topk_count(size, fraction)
@@ -124,13 +127,15 @@ def decompress(blob: str, shapes: Shapes, kind: str, fraction: float = 0.1) -> W
     return unflatten(dense, shapes)
 
 
-def _pack(arrays: dict[str, np.ndarray]) -> str:
+def _pack(arrays: dict[str, npt.NDArray[Any]]) -> str:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _unpack(blob: str, expected: dict[str, tuple[int, type]]) -> dict[str, np.ndarray]:
+def _unpack(
+    blob: str, expected: dict[str, tuple[int, type[np.generic]]]
+) -> dict[str, npt.NDArray[Any]]:
     if not isinstance(blob, str):
         raise WireError("a compressed update must be a base64 string")
     limit = 4 * (sum(n * np.dtype(t).itemsize + 1024 for n, t in expected.values()) + 64) // 3

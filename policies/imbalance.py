@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from policies.errors import PlanError
 from policies.plan import BALANCED, MAX_CLASS_WEIGHT, TrainingPlan
@@ -69,13 +70,13 @@ def resolve(plan: TrainingPlan, counts: Sequence[float] | None) -> TrainingPlan:
     return dataclasses.replace(plan, pos_weight=balanced_pos_weight(counts))
 
 
-def score_bins(scores: np.ndarray) -> np.ndarray:
+def score_bins(scores: npt.ArrayLike) -> npt.NDArray[np.int64]:
     """Each log-odds score's bin in 0..N_BINS-1; a non-finite score counts as 0 (threshold)."""
     s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0)
     return np.clip(np.floor(s) - SCORE_LOW, 0, N_BINS - 1).astype(np.int64)
 
 
-def histograms(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def histograms(scores: npt.ArrayLike, labels: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """Exact counts, shape (2, N_BINS): row 0 the negatives' bins, row 1 the positives'.
 
     A label other than 1 counts as negative, so no row can fail the release.
@@ -90,7 +91,7 @@ def histograms(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     ).astype(np.float64)
 
 
-def binary_metrics(hist: np.ndarray) -> dict[str, float]:
+def binary_metrics(hist: npt.ArrayLike) -> dict[str, float]:
     """Recall, precision and balanced accuracy at log-odds 0, ROC-AUC and PR-AUC, from counts.
 
     ``hist`` may be noisy: counts are clamped at 0 first (post-processing). Ties within a bin
@@ -119,7 +120,7 @@ def binary_metrics(hist: np.ndarray) -> dict[str, float]:
     }
 
 
-def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
+def _average_precision(pos: npt.NDArray[np.float64], neg: npt.NDArray[np.float64]) -> float:
     """scikit-learn's average precision with each bin as one threshold (highest first)."""
     tp, fp = np.cumsum(pos[::-1]), np.cumsum(neg[::-1])
     precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)

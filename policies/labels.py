@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from policies.errors import PlanError
 
@@ -119,7 +120,7 @@ def check_site(job_classes: list[str], meta: Mapping[str, Any]) -> list[str]:
     return own
 
 
-def code_map(own: list[str], job_classes: list[str]) -> np.ndarray:
+def code_map(own: list[str], job_classes: list[str]) -> npt.NDArray[np.int64]:
     """Where each of a site's codes goes in the job's list: ``out[site_code] = job_code``."""
     index = {c: i for i, c in enumerate(job_classes)}
     try:
@@ -128,7 +129,7 @@ def code_map(own: list[str], job_classes: list[str]) -> np.ndarray:
         raise PlanError(f"the job's classes lack label {exc.args[0]!r}") from exc
 
 
-def site_to_job(codes: Any, own: list[str], job_classes: list[str]) -> np.ndarray:
+def site_to_job(codes: Any, own: list[str], job_classes: list[str]) -> npt.NDArray[np.int64]:
     """A site's stored target (its codes 0..k-1) as the job's codes.
 
     A value outside 0..k-1 is clamped into it first, as the trainer clamps labels: a round that
@@ -153,7 +154,7 @@ def counts_to_job(
     return out
 
 
-def labels_to_codes(values: Any, job_classes: list[str]) -> np.ndarray:
+def labels_to_codes(values: Any, job_classes: list[str]) -> npt.NDArray[np.int64]:
     """Raw label values (the researcher's own test file) as the job's codes; PlanError names
     up to five labels the job's list does not have."""
     index = {c: i for i, c in enumerate(job_classes)}

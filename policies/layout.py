@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from policies.errors import PlanError
 
@@ -133,7 +134,7 @@ def check_site(layout: Layout, meta: dict[str, Any]) -> None:
             )
 
 
-def encode(frame: Any, target: str | None, layout: Layout) -> np.ndarray:
+def encode(frame: Any, target: str | None, layout: Layout) -> npt.NDArray[np.float32]:
     """The feature matrix (float32) of ``frame`` under ``layout``: numeric columns as they are,
     each categorical one as 0/1 inputs for the layout's categories (a category this table
     lacks is an all-zero input). PlanError names a column or a value the layout does not have.

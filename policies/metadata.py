@@ -20,6 +20,7 @@ def parse_meta(description: str) -> dict[str, Any]:
     if start < 0:
         return {}
     try:
-        return json.loads(text[start + len(META_PREFIX) :].strip().splitlines()[0])
+        meta = json.loads(text[start + len(META_PREFIX) :].strip().splitlines()[0])
     except (json.JSONDecodeError, IndexError):
         return {}
+    return meta if isinstance(meta, dict) else {}

@@ -199,7 +199,9 @@ class _Walker:
         self.rows: list[LayerRow] = []
         self.params: dict[str, Shape] = {}
 
-    def sequence(self, layers: list[Any], shape: Shape, prefix: str, top: bool = False) -> list:
+    def sequence(
+        self, layers: list[Any], shape: Shape, prefix: str, top: bool = False
+    ) -> list[Any]:
         out = []
         for i, layer in enumerate(layers):
             path = f"{prefix}{i}"
@@ -215,7 +217,9 @@ class _Walker:
             out.append(norm)
         return out
 
-    def container(self, layer: dict[str, Any], shape: Shape, path: str) -> tuple[dict, Shape]:
+    def container(
+        self, layer: dict[str, Any], shape: Shape, path: str
+    ) -> tuple[dict[str, Any], Shape]:
         kind = layer["type"]
         if set(layer) != {"type", "layers"}:
             raise PlanError(f"layer {path} ({kind}): takes only 'layers'")
@@ -230,7 +234,7 @@ class _Walker:
         self.rows.append(LayerRow(path, kind, out_shape, 0))
         return {"type": kind, "layers": inner}, out_shape
 
-    def leaf(self, layer: dict[str, Any], shape: Shape, path: str) -> tuple[dict, Shape]:
+    def leaf(self, layer: dict[str, Any], shape: Shape, path: str) -> tuple[dict[str, Any], Shape]:
         kind = layer["type"]
         if kind in REFUSED:
             raise PlanError(f"layer {path} ({kind}) is refused: it {REFUSED[kind]}")
@@ -301,7 +305,7 @@ def _int(where: str, value: Any, arg: Arg) -> int:
         raise PlanError(f"{where} must be an integer, got {value!r}")
     if not arg.low <= value <= arg.high:
         raise PlanError(f"{where} must be in [{arg.low:g}, {arg.high:g}], got {value}")
-    return value
+    return int(value)
 
 
 def _shape_arg(where: str, value: Any, low: float) -> Shape:
@@ -310,13 +314,13 @@ def _shape_arg(where: str, value: Any, low: float) -> Shape:
     return tuple(_int(where, v, Arg("int", low)) for v in value)
 
 
-def _infer(kind: str, a: dict[str, Any], shape: Shape, path: str) -> tuple[Shape, dict]:
+def _infer(kind: str, a: dict[str, Any], shape: Shape, path: str) -> tuple[Shape, dict[str, Shape]]:
     """Output shape (per row) and trainable parameter shapes of one layer."""
     where = f"layer {path} ({kind})"
     if kind == "Linear":
         if shape[-1] != a["in_features"]:
             raise PlanError(f"{where} expects {a['in_features']} features, gets {list(shape)}")
-        params = {"weight": (a["out_features"], a["in_features"])}
+        params: dict[str, Shape] = {"weight": (a["out_features"], a["in_features"])}
         if a["bias"]:
             params["bias"] = (a["out_features"],)
         return (*shape[:-1], a["out_features"]), params
@@ -357,7 +361,7 @@ def _need_dims(where: str, shape: Shape, n: int) -> None:
         raise PlanError(f"{where} needs input of {n} dimensions per row, gets {list(shape)}")
 
 
-def _conv(where: str, a: dict[str, Any], shape: Shape, n: int) -> tuple[Shape, dict]:
+def _conv(where: str, a: dict[str, Any], shape: Shape, n: int) -> tuple[Shape, dict[str, Shape]]:
     _need_dims(where, shape, n + 1)
     if shape[0] != a["in_channels"]:
         raise PlanError(f"{where} expects {a['in_channels']} channels, gets {list(shape)}")

@@ -29,8 +29,10 @@ import base64
 import hashlib
 import json
 import math
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -61,7 +63,7 @@ def public_bytes(key: Ed25519PublicKey | X25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def job_tag(job: dict) -> str:
+def job_tag(job: dict[str, Any]) -> str:
     """What every signed message and every pair seed of a job is bound to: a SHA-256 of the
     whole approved job (plan, peers, noise, rate), not its id alone. A researcher who gives
     two sites different plans under one job id (red team: less noise at the others) gets keys
@@ -117,7 +119,7 @@ def pair_seed(  # noqa: PLR0913
     ).derive(shared)
 
 
-def prg(seed: bytes, size: int) -> np.ndarray:
+def prg(seed: bytes, size: int) -> npt.NDArray[np.uint32]:
     """``size`` uint32 words of ChaCha20 keystream under ``seed`` (a fresh key per use)."""
     cipher = Cipher(algorithms.ChaCha20(seed, b"\0" * 16), mode=None).encryptor()
     return np.frombuffer(cipher.update(b"\0" * (4 * size)), dtype="<u4").astype(np.uint32)
@@ -133,7 +135,9 @@ def fraction_bits(bound: float) -> int:
     return max(0, math.floor(math.log2((2**31 - 1 - MAX_SITES) / (MAX_SITES * bound))))
 
 
-def quantize(update: np.ndarray, bound: float, rng: np.random.Generator) -> np.ndarray:
+def quantize(
+    update: npt.ArrayLike, bound: float, rng: np.random.Generator
+) -> npt.NDArray[np.uint32]:
     """Clip to L2 norm ``bound``, scale to fixed point with stochastic rounding, as Z_2^32."""
     x = np.asarray(update, np.float64)
     norm = float(np.linalg.norm(x))
@@ -144,7 +148,7 @@ def quantize(update: np.ndarray, bound: float, rng: np.random.Generator) -> np.n
     return (q % MODULUS).astype(np.uint32)
 
 
-def dequantize(total: np.ndarray, bound: float) -> np.ndarray:
+def dequantize(total: npt.NDArray[np.uint32], bound: float) -> npt.NDArray[np.floating[Any]]:
     """The signed sum of quantized updates, back to floats."""
     signed = total.astype(np.int64)
     signed[signed >= 1 << 31] -= MODULUS
@@ -152,8 +156,8 @@ def dequantize(total: np.ndarray, bound: float) -> np.ndarray:
 
 
 def mask(
-    quantized: np.ndarray, self_seed: bytes, pair_seeds: dict[str, bytes], me: str
-) -> np.ndarray:
+    quantized: npt.NDArray[np.uint32], self_seed: bytes, pair_seeds: dict[str, bytes], me: str
+) -> npt.NDArray[np.uint32]:
     """y = x + PRG(b) + sum of signed pairwise masks, in uint32 (wrapping) arithmetic."""
     y = quantized.astype(np.uint32) + prg(self_seed, quantized.size)
     for peer, seed in pair_seeds.items():
@@ -163,10 +167,10 @@ def mask(
 
 
 def unmask_sum(
-    masked: list[np.ndarray],
+    masked: list[npt.NDArray[np.uint32]],
     self_seeds: list[bytes],
     dropped: list[tuple[str, str, bytes]],
-) -> np.ndarray:
+) -> npt.NDArray[np.uint32]:
     """Sum of the survivors' x from their y, their self seeds, and (survivor, dropped, seed)."""
     size = masked[0].size
     total = np.zeros(size, np.uint32)
@@ -180,10 +184,10 @@ def unmask_sum(
     return total
 
 
-def encode_vector(y: np.ndarray) -> str:
+def encode_vector(y: npt.ArrayLike) -> str:
     return b64(np.asarray(y, "<u4").tobytes())
 
 
-def decode_vector(text: object, size: int) -> np.ndarray:
+def decode_vector(text: object, size: int) -> npt.NDArray[np.uint32]:
     raw = unb64(text, 4 * size)
     return np.frombuffer(raw, dtype="<u4").astype(np.uint32)

@@ -46,8 +46,10 @@ from the Skellam distribution's probabilities (scipy), an independent route.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 MODULUS_HALF = 1 << 31
 # the rounding's sqrt(d) is at most 1/RESOLUTION of gamma C, so it adds under 1% to D2
@@ -109,19 +111,21 @@ def share(variance_units: float, honest_sites: int) -> float:
     return variance_units / (2.0 * honest_sites)
 
 
-def sample_skellam(mu: float, size: int, rng: np.random.Generator) -> np.ndarray:
+def sample_skellam(mu: float, size: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
     """Sk(mu, mu) noise: the difference of two Poisson(mu) draws, as int64."""
     return rng.poisson(mu, size).astype(np.int64) - rng.poisson(mu, size).astype(np.int64)
 
 
-def signed(total: np.ndarray) -> np.ndarray:
+def signed(total: npt.ArrayLike) -> npt.NDArray[np.int64]:
     """A sum modulo 2^32 (uint32) as the signed integers it stands for."""
     out = np.asarray(total).astype(np.int64) % (2 * MODULUS_HALF)
     out[out >= MODULUS_HALF] -= 2 * MODULUS_HALF
     return out
 
 
-def gradient(total: np.ndarray, gamma: float, expected_batch: float) -> np.ndarray:
+def gradient(
+    total: npt.ArrayLike, gamma: float, expected_batch: float
+) -> npt.NDArray[np.floating[Any]]:
     """The noisy mean clipped gradient of a distributed step from its integer sum: divide out
     gamma and the expected batch size (q times the rows), as central DP-SGD does."""
     return signed(total).astype(np.float64) / (gamma * max(expected_batch, 1e-12))

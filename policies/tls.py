@@ -136,7 +136,8 @@ def install(syft: SyftClient) -> None:
             # the trust pinned for this URL when the connection first talks: a later pin for
             # the same host and port (another login) never changes an open connection's trust
             self.session_cache = _session(trust_for(str(self.url)))
-        return self.session_cache
+        cached: requests.Session = self.session_cache
+        return cached
 
     syft.http_connection.session = property(session)
     _keep_https_ports(syft.server_url)

@@ -9,7 +9,7 @@ a buffer, a hook, an unknown layer), naming the layer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ class Residual(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+        body: torch.Tensor = self.body(x)
+        return x + body
 
 
 class SpecModel(nn.Sequential):
@@ -40,9 +41,11 @@ class SpecModel(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.index_input:  # never an IndexError whose occurrence depends on private values
-            top = self[0].num_embeddings - 1
+            top = cast(nn.Embedding, self[0]).num_embeddings - 1
             x = torch.nan_to_num(x, nan=0.0, posinf=top, neginf=0.0).clamp(0, top).long()
-        return super().forward(x)
+        # torch leaves Sequential.forward unannotated (untyped_calls_exclude misses super())
+        out: torch.Tensor = super().forward(x)  # type: ignore[no-untyped-call]
+        return out
 
 
 def build(spec: ModelSpec | dict[str, Any]) -> SpecModel:
@@ -65,7 +68,8 @@ def _module(layer: dict[str, Any]) -> nn.Module:
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in layer.items() if k != "type"}
     if kind in ("MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d") and args["stride"] is None:
         args.pop("stride")
-    return getattr(nn, kind)(**args)
+    module: nn.Module = getattr(nn, kind)(**args)
+    return module
 
 
 def weights_of(model: nn.Module) -> Weights:
@@ -97,7 +101,7 @@ def to_spec(module: nn.Module, input_shape: tuple[int, ...] | list[int]) -> dict
             f"not {type(module).__name__}"
         )
     if type(module) in (nn.Sequential, SpecModel):
-        layers = [_layer(child, str(i)) for i, child in enumerate(module)]
+        layers = [_layer(child, str(i)) for i, child in enumerate(cast(nn.Sequential, module))]
     else:
         layers = [_layer(module, "0")]
     spec = {"input": [int(n) for n in input_shape], "layers": layers}
@@ -147,7 +151,7 @@ def _ints(v: Any) -> list[int]:
     return [int(x) for x in (v if isinstance(v, tuple | list) else (v,))]
 
 
-def _conv(m: nn.Module, where: str) -> dict[str, Any]:
+def _conv(m: nn.Conv1d | nn.Conv2d, where: str) -> dict[str, Any]:
     _need(where, m.groups == 1, "groups must be 1")
     _need(where, m.padding_mode == "zeros", "padding_mode must be 'zeros'")
     _need(where, not isinstance(m.padding, str), "padding must be numbers, not a string")
@@ -162,7 +166,9 @@ def _conv(m: nn.Module, where: str) -> dict[str, Any]:
     }
 
 
-def _pool(m: nn.Module, where: str) -> dict[str, Any]:
+def _pool(
+    m: nn.MaxPool1d | nn.MaxPool2d | nn.AvgPool1d | nn.AvgPool2d, where: str
+) -> dict[str, Any]:
     _need(where, not m.ceil_mode, "ceil_mode is not supported")
     if isinstance(m, nn.MaxPool1d | nn.MaxPool2d):
         _need(where, _ints(m.dilation) in ([1], [1, 1]) and not m.return_indices, "plain pool only")
@@ -175,7 +181,7 @@ def _pool(m: nn.Module, where: str) -> dict[str, Any]:
     }
 
 
-def _softmax(m: nn.Module, where: str) -> dict[str, Any]:
+def _softmax(m: nn.Softmax | nn.LogSoftmax, where: str) -> dict[str, Any]:
     _need(where, m.dim == -1, "dim must be -1 (the last dimension of a row)")
     return {"dim": -1}
 

@@ -14,12 +14,14 @@ import base64
 import io
 import math
 import zipfile
+from typing import Any, Required, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 
 from policies.errors import WireError
 
-Weights = dict[str, np.ndarray]
+Weights = dict[str, npt.NDArray[np.floating[Any]]]
 Shapes = dict[str, tuple[int, ...]]
 MAX_TENSOR_NORM = 1e4  # L2 norm of any one incoming tensor
 _NPY_HEADER = 512  # generous bound on one .npy member's header
@@ -109,6 +111,39 @@ def check_weights(weights: Weights, expected: Shapes) -> None:
 # Sent instead of weights: "give me again the last round you released to this job". A site
 # answers from its store, without training or charging (datasites.training.site_job).
 REPLAY_LAST = "replay:last"
+
+
+class RoundReply(TypedDict, total=False):
+    """What one call of an approved job returns over syft (``run_job``): plain values only.
+
+    ``status`` is "ok"; "failed" or "refused" with one fixed ``reason`` line; or "mock" (syft's
+    pass over the mock twin). An ok round carries ``round``, ``n``, ``metrics``, ``privacy``
+    and one of: ``weights`` (an :func:`encode_weights` blob), ``update`` and its
+    ``compression``, or under secure aggregation ``masked`` and its ``label``. A fine-tuning
+    pass says ``personalized`` and sends no weights; a replay of the last release says
+    ``replayed``; a dry run on a mock says ``mode`` and gives the model's ``shapes``. The
+    other secure-aggregation phases answer ``secagg`` (hello), ``signature`` (sign), or
+    ``self_seed`` and ``dropped`` (unmask)."""
+
+    status: Required[str]
+    reason: str
+    round: int
+    n: int
+    metrics: dict[str, float]
+    privacy: dict[str, Any]
+    weights: str
+    update: str
+    compression: str
+    masked: str
+    label: str
+    personalized: bool
+    replayed: bool
+    secagg: dict[str, str]
+    signature: str
+    self_seed: str
+    dropped: dict[str, str]
+    mode: str
+    shapes: dict[str, list[int]]
 
 
 def frozen_digest(weights: Weights, names: list[str]) -> str:

@@ -118,7 +118,8 @@ def _preview(dataset: dict) -> str:
     if not rows:
         return ""
     pairs = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[0].items()]
-    shown, width = [], 0
+    shown: list[str] = []
+    width = 0
     for pair in pairs:
         if width + len(pair) > 70:
             return ", ".join(shown) + f", ... ({len(pairs) - len(shown)} more)"
@@ -345,6 +346,7 @@ def train(
     if run_dir is not None and (run_dir / "state.json").exists():
         raise JobError(f"{run_dir} already holds a run; continue it with --resume {run_dir}")
     run_dir = run_dir or resume
+    assert run_dir is not None  # exactly one of the two, checked above
     if resume is not None and api.run_finished(resume):
         done = api.run_finished(resume)
         if json:

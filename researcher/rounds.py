@@ -28,7 +28,13 @@ from policies.errors import WireError
 from policies.plan import MIN_STD, JobSpec
 from policies.scaling import apply as apply_scaling
 from policies.scaling import floored_std, weak_inputs
-from policies.wire import REPLAY_LAST, check_weights, decode_weights, encode_weights
+from policies.wire import (
+    REPLAY_LAST,
+    RoundReply,
+    check_weights,
+    decode_weights,
+    encode_weights,
+)
 from researcher import model as local_model
 from researcher.errors import SiteError, Unreachable
 from researcher.evaluation import DEFAULT_PRECISION, held_out_metrics
@@ -69,9 +75,7 @@ class RunResult:
         return all(s["rounds_missed"] == 0 for s in self.sites.values())
 
 
-def call_with_retry(
-    link: Site, spec: JobSpec, weights: str, backoff: float = 0.5
-) -> dict[str, Any]:
+def call_with_retry(link: Site, spec: JobSpec, weights: str, backoff: float = 0.5) -> RoundReply:
     """One call; a dropped or refused connection is retried with backoff (it spent nothing)."""
     for attempt in range(RETRIES):
         try:
@@ -407,7 +411,7 @@ def _site_rounds(history: list[dict[str, Any]]) -> dict[str, int]:
 
 def call_or_recover(
     link: Site, spec: JobSpec, weights: str, aggregated: int | None, backoff: float = 0.5
-) -> dict[str, Any]:
+) -> RoundReply:
     """One round at one site; when resuming (``aggregated`` is the site's last round this run
     used), first ask for the site's last released reply and take it if it is newer: that
     round trained on these same global weights before the interruption, and was charged."""
@@ -495,7 +499,7 @@ def _one_round(
     return RoundRecord(round_no, updates, skipped, None, time.perf_counter() - started)
 
 
-def weights_of_reply(reply: dict[str, Any], spec: JobSpec, sent: Weights) -> Weights:
+def weights_of_reply(reply: RoundReply, spec: JobSpec, sent: Weights) -> Weights:
     """A site's model after its round: what it returned, on top of the weights it was sent.
 
     Frozen layers never come back and keep the sent values; a compressed reply is an update

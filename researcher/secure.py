@@ -24,13 +24,12 @@ from policies import secagg, skellam
 from policies.compression import unflatten
 from policies.errors import WireError
 from policies.plan import JobSpec
-from policies.wire import Weights, encode_weights
+from policies.wire import RoundReply, Weights, encode_weights
 from researcher.errors import SiteError
 from researcher.site import Site
 from researcher.strategy import Update
 
 NEEDS_EACH_UPDATE = ("median", "trimmed-mean")
-SECURE_SITE = "secure-sum"
 
 
 def envelope(phase: str, **fields: Any) -> str:
@@ -78,7 +77,7 @@ def _valid(entry: dict, spec: JobSpec) -> bool:
     )
 
 
-def links_call(link: Site, spec: JobSpec, weights: str) -> dict[str, Any]:
+def links_call(link: Site, spec: JobSpec, weights: str) -> RoundReply:
     return link.call(spec, weights)
 
 

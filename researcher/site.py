@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from policies.plan import JobSpec
+from policies.wire import RoundReply
 
-Handler = Callable[[JobSpec, str], dict[str, Any]]
+Handler = Callable[[JobSpec, str], RoundReply]
 
 
 class Site(Protocol):
@@ -27,7 +28,7 @@ class Site(Protocol):
         """The dataset's published metadata at this site."""
         ...
 
-    def call(self, spec: JobSpec, weights: str) -> dict[str, Any]:
+    def call(self, spec: JobSpec, weights: str) -> RoundReply:
         """One call of the approved job: the site's reply (ok, refused, failed)."""
         ...
 
@@ -50,7 +51,7 @@ class InProcessSite:
     def meta(self, dataset: str) -> dict[str, Any]:
         return self._meta
 
-    def call(self, spec: JobSpec, weights: str) -> dict[str, Any]:
+    def call(self, spec: JobSpec, weights: str) -> RoundReply:
         return self.handler(spec, weights)
 
     def drop(self) -> None:

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import syft as sy
 from syft.client.client import HTTPConnection
@@ -21,6 +21,7 @@ from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
 from policies.metadata import parse_meta
 from policies.plan import JobSpec
+from policies.wire import RoundReply
 from researcher.errors import SiteError, Unreachable
 from researcher.federation import SiteLogin
 from researcher.job import as_function
@@ -154,14 +155,14 @@ def _fetch(result: Any) -> Any:
     return fresh.syft_action_data
 
 
-def run_round(client: Any, spec: JobSpec, asset: Any, weights: str) -> dict[str, Any]:
+def run_round(client: Any, spec: JobSpec, asset: Any, weights: str) -> RoundReply:
     """Call the approved job once; returns the runtime's dict (ok, refused or failed)."""
     with syft_errors(client.name, client), quiet():  # dropped connection: Unreachable, retried
         fn = getattr(client.code, spec.name)
         value = check_reply(_fetch(fn(data=asset, weights=weights)), client.name, SiteError)
     if not isinstance(value, dict) or "status" not in value:
         raise SiteError(f"{client.name}: unexpected reply {type(value).__name__}")
-    return value
+    return cast(RoundReply, value)  # a dict with a status; the readers check each field
 
 
 @dataclass
@@ -183,7 +184,7 @@ class SyftSite:
         self._ensure(dataset)
         return self.published
 
-    def call(self, spec: JobSpec, weights: str) -> dict[str, Any]:
+    def call(self, spec: JobSpec, weights: str) -> RoundReply:
         self._ensure(spec.dataset)
         return run_round(self.client, spec, self.asset, weights)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -20,10 +20,13 @@ from fastapi.templating import Jinja2Templates
 from datasites.console.sessions import Session, Sessions
 from datasites.errors import DatasiteError
 from datasites.ledger.audit import AuditLog
-from datasites.ledger.budget import BudgetLedger
+from datasites.ledger.budget import BudgetLedger, Release
 from datasites.ledger.store import SiteStore
 from datasites.serving.config import SiteDir
 from policies.errors import FedsiteError
+
+if TYPE_CHECKING:  # imported where used: it loads opacus and scipy
+    from policies.accounting import Mechanism
 
 COOKIE = "fedsite_console"
 DEVICE_COOKIE = "fedsite_device"  # a device that has logged in: its own failed-login count
@@ -80,7 +83,7 @@ def create_app(site: SiteDir) -> FastAPI:
                 if attempt.throttled
                 else "wrong password"
             )
-            response = page(request, "login.html", None, error=error)
+            response: Response = page(request, "login.html", None, error=error)
             response.status_code = 429 if attempt.throttled else 401
             if attempt.throttled:
                 response.headers["Retry-After"] = str(wait)
@@ -250,7 +253,7 @@ def _epsilon_png(ledger: BudgetLedger) -> bytes:
     return buf.getvalue()
 
 
-def _mechanism(release: dict[str, Any]) -> Any:
+def _mechanism(release: Release) -> Mechanism:
     from policies.accounting import Mechanism
 
     m = release["mechanism"]

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -320,7 +320,9 @@ def _column_stats(
 
 
 def _is_int(column: pd.Series) -> bool:
-    return not _is_categorical(column) and np.issubdtype(column.dtype, np.integer)
+    return not _is_categorical(column) and np.issubdtype(
+        cast("np.dtype[Any]", column.dtype), np.integer
+    )
 
 
 def _is_categorical(column: pd.Series) -> bool:
@@ -388,7 +390,7 @@ def _finish(mock: pd.DataFrame, frame: pd.DataFrame, ranges: dict) -> pd.DataFra
     On numpy arrays, not per pandas column: 5,000 columns took 3 s through ``Series.clip``."""
     import pandas as pd
 
-    out = {}
+    out: dict[str, Any] = {}  # numpy arrays and, for categorical columns, pd.Categorical
     for col in frame.columns:
         values = mock[col].to_numpy(np.float64)
         if _is_categorical(frame[col]) and col in mock.columns:
@@ -400,5 +402,5 @@ def _finish(mock: pd.DataFrame, frame: pd.DataFrame, ranges: dict) -> pd.DataFra
             values = np.clip(values, *ranges[col])
         if _is_int(frame[col]):
             values = np.round(values)
-        out[col] = values.astype(frame[col].dtype)
+        out[col] = values.astype(cast("np.dtype[Any]", frame[col].dtype))  # numpy: not a category
     return pd.DataFrame(out, columns=list(frame.columns))

@@ -189,7 +189,7 @@ def validate_table(
         )
     _check_missing(frame)
     frame[target] = _numbers_or_text(frame[target], target)
-    frame, classes = _encode_target(frame, target, max_categories)
+    frame, classes = _encode_target(frame, target)
     features = [c for c in frame.columns if c != target]
     for c in features:
         if pd.api.types.is_bool_dtype(frame[c]):
@@ -229,9 +229,7 @@ def _numbers_or_text(column: pd.Series, name: str) -> pd.Series:
     return column
 
 
-def _encode_target(
-    frame: pd.DataFrame, target: str, max_categories: int = DEFAULT_MAX_CATEGORIES
-) -> tuple[pd.DataFrame, list[str] | None]:
+def _encode_target(frame: pd.DataFrame, target: str) -> tuple[pd.DataFrame, list[str] | None]:
     col = frame[target]
     values = col.unique()
     if len(values) < 2:
@@ -243,12 +241,12 @@ def _encode_target(
         frame[target] = col.astype("int64")
         return frame, None
     if pd.api.types.is_integer_dtype(col):
-        values = sorted(col.unique().tolist())
-        if len(values) > MAX_CLASSES or values == list(range(len(values))):
+        labels = sorted(col.unique().tolist())
+        if len(labels) > MAX_CLASSES or labels == list(range(len(labels))):
             return frame, None  # a continuous target, or codes 0..k-1 already
         # labels such as {1, 2} or {-1, 1}: codes 0..k-1 in sorted order, the labels published
-        frame[target] = col.map({v: i for i, v in enumerate(values)}).astype("int64")
-        return frame, [str(v) for v in values]
+        frame[target] = col.map({v: i for i, v in enumerate(labels)}).astype("int64")
+        return frame, [str(v) for v in labels]
     if pd.api.types.is_numeric_dtype(col):
         return frame, None
     classes = sorted(col.astype(str).unique())
@@ -269,8 +267,8 @@ def _categorical(column: pd.Series, name: str, max_categories: int) -> pd.Series
     if isinstance(column.dtype, pd.CategoricalDtype):  # read dictionary-encoded: no strings
         column = column.cat.remove_unused_categories()
         names = [str(c) for c in column.cat.categories]
-        rare = column.value_counts().lt(MIN_CATEGORY_ROWS).any()
-        if len(set(names)) == len(names) and not rare:
+        any_rare = column.value_counts().lt(MIN_CATEGORY_ROWS).any()
+        if len(set(names)) == len(names) and not any_rare:
             _check_categories(name, len(names), max_categories)
             column = column.cat.rename_categories(names)
             return column.cat.reorder_categories(sorted(names))

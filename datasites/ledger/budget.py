@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NotRequired, TypedDict
 
 from datasites.ledger.store import SiteStore
 from policies.accounting import Mechanism, epsilon, rdp_epsilon
@@ -37,6 +38,49 @@ DEFAULT_EPSILON = 1.0
 DEFAULT_DELTA = 1e-5
 _SLACK = 1e-9
 PUBLIC = "*"  # the researcher of a release everyone sees
+
+
+class ReleaseMechanism(TypedDict):
+    """A charge's mechanism as the budget listings (and their ``--json``) show it."""
+
+    type: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    l2_sensitivity: NotRequired[float]
+    l1_sensitivity: NotRequired[float]
+
+
+class Release(TypedDict):
+    """One charged release of a (researcher, dataset), as the listings show it."""
+
+    kind: str
+    public: bool
+    job: str
+    mechanism: ReleaseMechanism
+    epsilon: float
+    accountant: str
+    status: str
+    at: str
+
+
+class PublicRelease(Release):
+    dataset: str
+
+
+class BudgetRow(TypedDict):
+    """``Budget.to_dict``: one row of ``datasite budget --json``."""
+
+    researcher: str
+    dataset: str
+    epsilon_total: float
+    epsilon_spent: float
+    epsilon_sum_of_jobs: float
+    epsilon_remaining: float
+    delta: float
+    charges: int
+    default: bool
+    releases: list[Release]
 
 
 @dataclass(frozen=True)
@@ -49,13 +93,13 @@ class Budget:
     epsilon_sum: float
     charges: int
     is_default: bool
-    releases: tuple[dict[str, object], ...] = field(default=())
+    releases: tuple[Release, ...] = field(default=())
 
     @property
     def remaining(self) -> float:
         return max(0.0, self.epsilon_total - self.epsilon_spent)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> BudgetRow:
         return {
             "researcher": self.researcher,
             "dataset": self.dataset,
@@ -398,7 +442,7 @@ class BudgetLedger:
         with self.store.immediate() as conn:
             conn.execute("DELETE FROM charges WHERE id = ? AND researcher = ?", (charge_id, PUBLIC))
 
-    def public_releases(self, dataset: str | None = None) -> list[dict[str, object]]:
+    def public_releases(self, dataset: str | None = None) -> list[PublicRelease]:
         """Releases every researcher sees, with their dataset, oldest first."""
         with self.store.connect() as conn:
             names = (
@@ -418,12 +462,12 @@ class BudgetLedger:
                 for rel in self._releases(conn, PUBLIC, name)
             ]
 
-    def releases(self, researcher: str, dataset: str) -> list[dict[str, object]]:
+    def releases(self, researcher: str, dataset: str) -> list[Release]:
         """Every charged release of a (researcher, dataset), in order: kind, job, mechanism."""
         with self.store.connect() as conn:
             return self._releases(conn, researcher.lower(), dataset)
 
-    def _releases(self, conn, researcher: str, dataset: str) -> list[dict[str, object]]:  # noqa: ANN001
+    def _releases(self, conn, researcher: str, dataset: str) -> list[Release]:  # noqa: ANN001
         rows = conn.execute(
             "SELECT kind, job_id, noise_multiplier, sample_rate, steps, epsilon, accountant, "
             "status, created_at, researcher, l2, l1 FROM charges WHERE researcher IN (?, ?) AND dataset = ? ORDER BY id",
@@ -482,15 +526,15 @@ class BudgetLedger:
         )
 
 
-def _mechanism_dict(row) -> dict[str, object]:  # noqa: ANN001
+def _mechanism_dict(row) -> ReleaseMechanism:  # noqa: ANN001
     """A charge's mechanism as the budget listings show it."""
     noise = "skellam" if row["l2"] else "gaussian"
-    out: dict[str, object] = {
+    out: ReleaseMechanism = {
         "type": noise if row["sample_rate"] >= 1.0 else f"poisson-subsampled {noise}",
         "noise_multiplier": row["noise_multiplier"],
         "sample_rate": row["sample_rate"],
         "steps": row["steps"],
     }
     if row["l2"]:
-        out.update(l2_sensitivity=row["l2"], l1_sensitivity=row["l1"])
+        out["l2_sensitivity"], out["l1_sensitivity"] = row["l2"], row["l1"]
     return out

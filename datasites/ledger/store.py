@@ -196,6 +196,13 @@ class Cursor:
     def fetchone(self) -> Row | None:
         return self._row(self._result.fetchone())
 
+    def one(self) -> Row:
+        """The row a query always yields (an aggregate, or a row this transaction wrote)."""
+        row = self.fetchone()
+        if row is None:
+            raise LookupError("the query returned no row")
+        return row
+
     def fetchall(self) -> list[Row]:
         return [Row(self._keys, r) for r in self._result.fetchall()]
 
@@ -218,7 +225,7 @@ class Row(tuple):
         row._keys = keys
         return row
 
-    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+    def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             return tuple.__getitem__(self, self._keys.index(key))
         return tuple.__getitem__(self, key)
@@ -319,7 +326,9 @@ class SiteStore:
                 _READY.add(key)
         else:
             with self.engine.connect() as conn:
-                conn.connection.driver_connection.executescript(SCHEMA)
+                raw = conn.connection.driver_connection
+                assert raw is not None  # an open connection has its driver's
+                raw.executescript(SCHEMA)
                 _migrate(conn)
 
     def _create_postgres(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from datasites.errors import AlreadyApproved
 from datasites.ledger.store import SiteStore
 from policies.errors import RoundLimitReached
+from policies.wire import RoundReply
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Approvals:
         """
         job_id = str(approval.job.get("job_id", ""))
         with self.store.immediate() as conn:  # check and insert in one write transaction
-            clash = conn.execute(
+            clash: tuple[Any, ...] | None = conn.execute(
                 "SELECT code_id, request_id FROM approvals WHERE code_id = ?", (approval.code_id,)
             ).fetchone()
             if clash is None and job_id:
@@ -80,7 +81,7 @@ class Approvals:
             row = conn.execute("SELECT * FROM approvals WHERE code_id = ?", (code_id,)).fetchone()
         return _row(row) if row else None
 
-    def record_release(self, code_id: str, round_no: int, reply: dict[str, Any]) -> None:
+    def record_release(self, code_id: str, round_no: int, reply: RoundReply) -> None:
         """Keep the last reply released to this job, so that a researcher who lost it (Ctrl-C,
         a dropped connection) can have it again without training or charging twice."""
         with self.store.immediate() as conn:
@@ -90,7 +91,7 @@ class Approvals:
                 (code_id, round_no, json.dumps(reply), datetime.now(UTC).isoformat()),
             )
 
-    def last_release(self, code_id: str) -> dict[str, Any] | None:
+    def last_release(self, code_id: str) -> RoundReply | None:
         with self.store.connect() as conn:
             row = conn.execute(
                 "SELECT reply FROM released WHERE code_id = ?", (code_id,)
@@ -125,7 +126,7 @@ class Approvals:
             run = conn.execute(
                 f"SELECT COALESCE(SUM(rounds_run), 0) FROM approvals WHERE code_id IN ({marks})",
                 same_job,
-            ).fetchone()[0]
+            ).one()[0]
             if run >= allowed:
                 raise RoundLimitReached(
                     f"this approval covers {allowed} round(s) and all have run; submit a new job"

@@ -297,9 +297,9 @@ def install(site_root: Path, quota: Callable[[], tuple[int, int]]) -> Callable[[
 
     gate = Gate(Uploads(site_root / UPLOADS_FILE), quota)
     saved = Server.handle_api_call_with_unsigned_result
-    Server.handle_api_call_with_unsigned_result = gate.wrap(saved)  # type: ignore[method-assign]
+    Server.handle_api_call_with_unsigned_result = gate.wrap(saved)
 
     def restore() -> None:
-        Server.handle_api_call_with_unsigned_result = saved  # type: ignore[method-assign]
+        Server.handle_api_call_with_unsigned_result = saved
 
     return restore

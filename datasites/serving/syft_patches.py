@@ -110,12 +110,12 @@ def install() -> Restore:
 
     check_syft_version()
     saved = (ObjectStash.get_role, syft_object.attach_attribute_to_syft_object)
-    ObjectStash.get_role = with_session(get_role)  # type: ignore[method-assign]
+    ObjectStash.get_role = with_session(get_role)
     syft_object.attach_attribute_to_syft_object = attach_attribute_to_syft_object
     service.attach_attribute_to_syft_object = attach_attribute_to_syft_object
 
     def restore() -> None:
-        ObjectStash.get_role = saved[0]  # type: ignore[method-assign]
+        ObjectStash.get_role = saved[0]
         syft_object.attach_attribute_to_syft_object = saved[1]
         service.attach_attribute_to_syft_object = saved[1]
 

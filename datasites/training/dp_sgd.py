@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,12 +168,6 @@ def poisson_schedule(
 _MASK_ROWS = 4096
 _CHUNK_ELEMENTS = 1 << 20
 _LARGE_CHUNK_STEPS = 64
-
-
-def poisson_batches(n: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """The row indices of each step's batch, one array per step (see ``poisson_schedule``)."""
-    for rows, sizes in poisson_schedule(n, steps, rng):
-        yield from np.split(rows, np.cumsum(sizes)[:-1])
 
 
 Step = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
@@ -347,7 +341,7 @@ def _optimizer(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
 
 
 def add_proximal_term(
-    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], mu: float
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], mu: float
 ) -> None:
     """FedProx: every step's gradient gets mu * (w - w_global), w_global the round's start.
 
@@ -435,21 +429,3 @@ def _correct(out: torch.Tensor, yt: torch.Tensor, loss: str) -> torch.Tensor:
 def secure_scalar_gaussian(std: float) -> float:
     """One Gaussian draw of ``std`` from the OS CSPRNG (``datasites.training.secure_noise``)."""
     return float(secure_gaussian(std, 1)[0])
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: str) -> dict[str, float]:
-    """Exact loss, and accuracy for classification, of ``model`` on (x, y).
-
-    For tests and local evaluation only: a site releases ``private_metrics`` instead.
-    """
-    if len(x) == 0:
-        return {}
-    model = model.to(device()).eval()
-    xt = torch.as_tensor(x, dtype=torch.float32, device=device())
-    yt = targets(y, loss).to(device())
-    out = forward(model, xt, loss)
-    metrics = {"loss": float(finite_sum(loss_fn(loss, reduction="none")(out, yt))) / len(xt)}
-    if loss in CLASSIFIERS:
-        metrics["accuracy"] = float(_correct(out, yt, loss).float().mean())
-    return metrics

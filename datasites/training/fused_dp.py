@@ -22,6 +22,7 @@ Opacus unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from torch.nn import functional as F
 try:  # the engine call behind torch.autograd.grad (see _grad)
     from torch.autograd.graph import _engine_run_backward
 except ImportError:  # pragma: no cover - other torch versions
-    _engine_run_backward = None
+    _engine_run_backward = None  # type: ignore[assignment]  # the optional-import fallback
 
 NoiseFn = Callable[[float, torch.Size], torch.Tensor]
 
@@ -44,7 +45,7 @@ def supports(model: nn.Module) -> bool:
             continue
         trainable = True
         kind = type(module)
-        plain = kind is nn.Linear or (kind is nn.Conv2d and _plain_conv(module))
+        plain = kind is nn.Linear or (type(module) is nn.Conv2d and _plain_conv(module))
         if not plain or not all(p.requires_grad for p in own):
             return False
     return trainable
@@ -199,6 +200,7 @@ def _layer(
         w, b = _per_sample(m, a, g)
         weight = w if weight is None else weight + w
         bias_sum = b if bias_sum is None else bias_sum + b
+    assert weight is not None  # uses holds at least one call of the layer
     return _materialised(weight, bias_sum if bias else None)
 
 
@@ -211,7 +213,7 @@ def _per_sample(
         g = g.reshape(g.shape[0], -1, g.shape[-1])
         return torch.bmm(g.transpose(1, 2), a), g.sum(1)
     g = g.reshape(g.shape[0], g.shape[1], -1)  # (B, out, L)
-    return torch.bmm(g, _patches(m, a)), g.sum(2)  # (B, out, C*k*k)
+    return torch.bmm(g, _patches(cast(nn.Conv2d, m), a)), g.sum(2)  # (B, out, C*k*k)
 
 
 def _patches(m: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
@@ -221,9 +223,10 @@ def _patches(m: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     40% faster than ``F.unfold`` (im2col) at the sizes sites train, which cost more than the
     convolution itself.
     """
+    padding = cast(tuple[int, int], m.padding)  # _plain_conv refused 'same' and 'valid'
     if m.dilation != (1, 1):
-        return F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
-    (kh, kw), (sh, sw), (ph, pw) = m.kernel_size, m.stride, m.padding
+        return F.unfold(a, m.kernel_size, m.dilation, padding, m.stride).transpose(1, 2)
+    (kh, kw), (sh, sw), (ph, pw) = m.kernel_size, m.stride, padding
     if ph or pw:
         a = F.pad(a, (pw, pw, ph, ph))
     views = a.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, C, Ho, Wo, kh, kw)

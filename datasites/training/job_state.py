@@ -83,7 +83,7 @@ class JobState:
             )
             row = conn.execute(
                 "SELECT detail FROM job_state WHERE code_id = ? AND kind = ?", (code_id, kind)
-            ).fetchone()
+            ).one()
         return json.loads(row[0])
 
     def _put(self, code_id: str, kind: str, arrays: dict[str, np.ndarray], detail: dict) -> None:

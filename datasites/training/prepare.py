@@ -18,7 +18,14 @@ from policies.layout import align_stats, check_site, encode, width
 from policies.plan import JobSpec, TrainingPlan, check_fits, class_count, n_outputs, select
 from policies.privacy import PrivacyPlan
 from policies.scaling import published_ranges, unpack
-from policies.wire import Weights, check_shapes, decode_weights, encode_weights, frozen_digest
+from policies.wire import (
+    RoundReply,
+    Weights,
+    check_shapes,
+    decode_weights,
+    encode_weights,
+    frozen_digest,
+)
 
 
 def table_arrays(
@@ -201,7 +208,7 @@ def release(
     round_no: int,
     incoming: Weights | None = None,
     residual: np.ndarray | None = None,
-) -> tuple[dict[str, Any], np.ndarray | None]:
+) -> tuple[RoundReply, np.ndarray | None]:
     """The reply, and the top-k residual to keep for the job's next round (or None).
 
     The reply holds the spec's trainable tensors (checked again; frozen ones never leave) as
@@ -211,7 +218,7 @@ def release(
     """
     trainable = spec.trainable
     check_shapes(output.weights, trainable)
-    reply: dict[str, Any] = {"status": "ok", "round": round_no, "n": output.n}
+    reply: RoundReply = {"status": "ok", "round": round_no, "n": output.n}
     left = None
     if spec.plan.compression == "none":
         reply["weights"] = encode_weights(output.weights)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from policies.plan import TrainingPlan, validation_rows
 from policies.scaling import apply as scaling_apply
@@ -43,7 +44,7 @@ class RoundTask:
 
 @dataclass(frozen=True)
 class RoundOutput:
-    weights: Weights
+    weights: dict[str, npt.NDArray[Any]]  # Weights, or a distributed round's integer sum (SUM)
     n: int
     metrics: dict[str, float]  # what the researcher receives: noised (or public) numbers only
     timing: dict[str, float]  # for the site's audit log and the benchmark, never released

@@ -21,6 +21,7 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from policies.errors import PolicyError
 from policies.plan import JobSpec
 from policies.privacy import job_privacy
 from policies.scaling import unpack
+from policies.wire import RoundReply
 
 SITE_DIR_ENV = "FEDSITE_DIR"
 
@@ -45,7 +47,7 @@ class CallerCode:
     mock: bool = False
 
 
-def run_job(data: Any, weights: str, job: dict[str, Any]) -> dict[str, Any]:
+def run_job(data: Any, weights: str, job: dict[str, Any]) -> RoundReply:
     """Entry point of every submitted job; returns a dict of plain values only."""
     site_dir = os.environ.get(SITE_DIR_ENV)
     try:
@@ -68,7 +70,7 @@ def caller_code() -> CallerCode:
     then on the mock (``ActionService._user_code_execute``). The mock pass is recognised by
     its kwargs being that frame's ``mock_kwargs``, and must neither train nor count a round.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "execute_byte_code" and "code_item" in frame.f_locals:
             item = frame.f_locals["code_item"]
@@ -80,7 +82,7 @@ def caller_code() -> CallerCode:
     raise Refused("run_job was not called by syft's code execution; refused")
 
 
-def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None) -> dict[str, Any]:
+def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None) -> RoundReply:
     """Run one round exactly as a site would, on the table given (the mock), with no ledger."""
     from datasites.training.round_task import run_task
 

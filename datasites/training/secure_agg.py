@@ -22,7 +22,7 @@ import json
 import os
 import re
 import secrets
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -34,7 +34,7 @@ from policies import secagg
 from policies.compression import flatten
 from policies.errors import WireError
 from policies.plan import JobSpec
-from policies.wire import Weights, max_encoded_length
+from policies.wire import RoundReply, Weights, max_encoded_length
 
 PHASES = ("hello", "mask", "sign", "unmask")
 _LABEL = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -57,6 +57,13 @@ def parse(weights: str, spec: JobSpec) -> dict[str, Any]:
     return env
 
 
+class MaskedVector(TypedDict):
+    """A site's masked update for one round (merged into its ``RoundReply``)."""
+
+    masked: str
+    label: str
+
+
 class SecureSite:
     """One site's keys and round state for one approved job (stored in ``job_state``)."""
 
@@ -68,7 +75,7 @@ class SecureSite:
         self.tag = secagg.job_tag(spec.to_dict())
         self._keys: dict[str, dict[str, str]] = {}  # this round's participants, as checked
 
-    def hello(self) -> dict[str, Any]:
+    def hello(self) -> RoundReply:
         key = self._x25519()
         public = secagg.public_bytes(key.public_key())
         message = secagg.key_message(self.tag, self.me, public)
@@ -89,7 +96,7 @@ class SecureSite:
         entries = env.get("participants")
         if not isinstance(entries, list) or len(entries) > secagg.MAX_SITES:
             raise Refused("the participant list must be a list of at most 64 sites")
-        keys = {}
+        keys: dict[str, bytes] = {}
         for entry in entries:
             site, key = self._checked_entry(entry)
             if site in keys:
@@ -118,7 +125,7 @@ class SecureSite:
 
     def masked_reply(
         self, env: dict[str, Any], seeds: dict[str, bytes], trained: Weights, sent: Weights | None
-    ) -> dict[str, Any]:
+    ) -> MaskedVector:
         """The masked vector of this round's clipped update; the seeds stay here."""
         label = str(env["label"])
         trainable = self.spec.trainable
@@ -130,7 +137,7 @@ class SecureSite:
 
     def masked_integers(
         self, env: dict[str, Any], seeds: dict[str, bytes], noised_sum: np.ndarray
-    ) -> dict[str, Any]:
+    ) -> MaskedVector:
         """Distributed DP: the masked vector of this site's noised integer gradient sum
         (``datasites.training.distributed``), taken modulo 2^32."""
         size = sum(int(np.prod(s)) for s in self.spec.trainable.values())
@@ -140,7 +147,7 @@ class SecureSite:
         quantized = (vector % secagg.MODULUS).astype(np.uint32)
         return self._masked(str(env["label"]), quantized, seeds)
 
-    def _masked(self, label: str, quantized: np.ndarray, seeds: dict[str, bytes]) -> dict[str, Any]:
+    def _masked(self, label: str, quantized: np.ndarray, seeds: dict[str, bytes]) -> MaskedVector:
         self_seed = os.urandom(32)
         masked = secagg.mask(quantized, self_seed, seeds, self.me)
         participants = sorted([*seeds, self.me])
@@ -150,7 +157,7 @@ class SecureSite:
         )
         return {"masked": secagg.encode_vector(masked), "label": label}
 
-    def sign(self, env: dict[str, Any], min_sites: int) -> dict[str, Any]:
+    def sign(self, env: dict[str, Any], min_sites: int) -> RoundReply:
         label, survivors = self._survivors(env, min_sites)
         signed = self._claim(f"signed:{label}", {"survivors": survivors})
         if signed["survivors"] != survivors:
@@ -160,12 +167,14 @@ class SecureSite:
         message = secagg.survivors_message(self.tag, label, survivors)
         return {"status": "ok", "signature": secagg.b64(self.identity.sign(message))}
 
-    def unmask(self, env: dict[str, Any], min_sites: int) -> dict[str, Any]:
+    def unmask(self, env: dict[str, Any], min_sites: int) -> RoundReply:
         label, survivors = self._survivors(env, min_sites)
         signed = self._get(f"signed:{label}")
         if signed is None or signed["survivors"] != survivors:
             raise Refused("this site did not sign that survivor set for the round; refused")
         round_state = self._get(f"round:{label}")
+        if round_state is None:  # _survivors refused that already
+            raise Refused(f"this site masked nothing for round {label!r}")
         # identities and keys as this site checked them when it masked, never as relayed now
         # (red team: a "dropped" colluder relaying a victim's key at unmask got the survivors'
         # pair seeds with the victim)
@@ -178,8 +187,11 @@ class SecureSite:
         for site in survivors:
             identity = identities.get(site)
             signature = signatures.get(site)
-            ok = identity is not None and signature is not None
-            if not ok or not secagg.verify(identity, _unb64(signature), message):
+            if (
+                identity is None
+                or signature is None
+                or not secagg.verify(identity, _unb64(signature), message)
+            ):
                 raise Refused(f"survivor {site[:12]} did not sign the survivor set; refused")
         private = self._x25519()
         keys = {site: bytes.fromhex(e["key"]) for site, e in stored.items()}

@@ -64,6 +64,6 @@ def _secure_add_noise(self: DPOptimizer) -> None:
 
 def make_secure(optimizer: DPOptimizer) -> DPOptimizer:
     """Make this DP optimizer draw its noise from the OS CSPRNG."""
-    optimizer.add_noise = types.MethodType(_secure_add_noise, optimizer)  # type: ignore[method-assign]
+    optimizer.add_noise = types.MethodType(_secure_add_noise, optimizer)
     optimizer.secure_mode = True
     return optimizer

@@ -34,7 +34,7 @@ from policies.errors import PolicyError, RoundLimitReached, WireError
 from policies.labels import site_classes
 from policies.plan import JobSpec
 from policies.privacy import job_privacy
-from policies.wire import REPLAY_LAST, check_shapes
+from policies.wire import REPLAY_LAST, RoundReply, check_shapes
 
 if TYPE_CHECKING:
     from datasites.training.runtime import CallerCode
@@ -60,7 +60,7 @@ class NotStarted(Exception):
 
 def run_at_site(
     root: Path, caller: CallerCode, data: Any, weights: str, job: dict[str, Any]
-) -> dict[str, Any]:
+) -> RoundReply:
     started = time.perf_counter()
     site = SiteDir(root)
     store = SiteStore(site.site_db)
@@ -117,7 +117,7 @@ def run_at_site(
 
 def _replay(
     store: SiteStore, audit: AuditLog, approval: Approval, caller: CallerCode
-) -> dict[str, Any]:
+) -> RoundReply:
     """The last reply this job was released, again: nothing trains, nothing is charged."""
     reply = Approvals(store).last_release(caller.code_id)
     if reply is None:
@@ -155,7 +155,7 @@ def _run(
     weights: str,
     started: float,
     envelope: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> RoundReply:
     spec = JobSpec.from_dict(approval.job)
     if approval.rounds_run >= approval.rounds_allowed:  # before any row is read or charged
         raise RoundLimitReached(
@@ -238,6 +238,7 @@ def _run(
         if personalize:
             result = _keep_personalized(state, caller, task, output, round_no)
         elif secure is not None:
+            assert envelope is not None  # _secure_round gave a SecureSite for an envelope only
             if spec.plan.distributed:
                 masked = secure.masked_integers(envelope, seeds, output.weights[SUM])
             else:
@@ -334,7 +335,7 @@ def _secure_control(
     approval: Approval,
     caller: CallerCode,
     envelope: dict[str, Any],
-) -> dict[str, Any]:
+) -> RoundReply:
     """hello, sign, unmask: no row is read, nothing is charged, no round is taken."""
     spec = JobSpec.from_dict(approval.job)
     if not spec.plan.secure:
@@ -361,7 +362,7 @@ def _secure_control(
 
 def _keep_personalized(
     state: JobState, caller: CallerCode, task: Any, output: Any, round_no: int
-) -> dict[str, Any]:
+) -> RoundReply:
     """Store the fine-tuned model at the site; the reply holds its DP metrics and nothing else."""
     weights = {**(task.weights or {}), **output.weights}
     state.put_model(caller.code_id, weights, {"round": round_no, "metrics": output.metrics})
