@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -150,7 +151,9 @@ def _rdp_noise(m: Mechanism) -> float:
 
 
 @lru_cache(maxsize=4096)
-def _one_step_rdp(noise: float, q: float, orders: tuple[float, ...]) -> np.ndarray:
+def _one_step_rdp(
+    noise: float, q: float, orders: tuple[float, ...]
+) -> np.ndarray[Any, np.dtype[np.float64]]:
     from opacus.accountants.analysis.rdp import compute_rdp
 
     with warnings.catch_warnings():

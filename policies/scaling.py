@@ -18,19 +18,22 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 # |scaled input| <= this whenever the range is known: the std floor is (high - low) / it
 STD_FLOOR_DIVISOR = 10.0
 MIN_STD = 1e-6
 
 
-def floored_std(std: Any, low: Any = None, high: Any = None) -> np.ndarray:
+def floored_std(std: Any, low: Any = None, high: Any = None) -> NDArray[np.float64]:
     """The std to divide by: at least ``(high - low) / STD_FLOOR_DIVISOR`` (public quantities
     only) and at least ``MIN_STD``; a std that is not finite and positive becomes the floor
     (1 where no range is given)."""
     std = np.asarray(std, dtype=np.float64)
     floor = np.full(std.shape, MIN_STD)
-    fallback = 1.0  # no range known: a constant input is divided by 1, as it always was
+    fallback: float | NDArray[np.float64] = (
+        1.0  # no range known: a constant input is divided by 1, as it always was
+    )
     if low is not None and high is not None:
         width = np.asarray(high, np.float64) - np.asarray(low, np.float64)
         floor = np.maximum(floor, np.nan_to_num(width, nan=0.0, posinf=0.0) / STD_FLOOR_DIVISOR)
@@ -39,7 +42,7 @@ def floored_std(std: Any, low: Any = None, high: Any = None) -> np.ndarray:
     return np.maximum(std, floor)
 
 
-def apply(x: np.ndarray, scaling: Sequence[Any] | dict[str, Any] | None) -> np.ndarray:
+def apply(x: NDArray[Any], scaling: Sequence[Any] | dict[str, Any] | None) -> NDArray[np.float32]:
     """``x`` clamped to [low, high] (when given), centred and divided by the floored std.
 
     ``scaling``: a dict as a job carries it, or a tuple (mean, std[, low, high]) as a site's

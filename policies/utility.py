@@ -162,7 +162,7 @@ def _mock_warning(
     need = RANGE_SIGMAS * sigma * math.sqrt(RANGE_WINDOW)
     if rows >= need and not any(_weak(meta, c) for c in columns):
         return None
-    eps = float(meta.get("mock_epsilon"))
+    eps = float(meta.get("mock_epsilon") or 0.0)
     wanted = _mock_epsilon_for(meta, rows / (RANGE_SIGMAS * math.sqrt(RANGE_WINDOW)))
     listed = ", ".join(columns[:3]) + (f" and {len(columns) - 3} more" if len(columns) > 3 else "")
     upload = (
@@ -196,7 +196,9 @@ def _outlier_warnings(
     metas: Mapping[str, Mapping[str, Any]], names: list[str] | None
 ) -> list[UtilityWarning]:
     """Columns whose published std at one site is OUTLIER_RATIO off the others' median."""
-    stds = {s: m.get("feature_std") for s, m in metas.items() if m.get("feature_std")}
+    stds: dict[str, list[float]] = {
+        s: list(m["feature_std"]) for s, m in metas.items() if m.get("feature_std")
+    }
     if len(stds) < 3 or len({len(v) for v in stds.values()}) != 1:
         return []
     first = next(iter(metas.values()))

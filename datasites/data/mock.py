@@ -154,9 +154,9 @@ def make_mock(  # noqa: PLR0913
     for i, key in enumerate(keys or [None]):
         group = frame if key is None else frame[frame[target] == key]
         n = max(1, round(n_rows * _share(counts, i)))  # every class of the (public) label set
-        part, noisy = _draw_group(group, columns, edges, sigma_f, n, rng)
+        part, drawn = _draw_group(group, columns, edges, sigma_f, n, rng)
         for c in numeric:
-            shapes[c] += noisy[c]
+            shapes[c] += drawn[c]
         if key is not None:
             part[target] = key
         parts.append(part)

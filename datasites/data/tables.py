@@ -366,7 +366,7 @@ def _read_bounds(path: Path, suffix: str) -> dict[str, object]:
 
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     else:
-        import yaml
+        import yaml  # type: ignore[import-untyped]
 
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -385,7 +385,7 @@ def _bound_pair(path: Path, column: str, value: object) -> tuple[float, float]:
     if not isinstance(value, list | tuple) or len(value) != 2:
         raise TableError(f"{path}: column {column!r} needs a lower and an upper value")
     try:
-        lower, upper = (float(v) for v in value)  # type: ignore[arg-type]
+        lower, upper = (float(v) for v in value)
     except (TypeError, ValueError):
         raise TableError(
             f"{path}: column {column!r} has bounds {value!r}: both must be numbers"

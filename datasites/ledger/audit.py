@@ -73,13 +73,15 @@ class AuditLog:
         with self.store.immediate() as conn:
             row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
             prev = row[1] if row else GENESIS
-            key = self._key() or self._create_key(row[0] if row else 0, prev)
+            key = self._key() or self._create_key(int(row[0]) if row else 0, prev)
             digest = _mac(key, prev, [at, actor, event, request_id, code_hash, body])
-            seq = conn.execute(
+            inserted = conn.execute(
                 "INSERT INTO audit (at, actor, event, request_id, code_hash, detail, prev_hash,"
                 " hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
                 (at, actor, event, request_id, code_hash, body, prev, digest),
-            ).fetchone()[0]
+            ).fetchone()
+            assert inserted is not None  # RETURNING gives the row just written
+            seq = inserted[0]
         self._advance_head(
             int(seq), digest
         )  # after the commit: a crash leaves it behind, not ahead

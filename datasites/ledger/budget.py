@@ -493,6 +493,7 @@ class BudgetLedger:
 
     def _mechanisms(self, conn, researcher: str | None, dataset: str) -> list[Mechanism]:  # noqa: ANN001
         """A researcher's charges on ``dataset`` with the public ones; None: everyone's."""
+        params: tuple[str, ...]
         if researcher is None:
             sql, params = "WHERE dataset = ?", (dataset,)
         else:

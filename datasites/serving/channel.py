@@ -203,7 +203,10 @@ def decode(cls: type, data: Any) -> Any:
         if (
             kind is not None
             and f.name in data
-            and (not isinstance(value, kind) or (str(f.type) != "bool" and isinstance(value, bool)))
+            and (
+                not isinstance(value, kind)  # type: ignore[arg-type]
+                or (str(f.type) != "bool" and isinstance(value, bool))
+            )
         ):
             raise ChannelError(f"{cls.__name__}.{f.name}: expected {f.type}")
     return cls(**data)

@@ -135,7 +135,7 @@ def prepare_task(
     # for free (red team). Whether the target holds class codes is published at upload (see
     # site_job); the trainer clamps labels into range, so no row can fail a round.
     if scaling is not None:
-        scaling = tuple(list(v) for v in scaling)
+        scaling = tuple(list(v) for v in scaling)  # type: ignore[assignment]
         if any(len(v) != x.shape[1] for v in scaling):
             raise Refused("feature statistics do not match the table's columns")
     incoming = decode_weights(weights, spec.architecture.parameters) if weights else None
