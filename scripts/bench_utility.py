@@ -14,6 +14,15 @@ each epsilon per site and seed:
   (``policies.skellam.gradient``) with server-side momentum. Its epsilon per site is the Skellam
   accountant's (``policies.skellam``), the same the ledger charges.
 
+* **defaults**: what a new user gets: the minimal job file (only ``target_epsilon``), filled
+  by the auto-plan (``policies.autoplan``) from the sites' published numbers, its default linear
+  model, every round through the site's code path (``site_scaling``, ``prepare_task``,
+  ``run_task``, ``release``) and the researcher's round loop (``run_federation``).
+
+The DP columns scale with what a real federation publishes: each site's upload metadata (its
+DP mock's row count, ranges, mean and std: ``make_mock``, ``admin._meta``), pooled by the
+researcher (``pooled_scaling``), clamped and floored as the sites do (``policies.scaling``);
+never with the pooled private rows. The central ceiling standardises with the pooled rows.
 Everything runs in this process: no syft, no HTTP. Accuracy is on a held-out test split.
 """
 
@@ -22,22 +31,34 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 
+from datasites.data.mock import make_mock
+from datasites.data.tables import validate_table
+from datasites.serving.admin import _meta
 from datasites.training.distributed import SUM, distributed_step
+from datasites.training.prepare import prepare_task, release, site_scaling
 from datasites.training.round_task import RoundTask, run_task
-from policies import skellam
+from policies import autoplan, skellam
 from policies.compression import flatten, unflatten
 from policies.modelspec import parse
 from policies.plan import TrainingPlan
-from policies.privacy import privacy_plan
+from policies.privacy import job_privacy, privacy_plan
+from policies.scaling import apply as apply_scaling
 from policies.torch_model import build, load
+from researcher.job import make_job
+from researcher.rounds import pooled_scaling, run_federation
+from researcher.site import InProcessSite
 
 PEERS = tuple(c * 64 for c in "abc")
 # distributed DP per table: rounds (= DP-SGD steps), expected global batch, server learning rate,
@@ -61,11 +82,9 @@ def model_spec(features: int, classes: int) -> dict[str, Any]:
 
 
 def table(name: str, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple, int]:
-    """Three label-skewed shares of the standardised training rows, and the test split."""
+    """Three label-skewed shares of the raw training rows, and the raw test split."""
     x, y = (load_digits if name == "digits" else load_breast_cancer)(return_X_y=True)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
-    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xte = ((xtr - mean) / std).astype(np.float32), ((xte - mean) / std).astype(np.float32)
     rng = np.random.default_rng(seed)
     parts: list[list[int]] = [[], [], []]
     for k in np.unique(ytr):
@@ -73,8 +92,76 @@ def table(name: str, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], tu
         cut = np.cumsum([int(s * len(rows)) for s in np.roll(SHARES, int(k))])[:2]
         for i, chunk in enumerate(np.split(rows, cut)):
             parts[i].extend(chunk.tolist())
-    sites = [(xtr[p], ytr[p]) for p in parts]
-    return sites, (xte, yte), int(len(np.unique(y)))
+    sites = [(xtr[p].astype(np.float32), ytr[p]) for p in parts]
+    return sites, (xte.astype(np.float32), yte), int(len(np.unique(y)))
+
+
+def published(sites: list) -> list[tuple[pd.DataFrame, dict[str, Any]]]:
+    """Each site's validated table and the metadata its upload publishes (DP mock included)."""
+    out = []
+    for x, y in sites:
+        frame = pd.DataFrame(x, columns=[f"x{j}" for j in range(x.shape[1])])
+        frame["target"] = y
+        table_ = validate_table(frame, "target")
+        out.append((table_.frame, _meta(table_, "t", make_mock(table_.frame, "target"))))
+    return out
+
+
+def scaled(sites: list, test: tuple, metas: list[dict[str, Any]]) -> tuple[list, tuple]:
+    """Sites and test rows under the federation's pooled published scaling, clamped."""
+    scaling = pooled_scaling(metas)
+    return (
+        [(apply_scaling(x.copy(), scaling), y) for x, y in sites],
+        (apply_scaling(test[0].copy(), scaling), test[1]),
+    )
+
+
+def exact(sites: list, test: tuple) -> tuple[list, tuple]:
+    """The central ceiling's standardisation, from the pooled private rows (non-private)."""
+    x = np.concatenate([s[0] for s in sites])
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    return [((a - mean) / std, b) for a, b in sites], ((test[0] - mean) / std, test[1])
+
+
+def defaults(shares: list, test: tuple, eps: float, seed: int) -> float:
+    """The minimal job file through the sites' code path, every default."""
+    torch.manual_seed(seed)
+    numbers = [autoplan.SiteNumbers.from_meta(f"s{i}", m) for i, (_, m) in enumerate(shares)]
+    auto = autoplan.fill({"target_epsilon": eps}, numbers)
+    features, classes = test[0].shape[1], int(shares[0][1]["n_classes"])
+    layers = autoplan.default_model(features, classes)
+    spec = make_job(layers, "t", "target", auto.fields, n_features=features, n_outputs=classes)
+    spec = replace(spec, scaling=pooled_scaling([m for _, m in shares]))
+    links = [
+        InProcessSite(f"s{i}", meta, _site(frame, meta, 100 * seed + i))
+        for i, (frame, meta) in enumerate(shares)
+    ]
+    with tempfile.TemporaryDirectory() as run_dir:
+        result = run_federation(None, spec, Path(run_dir), sites=links, test=test)
+    return float(result.rounds[-1]["test_accuracy"])
+
+
+def _site(frame: pd.DataFrame, meta: dict[str, Any], seed: int) -> Any:
+    """One site's round handler: its own code path, its published row count."""
+
+    def call(spec: Any, weights: str) -> dict[str, Any]:
+        noise = job_privacy(spec, meta["rows"]).noise_multiplier
+        task = prepare_task(
+            spec,
+            frame,
+            "target",
+            weights,
+            noise,
+            meta.get("n_classes"),
+            seed,
+            site_scaling(spec, meta),
+            meta["rows"],
+            class_counts=meta.get("class_counts"),
+        )
+        reply, _ = release(spec, run_task(task), 1, task.weights)
+        return dict(reply)
+
+    return call
 
 
 def accuracy(model_dict: dict, weights: dict, test: tuple) -> float:
@@ -197,15 +284,23 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     for name in args.tables.split(","):
         for eps in [float(e) for e in args.epsilons.split(",")]:
-            cells: dict[str, list[float]] = {"central": [], "per_site": [], "distributed": []}
+            cells: dict[str, list[float]] = {
+                "central": [],
+                "per_site": [],
+                "distributed": [],
+                "defaults": [],
+            }
             sigma = 0.0
             for seed in range(args.seeds):
-                sites, test, classes = table(name, seed)
-                spec = model_spec(sites[0][0].shape[1], classes)
-                cells["central"].append(central(sites, test, spec, seed))
+                raw, raw_test, classes = table(name, seed)
+                shares = published(raw)
+                sites, test = scaled(raw, raw_test, [m for _, m in shares])
+                spec = model_spec(raw[0][0].shape[1], classes)
+                cells["central"].append(central(*exact(raw, raw_test), spec, seed))
                 cells["per_site"].append(per_site_dp(sites, test, spec, eps, seed))
                 acc, sigma = distributed_dp(sites, test, spec, eps, seed, *SETTINGS[name])
                 cells["distributed"].append(acc)
+                cells["defaults"].append(defaults(shares, raw_test, eps, seed))
             row = {k: summary(v) for k, v in cells.items()}
             row["distributed_noise_multiplier"] = sigma
             results[f"{name} eps={eps:g}"] = row
