@@ -274,6 +274,7 @@ def datasets(site: SiteOpt, json: JsonOpt = False) -> None:
             "bounds": meta.get("bounds") if meta.get("bounds_source") else None,
             "bounds_source": meta.get("bounds_source"),
             "clamped": (meta.get("owner_only") or {}).get("clamped"),
+            "private_rows": _private_rows(site, name),
         }
         for name, meta in sorted(site.datasets_meta().items())
     ]
@@ -282,11 +283,23 @@ def datasets(site: SiteOpt, json: JsonOpt = False) -> None:
     else:
         table(
             "datasets",
-            ["name", "rows", "target", "columns", "declared bounds", "clamped", "description"],
+            [
+                "name",
+                "private rows",
+                "published rows (DP)",
+                "mock rows (DP)",
+                "target",
+                "columns",
+                "declared bounds",
+                "clamped",
+                "description",
+            ],
             [
                 [
                     r["name"],
+                    r["private_rows"],
                     r["rows"],
+                    r["mock_rows"],
                     r["target"],
                     len(r["schema"] or []),
                     sum(s == "declared" for s in (r["bounds_source"] or {}).values()),
@@ -296,6 +309,17 @@ def datasets(site: SiteOpt, json: JsonOpt = False) -> None:
                 for r in rows
             ],
         )
+
+
+def _private_rows(site: SiteDir, name: str) -> int | None:
+    """The exact row count of the owner's private table (its Parquet file's footer): the owner's
+    alone; researchers see the published DP count."""
+    import pyarrow.parquet as pq
+
+    from datasites.data.store import tables_dir
+
+    files = sorted(tables_dir(site.root).glob(f"{name}-*.parquet"))
+    return pq.ParquetFile(files[-1]).metadata.num_rows if files else None
 
 
 def _clamped_short(counts: dict[str, int] | None) -> str:

@@ -46,7 +46,8 @@ def _fed(path: Path):  # noqa: ANN202
 
 @app.command()
 def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
-    """Every site's datasets: schema, row count, mock preview."""
+    """Every site's datasets: schema, row count, mock preview. A site that cannot be listed
+    (down, a wrong TLS certificate, a refused login) is one line, and the exit code is 1."""
     from researcher import api
     from researcher.errors import SiteError
 
@@ -55,7 +56,10 @@ def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
         raise SiteError("; ".join(v["error"] for v in data.values()) or "no sites")
     if json:
         emit_json(data)
+        if any(isinstance(v, dict) for v in data.values()):
+            raise typer.Exit(1)
         return
+    failed = False
     for site, rows in data.items():
         if isinstance(rows, dict):  # unreachable: one line, the other sites still list
             why = (
@@ -64,6 +68,7 @@ def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
                 else f"{site}: {rows['error']}"
             )
             err.print(why, highlight=False, soft_wrap=True)
+            failed = True
             continue
         table(
             f"{site}",
@@ -94,6 +99,8 @@ def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
         "categorical columns are disclosed as schema, without noise.",
         style="dim",
     )
+    if failed:
+        raise typer.Exit(1)
 
 
 def _categories(dataset: dict) -> str:
@@ -485,6 +492,10 @@ def _test_labels(column, classes: list[str] | None):  # noqa: ANN001, ANN201
 
 
 def main() -> None:
+    import logging
+
+    # urllib3 logs each retry of a refused TLS handshake as a WARNING: the refusal is our one line
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     run_cli(app, (FedsiteError,))
 
 

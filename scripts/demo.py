@@ -313,7 +313,7 @@ def run_once(args: argparse.Namespace, seed: int, say) -> dict:  # noqa: ANN001
     work = Path(tempfile.mkdtemp(prefix="fedsite-demo-"))
     shares, test = split_data()
     say(
-        f"state in {work}; site rows {[len(s) for s in shares]}, "
+        f"state in {work}; private rows per site {[len(s) for s in shares]}, "
         f"malignant share {[round(float((s.target == 0).mean()), 2) for s in shares]}"
     )
     sites = start_sites(
@@ -349,12 +349,16 @@ def run_once(args: argparse.Namespace, seed: int, say) -> dict:  # noqa: ANN001
         api.submit(fed, spec)
         say("--- each site's admin approves through the CLI ---")
         with ThreadPoolExecutor(3) as pool:
-            for report in pool.map(approve_via_cli, sites):
-                say(report)
+            reports = list(pool.map(approve_via_cli, sites))
+        say(reports[0])  # the three reports are the same job's: the first in full
+        for site, report in zip(sites[1:], reports[1:], strict=True):
+            lines = report.strip().splitlines()
+            say(f"{site.root.name}: the same report; {lines[-1] if lines else 'approved'}")
         x_test = test.drop(columns=["target"]).to_numpy(dtype=np.float32)
 
         def on_round(rec) -> None:  # noqa: ANN001
-            rows = ", ".join(f"{u.site} {u.n} rows" for u in rec.updates)
+            # n: the training rows a site reports, from its published (DP) row count
+            rows = ", ".join(f"{u.site} n={u.n} (DP count)" for u in rec.updates)
             say(
                 f"round {rec.round}: test accuracy {rec.test_accuracy:.3f} ({rows}; "
                 f"{rec.seconds:.2f} s)"
