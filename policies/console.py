@@ -35,16 +35,18 @@ def table(
     rows: Sequence[Sequence[Any]],
     whole: Sequence[str] = (),
 ) -> None:
-    """Print a table; columns named in ``whole`` (ids, times) are never wrapped or cut, so an
-    admin can copy them from an 80-column terminal, and the other columns give way."""
+    """Print a table; columns named in ``whole`` (ids, times) are never wrapped, so an admin can
+    copy them from an 80-column terminal, and the other columns give way. No cell is ever cut
+    with an ellipsis: a value too long for its column folds onto the next line (issue 26:
+    ids, e-mails and status words read ``pen…`` at 80 columns)."""
     cells = [["" if v is None else str(v) for v in row] for row in rows]
     t = Table(title=title)
     for i, c in enumerate(columns):
         if c in whole:
             width = max([len(c), *(len(r[i]) for r in cells)])
-            t.add_column(c, no_wrap=True, min_width=width)
+            t.add_column(c, no_wrap=True, min_width=width, overflow="fold")
         else:
-            t.add_column(c)
+            t.add_column(c, overflow="fold")
     for row in cells:
         t.add_row(*row)
     out.print(t)
