@@ -16,7 +16,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,  # rich tracebacks print local variables, and secrets
 )
-FedOpt = Annotated[Path, typer.Option("--federation", "-f", help="Federation TOML file.")]
+
+
+def _checked_federation(path: Path | None) -> Path | None:
+    """The federation file is read while the arguments are parsed, before any command imports
+    syft (seconds): a missing or broken file is one line at once."""
+    if path is not None:
+        from researcher.federation import Federation
+
+        Federation.load(path)
+    return path
+
+
+FedOpt = Annotated[
+    Path,
+    typer.Option("--federation", "-f", help="Federation TOML file.", callback=_checked_federation),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 TargetOpt = Annotated[
     str | None, typer.Option(help="Label column (default: the one the sites publish).")

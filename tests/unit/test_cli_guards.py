@@ -193,3 +193,32 @@ def test_trusted_peers_bound_the_peer_list_in_the_review_and_at_a_round(tmp_path
         run_cli("datasite", "policy", "show", "--dir", d, "--json").stdout.splitlines()[-1]
     )
     assert shown["d"]["trusted_peers"] == [ours]
+
+
+def test_a_missing_or_broken_federation_file_is_refused_before_syft_is_imported(
+    tmp_path: Path,
+) -> None:
+    """Issue 26: `researcher datasets -f missing.toml` took 11 s to say the file is missing:
+    the command imported syft first. The file is now read while the arguments are parsed."""
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[[sites]]\nname = "a"\n')
+    probe = (
+        "import sys\n"
+        "from researcher.cli import main\n"
+        "try:\n    main()\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code, 'syft' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    for verb, path, why in (
+        ("datasets", tmp_path / "missing.toml", "not found"),
+        ("status", broken, "lacks url"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, verb, "-f", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.stdout.strip().splitlines()[-1] == "exit 1 False False", proc.stdout
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and why in lines[0], lines
