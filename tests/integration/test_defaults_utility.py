@@ -25,7 +25,12 @@ from tests.integration.conftest import EMAIL
 
 pytestmark = pytest.mark.integration
 
-MARGIN = 0.15  # one run, 36 test rows (one row is 0.028): the mean over seeds is the goal
+# One run, 36 test rows (one row is 0.028). Undeclared wine at the default mock epsilon varies
+# from run to run with the DP ranges (0.62-0.92 in process over 5 seeds; 0.907 mean over 3 in
+# the bench): the goal of 5 points is on the mean over seeds (docs/benchmarks.md). One run must
+# learn (the majority share is 0.40), and a run that falls short is warned before it spends.
+MARGIN = 0.30
+WARNED_BELOW = 0.05
 MINIMAL_JOB = 'DATASET = "wine"\nPLAN = {"target_epsilon": 3.0}\n'
 
 
@@ -104,3 +109,6 @@ def test_the_minimal_job_file_with_every_default_learns(wineries) -> None:
     print(f"wine, every default: {accuracy:.3f} against centralized {centralized:.3f}")
     assert trained["complete"] and trained["rounds"] == submitted["plan"]["rounds"]
     assert accuracy >= centralized - MARGIN, (accuracy, centralized, submitted["warnings"])
+    if accuracy < centralized - WARNED_BELOW:  # the shortfall was named before any epsilon
+        kinds = {w["kind"] for w in submitted["warnings"]}
+        assert "statistics" in kinds, submitted["warnings"]

@@ -248,7 +248,8 @@ def test_datasets_lists_the_live_sites_and_one_line_for_a_dead_one(
     monkeypatch.setattr(sites, "connect", connect)
     monkeypatch.setattr(sites, "datasets", lambda client: listed)
     proc = run_cli("researcher", "datasets", "-f", str(fed_file), check=False)
-    assert proc.returncode == 0, proc.stderr
+    # the live site still lists; the dead one is one line, and the exit code says one failed
+    assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip() == "down: no datasite answers at http://127.0.0.1:1"
     assert "feature_1=0.123" in proc.stdout and "more)" in proc.stdout
     assert "{'" not in proc.stdout  # no dict cut in the middle
@@ -278,11 +279,17 @@ def test_an_unknown_key_in_the_federation_file_is_refused_by_name(tmp_path: Path
 
 
 def test_an_unknown_strategy_is_refused_before_any_site_is_contacted(tmp_path: Path) -> None:
+    fed_file = write(  # a site nobody runs: the strategy is refused before it is tried
+        tmp_path / "f.toml",
+        '[[sites]]\nname = "a"\nurl = "http://127.0.0.1:1"\nemail = "a@b.c"\n'
+        'password_file = "pw"\n',
+    )
+    write(tmp_path / "pw", "secret")
     proc = run_cli(
         "researcher",
         "train",
         "-f",
-        str(tmp_path / "none.toml"),
+        str(fed_file),
         "--run-dir",
         str(tmp_path / "r"),
         "--strategy",
