@@ -153,7 +153,8 @@ def _strong(metas: list[dict[str, Any]], width: int) -> np.ndarray:
     return np.where(weak & some_strong[None, :], 0.0, 1.0)
 
 
-def initial_weights(spec: JobSpec, meta: dict[str, Any]) -> Weights:
+def initial_weights(spec: JobSpec) -> Weights:
+    """A fresh model's weights, built here from the job's spec (no site is asked)."""
     return local_model.weights_of(local_model.build(spec))
 
 
@@ -275,7 +276,7 @@ def run_federation(  # noqa: PLR0913
         ckpt.load_strategy(strategy)
     else:
         done, history = 0, []
-        start = initial if initial is not None else initial_weights(spec, _first_meta(links, spec))
+        start = initial if initial is not None else initial_weights(spec)
         weights = strategy.initialize(start)
     last = None
     # after an interruption a site may have released a round this client never received;
@@ -420,15 +421,6 @@ def call_or_recover(
         if reply.get("status") == "ok" and int(reply.get("round", 0)) > aggregated:
             return reply
     return call_with_retry(link, spec, weights, backoff)
-
-
-def _first_meta(links: list[Site], spec: JobSpec) -> dict[str, Any]:
-    for link in links:
-        try:
-            return link.meta(spec.dataset)
-        except SiteError as exc:
-            log.warning("%s", exc)
-    raise SiteError("no site of the federation could be reached to build the model")
 
 
 def _one_round(

@@ -158,7 +158,7 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
         links = [SyftSite(login) for login in fed.sites]
         for link in links:
             link.meta(spec.dataset)
-        blob = encode_weights(initial_weights(spec, links[0].meta))
+        blob = encode_weights(initial_weights(spec))
         meter = CpuMeter([process.server_pid(s) for s in site_dirs])
         with ThreadPoolExecutor(3) as pool:
             list(pool.map(lambda link: call_with_retry(link, spec, blob), links))  # warm-up
