@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -47,6 +47,19 @@ class Mechanism:
     @property
     def skellam(self) -> bool:
         return self.l2 > 0
+
+    @classmethod
+    def from_listing(cls, shown: Mapping[str, Any]) -> Mechanism:
+        """The mechanism behind a release as the ledger lists it (``budget --json``), the
+        Skellam sensitivities included: one reading for every consumer of the listing (the
+        console rebuilt it without them and charged a Skellam release as a Gaussian one)."""
+        return cls(
+            float(shown["noise_multiplier"]),
+            float(shown["sample_rate"]),
+            int(shown["steps"]),
+            float(shown.get("l2_sensitivity", 0.0)),
+            float(shown.get("l1_sensitivity", 0.0)),
+        )
 
 
 def _accountant(name: str) -> PRVAccountant | RDPAccountant:

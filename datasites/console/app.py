@@ -256,5 +256,4 @@ def _epsilon_png(ledger: BudgetLedger) -> bytes:
 def _mechanism(release: Release) -> Mechanism:
     from policies.accounting import Mechanism
 
-    m = release["mechanism"]
-    return Mechanism(m["noise_multiplier"], m["sample_rate"], m["steps"])
+    return Mechanism.from_listing(release["mechanism"])

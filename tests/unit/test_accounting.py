@@ -63,3 +63,21 @@ def test_rdp_epsilon_is_the_rdp_composition_of_any_history() -> None:
             epsilon(history[:k], 1e-5, "rdp"), rel=1e-9
         )
     assert rdp_epsilon([Mechanism(0.0, 0.05, 1)], 1e-5) == float("inf")
+
+
+def test_a_listed_release_reads_back_as_its_mechanism_skellam_included() -> None:
+    """The console rebuilt mechanisms from the ledger's listing without l2/l1, so a Skellam
+    (distributed DP) release was charged in its plot as a Gaussian one."""
+    from policies.accounting import Mechanism
+
+    skellam = {
+        "type": "poisson-subsampled skellam",
+        "noise_multiplier": 2.0,
+        "sample_rate": 0.1,
+        "steps": 40,
+        "l2_sensitivity": 512.0,
+        "l1_sensitivity": 9000.0,
+    }
+    assert Mechanism.from_listing(skellam) == Mechanism(2.0, 0.1, 40, 512.0, 9000.0)
+    gaussian = {"type": "gaussian", "noise_multiplier": 1.5, "sample_rate": 1.0, "steps": 1}
+    assert Mechanism.from_listing(gaussian) == Mechanism(1.5, 1.0, 1)
