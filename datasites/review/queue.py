@@ -6,6 +6,7 @@ every step lands in the audit log.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,7 @@ from datasites.review.report import PolicyReport, Submission, build_report
 from datasites.serving.admin import admin_client, quiet
 from datasites.serving.config import SiteDir
 from policies.plan import JobSpec
-from policies.privacy import job_privacy
+from policies.privacy import PrivacyPlan, job_privacy
 
 ADMIN_ACTOR = "admin"
 UNOVERRIDABLE = {"template", "executed", "model", "dataset", "inputs", "job_id", "changes"}
@@ -242,6 +243,7 @@ class ReviewQueue:
             self.site.fingerprint(),
             meta,
         )
+        privacy = _privacy_of(policy)  # one plan for the report's three checks
         # this very request's own approval is not a second one; any other is
         own = approved_before is not None and approved_before.request_id == str(request.id.no_dash)
         mine = {approved_before.job.get("job_id", "")} if own and approved_before else set()
@@ -249,9 +251,9 @@ class ReviewQueue:
             sub,
             policy,
             used - mine,
-            _epsilon_of(policy),
-            noise_of=_noise_of(policy),
-            budget_of=_budget_of(self.store, policy),
+            _epsilon_of(privacy),
+            noise_of=_noise_of(privacy),
+            budget_of=_budget_of(self.store, privacy),
         )
         changes = _changes_problem(request, code)
         report.add(
@@ -322,30 +324,47 @@ def _uid(rule: Any) -> UID | None:
     return value if isinstance(value, UID) else None
 
 
-def _epsilon_of(policy: DatasetPolicy) -> Any:
+def _privacy_of(policy: DatasetPolicy) -> Callable[[JobSpec, int], PrivacyPlan]:
+    """The job's privacy plan at this site, computed once per report: the epsilon, noise and
+    budget checks each need it, and each computation runs a noise search and an accountant."""
+    memo: dict[tuple[str, int], PrivacyPlan] = {}
+
+    def privacy_of(spec: JobSpec, rows: int) -> PrivacyPlan:
+        key = (spec.job_id, rows)
+        if key not in memo:
+            memo[key] = job_privacy(spec, rows, policy.min_noise_multiplier)
+        return memo[key]
+
+    return privacy_of
+
+
+def _epsilon_of(privacy: Callable[[JobSpec, int], PrivacyPlan]) -> Any:
     def epsilon_of(spec: JobSpec, rows: int) -> float:
-        return job_privacy(spec, rows, policy.min_noise_multiplier).epsilon_job
+        return privacy(spec, rows).epsilon_job
 
     return epsilon_of
 
 
-def _noise_of(policy: DatasetPolicy) -> Any:
+def _noise_of(privacy: Callable[[JobSpec, int], PrivacyPlan]) -> Any:
     """The noise multiplier this site would train the job at (for the utility warnings)."""
 
     def noise_of(spec: JobSpec, rows: int) -> float:
-        return job_privacy(spec, rows, policy.min_noise_multiplier).noise_multiplier
+        return privacy(spec, rows).noise_multiplier
 
     return noise_of
 
 
-def _budget_of(store: SiteStore, policy: DatasetPolicy) -> Any:
+def _budget_of(store: SiteStore, privacy: Callable[[JobSpec, int], PrivacyPlan]) -> Any:
     """The ledger's own would-it-fit, on the releases the runtime would charge (site_job)."""
     ledger = BudgetLedger(store)
 
     def budget_of(spec: JobSpec, researcher: str, rows: int) -> Fit:
-        releases = job_privacy(spec, rows, policy.min_noise_multiplier).releases
         return ledger.would_fit(
-            researcher, spec.dataset, releases, spec.plan.accountant, spec.job_id
+            researcher,
+            spec.dataset,
+            privacy(spec, rows).releases,
+            spec.plan.accountant,
+            spec.job_id,
         )
 
     return budget_of

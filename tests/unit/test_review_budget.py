@@ -12,7 +12,7 @@ from torch import nn
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
 from datasites.review.access import DatasetPolicy
-from datasites.review.queue import UNOVERRIDABLE, _budget_of
+from datasites.review.queue import UNOVERRIDABLE, _budget_of, _privacy_of
 from datasites.review.report import Submission, build_report
 from policies.accounting import Mechanism
 from policies.errors import BudgetExceeded
@@ -34,7 +34,9 @@ def _report(ledger: BudgetLedger, spec, researcher: str = "ada@uni.edu"):  # noq
     sub = Submission(
         render(spec), researcher, "cancer", ROWS, ("data", "weights"), n_features=30, n_classes=2
     )
-    report = build_report(sub, POLICY, set(), None, budget_of=_budget_of(ledger.store, POLICY))
+    report = build_report(
+        sub, POLICY, set(), None, budget_of=_budget_of(ledger.store, _privacy_of(POLICY))
+    )
     return report, {c.name: c for c in report.checks}["budget"]
 
 
