@@ -39,12 +39,15 @@ from tests.integration.conftest import EMAIL
 pytestmark = pytest.mark.integration
 
 CULTIVARS = {"vineyard-a": (0, 1), "vineyard-b": (1, 2)}
-# the test split's accuracy through the servers against the in-process run: 36 test rows, and
-# each run's own DP noise (in-process reps of this plan ranged 0.944-1.000)
+# the test split's accuracy through the servers against the median of IN_PROCESS_RUNS in-process
+# runs: 36 test rows (one is 0.028), and each run's own DP noise and sampling. 300 in-process
+# reps of this plan on one upload's statistics ranged 0.833-0.944 (mean 0.898); at learning rate
+# 0.5 and 2 local epochs they ranged 0.694-0.944, and CI once saw 0.750 against 0.889.
 MARGIN = 0.12
+IN_PROCESS_RUNS = 9
 JOB = """
 DATASET = "wine"
-PLAN = {"rounds": 5, "local_epochs": 2, "batch_size": 16, "learning_rate": 0.5,
+PLAN = {"rounds": 5, "local_epochs": 4, "batch_size": 16, "learning_rate": 0.3,
         "noise_multiplier": 1.0}
 MODEL = [{"type": "Linear", "in_features": 13, "out_features": 3}]
 """
@@ -75,9 +78,9 @@ def _set_up(site: Site, root: Path, frame: pd.DataFrame) -> None:
         "--allow-domain",
         "uni.edu",
         "--max-epsilon-per-job",
-        "15",
+        "25",  # the plan spends 16.3: the point here is the label codes, not a tight budget
     )
-    BudgetLedger(SiteStore(site_dir.site_db)).set_budget(EMAIL, "wine", 20.0, 1e-5)
+    BudgetLedger(SiteStore(site_dir.site_db)).set_budget(EMAIL, "wine", 30.0, 1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +141,16 @@ def test_the_job_passes_review_and_matches_an_in_process_run(vineyards) -> None:
     assert all(not r["skipped"] for r in served.rounds), served.rounds
     over_servers = served.rounds[-1]["test_accuracy"]
 
-    local = [_in_process_site(s, parts[s.name]) for s in made]
-    inproc = run_federation(None, spec, root / "inproc", sites=local, test=test)
-    in_process = inproc.rounds[-1]["test_accuracy"]
+    runs = []
+    for k in range(IN_PROCESS_RUNS):
+        local = [_in_process_site(s, parts[s.name]) for s in made]
+        inproc = run_federation(None, spec, root / f"inproc{k}", sites=local, test=test)
+        runs.append(inproc.rounds[-1]["test_accuracy"])
+    in_process = float(np.median(runs))
     print(f"wine label skew: servers {over_servers:.3f}, in-process {in_process:.3f}")
     assert abs(over_servers - in_process) <= MARGIN, (over_servers, in_process)
     # was 0.578 with each site's own codes; the majority share is 0.40. 36 test rows (one is
-    # 0.028) and 5 DP rounds under the clamped, floored scaling: 0.83-0.97 seen here
+    # 0.028) and 5 DP rounds under the clamped, floored scaling: 0.83-0.94 seen in-process
     assert over_servers >= 0.75
 
 
