@@ -42,7 +42,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from policies.errors import WireError
 
-PREFIX = "secagg:"  # a round call's weights string that carries a secure-aggregation envelope
 MAX_SITES = 64  # the fixed-point scale is chosen so that this many sites' sum cannot wrap
 MODULUS = 1 << 32
 

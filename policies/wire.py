@@ -6,20 +6,32 @@ syft 0.9.5 only accepts plain Python types as per-call inputs and serialises nes
 Incoming weights are bounded before anything is decoded: the string's length against what the
 model's parameters can take, then each zip member's declared size and storage method (a
 compressed member could be a decompression bomb), and only then numpy reads them.
+
+A job call has one string argument (syft's ``weights``), and it carries one of several
+protocols. Each is a typed message here (:data:`RoundCall`): :class:`TrainRound`,
+:class:`ReplayLast`, and the four phases of secure aggregation. The researcher builds them and
+calls ``encode()``; a site calls :func:`decode_call` once, where the call enters, and dispatches
+on the type. On the wire a training round is its bare weights blob (base64 never holds a
+``:``), and every other message is ``TAG:BODY``; the tags are spelt in this module only.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import math
+import re
 import zipfile
-from typing import Any, Required, TypedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Required, TypedDict
 
 import numpy as np
 import numpy.typing as npt
 
 from policies.errors import WireError
+from policies.secagg import MAX_SITES
 
 Weights = dict[str, npt.NDArray[np.floating[Any]]]
 Shapes = dict[str, tuple[int, ...]]
@@ -108,9 +120,254 @@ def check_weights(weights: Weights, expected: Shapes) -> None:
             raise WireError(f"weight {name!r} has norm {norm:.3g}, above {MAX_TENSOR_NORM:g}")
 
 
-# Sent instead of weights: "give me again the last round you released to this job". A site
-# answers from its store, without training or charging (datasites.training.site_job).
-REPLAY_LAST = "replay:last"
+# ---------------------------------------------------------------------------------------------
+# Round calls: what the one string argument of a job call carries
+
+_REPLAY_TAG, _SECAGG_TAG = "replay", "secagg"  # the wire's tags: spelt here and nowhere else
+_REPLAY_BODY = "last"
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")  # a weights blob, or "" for the model's own start
+_LABEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")  # policies.secagg.fingerprint
+_KEY_FIELD = 128  # longest base64 identity key, X25519 key or signature (44 and 88 are real)
+_ENTRY = 1024  # bound on one site's share of an envelope (participant, survivor, signature)
+
+
+def max_call_length(shapes: Shapes) -> int:
+    """The longest call a job of this model can honestly make: its weights blob, plus a
+    secure-aggregation envelope for :data:`~policies.secagg.MAX_SITES` sites."""
+    return max_encoded_length(shapes) + MAX_SITES * _ENTRY
+
+
+def _blob(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _BASE64.fullmatch(value):
+        raise WireError(f"{what} must be a base64 weights string")
+    return value
+
+
+def _label(value: object) -> str:
+    if not isinstance(value, str) or not _LABEL.fullmatch(value):
+        raise WireError("a round label is 1-64 letters, digits, '-' or '_'")
+    return value
+
+
+def _fingerprints(value: object, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or len(value) > MAX_SITES:
+        raise WireError(f"{what} must be a list of at most {MAX_SITES} sites")
+    for site in value:
+        if not isinstance(site, str) or not _FINGERPRINT.fullmatch(site):
+            raise WireError(f"{what} must hold site fingerprints (64 hex digits)")
+    return tuple(value)
+
+
+def _key_field(value: object, what: str) -> str:
+    if not isinstance(value, str) or len(value) > _KEY_FIELD or not _BASE64.fullmatch(value):
+        raise WireError(f"a participant's {what} must be base64 of at most {_KEY_FIELD} characters")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainRound:
+    """Train one round from these global weights: an :func:`encode_weights` blob, or "" for
+    the model's own initialisation at the site."""
+
+    weights: str = ""
+
+    def __post_init__(self) -> None:
+        _blob(self.weights, "a training round's weights")
+
+    @classmethod
+    def of(cls, weights: Weights | None) -> TrainRound:
+        return cls(encode_weights(weights) if weights is not None else "")
+
+    def encode(self) -> str:
+        return self.weights  # bare: the format of every plain round since the first
+
+
+@dataclass(frozen=True)
+class ReplayLast:
+    """Give again the last reply this job was released: the site neither trains nor charges."""
+
+    def encode(self) -> str:
+        return f"{_REPLAY_TAG}:{_REPLAY_BODY}"
+
+
+@dataclass(frozen=True)
+class Participant:
+    """One site's X25519 key for a job, signed by its identity key (its ``hello`` reply)."""
+
+    site: str
+    identity: str
+    key: str
+    signature: str
+
+    def __post_init__(self) -> None:
+        _fingerprints([self.site], "a participant's site")
+        _key_field(self.identity, "identity")
+        _key_field(self.key, "key")
+        _key_field(self.signature, "signature")
+
+    @classmethod
+    def from_dict(cls, value: object) -> Participant:
+        fields = ("site", "identity", "key", "signature")
+        if not isinstance(value, dict) or set(value) != set(fields):
+            raise WireError("a participant entry holds exactly site, identity, key and signature")
+        return cls(*(value[f] for f in fields))
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "site": self.site,
+            "identity": self.identity,
+            "key": self.key,
+            "signature": self.signature,
+        }
+
+
+class _SecAgg:
+    """A phase of secure aggregation (``policies.secagg``): ``secagg:{json}`` on the wire."""
+
+    phase: ClassVar[str]
+
+    def body(self) -> dict[str, Any]:
+        return {}
+
+    def encode(self) -> str:
+        return f"{_SECAGG_TAG}:" + json.dumps({"phase": self.phase, **self.body()})
+
+
+@dataclass(frozen=True)
+class SecAggHello(_SecAgg):
+    """Ask for the site's X25519 key for this job. No row is read."""
+
+    phase: ClassVar[str] = "hello"
+
+
+@dataclass(frozen=True)
+class SecAggMask(_SecAgg):
+    """A training round under secure aggregation: train from ``weights``, mask the update
+    with every participant's pair seed for round ``label``."""
+
+    phase: ClassVar[str] = "mask"
+    label: str
+    weights: str
+    participants: tuple[Participant, ...]
+
+    def __post_init__(self) -> None:
+        _label(self.label)
+        _blob(self.weights, "a masked round's weights")
+        if not isinstance(self.participants, tuple) or len(self.participants) > MAX_SITES:
+            raise WireError(f"the participant list must hold at most {MAX_SITES} sites")
+        if not all(isinstance(p, Participant) for p in self.participants):
+            raise WireError("the participant list must hold participant entries")
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "weights": self.weights,
+            "participants": [p.to_dict() for p in self.participants],
+        }
+
+
+@dataclass(frozen=True)
+class SecAggSign(_SecAgg):
+    """Sign the survivor set of round ``label`` (one set per label, ever)."""
+
+    phase: ClassVar[str] = "sign"
+    label: str
+    survivors: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _label(self.label)
+        _fingerprints(self.survivors, "the survivor set")
+
+    def body(self) -> dict[str, Any]:
+        return {"label": self.label, "survivors": list(self.survivors)}
+
+
+@dataclass(frozen=True)
+class SecAggUnmask(_SecAgg):
+    """Reveal the self-mask seed and the dropped sites' pair seeds of round ``label``, given
+    every survivor's signature over the survivor set. Carries no keys: a site unmasks with the
+    ones it checked when it masked."""
+
+    phase: ClassVar[str] = "unmask"
+    label: str
+    survivors: tuple[str, ...]
+    signatures: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _label(self.label)
+        _fingerprints(self.survivors, "the survivor set")
+        if not isinstance(self.signatures, Mapping):
+            raise WireError("the signatures must map survivors to signatures")
+        _fingerprints(list(self.signatures), "the signatures")
+        for signature in self.signatures.values():
+            _key_field(signature, "signature")
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "survivors": list(self.survivors),
+            "signatures": dict(self.signatures),
+        }
+
+
+SecAggCall = SecAggHello | SecAggMask | SecAggSign | SecAggUnmask
+RoundCall = TrainRound | ReplayLast | SecAggCall
+
+
+def decode_call(text: object, shapes: Shapes) -> RoundCall:
+    """The message a job call carries, or WireError: an unknown tag or phase, a field too many
+    or too few, a wrong type, or a call longer than a job of this model can make (checked
+    before anything is parsed). ``shapes``: the approved model's parameters."""
+    if not isinstance(text, str):
+        raise WireError(f"a round call must be a string, got {type(text).__name__}")
+    limit = max_call_length(shapes)
+    if len(text) > limit:
+        raise WireError(f"a round call of {len(text)} characters, over {limit}: refused unread")
+    tag, colon, body = text.partition(":")
+    if not colon:
+        return TrainRound(text)
+    if tag == _REPLAY_TAG and body == _REPLAY_BODY:
+        return ReplayLast()
+    if tag == _SECAGG_TAG:
+        return _decode_secagg(body)
+    raise WireError(f"unknown round call {tag[:16]!r}:...")
+
+
+def _decode_secagg(body: str) -> SecAggCall:
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise WireError("a secure-aggregation envelope is not JSON") from exc
+    if not isinstance(message, dict):
+        raise WireError("a secure-aggregation envelope must be a JSON object")
+    phase = message.pop("phase", None)
+    kinds: dict[str, tuple[str, ...]] = {
+        "hello": (),
+        "mask": ("label", "weights", "participants"),
+        "sign": ("label", "survivors"),
+        "unmask": ("label", "survivors", "signatures"),
+    }
+    if not isinstance(phase, str) or phase not in kinds:
+        raise WireError(f"a secure-aggregation phase is one of {', '.join(map(str, kinds))}")
+    if set(message) != set(kinds[phase]):
+        raise WireError(
+            f"a secure-aggregation {phase} holds exactly: phase, " + ", ".join(kinds[phase])
+        )
+    if phase == "hello":
+        return SecAggHello()
+    if phase == "mask":
+        entries = message["participants"]
+        if not isinstance(entries, list) or len(entries) > MAX_SITES:
+            raise WireError(f"the participant list must hold at most {MAX_SITES} sites")
+        participants = tuple(Participant.from_dict(e) for e in entries)
+        return SecAggMask(message["label"], message["weights"], participants)
+    survivors = _fingerprints(message["survivors"], "the survivor set")
+    if phase == "sign":
+        return SecAggSign(message["label"], survivors)
+    if not isinstance(message["signatures"], dict):
+        raise WireError("the signatures must map survivors to signatures")
+    return SecAggUnmask(message["label"], survivors, message["signatures"])
 
 
 class RoundReply(TypedDict, total=False):

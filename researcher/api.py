@@ -30,7 +30,7 @@ from policies.plan import n_outputs as outputs_for
 from policies.privacy import job_privacy
 from policies.scaling import published_ranges, weak_inputs
 from policies.utility import UtilityWarning
-from policies.wire import Weights, encode_weights
+from policies.wire import TrainRound, Weights
 from researcher import sites
 from researcher.errors import JobError, SiteError
 from researcher.federation import Federation
@@ -79,8 +79,8 @@ def _mock_round(fed: Federation, spec: JobSpec, initial: Weights | None = None) 
         with sites.quiet():
             mock = asset.mock
         mock = mock_in_job_codes(mock, sites.asset_meta(asset), spec)
-        weights = encode_weights(initial) if initial is not None else ""
-        result = as_function(spec)(data=mock, weights=weights)
+        call = TrainRound.of(initial)
+        result = as_function(spec)(data=mock, weights=call.encode())
         if result.get("status") != "ok":
             raise JobError(f"dry run on {login.name}'s mock: {result.get('reason')}")
         result["mock_site"] = login.name

@@ -29,11 +29,13 @@ from policies.plan import MIN_STD, JobSpec
 from policies.scaling import apply as apply_scaling
 from policies.scaling import floored_std, weak_inputs
 from policies.wire import (
-    REPLAY_LAST,
+    Participant,
+    ReplayLast,
+    RoundCall,
     RoundReply,
+    TrainRound,
     check_weights,
     decode_weights,
-    encode_weights,
 )
 from researcher import model as local_model
 from researcher.errors import SiteError, Unreachable
@@ -75,11 +77,11 @@ class RunResult:
         return all(s["rounds_missed"] == 0 for s in self.sites.values())
 
 
-def call_with_retry(link: Site, spec: JobSpec, weights: str, backoff: float = 0.5) -> RoundReply:
+def call_with_retry(link: Site, spec: JobSpec, call: RoundCall, backoff: float = 0.5) -> RoundReply:
     """One call; a dropped or refused connection is retried with backoff (it spent nothing)."""
     for attempt in range(RETRIES):
         try:
-            return link.call(spec, weights)
+            return link.call(spec, call)
         except Unreachable:
             link.drop()
             if attempt == RETRIES - 1:
@@ -345,8 +347,8 @@ def _personalize(
 ) -> dict[str, Any]:
     """The fine-tuning pass: each site tunes the plan's layers from the final global weights
     and keeps the model; what comes back is its DP validation metrics only."""
-    blob = encode_weights(weights)
-    futures = {pool.submit(call_with_retry, link, spec, blob): link for link in links}
+    call = TrainRound.of(weights)
+    futures = {pool.submit(call_with_retry, link, spec, call): link for link in links}
     done, pending = wait(futures, timeout=timeout_s)
     sites, skipped = {}, {f"{futures[f].name}": "timed out" for f in pending}
     for fut in done:
@@ -367,7 +369,7 @@ def _personalize(
 
 def _secure_keys(
     pool: ThreadPoolExecutor, links: list[Site], spec: JobSpec, strategy: Strategy
-) -> dict[str, dict]:
+) -> dict[str, Participant]:
     from researcher import secure
 
     secure.check_strategy(strategy.name)
@@ -384,7 +386,7 @@ def _masked_round(  # noqa: PLR0913
     links: list[Site],
     spec: JobSpec,
     strategy: Strategy,
-    entries: dict[str, dict],
+    entries: dict[str, Participant],
     round_no: int,
     weights: Weights,
     limits: tuple[int, float, float],
@@ -411,16 +413,16 @@ def _site_rounds(history: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def call_or_recover(
-    link: Site, spec: JobSpec, weights: str, aggregated: int | None, backoff: float = 0.5
+    link: Site, spec: JobSpec, call: RoundCall, aggregated: int | None, backoff: float = 0.5
 ) -> RoundReply:
     """One round at one site; when resuming (``aggregated`` is the site's last round this run
     used), first ask for the site's last released reply and take it if it is newer: that
     round trained on these same global weights before the interruption, and was charged."""
     if aggregated is not None:
-        reply = call_with_retry(link, spec, REPLAY_LAST, backoff)
+        reply = call_with_retry(link, spec, ReplayLast(), backoff)
         if reply.get("status") == "ok" and int(reply.get("round", 0)) > aggregated:
             return reply
-    return call_with_retry(link, spec, weights, backoff)
+    return call_with_retry(link, spec, call, backoff)
 
 
 def _one_round(
@@ -437,13 +439,13 @@ def _one_round(
     min_sites, timeout_s, backoff = limits
     started = time.perf_counter()
     sent = strategy.configure_round(round_no, weights)
-    blob = encode_weights(sent)
+    call = TrainRound.of(sent)
     futures = {
         pool.submit(
             call_or_recover,
             link,
             spec,
-            blob,
+            call,
             None if recover is None else recover.get(link.name, 0),
             backoff,
         ): link

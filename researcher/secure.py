@@ -13,7 +13,6 @@ themselves (``update_norm_bound``).
 
 from __future__ import annotations
 
-import json
 import secrets
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
@@ -24,16 +23,22 @@ from policies import secagg, skellam
 from policies.compression import unflatten
 from policies.errors import WireError
 from policies.plan import JobSpec
-from policies.wire import RoundReply, Weights, encode_weights
+from policies.wire import (
+    Participant,
+    RoundCall,
+    RoundReply,
+    SecAggHello,
+    SecAggMask,
+    SecAggSign,
+    SecAggUnmask,
+    Weights,
+    encode_weights,
+)
 from researcher.errors import SiteError
 from researcher.site import Site
 from researcher.strategy import Update
 
 NEEDS_EACH_UPDATE = ("median", "trimmed-mean")
-
-
-def envelope(phase: str, **fields: Any) -> str:
-    return secagg.PREFIX + json.dumps({"phase": phase, **fields})
 
 
 def check_strategy(name: str) -> None:
@@ -44,48 +49,52 @@ def check_strategy(name: str) -> None:
         )
 
 
-def collect_keys(pool: ThreadPoolExecutor, links: list[Site], spec: JobSpec) -> dict[str, dict]:
+def collect_keys(
+    pool: ThreadPoolExecutor, links: list[Site], spec: JobSpec
+) -> dict[str, Participant]:
     """Each site's signed X25519 key for this job, checked here too: a site sending a key its
     identity did not sign, or a fingerprint outside the job's peers, is left out."""
-    futures = {pool.submit(links_call, link, spec, envelope("hello")): link for link in links}
-    entries: dict[str, dict] = {}
+    futures = {pool.submit(links_call, link, spec, SecAggHello()): link for link in links}
+    entries: dict[str, Participant] = {}
     for fut, link in futures.items():
         try:
             reply = fut.result()
         except SiteError:
             continue
-        entry = reply.get("secagg") if reply.get("status") == "ok" else None
-        if entry and _valid(entry, spec):
+        entry = _valid(reply.get("secagg"), spec) if reply.get("status") == "ok" else None
+        if entry is not None:
             entries[link.name] = entry
     return entries
 
 
-def _valid(entry: dict, spec: JobSpec) -> bool:
+def _valid(reply: object, spec: JobSpec) -> Participant | None:
     try:
-        identity = secagg.unb64(entry["identity"], 32)
-        key = secagg.unb64(entry["key"], 32)
-        signature = secagg.unb64(entry["signature"])
-    except (KeyError, WireError):
-        return False
-    site = entry.get("site")
-    return (
+        entry = Participant.from_dict(reply)
+        identity = secagg.unb64(entry.identity, 32)
+        key = secagg.unb64(entry.key, 32)
+        signature = secagg.unb64(entry.signature)
+    except WireError:
+        return None
+    site = entry.site
+    valid = (
         secagg.fingerprint(identity) == site
         and site in spec.plan.peers
         and secagg.verify(
             identity, signature, secagg.key_message(secagg.job_tag(spec.to_dict()), site, key)
         )
     )
+    return entry if valid else None
 
 
-def links_call(link: Site, spec: JobSpec, weights: str) -> RoundReply:
-    return link.call(spec, weights)
+def links_call(link: Site, spec: JobSpec, call: RoundCall) -> RoundReply:
+    return link.call(spec, call)
 
 
 def secure_round(  # noqa: PLR0913
     pool: ThreadPoolExecutor,
     links: list[Site],
     spec: JobSpec,
-    entries: dict[str, dict],
+    entries: dict[str, Participant],
     round_no: int,
     sent: Weights,
     min_sites: int,
@@ -97,16 +106,9 @@ def secure_round(  # noqa: PLR0913
     privacy figures), so every strategy and the run's history work unchanged.
     """
     label = f"r{round_no}-{secrets.token_hex(6)}"
-    participants = list(entries.values())
     live = [link for link in links if link.name in entries]
-    blob = encode_weights(sent)
-    masks = _all(
-        pool,
-        live,
-        spec,
-        lambda: envelope("mask", label=label, weights=blob, participants=participants),
-        timeout_s,
-    )
+    mask = SecAggMask(label, encode_weights(sent), tuple(entries.values()))
+    masks = _all(pool, live, spec, mask, timeout_s)
     skipped = {
         link.name: "no signed key for secure aggregation"
         for link in links
@@ -124,29 +126,17 @@ def secure_round(  # noqa: PLR0913
         raise SiteError(
             f"round {round_no}: {len(replies)} site(s) masked, fewer than needed; skipped: {skipped}"
         )
-    survivors = sorted(entries[name]["site"] for name in replies)
+    survivors = tuple(sorted(entries[name].site for name in replies))
     kept = [link for link in live if link.name in replies]
-    signed = _all(
-        pool, kept, spec, lambda: envelope("sign", label=label, survivors=survivors), timeout_s
-    )
-    signatures = {
-        entries[n]["site"]: r.get("signature") for n, r in signed.items() if isinstance(r, dict)
-    }
+    signed = _all(pool, kept, spec, SecAggSign(label, survivors), timeout_s)
     if any(not isinstance(r, dict) or r.get("status") != "ok" for r in signed.values()):
         raise SiteError(f"round {round_no}: a survivor would not sign the survivor set: {signed}")
-    opened = _all(
-        pool,
-        kept,
-        spec,
-        lambda: envelope(
-            "unmask",
-            label=label,
-            survivors=survivors,
-            signatures=signatures,
-            participants=participants,
-        ),
-        timeout_s,
-    )
+    signatures = {entries[n].site: str(r.get("signature")) for n, r in signed.items()}
+    try:
+        unmask = SecAggUnmask(label, survivors, signatures)
+    except WireError as exc:
+        raise SiteError(f"round {round_no}: a survivor's signature is malformed: {exc}") from exc
+    opened = _all(pool, kept, spec, unmask, timeout_s)
     if any(not isinstance(r, dict) or r.get("status") != "ok" for r in opened.values()):
         raise SiteError(f"round {round_no}: a survivor would not unmask: {opened}")
     mean = _mean_update(spec, replies, opened, entries, survivors)
@@ -174,8 +164,8 @@ def _mean_update(
     spec: JobSpec,
     replies: dict[str, dict],
     opened: dict[str, Any],
-    entries: dict[str, dict],
-    survivors: list[str],
+    entries: dict[str, Participant],
+    survivors: tuple[str, ...],
 ) -> Weights:
     trainable = spec.trainable
     size = sum(int(np.prod(s)) for s in trainable.values())
@@ -183,7 +173,7 @@ def _mean_update(
         masked = [secagg.decode_vector(r["masked"], size) for r in replies.values()]
         self_seeds = [secagg.unb64(o["self_seed"], 32) for o in opened.values()]
         dropped = [
-            (entries[name]["site"], gone, secagg.unb64(seed, 32))
+            (entries[name].site, gone, secagg.unb64(seed, 32))
             for name, o in opened.items()
             for gone, seed in o.get("dropped", {}).items()
         ]
@@ -200,10 +190,10 @@ def _mean_update(
 
 
 def _all(
-    pool: ThreadPoolExecutor, links: list[Site], spec: JobSpec, make: Any, timeout_s: float
+    pool: ThreadPoolExecutor, links: list[Site], spec: JobSpec, call: RoundCall, timeout_s: float
 ) -> dict[str, Any]:
     """One call per site in parallel: its reply, or a line saying why there is none."""
-    futures = {pool.submit(links_call, link, spec, make()): link for link in links}
+    futures = {pool.submit(links_call, link, spec, call): link for link in links}
     done, pending = wait(futures, timeout=timeout_s)
     out: dict[str, Any] = {futures[f].name: f"timed out after {timeout_s:.0f}s" for f in pending}
     for fut in done:

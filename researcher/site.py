@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from policies.plan import JobSpec
-from policies.wire import RoundReply
+from policies.wire import RoundCall, RoundReply
 
+# what a site is handed: the call as it travels (policies.wire.decode_call reads it back)
 Handler = Callable[[JobSpec, str], RoundReply]
 
 
@@ -28,7 +29,7 @@ class Site(Protocol):
         """The dataset's published metadata at this site."""
         ...
 
-    def call(self, spec: JobSpec, weights: str) -> RoundReply:
+    def call(self, spec: JobSpec, call: RoundCall) -> RoundReply:
         """One call of the approved job: the site's reply (ok, refused, failed)."""
         ...
 
@@ -38,7 +39,7 @@ class Site(Protocol):
 
 
 class InProcessSite:
-    """A site whose replies come from ``handler(spec, weights)`` in this process."""
+    """A site whose replies come from ``handler(spec, encoded call)`` in this process."""
 
     def __init__(self, name: str, meta: dict[str, Any], handler: Handler) -> None:
         self._name, self._meta, self.handler = name, dict(meta), handler
@@ -51,8 +52,8 @@ class InProcessSite:
     def meta(self, dataset: str) -> dict[str, Any]:
         return self._meta
 
-    def call(self, spec: JobSpec, weights: str) -> RoundReply:
-        return self.handler(spec, weights)
+    def call(self, spec: JobSpec, call: RoundCall) -> RoundReply:
+        return self.handler(spec, call.encode())
 
     def drop(self) -> None:
         self.drops += 1

@@ -21,7 +21,7 @@ from policies.console import quiet
 from policies.errors import check_reply, map_syft_errors
 from policies.metadata import parse_meta
 from policies.plan import JobSpec
-from policies.wire import RoundReply
+from policies.wire import RoundCall, RoundReply
 from researcher.errors import SiteError, Unreachable
 from researcher.federation import SiteLogin
 from researcher.job import as_function
@@ -156,7 +156,10 @@ def _fetch(result: Any) -> Any:
 
 
 def run_round(client: Any, spec: JobSpec, asset: Any, weights: str) -> RoundReply:
-    """Call the approved job once; returns the runtime's dict (ok, refused or failed)."""
+    """Call the approved job once; returns the runtime's dict (ok, refused or failed).
+
+    ``weights`` is the call as it travels: ``RoundCall.encode()`` (``SyftSite.call``), or any
+    string at all from a test playing the attacker."""
     with syft_errors(client.name, client), quiet():  # dropped connection: Unreachable, retried
         fn = getattr(client.code, spec.name)
         value = check_reply(_fetch(fn(data=asset, weights=weights)), client.name, SiteError)
@@ -184,9 +187,9 @@ class SyftSite:
         self._ensure(dataset)
         return self.published
 
-    def call(self, spec: JobSpec, weights: str) -> RoundReply:
+    def call(self, spec: JobSpec, call: RoundCall) -> RoundReply:
         self._ensure(spec.dataset)
-        return run_round(self.client, spec, self.asset, weights)
+        return run_round(self.client, spec, self.asset, call.encode())
 
     def drop(self) -> None:
         self.client = None

@@ -60,7 +60,7 @@ from datasites.serving import admin, process
 from datasites.serving.config import SiteDir
 from datasites.training.dp_sgd import train_dp
 from policies.plan import TrainingPlan
-from policies.wire import encode_weights
+from policies.wire import TrainRound
 from researcher import api
 from researcher.job import make_job
 from researcher.rounds import call_with_retry, initial_weights
@@ -158,7 +158,7 @@ def federated(work: Path, rounds: int) -> dict[str, float]:
         links = [SyftSite(login) for login in fed.sites]
         for link in links:
             link.meta(spec.dataset)
-        blob = encode_weights(initial_weights(spec))
+        blob = TrainRound.of(initial_weights(spec))
         meter = CpuMeter([process.server_pid(s) for s in site_dirs])
         with ThreadPoolExecutor(3) as pool:
             list(pool.map(lambda link: call_with_retry(link, spec, blob), links))  # warm-up
@@ -324,7 +324,7 @@ def scale(work: Path, rows: int) -> dict[str, float]:
         calls, replies = [], []
         for _ in range(2):  # the first call may overlap the server's background warm-up
             started = time.perf_counter()
-            replies.append(call_with_retry(link, spec, ""))
+            replies.append(call_with_retry(link, spec, TrainRound()))
             calls.append(time.perf_counter() - started)
         assert all(r["status"] == "ok" for r in replies), replies
         calls_rss = rss.stop()

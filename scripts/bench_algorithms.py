@@ -34,7 +34,7 @@ from datasites.training.prepare import prepare_task, release
 from datasites.training.round_task import run_task
 from policies.plan import JobSpec
 from policies.privacy import privacy_plan
-from policies.wire import REPLAY_LAST
+from policies.wire import ReplayLast, decode_call
 from researcher import model as local_model
 from researcher.job import make_job
 from researcher.rounds import pooled_scaling, run_federation
@@ -88,7 +88,7 @@ class SimulatedSite:
         self.seed = seed
 
     def __call__(self, spec: JobSpec, weights: str) -> dict[str, Any]:
-        if weights == REPLAY_LAST:
+        if isinstance(decode_call(weights, spec.architecture.parameters), ReplayLast):
             return self.last or {"status": "refused", "reason": "nothing released"}
         personalize = spec.plan.personalizes and self.calls == spec.plan.rounds
         task = prepare_task(

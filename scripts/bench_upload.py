@@ -41,6 +41,7 @@ from datasites.ledger.store import SiteStore
 from datasites.review.access import DatasetPolicy, PolicyStore
 from datasites.serving import process
 from datasites.serving.config import SiteDir
+from policies.wire import TrainRound
 from researcher import api
 from researcher.rounds import call_with_retry
 from researcher.sites import SyftSite
@@ -151,7 +152,7 @@ def one_round(work: Path, site: SiteDir, dataset: str) -> dict[str, float]:
     approve_pending([site])
     rss = PeakRss(process.server_pid(site))
     started = time.perf_counter()
-    reply = call_with_retry(SyftSite(fed.sites[0]), spec, "")
+    reply = call_with_retry(SyftSite(fed.sites[0]), spec, TrainRound())
     seconds = time.perf_counter() - started
     if reply.get("status") != "ok":
         raise RuntimeError(f"round failed: {reply}")

@@ -4,7 +4,7 @@
   function of the job's DP releases, added to the next round's update;
 * ``personalized``: the model a job's personalization pass fine-tuned on this site's rows. It
   stays here: only its DP validation metrics left. ``datasite models`` lists them;
-* ``secagg:*``: secure aggregation's X25519 key for the job, and per round label the self-mask
+* ``secagg/*``: secure aggregation's X25519 key for the job, and per round label the self-mask
   seed, the participants and the survivor set this site signed (``secure_agg``).
 """
 

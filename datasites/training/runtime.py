@@ -29,11 +29,11 @@ import pandas as pd
 
 from datasites.errors import Refused
 from datasites.training.prepare import prepare_task, privacy_report, release, table_arrays
-from policies.errors import PolicyError
+from policies.errors import PolicyError, WireError
 from policies.plan import JobSpec
 from policies.privacy import job_privacy
 from policies.scaling import unpack
-from policies.wire import RoundReply
+from policies.wire import RoundReply, TrainRound, decode_call
 
 SITE_DIR_ENV = "FEDSITE_DIR"
 
@@ -48,7 +48,11 @@ class CallerCode:
 
 
 def run_job(data: Any, weights: str, job: dict[str, Any]) -> RoundReply:
-    """Entry point of every submitted job; returns a dict of plain values only."""
+    """Entry point of every submitted job; returns a dict of plain values only.
+
+    ``weights`` is syft's one string argument: an encoded ``policies.wire.RoundCall`` (a
+    training round's weights, a replay, or a secure-aggregation phase), decoded once by the
+    half that runs (``dry_run`` here, ``site_job.run_at_site`` at a site)."""
     site_dir = os.environ.get(SITE_DIR_ENV)
     try:
         if not site_dir:
@@ -86,6 +90,15 @@ def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None
     """Run one round exactly as a site would, on the table given (the mock), with no ledger."""
     from datasites.training.round_task import run_task
 
+    try:
+        call = decode_call(weights, spec.architecture.parameters)
+    except WireError as exc:
+        raise Refused(f"the call is not a round message: {exc}") from exc
+    match call:
+        case TrainRound(weights=blob):
+            weights = blob
+        case _:  # a replay or a secure phase needs a site's store and keys
+            raise Refused("a dry run trains one plain round; nothing else is run on a mock")
     frame = pd.DataFrame(data)
     if spec.target not in frame.columns:
         raise Refused(f"target column {spec.target!r} is not in the data")

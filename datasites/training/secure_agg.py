@@ -1,7 +1,7 @@
 """The site's half of secure aggregation (``policies.secagg``): keys, checks, mask, sign, unmask.
 
-A secure job's calls carry an envelope instead of bare weights (``secagg:{json}``), with a
-``phase``:
+A secure job's calls carry one of four messages instead of bare weights
+(``policies.wire.SecAggCall``), decoded once where the call enters (``site_job``):
 
 * ``hello``: the site's X25519 key for this job, signed with its identity key. No data is read.
 * ``mask``: a training round. Before anything is charged the site checks the participant list
@@ -18,9 +18,7 @@ Every refusal raises :class:`Refused`, which ``site_job`` audits.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import secrets
 from typing import Any, TypedDict
 
@@ -34,27 +32,14 @@ from policies import secagg
 from policies.compression import flatten
 from policies.errors import WireError
 from policies.plan import JobSpec
-from policies.wire import RoundReply, Weights, max_encoded_length
-
-PHASES = ("hello", "mask", "sign", "unmask")
-_LABEL = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_ENTRY = 1024  # bound on one participant entry, in envelope characters
-
-
-def parse(weights: str, spec: JobSpec) -> dict[str, Any]:
-    """The envelope of a secure call, bounded before it is parsed."""
-    limit = max_encoded_length(spec.architecture.parameters) + secagg.MAX_SITES * _ENTRY
-    if len(weights) > limit:
-        raise Refused(f"secure-aggregation envelope of {len(weights)} characters, over {limit}")
-    try:
-        env = json.loads(weights[len(secagg.PREFIX) :])
-    except ValueError as exc:
-        raise Refused("secure-aggregation envelope is not JSON") from exc
-    if not isinstance(env, dict) or env.get("phase") not in PHASES:
-        raise Refused(f"secure-aggregation envelope needs a phase among {', '.join(PHASES)}")
-    if env["phase"] != "hello" and not _LABEL.match(str(env.get("label", ""))):
-        raise Refused("a round label is 1-64 letters, digits, '-' or '_'")
-    return env
+from policies.wire import (
+    Participant,
+    RoundReply,
+    SecAggMask,
+    SecAggSign,
+    SecAggUnmask,
+    Weights,
+)
 
 
 class MaskedVector(TypedDict):
@@ -89,22 +74,19 @@ class SecureSite:
             },
         }
 
-    def check_round(self, env: dict[str, Any], min_sites: int) -> dict[str, bytes]:
+    def check_round(self, call: SecAggMask, min_sites: int) -> dict[str, bytes]:
         """Refuse a round whose participant list is not the approved peers' signed keys; else
         the pair seeds with every other participant. Runs before anything is charged."""
-        label = str(env["label"])
-        entries = env.get("participants")
-        if not isinstance(entries, list) or len(entries) > secagg.MAX_SITES:
-            raise Refused("the participant list must be a list of at most 64 sites")
+        label = call.label
         keys: dict[str, bytes] = {}
-        for entry in entries:
+        for entry in call.participants:
             site, key = self._checked_entry(entry)
             if site in keys:
                 raise Refused(f"participant {site[:12]} is listed twice; nothing ran")
             if key in keys.values():  # a colluder claiming an honest peer's key (red team)
                 raise Refused(f"participant {site[:12]} relays another site's key; nothing ran")
             keys[site] = key
-            self._keys[site] = {"identity": str(entry["identity"]), "key": key.hex()}
+            self._keys[site] = {"identity": entry.identity, "key": key.hex()}
         mine = secagg.public_bytes(self._x25519().public_key())
         if keys.get(self.me) != mine:
             raise Refused("this site is not in the participant list with its own key; nothing ran")
@@ -124,10 +106,10 @@ class SecureSite:
         }
 
     def masked_reply(
-        self, env: dict[str, Any], seeds: dict[str, bytes], trained: Weights, sent: Weights | None
+        self, call: SecAggMask, seeds: dict[str, bytes], trained: Weights, sent: Weights | None
     ) -> MaskedVector:
         """The masked vector of this round's clipped update; the seeds stay here."""
-        label = str(env["label"])
+        label = call.label
         trainable = self.spec.trainable
         base = sent or {n: np.zeros(s, np.float32) for n, s in trainable.items()}
         delta = flatten({n: trained[n] - base[n] for n in trainable}, trainable)
@@ -136,7 +118,7 @@ class SecureSite:
         return self._masked(label, quantized, seeds)
 
     def masked_integers(
-        self, env: dict[str, Any], seeds: dict[str, bytes], noised_sum: np.ndarray
+        self, call: SecAggMask, seeds: dict[str, bytes], noised_sum: np.ndarray
     ) -> MaskedVector:
         """Distributed DP: the masked vector of this site's noised integer gradient sum
         (``datasites.training.distributed``), taken modulo 2^32."""
@@ -145,7 +127,7 @@ class SecureSite:
         if vector.shape != (size,) or vector.dtype != np.int64:
             raise WireError(f"a distributed round's sum must be {size} integers")
         quantized = (vector % secagg.MODULUS).astype(np.uint32)
-        return self._masked(str(env["label"]), quantized, seeds)
+        return self._masked(call.label, quantized, seeds)
 
     def _masked(self, label: str, quantized: np.ndarray, seeds: dict[str, bytes]) -> MaskedVector:
         self_seed = os.urandom(32)
@@ -157,8 +139,8 @@ class SecureSite:
         )
         return {"masked": secagg.encode_vector(masked), "label": label}
 
-    def sign(self, env: dict[str, Any], min_sites: int) -> RoundReply:
-        label, survivors = self._survivors(env, min_sites)
+    def sign(self, call: SecAggSign, min_sites: int) -> RoundReply:
+        label, survivors = self._survivors(call.label, call.survivors, min_sites)
         signed = self._claim(f"signed:{label}", {"survivors": survivors})
         if signed["survivors"] != survivors:
             raise Refused(
@@ -167,8 +149,8 @@ class SecureSite:
         message = secagg.survivors_message(self.tag, label, survivors)
         return {"status": "ok", "signature": secagg.b64(self.identity.sign(message))}
 
-    def unmask(self, env: dict[str, Any], min_sites: int) -> RoundReply:
-        label, survivors = self._survivors(env, min_sites)
+    def unmask(self, call: SecAggUnmask, min_sites: int) -> RoundReply:
+        label, survivors = self._survivors(call.label, call.survivors, min_sites)
         signed = self._get(f"signed:{label}")
         if signed is None or signed["survivors"] != survivors:
             raise Refused("this site did not sign that survivor set for the round; refused")
@@ -180,9 +162,7 @@ class SecureSite:
         # pair seeds with the victim)
         stored = round_state.get("keys") or {}
         identities = {site: _unb64(e["identity"], 32) for site, e in stored.items()}
-        signatures = env.get("signatures")
-        if not isinstance(signatures, dict):
-            raise Refused("unmask needs every survivor's signature over the survivor set")
+        signatures = call.signatures
         message = secagg.survivors_message(self.tag, label, survivors)
         for site in survivors:
             identity = identities.get(site)
@@ -208,15 +188,13 @@ class SecureSite:
             "dropped": dropped,
         }
 
-    def _survivors(self, env: dict[str, Any], min_sites: int) -> tuple[str, list[str]]:
-        label = str(env["label"])
+    def _survivors(
+        self, label: str, listed: tuple[str, ...], min_sites: int
+    ) -> tuple[str, list[str]]:
         round_state = self._get(f"round:{label}")
         if round_state is None:
             raise Refused(f"this site masked nothing for round {label!r}")
-        survivors = env.get("survivors")
-        if not isinstance(survivors, list) or not all(isinstance(s, str) for s in survivors):
-            raise Refused("the survivor set must be a list of fingerprints")
-        survivors = sorted(set(survivors))
+        survivors = sorted(set(listed))
         if self.me not in survivors:
             raise Refused("this site is not in the survivor set; refused")
         if not set(survivors) <= set(round_state["participants"]):
@@ -228,14 +206,10 @@ class SecureSite:
             )
         return label, survivors
 
-    def _checked_entry(self, entry: Any) -> tuple[str, bytes]:
-        if not isinstance(entry, dict) or not {"site", "identity", "key", "signature"} <= set(
-            entry
-        ):
-            raise Refused("a participant entry needs site, identity, key and signature")
-        identity = _unb64(entry["identity"], 32)
-        key = _unb64(entry["key"], 32)
-        site = str(entry["site"])
+    def _checked_entry(self, entry: Participant) -> tuple[str, bytes]:
+        identity = _unb64(entry.identity, 32)
+        key = _unb64(entry.key, 32)
+        site = entry.site
         if secagg.fingerprint(identity) != site:
             raise Refused(f"participant {site[:12]}: its identity key has another fingerprint")
         if site not in self.spec.plan.peers:
@@ -243,7 +217,7 @@ class SecureSite:
                 f"participant {site[:12]} is not among the job's approved peers; nothing ran"
             )
         message = secagg.key_message(self.tag, site, key)
-        if not secagg.verify(identity, _unb64(entry["signature"]), message):
+        if not secagg.verify(identity, _unb64(entry.signature), message):
             raise Refused(f"participant {site[:12]}: the key's signature does not verify")
         return site, key
 
@@ -257,13 +231,13 @@ class SecureSite:
         return X25519PrivateKey.from_private_bytes(bytes.fromhex(stored["x25519"]))
 
     def _get(self, kind: str) -> dict[str, Any] | None:
-        return self.state.detail(self.code_id, f"secagg:{kind}")
+        return self.state.detail(self.code_id, f"secagg/{kind}")
 
     def _put(self, kind: str, detail: dict[str, Any]) -> None:
-        self.state.put_detail(self.code_id, f"secagg:{kind}", detail)
+        self.state.put_detail(self.code_id, f"secagg/{kind}", detail)
 
     def _claim(self, kind: str, detail: dict[str, Any]) -> dict[str, Any]:
-        return self.state.claim(self.code_id, f"secagg:{kind}", detail)
+        return self.state.claim(self.code_id, f"secagg/{kind}", detail)
 
 
 def _unb64(text: Any, size: int | None = None) -> bytes:

@@ -1,4 +1,10 @@
-"""The site half of the runtime: approval, rounds, budget, audit around one training round."""
+"""The site half of the runtime: approval, rounds, budget, audit around one training round.
+
+A call's one string argument is decoded once, here, right after the approval check
+(``policies.wire.decode_call``), and dispatched on its type: a training round, a replay, or a
+phase of secure aggregation. A call that is not a well-formed message is refused before any
+row is read or anything is charged.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import hmac
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
 import pandas as pd
 
@@ -23,18 +29,27 @@ from datasites.review.access import PolicyStore
 from datasites.review.approvals import Approval, Approvals
 from datasites.review.report import distributed_problems, untrusted_peers
 from datasites.serving.config import SiteDir
-from datasites.training import secure_agg
 from datasites.training.distributed import SUM
 from datasites.training.job_state import JobState
 from datasites.training.prepare import prepare_task, privacy_report, release, site_scaling
 from datasites.training.sandbox import SandboxLimit, pool
 from datasites.training.secure_agg import SecureSite
-from policies import secagg
 from policies.errors import PolicyError, RoundLimitReached, WireError
 from policies.labels import site_classes
 from policies.plan import JobSpec
 from policies.privacy import job_privacy
-from policies.wire import REPLAY_LAST, RoundReply, check_shapes
+from policies.wire import (
+    ReplayLast,
+    RoundCall,
+    RoundReply,
+    SecAggHello,
+    SecAggMask,
+    SecAggSign,
+    SecAggUnmask,
+    TrainRound,
+    check_shapes,
+    decode_call,
+)
 
 if TYPE_CHECKING:
     from datasites.training.runtime import CallerCode
@@ -68,15 +83,18 @@ def run_at_site(
     approval = Approvals(store).get(caller.code_id)
     try:
         approval = _check_approval(approval, caller, job)
-        if weights == REPLAY_LAST:
-            return _replay(store, audit, approval, caller)
-        envelope = None
-        if isinstance(weights, str) and weights.startswith(secagg.PREFIX):
-            envelope = secure_agg.parse(weights, JobSpec.from_dict(approval.job))
-            if envelope["phase"] != "mask":
-                return _secure_control(site, store, audit, approval, caller, envelope)
-            weights = str(envelope.get("weights", ""))
-        return _run(site, store, audit, approval, caller, data, weights, started, envelope)
+        call = _decode(weights, approval)
+        match call:
+            case TrainRound(weights=blob):
+                return _run(site, store, audit, approval, caller, data, blob, started, None)
+            case SecAggMask(weights=blob):
+                return _run(site, store, audit, approval, caller, data, blob, started, call)
+            case ReplayLast():
+                return _replay(store, audit, approval, caller)
+            case SecAggHello() | SecAggSign() | SecAggUnmask():
+                return _secure_control(site, store, audit, approval, caller, call)
+            case _:
+                assert_never(call)
     except SandboxLimit as exc:
         audit.record(
             ACTOR,
@@ -113,6 +131,16 @@ def run_at_site(
             "status": "failed",
             "reason": NOT_STARTED if isinstance(exc, NotStarted) else FAILED,
         }
+
+
+def _decode(weights: object, approval: Approval) -> RoundCall:
+    """The call's message, bounded by the approved model; anything else is refused unread."""
+    try:
+        return decode_call(weights, JobSpec.from_dict(approval.job).architecture.parameters)
+    except WireError as exc:
+        raise Refused(
+            f"the call is not a round message this site reads: {exc}; nothing ran"
+        ) from exc
 
 
 def _replay(
@@ -154,7 +182,7 @@ def _run(
     data: Any,
     weights: str,
     started: float,
-    envelope: dict[str, Any] | None = None,
+    envelope: SecAggMask | None = None,
 ) -> RoundReply:
     spec = JobSpec.from_dict(approval.job)
     if approval.rounds_run >= approval.rounds_allowed:  # before any row is read or charged
@@ -293,7 +321,7 @@ def _secure_round(  # noqa: PLR0913
     caller: CallerCode,
     spec: JobSpec,
     policy: Any,
-    envelope: dict[str, Any] | None,
+    envelope: SecAggMask | None,
     personalize: bool,
 ) -> tuple[SecureSite | None, dict[str, bytes]]:
     """The policy's aggregation rules for a training round, checked before any charge."""
@@ -334,7 +362,7 @@ def _secure_control(
     audit: AuditLog,
     approval: Approval,
     caller: CallerCode,
-    envelope: dict[str, Any],
+    call: SecAggHello | SecAggSign | SecAggUnmask,
 ) -> RoundReply:
     """hello, sign, unmask: no row is read, nothing is charged, no round is taken."""
     spec = JobSpec.from_dict(approval.job)
@@ -342,20 +370,26 @@ def _secure_control(
         raise Refused("this job does not aggregate securely")
     policy = PolicyStore(site.policies_path).get(approval.dataset)
     secure = SecureSite(JobState(store), caller.code_id, spec, site.signing_key())
-    phase = envelope["phase"]
-    if phase == "hello":
-        reply = secure.hello()
-    elif phase == "sign":
-        reply = secure.sign(envelope, fewest_sites(spec, policy))
-    else:
-        reply = secure.unmask(envelope, fewest_sites(spec, policy))
+    label: str | None = None
+    survivors: list[str] | None = None
+    match call:
+        case SecAggHello():
+            reply = secure.hello()
+        case SecAggSign(label=label):
+            survivors = list(call.survivors)
+            reply = secure.sign(call, fewest_sites(spec, policy))
+        case SecAggUnmask(label=label):
+            survivors = list(call.survivors)
+            reply = secure.unmask(call, fewest_sites(spec, policy))
+        case _:
+            assert_never(call)
     audit.record(
         ACTOR,
-        f"secagg-{phase}",
+        f"secagg-{call.phase}",
         approval.request_id,
         caller.code_hash,
-        label=envelope.get("label"),
-        survivors=envelope.get("survivors"),
+        label=label,
+        survivors=survivors,
     )
     return reply
 
