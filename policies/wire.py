@@ -153,15 +153,18 @@ def _label(value: object) -> str:
 def _fingerprints(value: object, what: str) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or len(value) > MAX_SITES:
         raise WireError(f"{what} must be a list of at most {MAX_SITES} sites")
-    for site in value:
-        if not isinstance(site, str) or not _FINGERPRINT.fullmatch(site):
-            raise WireError(f"{what} must hold site fingerprints (64 hex digits)")
-    return tuple(value)
+    return tuple(_fingerprint(site, f"each of {what}") for site in value)
+
+
+def _fingerprint(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _FINGERPRINT.fullmatch(value):
+        raise WireError(f"{what} must be a site fingerprint (64 hex digits)")
+    return value
 
 
 def _key_field(value: object, what: str) -> str:
     if not isinstance(value, str) or len(value) > _KEY_FIELD or not _BASE64.fullmatch(value):
-        raise WireError(f"a participant's {what} must be base64 of at most {_KEY_FIELD} characters")
+        raise WireError(f"{what} must be base64 of at most {_KEY_FIELD} characters")
     return value
 
 
@@ -201,10 +204,10 @@ class Participant:
     signature: str
 
     def __post_init__(self) -> None:
-        _fingerprints([self.site], "a participant's site")
-        _key_field(self.identity, "identity")
-        _key_field(self.key, "key")
-        _key_field(self.signature, "signature")
+        _fingerprint(self.site, "a participant's site")
+        _key_field(self.identity, "a participant's identity")
+        _key_field(self.key, "a participant's key")
+        _key_field(self.signature, "a participant's signature")
 
     @classmethod
     def from_dict(cls, value: object) -> Participant:
@@ -301,7 +304,7 @@ class SecAggUnmask(_SecAgg):
             raise WireError("the signatures must map survivors to signatures")
         _fingerprints(list(self.signatures), "the signatures")
         for signature in self.signatures.values():
-            _key_field(signature, "signature")
+            _key_field(signature, "a survivor's signature")
 
     def body(self) -> dict[str, Any]:
         return {
@@ -351,9 +354,8 @@ def _decode_secagg(body: str) -> SecAggCall:
     if not isinstance(phase, str) or phase not in kinds:
         raise WireError(f"a secure-aggregation phase is one of {', '.join(map(str, kinds))}")
     if set(message) != set(kinds[phase]):
-        raise WireError(
-            f"a secure-aggregation {phase} holds exactly: phase, " + ", ".join(kinds[phase])
-        )
+        fields = ", ".join(("phase", *kinds[phase]))
+        raise WireError(f"a secure-aggregation {phase} holds exactly: {fields}")
     if phase == "hello":
         return SecAggHello()
     if phase == "mask":

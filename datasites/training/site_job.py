@@ -204,6 +204,12 @@ def _run(
             f"{approval.researcher} may no longer use {approval.dataset!r} on this datasite "
             "(access revoked); nothing ran"
         )
+    # the pass after the last round fine-tunes and keeps the model here (plan.personalize_*)
+    personalize = spec.plan.personalizes and approval.rounds_run == spec.plan.rounds
+    # the message must be the one this job's aggregation takes, before any row is read
+    secure, seeds = _secure_round(
+        site, store, approval, caller, spec, policy, envelope, personalize
+    )
     frame = read_private(site.root, data)  # the site's Parquet file behind the asset's stub
     # the published (DP) row count, never len(frame): rate, steps and every released count follow
     rows = public_rows(meta, frame)
@@ -214,11 +220,6 @@ def _run(
             f"the {policy.max_epsilon_per_job} one job may spend on this dataset"
         )
     scaling = site_scaling(spec, meta)  # and the job's one-hot layout checked against the schema
-    # the pass after the last round fine-tunes and keeps the model here (plan.personalize_*)
-    personalize = spec.plan.personalizes and approval.rounds_run == spec.plan.rounds
-    secure, seeds = _secure_round(
-        site, store, approval, caller, spec, policy, envelope, personalize
-    )
     # table, model and incoming weights are checked before anything is charged
     task = prepare_task(
         spec,

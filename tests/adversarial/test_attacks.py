@@ -450,7 +450,9 @@ def test_threshold_weights_cannot_turn_the_release_into_a_yes_no_answer(arena) -
 
 # this stop's features: replaying a lost round, and DP site metrics, from a plain syft client
 def test_replay_gives_no_free_round_and_metrics_are_only_noised_sums(arena) -> None:
-    from policies.wire import REPLAY_LAST
+    from policies.wire import ReplayLast
+
+    replay = ReplayLast().encode()
 
     spec = job("replayer", {**PLAN, "rounds": 2})
     client = arena.client(EVE)
@@ -462,13 +464,13 @@ def test_replay_gives_no_free_round_and_metrics_are_only_noised_sums(arena) -> N
         return getattr(client.code, spec.name)(data=asset, weights=weights).get()
 
     before = arena.spent(EVE)
-    nothing = plain(REPLAY_LAST)
+    nothing = plain(replay)
     assert nothing["status"] == "refused" and "nothing was released" in nothing["reason"]
     assert arena.spent(EVE) == before  # a replay is never charged...
     first = sites.run_round(client, spec, asset, "")
     charged = arena.spent(EVE)
     assert first["status"] == "ok" and charged > before
-    again = [plain(REPLAY_LAST) for _ in range(2)]
+    again = [plain(replay) for _ in range(2)]
     for reply in again:  # ...and trains nothing: the same weights, the same round
         assert reply["replayed"] is True and reply["round"] == 1
         assert reply["weights"] == first["weights"]

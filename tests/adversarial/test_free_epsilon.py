@@ -4,7 +4,6 @@ every spend and nothing released past what was charged."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from datasites.serving.config import SiteDir
 from datasites.training.job_state import JobState
 from datasites.training.secure_agg import SecureSite
 from policies import secagg
-from policies.wire import encode_weights
+from policies.wire import Participant, SecAggHello, SecAggMask, encode_weights
 from researcher import sites
 from tests.adversarial.conftest import EVE, assert_nothing_private, assert_serving, job
 
@@ -97,19 +96,16 @@ def test_a_researcher_held_peer_is_a_colluder_by_default(arena) -> None:
     # an admin who overrides the report anyway: the runtime still refuses
     arena.queue().approve(item.request_id, override=True, reason="the peers look fine")
     before = arena.spent(EVE)
-    hello = sites.run_round(client, spec, asset, secagg.PREFIX + json.dumps({"phase": "hello"}))
+    hello = sites.run_round(client, spec, asset, SecAggHello().encode())
     assert hello["status"] == "ok"
     store = SiteStore(Path(tempfile.mkdtemp()) / "eve.db")
     eve_entry = SecureSite(JobState(store), "eve", spec, eve_seed).hello()["secagg"]
     start = {k: np.zeros(s, np.float32) for k, s in spec.trainable.items()}
-    mask = secagg.PREFIX + json.dumps(
-        {
-            "phase": "mask",
-            "label": "r1-eve",
-            "weights": encode_weights(start),
-            "participants": [hello["secagg"], eve_entry],
-        }
-    )
+    mask = SecAggMask(
+        "r1-eve",
+        encode_weights(start),
+        (Participant.from_dict(hello["secagg"]), Participant.from_dict(eve_entry)),
+    ).encode()
     reply = sites.run_round(client, spec, asset, mask)
     assert reply["status"] == "refused", reply
     assert "count as colluders" in reply["reason"]

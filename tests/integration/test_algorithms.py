@@ -17,7 +17,7 @@ import pytest
 from datasites.ledger.store import SiteStore
 from datasites.review.queue import ReviewQueue
 from datasites.serving.config import SiteDir
-from policies.wire import REPLAY_LAST, encode_weights
+from policies.wire import ReplayLast, encode_weights
 from researcher import api, sites
 from researcher import model as local_model
 from researcher.strategy import FedMedian, strategy_named
@@ -132,7 +132,7 @@ def test_personalized_models_stay_at_the_sites(fed, tmp_path: Path) -> None:
     client = sites.connect(fed.sites[0])
     asset = sites.find_asset(client, "cancer")
     before = last_json(made[0].cli("budget", "--json"))
-    replayed = sites.run_round(client, spec, asset, REPLAY_LAST)
+    replayed = sites.run_round(client, spec, asset, ReplayLast().encode())
     assert replayed.get("personalized") and not {"weights", "update"} & set(replayed)
     again = sites.run_round(client, spec, asset, encode_weights(result.weights))
     assert again["status"] == "refused" and "all have run" in again["reason"]

@@ -85,7 +85,7 @@ def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
 def test_a_round_lost_by_the_researcher_is_replayed_on_resume(federation, tmp_path) -> None:
     """The sites release round 2 but the researcher never receives it (Ctrl-C mid-round): on
     --resume each site hands back that same reply, untrained and uncharged, and the run ends."""
-    from policies.wire import REPLAY_LAST, decode_weights, encode_weights
+    from policies.wire import ReplayLast, decode_weights, encode_weights
     from researcher.rounds import Checkpoint
 
     fed, made = federation
@@ -113,7 +113,7 @@ def test_a_round_lost_by_the_researcher_is_replayed_on_resume(federation, tmp_pa
     for login in fed.sites:
         client = sites.connect(login)
         asset = sites.find_asset(client, "cancer")
-        assert sites.run_round(client, spec, asset, REPLAY_LAST)["round"] == 1
+        assert sites.run_round(client, spec, asset, ReplayLast().encode())["round"] == 1
         lost[login.name] = sites.run_round(client, spec, asset, encode_weights(weights))
         assert lost[login.name]["status"] == "ok" and lost[login.name]["round"] == 2
     spent = {s.name: last_json(s.cli("budget", "--json")) for s in made}

@@ -23,7 +23,7 @@ from datasites.training.job_state import JobState
 from policies import secagg, skellam
 from policies.compression import flatten
 from policies.privacy import job_privacy
-from policies.wire import encode_weights
+from policies.wire import Participant, SecAggHello, SecAggMask, SecAggUnmask, encode_weights
 from researcher import api, secure, sites
 from researcher import model as local_model
 from tests.conftest import last_json
@@ -73,9 +73,9 @@ def _unmasked(site_dir: Path, code_id: str, reply: dict, entries, spec) -> np.nd
     """What the researcher never sees: one site's vector in Z_2^32, unmasked with that site's
     own secrets (its round state and X25519 key), for the test to compare against."""
     state = JobState(SiteStore(SiteDir(site_dir).db_path))
-    detail = state.detail(code_id, f"secagg:round:{reply['label']}")
+    detail = state.detail(code_id, f"secagg/round:{reply['label']}")
     key = X25519PrivateKey.from_private_bytes(
-        bytes.fromhex(state.detail(code_id, "secagg:key")["x25519"])
+        bytes.fromhex(state.detail(code_id, "secagg/key")["x25519"])
     )
     me = SiteDir(site_dir).fingerprint()
     size = sum(int(np.prod(s)) for s in spec.trainable.values())
@@ -135,7 +135,7 @@ def test_forged_short_and_foreign_participant_lists_are_refused(fed) -> None:
     clients = [sites.connect(login) for login in fed.sites]
     assets = [sites.find_asset(c, "cancer") for c in clients]
     hello = [
-        sites.run_round(c, spec, a, secure.envelope("hello"))
+        sites.run_round(c, spec, a, SecAggHello().encode())
         for c, a in zip(clients, assets, strict=True)
     ]
     entries = [h["secagg"] for h in hello]
@@ -143,7 +143,8 @@ def test_forged_short_and_foreign_participant_lists_are_refused(fed) -> None:
     before = last_json(made[0].cli("budget", "--json"))
 
     def call(participants, label):  # noqa: ANN001, ANN202
-        env = secure.envelope("mask", label=label, weights=blob, participants=participants)
+        listed = tuple(Participant.from_dict(p) for p in participants)
+        env = SecAggMask(label, blob, listed).encode()
         return sites.run_round(clients[0], spec, assets[0], env)
 
     forged = [entries[0], entries[1], {**entries[2], "key": entries[1]["key"]}]
@@ -163,7 +164,7 @@ def test_forged_short_and_foreign_participant_lists_are_refused(fed) -> None:
     }
     assert "not among the job's approved peers" in call([entries[0], foreign], "f3")["reason"]
     # the researcher cannot have one survivor unmask alone, nor an unsigned survivor set
-    unmask = secure.envelope("unmask", label="f4", survivors=[entries[0]["site"]], signatures={})
+    unmask = SecAggUnmask("f4", (entries[0]["site"],), {}).encode()
     assert sites.run_round(clients[0], spec, assets[0], unmask)["status"] == "refused"
     assert last_json(made[0].cli("budget", "--json")) == before  # nothing charged
     assert events(made[0]).count("refused") >= 4
@@ -257,14 +258,15 @@ def _plain_client_attacks_on_a_distributed_job(fed, made, spec) -> None:  # noqa
     clients = [sites.connect(login) for login in fed.sites]
     assets = [sites.find_asset(c, "cancer") for c in clients]
     entries = [
-        sites.run_round(c, spec, a, secure.envelope("hello"))["secagg"]
+        sites.run_round(c, spec, a, SecAggHello().encode())["secagg"]
         for c, a in zip(clients, assets, strict=True)
     ]
     blob = encode_weights(local_model.weights_of(local_model.build(spec)))
     before = last_json(made[0].cli("budget", "--json"))
 
     def mask(participants, label):  # noqa: ANN001, ANN202
-        env = secure.envelope("mask", label=label, weights=blob, participants=participants)
+        listed = tuple(Participant.from_dict(p) for p in participants)
+        env = SecAggMask(label, blob, listed).encode()
         return sites.run_round(clients[0], spec, assets[0], env)
 
     short = mask(entries[:2], "d1")  # 2 of 3: the plan needs every peer
@@ -298,7 +300,7 @@ def test_a_site_killed_mid_round_is_recovered_from_the_survivors(
     victim = made[2]
 
     def kill_at_mask(link, spec, weights):  # noqa: ANN001, ANN202
-        if link.name == victim.name and '"phase": "mask"' in weights:
+        if link.name == victim.name and isinstance(weights, SecAggMask):
             pid = server_pid(SiteDir(victim.dir))
             if pid:
                 os.kill(pid, signal.SIGKILL)

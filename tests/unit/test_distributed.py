@@ -109,6 +109,7 @@ def test_a_distributed_round_completes_from_the_survivors_when_min_sites_allows(
     from datasites.training.job_state import JobState
     from datasites.training.secure_agg import SecureSite
     from policies import secagg
+    from policies.wire import Participant, SecAggMask, SecAggSign, SecAggUnmask
 
     seeds = ("11" * 32, "22" * 32, "33" * 32)
     peers = tuple(
@@ -122,7 +123,7 @@ def test_a_distributed_round_completes_from_the_survivors_when_min_sites_allows(
         for i, seed in enumerate(seeds)
     ]
     entries = [s.hello()["secagg"] for s in sites]
-    env = {"phase": "mask", "label": "r1", "participants": entries}
+    env = SecAggMask("r1", "", tuple(Participant.from_dict(e) for e in entries))
     x, y = small_table()
     sums, masked = [], []
     for site in sites[:2]:  # the third site dies before it masks
@@ -130,13 +131,11 @@ def test_a_distributed_round_completes_from_the_survivors_when_min_sites_allows(
         task = RoundTask(MODEL, plan.to_dict(), x.copy(), y, 0, None, start_weights(), 1.0)
         sums.append(distributed_step(task).weights[SUM])
         masked.append(site.masked_integers(env, pair, sums[-1]))
-    survivors = sorted(s.me for s in sites[:2])
-    sign = {"phase": "sign", "label": "r1", "survivors": survivors}
+    survivors = tuple(sorted(s.me for s in sites[:2]))
+    sign = SecAggSign("r1", survivors)
     signatures = {s.me: s.sign(sign, plan.survivors_needed)["signature"] for s in sites[:2]}
-    opened = [
-        s.unmask({**sign, "phase": "unmask", "signatures": signatures}, plan.survivors_needed)
-        for s in sites[:2]
-    ]
+    unmask = SecAggUnmask("r1", survivors, signatures)
+    opened = [s.unmask(unmask, plan.survivors_needed) for s in sites[:2]]
     size = sums[0].size
     total = secagg.unmask_sum(
         [secagg.decode_vector(m["masked"], size) for m in masked],
@@ -150,4 +149,4 @@ def test_a_distributed_round_completes_from_the_survivors_when_min_sites_allows(
     assert skellam.signed(total).tolist() == (sums[0] + sums[1]).tolist()
     # one survivor alone is refused: fewer than min_sites
     with pytest.raises(Refused, match="fewer than the 2"):
-        sites[0].sign({**sign, "label": "r1", "survivors": [sites[0].me]}, plan.survivors_needed)
+        sites[0].sign(SecAggSign("r1", (sites[0].me,)), plan.survivors_needed)

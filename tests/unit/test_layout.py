@@ -76,3 +76,39 @@ def test_every_datasites_room_says_what_it_holds() -> None:
     for room in rooms:
         doc = ast.get_docstring(ast.parse((room / "__init__.py").read_text()))
         assert doc and len(doc.splitlines()) == 1, room.name
+
+
+def _sources(*packages: str):  # noqa: ANN202
+    for package in packages:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            yield path.relative_to(ROOT).as_posix(), ast.parse(path.read_text())
+
+
+def test_the_wire_tags_of_a_job_call_are_spelt_in_policies_wire_only() -> None:
+    """One string argument carries several protocols (issue 27): its tags live in
+    ``policies/wire.py``, and every other module speaks of a call through its types."""
+    from policies.wire import ReplayLast, SecAggHello
+
+    tags = {m.encode().partition(":")[0] + ":" for m in (ReplayLast(), SecAggHello())}
+    found = [
+        (name, node.value)
+        for name, tree in _sources("datasites", "researcher", "policies", "scripts")
+        if name != "policies/wire.py"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.startswith(tuple(tags))
+    ]
+    assert found == []
+
+
+def test_a_call_is_decoded_once_where_it_enters_the_site() -> None:
+    """``decode_call`` runs in the two halves of ``run_job`` (the site, the dry run) and in no
+    other module of the packages, so no second reading of the argument can disagree."""
+    callers = {
+        name
+        for name, tree in _sources("datasites", "researcher", "policies")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "decode_call"
+    }
+    assert callers == {"datasites/training/site_job.py", "datasites/training/runtime.py"}

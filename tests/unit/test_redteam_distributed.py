@@ -7,6 +7,7 @@ passes because the site refuses, and stays as the regression test.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -20,10 +21,11 @@ from datasites.training.round_task import RoundTask
 from datasites.training.secure_agg import SecureSite
 from policies import secagg, skellam
 from policies.accounting import Mechanism, epsilon
-from policies.errors import PlanError
+from policies.errors import PlanError, WireError
 from policies.modelspec import parse
 from policies.plan import JobSpec, TrainingPlan
 from policies.privacy import job_privacy
+from policies.wire import Participant, SecAggMask, SecAggSign, SecAggUnmask, decode_call
 from tests.unit.distributed_job import MODEL, small_table, start_weights
 
 SEEDS = ("11" * 32, "22" * 32, "33" * 32)
@@ -35,6 +37,10 @@ def _fingerprint(seed_hex: str) -> str:
 
 
 PEERS = tuple(_fingerprint(s) for s in SEEDS)
+
+
+def _mask(label: str, entries: list[dict]) -> SecAggMask:
+    return SecAggMask(label, "", tuple(Participant.from_dict(e) for e in entries))
 
 
 def _plan(**kw) -> TrainingPlan:  # noqa: ANN003
@@ -58,7 +64,7 @@ def _one_round(sites, specs, label, data, weights, fewest, floors=(0.0, 0.0, 0.0
     """mask, sign, unmask at every site with the real SecureSite code; the researcher's sum.
     ``floors``: each site's policy min_noise_multiplier, applied as ``site_job._run`` does."""
     entries = [s.hello()["secagg"] for s in sites]
-    env = {"phase": "mask", "label": label, "participants": entries}
+    env = _mask(label, entries)
     masked = []
     for i, (site, spec) in enumerate(zip(sites, specs, strict=True)):
         seeds = site.check_round(env, fewest)
@@ -67,10 +73,10 @@ def _one_round(sites, specs, label, data, weights, fewest, floors=(0.0, 0.0, 0.0
         task = RoundTask(spec.model, spec.plan.to_dict(), x.copy(), y, 0, None, weights, noise)
         out = distributed_step(task)
         masked.append(site.masked_integers(env, seeds, out.weights[SUM]))
-    survivors = sorted(PEERS)
-    sign = {"phase": "sign", "label": label, "survivors": survivors}
+    survivors = tuple(sorted(PEERS))
+    sign = SecAggSign(label, survivors)
     signatures = {s.me: s.sign(sign, fewest)["signature"] for s in sites}
-    unmask = {**sign, "phase": "unmask", "signatures": signatures, "participants": entries}
+    unmask = SecAggUnmask(label, survivors, signatures)
     opened = [s.unmask(unmask, fewest) for s in sites]
     size = sum(int(np.prod(s)) for s in specs[0].trainable.values())
     total = secagg.unmask_sum(
@@ -192,8 +198,7 @@ def test_a_colluder_reusing_an_honest_peers_key_unmasks_one_sites_noised_sum(tmp
             colluder.sign(secagg.key_message(secagg.job_tag(spec.to_dict()), x_fp, b_key))
         ),
     }
-    participants = [entry_a, entry_b, fake]
-    env = {"phase": "mask", "label": "r1", "participants": participants}
+    env = _mask("r1", [entry_a, entry_b, fake])
     privacy = job_privacy(spec, 50)
     x, y = small_table(50, 0)
     try:
@@ -213,16 +218,15 @@ def test_a_colluder_reusing_an_honest_peers_key_unmasks_one_sites_noised_sum(tmp
             )
             sums[name] = distributed_step(task).weights[SUM]
             masked[name] = site.masked_integers(env, seeds, sums[name])
-        survivors = sorted([x_fp, a_fp, b_fp])
-        sign = {"phase": "sign", "label": "r1", "survivors": survivors}
+        survivors = tuple(sorted([x_fp, a_fp, b_fp]))
+        sign = SecAggSign("r1", survivors)
         message = secagg.survivors_message(secagg.job_tag(spec.to_dict()), "r1", survivors)
         signatures = {
             a_fp: a.sign(sign, plan.survivors_needed)["signature"],
             b_fp: b.sign(sign, plan.survivors_needed)["signature"],
             x_fp: secagg.b64(colluder.sign(message)),
         }
-        unmask = {**sign, "phase": "unmask", "signatures": signatures, "participants": participants}
-        opened = a.unmask(unmask, plan.survivors_needed)
+        opened = a.unmask(SecAggUnmask("r1", survivors, signatures), plan.survivors_needed)
     except Refused:
         return  # fixed: a duplicated key (or a pair seed bound to both sites) is refused
     size = sum(int(np.prod(s)) for s in spec.trainable.values())
@@ -265,8 +269,7 @@ def test_a_dropped_colluders_relayed_key_at_unmask_reveals_honest_pair_seeds(tmp
 
     x_key = secagg.public_bytes(X25519PrivateKey.generate().public_key())
     entries = [s.hello()["secagg"] for s in honest]
-    participants = [*entries, colluder_entry(x_key)]
-    env = {"phase": "mask", "label": "r1", "participants": participants}
+    env = _mask("r1", [*entries, colluder_entry(x_key)])
     privacy = job_privacy(spec, 50)
     sums, masked = {}, {}
     for i, site in enumerate(honest):
@@ -284,20 +287,20 @@ def test_a_dropped_colluders_relayed_key_at_unmask_reveals_honest_pair_seeds(tmp
         )
         sums[site.me] = distributed_step(task).weights[SUM]
         masked[site.me] = site.masked_integers(env, pair, sums[site.me])
-    survivors = sorted([a_fp, b_fp, c_fp])  # the colluder "dropped"
-    sign = {"phase": "sign", "label": "r1", "survivors": survivors}
+    survivors = tuple(sorted([a_fp, b_fp, c_fp]))  # the colluder "dropped"
+    sign = SecAggSign("r1", survivors)
     signatures = {s.me: s.sign(sign, fewest)["signature"] for s in honest}
-    unmask = {**sign, "phase": "unmask", "signatures": signatures}
+    unmask = SecAggUnmask("r1", survivors, signatures)
     a_key = secagg.unb64(entries[0]["key"], 32)
     lying = [*entries, colluder_entry(a_key)]  # the colluder now vouches for A's key
-    try:
-        opened_a = a.unmask({**unmask, "participants": participants}, fewest)
-        pair_with_a = {
-            s.me: s.unmask({**unmask, "participants": lying}, fewest)["dropped"][x_fp]
-            for s in honest[1:]
-        }
-    except Refused:
-        return  # fixed: unmask reveals seeds only for the keys the site masked with
+    # an unmask message has no field for keys: relaying the lie is refused on the wire...
+    tag, _, body = unmask.encode().partition(":")
+    relayed = {**json.loads(body), "participants": lying}
+    with pytest.raises(WireError, match="holds exactly"):
+        decode_call(f"{tag}:{json.dumps(relayed)}", spec.architecture.parameters)
+    # ...and the sites unmask with the keys they checked when they masked
+    opened_a = a.unmask(unmask, fewest)
+    pair_with_a = {s.me: s.unmask(unmask, fewest)["dropped"][x_fp] for s in honest[1:]}
     size = sum(int(np.prod(s)) for s in spec.trainable.values())
     y_a = secagg.decode_vector(masked[a_fp]["masked"], size)
     strip = secagg.mask(

@@ -17,7 +17,7 @@ import pytest
 from datasites.training.prepare import prepare_task, release
 from datasites.training.round_task import run_task
 from policies.plan import JobSpec, training_rows
-from policies.wire import REPLAY_LAST, decode_weights
+from policies.wire import ReplayLast, decode_weights
 from researcher.errors import SiteError, Unreachable
 from researcher.job import make_job
 from researcher.rounds import Checkpoint, run_federation
@@ -50,7 +50,7 @@ class LocalSite:
         self.meta = {"rows": len(frame), "n_classes": 2, "target": "y"}
 
     def __call__(self, spec: JobSpec, weights: str) -> dict:
-        if weights == REPLAY_LAST:
+        if weights == ReplayLast().encode():
             return self.last or {"status": "refused", "reason": "nothing released yet"}
         if self.trained >= spec.plan.rounds:
             return {"status": "refused", "reason": "all rounds have run"}
@@ -114,7 +114,7 @@ def test_every_site_is_needed_by_default_and_the_summary_counts_missed_rounds(
 
     def down_in_round_2(site: LocalSite):  # noqa: ANN202
         def handler(spec, weights):  # noqa: ANN001, ANN202
-            if site.trained == 1 and weights != REPLAY_LAST:
+            if site.trained == 1 and weights != ReplayLast().encode():
                 site.trained += 1  # the round is used up at the site, as a crash after it
                 raise SiteError("b: no datasite answers")
             return site(spec, weights)

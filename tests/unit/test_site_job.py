@@ -273,3 +273,47 @@ def test_rounds_are_counted_per_job_id_across_code_ids(site) -> None:
     assert approvals.take_round("code-7") == 3
     with pytest.raises(RoundLimitReached):
         approvals.take_round("code-7")
+
+
+def test_a_call_that_is_no_round_message_is_refused_before_any_row_or_charge(
+    site, monkeypatch
+) -> None:
+    """Red team: any string at all reaches ``run_job`` from a plain syft client. Garbage, an
+    unknown tag, a malformed or oversized envelope, or a secure-aggregation message to a plain
+    job is refused where the call enters: no row read, no trainer, no round, no epsilon."""
+    from datasites.errors import Refused
+    from datasites.training import runtime
+    from policies.wire import SecAggHello, SecAggMask, TrainRound
+    from tests.unit.test_round_calls import BLOB, GARBAGE, SHAPES, A, B
+
+    root, caller, job = site
+    assert SHAPES == {"0.weight": (2, 3), "0.bias": (2,)}  # the fixture's model
+    touched: list[str] = []
+    read_private = site_job.read_private
+    monkeypatch.setattr(site_job, "read_private", lambda *a: touched.append("rows"))
+    monkeypatch.setattr(site_job, "pool", lambda: touched.append("trainer"))
+    wrong_protocol = {
+        "hello to a plain job": SecAggHello().encode(),
+        "mask to a plain job": SecAggMask("r1", BLOB, (A, B)).encode(),
+    }
+    for name, call in {**GARBAGE, **wrong_protocol}.items():
+        with pytest.raises(Refused):
+            site_job.run_at_site(root.root, caller, _frame(), call, job)
+        # and through the entry point every job calls, as syft runs it at the site
+        monkeypatch.setenv(runtime.SITE_DIR_ENV, str(root.root))
+        monkeypatch.setattr(runtime, "caller_code", lambda: caller)
+        reply = runtime.run_job(_frame(), call, job)
+        assert reply["status"] == "refused", (name, reply)
+        assert set(reply) == {"status", "reason"}, name
+    assert touched == []
+    ledger = _ledger(root)
+    assert ledger.releases(WHO, DATASET) == []
+    assert ledger.budget(WHO, DATASET).epsilon_spent == 0.0
+    assert Approvals(SiteStore(root.db_path)).get("code-1").rounds_run == 0
+    events = [e["event"] for e in AuditLog(SiteStore(root.db_path)).entries()]
+    assert events.count("refused") == 2 * len({**GARBAGE, **wrong_protocol})
+    # the same site then trains a well-formed round as usual
+    monkeypatch.setattr(site_job, "read_private", read_private)
+    monkeypatch.setattr(site_job, "pool", lambda: Pool(fail_on=set()))
+    reply = site_job.run_at_site(root.root, caller, _frame(), TrainRound(BLOB).encode(), job)
+    assert reply["status"] == "ok" and ledger.budget(WHO, DATASET).epsilon_spent > 0
