@@ -164,6 +164,7 @@ def test_trusted_peers_bound_the_peer_list_in_the_review_and_at_a_round(tmp_path
     from datasites.training.site_job import _secure_round
     from policies.errors import PlanError
     from policies.plan import TrainingPlan
+    from policies.wire import SecAggMask
 
     init_site(tmp_path / "s", "s", port=1)
     site = SiteDir(tmp_path / "s")
@@ -185,7 +186,7 @@ def test_trusted_peers_bound_the_peer_list_in_the_review_and_at_a_round(tmp_path
         plan = TrainingPlan(aggregation="secure", peers=(ours, rogue), noise_multiplier=1.0)
 
     with pytest.raises(Refused, match="trusted peers; nothing ran"):
-        _secure_round(site, None, None, None, Spec(), policy, {"phase": "mask"}, False)
+        _secure_round(site, None, None, None, Spec(), policy, SecAggMask("r1", "", ()), False)
     with pytest.raises(PlanError, match="fingerprints"):
         DatasetPolicy(trusted_peers=["not-hex"]).validate()
     run_cli("datasite", "policy", "set", "--dir", d, "--dataset", "d", "--untrust-peer", theirs)
