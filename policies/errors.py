@@ -9,7 +9,9 @@ PolicyError
  ├── PlanError          a training plan or job spec is malformed or out of range
  ├── BudgetExceeded     a charge would pass the privacy budget (never partially applied)
  ├── RoundLimitReached  an approval was asked for more rounds than it covers
- └── WireError          weights on the wire could not be decoded or do not match the model
+ ├── WireError          weights on the wire could not be decoded or do not match the model
+ └── Refused            a round will not run on this table, these weights or this plan (the
+                        reply says why, nothing charged); ``datasites.errors`` names it too
 """
 
 from collections.abc import Callable, Iterator
@@ -39,6 +41,11 @@ class RoundLimitReached(PolicyError):
 
 class WireError(PolicyError):
     """Encoded weights are not what the declared model expects."""
+
+
+class Refused(PolicyError):
+    """A round that will not run (``policies.engine``, or the site's own checks around it); the
+    message is safe to show the researcher."""
 
 
 def is_connection_error(exc: BaseException) -> bool:

@@ -32,7 +32,7 @@ def test_every_error_class_of_every_package_has_the_one_root() -> None:
     ]
     assert len(classes) >= 17
     assert all(issubclass(c, FedsiteError) for c in classes), classes
-    from datasites.training.runtime import Refused
+    from datasites.errors import Refused
     from datasites.training.sandbox import SandboxLimit
     from datasites.training.site_job import RoundFailed
     from researcher.sites import Unreachable

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datasites.training.prepare import table_arrays
-from datasites.training.round_task import split, standardise
-from datasites.training.runtime import Refused, dry_run
+from policies.engine.mock_round import dry_run
+from policies.engine.prepare import table_arrays
+from policies.engine.round_task import split, standardise
+from policies.errors import Refused
 from policies.wire import decode_weights
 from researcher.job import make_job
 
@@ -91,8 +92,8 @@ def test_a_dry_run_trains_one_round_and_releases_the_spec_parameters() -> None:
 def test_private_labels_never_decide_a_refusal() -> None:
     """Red team: 'class labels must be 0..k-1' was raised from the private labels before any
     charge, a free yes/no about one row. Now both tables give a task, and labels are clamped."""
-    from datasites.training.prepare import prepare_task
-    from datasites.training.round_task import class_codes
+    from policies.engine.prepare import prepare_task
+    from policies.engine.round_task import class_codes
 
     layers = [{"type": "Linear", "in_features": 3, "out_features": 2}]
     spec = make_job(layers, "d", "y", {"noise_multiplier": 1.0}, n_features=3)
@@ -109,8 +110,8 @@ def test_private_labels_never_decide_a_refusal() -> None:
 def test_released_counts_follow_the_published_row_count_not_the_private_one() -> None:
     """Attack: tell a table of 300 rows from one of 301 by the round's n, val_rows or steps.
     The site computes all three, and the sampling rate, from the published DP count."""
-    from datasites.training.prepare import prepare_task
-    from datasites.training.round_task import run_task
+    from policies.engine.prepare import prepare_task
+    from policies.engine.round_task import run_task
     from policies.plan import TrainingPlan, training_rows, validation_rows
 
     layers = [{"type": "Linear", "in_features": 3, "out_features": 2}]

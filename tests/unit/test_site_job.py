@@ -20,8 +20,8 @@ from datasites.review.access import DatasetPolicy, PolicyStore
 from datasites.review.approvals import Approval, Approvals
 from datasites.serving.config import SiteDir, init_site
 from datasites.training import site_job
-from datasites.training.round_task import run_task
 from datasites.training.runtime import CallerCode
+from policies.engine.round_task import run_task
 from policies.errors import RoundLimitReached
 from policies.wire import encode_weights
 from researcher.job import make_job

@@ -142,7 +142,8 @@ def test_caller_code_finds_the_approved_code_on_syfts_real_execution_path(
     on the real path it names the approved code, and tells the private pass from the mock's."""
     import syft as sy
 
-    from datasites.training.runtime import Refused, caller_code
+    from datasites.errors import Refused
+    from datasites.training.runtime import caller_code
 
     admin = in_process_server.login(email="info@openmined.org", password="changethis")
     frame = pd.DataFrame({"x": [1.0, 2.0, 3.0], "y": [0, 1, 0]})

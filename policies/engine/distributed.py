@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from datasites.training.dp_sgd import loss_fn, targets
-from datasites.training.round_task import RoundOutput, RoundTask, class_codes, standardise
-from datasites.training.secure_noise import secure_uniform
 from policies import skellam
+from policies.engine.dp_sgd import loss_fn, targets
+from policies.engine.round_task import RoundOutput, RoundTask, class_codes, standardise
+from policies.engine.secure_noise import secure_uniform
 from policies.modelspec import parse
 from policies.plan import TrainingPlan
 from policies.torch_model import build, load

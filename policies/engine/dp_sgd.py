@@ -3,7 +3,7 @@
 This module is the site's, never the researcher's: clipping, noise and accounting happen here
 with parameters taken from the approved plan. Two rules hold for every call:
 
-* Noise and Poisson sampling come from the OS CSPRNG (``datasites.training.secure_noise``). Nothing a
+* Noise and Poisson sampling come from the OS CSPRNG (``policies.engine.secure_noise``). Nothing a
   researcher knows (job id, round, plan) seeds them. ``_test_seed`` exists for unit tests only:
   no job, plan or site config reaches it.
 * What is released is the starting weights plus the sum of the steps the site's own optimizer
@@ -24,9 +24,9 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from datasites.training import fused_dp
-from datasites.training.secure_noise import make_secure, secure_gaussian
 from policies import imbalance
+from policies.engine import fused_dp
+from policies.engine.secure_noise import make_secure, secure_gaussian
 from policies.plan import CLASSIFIERS, TrainingPlan
 from policies.wire import Weights
 
@@ -186,7 +186,7 @@ def train_dp(
 ) -> TrainResult:
     """Run ``plan.local_epochs`` of DP-SGD with Poisson sampling and per-sample clipping.
 
-    ``engine="auto"`` gives Linear/Conv2d models the fused clipper (``datasites.training.fused_dp``) and
+    ``engine="auto"`` gives Linear/Conv2d models the fused clipper (``policies.engine.fused_dp``) and
     any other model Opacus' GradSampleModule + DPOptimizer; ``"opacus"`` forces the latter.
     Both clip, noise and scale identically (tests/unit/test_fused_dp.py). ``_test_seed`` makes
     noise and sampling repeatable for unit tests; sites never pass it. ``public_rows``: the
@@ -427,5 +427,5 @@ def _correct(out: torch.Tensor, yt: torch.Tensor, loss: str) -> torch.Tensor:
 
 
 def secure_scalar_gaussian(std: float) -> float:
-    """One Gaussian draw of ``std`` from the OS CSPRNG (``datasites.training.secure_noise``)."""
+    """One Gaussian draw of ``std`` from the OS CSPRNG (``policies.engine.secure_noise``)."""
     return float(secure_gaussian(std, 1)[0])

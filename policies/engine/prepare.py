@@ -8,10 +8,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from datasites.errors import Refused
 from policies import imbalance
 from policies.compression import compress
-from policies.errors import PlanError
+from policies.errors import PlanError, Refused
 from policies.labels import check_site as check_site_classes
 from policies.labels import counts_to_job, site_to_job
 from policies.layout import align_stats, check_site, encode, width
@@ -122,7 +121,7 @@ def prepare_task(
     private labels'. ``site_classes``: this dataset's published class list, the labels its
     stored codes stand for (``job_labels``).
     """
-    from datasites.training.round_task import RoundTask
+    from policies.engine.round_task import RoundTask
 
     x, y = table_arrays(frame, target, spec.layout)
     y, class_counts = job_labels(spec, y, site_classes, class_counts)

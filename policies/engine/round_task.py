@@ -88,7 +88,7 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     metrics are noised sums (``training.private_metrics``), and the row counts, the sampling
     rate and the step count are functions of the table's published (DP) size and the plan.
     """
-    from datasites.training.dp_sgd import private_metrics, secure_scalar_gaussian, train_dp
+    from policies.engine.dp_sgd import private_metrics, secure_scalar_gaussian, train_dp
     from policies.modelspec import parse
     from policies.torch_model import build, load
 
