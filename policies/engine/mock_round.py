@@ -54,7 +54,7 @@ def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None
         privacy.noise_multiplier,
         n_classes,
         secrets.randbits(63),
-        scaling,  # type: ignore[arg-type]  # (mean, std) or (mean, std, low, high), as at a site
+        scaling,  # (mean, std) or (mean, std, low, high), as at a site
         class_counts=_mock_class_counts(frame[spec.target], n_classes or 2),
         # the mock's labels arrive as the job's codes (researcher.api maps them with the
         # mock's site's published class list, as that site maps its rows)
@@ -89,7 +89,7 @@ def _distributed_dry_run(
     return task, RoundOutput(weights, output.n, {}, output.timing)
 
 
-def _mock_class_counts(target: pd.Series, n_classes: int) -> list[float]:
+def _mock_class_counts(target: pd.Series[Any], n_classes: int) -> list[float]:
     """Label counts of the table a dry run is given, the public mock: what "balanced" reads
     there (a site reads its published DP counts instead)."""
     codes = pd.to_numeric(target, errors="coerce")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from policies import imbalance
@@ -29,7 +30,7 @@ from policies.wire import (
 
 def table_arrays(
     frame: pd.DataFrame, target: str, layout: dict[str, Any] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Features (a float32 copy, ours to edit) and target of a table; categorical columns
     one-hot encoded to the job's federation-wide ``layout`` (``policies.layout``)."""
     if target not in frame.columns:
@@ -164,10 +165,10 @@ def prepare_task(
 
 def job_labels(
     spec: JobSpec,
-    y: np.ndarray,
+    y: npt.NDArray[Any],
     site_classes: list[str] | None,
     class_counts: list[float] | None,
-) -> tuple[np.ndarray, list[float] | None]:
+) -> tuple[npt.NDArray[Any], list[float] | None]:
     """The target and the published class counts in the job's label space.
 
     A job that carries a class list (``policies.labels``) has every site's codes mapped into
@@ -206,8 +207,8 @@ def release(
     output: Any,
     round_no: int,
     incoming: Weights | None = None,
-    residual: np.ndarray | None = None,
-) -> tuple[RoundReply, np.ndarray | None]:
+    residual: npt.NDArray[Any] | None = None,
+) -> tuple[RoundReply, npt.NDArray[Any] | None]:
     """The reply, and the top-k residual to keep for the job's next round (or None).
 
     The reply holds the spec's trainable tensors (checked again; frozen ones never leave) as

@@ -60,6 +60,46 @@ def test_policies_is_the_syft_free_contract_of_both_wings() -> None:
     assert not kept & {"ledger", "audit", "store", "access", "report", "codecheck"}
 
 
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring nodes in ``tree``: prose may say what syft does, code may not."""
+    found = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = body[0] if body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def _names_in_code(tree: ast.AST) -> set[str]:
+    """Every identifier and string the code of ``tree`` spells, docstrings left out."""
+    prose = _docstrings(tree)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if id(node) not in prose:
+                names.add(node.value)
+        elif isinstance(node, ast.alias):
+            names |= {node.name, node.asname or ""}
+        else:
+            for field in ("id", "attr", "name", "arg", "module"):
+                value = getattr(node, field, None)
+                if isinstance(value, str):
+                    names.add(value)
+    return names
+
+
+def test_policies_neither_imports_nor_names_syft() -> None:
+    """syft's knowledge (its classes, error names, private attributes) lives in each wing's
+    adapter (``researcher.syft_adapter``, ``datasites.serving.syft_client``), not in the
+    contract: ``policies.tls`` once patched syft's HTTPConnection, ``policies.errors`` once
+    recognised SyftError by name."""
+    for path in (ROOT / "policies").rglob("*.py"):
+        spelled = _names_in_code(ast.parse(path.read_text()))
+        assert not [n for n in spelled if "syft" in n.lower()], path.relative_to(ROOT)
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The import cycles of ``graph``: each strongly connected group of modules, or a module
     that imports itself (Tarjan's algorithm, iterative: the graph has some 200 modules)."""

@@ -3,6 +3,8 @@ the dry run that takes a round through the site's code path on a table."""
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -87,6 +89,32 @@ def test_a_dry_run_trains_one_round_and_releases_the_spec_parameters() -> None:
     assert again["status"] == "ok" and again["metrics"]["val_rows"] == 40
     with pytest.raises(Refused, match="has 2 feature"):
         dry_run(frame.drop(columns=["c"]).to_dict("list"), "", spec)
+
+
+def test_the_site_entry_point_runs_only_in_a_server_that_named_its_site(monkeypatch) -> None:
+    """``run_job`` has one mode: the site's. Outside a server that called ``serve_site`` it
+    refuses, whatever the environment says (``FEDSITE_DIR`` unset once made it a dry run)."""
+    from datasites.training import runtime
+
+    frame = _frame(40)
+    frame["y"] = (frame["a"] > 0).astype(int)
+    layers = [{"type": "Linear", "in_features": 3, "out_features": 2}]
+    job = make_job(layers, "d", "y", {"noise_multiplier": 1.0}, n_features=3).to_dict()
+    monkeypatch.setattr(runtime, "_SITE", [])
+    for env in (None, "/nonexistent-site"):
+        if env is None:
+            monkeypatch.delenv("FEDSITE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("FEDSITE_DIR", env)
+        reply = runtime.run_job(data=frame.to_dict("list"), weights="", job=job)
+        assert reply == {
+            "status": "refused",
+            "reason": "run_job runs inside a datasite's server only; nothing ran",
+        }
+    monkeypatch.setattr(runtime, "_SITE", [])
+    runtime.serve_site(pathlib.Path("/some/site"))
+    reply = runtime.run_job(data=frame.to_dict("list"), weights="", job=job)
+    assert reply["status"] == "refused" and "not called by syft" in reply["reason"]
 
 
 def test_private_labels_never_decide_a_refusal() -> None:
