@@ -56,7 +56,7 @@ def datasets(fed: Federation) -> dict[str, Any]:
 
 
 def dry_run(fed: Federation, spec: JobSpec, initial: Weights | None = None) -> dict[str, Any]:
-    """Run the exact function the sites will run, locally, on the first site's mock data.
+    """One round of the sites' own round engine (``policies.engine``), here, on the first site's mock.
 
     Adds the epsilon the whole plan would spend at each site, from each site's row count, and
     the utility warnings (``policies.utility``): why the job may not learn, from public numbers.
