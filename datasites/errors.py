@@ -7,12 +7,15 @@ DatasiteError
  ├── AuthError          a login was refused (wrong password)
  ├── ReviewError        unknown request, refused approval, missing reason
  │    └── AlreadyApproved  a code or job id that was approved before (approved once, ever)
- ├── Refused            a job call the runtime will not run (the reply says why, nothing charged)
  ├── RoundFailed        a round failed after its charge (one fixed reply; cause in the audit log)
  └── SandboxLimit       a round passed the site's time or memory limit and was stopped
+
+Refused (a round that will not run; the reply says why, nothing charged) is
+``policies.errors.Refused``, named here too: the round engine both wings run raises it.
 """
 
 from policies.errors import FedsiteError
+from policies.errors import Refused as Refused  # raised by the round engine too (policies.engine)
 
 
 class DatasiteError(FedsiteError):
@@ -41,10 +44,6 @@ class ReviewError(DatasiteError):
 
 class AlreadyApproved(ReviewError):
     """A second approval of a code id or job id: one approval, one budget, per job, ever."""
-
-
-class Refused(DatasiteError):
-    """A call the runtime will not run; the message is safe to show the researcher."""
 
 
 class RoundFailed(DatasiteError):

@@ -9,12 +9,13 @@ PolicyError
  ├── PlanError          a training plan or job spec is malformed or out of range
  ├── BudgetExceeded     a charge would pass the privacy budget (never partially applied)
  ├── RoundLimitReached  an approval was asked for more rounds than it covers
- └── WireError          weights on the wire could not be decoded or do not match the model
+ ├── WireError          weights on the wire could not be decoded or do not match the model
+ └── Refused            a round will not run on this table, these weights or this plan (the
+                        reply says why, nothing charged); ``datasites.errors`` names it too
 """
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 
 class FedsiteError(Exception):
@@ -41,44 +42,54 @@ class WireError(PolicyError):
     """Encoded weights are not what the declared model expects."""
 
 
+class Refused(PolicyError):
+    """A round that will not run (``policies.engine``, or the site's own checks around it); the
+    message is safe to show the researcher."""
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True for a failure to reach a server: requests' ConnectionError family or any OSError.
 
-    Both packages talk to datasites over syft's HTTP client and turn these into their own
-    "no datasite answers" errors; this is the one place that decides what counts.
+    Both wings talk to datasites over HTTP and turn these into their own "no datasite answers"
+    errors; this is the one place that decides what counts.
     """
     return "Connection" in type(exc).__name__ or isinstance(exc, OSError)
 
 
-def _is_syft_error(exc: BaseException) -> bool:
-    return type(exc).__module__.startswith("syft.") and hasattr(exc, "public_message")
-
-
-def syft_message(exc: BaseException) -> str:
-    """What syft says to a user about ``exc``: its public message, never its server trace."""
-    return str(getattr(exc, "public_message", exc)).strip()
+def is_tls_error(exc: BaseException) -> bool:
+    """True when a connection failed on the certificate (not on reachability)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        name = type(current).__name__
+        if "SSL" in name or "Certificate" in name or "fingerprint" in str(current).lower():
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 @contextmanager
-def map_syft_errors(
+def map_errors(
     what: str,
     failed: Callable[[str], FedsiteError],
     unreachable: Callable[[str], FedsiteError],
+    public_message: Callable[[BaseException], str | None],
 ) -> Iterator[None]:
-    """Translate syft's failures inside the block into one wing's errors (httpx's
-    ``map_exceptions`` style): a SyftException or a returned-and-raised SyftError becomes
-    ``failed("WHAT: message")``, a refused or dropped connection ``unreachable(...)``. Each
-    wing's syft boundary uses this one function; policies itself never imports syft.
+    """Translate a client library's failures inside the block into one wing's errors (httpx's
+    ``map_exceptions`` style): an error the library meant for its user (``public_message``
+    gives its text, None for any other) becomes ``failed("WHAT: message")``, a certificate that
+    is not the trusted one ``failed(...)``, a refused or dropped connection ``unreachable(...)``.
+    Anything else is a bug and passes through. Each wing's adapter names its library's errors.
     """
     try:
         yield
     except FedsiteError:
         raise
     except Exception as exc:
-        if _is_syft_error(exc):
-            raise failed(f"{what}: {syft_message(exc)}") from exc
-        from policies.tls import is_tls_error
-
+        message = public_message(exc)
+        if message is not None:
+            raise failed(f"{what}: {message}") from exc
         if is_tls_error(exc):
             raise failed(
                 f"{what}: the site's TLS certificate is not the one trusted for it (the pinned "
@@ -87,10 +98,3 @@ def map_syft_errors(
         if is_connection_error(exc):
             raise unreachable(f"{what}: no datasite answers ({type(exc).__name__})") from exc
         raise
-
-
-def check_reply(value: Any, what: str, failed: Callable[[str], FedsiteError]) -> Any:
-    """``value``, unless syft returned a SyftError instead of raising it."""
-    if type(value).__name__ == "SyftError" and hasattr(value, "message"):
-        raise failed(f"{what}: {value.message}")
-    return value

@@ -8,7 +8,7 @@ Both sides read this module, and it is plain numpy:
   loss before its gradient is clipped, so DP-SGD's sensitivity and accounting are unchanged.
 * ``score_bins`` and ``binary_metrics`` define the one DP release of ranking quality: per class,
   a histogram of the model's log-odds over fixed unit bins, noised by the site
-  (``datasites.training.dp_sgd.private_metrics``); recall, precision, ROC-AUC, PR-AUC and
+  (``policies.engine.dp_sgd.private_metrics``); recall, precision, ROC-AUC, PR-AUC and
   balanced accuracy are computed from the noisy counts alone (post-processing).
 """
 

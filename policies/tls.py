@@ -3,9 +3,11 @@
 Both wings use this module. A site serves HTTPS with a certificate given at ``datasite init``
 (``--tls-cert/--tls-key``) or made there (``--self-signed``, by :func:`self_signed`, with
 ``cryptography``). Its SHA-256 fingerprint (of the DER certificate) is printed at init and by
-``status``. A client trusts a site either by a CA file or by that pinned fingerprint; syft's own
-HTTP session would use the system CAs, so :func:`install` gives syft's connections an adapter
-that verifies against what was pinned for their host and port, and refuses anything else.
+``status``. A client trusts a site either by a CA file or by that pinned fingerprint: :func:`pin`
+records it per host and port, and :func:`pinned_session` and :func:`post_once` are HTTP sessions
+that verify against it and refuse anything else. Plain ``requests``: each wing's adapter of its
+HTTP client (``researcher.syft_adapter``, ``datasites.serving.syft_patches``) routes the client's
+connections through them.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ _LOCK = threading.Lock()
 
 
 def pin(url: str, trust: Trust) -> None:
-    """Trust ``url``'s host and port only as ``trust`` says, for syft's connections."""
+    """Trust ``url``'s host and port only as ``trust`` says, in every pinned session."""
     with _LOCK:
         _PINS[_key(url)] = trust
 
@@ -114,88 +116,34 @@ def trust_for(url: str) -> Trust | None:
         return _PINS.get(_key(url))
 
 
-@dataclass(frozen=True)
-class SyftClient:
-    """The pieces of syft's client that :func:`install` patches, handed in by each wing
-    (``policies`` is the syft-free contract and imports no syft itself)."""
-
-    http_connection: Any  # syft.client.client.HTTPConnection
-    server_url: Any  # syft.types.server_url.ServerURL
-    serialize: Any  # syft.serde.serialize._serialize
-    deserialize: Any  # syft.serde.deserialize._deserialize
-
-
-def install(syft: SyftClient) -> None:
-    """Give syft's HTTP session, in this process, an adapter that (1) does not retry a refused
-    connection (this package retries, with backoff, where it means to) and (2) verifies each
-    HTTPS site against what :func:`pin` holds for it."""
-    import requests
-
-    def session(self: Any) -> requests.Session:
-        if self.session_cache is None:
-            # the trust pinned for this URL when the connection first talks: a later pin for
-            # the same host and port (another login) never changes an open connection's trust
-            self.session_cache = _session(trust_for(str(self.url)))
-        cached: requests.Session = self.session_cache
-        return cached
-
-    syft.http_connection.session = property(session)
-    _keep_https_ports(syft.server_url)
-    _api_calls_through_the_session(syft)
-
-
-def _keep_https_ports(server_url: Any) -> None:
-    """syft 0.9.5's ``ServerURL.from_url`` sets the port of every ``https://`` URL to 443, and
-    ``with_path`` (each request) goes through it, so a site on https://host:8443 was called on
-    443. The explicit port is kept; a URL without one still gets 443."""
+def explicit_port(url: str) -> int | None:
+    """The port an ``https://`` URL names, if it names one (a client that resolves every
+    ``https://`` URL to 443 keeps this one instead)."""
     from urllib.parse import urlsplit
 
-    original = server_url.from_url.__func__
-    if getattr(original, "_fedsite_keeps_port", False):
-        return
-
-    def from_url(cls: Any, url: Any) -> Any:
-        parsed = original(cls, url)
-        if isinstance(url, str) and url.startswith("https://"):
-            port = urlsplit(url).port
-            if port:
-                parsed.set_port(port)
-        return parsed
-
-    from_url._fedsite_keeps_port = True  # type: ignore[attr-defined]
-    server_url.from_url = classmethod(from_url)
+    return urlsplit(url).port if url.startswith("https://") else None
 
 
-def _api_calls_through_the_session(syft: SyftClient) -> None:
-    """syft 0.9.5 sends every API call with a bare ``requests.post``, which trusts the system
-    CAs whatever was pinned. The call now goes through a fresh session with the pinned adapter.
+def post_once(url: str, body: bytes, headers: dict[str, str], trust: Trust | None) -> bytes:
+    """One POST through a fresh session that verifies ``url`` as ``trust`` says.
 
-    Fresh, as syft's was: a kept-alive connection that the server closed while idle fails the
-    next POST, and a POST (a training round) must not be retried blindly. The rest is syft's.
-    """
+    Fresh: a kept-alive connection that the server closed while idle fails the next POST, and a
+    POST (a training round) must not be retried blindly. A reply other than 200 is a
+    ``requests.ConnectionError``, as a client that cannot get an answer sees it."""
     import requests
 
-    original = syft.http_connection.make_call
-    if getattr(original, "_fedsite_session", False):
-        return
-
-    def make_call(self: Any, signed_call: Any) -> Any:
-        if self.rtunnel_token:  # syft's proxy path, untouched
-            return original(self, signed_call)
-        body = syft.serialize(obj=signed_call, to_bytes=True)
-        with _session(self.session.get_adapter("https://").trust) as once:
-            response = once.post(url=str(self.api_url), data=body, headers=self.headers)
-        if response.status_code != 200:
-            raise requests.ConnectionError(
-                f"Failed to fetch metadata. Response returned with code {response.status_code}"
-            )
-        return syft.deserialize(response.content, from_bytes=True)
-
-    make_call._fedsite_session = True  # type: ignore[attr-defined]
-    syft.http_connection.make_call = make_call
+    with pinned_session(trust) as once:
+        response = once.post(url=url, data=body, headers=headers)
+    if response.status_code != 200:
+        raise requests.ConnectionError(
+            f"Failed to fetch metadata. Response returned with code {response.status_code}"
+        )
+    content: bytes = response.content
+    return content
 
 
-def _session(trust: Trust | None) -> Any:
+def pinned_session(trust: Trust | None) -> Any:
+    """A ``requests.Session`` whose HTTP and HTTPS connections go through :class:`PinnedAdapter`."""
     import requests
 
     new = requests.Session()
@@ -212,11 +160,12 @@ def _adapter_base() -> Any:
 
 
 class PinnedAdapter(_adapter_base()):  # type: ignore[misc]
-    """requests' adapter with syft's retries minus connect retries, and pinned trust.
+    """requests' adapter with three read retries but no connect retry (the callers retry a
+    round, with backoff, where they mean to), and pinned trust.
 
-    syft passes ``verify=True`` with every request (its ``verify_tls()``), which would mean the
-    system CAs; here the site's own trust replaces it: its CA file, or no CA check but an exact
-    certificate fingerprint (urllib3's ``assert_fingerprint``).
+    A client that passes ``verify=True`` with every request would mean the system CAs; here the
+    site's own trust replaces it: its CA file, or no CA check but an exact certificate
+    fingerprint (urllib3's ``assert_fingerprint``).
     """
 
     def __init__(self, trust: Trust | None = None) -> None:
@@ -235,15 +184,3 @@ class PinnedAdapter(_adapter_base()):  # type: ignore[misc]
             if trust is not None and trust.ca_file:
                 kwargs["verify"] = str(trust.ca_file)
         return super().send(request, **kwargs)
-
-
-def is_tls_error(exc: BaseException) -> bool:
-    """True when a connection failed on the certificate (not on reachability)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        name = type(exc).__name__
-        if "SSL" in name or "Certificate" in name or "fingerprint" in str(exc).lower():
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False

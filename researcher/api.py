@@ -21,7 +21,7 @@ import numpy as np
 
 from policies import autoplan, utility
 from policies.autoplan import AutoPlan
-from policies.errors import PlanError
+from policies.errors import PlanError, PolicyError
 from policies.labels import check_site as check_site_classes
 from policies.labels import federation_classes, site_to_job
 from policies.layout import align_stats, federation_layout, one_hot_mask, width
@@ -30,11 +30,11 @@ from policies.plan import n_outputs as outputs_for
 from policies.privacy import job_privacy
 from policies.scaling import published_ranges, weak_inputs
 from policies.utility import UtilityWarning
-from policies.wire import TrainRound, Weights
+from policies.wire import Weights, encode_weights
 from researcher import sites
 from researcher.errors import JobError, SiteError
 from researcher.federation import Federation
-from researcher.job import as_function, load_job_file, read_job_file
+from researcher.job import load_job_file, read_job_file
 
 JOBS_DIR = ".fedsite-jobs"
 PROGRESS_SUFFIX = ".progress.json"  # beside the saved jobs, and not one of them
@@ -56,7 +56,7 @@ def datasets(fed: Federation) -> dict[str, Any]:
 
 
 def dry_run(fed: Federation, spec: JobSpec, initial: Weights | None = None) -> dict[str, Any]:
-    """Run the exact function the sites will run, locally, on the first site's mock data.
+    """One round of the sites' own round engine (``policies.engine``), here, on the first site's mock.
 
     Adds the epsilon the whole plan would spend at each site, from each site's row count, and
     the utility warnings (``policies.utility``): why the job may not learn, from public numbers.
@@ -79,13 +79,27 @@ def _mock_round(fed: Federation, spec: JobSpec, initial: Weights | None = None) 
         with sites.quiet():
             mock = asset.mock
         mock = mock_in_job_codes(mock, sites.asset_meta(asset), spec)
-        call = TrainRound.of(initial)
-        result = as_function(spec)(data=mock, weights=call.encode())
-        if result.get("status") != "ok":
-            raise JobError(f"dry run on {login.name}'s mock: {result.get('reason')}")
+        result = mock_round(mock, spec, initial, where=f"{login.name}'s mock")
         result["mock_site"] = login.name
         return result
     raise JobError(f"no site in the federation has dataset {spec.dataset!r}")
+
+
+def mock_round(
+    mock: Any, spec: JobSpec, initial: Weights | None = None, where: str = "the mock"
+) -> dict[str, Any]:
+    """One round of the sites' own round engine (``policies.engine``) on ``mock``, here; the
+    refusal a site would give becomes a JobError. No site code runs and nothing is sent."""
+    from policies.engine.mock_round import dry_run as engine_dry_run  # torch: only when used
+
+    weights = encode_weights(initial) if initial is not None else ""
+    try:
+        result = dict(engine_dry_run(mock, weights, spec))
+    except PolicyError as exc:
+        raise JobError(f"dry run on {where}: {exc}") from exc
+    if result.get("status") != "ok":
+        raise JobError(f"dry run on {where}: {result.get('reason')}")
+    return result
 
 
 def mock_in_job_codes(mock: Any, meta: dict[str, Any], spec: JobSpec) -> Any:

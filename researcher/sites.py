@@ -9,33 +9,27 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import syft as sy
-from syft.client.client import HTTPConnection
-from syft.serde.deserialize import _deserialize
-from syft.serde.serialize import _serialize
 from syft.service.policy.policy import OutputPolicyExecuteCount
 from syft.types.result import Err
-from syft.types.server_url import ServerURL
 
 from policies import tls
 from policies.console import quiet
-from policies.errors import check_reply, map_syft_errors
 from policies.metadata import parse_meta
 from policies.plan import JobSpec
 from policies.wire import RoundCall, RoundReply
+from researcher import syft_adapter
 from researcher.errors import SiteError, Unreachable
 from researcher.federation import SiteLogin
 from researcher.job import as_function
-
-# syft's session: no connect retries (rounds retry), pinned trust for HTTPS
-tls.install(tls.SyftClient(HTTPConnection, ServerURL, _serialize, _deserialize))
+from researcher.syft_adapter import check_reply
 
 
 @contextmanager
 def syft_errors(what: str, client: Any = None) -> Iterator[None]:
-    """This wing's one translation of syft's failures (see ``policies.errors.map_syft_errors``);
-    a client whose site stopped answering is dropped from the session cache."""
+    """This wing's one translation of syft's failures (``syft_adapter.syft_errors``); a client
+    whose site stopped answering is dropped from the session cache."""
     try:
-        with map_syft_errors(what, SiteError, Unreachable):
+        with syft_adapter.syft_errors(what, SiteError, Unreachable):
             yield
     except Unreachable:
         for key in [k for k, v in _SESSIONS.items() if v is client]:
@@ -49,7 +43,9 @@ _SESSIONS: dict[tuple[str, str, str], Any] = {}
 def connect(login: SiteLogin, fresh: bool = False) -> Any:
     """A logged-in client for ``login``, reused within this process: a syft login fetches the
     whole API (about 1.5 s), and one command often talks to a site several times. ``fresh``
-    logs in again (after a dropped connection)."""
+    logs in again (after a dropped connection). syft's client gets the pinned sessions first
+    (``syft_adapter.install``): no connect retries (rounds retry), pinned trust for HTTPS."""
+    syft_adapter.install()
     secret = f"{login.password()}|{login.fingerprint}|{login.ca_file}"  # trust is part of it
     key = (login.url, login.email, hashlib.sha256(secret.encode()).hexdigest())
     if not fresh and key in _SESSIONS:

@@ -58,7 +58,7 @@ from datasites.ledger.store import SiteStore
 from datasites.review.access import DatasetPolicy, PolicyStore
 from datasites.serving import admin, process
 from datasites.serving.config import SiteDir
-from datasites.training.dp_sgd import train_dp
+from policies.engine.dp_sgd import train_dp
 from policies.plan import TrainingPlan
 from policies.wire import TrainRound
 from researcher import api

@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 from demo import SITES, split_data
 
-from datasites.training.prepare import prepare_task, release
-from datasites.training.round_task import run_task
+from policies.engine.prepare import prepare_task, release
+from policies.engine.round_task import run_task
 from policies.plan import JobSpec
 from policies.privacy import privacy_plan
 from policies.wire import ReplayLast, decode_call

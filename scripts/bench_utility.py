@@ -46,11 +46,11 @@ from sklearn.model_selection import train_test_split
 from datasites.data.mock import make_mock
 from datasites.data.tables import validate_table
 from datasites.serving.admin import _meta
-from datasites.training.distributed import SUM, distributed_step
-from datasites.training.prepare import prepare_task, release, site_scaling
-from datasites.training.round_task import RoundTask, run_task
 from policies import autoplan, skellam
 from policies.compression import flatten, unflatten
+from policies.engine.distributed import SUM, distributed_step
+from policies.engine.prepare import prepare_task, release, site_scaling
+from policies.engine.round_task import RoundTask, run_task
 from policies.modelspec import parse
 from policies.plan import TrainingPlan
 from policies.privacy import job_privacy, privacy_plan

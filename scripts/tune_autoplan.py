@@ -34,9 +34,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from datasites.data.mock import make_mock
-from datasites.training.prepare import prepare_task, release
-from datasites.training.round_task import run_task
 from policies import autoplan
+from policies.engine.prepare import prepare_task, release
+from policies.engine.round_task import run_task
 from policies.plan import JobSpec
 from policies.privacy import privacy_plan
 from researcher.job import make_job

@@ -97,9 +97,10 @@ class Site:
         """A plain syft client, trusting this site's certificate only."""
         import syft as sy
 
-        import researcher.sites  # noqa: F401  installs the pinned sessions
         from policies import tls
+        from researcher import syft_adapter
 
+        syft_adapter.install()  # syft's client gets the pinned sessions
         tls.pin(self.url, tls.Trust(fingerprint=self.fingerprint))
         return sy.login(url="https://127.0.0.1", port=self.port, email=email, password=password)
 

@@ -13,20 +13,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import syft as sy
-from syft.client.client import HTTPConnection
-from syft.serde.deserialize import _deserialize
 from syft.serde.serialize import _serialize
-from syft.types.server_url import ServerURL
 
 from datasites.data.mock import DEFAULT_MOCK_EPSILON, class_keys, make_mock
 from datasites.data.store import remove_private, write_private
 from datasites.data.tables import Table, clamp
 from datasites.errors import AuthError, ServerError, TableError
-from datasites.serving import sessions
+from datasites.serving import sessions, syft_client
 from datasites.serving.config import SiteDir
+from datasites.serving.syft_client import check_reply
 from policies import tls
 from policies.console import quiet
-from policies.errors import check_reply, map_syft_errors
 from policies.labels import label_text
 from policies.layout import encode
 from policies.metadata import format_meta
@@ -36,17 +33,18 @@ if TYPE_CHECKING:
     from datasites.data.mock import MockRelease
 
 ASSET_NAME = "table"
-# syft's sessions: no connect retries, and pinned trust for HTTPS sites
-tls.install(tls.SyftClient(HTTPConnection, ServerURL, _serialize, _deserialize))
 
 
 def syft_errors(what: str):  # noqa: ANN201
-    """This wing's one translation of syft's failures (see ``policies.errors.map_syft_errors``)."""
-    return map_syft_errors(what, ServerError, ServerError)
+    """This wing's one translation of syft's failures (``syft_client.syft_errors``)."""
+    return syft_client.syft_errors(what, ServerError, ServerError)
 
 
 def login(url: str, email: str, password: str) -> Any:
-    """A syft client for ``email``, with syft's failures turned into one-line errors."""
+    """A syft client for ``email``, with syft's failures turned into one-line errors. syft's
+    client gets the pinned sessions first (``syft_client.install``): no connect retries, and
+    pinned trust for HTTPS sites."""
+    syft_client.install()
     host, _, port = url.rpartition(":")
     try:
         with syft_errors(f"login to {url}"), quiet():

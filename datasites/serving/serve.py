@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from datasites.ledger.store import SYFT_SCHEMA, SiteStore, is_postgres
 from datasites.serving import limits, quota, syft_patches
 from datasites.serving.config import SiteDir, keep_private
-from datasites.training import sandbox
+from datasites.training import runtime, sandbox
 
 SITE_DIR_ENV = "FEDSITE_DIR"
 BLOB_THRESHOLD_MB = 1_000_000
@@ -176,6 +176,7 @@ def serve(root: Path) -> None:
         os.environ.pop(name, None)
     syft_patches.install()
     syft_patches.summarise_dataframe_repr()
+    runtime.serve_site(site.root.resolve())  # where run_job trains and charges, in this process
     caps = limits.cached(site)
     quota.install(site.root, lambda: (caps().quota_objects, caps().quota_bytes))
     threading.Thread(target=_warm_runtime, name="warm-runtime", daemon=True).start()

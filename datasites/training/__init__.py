@@ -1,1 +1,1 @@
-"""Where approved jobs train: the runtime syft calls, the site job, DP-SGD engines, noise, the sandbox."""
+"""Where approved jobs run at a site: the runtime syft calls, the site job, the sandbox, secure aggregation."""

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from datasites.errors import SandboxLimit  # noqa: F401  re-exported
-from datasites.training.round_task import RoundOutput, RoundTask
+from policies.engine.round_task import RoundOutput, RoundTask
 
 NOBODY = 65534
 CLONE_NEWNET = 0x40000000
@@ -112,7 +112,7 @@ def _warm() -> list[RoundOutput]:
     Returns the two rounds' outputs, so that a test can see the warm-up really trained."""
     import numpy as np
 
-    from datasites.training.round_task import RoundTask, run_task
+    from policies.engine.round_task import RoundTask, run_task
 
     layers = [
         {"type": "Linear", "in_features": 2, "out_features": 2},
@@ -127,8 +127,8 @@ def _warm() -> list[RoundOutput]:
 
 
 def _run(task: RoundTask, max_memory_mb: int) -> RoundOutput:
-    from datasites.training.distributed import distributed_step
-    from datasites.training.round_task import run_task
+    from policies.engine.distributed import distributed_step
+    from policies.engine.round_task import run_task
 
     # a distributed-DP round is one noised step's integer sum, which the runtime masks
     train = distributed_step if task.plan.get("dp") == "distributed" else run_task
@@ -219,7 +219,7 @@ class TrainerPool:
 
 def _context() -> Any:
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["datasites.training.round_task", "datasites.training.dp_sgd"])
+    ctx.set_forkserver_preload(["policies.engine.round_task", "policies.engine.dp_sgd"])
     return ctx
 
 

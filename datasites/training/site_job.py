@@ -29,11 +29,11 @@ from datasites.review.access import PolicyStore
 from datasites.review.approvals import Approval, Approvals
 from datasites.review.report import distributed_problems, untrusted_peers
 from datasites.serving.config import SiteDir
-from datasites.training.distributed import SUM
 from datasites.training.job_state import JobState
-from datasites.training.prepare import prepare_task, privacy_report, release, site_scaling
 from datasites.training.sandbox import SandboxLimit, pool
 from datasites.training.secure_agg import SecureSite
+from policies.engine.distributed import SUM
+from policies.engine.prepare import prepare_task, privacy_report, release, site_scaling
 from policies.errors import PolicyError, RoundLimitReached, WireError
 from policies.labels import site_classes
 from policies.plan import JobSpec

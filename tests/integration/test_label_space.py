@@ -24,9 +24,9 @@ from datasites.ledger.store import SiteStore
 from datasites.review.queue import ReviewQueue
 from datasites.serving import admin
 from datasites.serving.config import SiteDir
-from datasites.training.prepare import prepare_task, release, site_scaling
-from datasites.training.round_task import run_task
 from datasites.training.site_job import public_rows
+from policies.engine.prepare import prepare_task, release, site_scaling
+from policies.engine.round_task import run_task
 from policies.labels import site_classes, site_to_job
 from researcher import api
 from researcher.cli import _test_split

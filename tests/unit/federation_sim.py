@@ -22,8 +22,8 @@ import torch
 from datasites.data.mock import make_mock
 from datasites.data.tables import validate_table
 from datasites.serving.admin import _meta
-from datasites.training.prepare import prepare_task, release, site_scaling
-from datasites.training.round_task import run_task
+from policies.engine.prepare import prepare_task, release, site_scaling
+from policies.engine.round_task import run_task
 from policies.privacy import job_privacy
 from researcher.job import make_job
 from researcher.rounds import pooled_scaling, run_federation
@@ -49,7 +49,7 @@ def publish(frame: pd.DataFrame, target: str, **kw: Any) -> tuple[pd.DataFrame, 
 
 def site_inputs(frame: pd.DataFrame, target: str, spec: Any, meta: dict[str, Any]) -> np.ndarray:
     """The inputs a site's round trains on: its rows under the job's scaling."""
-    from datasites.training.round_task import standardise
+    from policies.engine.round_task import standardise
 
     x = frame.drop(columns=[target]).to_numpy(np.float32, copy=True)
     scaling = site_scaling(spec, meta)

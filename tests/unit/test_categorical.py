@@ -9,8 +9,8 @@ import pytest
 from datasites.data.mock import make_mock
 from datasites.data.tables import validate_table
 from datasites.errors import Refused, TableError
-from datasites.training.prepare import site_scaling, table_arrays
-from datasites.training.runtime import dry_run
+from policies.engine.mock_round import dry_run
+from policies.engine.prepare import site_scaling, table_arrays
 from policies.errors import PlanError
 from policies.layout import align_stats, encode, encoded_names, federation_layout, width
 from researcher.job import make_job

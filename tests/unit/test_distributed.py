@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from datasites.training.distributed import SUM, _clip_scale_round, distributed_step
-from datasites.training.round_task import RoundTask
-from datasites.training.runtime import dry_run
 from policies import skellam
+from policies.engine.distributed import SUM, _clip_scale_round, distributed_step
+from policies.engine.mock_round import dry_run
+from policies.engine.round_task import RoundTask
 from policies.plan import JobSpec, TrainingPlan
 from policies.torch_model import build
 from tests.unit.distributed_job import MODEL, small_table, start_weights

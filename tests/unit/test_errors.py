@@ -12,7 +12,11 @@ from syft.types.errors import SyftException
 import datasites.errors
 import policies.errors
 import researcher.errors
-from policies.errors import FedsiteError, check_reply, map_syft_errors
+from datasites.serving import syft_client
+from policies.errors import FedsiteError
+from researcher import syft_adapter
+
+WINGS = [syft_adapter, syft_client]  # each wing's adapter of syft's client
 
 
 class Failed(FedsiteError):
@@ -32,7 +36,7 @@ def test_every_error_class_of_every_package_has_the_one_root() -> None:
     ]
     assert len(classes) >= 17
     assert all(issubclass(c, FedsiteError) for c in classes), classes
-    from datasites.training.runtime import Refused
+    from datasites.errors import Refused
     from datasites.training.sandbox import SandboxLimit
     from datasites.training.site_job import RoundFailed
     from researcher.sites import Unreachable
@@ -42,21 +46,26 @@ def test_every_error_class_of_every_package_has_the_one_root() -> None:
     )
 
 
-def test_syft_failures_become_the_wings_errors_and_others_pass_through() -> None:
-    login = map_syft_errors("site-a: login refused", Failed, Down)
+@pytest.mark.parametrize("wing", WINGS)
+def test_syft_failures_become_the_wings_errors_and_others_pass_through(wing) -> None:
+    login = wing.syft_errors("site-a: login refused", Failed, Down)
     with pytest.raises(Failed, match=r"^site-a: login refused: Invalid credentials$"), login:
         raise SyftException(public_message="Invalid credentials")
-    with pytest.raises(Down, match="no datasite answers"), map_syft_errors("a", Failed, Down):
+    with pytest.raises(Down, match="no datasite answers"), wing.syft_errors("a", Failed, Down):
         raise requests.ConnectionError("refused")
-    with pytest.raises(ValueError, match="a bug"), map_syft_errors("site-a", Failed, Down):
+    tls = wing.syft_errors("a", Failed, Down)
+    with pytest.raises(Failed, match="TLS certificate is not the one trusted"), tls:
+        raise requests.ConnectionError("x") from ValueError("Fingerprints did not match")
+    with pytest.raises(ValueError, match="a bug"), wing.syft_errors("site-a", Failed, Down):
         raise ValueError("a bug")
     ours = Down("already ours")
-    with pytest.raises(Down) as caught, map_syft_errors("site-a", Failed, Down):
+    with pytest.raises(Down) as caught, wing.syft_errors("site-a", Failed, Down):
         raise ours
     assert caught.value is ours
 
 
-def test_a_returned_syft_error_is_raised_and_anything_else_returned() -> None:
+@pytest.mark.parametrize("wing", WINGS)
+def test_a_returned_syft_error_is_raised_and_anything_else_returned(wing) -> None:
     with pytest.raises(Failed, match="^upload failed: no space$"):
-        check_reply(sy.SyftError(message="no space"), "upload failed", Failed)
-    assert check_reply({"status": "ok"}, "x", Failed) == {"status": "ok"}
+        wing.check_reply(sy.SyftError(message="no space"), "upload failed", Failed)
+    assert wing.check_reply({"status": "ok"}, "x", Failed) == {"status": "ok"}

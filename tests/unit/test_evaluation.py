@@ -14,8 +14,8 @@ import torch
 from sklearn import metrics as skm
 from torch import nn
 
-from datasites.training.prepare import prepare_task, release
-from datasites.training.round_task import run_task
+from policies.engine.prepare import prepare_task, release
+from policies.engine.round_task import run_task
 from researcher.evaluation import held_out_metrics, recall_at_precision
 from researcher.job import make_job
 from researcher.rounds import run_federation

@@ -16,8 +16,8 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.nn import functional as F
 
-from datasites.training import fused_dp
-from datasites.training.dp_sgd import train_dp
+from policies.engine import fused_dp
+from policies.engine.dp_sgd import train_dp
 from policies.plan import TrainingPlan
 
 C = 1.0
@@ -229,7 +229,7 @@ def test_a_row_with_a_non_finite_gradient_adds_nothing(engine: str) -> None:
     else:
         gsm, opt = _opacus(model, "sum", lr=0.0, expected=1)
         F.cross_entropy(gsm(x), y, reduction="sum").backward()
-        from datasites.training.dp_sgd import zero_non_finite_rows
+        from policies.engine.dp_sgd import zero_non_finite_rows
 
         zero_non_finite_rows(opt)
         opt.step()

@@ -24,10 +24,10 @@ from torch import nn
 from datasites.errors import Refused
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
-from datasites.training.dp_sgd import criterion, private_metrics, train_dp
-from datasites.training.prepare import prepare_task
 from policies import imbalance
 from policies.accounting import Mechanism, epsilon
+from policies.engine.dp_sgd import criterion, private_metrics, train_dp
+from policies.engine.prepare import prepare_task
 from policies.errors import PlanError
 from policies.plan import JobSpec, TrainingPlan
 from policies.privacy import METRICS, SCORES, TRAINING, privacy_plan

@@ -21,9 +21,9 @@ from datasites.errors import Refused
 from datasites.review.access import DatasetPolicy
 from datasites.review.report import Submission, build_report
 from datasites.serving.admin import _meta
-from datasites.training.prepare import prepare_task
-from datasites.training.round_task import run_task
-from datasites.training.runtime import dry_run
+from policies.engine.mock_round import dry_run
+from policies.engine.prepare import prepare_task
+from policies.engine.round_task import run_task
 from policies.errors import PlanError
 from policies.labels import (
     counts_to_job,

@@ -13,9 +13,9 @@ import pytest
 from datasites.data.mock import make_mock
 from datasites.data.tables import validate_table
 from datasites.serving.admin import _meta
-from datasites.training.prepare import prepare_task
-from datasites.training.round_task import run_task
 from datasites.training.site_job import public_rows
+from policies.engine.prepare import prepare_task
+from policies.engine.round_task import run_task
 from researcher import model as researcher_model
 from researcher.job import make_job
 

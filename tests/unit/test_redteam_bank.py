@@ -24,9 +24,9 @@ from datasites.errors import Refused, TableError
 from datasites.ledger.audit import AuditLog
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore, check_db_url
-from datasites.training.prepare import ENCODED_BYTES_PER_VALUE, site_scaling, table_arrays
 from policies import imbalance
 from policies.accounting import Mechanism
+from policies.engine.prepare import ENCODED_BYTES_PER_VALUE, site_scaling, table_arrays
 from policies.layout import MAX_WIDTH, check_layout, width
 from policies.plan import JobSpec
 

@@ -15,12 +15,12 @@ import pytest
 
 from datasites.errors import Refused
 from datasites.ledger.store import SiteStore
-from datasites.training.distributed import SUM, distributed_step
 from datasites.training.job_state import JobState
-from datasites.training.round_task import RoundTask
 from datasites.training.secure_agg import SecureSite
 from policies import secagg, skellam
 from policies.accounting import Mechanism, epsilon
+from policies.engine.distributed import SUM, distributed_step
+from policies.engine.round_task import RoundTask
 from policies.errors import PlanError, WireError
 from policies.modelspec import parse
 from policies.plan import JobSpec, TrainingPlan

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datasites.training.prepare import prepare_task, release
-from datasites.training.round_task import run_task
+from policies.engine.prepare import prepare_task, release
+from policies.engine.round_task import run_task
 from policies.plan import JobSpec, training_rows
 from policies.wire import ReplayLast, decode_weights
 from researcher.errors import SiteError, Unreachable

@@ -3,13 +3,16 @@ the dry run that takes a round through the site's code path on a table."""
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from datasites.training.prepare import table_arrays
-from datasites.training.round_task import split, standardise
-from datasites.training.runtime import Refused, dry_run
+from policies.engine.mock_round import dry_run
+from policies.engine.prepare import table_arrays
+from policies.engine.round_task import split, standardise
+from policies.errors import Refused
 from policies.wire import decode_weights
 from researcher.job import make_job
 
@@ -88,11 +91,37 @@ def test_a_dry_run_trains_one_round_and_releases_the_spec_parameters() -> None:
         dry_run(frame.drop(columns=["c"]).to_dict("list"), "", spec)
 
 
+def test_the_site_entry_point_runs_only_in_a_server_that_named_its_site(monkeypatch) -> None:
+    """``run_job`` has one mode: the site's. Outside a server that called ``serve_site`` it
+    refuses, whatever the environment says (``FEDSITE_DIR`` unset once made it a dry run)."""
+    from datasites.training import runtime
+
+    frame = _frame(40)
+    frame["y"] = (frame["a"] > 0).astype(int)
+    layers = [{"type": "Linear", "in_features": 3, "out_features": 2}]
+    job = make_job(layers, "d", "y", {"noise_multiplier": 1.0}, n_features=3).to_dict()
+    monkeypatch.setattr(runtime, "_SITE", [])
+    for env in (None, "/nonexistent-site"):
+        if env is None:
+            monkeypatch.delenv("FEDSITE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("FEDSITE_DIR", env)
+        reply = runtime.run_job(data=frame.to_dict("list"), weights="", job=job)
+        assert reply == {
+            "status": "refused",
+            "reason": "run_job runs inside a datasite's server only; nothing ran",
+        }
+    monkeypatch.setattr(runtime, "_SITE", [])
+    runtime.serve_site(pathlib.Path("/some/site"))
+    reply = runtime.run_job(data=frame.to_dict("list"), weights="", job=job)
+    assert reply["status"] == "refused" and "not called by syft" in reply["reason"]
+
+
 def test_private_labels_never_decide_a_refusal() -> None:
     """Red team: 'class labels must be 0..k-1' was raised from the private labels before any
     charge, a free yes/no about one row. Now both tables give a task, and labels are clamped."""
-    from datasites.training.prepare import prepare_task
-    from datasites.training.round_task import class_codes
+    from policies.engine.prepare import prepare_task
+    from policies.engine.round_task import class_codes
 
     layers = [{"type": "Linear", "in_features": 3, "out_features": 2}]
     spec = make_job(layers, "d", "y", {"noise_multiplier": 1.0}, n_features=3)
@@ -109,8 +138,8 @@ def test_private_labels_never_decide_a_refusal() -> None:
 def test_released_counts_follow_the_published_row_count_not_the_private_one() -> None:
     """Attack: tell a table of 300 rows from one of 301 by the round's n, val_rows or steps.
     The site computes all three, and the sampling rate, from the published DP count."""
-    from datasites.training.prepare import prepare_task
-    from datasites.training.round_task import run_task
+    from policies.engine.prepare import prepare_task
+    from policies.engine.round_task import run_task
     from policies.plan import TrainingPlan, training_rows, validation_rows
 
     layers = [{"type": "Linear", "in_features": 3, "out_features": 2}]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.stats import kstest
 
-from datasites.training.dp_sgd import train_dp
-from datasites.training.secure_noise import secure_gaussian_like, secure_normal, secure_uniform
+from policies.engine.dp_sgd import train_dp
+from policies.engine.secure_noise import secure_gaussian_like, secure_normal, secure_uniform
 from policies.plan import TrainingPlan
 
 
@@ -33,7 +33,7 @@ def test_noise_has_the_requested_std_and_shape() -> None:
 @pytest.mark.parametrize("engine", ["auto", "opacus"])
 def test_dp_sgd_noise_is_secure_unless_a_test_seed_is_given(engine: str, monkeypatch) -> None:
     """Without ``_test_seed`` two runs differ (CSPRNG); with the same one they repeat exactly."""
-    import datasites.training.secure_noise as secure_noise
+    import policies.engine.secure_noise as secure_noise
 
     draws = []
     real = secure_noise.secure_normal

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from datasites.errors import Refused
-from datasites.training.dp_sgd import add_proximal_term, train_dp
-from datasites.training.prepare import prepare_task
-from datasites.training.round_task import run_task
 from policies.accounting import Mechanism, epsilon
+from policies.engine.dp_sgd import add_proximal_term, train_dp
+from policies.engine.prepare import prepare_task
+from policies.engine.round_task import run_task
 from policies.errors import PlanError
 from policies.plan import TrainingPlan, sample_rate, steps_per_epoch, training_rows
 from policies.privacy import privacy_plan

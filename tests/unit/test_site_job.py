@@ -20,8 +20,8 @@ from datasites.review.access import DatasetPolicy, PolicyStore
 from datasites.review.approvals import Approval, Approvals
 from datasites.serving.config import SiteDir, init_site
 from datasites.training import site_job
-from datasites.training.round_task import run_task
 from datasites.training.runtime import CallerCode
+from policies.engine.round_task import run_task
 from policies.errors import RoundLimitReached
 from policies.wire import encode_weights
 from researcher.job import make_job
@@ -300,7 +300,7 @@ def test_a_call_that_is_no_round_message_is_refused_before_any_row_or_charge(
         with pytest.raises(Refused):
             site_job.run_at_site(root.root, caller, _frame(), call, job)
         # and through the entry point every job calls, as syft runs it at the site
-        monkeypatch.setenv(runtime.SITE_DIR_ENV, str(root.root))
+        monkeypatch.setattr(runtime, "_SITE", [Path(root.root)])
         monkeypatch.setattr(runtime, "caller_code", lambda: caller)
         reply = runtime.run_job(_frame(), call, job)
         assert reply["status"] == "refused", (name, reply)

@@ -14,8 +14,8 @@ from torch import nn
 
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
-from datasites.training.dp_sgd import private_metrics, secure_scalar_gaussian
 from policies.accounting import epsilon
+from policies.engine.dp_sgd import private_metrics, secure_scalar_gaussian
 from policies.plan import TrainingPlan
 from policies.privacy import METRICS, TRAINING, privacy_plan
 

@@ -142,7 +142,8 @@ def test_caller_code_finds_the_approved_code_on_syfts_real_execution_path(
     on the real path it names the approved code, and tells the private pass from the mock's."""
     import syft as sy
 
-    from datasites.training.runtime import Refused, caller_code
+    from datasites.errors import Refused
+    from datasites.training.runtime import caller_code
 
     admin = in_process_server.login(email="info@openmined.org", password="changethis")
     frame = pd.DataFrame({"x": [1.0, 2.0, 3.0], "y": [0, 1, 0]})
@@ -172,3 +173,49 @@ def test_caller_code_finds_the_approved_code_on_syfts_real_execution_path(
     assert sorted(m for _, _, m in SEEN) == [False, True]  # one private pass, one mock pass
     with pytest.raises(Refused, match="not called by syft"):
         caller_code()
+
+
+def _functions(module) -> dict[str, str]:  # noqa: ANN001
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    return {n.name: ast.dump(n) for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_both_wings_adapt_syfts_client_with_the_same_code() -> None:
+    """The adapter is written once per wing (neither may import the other, and ``policies``
+    names no syft): the two copies must stay the same, function for function."""
+    from datasites.serving import syft_client
+    from researcher import syft_adapter
+
+    ours = _functions(syft_adapter)
+    assert {"install", "syft_errors", "check_reply", "public_message"} <= set(ours)
+    assert _functions(syft_client) == ours
+
+
+def test_importing_a_wing_patches_nothing_in_syft_until_it_connects() -> None:
+    """Installing the pinned sessions is a call each wing makes before it logs in, never an
+    import's side effect: a fresh process that imports both wings' syft modules finds syft's
+    client as syft made it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = (
+        "from syft.client.client import HTTPConnection\n"
+        "before = (HTTPConnection.make_call, HTTPConnection.__dict__['session'])\n"
+        "import researcher.sites, datasites.serving.admin, datasites.review.queue\n"
+        "assert (HTTPConnection.make_call, HTTPConnection.__dict__['session']) == before\n"
+        "from researcher import syft_adapter\n"
+        "syft_adapter.install()\n"
+        "assert HTTPConnection.make_call._fedsite_session\n"
+        "print('ok')\n"
+    )
+    env = os.environ | {"PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

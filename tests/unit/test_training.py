@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasites.training.dp_sgd import poisson_schedule, private_metrics, train_dp
+from policies.engine.dp_sgd import poisson_schedule, private_metrics, train_dp
 from policies.plan import TrainingPlan
 from policies.torch_model import load
 

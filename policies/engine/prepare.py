@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
-from datasites.errors import Refused
 from policies import imbalance
 from policies.compression import compress
-from policies.errors import PlanError
+from policies.errors import PlanError, Refused
 from policies.labels import check_site as check_site_classes
 from policies.labels import counts_to_job, site_to_job
 from policies.layout import align_stats, check_site, encode, width
@@ -30,7 +30,7 @@ from policies.wire import (
 
 def table_arrays(
     frame: pd.DataFrame, target: str, layout: dict[str, Any] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Features (a float32 copy, ours to edit) and target of a table; categorical columns
     one-hot encoded to the job's federation-wide ``layout`` (``policies.layout``)."""
     if target not in frame.columns:
@@ -122,7 +122,7 @@ def prepare_task(
     private labels'. ``site_classes``: this dataset's published class list, the labels its
     stored codes stand for (``job_labels``).
     """
-    from datasites.training.round_task import RoundTask
+    from policies.engine.round_task import RoundTask
 
     x, y = table_arrays(frame, target, spec.layout)
     y, class_counts = job_labels(spec, y, site_classes, class_counts)
@@ -165,10 +165,10 @@ def prepare_task(
 
 def job_labels(
     spec: JobSpec,
-    y: np.ndarray,
+    y: npt.NDArray[Any],
     site_classes: list[str] | None,
     class_counts: list[float] | None,
-) -> tuple[np.ndarray, list[float] | None]:
+) -> tuple[npt.NDArray[Any], list[float] | None]:
     """The target and the published class counts in the job's label space.
 
     A job that carries a class list (``policies.labels``) has every site's codes mapped into
@@ -207,8 +207,8 @@ def release(
     output: Any,
     round_no: int,
     incoming: Weights | None = None,
-    residual: np.ndarray | None = None,
-) -> tuple[RoundReply, np.ndarray | None]:
+    residual: npt.NDArray[Any] | None = None,
+) -> tuple[RoundReply, npt.NDArray[Any] | None]:
     """The reply, and the top-k residual to keep for the job's next round (or None).
 
     The reply holds the spec's trainable tensors (checked again; frozen ones never leave) as

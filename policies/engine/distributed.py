@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch.func import functional_call, grad, vmap
 
-from datasites.training.dp_sgd import loss_fn, targets
-from datasites.training.round_task import RoundOutput, RoundTask, class_codes, standardise
-from datasites.training.secure_noise import secure_uniform
 from policies import skellam
+from policies.engine.dp_sgd import loss_fn, targets
+from policies.engine.round_task import RoundOutput, RoundTask, class_codes, standardise
+from policies.engine.secure_noise import secure_uniform
 from policies.modelspec import parse
 from policies.plan import TrainingPlan
 from policies.torch_model import build, load
@@ -47,7 +50,9 @@ def distributed_step(task: RoundTask, _test_seed: int | None = None) -> RoundOut
     dimension = sum(int(dict(model.named_parameters())[n].numel()) for n in names)
     gamma = skellam.scale(plan.max_grad_norm, dimension, plan.batch_size)
     rng = np.random.default_rng(_test_seed if _test_seed is not None else _fresh_seed())
-    uniform = (lambda n: rng.random(n)) if _test_seed is not None else secure_uniform
+    uniform: Callable[[int], npt.NDArray[Any]] = (
+        (lambda n: rng.random(n)) if _test_seed is not None else secure_uniform
+    )
     sampled = np.flatnonzero(uniform(len(x)) < float(plan.sample_rate or 0.0))
     total = np.zeros(dimension, np.int64)
     for start in range(0, len(sampled), CHUNK):
@@ -73,28 +78,34 @@ def _fresh_seed() -> int:
 
 
 def _per_row_gradients(
-    model: torch.nn.Module, names: list[str], x: np.ndarray, y: np.ndarray, loss: str
-) -> np.ndarray:
+    model: torch.nn.Module, names: list[str], x: npt.NDArray[Any], y: npt.NDArray[Any], loss: str
+) -> npt.NDArray[Any]:
     """One flattened gradient per row, over the trainable parameters (torch.func)."""
     params = {n: p.detach() for n, p in model.named_parameters() if n in names}
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in names}
     buffers = dict(model.named_buffers())
     criterion = loss_fn(loss)
 
-    def row_loss(p: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    def row_loss(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, ({**p, **fixed}, buffers), (xb.unsqueeze(0),))
         if loss != "cross_entropy":
             out = out.reshape(-1)
-        return criterion(out, yb.unsqueeze(0))
+        return cast(torch.Tensor, criterion(out, yb.unsqueeze(0)))
 
     xt = torch.as_tensor(np.asarray(x, np.float32))
     yt = targets(np.asarray(y), loss)
     per_row = vmap(grad(row_loss), in_dims=(None, 0, 0))(params, xt, yt)
     flat = torch.cat([per_row[n].reshape(len(xt), -1) for n in names], dim=1)
-    return np.nan_to_num(flat.double().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
+    rows: npt.NDArray[Any] = np.nan_to_num(flat.double().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
+    return rows
 
 
-def _clip_scale_round(grads: np.ndarray, clip: float, gamma: float, uniform) -> np.ndarray:  # noqa: ANN001
+def _clip_scale_round(
+    grads: npt.NDArray[Any],
+    clip: float,
+    gamma: float,
+    uniform: Callable[[int], npt.NDArray[Any]],
+) -> npt.NDArray[Any]:
     """Clip each row to L2 norm ``clip``, scale by gamma, round each coordinate down or up at
     random (unbiased): integer rows within ``policies.skellam.sensitivities``."""
     norms = np.linalg.norm(grads, axis=1, keepdims=True)
@@ -102,4 +113,5 @@ def _clip_scale_round(grads: np.ndarray, clip: float, gamma: float, uniform) -> 
     scaled = clipped * gamma
     low = np.floor(scaled)
     up = uniform(scaled.size).reshape(scaled.shape) < (scaled - low)
-    return (low + up).astype(np.int64)
+    rounded: npt.NDArray[Any] = (low + up).astype(np.int64)
+    return rounded

@@ -3,7 +3,7 @@
 This module is the site's, never the researcher's: clipping, noise and accounting happen here
 with parameters taken from the approved plan. Two rules hold for every call:
 
-* Noise and Poisson sampling come from the OS CSPRNG (``datasites.training.secure_noise``). Nothing a
+* Noise and Poisson sampling come from the OS CSPRNG (``policies.engine.secure_noise``). Nothing a
   researcher knows (job id, round, plan) seeds them. ``_test_seed`` exists for unit tests only:
   no job, plan or site config reaches it.
 * What is released is the starting weights plus the sum of the steps the site's own optimizer
@@ -17,16 +17,18 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from datasites.training import fused_dp
-from datasites.training.secure_noise import make_secure, secure_gaussian
 from policies import imbalance
+from policies.engine import fused_dp
+from policies.engine.secure_noise import make_secure, secure_gaussian
 from policies.plan import CLASSIFIERS, TrainingPlan
 from policies.wire import Weights
 
@@ -86,11 +88,12 @@ class ReleaseTracker:
 
 
 def loss_fn(name: str, reduction: str = "mean") -> nn.Module:
-    return {
+    losses: dict[str, type[nn.Module]] = {
         "cross_entropy": nn.CrossEntropyLoss,
         "mse": nn.MSELoss,
         "bce_with_logits": nn.BCEWithLogitsLoss,
-    }[name](reduction=reduction)
+    }
+    return losses[name](reduction=reduction)
 
 
 class _ClassWeighted(nn.Module):
@@ -103,7 +106,7 @@ class _ClassWeighted(nn.Module):
 
     def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         index = y.round().long().clamp(0, len(self.weights) - 1)
-        return self.base(out, y) * self.weights[index]
+        return cast(torch.Tensor, self.base(out, y)) * self.weights[index]
 
 
 def criterion(plan: TrainingPlan, dev: torch.device) -> nn.Module:
@@ -127,18 +130,18 @@ def criterion(plan: TrainingPlan, dev: torch.device) -> nn.Module:
     return _ClassWeighted(loss_fn(plan.loss, reduction="none"), weights)
 
 
-def targets(y: np.ndarray, loss: str) -> torch.Tensor:
+def targets(y: npt.NDArray[Any], loss: str) -> torch.Tensor:
     return torch.as_tensor(y, dtype=torch.long if loss == "cross_entropy" else torch.float32)
 
 
 def forward(model: nn.Module, x: torch.Tensor, loss: str) -> torch.Tensor:
-    out = model(x)
+    out = cast(torch.Tensor, model(x))
     return out if loss == "cross_entropy" else out.reshape(-1)
 
 
 def poisson_schedule(
     n: int, steps: int, rng: np.random.Generator
-) -> Iterator[tuple[np.ndarray, list[int]]]:
+) -> Iterator[tuple[npt.NDArray[Any], list[int]]]:
     """Poisson sampling, a chunk of consecutive steps at a time: (their rows, batch sizes).
 
     Every row is in each step's batch independently with q = 1/steps, as in Opacus, so the
@@ -176,8 +179,8 @@ Close = Callable[[], None]
 
 def train_dp(
     model: nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
+    x: npt.NDArray[Any],
+    y: npt.NDArray[Any],
     plan: TrainingPlan,
     noise_multiplier: float,
     engine: str = "auto",
@@ -186,7 +189,7 @@ def train_dp(
 ) -> TrainResult:
     """Run ``plan.local_epochs`` of DP-SGD with Poisson sampling and per-sample clipping.
 
-    ``engine="auto"`` gives Linear/Conv2d models the fused clipper (``datasites.training.fused_dp``) and
+    ``engine="auto"`` gives Linear/Conv2d models the fused clipper (``policies.engine.fused_dp``) and
     any other model Opacus' GradSampleModule + DPOptimizer; ``"opacus"`` forces the latter.
     Both clip, noise and scale identically (tests/unit/test_fused_dp.py). ``_test_seed`` makes
     noise and sampling repeatable for unit tests; sites never pass it. ``public_rows``: the
@@ -215,7 +218,9 @@ def train_dp(
         for _ in range(plan.local_epochs):
             for rows, sizes in poisson_schedule(n, steps_per_epoch, rng):
                 index = torch.from_numpy(rows).to(dev)
-                batches = zip(xt[index].split(sizes), yt[index].split(sizes), strict=True)
+                batches = zip(
+                    torch.split(xt[index], sizes), torch.split(yt[index], sizes), strict=True
+                )
                 for xb, yb in batches:
                     loss_sum = step(xb, yb)
                     if loss_sum is not None:
@@ -366,8 +371,8 @@ def add_proximal_term(
 @torch.no_grad()
 def private_metrics(
     model: nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
+    x: npt.NDArray[Any],
+    y: npt.NDArray[Any],
     plan: TrainingPlan,
     gaussian: Callable[[float], float],
     public_rows: int | None = None,
@@ -403,7 +408,7 @@ def private_metrics(
 
 
 def _binary_release(
-    out: torch.Tensor, y: np.ndarray, plan: TrainingPlan, gaussian: Callable[[float], float]
+    out: torch.Tensor, y: npt.NDArray[Any], plan: TrainingPlan, gaussian: Callable[[float], float]
 ) -> dict[str, float]:
     """Recall, precision, ROC-AUC, PR-AUC, balanced accuracy from one noised histogram pair.
 
@@ -427,5 +432,5 @@ def _correct(out: torch.Tensor, yt: torch.Tensor, loss: str) -> torch.Tensor:
 
 
 def secure_scalar_gaussian(std: float) -> float:
-    """One Gaussian draw of ``std`` from the OS CSPRNG (``datasites.training.secure_noise``)."""
+    """One Gaussian draw of ``std`` from the OS CSPRNG (``policies.engine.secure_noise``)."""
     return float(secure_gaussian(std, 1)[0])

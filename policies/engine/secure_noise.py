@@ -17,27 +17,31 @@ from __future__ import annotations
 
 import os
 import types
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 
 _TWO_53 = float(1 << 53)
 
 
-def secure_uniform(n: int) -> np.ndarray:
+def secure_uniform(n: int) -> npt.NDArray[Any]:
     """n floats in (0, 1) with 53 random bits each, from os.urandom."""
     raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
-    return (raw.astype(np.float64) + 0.5) / _TWO_53
+    uniform: npt.NDArray[Any] = (raw.astype(np.float64) + 0.5) / _TWO_53
+    return uniform
 
 
-def secure_normal(n: int) -> np.ndarray:
+def secure_normal(n: int) -> npt.NDArray[Any]:
     """n standard normal samples (Box-Muller over secure uniforms)."""
     m = (n + 1) // 2
     u1, u2 = secure_uniform(m), secure_uniform(m)
     radius = np.sqrt(-2.0 * np.log(u1))
     z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])
-    return z[:n]
+    normal: npt.NDArray[Any] = z[:n]
+    return normal
 
 
 def secure_gaussian(std: float, n: int) -> torch.Tensor:

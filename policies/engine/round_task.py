@@ -28,8 +28,8 @@ Scaling = tuple[list[float], ...] | None
 class RoundTask:
     model: dict[str, Any]  # a parsed and normalised model spec
     plan: dict[str, Any]
-    features: np.ndarray  # float32, unscaled, table order
-    target: np.ndarray
+    features: npt.NDArray[Any]  # float32, unscaled, table order
+    target: npt.NDArray[Any]
     split_seed: int  # keyed by the site's secret: the researcher cannot tell rows apart
     scaling: Scaling
     weights: Weights | None  # incoming global weights, already checked
@@ -51,8 +51,8 @@ class RoundOutput:
 
 
 def split(
-    x: np.ndarray, y: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x: npt.NDArray[Any], y: npt.NDArray[Any], fraction: float, seed: int
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
     """A deterministic train/validation split: same seed -> same split every round."""
     rng = np.random.default_rng(seed)
     val = rng.permutation(len(x))[: validation_rows(len(x), fraction)]
@@ -64,7 +64,7 @@ def split(
     return x[train], y[train], x[val], y[val]
 
 
-def class_codes(y: np.ndarray, n_classes: int) -> np.ndarray:
+def class_codes(y: npt.NDArray[Any], n_classes: int) -> npt.NDArray[Any]:
     """Labels as integers in 0..n_classes-1, whatever the column holds.
 
     Out-of-range values are clamped rather than refused: a round that fails or is refused
@@ -74,7 +74,7 @@ def class_codes(y: np.ndarray, n_classes: int) -> np.ndarray:
     return np.clip(np.floor(codes), 0, n_classes - 1).astype(np.int64)
 
 
-def standardise(x: np.ndarray, scaling: Scaling) -> np.ndarray:
+def standardise(x: npt.NDArray[Any], scaling: Scaling) -> npt.NDArray[Any]:
     """Clamp to the published range, centre, divide by the floored std (``policies.scaling``,
     the same function the dry run and the researcher's ``--test`` apply). ``x`` is this task's
     own copy: written in place."""
@@ -88,7 +88,7 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     metrics are noised sums (``training.private_metrics``), and the row counts, the sampling
     rate and the step count are functions of the table's published (DP) size and the plan.
     """
-    from datasites.training.dp_sgd import private_metrics, secure_scalar_gaussian, train_dp
+    from policies.engine.dp_sgd import private_metrics, secure_scalar_gaussian, train_dp
     from policies.modelspec import parse
     from policies.torch_model import build, load
 

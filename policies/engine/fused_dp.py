@@ -84,7 +84,7 @@ class FusedClipper:
         calls = self._calls
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            out = original(x)
+            out = cast(torch.Tensor, original(x))
             if not torch.is_grad_enabled():
                 return out
             calls.append((module, x.detach(), out, out._version))
@@ -108,7 +108,11 @@ class FusedClipper:
             del m.forward
 
     def noisy_grads(
-        self, per_sample_loss_sum: torch.Tensor, max_norm: float, scale: float, noise: list
+        self,
+        per_sample_loss_sum: torch.Tensor,
+        max_norm: float,
+        scale: float,
+        noise: list[torch.Tensor],
     ) -> list[torch.Tensor]:
         """``scale * (sum of per-sample gradients clipped to max_norm) + noise``, per parameter.
 
@@ -307,7 +311,7 @@ class FusedDPSGD:
     def _draw(self) -> list[torch.Tensor]:
         """This step's noise for every parameter, from one draw (one CSPRNG read at a site)."""
         flat = self.noise(self.std, torch.Size([sum(self.numels)]))
-        return [t.view(s) for t, s in zip(flat.split(self.numels), self.shapes, strict=True)]
+        return [t.view(s) for t, s in zip(torch.split(flat, self.numels), self.shapes, strict=True)]
 
     def step(self, per_sample_loss_sum: torch.Tensor) -> None:
         noise = self._draw()
