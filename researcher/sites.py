@@ -44,14 +44,31 @@ def syft_errors(what: str, client: Any = None) -> Iterator[None]:
 
 
 _SESSIONS: dict[tuple[str, str, str], Any] = {}
+LOGINS = 0  # syft logins this process made: the researcher agent reports it (a kept one is 0)
+
+
+def _session_key(login: SiteLogin) -> tuple[str, str, str]:
+    """Sessions are kept per URL, email, and a hash of the password and the trusted TLS
+    identity: a changed password or pinned fingerprint never reuses an old session."""
+    secret = f"{login.password()}|{login.fingerprint}|{login.ca_file}"  # trust is part of it
+    return (login.url, login.email, hashlib.sha256(secret.encode()).hexdigest())
+
+
+def has_session(login: SiteLogin) -> bool:
+    return _session_key(login) in _SESSIONS
+
+
+def forget(login: SiteLogin) -> None:
+    """Drop the kept session of ``login`` (its key was refused, or the site changed)."""
+    _SESSIONS.pop(_session_key(login), None)
 
 
 def connect(login: SiteLogin, fresh: bool = False) -> Any:
     """A logged-in client for ``login``, reused within this process: a syft login fetches the
     whole API (about 1.5 s), and one command often talks to a site several times. ``fresh``
     logs in again (after a dropped connection)."""
-    secret = f"{login.password()}|{login.fingerprint}|{login.ca_file}"  # trust is part of it
-    key = (login.url, login.email, hashlib.sha256(secret.encode()).hexdigest())
+    global LOGINS
+    key = _session_key(login)
     if not fresh and key in _SESSIONS:
         return _SESSIONS[key]
     host, _, port = login.url.rpartition(":")
@@ -65,6 +82,7 @@ def connect(login: SiteLogin, fresh: bool = False) -> Any:
     except Unreachable as exc:
         _SESSIONS.pop(key, None)
         raise Unreachable(f"{login.name}: no datasite answers at {login.url}") from exc
+    LOGINS += 1
     _SESSIONS[key] = client
     return client
 
