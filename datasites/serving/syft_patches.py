@@ -165,8 +165,8 @@ def optional_imports_deferred() -> Iterator[None]:
     builder, the console's plots) work as usual.
     """
     finder = _Deferred()
-    sys.meta_path.insert(0, finder)  # type: ignore[arg-type]
+    sys.meta_path.insert(0, finder)
     try:
         yield
     finally:
-        sys.meta_path.remove(finder)  # type: ignore[arg-type]
+        sys.meta_path.remove(finder)
