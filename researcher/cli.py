@@ -53,6 +53,15 @@ InitOpt = Annotated[
 ]
 
 
+def _checked_inputs(job: Path, init_weights: Path | None):  # noqa: ANN202
+    """JOB.py's literals and the initial weights are read before syft is imported (seconds):
+    a missing or broken file is one line at once. Returns the initial weights, or None."""
+    from researcher.job import load_initial, read_job_file
+
+    read_job_file(job)
+    return load_initial(init_weights) if init_weights else None
+
+
 def _fed(path: Path):  # noqa: ANN202
     from researcher.federation import Federation
 
@@ -63,10 +72,14 @@ def _fed(path: Path):  # noqa: ANN202
 def datasets(federation: FedOpt, json: JsonOpt = False) -> None:
     """Every site's datasets: schema, row count, mock preview. A site that cannot be listed
     (down, a wrong TLS certificate, a refused login) is one line, and the exit code is 1."""
-    from researcher import api
+    from researcher import agent
     from researcher.errors import SiteError
 
-    data = api.datasets(_fed(federation))
+    data = agent.ask(federation, "datasets") if agent.enabled() else None
+    if data is None:  # no agent may serve here: this process logs in itself
+        from researcher import api
+
+        data = api.datasets(_fed(federation))
     if all(isinstance(v, dict) for v in data.values()):
         raise SiteError("; ".join(v["error"] for v in data.values()) or "no sites")
     if json:
@@ -160,10 +173,10 @@ def try_job(
     json: JsonOpt = False,
 ) -> None:
     """Run the job locally on mock data through the site runtime, before submitting."""
+    initial = _checked_inputs(job, init_weights)
     from researcher import api
 
     fed = _fed(federation)
-    initial = api.load_initial(init_weights) if init_weights else None
     spec, auto = api.load_planned(fed, job, target, initial, auto_plan)
     result = api.dry_run(fed, spec, initial)
     summary = {
@@ -199,10 +212,10 @@ def submit(
     json: JsonOpt = False,
 ) -> None:
     """Submit the job to every site of the federation for review."""
+    initial = _checked_inputs(job, init_weights)
     from researcher import api
 
     fed = _fed(federation)
-    initial = api.load_initial(init_weights) if init_weights else None
     spec, auto = api.load_planned(fed, job, target, initial, auto_plan)
     spec = api.with_pooled_scaling(fed, spec)
     warnings = [w.to_dict() for w in api.utility_warnings(fed, spec)]
@@ -234,6 +247,10 @@ def plan(
     json: JsonOpt = False,
 ) -> None:
     """Suggest a DP-SGD plan from the sites' public numbers (rows, classes); spends no epsilon."""
+    from researcher.errors import JobError
+
+    if not 0 < epsilon < float("inf"):  # refused before syft's import (seconds)
+        raise JobError(f"--epsilon must be a positive finite number, got {epsilon:g}")
     from researcher import api
 
     fed = _fed(federation)
@@ -295,11 +312,16 @@ def status(
     json: JsonOpt = False,
 ) -> None:
     """Per site: pending, approved, denied (with the admin's reason), running, done, failed."""
-    from researcher import api
+    from researcher import agent
+    from researcher.jobs import saved_job
 
     fed = _fed(federation)
-    spec = api.saved_job(fed, job)
-    data = api.status(fed, spec)
+    spec = saved_job(fed, job)  # an unknown job is refused before syft is imported
+    data = agent.ask(federation, "status", job=spec.name) if agent.enabled() else None
+    if data is None:  # no agent may serve here: this process logs in itself
+        from researcher import api
+
+        data = api.status(fed, spec)
     if json:
         emit_json({"job": spec.name, "sites": data})
         return
@@ -353,7 +375,6 @@ def train(
     """
     from rich.progress import Progress
 
-    from researcher import api
     from researcher.errors import JobError
     from researcher.strategy import strategy_named
 
@@ -369,6 +390,10 @@ def train(
         raise JobError(f"{run_dir} already holds a run; continue it with --resume {run_dir}")
     run_dir = run_dir or resume
     assert run_dir is not None  # exactly one of the two, checked above
+    if test is not None and not test.is_file():
+        raise JobError(f"test file {test} not found")
+    from researcher import api  # syft: only once every argument was checked
+
     if resume is not None and api.run_finished(resume):
         done = api.run_finished(resume)
         if json:

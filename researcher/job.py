@@ -127,6 +127,18 @@ def _frozen_digest(spec: dict, plan: TrainingPlan, initial: Weights | None) -> s
     return frozen_digest(initial, select(names, plan.frozen))
 
 
+def load_initial(path: Path) -> Weights:
+    """Initial weights for transfer learning: an ``.npz`` of named arrays, or a run dir (its
+    ``global.npz``, the last global model of an earlier run)."""
+    path = Path(path)
+    file = path / "global.npz" if path.is_dir() else path
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            return {k: np.asarray(npz[k], np.float32) for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise JobError(f"cannot read initial weights from {path}: {exc}") from exc
+
+
 def read_job_file(path: Path) -> dict[str, Any]:
     """DATASET and PLAN (and MODEL if given) from JOB.py's literals, without running it."""
     path = Path(path)

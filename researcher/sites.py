@@ -38,6 +38,23 @@ def syft_errors(what: str, client: Any = None) -> Iterator[None]:
 
 
 _SESSIONS: dict[tuple[str, str, str], Any] = {}
+LOGINS = 0  # syft logins this process made: the researcher agent reports it (a kept one is 0)
+
+
+def _session_key(login: SiteLogin) -> tuple[str, str, str]:
+    """Sessions are kept per URL, email, and a hash of the password and the trusted TLS
+    identity: a changed password or pinned fingerprint never reuses an old session."""
+    secret = f"{login.password()}|{login.fingerprint}|{login.ca_file}"  # trust is part of it
+    return (login.url, login.email, hashlib.sha256(secret.encode()).hexdigest())
+
+
+def has_session(login: SiteLogin) -> bool:
+    return _session_key(login) in _SESSIONS
+
+
+def forget(login: SiteLogin) -> None:
+    """Drop the kept session of ``login`` (its key was refused, or the site changed)."""
+    _SESSIONS.pop(_session_key(login), None)
 
 
 def connect(login: SiteLogin, fresh: bool = False) -> Any:
@@ -45,9 +62,9 @@ def connect(login: SiteLogin, fresh: bool = False) -> Any:
     whole API (about 1.5 s), and one command often talks to a site several times. ``fresh``
     logs in again (after a dropped connection). syft's client gets the pinned sessions first
     (``syft_adapter.install``): no connect retries (rounds retry), pinned trust for HTTPS."""
+    global LOGINS
     syft_adapter.install()
-    secret = f"{login.password()}|{login.fingerprint}|{login.ca_file}"  # trust is part of it
-    key = (login.url, login.email, hashlib.sha256(secret.encode()).hexdigest())
+    key = _session_key(login)
     if not fresh and key in _SESSIONS:
         return _SESSIONS[key]
     host, _, port = login.url.rpartition(":")
@@ -61,6 +78,7 @@ def connect(login: SiteLogin, fresh: bool = False) -> Any:
     except Unreachable as exc:
         _SESSIONS.pop(key, None)
         raise Unreachable(f"{login.name}: no datasite answers at {login.url}") from exc
+    LOGINS += 1
     _SESSIONS[key] = client
     return client
 
@@ -119,11 +137,20 @@ def submit(client: Any, spec: JobSpec, asset: Any) -> str:
 
 
 def status(client: Any, spec: JobSpec) -> dict[str, Any]:
-    """pending / approved / denied (with the admin's reason) for this job on this site."""
+    """pending / approved / denied (with the admin's reason) for this job on this site.
+
+    The job's code is looked up once by name, and each request matched by its code's id: a
+    request's ``.code`` is a round trip of its own, and a queue of 30 took seconds."""
     with syft_errors(client.name, client), quiet():
-        for request in client.requests:
-            code = request.code
-            if code.service_func_name == spec.name and spec.job_id in code.raw_code:
+        requests = list(client.requests)  # first: a key the site no longer knows fails here
+        if not requests:
+            return {"status": "not submitted", "reason": None}
+        codes = check_reply(
+            client.api.services.code.get_by_service_func_name(spec.name), client.name, SiteError
+        )
+        ours = {code.id for code in codes if spec.job_id in code.raw_code}
+        for request in requests:
+            if _code_id(request) in ours:
                 state = request.status.name
                 if state == "REJECTED":
                     reason = request.deny_reason
@@ -133,6 +160,14 @@ def status(client: Any, spec: JobSpec) -> dict[str, Any]:
                     }
                 return {"status": state.lower(), "reason": None}
     return {"status": "not submitted", "reason": None}
+
+
+def _code_id(request: Any) -> Any:
+    """The id of the code a request carries, read from the request itself (no round trip)."""
+    try:
+        return request.code_id
+    except Exception:  # a request without code (syft raises SyftException)
+        return None
 
 
 def _fetch(result: Any) -> Any:

@@ -23,8 +23,9 @@ Each figure is a ratio or a difference measured within this one run, on this mac
    (``bench_upload.py``).
 7. ``--utility [--seeds N] [--epsilons 1,2,4] [--tables digits,cancer]``: distributed DP against
    per-site DP and central non-private training (``bench_utility.py``).
-8. ``--commands [--runs 5] [--code DIR]``: every admin command's wall time as a fresh process,
-   median and range, with 20 pending requests (``bench_commands.py``).
+8. ``--commands [--runs 5] [--code DIR] [--only researcher]``: every admin command's wall time
+   as a fresh process, and the researcher's datasets and status, median and range, with 20
+   pending requests (``bench_commands.py``).
 """
 
 from __future__ import annotations

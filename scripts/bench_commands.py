@@ -1,4 +1,5 @@
-"""scripts/bench --commands: how long each admin command takes, as a user runs it.
+"""scripts/bench --commands: how long each admin command (and the researcher's datasets and status)
+takes, as a user runs it.
 
 One real datasite (plain HTTP on loopback) with the demo's breast-cancer table, a researcher and
 ``PENDING`` (20) pending requests, plus a few more that approve and deny use up (each run acts on
@@ -45,16 +46,19 @@ def _server_cpu(site: Path | None) -> float:
     return times.user + times.system if times else 0.0
 
 
-def _cli(code: Path, *args: str, ok: bool = True) -> tuple[float, bool, str]:
-    """(wall seconds, ended as expected, stdout) of one ``datasite`` command in a fresh process;
-    its CPU seconds (the command's and the server's) go to ``_CPU``."""
+def _cli(
+    code: Path, *args: str, ok: bool = True, module: str = "datasites.cli", site: Path | None = None
+) -> tuple[float, bool, str]:
+    """(wall seconds, ended as expected, stdout) of one ``datasite`` (or, with ``module``,
+    ``researcher``) command in a fresh process; its CPU seconds (the command's and the
+    server's) go to ``_CPU``."""
     env = {**os.environ, "PYTHONPATH": str(code)}
-    site = Path(args[args.index("--dir") + 1]) if "--dir" in args else None
+    site = Path(args[args.index("--dir") + 1]) if "--dir" in args else site
     server_before = _server_cpu(site)
     child = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "datasites.cli", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -123,7 +127,7 @@ def _set_up(work: Path, code: Path, runs: int) -> tuple[Path, Path]:
     return site, csv
 
 
-def measure(code: Path, runs: int) -> list[dict[str, object]]:
+def measure(code: Path, runs: int, only: str = "") -> list[dict[str, object]]:
     """Each command ``runs`` times against one site; a row per command."""
     with tempfile.TemporaryDirectory(prefix="fedsite-cmds-", ignore_cleanup_errors=True) as tmp:
         work = Path(tmp)
@@ -202,6 +206,10 @@ def measure(code: Path, runs: int) -> list[dict[str, object]]:
             "--help": [(["--help"], True)] * runs,
         }
         rows = []
+        if only == "researcher":
+            rows = _researcher_rows(code, work, site, runs)
+            _cli(code, "stop", *d, ok=True)
+            return rows
         for name, calls in commands.items():
             times, cpu, good = [], [], True
             for args, ok in calls:
@@ -211,9 +219,46 @@ def measure(code: Path, runs: int) -> list[dict[str, object]]:
                 good &= expected
             rows.append(_row(name, times, good, cpu))
             print(f"  {name}: median {rows[-1]['median_s']:.2f} s", flush=True)
+        rows += _researcher_rows(code, work, site, runs)
         rows.append(_row("launch --detach", *_launches(code, site, runs)))
         _cli(code, "stop", *d, ok=True)
         return rows
+
+
+def _researcher_rows(code: Path, work: Path, site: Path, runs: int) -> list[dict[str, object]]:
+    """``researcher datasets`` and ``status`` as a researcher runs them: the first command
+    starts the agent that keeps the logins (``researcher/agent.py``), its own row; then each
+    ``runs`` times. The agent is stopped at the end (its socket removed: it exits)."""
+    fed = str(work / "federation.toml")
+    env_before = os.environ.get("FEDSITE_AGENT")
+    os.environ["FEDSITE_AGENT"] = "on"
+    rows = []
+    try:
+
+        def researcher(*args: str) -> tuple[float, bool, str]:
+            return _cli(code, *args, module="researcher.cli", site=site)
+
+        took, good, _ = researcher("datasets", "-f", fed)
+        rows.append(_row("researcher datasets, first (starts the agent)", [took], good, _CPU[-1:]))
+        for name, args in (
+            ("researcher datasets", ["datasets", "-f", fed]),
+            ("researcher status", ["status", "-f", fed]),
+        ):
+            times, cpu, good = [], [], True
+            for _ in range(runs):
+                took, expected, _ = researcher(*args)
+                times.append(took)
+                cpu.append(_CPU[-1])
+                good &= expected
+            rows.append(_row(name, times, good, cpu))
+            print(f"  {name}: median {rows[-1]['median_s']:.2f} s", flush=True)
+    finally:
+        (work / ".fedsite-agent" / "agent.sock").unlink(missing_ok=True)
+        if env_before is None:
+            os.environ.pop("FEDSITE_AGENT", None)
+        else:
+            os.environ["FEDSITE_AGENT"] = env_before
+    return rows
 
 
 def _launches(code: Path, site: Path, runs: int) -> tuple[list[float], bool, list[float]]:
@@ -246,13 +291,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--json", action="store_true", help="last line: the rows as JSON")
+    parser.add_argument(
+        "--only", choices=["researcher"], default="", help="only the researcher's commands"
+    )
     args = parser.parse_args(argv)
-    rows = measure(args.code.resolve(), args.runs)
+    rows = measure(args.code.resolve(), args.runs, args.only)
     if not args.json:
         from policies.console import table
 
         table(
-            f"admin commands, {PENDING}+ pending requests, {args.runs} runs each (fresh process)",
+            f"commands, {PENDING}+ pending requests, {args.runs} runs each (fresh process)",
             ["command", "median s", "range s", "cpu s (median)", "as expected"],
             [
                 [

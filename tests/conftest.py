@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,6 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from sklearn.datasets import load_breast_cancer
+
+# the researcher agent (researcher/agent.py) outlives a command by design; tests that mean to
+# exercise it switch it on for their own child processes
+os.environ.setdefault("FEDSITE_AGENT", "off")
 
 
 def free_port() -> int:

@@ -168,7 +168,8 @@ def serve(root: Path) -> None:
     config = site.config()
     _mask_db_password(site.db_url())
     _prepare_environment(site)
-    import syft.server.uvicorn  # noqa: F401  reads the identity variables at import
+    with syft_patches.optional_imports_deferred():  # torch, matplotlib: a quarter of the import
+        import syft.server.uvicorn  # noqa: F401  reads the identity variables at import
     import uvicorn
 
     clock.mark("syft import")

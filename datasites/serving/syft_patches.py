@@ -16,6 +16,8 @@ Each keeps syft's behaviour and removes work that is repeated or grows with a ta
    ~350 ms round on the demo table) and strings of private values kept on the object. Nothing in
    the server shows tables to a person, so :func:`summarise_dataframe_repr` patches *pandas*
    (``DataFrame.__repr__``) in the server process: a one-line shape summary.
+4. ``datasite launch`` waits mostly on syft's import, a quarter of which was torch (for a tensor
+   serializer) and matplotlib (for pandas' table styling): :func:`optional_imports_deferred`.
 
 These patches, and ``datasites.training.runtime.caller_code``, rest on syft 0.9.5's private names; the
 server refuses to start on any other syft (:func:`check_syft_version`).
@@ -23,9 +25,11 @@ server refuses to start on any other syft (:func:`check_syft_version`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 _LEAVES = (str, bytes, bytearray, memoryview)
@@ -133,3 +137,36 @@ def summarise_dataframe_repr() -> Restore:
         pd.DataFrame.__repr__ = saved  # type: ignore[method-assign]
 
     return restore
+
+
+DEFERRED = ("torch", "matplotlib")
+
+
+class _Deferred:
+    """A meta path finder that answers the import of a :data:`DEFERRED` package with
+    ImportError (see :func:`optional_imports_deferred`)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name.split(".")[0] in DEFERRED:
+            raise ImportError(f"{name}: deferred while syft loads (datasites.serving)")
+
+
+@contextlib.contextmanager
+def optional_imports_deferred() -> Iterator[None]:
+    """Import syft without torch and matplotlib: 1.3-1.5 s of its 5.5 s of CPU here.
+
+    Both are optional imports, each inside a ``try: ... except ImportError``: syft 0.9.5's only
+    ``import torch`` registers a serializer for tensors, and pandas' ``Styler`` (which syft's
+    table rendering imports) loads ``matplotlib.pyplot`` for colour gradients. Nothing a
+    datasite exchanges over syft is a tensor (weights travel as ``.npz`` strings,
+    ``policies.wire``; training runs in the sandbox's own processes), so syft refuses a tensor
+    on the wire as it refuses any type it does not know; and the server styles no table. Only
+    the imports during syft's own are refused: later ones in this process (the review's model
+    builder, the console's plots) work as usual.
+    """
+    finder = _Deferred()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
