@@ -134,6 +134,37 @@ def check_site(layout: Layout, meta: dict[str, Any]) -> None:
             )
 
 
+def features(frame: Any, target: str, layout: Layout | None) -> npt.NDArray[np.float32]:
+    """A table's feature matrix as every party builds it: a site for its rounds, the dry run
+    on a mock, the researcher for its ``--test`` rows. One function, so that a model is scored
+    on inputs encoded as it was trained on them.
+
+    Encoded to ``layout`` when the job carries one (``encode``); else the feature columns as
+    float32, and PlanError for a non-numeric one (a job without a layout cannot one-hot it).
+    The array is a fresh copy: the caller may scale it in place.
+    """
+    if target not in frame.columns:
+        raise PlanError(f"target column {target!r} is not in the data")
+    if layout is not None:
+        return encode(frame, target, layout)
+    text = [str(c) for c in frame.columns if c != target and not _numeric(frame[c])]
+    if text:
+        raise PlanError(
+            f"column(s) {', '.join(text)} are categorical and the job carries no one-hot "
+            "layout; build the job with researcher load_job (it reads the sites' schema)"
+        )
+    matrix: npt.NDArray[np.float32] = frame.drop(columns=[target]).to_numpy(
+        dtype=np.float32, copy=True
+    )
+    return matrix
+
+
+def _numeric(column: Any) -> bool:
+    import pandas as pd
+
+    return bool(pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column))
+
+
 def encode(frame: Any, target: str | None, layout: Layout) -> npt.NDArray[np.float32]:
     """The feature matrix (float32) of ``frame`` under ``layout``: numeric columns as they are,
     each categorical one as 0/1 inputs for the layout's categories (a category this table
@@ -152,7 +183,7 @@ def encode(frame: Any, target: str | None, layout: Layout) -> npt.NDArray[np.flo
     for name, categories in layout["columns"]:
         column = frame[name]
         if categories is None:
-            if not pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+            if not _numeric(column):
                 raise PlanError(f"column {name!r} is not numeric, but the layout says it is")
             parts.append(pd.DataFrame({name: column.to_numpy(np.float32)}))
             continue

@@ -500,27 +500,22 @@ def _ranking(metrics: dict) -> str:
 def _test_split(  # noqa: ANN202
     path: Path, target: str, layout: dict | None = None, classes: list[str] | None = None
 ):
-    """The test rows as (x, y); text columns one-hot encoded to the job's layout, and labels
-    coded in the job's class list, as the sites encode and code theirs."""
+    """The test rows as (x, y); features encoded as the sites encode theirs (one function,
+    ``policies.layout.features``), and labels coded in the job's class list."""
     import pandas as pd
 
     from policies.errors import PlanError
-    from policies.layout import encode
+    from policies.layout import features
     from researcher.errors import JobError
 
     try:
         frame = pd.read_csv(path)
     except (OSError, ValueError) as exc:
         raise JobError(f"cannot read test file {path}: {exc}") from exc
-    if target not in frame.columns:
-        raise JobError(f"test file {path} has no column {target!r}")
     try:
-        y = _test_labels(frame[target], classes)
-        if layout is not None:
-            return encode(frame, target, layout), y
+        return features(frame, target, layout), _test_labels(frame[target], classes)
     except PlanError as exc:
         raise JobError(f"test file {path}: {exc}") from exc
-    return frame.drop(columns=[target]).to_numpy(dtype="float32"), y
 
 
 def _test_labels(column, classes: list[str] | None):  # noqa: ANN001, ANN201

@@ -35,16 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from policies import job_template
 from policies.errors import PlanError, WireError
 from policies.plan import JobSpec, TrainingPlan, select
 from policies.wire import Weights, check_shapes, frozen_digest
 from researcher.errors import JobError
-
-TEMPLATE = '''def {name}(data, weights):
-    """Federated Datasites job {job_id}: DP-SGD in the datasite's own runtime."""
-    from datasites.training.runtime import run_job
-    return run_job(data=data, weights=weights, job={job!r})
-'''
 
 ModelLike = Any  # a spec dict, a list of layer dicts, an nn.Module, or make_model source text
 
@@ -220,8 +215,9 @@ def _constants(source: str, path: Path) -> dict[str, Any]:
 
 
 def render(spec: JobSpec) -> str:
-    """The exact source of the function submitted for ``spec``."""
-    return TEMPLATE.format(name=spec.name, job_id=spec.job_id, job=spec.to_dict())
+    """The exact source of the function submitted for ``spec`` (``policies.job_template``, the
+    text a site's review requires)."""
+    return job_template.render(spec.name, spec.job_id, spec.to_dict())
 
 
 def as_function(spec: JobSpec) -> Any:

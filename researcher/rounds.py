@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from researcher import model as local_model
 from researcher.errors import SiteError, Unreachable
 from researcher.evaluation import DEFAULT_PRECISION, held_out_metrics
 from researcher.federation import Federation
-from researcher.site import Site
+from researcher.site import Site, fan_out
 from researcher.sites import SyftSite
 from researcher.strategy import FedAvg, Strategy, Update, Weights
 
@@ -348,16 +348,11 @@ def _personalize(
     """The fine-tuning pass: each site tunes the plan's layers from the final global weights
     and keeps the model; what comes back is its DP validation metrics only."""
     call = TrainRound.of(weights)
-    futures = {pool.submit(call_with_retry, link, spec, call): link for link in links}
-    done, pending = wait(futures, timeout=timeout_s)
-    sites, skipped = {}, {f"{futures[f].name}": "timed out" for f in pending}
-    for fut in done:
-        name = futures[fut].name
-        try:
-            reply = fut.result()
-        except SiteError as exc:
-            skipped[name] = str(exc)
-            continue
+    replies, skipped = fan_out(
+        pool, links, lambda link: call_with_retry(link, spec, call), timeout_s
+    )
+    sites: dict[str, dict[str, Any]] = {}
+    for name, reply in replies.items():
         if reply.get("status") != "ok" or not reply.get("personalized"):
             skipped[name] = f"{reply.get('status')}: {reply.get('reason')}"
             continue
@@ -440,29 +435,14 @@ def _one_round(
     started = time.perf_counter()
     sent = strategy.configure_round(round_no, weights)
     call = TrainRound.of(sent)
-    futures = {
-        pool.submit(
-            call_or_recover,
-            link,
-            spec,
-            call,
-            None if recover is None else recover.get(link.name, 0),
-            backoff,
-        ): link
-        for link in links
-    }
-    done, pending = wait(futures, timeout=timeout_s)
-    updates, skipped = [], {}
-    for fut in pending:
-        skipped[futures[fut].name] = f"timed out after {timeout_s:.0f}s"
-        futures[fut].drop()
-    for fut in done:
-        name = futures[fut].name
-        try:
-            reply = fut.result()
-        except SiteError as exc:
-            skipped[name] = str(exc)
-            continue
+
+    def work(link: Site) -> RoundReply:
+        aggregated = None if recover is None else recover.get(link.name, 0)
+        return call_or_recover(link, spec, call, aggregated, backoff)
+
+    replies, skipped = fan_out(pool, links, work, timeout_s)
+    updates: list[Update] = []
+    for name, reply in replies.items():
         if reply.get("status") != "ok":
             skipped[name] = f"{reply.get('status')}: {reply.get('reason')}"
             continue
@@ -520,8 +500,10 @@ def _test_metrics(spec: JobSpec, weights: Weights, test: Any, precision: float) 
     if test is None:
         return {}
     x, y = test
-    if spec.plan.standardize and spec.scaling:
-        x = apply_scaling(np.array(x, dtype=np.float32), spec.scaling)  # as every site does
+    # the inputs a site's round trains on (policies.engine.round_task): the one scaling function
+    x = apply_scaling(
+        np.array(x, dtype=np.float32), spec.scaling if spec.plan.standardize else None
+    )
     model = local_model.load(local_model.build(spec), weights)
     return held_out_metrics(model, x, y, spec.plan.loss, precision)
 

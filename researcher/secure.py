@@ -14,7 +14,8 @@ themselves (``update_norm_bound``).
 from __future__ import annotations
 
 import secrets
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ from policies.wire import (
     encode_weights,
 )
 from researcher.errors import SiteError
-from researcher.site import Site
+from researcher.site import Site, fan_out
 from researcher.strategy import Update
 
 NEEDS_EACH_UPDATE = ("median", "trimmed-mean")
@@ -54,16 +55,12 @@ def collect_keys(
 ) -> dict[str, Participant]:
     """Each site's signed X25519 key for this job, checked here too: a site sending a key its
     identity did not sign, or a fingerprint outside the job's peers, is left out."""
-    futures = {pool.submit(links_call, link, spec, SecAggHello()): link for link in links}
+    replies, _ = fan_out(pool, links, _caller(spec, SecAggHello()), None)
     entries: dict[str, Participant] = {}
-    for fut, link in futures.items():
-        try:
-            reply = fut.result()
-        except SiteError:
-            continue
+    for name, reply in replies.items():
         entry = _valid(reply.get("secagg"), spec) if reply.get("status") == "ok" else None
         if entry is not None:
-            entries[link.name] = entry
+            entries[name] = entry
     return entries
 
 
@@ -88,6 +85,11 @@ def _valid(reply: object, spec: JobSpec) -> Participant | None:
 
 def links_call(link: Site, spec: JobSpec, call: RoundCall) -> RoundReply:
     return link.call(spec, call)
+
+
+def _caller(spec: JobSpec, call: RoundCall) -> Callable[[Site], RoundReply]:
+    """``call`` at one site, once: a step of the protocol is not retried."""
+    return lambda link: links_call(link, spec, call)
 
 
 def secure_round(  # noqa: PLR0913
@@ -193,15 +195,8 @@ def _all(
     pool: ThreadPoolExecutor, links: list[Site], spec: JobSpec, call: RoundCall, timeout_s: float
 ) -> dict[str, Any]:
     """One call per site in parallel: its reply, or a line saying why there is none."""
-    futures = {pool.submit(links_call, link, spec, call): link for link in links}
-    done, pending = wait(futures, timeout=timeout_s)
-    out: dict[str, Any] = {futures[f].name: f"timed out after {timeout_s:.0f}s" for f in pending}
-    for fut in done:
-        try:
-            out[futures[fut].name] = fut.result()
-        except SiteError as exc:
-            out[futures[fut].name] = str(exc)
-    return out
+    replies, failed = fan_out(pool, links, _caller(spec, call), timeout_s)
+    return {**failed, **replies}
 
 
 __all__ = ["check_strategy", "collect_keys", "secure_round"]

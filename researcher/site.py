@@ -9,14 +9,17 @@ in milliseconds, and a simulation needs no server. Neither holds any DP code.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, Protocol, TypeVar
 
 from policies.plan import JobSpec
 from policies.wire import RoundCall, RoundReply
+from researcher.errors import SiteError
 
 # what a site is handed: the call as it travels (policies.wire.decode_call reads it back)
 Handler = Callable[[JobSpec, str], RoundReply]
+R = TypeVar("R")
 
 
 class Site(Protocol):
@@ -57,3 +60,33 @@ class InProcessSite:
 
     def drop(self) -> None:
         self.drops += 1
+
+
+def fan_out(
+    pool: ThreadPoolExecutor,
+    links: Sequence[Site],
+    work: Callable[[Site], R],
+    timeout_s: float | None,
+) -> tuple[dict[str, R], dict[str, str]]:
+    """``work(site)`` at every site at once: the replies, and for each site without one the
+    line saying why (its ``SiteError``, or a timeout), both in the sites' order.
+
+    The one fan-out of the round loop, personalization and secure aggregation, so a timeout
+    or an error means the same in each. Retrying is ``work``'s (``rounds.call_with_retry``).
+    A site still busy after ``timeout_s`` (None: wait for all) is skipped and its connection
+    dropped: the call may still land, and the next one opens a fresh connection.
+    """
+    futures = {link.name: (link, pool.submit(work, link)) for link in links}
+    done, _ = wait([future for _, future in futures.values()], timeout=timeout_s)
+    replies: dict[str, R] = {}
+    failed: dict[str, str] = {}
+    for name, (link, future) in futures.items():
+        if future not in done:
+            failed[name] = f"timed out after {timeout_s:.0f}s"
+            link.drop()
+            continue
+        try:
+            replies[name] = future.result()
+        except SiteError as exc:
+            failed[name] = str(exc)
+    return replies, failed

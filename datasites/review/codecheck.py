@@ -13,9 +13,9 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-RUNTIME_MODULE = "datasites.training.runtime"
-RUNTIME_FUNCTION = "run_job"
-TEMPLATE_ARGS = ("data", "weights")
+from policies import job_template
+from policies.job_template import ARGS as TEMPLATE_ARGS
+from policies.job_template import RUNTIME_FUNCTION, RUNTIME_MODULE
 
 
 @dataclass(frozen=True)
@@ -60,24 +60,19 @@ def parse_template(raw_code: str) -> tuple[dict[str, Any] | None, list[Finding]]
     return (job if not problems else None), problems
 
 
-# The template's shape, its name, docstring text and job literal left out: what a submission's
-# one function must equal node for node (no annotation, default, decorator, type comment or
-# statement that the template does not have).
-_SHAPE = (
-    "def _job(data, weights):\n"
-    "    '_'\n"
-    "    from datasites.training.runtime import run_job\n"
-    "    return run_job(data=data, weights=weights, job={})\n"
-)
 _PLACEHOLDER = "_"
 
 
 def _shape(docstring: bool) -> str:
-    fn = ast.parse(_SHAPE).body[0]
+    """The template's shape (``policies.job_template``, the text the researcher renders), its
+    name, docstring text and job literal left out as a submission's are: what a submission's
+    one function must equal node for node (no annotation, default, decorator, type comment or
+    statement that the template does not have)."""
+    fn = ast.parse(job_template.render("_job", _PLACEHOLDER, {})).body[0]
     assert isinstance(fn, ast.FunctionDef)
     if not docstring:
         fn.body = fn.body[1:]
-    return ast.dump(fn)
+    return ast.dump(_bare(fn))
 
 
 def exact_problems(fn: ast.FunctionDef) -> list[Finding]:
@@ -88,20 +83,26 @@ def exact_problems(fn: ast.FunctionDef) -> list[Finding]:
     evaluated when that wrapper is defined), and strips decorators only because it happens to;
     a check that lists what is forbidden misses what nobody thought of.
     """
+    body = fn.body
+    if ast.dump(_bare(fn)) != _shape(bool(body) and _is_docstring(body[0])):
+        return [Finding(fn.lineno, "the function differs from the template beyond its job literal")]
+    return []
+
+
+def _bare(fn: ast.FunctionDef) -> ast.FunctionDef:
+    """A copy of ``fn`` with its name, its docstring's text and its job literal's content
+    replaced by placeholders: what is left must be the template's."""
     bare = copy.deepcopy(fn)
     bare.name = "_job"
     body = bare.body
-    docstring = bool(body) and _is_docstring(body[0])
-    if docstring:
+    if body and _is_docstring(body[0]):
         body[0] = ast.Expr(value=ast.Constant(value=_PLACEHOLDER))
     ret = body[-1] if body else None
     if isinstance(ret, ast.Return) and isinstance(ret.value, ast.Call):
         for kw in ret.value.keywords:
             if kw.arg == "job":
                 kw.value = ast.Dict(keys=[], values=[])
-    if ast.dump(bare) != _shape(docstring):
-        return [Finding(fn.lineno, "the function differs from the template beyond its job literal")]
-    return []
+    return bare
 
 
 def _named_differences(fn: ast.FunctionDef) -> list[Finding]:

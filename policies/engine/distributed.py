@@ -24,9 +24,9 @@ import numpy.typing as npt
 import torch
 from torch.func import functional_call, grad, vmap
 
-from policies import skellam
+from policies import scaling, skellam
 from policies.engine.dp_sgd import loss_fn, targets
-from policies.engine.round_task import RoundOutput, RoundTask, class_codes, standardise
+from policies.engine.round_task import RoundOutput, RoundTask, class_codes
 from policies.engine.secure_noise import secure_uniform
 from policies.modelspec import parse
 from policies.plan import TrainingPlan
@@ -41,7 +41,7 @@ def distributed_step(task: RoundTask, _test_seed: int | None = None) -> RoundOut
     started = time.perf_counter()
     plan = TrainingPlan.from_dict(task.plan)
     spec = parse(task.model)
-    x = standardise(task.features, task.scaling if plan.standardize else None)
+    x = scaling.apply(task.features, task.scaling if plan.standardize else None)
     y = class_codes(task.target, spec.output[-1]) if plan.loss == "cross_entropy" else task.target
     model = build(spec).eval()  # eval: no buffer (BatchNorm statistic) moves in a round
     if task.weights is not None:

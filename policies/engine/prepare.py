@@ -14,7 +14,7 @@ from policies.compression import compress
 from policies.errors import PlanError, Refused
 from policies.labels import check_site as check_site_classes
 from policies.labels import counts_to_job, site_to_job
-from policies.layout import align_stats, check_site, encode, width
+from policies.layout import align_stats, check_site, features, width
 from policies.plan import JobSpec, TrainingPlan, check_fits, class_count, n_outputs, select
 from policies.privacy import PrivacyPlan
 from policies.scaling import published_ranges, unpack
@@ -32,22 +32,12 @@ def table_arrays(
     frame: pd.DataFrame, target: str, layout: dict[str, Any] | None = None
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Features (a float32 copy, ours to edit) and target of a table; categorical columns
-    one-hot encoded to the job's federation-wide ``layout`` (``policies.layout``)."""
-    if target not in frame.columns:
-        raise Refused(f"target column {target!r} is not in the data")
-    if layout is not None:
-        try:
-            return encode(frame, target, layout), frame[target].to_numpy()
-        except PlanError as exc:
-            raise Refused(str(exc)) from exc
-    categorical = [c for c in frame.columns if c != target and frame[c].dtype.name == "category"]
-    if categorical:
-        raise Refused(
-            f"column(s) {', '.join(categorical)} are categorical and the job carries no one-hot "
-            "layout; build the job with researcher load_job (it reads the sites' schema)"
-        )
-    x = frame.drop(columns=[target]).to_numpy(dtype=np.float32, copy=True)
-    return x, frame[target].to_numpy()
+    one-hot encoded to the job's federation-wide ``layout`` (``policies.layout.features``, the
+    encoding the researcher's ``--test`` rows get too)."""
+    try:
+        return features(frame, target, layout), frame[target].to_numpy()
+    except PlanError as exc:
+        raise Refused(str(exc)) from exc
 
 
 def site_scaling(spec: JobSpec, meta: dict[str, Any]) -> tuple[Any, ...] | None:

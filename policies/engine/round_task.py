@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from policies import scaling
 from policies.plan import TrainingPlan, validation_rows
-from policies.scaling import apply as scaling_apply
 from policies.wire import Weights
 
 # (mean, std) or (mean, std, low, high), one value per input: ``policies.scaling``
@@ -74,13 +74,6 @@ def class_codes(y: npt.NDArray[Any], n_classes: int) -> npt.NDArray[Any]:
     return np.clip(np.floor(codes), 0, n_classes - 1).astype(np.int64)
 
 
-def standardise(x: npt.NDArray[Any], scaling: Scaling) -> npt.NDArray[Any]:
-    """Clamp to the published range, centre, divide by the floored std (``policies.scaling``,
-    the same function the dry run and the researcher's ``--test`` apply). ``x`` is this task's
-    own copy: written in place."""
-    return scaling_apply(x, scaling)
-
-
 def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     """Build the spec's model with site code, train one round of DP-SGD, measure, release.
 
@@ -96,7 +89,8 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     if plan.distributed:
         raise ValueError("a distributed-DP round is distributed.distributed_step's, not this")
     spec = parse(task.model)
-    x = standardise(task.features, task.scaling if plan.standardize else None)
+    # clamp, centre, divide: the one function the dry run and the researcher's --test apply
+    x = scaling.apply(task.features, task.scaling if plan.standardize else None)
     y = class_codes(task.target, spec.output[-1]) if plan.loss == "cross_entropy" else task.target
     x, y, xv, yv = split(x, y, plan.validation_fraction, task.split_seed)
     public = task.public_rows if task.public_rows is not None else len(task.features)

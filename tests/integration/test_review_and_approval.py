@@ -14,11 +14,12 @@ from datasites.errors import ReviewError
 from datasites.review.queue import ReviewQueue
 from datasites.serving.config import SiteDir
 from policies.accounting import epsilon
+from policies.job_template import TEMPLATE
 from policies.plan import training_rows
 from policies.privacy import privacy_plan
 from researcher import api, sites
 from researcher.errors import JobError
-from researcher.job import TEMPLATE, make_job
+from researcher.job import make_job
 from tests.conftest import last_json
 from tests.integration.conftest import EMAIL, events, job, request_id
 

@@ -49,7 +49,7 @@ def publish(frame: pd.DataFrame, target: str, **kw: Any) -> tuple[pd.DataFrame, 
 
 def site_inputs(frame: pd.DataFrame, target: str, spec: Any, meta: dict[str, Any]) -> np.ndarray:
     """The inputs a site's round trains on: its rows under the job's scaling."""
-    from policies.engine.round_task import standardise
+    from policies.scaling import apply as standardise
 
     x = frame.drop(columns=[target]).to_numpy(np.float32, copy=True)
     scaling = site_scaling(spec, meta)

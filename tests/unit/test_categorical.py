@@ -232,3 +232,48 @@ def test_validation_leaves_the_callers_frame_as_it_was() -> None:
     table = validate_table(frame, "default")
     pd.testing.assert_frame_equal(frame, before)
     assert table.frame["flag"].dtype == np.int64 and table.frame["region"].dtype.name == "category"
+
+
+LAYOUT = {
+    "columns": [
+        ["balance", None],
+        ["region", ["east", "north", "south"]],
+        ["student", ["No", "Yes"]],
+    ]
+}
+
+
+def test_the_test_split_and_a_site_encode_the_same_rows_identically(tmp_path) -> None:  # noqa: ANN001
+    """The researcher's --test rows and a site's rows go through one encoding
+    (``policies.layout.features``): the same table, a CSV at the researcher and validated at the
+    site (text columns stored as categoricals, the target as class codes), gives the same x."""
+    from researcher.cli import _test_split
+
+    raw = _bank(300, regions=("east", "north", "south"), seed=3)
+    raw["balance"] = raw["balance"].round(2)  # a CSV round trip keeps every value
+    path = tmp_path / "test.csv"
+    raw.to_csv(path, index=False)
+    table = validate_table(raw, "default")
+    site_x, site_y = table_arrays(table.frame, "default", LAYOUT)
+    test_x, test_y = _test_split(path, "default", LAYOUT, table.classes)
+    assert test_x.dtype == site_x.dtype == np.float32 and site_x.shape == (300, 6)
+    np.testing.assert_array_equal(test_x, site_x)
+    np.testing.assert_array_equal(test_y, site_y)
+
+
+def test_text_columns_without_a_layout_are_one_line_at_a_site_and_at_the_researcher(
+    tmp_path,  # noqa: ANN001
+) -> None:
+    """The same refusal on both sides; the --test split once crashed on a text column with
+    numpy's "could not convert string to float"."""
+    from researcher.cli import _test_split
+    from researcher.errors import JobError
+
+    raw = _bank(50)
+    path = tmp_path / "test.csv"
+    raw.to_csv(path, index=False)
+    why = "region, student are categorical and the job carries no one-hot layout"
+    with pytest.raises(Refused, match=why):
+        table_arrays(validate_table(raw, "default").frame, "default")
+    with pytest.raises(JobError, match=f"test file {path}: column\\(s\\) {why}"):
+        _test_split(path, "default", None, ["No", "Yes"])

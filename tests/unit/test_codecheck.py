@@ -8,9 +8,10 @@ from torch import nn
 from datasites.review.access import DatasetPolicy
 from datasites.review.report import Submission, build_report
 from policies.errors import PlanError
+from policies.job_template import TEMPLATE
 from policies.plan import JobSpec, TrainingPlan
 from researcher.errors import JobError
-from researcher.job import TEMPLATE, make_job, render
+from researcher.job import make_job, render
 
 MODEL = nn.Sequential(nn.Linear(30, 8), nn.ReLU(), nn.Linear(8, 2))
 N_PARAMETERS = 30 * 8 + 8 + 8 * 2 + 2

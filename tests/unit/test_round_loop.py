@@ -262,3 +262,43 @@ def test_a_resumed_run_continues_the_server_optimizer_state(tmp_path: Path) -> N
     )
     for k, v in after_2.items():  # round 3 began where round 2 left the moments
         np.testing.assert_array_equal(Recording.seen[3][k], v)
+
+
+def test_one_fan_out_gives_replies_and_a_line_per_missing_site_in_the_sites_order() -> None:
+    """``fan_out`` is the round loop's, personalization's and secure aggregation's: a reply, a
+    site's own error, or a timeout (its connection dropped), keyed and ordered by site; a bug
+    (not a SiteError) is raised, never counted as a site that did not answer."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from researcher.site import fan_out
+
+    release_slow = threading.Event()
+
+    def slow(spec, weights):  # noqa: ANN001, ANN202
+        release_slow.wait(10)
+        return {"status": "ok"}
+
+    def refusing(spec, weights):  # noqa: ANN001, ANN202
+        raise SiteError("b: login refused")
+
+    sites = [
+        InProcessSite("slow", {}, slow),
+        InProcessSite("b", {}, refusing),
+        InProcessSite("a", {}, lambda spec, weights: {"status": "ok", "n": 3}),
+    ]
+    spec = _spec(1)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        try:
+            replies, failed = fan_out(pool, sites, lambda s: s.call(spec, ReplayLast()), 1.0)
+        finally:
+            release_slow.set()
+        assert replies == {"a": {"status": "ok", "n": 3}}
+        assert list(failed.items()) == [("slow", "timed out after 1s"), ("b", "b: login refused")]
+        assert [s.drops for s in sites] == [1, 0, 0]  # only the site that timed out
+
+        def bug(site):  # noqa: ANN001, ANN202
+            raise KeyError("a bug here")
+
+        with pytest.raises(KeyError):
+            fan_out(pool, sites[2:], bug, None)

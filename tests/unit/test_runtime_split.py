@@ -11,8 +11,9 @@ import pytest
 
 from policies.engine.mock_round import dry_run
 from policies.engine.prepare import table_arrays
-from policies.engine.round_task import split, standardise
+from policies.engine.round_task import split
 from policies.errors import Refused
+from policies.scaling import apply as standardise
 from policies.wire import decode_weights
 from researcher.job import make_job
 
