@@ -122,6 +122,10 @@ def _check_strategy_fits(path: Path, spec: JobSpec, strategy: dict[str, Any]) ->
         raise JobError(f"{path}: STRATEGY: {exc}") from exc
 
 
+def _spec_of(job: PreparedJob | JobSpec) -> JobSpec:
+    return job.spec if isinstance(job, PreparedJob) else job
+
+
 def _as_prepared(
     fed: Federation, job: PreparedJob | JobSpec | Path, initial: Weights | None
 ) -> PreparedJob:
@@ -534,12 +538,13 @@ def saved_initial(fed: Federation, spec: JobSpec) -> Weights | None:
     return load_initial(path) if path.exists() else None
 
 
-def status(fed: Federation, spec: JobSpec) -> dict[str, dict[str, Any]]:
+def status(fed: Federation, job: PreparedJob | JobSpec) -> dict[str, dict[str, Any]]:
     """Per site: pending, approved, denied (with the admin's reason), running, done, failed.
 
     The site says pending/approved/denied; what happened after approval is what this
     researcher's own ``train`` recorded (rounds done, the last refusal or failure).
     """
+    spec = _spec_of(job)
     progress = _load_progress(fed, spec)
     out = {}
     for login in fed.sites:
@@ -748,7 +753,7 @@ def strategy_for(
         return override
     ran = Checkpoint.strategy_in(Path(run_dir)) if resume else None
     named = job.strategy if isinstance(job, PreparedJob) else None
-    spec = job.spec if isinstance(job, PreparedJob) else job
+    spec = _spec_of(job)
     config = ran or named or saved_strategy(fed, spec) or DEFAULT_STRATEGY
     try:
         return strategy_from(config)
@@ -809,7 +814,7 @@ def train(  # noqa: PLR0913
 
     run_dir = Path(run_dir)
     check_run_dir(run_dir, resume)
-    spec = job.spec if isinstance(job, PreparedJob) else job
+    spec = _spec_of(job)
     aggregator = strategy_for(fed, job, run_dir, resume, strategy)
     _check_approved_somewhere(fed, spec)  # before the run folder exists
     progress = _load_progress(fed, spec) or {"sites": {}}
