@@ -2,7 +2,8 @@
 
 Also the job for the server optimizers (`--strategy fedavgm|fedadam|fedyogi`) and the robust
 rules (`--strategy median|trimmed-mean|norm-bounded`): a strategy is the researcher's choice of
-post-processing, not a plan field, so the sites run the same job."""
+post-processing, not a plan field, so the sites run the same job. With its parameters it goes
+in the job file as `STRATEGY` (see `fedavgm.py`)."""
 
 import torch.nn as nn
 

@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "Federation": "researcher.federation",
+    "PreparedJob": "researcher.api",
     "ResearcherError": "researcher.errors",
     "datasets": "researcher.api",
     "dry_run": "researcher.api",
     "load_job": "researcher.api",
     "load_job_file": "researcher.job",
     "make_job": "researcher.job",
+    "prepare": "researcher.api",
     "status": "researcher.api",
     "submit": "researcher.api",
     "train": "researcher.api",
@@ -24,19 +26,30 @@ _EXPORTS = {
 
 __all__ = [  # noqa: RUF022  the same names as _EXPORTS, spelled out for tools
     "Federation",
+    "PreparedJob",
     "ResearcherError",
     "datasets",
     "dry_run",
     "load_job",
     "load_job_file",
     "make_job",
+    "prepare",
     "status",
     "submit",
     "train",
 ]
 
 if TYPE_CHECKING:
-    from researcher.api import datasets, dry_run, load_job, status, submit, train
+    from researcher.api import (
+        PreparedJob,
+        datasets,
+        dry_run,
+        load_job,
+        prepare,
+        status,
+        submit,
+        train,
+    )
     from researcher.errors import ResearcherError
     from researcher.federation import Federation
     from researcher.job import load_job_file, make_job

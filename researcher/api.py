@@ -1,21 +1,26 @@
 """The researcher's Python API: look at mock data, dry-run a job, submit it, follow it.
 
 from pathlib import Path
-from researcher import Federation, load_job_file, dry_run, submit, status
+from researcher import Federation, prepare, dry_run, submit, status
 
 fed = Federation.load(Path("federation.toml"))
-job = load_job(fed, Path("job.py"))
+job = prepare(fed, Path("job.py"))   # what `researcher try` and `researcher submit` build
 print(dry_run(fed, job)["metrics"])
 submit(fed, job)
-print(status(fed, job))
+print(status(fed, job.spec))
+
+The CLI (``researcher.cli``) parses arguments and prints; every decision is made here, so a
+Python user gets exactly what a CLI user gets.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,7 +37,8 @@ from policies.scaling import published_ranges, weak_inputs
 from policies.utility import UtilityWarning
 from policies.wire import Weights, encode_weights
 from researcher import sites
-from researcher.errors import JobError, SiteError
+from researcher.errors import AggregationError, JobError, SiteError
+from researcher.evaluation import DEFAULT_PRECISION
 from researcher.federation import Federation
 from researcher.job import load_initial, load_job_file, read_job_file  # noqa: F401
 from researcher.jobs import (  # noqa: F401  re-exported: the API's names for the job records
@@ -42,13 +48,105 @@ from researcher.jobs import (  # noqa: F401  re-exported: the API's names for th
     _load_progress,
     _missing,
     _save_progress,
+    check_run_dir,
     jobs_dir,
     save_job,
     saved_job,
     saved_jobs,
 )
+from researcher.strategy import Strategy, strategy_config, strategy_from
+
+if TYPE_CHECKING:
+    from researcher.rounds import RoundRecord, RunResult
 
 INITIAL_SUFFIX = ".init.npz"  # a job's initial weights (transfer learning), beside it
+DEFAULT_STRATEGY = "fedavg"  # a job file without STRATEGY
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job file made ready for this federation by :func:`prepare`: what ``researcher try``
+    runs on a mock and ``researcher submit`` sends, the same for Python.
+
+    ``spec`` is the job the sites review. ``strategy`` is the job file's ``STRATEGY`` with
+    every parameter spelled out (None: not said, ``train`` uses fedavg); it runs at the
+    researcher, so ``submit`` keeps it beside the saved job and never sends it to a site.
+    ``auto`` is the auto-plan that filled the plan (None: the file's PLAN as written),
+    ``warnings`` why the job may not learn, ``metas`` the sites' published metadata it was
+    built from (public), and ``initial`` the weights it starts from (transfer learning).
+    """
+
+    spec: JobSpec
+    strategy: dict[str, Any] | None = None
+    auto: AutoPlan | None = None
+    warnings: tuple[UtilityWarning, ...] = ()
+    initial: Weights | None = None
+    metas: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def prepare(
+    fed: Federation,
+    path: Path,
+    target: str | None = None,
+    initial: Weights | Path | None = None,
+    auto_plan: bool = False,
+) -> PreparedJob:
+    """Everything ``try`` and ``submit`` need before a site is asked to run anything.
+
+    The job file is read; its ``STRATEGY`` is checked before any site is contacted. From the
+    sites' published metadata (fetched once): the label column, the federation's label space
+    and one-hot layout, the model's sizes, the auto-plan for a minimal PLAN (every tuned field
+    with ``auto_plan``), a secure job's peers, a distributed job's sample rate, the pooled
+    feature scaling and the utility warnings. ``initial``: weights, or a ``.npz`` / run dir to
+    read them from (:func:`load_initial`).
+    """
+    path = Path(path)
+    weights = load_initial(initial) if isinstance(initial, str | Path) else initial
+    constants = read_job_file(path)
+    strategy = _job_strategy(path, constants)
+    metas = _published(fed, constants["DATASET"])
+    spec, auto = _planned(fed, path, constants, metas, target, weights, auto_plan)
+    spec = pooled_for(spec, metas)
+    _check_strategy_fits(path, spec, strategy)
+    warned = tuple(warnings_for(spec, metas))
+    return PreparedJob(spec, strategy, auto, warned, weights, metas)
+
+
+def _job_strategy(path: Path, constants: dict[str, Any]) -> dict[str, Any]:
+    """The job file's STRATEGY, every parameter spelled out; one JobError line if it is wrong."""
+    try:
+        return strategy_config(strategy_from(constants.get("STRATEGY", DEFAULT_STRATEGY)))
+    except AggregationError as exc:
+        raise JobError(f"{path}: STRATEGY: {exc}") from exc
+
+
+def _check_strategy_fits(path: Path, spec: JobSpec, strategy: dict[str, Any]) -> None:
+    """A secure job shows only the sum of the updates: a strategy that needs each one is
+    refused now, not after the sites approved the job."""
+    if not spec.plan.secure:
+        return
+    from researcher.secure import check_strategy
+
+    try:
+        check_strategy(strategy["name"])
+    except SiteError as exc:
+        raise JobError(f"{path}: STRATEGY: {exc}") from exc
+
+
+def _spec_of(job: PreparedJob | JobSpec) -> JobSpec:
+    return job.spec if isinstance(job, PreparedJob) else job
+
+
+def _as_prepared(
+    fed: Federation, job: PreparedJob | JobSpec | Path, initial: Weights | None
+) -> PreparedJob:
+    """A job as :func:`dry_run`, :func:`submit` and :func:`train` take it: a job file is
+    prepared; a spec built by hand (``make_job``) is taken as it is, with no strategy."""
+    if isinstance(job, str | Path):
+        return prepare(fed, Path(job), initial=initial)
+    if isinstance(job, JobSpec):
+        return PreparedJob(job, initial=initial)
+    return job if initial is None else replace(job, initial=initial)
 
 
 def datasets(fed: Federation) -> dict[str, Any]:
@@ -65,16 +163,31 @@ def datasets(fed: Federation) -> dict[str, Any]:
     return out
 
 
-def dry_run(fed: Federation, spec: JobSpec, initial: Weights | None = None) -> dict[str, Any]:
+def only_dataset(listed: dict[str, Any]) -> str:
+    """The one dataset name the reachable sites publish (``listed``: :func:`datasets`'s
+    answer); JobError if none or several."""
+    names = sorted({d["name"] for rows in listed.values() if isinstance(rows, list) for d in rows})
+    if len(names) != 1:
+        found = ", ".join(names) or "none"
+        raise JobError(f"name the dataset with --dataset (the sites publish: {found})")
+    return str(names[0])
+
+
+def dry_run(
+    fed: Federation, job: PreparedJob | JobSpec | Path, initial: Weights | None = None
+) -> dict[str, Any]:
     """One round of the sites' own round engine (``policies.engine``), here, on the first site's mock.
 
     Adds the epsilon the whole plan would spend at each site, from each site's row count, and
     the utility warnings (``policies.utility``): why the job may not learn, from public numbers.
     """
-    result = _mock_round(fed, spec, initial)
-    metas = dataset_metas(fed, spec.dataset)
+    ready = _as_prepared(fed, job, initial)
+    spec = ready.spec
+    result = _mock_round(fed, spec, ready.initial)
+    metas = ready.metas or dataset_metas(fed, spec.dataset)
     result["epsilon_per_site"] = _epsilon_per_site(spec, metas)
     result["warnings"] = [w.to_dict() for w in warnings_for(spec, metas)]
+    result["strategy"] = ready.strategy
     return result
 
 
@@ -144,14 +257,13 @@ def load_job(
     initial: Weights | None = None,
     auto_plan: bool = False,
 ) -> JobSpec:
-    """JOB.py as a job for this federation: sizes and target from the sites' published schema.
+    """JOB.py as a job for this federation: :func:`prepare`'s spec, as ``researcher submit``
+    sends it (the strategy, auto-plan and warnings are on :func:`prepare`'s result).
 
     The model is built and converted here, on the researcher's machine; a layer the sites
-    cannot build is refused now, with its name, before anything is submitted. A minimal PLAN
-    (``target_epsilon`` and none of the hand-tuned fields) is filled by the auto-plan from the
-    sites' public numbers; ``auto_plan`` takes every tuned field from it (see :func:`load_planned`).
+    cannot build is refused now, with its name, before anything is submitted.
     """
-    return load_planned(fed, path, target, initial, auto_plan)[0]
+    return prepare(fed, path, target, initial, auto_plan).spec
 
 
 def load_planned(
@@ -161,12 +273,32 @@ def load_planned(
     initial: Weights | None = None,
     auto_plan: bool = False,
 ) -> tuple[JobSpec, AutoPlan | None]:
-    """:func:`load_job`, and the auto-plan that filled its plan (None when the file's PLAN is
-    used as written), to show the researcher what was chosen and why."""
+    """The job file's spec before the pooled scaling, and the auto-plan that filled its plan
+    (None when the file's PLAN is used as written). :func:`prepare` does this and the rest."""
     constants = read_job_file(path)
-    metas = dataset_metas(fed, constants["DATASET"])
+    metas = _published(fed, constants["DATASET"])
+    return _planned(fed, Path(path), constants, metas, target, initial, auto_plan)
+
+
+def _published(fed: Federation, dataset: str) -> dict[str, dict[str, Any]]:
+    metas = dataset_metas(fed, dataset)
     if not metas:
-        raise JobError(f"no site in the federation has dataset {constants['DATASET']!r}")
+        raise JobError(f"no site in the federation has dataset {dataset!r}")
+    return metas
+
+
+def _planned(  # noqa: PLR0913
+    fed: Federation,
+    path: Path,
+    constants: dict[str, Any],
+    metas: dict[str, dict[str, Any]],
+    target: str | None,
+    initial: Weights | None,
+    auto_plan: bool,
+) -> tuple[JobSpec, AutoPlan | None]:
+    """Sizes, target, label space, layout and plan from the sites' published ``metas``. A
+    minimal PLAN (``target_epsilon`` and none of the hand-tuned fields) is filled by the
+    auto-plan from the sites' public numbers; ``auto_plan`` takes every tuned field from it."""
     from researcher.model import n_features, n_outputs
 
     published = _agreed(metas, "target", lambda m: m.get("target"))
@@ -190,8 +322,6 @@ def load_planned(
         plan=auto.fields if auto else None,
     )
     if layout is not None or classes is not None:
-        from dataclasses import replace
-
         try:
             spec = replace(spec, layout=layout, classes=classes)
         except PlanError as exc:
@@ -249,8 +379,6 @@ def warnings_for(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> list[Utilit
 def with_sample_rate(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> JobSpec:
     """A distributed-DP job's rate q: the plan's batch_size over the federation's published
     rows, the same at every site, so the sum is a step over the pooled rows."""
-    from dataclasses import replace
-
     if not spec.plan.distributed or spec.plan.sample_rate is not None:
         return spec
     rows = sum(int(m["rows"]) for m in metas.values() if m.get("rows"))
@@ -283,8 +411,6 @@ def federation_classes_of(metas: dict[str, dict[str, Any]]) -> list[str] | None:
 def with_peers(fed: Federation, spec: JobSpec) -> JobSpec:
     """A secure job's peers: every site of the federation, by identity-key fingerprint. Each
     site's admin sees the list in the review, and its runtime refuses any other participant."""
-    from dataclasses import replace
-
     peers = tuple(sites.fingerprint(sites.connect(login)) for login in fed.sites)
     return replace(spec, plan=replace(spec.plan, peers=peers))
 
@@ -308,12 +434,15 @@ def _epsilon_per_site(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> dict[s
 
 def submit(
     fed: Federation,
-    spec: JobSpec,
+    job: PreparedJob | JobSpec | Path,
     only: list[str] | None = None,
     dry: bool = True,
     initial: Weights | None = None,
 ) -> dict[str, str]:
     """One code request per site, all or nothing; records the job next to the federation file.
+
+    ``job``: a :func:`prepare`\ d job (a job file's path is prepared here), or a spec built by
+    hand, sent as it is. The prepared job's strategy is saved with the job, for ``train``.
 
     Every site is checked first (up, logged in, holding the dataset), then, as ``try`` does,
     the job runs once on a mock twin with the sites' own code path: a job that cannot run is
@@ -322,30 +451,32 @@ def submit(
     and the same submit again sends it only there, under the same job id.
     ``initial`` weights are kept beside the saved job, and ``train`` starts from them.
     """
+    ready = _as_prepared(fed, job, initial)
+    spec, initial, strategy = ready.spec, ready.initial, ready.strategy
     if spec.plan.frozen and initial is None:
         raise JobError("a job with frozen layers is submitted with its initial weights")
     record = _partial_record(fed, spec)
     if record is not None:
         spec = JobSpec.from_dict(record["job"])  # the retry keeps the job id the sites hold
     targets = [login for login in fed.sites if not only or login.name in only]
-    ready = _reach_all(targets, spec)
+    reached = _reach_all(targets, spec)
     if dry:  # the round alone: the per-site epsilon would log into every site once more
         _mock_round(fed, spec, initial)
     requests: dict[str, str] = dict(record["requests"]) if record else {}
-    for name, (client, asset) in ready.items():
+    for name, (client, asset) in reached.items():
         if name in requests:
             continue
         try:
             requests[name] = sites.submit(client, spec, asset)
         except SiteError as exc:
-            missing = [n for n in ready if n not in requests]
-            save_job(fed, spec, requests, missing=missing)
+            missing = [n for n in reached if n not in requests]
+            save_job(fed, spec, requests, missing=missing, strategy=strategy)
             held = ", ".join(requests) or "no site"
             raise JobError(
                 f"{exc}; job {spec.name} is now pending at {held} and missing at "
                 f"{', '.join(missing)}: run the same submit again to send it there"
             ) from exc
-    save_job(fed, spec, requests)
+    save_job(fed, spec, requests, strategy=strategy)
     if initial is not None:
         path = initial_path(fed, spec)
         with open(path.with_suffix(".tmp"), "wb") as fh:
@@ -406,12 +537,13 @@ def saved_initial(fed: Federation, spec: JobSpec) -> Weights | None:
     return load_initial(path) if path.exists() else None
 
 
-def status(fed: Federation, spec: JobSpec) -> dict[str, dict[str, Any]]:
+def status(fed: Federation, job: PreparedJob | JobSpec) -> dict[str, dict[str, Any]]:
     """Per site: pending, approved, denied (with the admin's reason), running, done, failed.
 
     The site says pending/approved/denied; what happened after approval is what this
     researcher's own ``train`` recorded (rounds done, the last refusal or failure).
     """
+    spec = _spec_of(job)
     progress = _load_progress(fed, spec)
     out = {}
     for login in fed.sites:
@@ -429,12 +561,16 @@ def status(fed: Federation, spec: JobSpec) -> dict[str, dict[str, Any]]:
 
 
 def with_pooled_scaling(fed: Federation, spec: JobSpec) -> JobSpec:
-    """The job with federation-wide standardisation from the sites' published statistics."""
-    from dataclasses import replace
+    """The job with federation-wide standardisation from the sites' published statistics
+    (:func:`prepare` does this; for a spec built by hand)."""
+    return pooled_for(spec, dataset_metas(fed, spec.dataset))
 
+
+def pooled_for(spec: JobSpec, published: dict[str, dict[str, Any]]) -> JobSpec:
+    """The job with federation-wide standardisation from ``published`` site metadata."""
     from researcher.rounds import pooled_scaling
 
-    metas = list(dataset_metas(fed, spec.dataset).values())
+    metas = list(published.values())
     if spec.layout is None:
         return replace(spec, scaling=pooled_scaling(metas))
     # each site's statistics over its own categories, moved onto the job's layout: a category
@@ -479,25 +615,108 @@ def run_finished(run_dir: Path) -> int:
     """The number of rounds of the run in ``run_dir`` when it already ran them all, else 0."""
     from researcher.rounds import Checkpoint
 
-    ckpt = Checkpoint(Path(run_dir))
-    if not ckpt.exists():
+    if not (Path(run_dir) / "state.json").exists():
         return 0
-    spec, done, _, _ = ckpt.load()
+    spec, done, _, _ = Checkpoint(Path(run_dir)).load()
     return done if done >= spec.plan.rounds else 0
 
 
-def train(fed: Federation, spec: JobSpec, run_dir: Path, **options: Any) -> Any:
-    """Run the federated rounds (see ``researcher.rounds.run_federation``) and plot them."""
+def saved_strategy(fed: Federation, spec: JobSpec) -> dict[str, Any] | None:
+    """The strategy the job file named when ``spec`` was submitted (None: it named none)."""
+    path = jobs_dir(fed) / f"{spec.name}.json"
+    if not path.exists():
+        return None
+    try:
+        found = json.loads(path.read_text()).get("strategy")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise JobError(f"{path} is not a saved job ({type(exc).__name__}: {exc})") from exc
+    return dict(found) if isinstance(found, dict) else None
+
+
+def strategy_for(
+    fed: Federation,
+    job: PreparedJob | JobSpec,
+    run_dir: Path,
+    resume: bool = False,
+    override: Strategy | None = None,
+) -> Strategy:
+    """The strategy a run aggregates with: ``override`` (``--strategy``); else, on a resume,
+    the one the run was trained with; else the job file's ``STRATEGY`` (as prepared, or as
+    saved at submit); else fedavg. A fresh object each time: its state is the run's."""
+    from researcher.rounds import Checkpoint
+
+    if override is not None:
+        return override
+    ran = Checkpoint.strategy_in(Path(run_dir)) if resume else None
+    named = job.strategy if isinstance(job, PreparedJob) else None
+    spec = _spec_of(job)
+    config = ran or named or saved_strategy(fed, spec) or DEFAULT_STRATEGY
+    try:
+        return strategy_from(config)
+    except AggregationError as exc:
+        raise JobError(f"job {spec.name}: {exc}") from exc
+
+
+def read_test_rows(
+    path: Path, target: str, layout: dict[str, Any] | None = None, classes: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``researcher train --test``: the researcher's own rows as (x, y), features encoded as the
+    sites encode theirs (one function, ``policies.layout.features``) and labels coded in the
+    job's ``classes`` (labels {1, 2} or Yes/No scored against codes 0, 1: their places in the
+    class list)."""
+    import pandas as pd
+
+    from policies.labels import labels_to_codes
+    from policies.layout import features
+
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise JobError(f"cannot read test file {path}: {exc}") from exc
+    if target not in frame.columns:
+        raise JobError(f"test file {path} has no column {target!r}")
+    raw = frame[target].to_numpy()
+    try:
+        y = raw if classes is None else labels_to_codes(raw, classes)
+        return features(frame, target, layout), y
+    except PlanError as exc:
+        raise JobError(f"test file {path}: {exc}") from exc
+
+
+def train(  # noqa: PLR0913
+    fed: Federation,
+    job: PreparedJob | JobSpec,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    strategy: Strategy | None = None,
+    min_sites: int | None = None,
+    timeout_s: float = 300.0,
+    retry_backoff: float = 0.5,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+    test_precision: float = DEFAULT_PRECISION,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    initial: Weights | None = None,
+) -> RunResult:
+    """Run the federated rounds (see ``researcher.rounds.run_federation``) and plot them.
+
+    ``run_dir`` must hold no run, or with ``resume`` the run to continue (:func:`check_run_dir`).
+    ``strategy``: overrides the job file's ``STRATEGY`` (see :func:`strategy_for`).
+    ``initial``: the starting weights; by default those saved at submit, else a fresh model.
+    """
     from researcher.plots import plot_run
     from researcher.rounds import run_federation
 
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, resume)
+    spec = _spec_of(job)
+    aggregator = strategy_for(fed, job, run_dir, resume, strategy)
     _check_approved_somewhere(fed, spec)  # before the run folder exists
     progress = _load_progress(fed, spec) or {"sites": {}}
     progress["running"] = True
     _save_progress(fed, spec, progress)
-    user_hook = options.pop("on_round", None)
 
-    def on_round(rec: Any) -> None:
+    def record(rec: RoundRecord) -> None:
         for u in rec.updates:
             progress["sites"][u.site] = {"rounds_done": rec.round, "last": "ok", "reason": None}
         for site, why in rec.skipped.items():
@@ -505,12 +724,26 @@ def train(fed: Federation, spec: JobSpec, run_dir: Path, **options: Any) -> Any:
             kind = "refused" if why.startswith("refused") else "failed"
             progress["sites"][site] = {"rounds_done": done, "last": kind, "reason": why}
         _save_progress(fed, spec, progress)
-        if user_hook:
-            user_hook(rec)
+        if on_round:
+            on_round(rec)
 
-    options.setdefault("initial", saved_initial(fed, spec))
+    if initial is None:
+        initial = job.initial if isinstance(job, PreparedJob) else None
     try:
-        result = run_federation(fed, spec, run_dir, on_round=on_round, **options)
+        result = run_federation(
+            fed,
+            spec,
+            run_dir,
+            resume=resume,
+            strategy=aggregator,
+            min_sites=min_sites,
+            timeout_s=timeout_s,
+            retry_backoff=retry_backoff,
+            test=test,
+            test_precision=test_precision,
+            on_round=record,
+            initial=initial if initial is not None else saved_initial(fed, spec),
+        )
     finally:
         progress["running"] = False
         _save_progress(fed, spec, progress)

@@ -173,22 +173,23 @@ def try_job(
     json: JsonOpt = False,
 ) -> None:
     """Run the job locally on mock data through the site runtime, before submitting."""
-    initial = _checked_inputs(job, init_weights)
+    _checked_inputs(job, init_weights)
     from researcher import api
 
     fed = _fed(federation)
-    spec, auto = api.load_planned(fed, job, target, initial, auto_plan)
-    result = api.dry_run(fed, spec, initial)
+    ready = api.prepare(fed, job, target, init_weights, auto_plan)
+    result = api.dry_run(fed, ready)
     summary = {
         k: result[k]
         for k in ("metrics", "privacy", "shapes", "epsilon_per_site", "mock_site", "n", "warnings")
     }
-    summary["auto_plan"] = auto.to_dict() if auto else None
+    summary["auto_plan"] = ready.auto.to_dict() if ready.auto else None
+    summary["strategy"] = ready.strategy
     if json:
         emit_json(summary)
         return
-    if auto:
-        _show_plan(auto, f"plan filled by the auto-plan for {spec.dataset}")
+    if ready.auto:
+        _show_plan(ready.auto, f"plan filled by the auto-plan for {ready.spec.dataset}")
     table(
         f"dry run on {result['mock_site']}'s mock ({result['n']} training rows)",
         ["what", "value"],
@@ -197,6 +198,7 @@ def try_job(
             *[[k, f"{v:.4g}"] for k, v in result["metrics"].items()],
             ["noise multiplier", f"{result['privacy']['noise_multiplier']:.4g}"],
             *[[f"epsilon at {s}", f"{e:.3f}"] for s, e in result["epsilon_per_site"].items()],
+            ["strategy (yours, at train)", _strategy_text(ready.strategy)],
         ],
     )
     _show_warnings(result["warnings"])
@@ -212,29 +214,39 @@ def submit(
     json: JsonOpt = False,
 ) -> None:
     """Submit the job to every site of the federation for review."""
-    initial = _checked_inputs(job, init_weights)
+    _checked_inputs(job, init_weights)
     from researcher import api
 
     fed = _fed(federation)
-    spec, auto = api.load_planned(fed, job, target, initial, auto_plan)
-    spec = api.with_pooled_scaling(fed, spec)
-    warnings = [w.to_dict() for w in api.utility_warnings(fed, spec)]
-    if auto and not json:
-        _show_plan(auto, f"plan filled by the auto-plan for {spec.dataset}")
-    requests = api.submit(fed, spec, initial=initial)
+    ready = api.prepare(fed, job, target, init_weights, auto_plan)
+    if ready.auto and not json:
+        _show_plan(ready.auto, f"plan filled by the auto-plan for {ready.spec.dataset}")
+    requests = api.submit(fed, ready)
+    warnings = [w.to_dict() for w in ready.warnings]
     if json:
         emit_json(
             {
-                "job": spec.name,
+                "job": ready.spec.name,
                 "requests": requests,
-                "plan": spec.plan.to_dict(),
-                "auto_plan": auto.to_dict() if auto else None,
+                "plan": ready.spec.plan.to_dict(),
+                "auto_plan": ready.auto.to_dict() if ready.auto else None,
+                "strategy": ready.strategy,
                 "warnings": warnings,
             }
         )
         return
     _show_warnings(warnings)
-    out.print(f"submitted {spec.name} to {', '.join(requests)}; follow it with 'researcher status'")
+    out.print(
+        f"submitted {ready.spec.name} to {', '.join(requests)}; follow it with 'researcher status'"
+    )
+
+
+def _strategy_text(config: dict | None) -> str:
+    """``fedavgm (server_lr=0.5, momentum=0.5)``: the strategy's name and its parameters."""
+    if not config:
+        return "fedavg"
+    params = ", ".join(f"{k}={v:g}" for k, v in config.items() if k != "name")
+    return f"{config['name']} ({params})" if params else str(config["name"])
 
 
 @app.command()
@@ -254,7 +266,7 @@ def plan(
     from researcher import api
 
     fed = _fed(federation)
-    name = dataset or _only_dataset(api.datasets(fed))
+    name = dataset or api.only_dataset(api.datasets(fed))
     auto, warnings = api.plan_for(fed, name, epsilon)
     if json:
         emit_json({"dataset": name, **auto.to_dict(), "warnings": [w.to_dict() for w in warnings]})
@@ -267,17 +279,6 @@ def plan(
         style="dim",
         highlight=False,
     )
-
-
-def _only_dataset(data: dict) -> str:
-    """The one dataset name the reachable sites publish; JobError if none or several."""
-    from researcher.errors import JobError
-
-    names = sorted({d["name"] for rows in data.values() if isinstance(rows, list) for d in rows})
-    if len(names) != 1:
-        found = ", ".join(names) or "none"
-        raise JobError(f"name the dataset with --dataset (the sites publish: {found})")
-    return names[0]
 
 
 def _show_plan(auto, title: str) -> None:  # noqa: ANN001
@@ -359,12 +360,13 @@ def train(
     ] = 0.5,
     target: TargetOpt = None,
     strategy: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="fedavg, fedavgm, fedadam, fedyogi, median, trimmed-mean or norm-bounded "
+            help="Override the job file's STRATEGY (default fedavg) with fedavg, fedavgm, "
+            "fedadam, fedyogi, median, trimmed-mean or norm-bounded, at its default parameters "
             "(researcher-side post-processing; no extra epsilon)."
         ),
-    ] = "fedavg",
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Run the federated rounds of an approved job: progress, checkpoints, metrics, plots.
@@ -376,26 +378,23 @@ def train(
     from rich.progress import Progress
 
     from researcher.errors import JobError
-    from researcher.strategy import strategy_named
+    from researcher.jobs import check_run_dir
+    from researcher.strategy import strategy_config, strategy_named
 
-    aggregator = strategy_named(strategy)  # a typo is refused before any site is contacted
+    aggregator = strategy_named(strategy) if strategy else None  # a typo: refused at once
     if not 0.0 < precision <= 1.0:
         raise JobError(f"--precision must be in (0, 1], got {precision}")
-
     if (run_dir is None) == (resume is None):
         raise JobError("give exactly one of --run-dir DIR (new run) or --resume RUN_DIR")
-    if resume is not None and not (resume / "state.json").exists():
-        raise JobError(f"{resume} holds no run to resume (no state.json); use --run-dir to start")
-    if run_dir is not None and (run_dir / "state.json").exists():
-        raise JobError(f"{run_dir} already holds a run; continue it with --resume {run_dir}")
     run_dir = run_dir or resume
     assert run_dir is not None  # exactly one of the two, checked above
     if test is not None and not test.is_file():
         raise JobError(f"test file {test} not found")
+    check_run_dir(run_dir, resume is not None)  # before syft is imported or a site contacted
     from researcher import api  # syft: only once every argument was checked
 
-    if resume is not None and api.run_finished(resume):
-        done = api.run_finished(resume)
+    done = api.run_finished(resume) if resume is not None else 0
+    if done:
         if json:
             emit_json({"run_dir": str(resume), "rounds": done, "finished": True})
         else:
@@ -403,7 +402,12 @@ def train(
         return
     fed = _fed(federation)
     spec = api.saved_job(fed, job)
-    test_xy = _test_split(test, target or spec.target, spec.layout, spec.classes) if test else None
+    test_xy = (
+        api.read_test_rows(test, target or spec.target, spec.layout, spec.classes) if test else None
+    )
+    aggregator = api.strategy_for(fed, spec, run_dir, resume is not None, aggregator)
+    if not json:
+        out.print(f"strategy: {_strategy_text(strategy_config(aggregator))}", highlight=False)
     with Progress(disable=json) as progress:
         bar = progress.add_task("rounds", total=spec.plan.rounds)
 
@@ -447,6 +451,7 @@ def train(
     }
     summary["sites"] = result.sites
     summary["complete"] = result.complete
+    summary["strategy"] = strategy_config(aggregator)
     if json:
         emit_json(summary)
     else:
@@ -495,35 +500,6 @@ def _ranking(metrics: dict) -> str:
         f"{metrics['balanced_accuracy']:.3f}, recall {metrics['recall_at_precision']:.3f} at "
         f"precision {metrics['precision_target']:g}"
     )
-
-
-def _test_split(  # noqa: ANN202
-    path: Path, target: str, layout: dict | None = None, classes: list[str] | None = None
-):
-    """The test rows as (x, y); features encoded as the sites encode theirs (one function,
-    ``policies.layout.features``), and labels coded in the job's class list."""
-    import pandas as pd
-
-    from policies.errors import PlanError
-    from policies.layout import features
-    from researcher.errors import JobError
-
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, ValueError) as exc:
-        raise JobError(f"cannot read test file {path}: {exc}") from exc
-    try:
-        return features(frame, target, layout), _test_labels(frame[target], classes)
-    except PlanError as exc:
-        raise JobError(f"test file {path}: {exc}") from exc
-
-
-def _test_labels(column, classes: list[str] | None):  # noqa: ANN001, ANN201
-    """The test file's raw labels as the model's codes: their places in the job's class list
-    (labels {1, 2} or Yes/No scored against codes 0, 1); as they are without a list."""
-    from policies.labels import labels_to_codes
-
-    return column.to_numpy() if classes is None else labels_to_codes(column.to_numpy(), classes)
 
 
 def main() -> None:

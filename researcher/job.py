@@ -11,6 +11,9 @@ A JOB.py file is ordinary PyTorch with two constants::
         return nn.Sequential(nn.Linear(n_features, 32), nn.ReLU(), nn.Linear(32, n_outputs))
 
 or, instead of ``make_model``, ``MODEL = [{"type": "Linear", "in_features": 30, ...}, ...]``.
+An optional ``STRATEGY = {"name": "fedavgm", "server_lr": 0.5, "momentum": 0.5}`` (or just a
+name) is how the researcher combines the sites' updates (``researcher.strategy``); it runs
+here, so it is kept beside the submitted job and never sent to a site.
 Without either, the job gets ``policies.autoplan.default_model`` (one linear layer). The
 smallest job file is ``DATASET = "cancer"`` and ``PLAN = {"target_epsilon": 3.0}``: the
 researcher package fills the rest of the plan from the sites' public numbers (``policies.autoplan``).
@@ -40,6 +43,9 @@ from policies.errors import PlanError, WireError
 from policies.plan import JobSpec, TrainingPlan, select
 from policies.wire import Weights, check_shapes, frozen_digest
 from researcher.errors import JobError
+
+# read from the file as data, never run: a strategy object there is refused, not ignored
+LITERAL_ONLY = ("STRATEGY",)
 
 ModelLike = Any  # a spec dict, a list of layer dicts, an nn.Module, or make_model source text
 
@@ -135,7 +141,8 @@ def load_initial(path: Path) -> Weights:
 
 
 def read_job_file(path: Path) -> dict[str, Any]:
-    """DATASET and PLAN (and MODEL if given) from JOB.py's literals, without running it."""
+    """DATASET and PLAN (and MODEL and STRATEGY if given) from JOB.py's literals, without
+    running it."""
     path = Path(path)
     try:
         source = path.read_text()
@@ -207,9 +214,15 @@ def _constants(source: str, path: Path) -> dict[str, Any]:
             and len(node.targets) == 1
             and isinstance(node.targets[0], ast.Name)
         ):
+            name = node.targets[0].id
             try:
-                out[node.targets[0].id] = ast.literal_eval(node.value)
+                out[name] = ast.literal_eval(node.value)
             except ValueError:
+                if name in LITERAL_ONLY:  # skipped, it would leave the default in its place
+                    raise JobError(
+                        f"{path}:{node.lineno}: {name} must be a literal, such as "
+                        '{"name": "fedavgm", "server_lr": 0.5, "momentum": 0.5}'
+                    ) from None
                 continue
     return out
 

@@ -63,9 +63,14 @@ def jobs_dir(fed: Federation) -> Path:
 
 
 def save_job(
-    fed: Federation, spec: JobSpec, requests: dict[str, str], missing: list[str] | None = None
+    fed: Federation,
+    spec: JobSpec,
+    requests: dict[str, str],
+    missing: list[str] | None = None,
+    strategy: dict[str, Any] | None = None,
 ) -> Path:
-    """The job and its request ids; ``missing``: sites a part-way submit did not reach."""
+    """The job and its request ids; ``missing``: sites a part-way submit did not reach;
+    ``strategy``: the job file's, which ``train`` uses (it stays here, no site sees it)."""
     folder = jobs_dir(fed)
     folder.mkdir(exist_ok=True)
     path = folder / f"{spec.name}.json"
@@ -73,6 +78,8 @@ def save_job(
     record: dict[str, Any] = {"job": spec.to_dict(), "requests": requests}
     if missing:
         record["missing"] = missing
+    if strategy is not None:
+        record["strategy"] = strategy
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, path)
     return path
@@ -103,3 +110,14 @@ def saved_job(fed: Federation, name: str | None) -> JobSpec:
         if job.name == name or job.name.startswith(name):
             return job
     raise JobError(f"no submitted job named {name!r}")
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """JobError unless ``run_dir`` suits the run: a resume needs a checkpointed run there, a
+    new run needs a folder that holds none (its checkpoint would be overwritten). Nothing is
+    created here."""
+    held = (Path(run_dir) / "state.json").exists()
+    if resume and not held:
+        raise JobError(f"{run_dir} holds no run to resume (no state.json); use --run-dir to start")
+    if not resume and held:
+        raise JobError(f"{run_dir} already holds a run; continue it with --resume {run_dir}")

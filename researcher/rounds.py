@@ -43,7 +43,7 @@ from researcher.evaluation import DEFAULT_PRECISION, held_out_metrics
 from researcher.federation import Federation
 from researcher.site import Site, fan_out
 from researcher.sites import SyftSite
-from researcher.strategy import FedAvg, Strategy, Update, Weights
+from researcher.strategy import FedAvg, Strategy, Update, Weights, strategy_config
 
 log = logging.getLogger("researcher.rounds")
 TEST_COLUMNS = ("roc_auc", "pr_auc", "balanced_accuracy", "recall_at_precision")
@@ -92,6 +92,7 @@ def call_with_retry(link: Site, spec: JobSpec, call: RoundCall, backoff: float =
 
 OUTLIER_RATIO = 10.0
 PERSONALIZED_FILE = "personalized.json"  # each site's DP metrics of its fine-tuned model
+STRATEGY_FILE = "strategy.json"  # the run's strategy, by name and parameters
 
 
 def pooled_scaling(
@@ -185,6 +186,14 @@ class Checkpoint:
         with open(tmp, "wb") as fh:
             np.savez(fh, **{f"{strategy.name}|{k}": v for k, v in arrays.items()})
         os.replace(tmp, self.dir / "strategy.npz")
+        _write(self.dir / STRATEGY_FILE, json.dumps(strategy_config(strategy)))
+
+    @staticmethod
+    def strategy_in(run_dir: Path) -> dict[str, Any] | None:
+        """The name and parameters of the strategy the run in ``run_dir`` was trained with
+        (None before its first round), so that a resume goes on with it. Creates nothing."""
+        path = Path(run_dir) / STRATEGY_FILE
+        return dict(json.loads(path.read_text())) if path.exists() else None
 
     def load_strategy(self, strategy: Strategy) -> None:
         path = self.dir / "strategy.npz"

@@ -16,6 +16,9 @@ weights, DP or public counts), so every strategy is post-processing and costs no
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -99,6 +102,12 @@ class FedAvg:
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`state` gave (called on ``--resume``)."""
+
+    def __post_init__(self) -> None:
+        """A parameter out of its range is refused when the strategy is made, by its name: a
+        momentum of 1.5 would diverge rounds later, far from the job file that set it."""
+        for key in parameters(type(self)).keys() & RANGES.keys():  # a subclass may add its own
+            _check_range(self.name, key, getattr(self, key))
 
     def aggregate(
         self,
@@ -248,11 +257,83 @@ STRATEGIES: dict[str, type] = {
 }
 
 
+STATE_FIELDS = ("velocity", "m", "v")  # a strategy's running state, never one of its parameters
+# each parameter's range (low, high, whether low itself is allowed); high is never allowed
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "server_lr": (0.0, math.inf, False),
+    "tau": (0.0, math.inf, False),
+    "max_norm": (0.0, math.inf, False),
+    "momentum": (0.0, 1.0, True),
+    "beta_1": (0.0, 1.0, True),
+    "beta_2": (0.0, 1.0, True),
+    "beta": (0.0, 0.5, True),
+}
+
+
+def parameters(cls: type) -> dict[str, Any]:
+    """A strategy class's tunable parameters and their defaults (none for fedavg and median)."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in STATE_FIELDS}
+
+
+def _check_range(name: str, key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise AggregationError(f"strategy {name!r}: {key} must be a number, got {value!r}")
+    low, high, closed = RANGES[key]
+    if value < low or (value == low and not closed) or value >= high:
+        raise AggregationError(
+            f"strategy {name!r}: {key} must be {_range_text(low, high, closed)}, got {value!r}"
+        )
+
+
+def _range_text(low: float, high: float, closed: bool) -> str:
+    if high == math.inf:
+        return f"{'>=' if closed else '>'} {low:g}"
+    return f"in {'[' if closed else '('}{low:g}, {high:g})"
+
+
+def strategy_from(config: str | Mapping[str, Any]) -> Strategy:
+    """The strategy a job file's ``STRATEGY`` names: ``"fedavgm"``, or a dict of its name and
+    parameters, ``{"name": "fedavgm", "server_lr": 0.5, "momentum": 0.5}`` (the rest keep their
+    defaults). An unknown name, an unknown parameter or a value out of range is an
+    AggregationError that names it, before any site is contacted."""
+    if isinstance(config, str):
+        config = {"name": config}
+    if not isinstance(config, Mapping):
+        raise AggregationError(
+            'a strategy is a name or a dict such as {"name": "fedavgm", "server_lr": 0.5}, '
+            f"not {type(config).__name__}"
+        )
+    fields = dict(config)
+    name = fields.pop("name", None)
+    if name is None:
+        raise AggregationError(f'a strategy needs its "name": one of {", ".join(STRATEGIES)}')
+    if not isinstance(name, str) or name not in STRATEGIES:
+        raise AggregationError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    cls = STRATEGIES[name]
+    allowed = parameters(cls)
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        takes = ", ".join(allowed) or "no parameters"
+        raise AggregationError(
+            f"strategy {name!r} has no parameter {', '.join(map(repr, unknown))}; it takes {takes}"
+        )
+    for key, value in fields.items():
+        _check_range(name, key, value)
+    strategy: Strategy = cls(**{k: float(v) for k, v in fields.items()})
+    return strategy
+
+
+def strategy_config(strategy: Strategy) -> dict[str, Any]:
+    """``{"name": ..., parameter: value, ...}``: every parameter spelled out, which
+    :func:`strategy_from` reads back to the same strategy (state not included)."""
+    return {
+        "name": strategy.name,
+        **{key: getattr(strategy, key) for key in parameters(type(strategy))},
+    }
+
+
 def strategy_named(name: str) -> Strategy:
     """A strategy with its default hyper-parameters, by the name ``researcher train`` takes."""
-    try:
-        return STRATEGIES[name]()
-    except KeyError:
-        raise AggregationError(
-            f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}"
-        ) from None
+    return strategy_from(name)

@@ -29,7 +29,7 @@ from policies.engine.prepare import prepare_task, release, site_scaling
 from policies.engine.round_task import run_task
 from policies.labels import site_classes, site_to_job
 from researcher import api
-from researcher.cli import _test_split
+from researcher.api import read_test_rows
 from researcher.federation import Federation
 from researcher.rounds import run_federation
 from researcher.site import InProcessSite
@@ -136,7 +136,7 @@ def test_the_job_passes_review_and_matches_an_in_process_run(vineyards) -> None:
         assert item.report.passed, [c for c in item.report.checks if not c.passed]
         assert "cover this dataset's 2" in checks["labels"].reason
         queue.approve(item.request_id)
-    test = _test_split(root / "test.csv", spec.target, None, spec.classes)
+    test = read_test_rows(root / "test.csv", spec.target, None, spec.classes)
     served = api.train(fed, spec, root / "run", min_sites=2, timeout_s=180, test=test)
     assert all(not r["skipped"] for r in served.rounds), served.rounds
     over_servers = served.rounds[-1]["test_accuracy"]

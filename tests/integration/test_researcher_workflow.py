@@ -3,6 +3,7 @@ replayed on resume."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,11 @@ def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
         api.submit(fed, narrow)
     assert len(ReviewQueue(SiteDir(made[0].dir)).items()) == before
     job_py = tmp_path / "job.py"
-    job_py.write_text(README_JOB)
-    run_cli("researcher", "submit", str(job_py), "-f", f)
+    job_py.write_text(
+        README_JOB + 'STRATEGY = {"name": "fedavgm", "server_lr": 0.5, "momentum": 0.5}\n'
+    )
+    submitted = last_json(run_cli("researcher", "submit", str(job_py), "-f", f, "--json"))
+    assert submitted["strategy"] == {"name": "fedavgm", "server_lr": 0.5, "momentum": 0.5}
     spec = api.saved_job(fed, None)
     pending = last_json(run_cli("researcher", "status", "-f", f, "--json"))
     assert {v["status"] for v in pending["sites"].values()} == {"pending"}, pending
@@ -74,8 +78,13 @@ def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
         item = next(i for i in queue.items() if i.request.code.service_func_name == spec.name)
         queue.approve(item.request_id)
     run_dir = tmp_path / "runs" / "1"
-    run_cli("researcher", "train", "-f", f, "--run-dir", str(run_dir), "--strategy", "fedadam")
+    trained = run_cli("researcher", "train", "-f", f, "--run-dir", str(run_dir))
+    assert "strategy: fedavgm (server_lr=0.5, momentum=0.5)" in trained.stdout
     assert (run_dir / "model.pt").exists() and (run_dir / "state.json").exists()
+    # the job file's strategy ran, momentum and all (its state checkpointed for a resume)
+    assert json.loads((run_dir / "strategy.json").read_text())["momentum"] == 0.5
+    with np.load(run_dir / "strategy.npz") as npz:
+        assert npz.files and all(k.startswith("fedavgm|velocity/") for k in npz.files)
     done = last_json(run_cli("researcher", "status", "-f", f, "--json"))
     assert {v["status"] for v in done["sites"].values()} == {"done"}, done
     resumed = run_cli("researcher", "train", "-f", f, "--resume", str(run_dir), check=False)

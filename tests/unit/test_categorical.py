@@ -247,7 +247,7 @@ def test_the_test_split_and_a_site_encode_the_same_rows_identically(tmp_path) ->
     """The researcher's --test rows and a site's rows go through one encoding
     (``policies.layout.features``): the same table, a CSV at the researcher and validated at the
     site (text columns stored as categoricals, the target as class codes), gives the same x."""
-    from researcher.cli import _test_split
+    from researcher.api import read_test_rows as _test_split
 
     raw = _bank(300, regions=("east", "north", "south"), seed=3)
     raw["balance"] = raw["balance"].round(2)  # a CSV round trip keeps every value
@@ -266,7 +266,7 @@ def test_text_columns_without_a_layout_are_one_line_at_a_site_and_at_the_researc
 ) -> None:
     """The same refusal on both sides; the --test split once crashed on a text column with
     numpy's "could not convert string to float"."""
-    from researcher.cli import _test_split
+    from researcher.api import read_test_rows as _test_split
     from researcher.errors import JobError
 
     raw = _bank(50)

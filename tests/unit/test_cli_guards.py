@@ -223,3 +223,26 @@ def test_a_missing_or_broken_federation_file_is_refused_before_syft_is_imported(
         assert proc.stdout.strip().splitlines()[-1] == "exit 1 False False", proc.stdout
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and why in lines[0], lines
+
+
+@pytest.mark.parametrize("verb", ["try", "submit"])
+def test_a_bad_strategy_in_the_job_file_is_one_line_before_any_site(
+    tmp_path: Path, verb: str
+) -> None:
+    """The job file's STRATEGY is read before a site is contacted (the federation's one site
+    answers nowhere: reaching it would be a different line), and nothing is written."""
+    fed = tmp_path / "f.toml"
+    fed.write_text(
+        '[[sites]]\nname = "a"\nurl = "http://127.0.0.1:1"\nemail = "a@b.c"\npassword_file = "pw"\n'
+    )
+    (tmp_path / "pw").write_text("secret")
+    job = tmp_path / "job.py"
+    job.write_text(
+        "DATASET = 'd'\nPLAN = {'target_epsilon': 3.0}\n"
+        "STRATEGY = {'name': 'fedavgm', 'server_lr': 0.5, 'momentum': 1.5}\n"
+    )
+    proc = run_cli("researcher", verb, str(job), "-f", str(fed), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert f"{job}: STRATEGY: strategy 'fedavgm': momentum must be in [0, 1), got 1.5" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.toml", "job.py", "pw"]

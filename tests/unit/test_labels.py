@@ -202,7 +202,7 @@ def test_the_job_carries_its_classes_and_checks_their_width() -> None:
 
 
 def test_the_test_file_is_coded_in_the_job_classes(tmp_path: Path) -> None:
-    from researcher.cli import _test_split
+    from researcher.api import read_test_rows
     from researcher.evaluation import held_out_metrics
     from researcher.model import build, load
 
@@ -210,19 +210,19 @@ def test_the_test_file_is_coded_in_the_job_classes(tmp_path: Path) -> None:
     pd.DataFrame({"a": [0.0, 1.0, 0.2, 0.9], "b": 0.0, "y": ["No", "Yes", "No", "Yes"]}).to_csv(
         path, index=False
     )
-    _, y = _test_split(path, "y", None, ["No", "Yes"])
+    _, y = read_test_rows(path, "y", None, ["No", "Yes"])
     assert y.tolist() == [0, 1, 0, 1]
     spec = _spec(["No", "Yes"], 2)
     model = build(spec)
     weights = {"0.weight": np.array([[-10.0, 0.0], [10.0, 0.0]]), "0.bias": np.array([5.0, -5.0])}
-    x, y = _test_split(path, "y", None, spec.classes)
+    x, y = read_test_rows(path, "y", None, spec.classes)
     metrics = held_out_metrics(load(model, weights), x, y, "cross_entropy")
     assert metrics["accuracy"] == 1.0 and metrics["roc_auc"] == 1.0
     # labels {1, 2} score against codes {0, 1}
     pd.DataFrame({"a": [0.0, 1.0], "b": 0.0, "y": [1, 2]}).to_csv(path, index=False)
-    assert _test_split(path, "y", None, ["1", "2"])[1].tolist() == [0, 1]
+    assert read_test_rows(path, "y", None, ["1", "2"])[1].tolist() == [0, 1]
     with pytest.raises(JobError, match=r"labels \['2'\] are not among the job's classes"):
-        _test_split(path, "y", None, ["0", "1"])
+        read_test_rows(path, "y", None, ["0", "1"])
 
 
 def test_load_job_sizes_the_model_from_the_federation_not_the_first_site(

@@ -299,3 +299,226 @@ def test_an_unknown_strategy_is_refused_before_any_site_is_contacted(tmp_path: P
     assert proc.returncode == 1
     assert "unknown strategy 'fedprox-typo'; choose one of fedavg, fedavgm" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+# --- one prepare() for try, submit and Python (issue 27, structure item 2) ---------------------
+
+
+def _wine_meta(rows: int, mean: float, std: float) -> dict:
+    """What a site publishes for a 4-feature, 3-class dataset (no server: read as metadata)."""
+    return {
+        "dataset": "wine",
+        "target": "y",
+        "rows": rows,
+        "mock_rows": rows,
+        "schema": [[f"x{i}", "float64"] for i in range(4)] + [["y", "int64"]],
+        "classes": ["0", "1", "2"],
+        "n_classes": 3,
+        "class_counts": [rows / 3] * 3,
+        "feature_mean": [mean] * 4,
+        "feature_std": [std] * 4,
+    }
+
+
+WINE = {"a": _wine_meta(300, 1.0, 1.0), "b": _wine_meta(100, 5.0, 2.0)}
+FEDAVGM = {"name": "fedavgm", "server_lr": 0.5, "momentum": 0.5}
+
+
+@pytest.fixture
+def wine_fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A federation of two sites whose published metadata is ``WINE`` (no site runs)."""
+    from researcher import api
+
+    path = write(
+        tmp_path / "federation.toml",
+        "".join(
+            f'[[sites]]\nname="{s}"\nurl="http://127.0.0.1:1"\nemail="a@b.c"\npassword_env="X"\n'
+            for s in WINE
+        ),
+    )
+    monkeypatch.setattr(api, "dataset_metas", lambda _fed, _name: dict(WINE))
+    return path
+
+
+def _identity_free(spec) -> dict:  # noqa: ANN001
+    return {k: v for k, v in spec.to_dict().items() if k not in ("job_id", "name")}
+
+
+def test_prepare_is_what_try_and_submit_send(
+    wine_fed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only `researcher submit` pooled the scaling: `try` dry-ran another spec, and `api.submit`
+    sent one without it. Both commands now send what `api.prepare` gives a Python user."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from researcher import api
+    from researcher.cli import app
+
+    job = write(
+        tmp_path / "job.py",
+        f"DATASET = 'wine'\nPLAN = {{'target_epsilon': 3.0}}\nSTRATEGY = {FEDAVGM!r}\n",
+    )
+    fed = Federation.load(wine_fed)
+    ready = api.prepare(fed, job)
+    assert ready.strategy == FEDAVGM and ready.auto is not None  # a minimal PLAN: auto-planned
+    assert ready.spec.scaling is not None
+    assert ready.spec.scaling["mean"] == pytest.approx([2.0] * 4)  # (300 * 1 + 100 * 5) / 400
+    # the spec the CLI built before: load_planned, then with_pooled_scaling
+    old_path = api.with_pooled_scaling(fed, api.load_planned(fed, job)[0])
+    assert _identity_free(ready.spec) == _identity_free(old_path)
+    assert _identity_free(api.load_job(fed, job)) == _identity_free(ready.spec)
+
+    seen: dict[str, api.PreparedJob] = {}
+
+    def fake_submit(_fed, prepared, **_k):  # noqa: ANN001, ANN003, ANN202
+        seen["submit"] = prepared
+        return {"a": "r1", "b": "r2"}
+
+    def fake_dry_run(_fed, prepared, initial=None):  # noqa: ANN001, ANN202
+        seen["try"] = prepared
+        return {
+            "metrics": {"loss": 1.0},
+            "privacy": {"noise_multiplier": 1.0},
+            "shapes": {},
+            "epsilon_per_site": {},
+            "mock_site": "a",
+            "n": 9,
+            "warnings": [],
+        }
+
+    monkeypatch.setattr(api, "submit", fake_submit)
+    monkeypatch.setattr(api, "dry_run", fake_dry_run)
+    for verb in ("try", "submit"):
+        result = CliRunner().invoke(app, [verb, str(job), "-f", str(wine_fed), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["strategy"] == FEDAVGM
+        assert isinstance(seen[verb], api.PreparedJob)
+        assert _identity_free(seen[verb].spec) == _identity_free(ready.spec), verb
+        assert seen[verb].strategy == FEDAVGM
+    # the strategy runs at the researcher: the code a site reviews is the same without it
+    plain = write(tmp_path / "plain.py", "DATASET = 'wine'\nPLAN = {'target_epsilon': 3.0}\n")
+    bare = api.prepare(fed, plain)
+    assert bare.strategy == {"name": "fedavg"}
+    assert _identity_free(bare.spec) == _identity_free(ready.spec)
+    assert "fedavgm" not in render(ready.spec) and "strategy" not in render(ready.spec).lower()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "needle"),
+    [
+        ("'fedprox'", "STRATEGY: unknown strategy 'fedprox'; choose one of fedavg, fedavgm"),
+        ("{'name': 'fedavgm', 'lr': 0.5}", "has no parameter 'lr'; it takes server_lr, momentum"),
+        ("{'name': 'fedavgm', 'momentum': 1.5}", "momentum must be in [0, 1), got 1.5"),
+        ("{'name': 'fedadam', 'server_lr': 0}", "server_lr must be > 0, got 0"),
+        ("{'name': 'median', 'beta': 0.1}", "'median' has no parameter 'beta'; it takes no par"),
+        ("{'server_lr': 0.5}", 'STRATEGY: a strategy needs its "name"'),
+        ("{'name': 'fedavgm', 'momentum': '0.5'}", "momentum must be a number, got '0.5'"),
+        ("FedAvgM(server_lr=0.5)", ":3: STRATEGY must be a literal"),
+    ],
+)
+def test_a_bad_strategy_is_one_job_error_line(
+    wine_fed: Path, tmp_path: Path, strategy: str, needle: str
+) -> None:
+    from researcher import api
+
+    job = write(tmp_path / "job.py", f"DATASET = 'wine'\nPLAN = {{}}\nSTRATEGY = {strategy}\n")
+    with pytest.raises(JobError) as caught:
+        api.prepare(Federation.load(wine_fed), job)
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_secure_job_refuses_a_strategy_that_needs_each_update(
+    wine_fed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused at try/submit, not after every site approved the job and train began."""
+    from researcher import api
+
+    monkeypatch.setattr(api, "with_peers", lambda _fed, spec: spec)  # no site to ask
+    job = write(
+        tmp_path / "job.py",
+        "DATASET = 'wine'\nPLAN = {'noise_multiplier': 1.0, 'aggregation': 'secure', "
+        "'peers': ['" + "a" * 64 + "', '" + "b" * 64 + "']}\nSTRATEGY = 'median'\n",
+    )
+    with pytest.raises(JobError, match="STRATEGY: strategy 'median' needs each site's update"):
+        api.prepare(Federation.load(wine_fed), job)
+
+
+def _fake_rounds(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """``api.train`` with no site: approval, the round loop and the plots replaced; what the
+    round loop was given is kept."""
+    from researcher import api, plots, rounds
+
+    given: dict = {}
+
+    def run_federation(fed, spec, run_dir, **kw):  # noqa: ANN001, ANN003, ANN202
+        given.update(kw, run_dir=run_dir)
+        return rounds.RunResult(Path(run_dir), {}, [])
+
+    monkeypatch.setattr(api, "_check_approved_somewhere", lambda *_: None)
+    monkeypatch.setattr(rounds, "run_federation", run_federation)
+    monkeypatch.setattr(plots, "plot_run", lambda *_: None)
+    return given
+
+
+def test_train_takes_the_strategy_the_job_file_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--strategy fedavgm` could not set server_lr or momentum; the job file's STRATEGY can,
+    and `train` (CLI or Python) uses it unless --strategy overrides it."""
+    from typer.testing import CliRunner
+
+    from researcher import api
+    from researcher.cli import app
+    from researcher.job import make_job
+    from researcher.strategy import FedAdam, FedAvgM, FedYogi
+
+    given = _fake_rounds(monkeypatch)
+    fed_file = _federation_with_a_saved_job(tmp_path)
+    fed = Federation.load(fed_file)
+    layers = [{"type": "Linear", "in_features": 3, "out_features": 2}]
+    spec = make_job(layers, "d", "y", {"noise_multiplier": 1.0}, n_features=3)
+    api.save_job(fed, spec, {"a": "r1"}, strategy=FEDAVGM)
+
+    api.train(fed, spec, tmp_path / "py")
+    chosen = given["strategy"]
+    assert isinstance(chosen, FedAvgM) and (chosen.server_lr, chosen.momentum) == (0.5, 0.5)
+
+    run = tmp_path / "cli"
+    cli = ["train", "-f", str(fed_file), "--job", spec.name]
+    result = CliRunner().invoke(app, [*cli, "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    assert isinstance(given["strategy"], FedAvgM) and given["strategy"].server_lr == 0.5
+    assert "strategy: fedavgm (server_lr=0.5, momentum=0.5)" in result.stdout
+    override = [*cli, "--run-dir", str(tmp_path / "o"), "--strategy", "fedadam"]
+    result = CliRunner().invoke(app, override)
+    assert result.exit_code == 0, result.output
+    assert type(given["strategy"]) is FedAdam
+
+    # a resumed run goes on with the strategy it was trained with, not the job file's
+    run.mkdir()
+    (run / "state.json").write_text("{}")
+    (run / "strategy.json").write_text('{"name": "fedyogi", "server_lr": 0.02}')
+    api.train(fed, spec, run, resume=True)
+    assert type(given["strategy"]) is FedYogi and given["strategy"].server_lr == 0.02
+
+
+def test_the_run_directory_checks_are_the_apis(tmp_path: Path, monkeypatch) -> None:
+    """They lived only in `researcher train`: `api.train` overwrote a finished run's checkpoint
+    and 'resumed' a folder with nothing in it from round 1."""
+    from researcher import api
+    from researcher.job import make_job
+
+    given = _fake_rounds(monkeypatch)
+    fed = Federation.load(_federation_with_a_saved_job(tmp_path))
+    layers = [{"type": "Linear", "in_features": 3, "out_features": 2}]
+    spec = make_job(layers, "d", "y", {"noise_multiplier": 1.0}, n_features=3)
+    old = tmp_path / "old"
+    write(old / "state.json", "{}") if old.mkdir() is None else None
+    with pytest.raises(JobError, match=f"^{old} already holds a run; continue it with --resume"):
+        api.train(fed, spec, old)
+    nothing = tmp_path / "nothing"
+    with pytest.raises(JobError, match="holds no run to resume \\(no state.json\\)"):
+        api.train(fed, spec, nothing, resume=True)
+    assert not nothing.exists() and not given  # nothing created, the round loop never called

@@ -158,3 +158,69 @@ def test_one_malicious_site_breaks_fedavg_but_not_the_robust_strategies(tmp_path
         errors[strategy.name] = float(np.abs(got - clean).max())
     assert errors["fedavg"] > 5 * max(errors["median"], errors["trimmed-mean"])
     assert errors["norm-bounded"] < errors["fedavg"] / 5
+
+
+# --- a strategy and its parameters, as a job file's STRATEGY names them (issue 27) -------------
+
+
+def test_every_strategy_round_trips_through_its_config() -> None:
+    from researcher.strategy import STRATEGIES, FedAvgM, strategy_config, strategy_from
+
+    for name in STRATEGIES:
+        made = strategy_from(name)
+        config = strategy_config(made)
+        assert config["name"] == name
+        again = strategy_from(config)
+        assert type(again) is type(made) and strategy_config(again) == config
+    tuned = strategy_from({"name": "fedavgm", "server_lr": 0.5, "momentum": 0.5})
+    assert isinstance(tuned, FedAvgM) and (tuned.server_lr, tuned.momentum) == (0.5, 0.5)
+    assert strategy_config(tuned) == {"name": "fedavgm", "server_lr": 0.5, "momentum": 0.5}
+    assert strategy_config(strategy_from("fedadam"))["beta_2"] == 0.99  # defaults spelled out
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ({"name": "fedavgm", "momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
+        ({"name": "fedavgm", "server_lr": -0.1}, "server_lr must be > 0"),
+        ({"name": "fedyogi", "tau": float("nan")}, "tau must be a number"),
+        ({"name": "trimmed-mean", "beta": 0.5}, "beta must be in [0, 0.5), got 0.5"),
+        ({"name": "norm-bounded", "max_norm": True}, "max_norm must be a number, got True"),
+        ({"name": "fedavg", "server_lr": 1.0}, "'fedavg' has no parameter 'server_lr'"),
+        (["fedavgm"], "a strategy is a name or a dict"),
+    ],
+)
+def test_a_strategy_parameter_out_of_range_is_refused_by_name(config, needle: str) -> None:  # noqa: ANN001
+    from researcher.strategy import strategy_from
+
+    with pytest.raises(AggregationError) as caught:
+        strategy_from(config)
+    assert needle in str(caught.value)
+
+
+def test_a_strategy_object_checks_its_parameters_too() -> None:
+    """From Python a bad momentum diverged rounds later, far from where it was set."""
+    from researcher.strategy import FedAdam, FedAvgM, NormBounded
+
+    with pytest.raises(AggregationError, match="momentum must be in"):
+        FedAvgM(momentum=1.5)
+    with pytest.raises(AggregationError, match="beta_1 must be in"):
+        FedAdam(beta_1=-0.1)
+    with pytest.raises(AggregationError, match="max_norm must be > 0"):
+        NormBounded(max_norm=0.0)
+
+
+def test_a_run_records_its_strategy_for_a_resume(tmp_path) -> None:
+    """The run's strategy.json names the strategy and parameters the rounds used: a resume
+    without --strategy goes on with them (``api.strategy_for``), not with a default."""
+    from researcher.rounds import Checkpoint, run_federation
+    from researcher.strategy import FedAvgM, strategy_from
+    from tests.unit.test_round_loop import LocalSite, _spec, _table
+
+    assert Checkpoint.strategy_in(tmp_path) is None
+    sites = [LocalSite(n, _table(i)).site() for i, n in enumerate("ab")]
+    run_federation(None, _spec(1), tmp_path, sites=sites, strategy=FedAvgM(0.5, 0.25))
+    recorded = Checkpoint.strategy_in(tmp_path)
+    assert recorded == {"name": "fedavgm", "server_lr": 0.5, "momentum": 0.25}
+    again = strategy_from(recorded)
+    assert isinstance(again, FedAvgM) and again.momentum == 0.25
