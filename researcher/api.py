@@ -198,7 +198,11 @@ def load_planned(
             spec = replace(spec, layout=layout, classes=classes)
         except PlanError as exc:
             raise JobError(f"{path}: {exc}") from exc
-    spec = with_peers(fed, spec) if spec.plan.secure and not spec.plan.peers else spec
+    spec = (
+        with_peers(fed, spec)
+        if spec.plan.aggregation.secure and not spec.plan.aggregation.peers
+        else spec
+    )
     return with_sample_rate(spec, metas), auto
 
 
@@ -253,13 +257,13 @@ def with_sample_rate(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> JobSpec
     rows, the same at every site, so the sum is a step over the pooled rows."""
     from dataclasses import replace
 
-    if not spec.plan.distributed or spec.plan.sample_rate is not None:
+    if not spec.plan.dp.distributed or spec.plan.dp.sample_rate is not None:
         return spec
     rows = sum(int(m["rows"]) for m in metas.values() if m.get("rows"))
     if rows < 1:
         raise JobError("no site publishes a row count; give the plan a sample_rate")
     rate = min(1.0, spec.plan.batch_size / rows)
-    return replace(spec, plan=replace(spec.plan, sample_rate=rate))
+    return replace(spec, plan=spec.plan.with_fields(sample_rate=rate))
 
 
 def federation_layout_of(metas: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -288,7 +292,7 @@ def with_peers(fed: Federation, spec: JobSpec) -> JobSpec:
     from dataclasses import replace
 
     peers = tuple(sites.fingerprint(sites.connect(login)) for login in fed.sites)
-    return replace(spec, plan=replace(spec.plan, peers=peers))
+    return replace(spec, plan=spec.plan.with_fields(peers=peers))
 
 
 def _agreed(metas: dict[str, dict[str, Any]], what: str, read: Any) -> Any:
@@ -324,7 +328,7 @@ def submit(
     and the same submit again sends it only there, under the same job id.
     ``initial`` weights are kept beside the saved job, and ``train`` starts from them.
     """
-    if spec.plan.frozen and initial is None:
+    if spec.plan.algorithm.frozen and initial is None:
         raise JobError("a job with frozen layers is submitted with its initial weights")
     record = _partial_record(fed, spec)
     if record is not None:

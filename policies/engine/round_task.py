@@ -93,7 +93,7 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     from policies.torch_model import build, load
 
     plan = TrainingPlan.from_dict(task.plan)
-    if plan.distributed:
+    if plan.dp.distributed:
         raise ValueError("a distributed-DP round is distributed.distributed_step's, not this")
     spec = parse(task.model)
     x = standardise(task.features, task.scaling if plan.standardize else None)

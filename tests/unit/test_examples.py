@@ -33,4 +33,4 @@ def test_the_example_is_a_valid_job(path: Path) -> None:
         initial = {k: v.detach().numpy() for k, v in model.named_parameters()}
     spec = load_job_file(path, "target", 30, 2, initial=initial)
     assert spec.dataset == "cancer" and spec.architecture.output == (2,)
-    assert bool(spec.frozen_digest) == bool(spec.plan.frozen)
+    assert bool(spec.frozen_digest) == bool(spec.plan.algorithm.frozen)
