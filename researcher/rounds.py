@@ -504,7 +504,8 @@ def weights_of_reply(reply: RoundReply, spec: JobSpec, sent: Weights) -> Weights
         kind = reply.get("compression")
         if kind != spec.plan.aggregation.compression:
             raise WireError(
-                f"the site compressed with {kind!r}, the plan says {spec.plan.aggregation.compression.value!r}"
+                f"the site compressed with {kind!r}, the plan says "
+                f"{spec.plan.aggregation.compression.value!r}"
             )
         delta = decompress(reply["update"], trainable, kind, spec.plan.aggregation.topk_fraction)
         with np.errstate(over="ignore", invalid="ignore"):

@@ -90,7 +90,8 @@ def _groups(cls: type, section: str) -> list[tuple[str, list[tuple[str, ...]]]]:
                 groups += _groups(hint, name)
                 continue
             wire = field.metadata.get("wire", name)
-            row = (wire, _type(field, hint), _default(field), _allowed(hint, checks, wire), trailing)
+            allowed = _allowed(hint, checks, wire)
+            row = (wire, _type(field, hint), _default(field), allowed, trailing)
             rows.append(tuple(_cell(c) if i > 2 else c for i, c in enumerate(row)))
         if rows:
             groups.append((title, rows))
