@@ -32,7 +32,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from policies.errors import PlanError
-from policies.plan import TrainingPlan, training_rows
+from policies.plan import TrainingPlan, step_plan, training_rows
+from policies.utility import expected_batch
 
 # The fields the auto-plan fills; every other plan field keeps TrainingPlan's default.
 TUNED = (
@@ -154,7 +155,7 @@ def _choose(smallest: int, given: dict[str, Any]) -> tuple[dict[str, Any], dict[
         "large batches keep sigma*clip/batch small",
     )
     batch = int(fields["batch_size"])
-    per_epoch = max(1, math.ceil(n_train / batch))
+    per_epoch = step_plan(n_train, _probe(fields)).steps_per_epoch
     epochs_total = max(1, min(MAX_TOTAL_EPOCHS, round(TARGET_STEPS / per_epoch)))
     rounds = min(MAX_ROUNDS, epochs_total)
     put("rounds", rounds, f"~{TARGET_STEPS} DP-SGD steps in all, at most {MAX_ROUNDS} rounds")
@@ -172,8 +173,11 @@ def _choose(smallest: int, given: dict[str, Any]) -> tuple[dict[str, Any], dict[
 
 
 def _probe(fields: dict[str, Any]) -> TrainingPlan:
-    """A throwaway plan to read the validation split off, with the fields chosen so far."""
-    keep = {k: fields[k] for k in ("validation_fraction", "target_epsilon") if k in fields}
+    """A throwaway plan to read the validation split and the steps per epoch off, with the
+    fields chosen so far."""
+    keep = {
+        k: fields[k] for k in ("validation_fraction", "target_epsilon", "batch_size") if k in fields
+    }
     return TrainingPlan.from_dict(keep)
 
 
@@ -202,7 +206,7 @@ def _with_privacy(auto: AutoPlan, sites: Sequence[SiteNumbers]) -> AutoPlan:
                 raise
             fields[shrinkable[0]] = int(fields[shrinkable[0]]) // 2
     ratio = {
-        name: p.noise_multiplier * plan.max_grad_norm / _expected_batch(s, plan)
+        name: p.noise_multiplier * plan.dp.max_grad_norm / expected_batch(s.rows, plan)
         for (name, p), s in zip(privacy.items(), [s for s in sites if s.rows > 0], strict=True)
     }
     return replace(
@@ -212,12 +216,6 @@ def _with_privacy(auto: AutoPlan, sites: Sequence[SiteNumbers]) -> AutoPlan:
         epsilon={k: p.epsilon_job for k, p in privacy.items()},
         noise_to_signal=ratio,
     )
-
-
-def _expected_batch(site: SiteNumbers, plan: TrainingPlan) -> float:
-    n_train = training_rows(site.rows, plan)
-    per_epoch = max(1, math.ceil(n_train / plan.batch_size))
-    return max(1.0, n_train / per_epoch)
 
 
 def fill(

@@ -14,14 +14,14 @@ Both sides read this module, and it is plain numpy:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from policies.errors import PlanError
-from policies.plan import BALANCED, MAX_CLASS_WEIGHT, TrainingPlan
+from policies.plan import TrainingPlan
+from policies.plan_sections import BALANCED, MAX_CLASS_WEIGHT
 
 # Log-odds edges -8, -7, ..., 8: 16 bins, the outer two open-ended. Probability 0.5 is an edge,
 # so the confusion counts at that threshold are exact sums of bins; unit steps of log-odds
@@ -49,7 +49,7 @@ def balanced_pos_weight(counts: Sequence[float]) -> float:
 
 
 def needs_counts(plan: TrainingPlan) -> bool:
-    return BALANCED in (plan.class_weight, plan.pos_weight)
+    return plan.imbalance.balanced
 
 
 def resolve(plan: TrainingPlan, counts: Sequence[float] | None) -> TrainingPlan:
@@ -65,9 +65,9 @@ def resolve(plan: TrainingPlan, counts: Sequence[float] | None) -> TrainingPlan:
             '"balanced" weights need the DP class counts the dataset publishes, and this one '
             "publishes none; give the weights as numbers instead"
         )
-    if plan.class_weight == BALANCED:
-        return dataclasses.replace(plan, class_weight=balanced_weights(counts))
-    return dataclasses.replace(plan, pos_weight=balanced_pos_weight(counts))
+    if plan.imbalance.class_weight == BALANCED:
+        return plan.with_fields(class_weight=balanced_weights(counts))
+    return plan.with_fields(pos_weight=balanced_pos_weight(counts))
 
 
 def score_bins(scores: npt.ArrayLike) -> npt.NDArray[np.int64]:

@@ -4,6 +4,11 @@ Both sides read this module: the researcher builds a :class:`JobSpec`, the datas
 runtime re-parse it from the submitted literal. Everything is plain data so it can be embedded in
 the submitted function as a literal and checked with ``ast.literal_eval``; no code travels.
 
+On the wire a plan is one flat dict (``TrainingPlan.to_dict``: what a job file's ``PLAN`` writes,
+what a site reviews); in code it is a few core fields and typed sections
+(``policies.plan_sections``): ``plan.dp``, ``plan.aggregation``, ``plan.algorithm``,
+``plan.imbalance``, ``plan.metrics``.
+
 Every plan field has a hard upper bound, and so has the number of DP-SGD steps a plan implies
 (``MAX_TOTAL_STEPS``), so that a review (which computes the plan's epsilon) and a round always
 take bounded time and memory, whatever was submitted.
@@ -11,316 +16,190 @@ take bounded time and memory, whatever was submitted.
 
 from __future__ import annotations
 
+import enum
 import math
+import typing
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import Field, asdict, dataclass, field, fields, is_dataclass
 from functools import cached_property
 from typing import Any
 
 from policies.errors import PlanError
 from policies.modelspec import ModelSpec, parse
+from policies.plan_sections import (
+    CLASSIFIERS as CLASSIFIERS,
+)
+from policies.plan_sections import (
+    MAX_EPOCHS,
+    AggregationSection,
+    AlgorithmSection,
+    DPSection,
+    ImbalanceSection,
+    Loss,
+    MetricsSection,
+    Optimizer,
+    member,
+    positive_float,
+    positive_int,
+)
 
-LOSSES = ("cross_entropy", "mse", "bce_with_logits")
-OPTIMIZERS = ("sgd", "adam")
-ACCOUNTANTS = ("prv", "rdp")
-COMPRESSIONS = ("none", "int8", "topk")
-AGGREGATIONS = ("plain", "secure")
-DP_MODES = ("local", "distributed")
-MAX_UPDATE_BOUND = 1e4
-MAX_PROXIMAL_MU = 100.0
-MAX_LAYER_NAMES = 64
 MAX_ROUNDS = 1000
-MAX_EPOCHS = 100
 MAX_BATCH = 65_536
 MAX_TOTAL_STEPS = 200_000  # all rounds of one job; the accountants stay sub-second below it
 MAX_LEARNING_RATE = 100.0
-MAX_GRAD_NORM = 100.0
-MIN_GRAD_NORM = 1e-4
-MAX_NOISE = 1000.0
-MAX_EPSILON = 100.0
-MAX_LOSS_CLIP = 1e4
-MAX_CLASS_WEIGHT = 1e3  # a weight past it would make one row's loss dwarf the clipping bound's use
-MAX_WEIGHTED_CLASSES = 1024
-BALANCED = "balanced"
-CLASSIFIERS = ("cross_entropy", "bce_with_logits")
+
+# The order of the flat dict's keys as main wrote them before the plan had sections, kept so
+# that a submitted job literal reads the same; a field added later goes after them.
+WIRE_ORDER = (
+    "rounds", "local_epochs", "batch_size", "learning_rate", "momentum", "optimizer", "loss",
+    "max_grad_norm", "delta", "noise_multiplier", "target_epsilon", "accountant",
+    "validation_fraction", "standardize", "site_metrics", "metric_noise_multiplier",
+    "metric_loss_clip", "proximal_mu", "frozen", "compression", "topk_fraction",
+    "personalize_layers", "personalize_epochs", "aggregation", "peers", "update_norm_bound",
+    "dp", "sample_rate", "min_sites", "colluding_sites", "class_weight", "pos_weight",
+    "binary_metrics",
+)  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainingPlan:
-    """Hyperparameters of local DP-SGD training at every site, for every round."""
+    """Hyperparameters of local DP-SGD training at every site, for every round.
+
+    The core fields below, then one typed section per concern; each section checks its own
+    fields, and its ``check_in`` the rules that tie it to the rest of the plan. Build one from
+    the flat wire dict with :meth:`from_dict` (or :meth:`of` with keywords).
+    """
 
     rounds: int = 5
     local_epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.1
     momentum: float = 0.0
-    optimizer: str = "sgd"
-    loss: str = "cross_entropy"
-    max_grad_norm: float = 1.0
-    delta: float = 1e-5
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    accountant: str = "prv"
+    optimizer: Optimizer = Optimizer.SGD
+    loss: Loss = Loss.CROSS_ENTROPY
     validation_fraction: float = 0.2
     standardize: bool = True
-    # Validation metrics a site releases each round, as Gaussian-noised sums (policies.privacy)
-    site_metrics: bool = True
-    metric_noise_multiplier: float = 20.0
-    metric_loss_clip: float = 5.0
-    # FedProx: mu/2 ||w - w_global||^2 at the site, added to the step after clipping and noise
-    proximal_mu: float = 0.0
-    # Transfer learning: layers ("0", "2") or parameters ("2.bias") not trained and not returned
-    frozen: tuple[str, ...] = ()
-    # How the update travels back: float32 weights, int8 per tensor, or top-k with error feedback
-    compression: str = "none"
-    topk_fraction: float = 0.1
-    # Personalization: after the last round, fine-tune these layers at each site; kept there
-    personalize_layers: tuple[str, ...] = ()
-    personalize_epochs: int = 0
-    # Secure aggregation (policies.secagg): the researcher sees only the sum of masked updates.
-    # ``peers``: the datasites allowed in a round, by identity-key fingerprint (the admin
-    # approves this list); ``update_norm_bound``: each site clips its update to this L2 norm.
-    aggregation: str = "plain"
-    peers: tuple[str, ...] = ()
-    update_norm_bound: float = 10.0
-    # Distributed DP (policies.skellam): "local" (each site noises its own update fully) or
-    # "distributed" (a round is one DP-SGD step over the union of the sites: each samples its
-    # rows at ``sample_rate``, adds a Skellam share, masks; the shares of the honest sites add up
-    # to the plan's noise). ``min_sites``: fewest survivors a round is unmasked with (0: every
-    # peer); ``colluding_sites``: how many sites may pool their noise and still leave enough.
-    dp: str = "local"
-    sample_rate: float | None = None
-    min_sites: int = 0
-    colluding_sites: int = 0
-    # Imbalanced labels (policies.imbalance): a per-class loss weight, "balanced" (resolved at
-    # the site from its published DP class counts, never from the private labels) or one
-    # number per class; ``pos_weight`` is bce_with_logits' weight of the positive term.
-    class_weight: str | tuple[float, ...] | None = None
-    pos_weight: str | float | None = None
-    # Each round, a noised score histogram of the validation rows per class, from which the
-    # site releases recall, precision, ROC-AUC, PR-AUC and balanced accuracy (binary models)
-    binary_metrics: bool = False
+    dp: DPSection
+    aggregation: AggregationSection = field(default_factory=AggregationSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    imbalance: ImbalanceSection = field(default_factory=ImbalanceSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
     def __post_init__(self) -> None:
-        for name in ("frozen", "personalize_layers", "peers", "class_weight"):
-            value = getattr(self, name)
-            if isinstance(value, list | tuple):
-                object.__setattr__(self, name, tuple(value))
-        self._check_ranges()
-        self._check_algorithms()
-        self._check_imbalance()
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise PlanError("give exactly one of noise_multiplier or target_epsilon")
-
-    def _check_ranges(self) -> None:
-        _positive_int("rounds", self.rounds, MAX_ROUNDS)
-        _positive_int("local_epochs", self.local_epochs, MAX_EPOCHS)
-        _positive_int("batch_size", self.batch_size, MAX_BATCH)
-        _positive_float("learning_rate", self.learning_rate, MAX_LEARNING_RATE)
-        _positive_float("max_grad_norm", self.max_grad_norm, MAX_GRAD_NORM)
-        if self.max_grad_norm < MIN_GRAD_NORM:  # below it, the clip's 1e-6 stabiliser rules
-            raise PlanError(f"max_grad_norm must be at least {MIN_GRAD_NORM:g}")
-        if not 0.0 < self.delta < 1.0:
-            raise PlanError(f"delta must be in (0, 1), got {self.delta}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise PlanError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not 0.0 <= self.validation_fraction < 0.9:
+        object.__setattr__(self, "optimizer", member(Optimizer, "optimizer", self.optimizer))
+        object.__setattr__(self, "loss", member(Loss, "loss", self.loss))
+        positive_int("rounds", self.rounds, MAX_ROUNDS)
+        positive_int("local_epochs", self.local_epochs, MAX_EPOCHS)
+        positive_int("batch_size", self.batch_size, MAX_BATCH)
+        positive_float("learning_rate", self.learning_rate, MAX_LEARNING_RATE)
+        if not _is_number(self.momentum) or not 0.0 <= self.momentum < 1.0:
+            raise PlanError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not _is_number(self.validation_fraction) or not 0.0 <= self.validation_fraction < 0.9:
             raise PlanError(
-                f"validation_fraction must be in [0, 0.9), got {self.validation_fraction}"
+                f"validation_fraction must be in [0, 0.9), got {self.validation_fraction!r}"
             )
-        for name, value, allowed in (
-            ("loss", self.loss, LOSSES),
-            ("optimizer", self.optimizer, OPTIMIZERS),
-            ("accountant", self.accountant, ACCOUNTANTS),
-        ):
-            if value not in allowed:
-                raise PlanError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        if self.noise_multiplier is not None:
-            _positive_float("noise_multiplier", self.noise_multiplier, MAX_NOISE)
-        if self.target_epsilon is not None:
-            _positive_float("target_epsilon", self.target_epsilon, MAX_EPSILON)
-        for name in ("standardize", "site_metrics"):
-            if not isinstance(getattr(self, name), bool):
-                raise PlanError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        _positive_float("metric_noise_multiplier", self.metric_noise_multiplier, MAX_NOISE)
-        _positive_float("metric_loss_clip", self.metric_loss_clip, MAX_LOSS_CLIP)
-
-    def _check_algorithms(self) -> None:
-        if self.proximal_mu != 0.0:
-            _positive_float("proximal_mu", self.proximal_mu, MAX_PROXIMAL_MU)
-            if self.learning_rate * self.proximal_mu >= 1.0:
-                # each step multiplies w - w_global by (1 - lr*mu): at 2 and above it diverges
-                # (red team: whether it overflows then depends on the rows), above 1 it overshoots
-                raise PlanError(
-                    f"learning_rate x proximal_mu is {self.learning_rate * self.proximal_mu:g}; "
-                    "it must be below 1, or the proximal pull overshoots the global weights"
-                )
-        if self.compression not in COMPRESSIONS:
-            raise PlanError(
-                f"compression must be one of {', '.join(COMPRESSIONS)}; got {self.compression!r}"
-            )
-        ok = isinstance(self.topk_fraction, int | float) and not isinstance(
-            self.topk_fraction, bool
-        )
-        if not ok or not 0.0 < self.topk_fraction <= 1.0:
-            raise PlanError(f"topk_fraction must be in (0, 1], got {self.topk_fraction!r}")
-        for name in ("frozen", "personalize_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple) or len(value) > MAX_LAYER_NAMES:
-                raise PlanError(f"{name} must be a list of at most {MAX_LAYER_NAMES} layer names")
-            if not all(isinstance(v, str) and 0 < len(v) <= 64 for v in value):
-                raise PlanError(f'{name} must hold layer names such as "0" or "2.weight"')
-        self._check_aggregation()
-        if self.personalize_epochs != 0 or self.personalize_layers:
-            _positive_int("personalize_epochs", self.personalize_epochs, MAX_EPOCHS)
-            if not self.personalize_layers:
-                raise PlanError("personalize_epochs needs personalize_layers (the layers to tune)")
-
-    def _check_aggregation(self) -> None:
-        if self.aggregation not in AGGREGATIONS:
-            raise PlanError(
-                f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {self.aggregation!r}"
-            )
-        _positive_float("update_norm_bound", self.update_norm_bound, MAX_UPDATE_BOUND)
-        peers = self.peers
-        if not isinstance(peers, tuple) or len(peers) > 64:
-            raise PlanError("peers must be a list of at most 64 datasite fingerprints")
-        hexdigits = set("0123456789abcdef")
-        if not all(isinstance(p, str) and len(p) == 64 and set(p) <= hexdigits for p in peers):
-            raise PlanError("peers must be SHA-256 fingerprints: 64 lowercase hex characters")
-        if self.dp not in DP_MODES:
-            raise PlanError(f"dp must be one of {', '.join(DP_MODES)}; got {self.dp!r}")
-        if self.aggregation == "plain":
-            if peers:
-                raise PlanError('peers are for aggregation "secure"')
-            if self.distributed:
-                raise PlanError('dp "distributed" needs aggregation "secure": the noise is shared')
-            self._check_distributed()
-            return
-        if len(set(peers)) != len(peers) or len(peers) == 1:
-            # none yet is allowed: the researcher package fills in the federation's sites
-            raise PlanError("secure aggregation needs at least 2 distinct peers")
-        if self.compression != "none":
-            raise PlanError(
-                'secure aggregation sums fixed-point updates; compression must be "none" '
-                "(int8 would be quantized twice, top-k needs one index set for all sites)"
-            )
-        self._check_distributed()
-
-    def _check_distributed(self) -> None:
-        if not self.distributed:
-            if self.sample_rate is not None or self.min_sites or self.colluding_sites:
-                raise PlanError(
-                    'sample_rate, min_sites and colluding_sites are for dp "distributed"'
-                )
-            return
-        if self.sample_rate is not None:
-            _positive_float("sample_rate", self.sample_rate, 1.0)
-        peers = len(self.peers)
-        if not isinstance(self.min_sites, int) or not 0 <= self.min_sites <= max(peers, 64):
-            raise PlanError(f"min_sites must be an integer in [0, {max(peers, 64)}]")
-        if peers and self.min_sites > peers:
-            raise PlanError(f"min_sites is {self.min_sites}, more than the {peers} peers")
-        if not isinstance(self.colluding_sites, int) or self.colluding_sites < 0:
-            raise PlanError("colluding_sites must be a non-negative integer")
-        if peers and self.honest_sites < 1:
-            raise PlanError(
-                f"colluding_sites ({self.colluding_sites}) must be below min_sites "
-                f"({self.survivors_needed}): some honest site's noise must remain"
-            )
-        for name, value, allowed in (
-            ("site_metrics", self.site_metrics, False),
-            ("local_epochs", self.local_epochs, 1),
-            ("personalize_epochs", self.personalize_epochs, 0),
-        ):
-            if value != allowed:
-                raise PlanError(
-                    f'dp "distributed" needs {name} = {allowed!r}: a round is one noisy step '
-                    "summed over the sites, and only that sum leaves them"
-                )
-        if self.proximal_mu or self.frozen or self.class_weight or self.pos_weight:
-            raise PlanError(
-                'dp "distributed" takes one plain gradient step per round: no proximal_mu, '
-                "frozen layers or class weights"
-            )
-
-    def _check_imbalance(self) -> None:
-        weight = self.class_weight
-        if weight is not None and weight != BALANCED:
-            ok = isinstance(weight, tuple) and 2 <= len(weight) <= MAX_WEIGHTED_CLASSES
-            if not ok or not all(_in_range(w, MAX_CLASS_WEIGHT) for w in weight):
-                raise PlanError(
-                    f'class_weight must be "balanced" or a list of 2 to {MAX_WEIGHTED_CLASSES} '
-                    f"numbers in (0, {MAX_CLASS_WEIGHT:g}], got {weight!r}"
-                )
-        if weight is not None and self.loss not in CLASSIFIERS:
-            raise PlanError(f"class_weight needs a classifier loss, not {self.loss}")
-        bce = self.loss == "bce_with_logits"
-        if bce and weight is not None and weight != BALANCED and len(weight) != 2:
-            raise PlanError("class_weight for bce_with_logits takes 2 numbers (class 0, 1)")
-        pos = self.pos_weight
-        if pos is not None:
-            if self.loss != "bce_with_logits":
-                raise PlanError("pos_weight is for loss bce_with_logits")
-            if pos != BALANCED and not _in_range(pos, MAX_CLASS_WEIGHT):
-                raise PlanError(
-                    f'pos_weight must be "balanced" or a number in (0, {MAX_CLASS_WEIGHT:g}], '
-                    f"got {pos!r}"
-                )
-            if weight is not None:
-                raise PlanError("give class_weight or pos_weight, not both")
-        if not isinstance(self.binary_metrics, bool):
-            raise PlanError(f"binary_metrics must be true or false, got {self.binary_metrics!r}")
-        if self.binary_metrics and (not self.site_metrics or self.loss not in CLASSIFIERS):
-            raise PlanError("binary_metrics needs site_metrics and a classifier loss")
-
-    @property
-    def secure(self) -> bool:
-        return self.aggregation == "secure"
-
-    @property
-    def distributed(self) -> bool:
-        return self.dp == "distributed"
+        if not isinstance(self.standardize, bool):
+            raise PlanError(f"standardize must be true or false, got {self.standardize!r}")
+        for name in _SECTIONS:
+            getattr(self, name).check_in(self)
 
     @property
     def survivors_needed(self) -> int:
         """Fewest sites a distributed round is unmasked with: ``min_sites``, or every peer."""
-        return self.min_sites or len(self.peers)
+        return self.dp.min_sites or len(self.aggregation.peers)
 
     @property
     def honest_sites(self) -> int:
         """Sites whose noise shares must alone reach the plan's noise: the survivors a round
         needs, less those that may collude. Each site adds 1/honest_sites of the variance."""
-        return self.survivors_needed - self.colluding_sites
-
-    @property
-    def personalizes(self) -> bool:
-        return bool(self.personalize_layers)
+        return self.survivors_needed - self.dp.colluding_sites
 
     @property
     def calls(self) -> int:
         """Calls a site answers for this plan: its rounds, and the fine-tuning pass if any."""
-        return self.rounds + (1 if self.personalizes else 0)
+        return self.rounds + (1 if self.algorithm.personalizes else 0)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["frozen"] = list(self.frozen)
-        data["personalize_layers"] = list(self.personalize_layers)
-        data["peers"] = list(self.peers)
-        if isinstance(self.class_weight, tuple):
-            data["class_weight"] = list(self.class_weight)
-        return data
+        """The flat wire dict: every field by its flat name, enums as their strings, lists."""
+        flat: dict[str, Any] = {}
+        for name, value in ((f.name, getattr(self, f.name)) for f in fields(self)):
+            if name not in _SECTIONS:
+                flat[name] = _plain(value)
+                continue
+            for part in fields(value):
+                flat[_wire_name(part)] = _plain(getattr(value, part.name))
+        return {key: flat[key] for key in sorted(flat, key=_wire_rank)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainingPlan:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingPlan:
+        """A plan from its flat wire dict; PlanError for an unknown field or a bad value."""
+        if not isinstance(data, Mapping):
+            raise PlanError("the plan must be a dict of fields")
+        unknown = sorted(str(k) for k in set(data) - set(_WIRE))
         if unknown:
             raise PlanError(f"unknown plan fields: {', '.join(unknown)}")
+        core: dict[str, Any] = {}
+        parts: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        for key, value in data.items():
+            section, attr = _WIRE[key]
+            (parts[section] if section else core)[attr] = value
         try:
-            return cls(**data)
+            sections = {name: kind(**parts[name]) for name, kind in _SECTIONS.items()}
+            return cls(**core, **sections)
         except TypeError as exc:
             raise PlanError(f"bad plan: {exc}") from exc
+
+    @classmethod
+    def of(cls, **flat: Any) -> TrainingPlan:
+        """A plan from flat fields as a job file names them: ``TrainingPlan.of(rounds=3,
+        noise_multiplier=1.0)``."""
+        return cls.from_dict(flat)
+
+    def with_fields(self, **flat: Any) -> TrainingPlan:
+        """This plan with some flat fields changed, every check run again."""
+        return TrainingPlan.from_dict({**self.to_dict(), **flat})
+
+
+def _section_types() -> dict[str, type[Any]]:
+    hints = typing.get_type_hints(TrainingPlan)
+    return {f.name: hints[f.name] for f in fields(TrainingPlan) if is_dataclass(hints[f.name])}
+
+
+def _wire_name(part: Field[Any]) -> str:
+    return str(part.metadata.get("wire", part.name))
+
+
+def _wire_map() -> dict[str, tuple[str | None, str]]:
+    """Flat name -> (section or None for a core field, attribute in it)."""
+    out: dict[str, tuple[str | None, str]] = {}
+    for f in fields(TrainingPlan):
+        kind = _SECTIONS.get(f.name)
+        core: list[tuple[str, tuple[str | None, str]]] = [(f.name, (None, f.name))]
+        parts = [(_wire_name(p), (f.name, p.name)) for p in fields(kind)] if kind else core
+        for key, where in parts:
+            assert key not in out, f"two plan fields travel as {key!r}"
+            out[key] = where
+    return out
+
+
+def _wire_rank(key: str) -> tuple[int, int]:
+    return (0, WIRE_ORDER.index(key)) if key in WIRE_ORDER else (1, list(_WIRE).index(key))
+
+
+def _plain(value: Any) -> Any:
+    """A field's value as the wire carries it: an enum as its string, a tuple as a list."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_SECTIONS = _section_types()
+_WIRE = _wire_map()
 
 
 @dataclass(frozen=True)
@@ -364,7 +243,7 @@ class JobSpec:
     def _check_binary(self) -> None:
         """Binary metrics and a per-class weight list must match the model's output width."""
         plan, width = self.plan, self.architecture.output[-1]
-        if plan.binary_metrics and not (
+        if plan.metrics.binary and not (
             (plan.loss == "bce_with_logits" and width == 1)
             or (plan.loss == "cross_entropy" and width == 2)
         ):
@@ -372,7 +251,7 @@ class JobSpec:
                 "binary_metrics needs a binary model: bce_with_logits with 1 output, or "
                 f"cross_entropy with 2; this one gives {width} with {plan.loss}"
             )
-        weight = plan.class_weight
+        weight = plan.imbalance.class_weight
         if plan.loss == "cross_entropy" and isinstance(weight, tuple) and len(weight) != width:
             raise PlanError(
                 f"class_weight has {len(weight)} numbers; the model has {width} classes"
@@ -380,24 +259,25 @@ class JobSpec:
 
     def _check_layer_names(self) -> None:
         names = list(self.architecture.parameters)
+        algorithm = self.plan.algorithm
         for field_name in ("frozen", "personalize_layers"):
-            for layer in getattr(self.plan, field_name):
+            for layer in getattr(algorithm, field_name):
                 if not select(names, (layer,)):
                     raise PlanError(
                         f"{field_name}: the model has no layer or parameter {layer!r} "
                         f"(its parameters: {', '.join(names)})"
                     )
-        if self.plan.frozen:
+        if algorithm.frozen:
             if not self.trainable:
                 raise PlanError("frozen covers every parameter; nothing would train")
             if self.frozen_digest is None:
                 raise PlanError("frozen layers need the job's initial weights (frozen_digest)")
-        if set(select(names, self.plan.personalize_layers)) & set(self.frozen_names):
+        if set(select(names, algorithm.personalize_layers)) & set(self.frozen_names):
             raise PlanError("personalize_layers overlaps frozen; frozen layers never train")
 
     @property
     def frozen_names(self) -> list[str]:
-        return select(list(self.architecture.parameters), self.plan.frozen)
+        return select(list(self.architecture.parameters), self.plan.algorithm.frozen)
 
     @property
     def trainable(self) -> dict[str, tuple[int, ...]]:
@@ -411,9 +291,7 @@ class JobSpec:
         return parse(self.model)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["plan"] = self.plan.to_dict()
-        return data
+        return asdict(self) | {"plan": self.plan.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
@@ -501,9 +379,9 @@ def metric_queries(n_rows: int, plan: TrainingPlan) -> int:
     The clipped loss sum, and for a classifier the count of correct predictions; none when the
     plan turns site metrics off or the table is too small to hold validation rows.
     """
-    if not plan.site_metrics or validation_rows(n_rows, plan.validation_fraction) == 0:
+    if not plan.metrics.enabled or validation_rows(n_rows, plan.validation_fraction) == 0:
         return 0
-    return 2 if plan.loss in CLASSIFIERS else 1
+    return 2 if plan.loss.classifier else 1
 
 
 def score_queries(n_rows: int, plan: TrainingPlan) -> int:
@@ -513,53 +391,63 @@ def score_queries(n_rows: int, plan: TrainingPlan) -> int:
     bin and one into another (L2 sensitivity sqrt 2), and every bin gets noise of
     ``metric_noise_multiplier`` times that (``policies.imbalance``).
     """
-    if not plan.binary_metrics or metric_queries(n_rows, plan) == 0:
+    if not plan.metrics.binary or metric_queries(n_rows, plan) == 0:
         return 0
     return 1
 
 
-def steps_per_epoch(n_rows: int, batch_size: int) -> int:
-    """Optimizer steps per epoch as Opacus' Poisson loader takes them: ceil(n / batch)."""
-    return max(1, math.ceil(n_rows / batch_size))
+@dataclass(frozen=True)
+class StepPlan:
+    """The DP-SGD step arithmetic of a plan on a site's training rows, as Opacus' Poisson
+    loader takes it: every step samples each row with ``sample_rate`` = 1 / ``steps_per_epoch``.
+
+    One computation for the accounting (``policies.privacy``: what the review and the ledger
+    charge) and the training loop (``policies.engine.dp_sgd``: what the site runs), so that the
+    steps a site takes are the steps it was charged for. ``rows`` is the published training-row
+    count, never the exact private one.
+    """
+
+    rows: int
+    steps_per_epoch: int  # ceil(rows / batch_size), at least 1
+    sample_rate: float
+    expected_batch: float  # the mean Poisson batch: rows / steps_per_epoch, at least 1
+    steps_per_round: int  # local_epochs x steps_per_epoch
+    personal_steps: int  # the personalization pass after the last round (0 without one)
+    total_steps: int  # every round and the personalization pass
+
+    @property
+    def batch_divisor(self) -> int:
+        """What a step's noisy gradient sum is divided by: the expected batch rounded down,
+        as Opacus' ``make_private`` computes ``expected_batch_size``."""
+        return int(self.expected_batch)
 
 
-def sample_rate(n_rows: int, batch_size: int) -> float:
-    """Poisson sampling rate Opacus uses: 1 / len(loader)."""
-    return 1.0 / steps_per_epoch(n_rows, batch_size)
+def step_plan(rows: int, plan: TrainingPlan) -> StepPlan:
+    """The steps, sampling rate and expected batch of ``plan`` on ``rows`` training rows."""
+    per_epoch = max(1, -(-rows // plan.batch_size))
+    per_round = plan.local_epochs * per_epoch
+    personal = plan.algorithm.personalize_epochs * per_epoch
+    return StepPlan(
+        rows=rows,
+        steps_per_epoch=per_epoch,
+        sample_rate=1.0 / per_epoch,
+        expected_batch=max(1.0, rows / per_epoch),
+        steps_per_round=per_round,
+        personal_steps=personal,
+        total_steps=plan.rounds * per_round + personal,
+    )
 
 
-def total_steps(n_rows: int, plan: TrainingPlan) -> int:
-    """DP-SGD steps of the whole plan on ``n_rows`` training rows; refused past the bound."""
-    per_epoch = steps_per_epoch(n_rows, plan.batch_size)
-    steps = plan.rounds * plan.local_epochs * per_epoch + personal_steps(n_rows, plan)
-    if steps > MAX_TOTAL_STEPS:
+def bounded_steps(rows: int, plan: TrainingPlan) -> StepPlan:
+    """:func:`step_plan`, refused past ``MAX_TOTAL_STEPS`` (before any accountant runs)."""
+    steps = step_plan(rows, plan)
+    if steps.total_steps > MAX_TOTAL_STEPS:
         raise PlanError(
-            f"the plan takes {steps} DP-SGD steps in all ({plan.rounds} rounds x "
-            f"{plan.local_epochs} epochs x {steps_per_epoch(n_rows, plan.batch_size)} batches), "
+            f"the plan takes {steps.total_steps} DP-SGD steps in all ({plan.rounds} rounds x "
+            f"{plan.local_epochs} epochs x {steps.steps_per_epoch} batches), "
             f"more than the limit {MAX_TOTAL_STEPS}; use fewer rounds or epochs, or larger batches"
         )
     return steps
-
-
-def personal_steps(n_rows: int, plan: TrainingPlan) -> int:
-    """DP-SGD steps of the personalization pass after the last round (0 without one)."""
-    return plan.personalize_epochs * steps_per_epoch(n_rows, plan.batch_size)
-
-
-def _positive_int(name: str, value: Any, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
-        raise PlanError(f"{name} must be an integer in [1, {high}], got {value!r}")
-
-
-def _in_range(value: Any, high: float) -> bool:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    return ok and math.isfinite(value) and 0 < value <= high
-
-
-def _positive_float(name: str, value: Any, high: float) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or not 0 < value <= high:
-        raise PlanError(f"{name} must be a number in (0, {high:g}], got {value!r}")
 
 
 def class_count(spec: JobSpec, n_classes: int | None) -> int | None:

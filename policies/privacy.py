@@ -32,12 +32,9 @@ from policies.errors import PlanError
 from policies.plan import (
     JobSpec,
     TrainingPlan,
+    bounded_steps,
     metric_queries,
-    personal_steps,
-    sample_rate,
     score_queries,
-    steps_per_epoch,
-    total_steps,
     training_rows,
 )
 
@@ -94,34 +91,32 @@ def privacy_plan(
     split. With ``target_epsilon``, the training noise is the smallest that keeps training and
     metrics together within the target.
     """
-    if plan.distributed:
+    if plan.dp.distributed:
         return _distributed(plan, dimension, min_noise)
-    n_train = training_rows(n_rows, plan)
-    q = sample_rate(n_train, plan.batch_size)
-    per_round = plan.local_epochs * steps_per_epoch(n_train, plan.batch_size)
-    total = total_steps(n_train, plan)  # bounded before any accountant runs
+    steps = bounded_steps(training_rows(n_rows, plan), plan)  # before any accountant runs
+    q, total = steps.sample_rate, steps.total_steps
     queries = metric_queries(n_rows, plan) * plan.calls  # the fine-tuning pass releases them too
-    metrics = [Mechanism(plan.metric_noise_multiplier, 1.0, queries)] if queries else []
+    metrics = [Mechanism(plan.metrics.noise_multiplier, 1.0, queries)] if queries else []
     scores = score_queries(n_rows, plan) * plan.calls
     if scores:
-        metrics.append(Mechanism(plan.metric_noise_multiplier, 1.0, scores))
-    if plan.target_epsilon is not None:
+        metrics.append(Mechanism(plan.metrics.noise_multiplier, 1.0, scores))
+    if plan.dp.target_epsilon is not None:
         noise = noise_for_target(
-            plan.target_epsilon, plan.delta, q, total, plan.accountant, tuple(metrics)
+            plan.dp.target_epsilon, plan.dp.delta, q, total, plan.dp.accountant, tuple(metrics)
         )
     else:
-        noise = float(plan.noise_multiplier or 0.0)
+        noise = float(plan.dp.noise_multiplier or 0.0)
     noise = max(noise, min_noise)
-    eps = epsilon([Mechanism(noise, q, total), *metrics], plan.delta, plan.accountant)
+    eps = epsilon([Mechanism(noise, q, total), *metrics], plan.dp.delta, plan.dp.accountant)
     return PrivacyPlan(
         noise,
         q,
-        per_round,
+        steps.steps_per_round,
         plan.rounds,
         eps,
-        plan.metric_noise_multiplier,
+        plan.metrics.noise_multiplier,
         queries,
-        personal_steps(n_train, plan),
+        steps.personal_steps,
         scores,
     )
 
@@ -132,18 +127,18 @@ def _distributed(plan: TrainingPlan, dimension: int, min_noise: float) -> Privac
     The noise multiplier is the *total* over the honest sites, in units of the L2 sensitivity;
     each site adds 1/``honest_sites`` of its variance. Nothing else is released: no metrics.
     """
-    if plan.sample_rate is None or dimension < 1:
+    if plan.dp.sample_rate is None or dimension < 1:
         raise PlanError(
             'dp "distributed" needs the plan\'s sample_rate (researcher submit fills it in '
             "from the sites' published row counts) and a model with trainable parameters"
         )
-    gamma = skellam.scale(plan.max_grad_norm, dimension, plan.batch_size)
-    l2, l1 = skellam.sensitivities(plan.max_grad_norm, dimension, gamma)
-    q, steps = float(plan.sample_rate), plan.rounds
-    if plan.target_epsilon is not None:
-        noise = skellam_noise_for_target(plan.target_epsilon, plan.delta, q, steps, l2, l1)
+    gamma = skellam.scale(plan.dp.max_grad_norm, dimension, plan.batch_size)
+    l2, l1 = skellam.sensitivities(plan.dp.max_grad_norm, dimension, gamma)
+    q, steps = float(plan.dp.sample_rate), plan.rounds
+    if plan.dp.target_epsilon is not None:
+        noise = skellam_noise_for_target(plan.dp.target_epsilon, plan.dp.delta, q, steps, l2, l1)
     else:
-        noise = float(plan.noise_multiplier or 0.0)
+        noise = float(plan.dp.noise_multiplier or 0.0)
     if noise < min_noise:
         # a site may not raise only its own share: the others add the plan's (red team: the
         # floor was charged as the total while the sum carried less)
@@ -157,5 +152,5 @@ def _distributed(plan: TrainingPlan, dimension: int, min_noise: float) -> Privac
             f"each site's Skellam share would need a Poisson mean of {mu:.3g}, past the "
             f"{skellam.MAX_POISSON_MEAN:.3g} numpy samples exactly; lower the noise or the model"
         )
-    eps = epsilon([Mechanism(noise, q, steps, l2, l1)], plan.delta)
+    eps = epsilon([Mechanism(noise, q, steps, l2, l1)], plan.dp.delta)
     return PrivacyPlan(noise, q, 1, plan.rounds, eps, l2=l2, l1=l1, scale=gamma)

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from policies.plan import TrainingPlan, steps_per_epoch, training_rows
+from policies.plan import TrainingPlan, step_plan, training_rows
 
 MAX_STEP_NOISE = 1.0  # sigma / expected batch: noise std per coordinate over the clip
 RANGE_SIGMAS = 4.0  # as datasites.data.mock: a window passes at this many noise sds
@@ -57,8 +57,7 @@ class UtilityWarning:
 
 def expected_batch(rows: int, plan: TrainingPlan) -> float:
     """The mean batch a site's Poisson sampler draws: its training rows over its steps/epoch."""
-    n_train = training_rows(rows, plan)
-    return max(1.0, n_train / steps_per_epoch(n_train, plan.batch_size))
+    return step_plan(training_rows(rows, plan), plan).expected_batch
 
 
 def step_noise(noise_multiplier: float, rows: int, plan: TrainingPlan) -> float:
@@ -73,7 +72,7 @@ def step_warnings(
     out = []
     for site, sigma in noise.items():
         n = int(rows.get(site) or 0)
-        if n < 1 or not plan.distributed and sigma <= 0:
+        if n < 1 or not plan.dp.distributed and sigma <= 0:
             continue
         ratio = step_noise(sigma, n, plan)
         if ratio <= MAX_STEP_NOISE:
@@ -234,7 +233,7 @@ def class_warnings(
         counts, rows = meta.get("class_counts"), int(meta.get("rows") or 0)
         if not counts or rows < 1:
             continue
-        q = 1.0 / steps_per_epoch(training_rows(rows, plan), plan.batch_size)
+        q = step_plan(training_rows(rows, plan), plan).sample_rate
         for k, count in enumerate(counts):
             per_step[k] = per_step.get(k, 0.0) + max(float(count), 0.0) * q
     classes = _class_names(metas)
@@ -268,7 +267,7 @@ def utility_warnings(
     noise: Mapping[str, float],
 ) -> list[UtilityWarning]:
     """Every warning for ``plan`` over the sites' published metadata and their noise."""
-    if plan.distributed:  # one shared step per round over all sites: its own arithmetic
+    if plan.dp.distributed:  # one shared step per round over all sites: its own arithmetic
         return class_warnings(plan, metas) + statistic_warnings(metas, plan)
     rows = {site: int(meta.get("rows") or 0) for site, meta in metas.items()}
     return (

@@ -123,7 +123,7 @@ def _job_strategy(path: Path, constants: dict[str, Any]) -> dict[str, Any]:
 def _check_strategy_fits(path: Path, spec: JobSpec, strategy: dict[str, Any]) -> None:
     """A secure job shows only the sum of the updates: a strategy that needs each one is
     refused now, not after the sites approved the job."""
-    if not spec.plan.secure:
+    if not spec.plan.aggregation.secure:
         return
     from researcher.secure import check_strategy
 
@@ -326,7 +326,11 @@ def _planned(  # noqa: PLR0913
             spec = replace(spec, layout=layout, classes=classes)
         except PlanError as exc:
             raise JobError(f"{path}: {exc}") from exc
-    spec = with_peers(fed, spec) if spec.plan.secure and not spec.plan.peers else spec
+    spec = (
+        with_peers(fed, spec)
+        if spec.plan.aggregation.secure and not spec.plan.aggregation.peers
+        else spec
+    )
     return with_sample_rate(spec, metas), auto
 
 
@@ -379,13 +383,13 @@ def warnings_for(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> list[Utilit
 def with_sample_rate(spec: JobSpec, metas: dict[str, dict[str, Any]]) -> JobSpec:
     """A distributed-DP job's rate q: the plan's batch_size over the federation's published
     rows, the same at every site, so the sum is a step over the pooled rows."""
-    if not spec.plan.distributed or spec.plan.sample_rate is not None:
+    if not spec.plan.dp.distributed or spec.plan.dp.sample_rate is not None:
         return spec
     rows = sum(int(m["rows"]) for m in metas.values() if m.get("rows"))
     if rows < 1:
         raise JobError("no site publishes a row count; give the plan a sample_rate")
     rate = min(1.0, spec.plan.batch_size / rows)
-    return replace(spec, plan=replace(spec.plan, sample_rate=rate))
+    return replace(spec, plan=spec.plan.with_fields(sample_rate=rate))
 
 
 def federation_layout_of(metas: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -412,7 +416,7 @@ def with_peers(fed: Federation, spec: JobSpec) -> JobSpec:
     """A secure job's peers: every site of the federation, by identity-key fingerprint. Each
     site's admin sees the list in the review, and its runtime refuses any other participant."""
     peers = tuple(sites.fingerprint(sites.connect(login)) for login in fed.sites)
-    return replace(spec, plan=replace(spec.plan, peers=peers))
+    return replace(spec, plan=spec.plan.with_fields(peers=peers))
 
 
 def _agreed(metas: dict[str, dict[str, Any]], what: str, read: Any) -> Any:
@@ -453,7 +457,7 @@ def submit(
     """
     ready = _as_prepared(fed, job, initial)
     spec, initial, strategy = ready.spec, ready.initial, ready.strategy
-    if spec.plan.frozen and initial is None:
+    if spec.plan.algorithm.frozen and initial is None:
         raise JobError("a job with frozen layers is submitted with its initial weights")
     record = _partial_record(fed, spec)
     if record is not None:

@@ -117,15 +117,19 @@ def _frozen_digest(spec: dict, plan: TrainingPlan, initial: Weights | None) -> s
     if initial is not None:
         check_shapes({k: np.asarray(v, np.float32) for k, v in initial.items()}, parameters)
     names = list(parameters)
-    well_named = all(select(names, (layer,)) for layer in plan.frozen)
-    if not plan.frozen or not well_named or len(select(names, plan.frozen)) == len(names):
+    well_named = all(select(names, (layer,)) for layer in plan.algorithm.frozen)
+    if (
+        not plan.algorithm.frozen
+        or not well_named
+        or len(select(names, plan.algorithm.frozen)) == len(names)
+    ):
         return None  # nothing frozen, or JobSpec names what is wrong with the layer list
     if initial is None:
         raise JobError(
             "frozen layers need the job's initial weights: pass --init-weights FILE.npz or a "
             "run dir (for example a model pre-trained on the mock twins)"
         )
-    return frozen_digest(initial, select(names, plan.frozen))
+    return frozen_digest(initial, select(names, plan.algorithm.frozen))
 
 
 def load_initial(path: Path) -> Weights:

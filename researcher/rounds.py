@@ -292,12 +292,12 @@ def run_federation(  # noqa: PLR0913
     last = None
     # after an interruption a site may have released a round this client never received;
     # a masked round is not replayed (its unmasking needs the round's survivors again)
-    recover = _site_rounds(history) if resume and not spec.plan.secure else None
+    recover = _site_rounds(history) if resume and not spec.plan.aggregation.secure else None
     with ThreadPoolExecutor(max_workers=len(links)) as pool:
-        entries = _secure_keys(pool, links, spec, strategy) if spec.plan.secure else {}
+        entries = _secure_keys(pool, links, spec, strategy) if spec.plan.aggregation.secure else {}
         for round_no in range(done + 1, spec.plan.rounds + 1):
             limits = (min_sites, timeout_s, retry_backoff)
-            if spec.plan.secure:
+            if spec.plan.aggregation.secure:
                 last = _masked_round(
                     pool, links, spec, strategy, entries, round_no, weights, limits
                 )
@@ -315,7 +315,7 @@ def run_federation(  # noqa: PLR0913
             if on_round:
                 on_round(last)
         personalized = ckpt.dir / PERSONALIZED_FILE
-        if spec.plan.personalizes and not personalized.exists():
+        if spec.plan.algorithm.personalizes and not personalized.exists():
             passed = _personalize(pool, links, spec, weights, min_sites, timeout_s)
             _write(personalized, json.dumps(passed, indent=2))
     _save_final(run_dir, spec, weights)
@@ -491,11 +491,12 @@ def weights_of_reply(reply: RoundReply, spec: JobSpec, sent: Weights) -> Weights
     trainable = spec.trainable
     if "update" in reply:
         kind = reply.get("compression")
-        if kind != spec.plan.compression:
+        if kind != spec.plan.aggregation.compression:
             raise WireError(
-                f"the site compressed with {kind!r}, the plan says {spec.plan.compression!r}"
+                f"the site compressed with {kind!r}, the plan says "
+                f"{spec.plan.aggregation.compression.value!r}"
             )
-        delta = decompress(reply["update"], trainable, kind, spec.plan.topk_fraction)
+        delta = decompress(reply["update"], trainable, kind, spec.plan.aggregation.topk_fraction)
         with np.errstate(over="ignore", invalid="ignore"):
             returned = {n: (sent[n] + delta[n]).astype(np.float32) for n in trainable}
         check_weights(returned, trainable)  # finite, bounded: as plain weights are (red team)

@@ -75,7 +75,7 @@ def _valid(reply: object, spec: JobSpec) -> Participant | None:
     site = entry.site
     valid = (
         secagg.fingerprint(identity) == site
-        and site in spec.plan.peers
+        and site in spec.plan.aggregation.peers
         and secagg.verify(
             identity, signature, secagg.key_message(secagg.job_tag(spec.to_dict()), site, key)
         )
@@ -152,7 +152,7 @@ def secure_round(  # noqa: PLR0913
             {
                 **reply.get("privacy", {}),
                 "aggregation": "secure",
-                "dp": spec.plan.dp,
+                "dp": spec.plan.dp.mode.value,
                 "survivors": len(survivors),
             },
             int(reply.get("round", 0)),
@@ -182,12 +182,12 @@ def _mean_update(
     except (KeyError, WireError) as exc:
         raise SiteError(f"a secure-aggregation reply is malformed: {exc}") from exc
     total = secagg.unmask_sum(masked, self_seeds, dropped)
-    if spec.plan.distributed:  # one central DP-SGD step: -lr times the noisy mean gradient
-        rows = sum(int(r["n"]) for r in replies.values()) * float(spec.plan.sample_rate or 0.0)
-        gamma = skellam.scale(spec.plan.max_grad_norm, size, spec.plan.batch_size)
+    if spec.plan.dp.distributed:  # one central DP-SGD step: -lr times the noisy mean gradient
+        rows = sum(int(r["n"]) for r in replies.values()) * float(spec.plan.dp.sample_rate or 0.0)
+        gamma = skellam.scale(spec.plan.dp.max_grad_norm, size, spec.plan.batch_size)
         step = -spec.plan.learning_rate * skellam.gradient(total, gamma, rows)
         return unflatten(step, trainable)
-    mean = secagg.dequantize(total, spec.plan.update_norm_bound) / len(survivors)
+    mean = secagg.dequantize(total, spec.plan.aggregation.update_norm_bound) / len(survivors)
     return unflatten(mean, trainable)
 
 

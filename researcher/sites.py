@@ -243,5 +243,5 @@ def fingerprint(client: Any) -> str:
 def syft_call_limit(spec: JobSpec) -> int:
     """Executions syft allows the job: rounds and replays, and for a secure job each round's
     sign and unmask calls and the key exchange. The site counts rounds itself; this is slack."""
-    per_call = 4 if spec.plan.secure else 2
+    per_call = 4 if spec.plan.aggregation.secure else 2
     return per_call * spec.plan.calls + 8

@@ -94,7 +94,7 @@ def _plain_epoch(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int) -> 
 
 
 def _dp_epoch(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int, engine: str) -> float:
-    plan = TrainingPlan(noise_multiplier=1.0, batch_size=batch, learning_rate=0.1)
+    plan = TrainingPlan.of(noise_multiplier=1.0, batch_size=batch, learning_rate=0.1)
     started = time.perf_counter()
     train_dp(model, x, y, plan, 1.0, engine=engine)  # secure noise, as at a site
     return time.perf_counter() - started

@@ -90,7 +90,7 @@ class SimulatedSite:
     def __call__(self, spec: JobSpec, weights: str) -> dict[str, Any]:
         if isinstance(decode_call(weights, spec.architecture.parameters), ReplayLast):
             return self.last or {"status": "refused", "reason": "nothing released"}
-        personalize = spec.plan.personalizes and self.calls == spec.plan.rounds
+        personalize = spec.plan.algorithm.personalizes and self.calls == spec.plan.rounds
         task = prepare_task(
             spec,
             self.frame,
@@ -170,7 +170,7 @@ def one_run(name: str, strategy: str, fields: dict, seed: int) -> dict[str, Any]
         "rounds_to_95": reach,
         "bytes_per_round": sum(sum(s.bytes) for s in sims) / len(curve),
     }
-    if spec.plan.personalizes:
+    if spec.plan.algorithm.personalizes:
         xs = (x - np.asarray(spec.scaling["mean"])) / np.asarray(spec.scaling["std"])
         gains = []
         for sim, share in zip(sims, shares, strict=True):

@@ -191,7 +191,7 @@ def central(sites: list, test: tuple, model_dict: dict, seed: int) -> float:
 
 
 def per_site_dp(sites: list, test: tuple, model_dict: dict, eps: float, seed: int) -> float:
-    plan = TrainingPlan(
+    plan = TrainingPlan.of(
         rounds=10,
         local_epochs=2,
         batch_size=32,
@@ -229,7 +229,7 @@ def distributed_dp(  # noqa: PLR0913
     momentum: float = 0.9,
 ) -> tuple[float, float]:
     rows = sum(len(s[0]) for s in sites)
-    plan = TrainingPlan(
+    plan = TrainingPlan.of(
         rounds=rounds,
         batch_size=batch,
         learning_rate=lr,
@@ -261,7 +261,7 @@ def distributed_dp(  # noqa: PLR0913
                 privacy.noise_multiplier,
             )
             total = total + (distributed_step(task).weights[SUM] % (1 << 32)).astype(np.uint32)
-        grad = skellam.gradient(total, privacy.scale, rows * float(plan.sample_rate))
+        grad = skellam.gradient(total, privacy.scale, rows * float(plan.dp.sample_rate))
         velocity = momentum * velocity + grad  # server momentum: post-processing of the sum
         flat = flatten(weights, shapes) - plan.learning_rate * (1 - momentum) * velocity
         weights = {k: v.astype(np.float32) for k, v in unflatten(flat, shapes).items()}

@@ -394,8 +394,8 @@ def run_once(args: argparse.Namespace, seed: int, say) -> dict:  # noqa: ANN001
             "centralized_accuracy": central,
             "seconds": round(time.time() - started, 1),
             "privacy": privacy,
-            "aggregation": spec.plan.aggregation,
-            "dp": spec.plan.dp,
+            "aggregation": spec.plan.aggregation.mode.value,
+            "dp": spec.plan.dp.mode.value,
             "tls": args.tls,
             "run_dir": str(work / "run"),
         }

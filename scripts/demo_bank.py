@@ -239,7 +239,7 @@ def _federate(  # noqa: PLR0913
         "centralized_recall_at_50_precision": central["recall_at_precision"],
         "seconds": round(time.time() - started, 1),
         "privacy": privacy,
-        "aggregation": spec.plan.aggregation,
+        "aggregation": spec.plan.aggregation.mode.value,
         "tls": args.tls,
         "run_dir": str(work / "run"),
     }

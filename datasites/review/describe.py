@@ -11,21 +11,25 @@ from policies.plan import JobSpec
 def plan_rows(job: JobSpec) -> list[list[str]]:
     """The plan's fields, with the algorithms spelled out for the reviewer."""
     plan = job.plan
+    algorithm, weights = plan.algorithm, plan.imbalance
     rows = [[k, str(v)] for k, v in plan.to_dict().items()]
     notes = []
-    if plan.proximal_mu:
+    if algorithm.proximal_mu:
         notes.append(
-            f"FedProx: pull of {plan.proximal_mu:g} toward the global weights, after noise"
+            f"FedProx: pull of {algorithm.proximal_mu:g} toward the global weights, after noise"
         )
-    if plan.frozen:
+    if algorithm.frozen:
         notes.append(
             f"frozen, pinned by digest {str(job.frozen_digest)[:12]}: {', '.join(job.frozen_names)}"
         )
-    if plan.compression != "none":
-        notes.append(f"updates leave compressed ({plan.compression}); post-processing, no epsilon")
-    if plan.class_weight is not None or plan.pos_weight is not None:
-        kind = "class_weight" if plan.class_weight is not None else "pos_weight"
-        value = plan.class_weight if plan.class_weight is not None else plan.pos_weight
+    if plan.aggregation.compression != "none":
+        notes.append(
+            f"updates leave compressed ({plan.aggregation.compression}); post-processing, "
+            "no epsilon"
+        )
+    if weights.class_weight is not None or weights.pos_weight is not None:
+        kind = "class_weight" if weights.class_weight is not None else "pos_weight"
+        value = weights.class_weight if weights.class_weight is not None else weights.pos_weight
         source = (
             "from this dataset's published DP class counts"
             if value == "balanced"
@@ -34,14 +38,15 @@ def plan_rows(job: JobSpec) -> list[list[str]]:
         notes.append(
             f"{kind} {value} ({source}): scales each row's loss before clipping; no epsilon"
         )
-    if plan.binary_metrics:
+    if plan.metrics.binary:
         notes.append(
             "each round a noised score histogram per class (validation rows) -> recall, "
             "precision, ROC-AUC, PR-AUC; charged as 'scores' at the metric noise"
         )
-    if plan.personalizes:
+    if algorithm.personalizes:
         notes.append(
-            f"after round {plan.rounds}: {plan.personalize_epochs} epoch(s) fine-tuning "
-            f"{', '.join(plan.personalize_layers)}; the model stays here, its DP metrics leave"
+            f"after round {plan.rounds}: {algorithm.personalize_epochs} epoch(s) fine-tuning "
+            f"{', '.join(algorithm.personalize_layers)}; the model stays here, its DP metrics "
+            "leave"
         )
     return rows + [["algorithm", n] for n in notes]

@@ -360,7 +360,7 @@ def _budget_of(store: SiteStore, privacy: Callable[[JobSpec, int], PrivacyPlan])
             researcher,
             spec.dataset,
             privacy(spec, rows).releases,
-            spec.plan.accountant,
+            spec.plan.dp.accountant,
             spec.job_id,
         )
 

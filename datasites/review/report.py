@@ -205,7 +205,7 @@ def _check_aggregation(
 ) -> None:
     """Plain or secure, as the policy demands; a secure job's peers, shown for the admin."""
     plan = spec.plan
-    if not plan.secure:
+    if not plan.aggregation.secure:
         report.add(
             "aggregation",
             not policy.require_secure_aggregation,
@@ -218,20 +218,21 @@ def _check_aggregation(
         )
         return
     listed = ", ".join(
-        f"{p[:12]} (this site)" if p == sub.site_fingerprint else p[:12] for p in plan.peers
+        f"{p[:12]} (this site)" if p == sub.site_fingerprint else p[:12]
+        for p in plan.aggregation.peers
     )
     problems = []
-    if sub.site_fingerprint and sub.site_fingerprint not in plan.peers:
+    if sub.site_fingerprint and sub.site_fingerprint not in plan.aggregation.peers:
         problems.append("this site's fingerprint is not among the peers")
-    if len(set(plan.peers)) < policy.min_aggregation_sites:
+    if len(set(plan.aggregation.peers)) < policy.min_aggregation_sites:
         problems.append(f"fewer peers than the policy's {policy.min_aggregation_sites}")
     problems += untrusted_peers(plan, policy)
     mode = "secure"
-    if plan.distributed:
+    if plan.dp.distributed:
         problems += distributed_problems(plan, policy, sub.site_fingerprint)
         mode = (
             f"secure with distributed DP (each site adds 1/{plan.honest_sites} of the noise; "
-            f"survives {plan.colluding_sites} colluding site(s))"
+            f"survives {plan.dp.colluding_sites} colluding site(s))"
         ) + trust_savings(plan, policy, sub.site_fingerprint)
     report.add(
         "aggregation",
@@ -246,7 +247,7 @@ def untrusted_peers(plan: TrainingPlan, policy: DatasetPolicy) -> list[str]:
     """Peers outside the policy's ``trusted_peers`` (none when the policy names no list)."""
     if not policy.trusted_peers:
         return []
-    outside = [p for p in plan.peers if p not in set(policy.trusted_peers)]
+    outside = [p for p in plan.aggregation.peers if p not in set(policy.trusted_peers)]
     if not outside:
         return []
     listed = ", ".join(p[:12] for p in outside)
@@ -260,7 +261,7 @@ def unverified_peers(plan: TrainingPlan, policy: DatasetPolicy, site: str) -> li
     masks and reads this site's own noised sum, so it counts as a colluder.
     """
     trusted = set(policy.trusted_peers)
-    return [p for p in plan.peers if p != site and p not in trusted]
+    return [p for p in plan.aggregation.peers if p != site and p not in trusted]
 
 
 def colluders_assumed(plan: TrainingPlan, policy: DatasetPolicy, site: str) -> int:
@@ -281,11 +282,11 @@ def distributed_problems(plan: TrainingPlan, policy: DatasetPolicy, site: str) -
     """
     problems = []
     assumed = colluders_assumed(plan, policy, site)
-    if plan.colluding_sites < assumed:
+    if plan.dp.colluding_sites < assumed:
         unverified = len(unverified_peers(plan, policy, site))
         honest = plan.survivors_needed - assumed
         problems.append(
-            f"the plan's noise survives {plan.colluding_sites} colluding site(s); "
+            f"the plan's noise survives {plan.dp.colluding_sites} colluding site(s); "
             + (
                 f"the policy requires {policy.colluding_sites}"
                 if assumed == policy.colluding_sites
@@ -306,7 +307,7 @@ def distributed_problems(plan: TrainingPlan, policy: DatasetPolicy, site: str) -
 def trust_savings(plan: TrainingPlan, policy: DatasetPolicy, site: str) -> str:
     """What trusting the peers would save, for the admin: a reason to set the list."""
     unverified = unverified_peers(plan, policy, site)
-    if not unverified or not plan.distributed:
+    if not unverified or not plan.dp.distributed:
         return ""
     alone = plan.survivors_needed - colluders_assumed(plan, policy, site)
     trusted = plan.survivors_needed - policy.colluding_sites
@@ -402,18 +403,21 @@ def _check_dp(
     plan = spec.plan
     max_delta = min(policy.max_delta, 1.0 / max(rows, 1))
     problems = []
-    if plan.noise_multiplier is not None and plan.noise_multiplier < policy.min_noise_multiplier:
+    if (
+        plan.dp.noise_multiplier is not None
+        and plan.dp.noise_multiplier < policy.min_noise_multiplier
+    ):
         problems.append(
-            f"noise multiplier {plan.noise_multiplier} is below the policy's "
+            f"noise multiplier {plan.dp.noise_multiplier} is below the policy's "
             f"{policy.min_noise_multiplier}"
         )
-    if plan.max_grad_norm > policy.max_grad_norm:
-        problems.append(f"max_grad_norm {plan.max_grad_norm} exceeds {policy.max_grad_norm}")
-    if plan.delta > max_delta:
-        problems.append(f"delta {plan.delta} exceeds {max_delta:.3g} (policy and 1/n)")
-    if plan.target_epsilon is not None and plan.target_epsilon > policy.max_epsilon_per_job:
+    if plan.dp.max_grad_norm > policy.max_grad_norm:
+        problems.append(f"max_grad_norm {plan.dp.max_grad_norm} exceeds {policy.max_grad_norm}")
+    if plan.dp.delta > max_delta:
+        problems.append(f"delta {plan.dp.delta} exceeds {max_delta:.3g} (policy and 1/n)")
+    if plan.dp.target_epsilon is not None and plan.dp.target_epsilon > policy.max_epsilon_per_job:
         problems.append(
-            f"target epsilon {plan.target_epsilon} exceeds the per-job limit "
+            f"target epsilon {plan.dp.target_epsilon} exceeds the per-job limit "
             f"{policy.max_epsilon_per_job}"
         )
     if epsilon_of is not None and not problems:
@@ -427,8 +431,8 @@ def _check_dp(
             report.add(
                 "dp_parameters",
                 True,
-                f"epsilon {eps:.3f} at delta {plan.delta} "
-                f"within {policy.max_epsilon_per_job}; clipping {plan.max_grad_norm}",
+                f"epsilon {eps:.3f} at delta {plan.dp.delta} "
+                f"within {policy.max_epsilon_per_job}; clipping {plan.dp.max_grad_norm}",
             )
             return
     report.add("dp_parameters", not problems, "; ".join(problems) or "within policy")

@@ -114,7 +114,7 @@ class SecureSite:
         base = sent or {n: np.zeros(s, np.float32) for n, s in trainable.items()}
         delta = flatten({n: trained[n] - base[n] for n in trainable}, trainable)
         rng = np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
-        quantized = secagg.quantize(delta, self.spec.plan.update_norm_bound, rng)
+        quantized = secagg.quantize(delta, self.spec.plan.aggregation.update_norm_bound, rng)
         return self._masked(label, quantized, seeds)
 
     def masked_integers(
@@ -212,7 +212,7 @@ class SecureSite:
         site = entry.site
         if secagg.fingerprint(identity) != site:
             raise Refused(f"participant {site[:12]}: its identity key has another fingerprint")
-        if site not in self.spec.plan.peers:
+        if site not in self.spec.plan.aggregation.peers:
             raise Refused(
                 f"participant {site[:12]} is not among the job's approved peers; nothing ran"
             )

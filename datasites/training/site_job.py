@@ -205,7 +205,7 @@ def _run(
             "(access revoked); nothing ran"
         )
     # the pass after the last round fine-tunes and keeps the model here (plan.personalize_*)
-    personalize = spec.plan.personalizes and approval.rounds_run == spec.plan.rounds
+    personalize = spec.plan.algorithm.personalizes and approval.rounds_run == spec.plan.rounds
     # the message must be the one this job's aggregation takes, before any row is read
     secure, seeds = _secure_round(
         site, store, approval, caller, spec, policy, envelope, personalize
@@ -237,10 +237,10 @@ def _run(
     )
     ledger = BudgetLedger(store)
     releases = (approval.researcher, approval.dataset, spec.job_id, privacy.releases)
-    charge = ledger.reserve(*releases, spec.plan.accountant)
+    charge = ledger.reserve(*releases, spec.plan.dp.accountant.value)
     try:  # until the trainer has the rows, a failure is refunded: nothing touched the data
         round_no = Approvals(store).take_round(caller.code_id)
-        if personalize != (spec.plan.personalizes and round_no == spec.plan.calls):
+        if personalize != (spec.plan.algorithm.personalizes and round_no == spec.plan.calls):
             raise Refused("another call of this job ran at the same time; nothing ran, call again")
         trainer = pool()
     except (Refused, PolicyError):
@@ -268,7 +268,7 @@ def _run(
             result = _keep_personalized(state, caller, task, output, round_no)
         elif secure is not None:
             assert envelope is not None  # _secure_round gave a SecureSite for an envelope only
-            if spec.plan.distributed:
+            if spec.plan.dp.distributed:
                 masked = secure.masked_integers(envelope, seeds, output.weights[SUM])
             else:
                 check_shapes(output.weights, spec.trainable)
@@ -287,7 +287,7 @@ def _run(
         raise RoundFailed() from exc
     # Another call of this job may have failed before its trainer and withdrawn the job's
     # reservation while this one trained (red team): nothing leaves uncharged.
-    charge = ledger.reserve(*releases, spec.plan.accountant)
+    charge = ledger.reserve(*releases, spec.plan.dp.accountant.value)
     if round_no == spec.plan.calls:
         ledger.commit(charge.id)
     budget = ledger.budget(approval.researcher, approval.dataset)
@@ -326,11 +326,11 @@ def _secure_round(  # noqa: PLR0913
     personalize: bool,
 ) -> tuple[SecureSite | None, dict[str, bytes]]:
     """The policy's aggregation rules for a training round, checked before any charge."""
-    if policy.require_secure_aggregation and not spec.plan.secure:
+    if policy.require_secure_aggregation and not spec.plan.aggregation.secure:
         raise Refused(
             f"dataset {approval.dataset!r} requires secure aggregation; this job is plain"
         )
-    if not spec.plan.secure or personalize:  # the fine-tuning pass releases no update
+    if not spec.plan.aggregation.secure or personalize:  # the fine-tuning pass releases no update
         if envelope is not None and not personalize:
             raise Refused("a plain job's round carries no secure-aggregation envelope")
         return None, {}
@@ -342,7 +342,7 @@ def _secure_round(  # noqa: PLR0913
     outside = untrusted_peers(spec.plan, policy)
     if outside:
         raise Refused(f"{outside[0]}; nothing ran")
-    if spec.plan.distributed:
+    if spec.plan.dp.distributed:
         problems = distributed_problems(spec.plan, policy, site.fingerprint())
         if problems:
             raise Refused(f"distributed DP: {'; '.join(problems)}; nothing ran")
@@ -354,7 +354,7 @@ def fewest_sites(spec: JobSpec, policy: Any) -> int:
     """Fewest sites a round is masked, signed and unmasked with: the policy's k, and for
     distributed DP also the plan's, on which every site's noise share relies."""
     k = policy.min_aggregation_sites
-    return max(k, spec.plan.survivors_needed) if spec.plan.distributed else k
+    return max(k, spec.plan.survivors_needed) if spec.plan.dp.distributed else k
 
 
 def _secure_control(
@@ -367,7 +367,7 @@ def _secure_control(
 ) -> RoundReply:
     """hello, sign, unmask: no row is read, nothing is charged, no round is taken."""
     spec = JobSpec.from_dict(approval.job)
-    if not spec.plan.secure:
+    if not spec.plan.aggregation.secure:
         raise Refused("this job does not aggregate securely")
     policy = PolicyStore(site.policies_path).get(approval.dataset)
     secure = SecureSite(JobState(store), caller.code_id, spec, site.signing_key())

@@ -1,8 +1,10 @@
 """mkdocs hook: the pages that must not drift from the code are generated at build time.
 
 - ``<!-- generated: plan-reference -->`` becomes the table of every ``TrainingPlan`` field, read
-  from ``policies/plan.py`` itself: the dataclass fields (name, type, default), the comment above
-  or beside each field, and the bounds and allowed values its checks name. A field added to the
+  from the dataclasses themselves (``policies/plan.py`` and its sections in
+  ``policies/plan_sections.py``): each field by the flat name a job file writes, its type and
+  default, the comment above or beside it, and the bounds and allowed values its checks and
+  enums name; one table per section, titled by the section's docstring. A field added to the
   plan appears here without anyone editing the docs.
 - ``<!-- generated: policy-reference -->`` becomes the same table for ``DatasetPolicy``
   (``datasites/review/access.py``), the fields an admin sets with ``datasite policy set``.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import enum
 import inspect
 import re
 import sys
@@ -56,7 +59,9 @@ def _render(kind: str, arg: str | None) -> str:
 
 def plan_table(plan_cls: type) -> str:
     """The plan's fields in the groups its source gives them (a comment opens a group), one
-    table per group; nested dataclass sections are flattened as ``section.field``."""
+    table per group. A nested dataclass section (``TrainingPlan.dp``...) is its own group,
+    titled by its docstring, and its fields are listed by the flat names a job file writes
+    (a field's ``metadata["wire"]``, else its name)."""
     out = []
     for title, rows in _groups(plan_cls, ""):
         if title:
@@ -67,48 +72,59 @@ def plan_table(plan_cls: type) -> str:
     return "\n".join(out)
 
 
-def _groups(cls: type, prefix: str) -> list[tuple[str, list[tuple[str, ...]]]]:
+def _groups(cls: type, section: str) -> list[tuple[str, list[tuple[str, ...]]]]:
     checks = _field_checks(cls)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     groups: list[tuple[str, list[tuple[str, ...]]]] = []
-    for title, names in _source_groups(cls):
+    for i, (title, names) in enumerate(_source_groups(cls)):
+        if i == 0 and section:
+            title = f"**`plan.{section}`**: {_summary(cls)}"
         rows = []
         for name, trailing in names:
-            field = fields[name]
-            nested = hints.get(name)
-            if isinstance(nested, type) and dataclasses.is_dataclass(nested):
-                groups += _groups(nested, f"{prefix}{name}.")
+            field, hint = fields[name], hints[name]
+            if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+                if rows:
+                    groups.append((title, rows))
+                    title, rows = "", []
+                groups += _groups(hint, name)
                 continue
-            row = (prefix + name, _type(field), _default(field), checks.get(name, ""), trailing)
+            wire = field.metadata.get("wire", name)
+            allowed = _allowed(hint, checks, wire)
+            row = (wire, _type(field, hint), _default(field), allowed, trailing)
             rows.append(tuple(_cell(c) if i > 2 else c for i, c in enumerate(row)))
         if rows:
             groups.append((title, rows))
     return groups
 
 
+def _summary(cls: type) -> str:
+    """A section's docstring, joined into one paragraph."""
+    return " ".join((inspect.getdoc(cls) or "").split())
+
+
 def _source_groups(cls: type) -> list[tuple[str, list[tuple[str, str]]]]:
     """The class body's fields in order, grouped: a comment block opens a group that runs to the
     next comment block (a blank line alone does not end it). Each field keeps its own trailing
     comment."""
+    lines = inspect.getsource(cls).splitlines()
+    body = ast.parse(inspect.getsource(cls)).body[0]
+    assert isinstance(body, ast.ClassDef)
     groups: list[tuple[str, list[tuple[str, str]]]] = [("", [])]
-    block: list[str] = []
-    field_re = re.compile(r"(\w+)\s*:\s*[^=#]+?(?:=\s*[^#]*?)?\s*(?:#\s*(.*))?$")
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        text = line.strip()
-        if text.startswith("#"):
-            block.append(text.lstrip("# "))
+    previous = body.lineno  # the line after the docstring or the last field, 1-based
+    for node in body.body:
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            previous = node.end_lineno or node.lineno
             continue
-        if text.startswith(("def ", "@")):
-            break
-        match = field_re.match(text) if text and not text.startswith(('"""', "'")) else None
-        if not match:
-            continue
+        above = [t.strip() for t in lines[previous : node.lineno - 1]]
+        block = [t.lstrip("# ") for t in above if t.startswith("#")]
         if block:
             groups.append((" ".join(block), []))
-            block = []
-        groups[-1][1].append((match.group(1), match.group(2) or ""))
-    return groups
+        code = lines[(node.end_lineno or node.lineno) - 1]
+        trailing = code.split("  # ", 1)[1].strip() if "  # " in code else ""
+        groups[-1][1].append((node.target.id, trailing))
+        previous = node.end_lineno or node.lineno
+    return [g for g in groups if g[1]]
 
 
 def _code(text: str) -> str:
@@ -119,12 +135,20 @@ def _cell(text: str) -> str:
     return _code(text).replace("|", "\\|") if "`" not in text[:1] else text
 
 
+def _allowed(hint: Any, checks: dict[str, str], wire: str) -> str:
+    """An enum's values, else what the checks say of the field."""
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return " or ".join(f"`{m.value}`" for m in hint)
+    return checks.get(wire, "true or false" if hint is bool else "")
+
+
 def _field_checks(cls: type) -> dict[str, str]:
-    """Bounds and allowed values, read from the checks in the class's own methods: the range
-    helpers' bounds, the tuples of allowed values, and the ``"FIELD must be ..."`` messages."""
+    """Bounds and allowed values, by flat field name, read from the checks in the class's own
+    methods: the range helpers' bounds (their first argument names the field), the tuples of
+    allowed values, and the ``"FIELD must be ..."`` messages."""
     module = sys.modules[cls.__module__]
     tree = ast.parse(inspect.getsource(cls))
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.metadata.get("wire", f.name) for f in dataclasses.fields(cls)}
     out: dict[str, str] = {}
 
     def const(node: ast.AST) -> Any:
@@ -134,16 +158,12 @@ def _field_checks(cls: type) -> dict[str, str]:
 
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            kind = {"_positive_int": "integer", "_positive_float": "number"}.get(node.func.id)
+            kind = RANGE_HELPERS.get(node.func.id)
             args = node.args
-            if kind and len(args) == 3 and isinstance(args[1], ast.Attribute):
-                out.setdefault(args[1].attr, f"{kind} in (0, {const(args[2]):g}]")
+            if kind and len(args) == 3 and isinstance(const(args[0]), str):
+                out.setdefault(const(args[0]), f"{kind} in (0, {const(args[2]):g}]")
             elif node.func.id == "PlanError" and args:
-                _must(_literal(args[0]), names, out)
-        elif isinstance(node, ast.Tuple) and len(node.elts) == 3:
-            _, attr, allowed = node.elts
-            if isinstance(attr, ast.Attribute) and isinstance(const(allowed), tuple):
-                out.setdefault(attr.attr, " or ".join(f"`{v}`" for v in const(allowed)))
+                _must(_literal(args[0], module), names, out)
         elif isinstance(node, ast.Compare) and isinstance(node.ops[0], ast.NotIn):
             left, right = node.left, node.comparators[0]
             if isinstance(left, ast.Attribute) and isinstance(const(right), tuple):
@@ -151,12 +171,27 @@ def _field_checks(cls: type) -> dict[str, str]:
     return out
 
 
-def _literal(node: ast.AST) -> str:
+RANGE_HELPERS = {"positive_int": "integer", "positive_float": "number"}
+
+
+def _literal(node: ast.AST, module: Any = None) -> str:
+    """A message's text; a formatted module constant (``{MAX_PEERS}``) as its value, any other
+    formatted value as ``{}``."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if isinstance(node, ast.JoinedStr):
-        return "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        return "".join(_part(v, module) for v in node.values)
     return ""
+
+
+def _part(node: ast.AST, module: Any) -> str:
+    if isinstance(node, ast.Constant):
+        return str(node.value)
+    inner = getattr(node, "value", None)
+    value = getattr(module, inner.id, None) if isinstance(inner, ast.Name) else None
+    if not isinstance(node, ast.FormattedValue) or not isinstance(value, int | float):
+        return "{}"
+    return format(value, _literal(node.format_spec) if node.format_spec else "")
 
 
 def _must(message: str, names: set[str], out: dict[str, str]) -> None:
@@ -165,7 +200,9 @@ def _must(message: str, names: set[str], out: dict[str, str]) -> None:
         out.setdefault(match.group(1), match.group(2))
 
 
-def _type(field: dataclasses.Field) -> str:
+def _type(field: dataclasses.Field, hint: Any) -> str:
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "str"
     text = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
     return str(text).replace("|", "or")
 
@@ -177,6 +214,8 @@ def _default(field: dataclasses.Field) -> str:
         value = field.default_factory()
     else:
         return "required"
+    if isinstance(value, enum.Enum):
+        value = value.value
     return "none" if value is None else f"`{value!r}`"
 
 

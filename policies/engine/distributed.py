@@ -48,18 +48,18 @@ def distributed_step(task: RoundTask, _test_seed: int | None = None) -> RoundOut
         load(model, task.weights)
     names = [n for n, _ in model.named_parameters() if n not in task.frozen]
     dimension = sum(int(dict(model.named_parameters())[n].numel()) for n in names)
-    gamma = skellam.scale(plan.max_grad_norm, dimension, plan.batch_size)
+    gamma = skellam.scale(plan.dp.max_grad_norm, dimension, plan.batch_size)
     rng = np.random.default_rng(_test_seed if _test_seed is not None else _fresh_seed())
     uniform: Callable[[int], npt.NDArray[Any]] = (
         (lambda n: rng.random(n)) if _test_seed is not None else secure_uniform
     )
-    sampled = np.flatnonzero(uniform(len(x)) < float(plan.sample_rate or 0.0))
+    sampled = np.flatnonzero(uniform(len(x)) < float(plan.dp.sample_rate or 0.0))
     total = np.zeros(dimension, np.int64)
     for start in range(0, len(sampled), CHUNK):
         rows = sampled[start : start + CHUNK]
         grads = _per_row_gradients(model, names, x[rows], y[rows], plan.loss)
-        total += _clip_scale_round(grads, plan.max_grad_norm, gamma, uniform).sum(axis=0)
-    l2, _ = skellam.sensitivities(plan.max_grad_norm, dimension, gamma)
+        total += _clip_scale_round(grads, plan.dp.max_grad_norm, gamma, uniform).sum(axis=0)
+    l2, _ = skellam.sensitivities(plan.dp.max_grad_norm, dimension, gamma)
     variance = (task.noise_multiplier * l2) ** 2
     mu = skellam.share(variance, plan.honest_sites)
     if mu > skellam.MAX_POISSON_MEAN:  # the runtime refuses such plans before any charge

@@ -29,7 +29,7 @@ from torch import nn
 from policies import imbalance
 from policies.engine import fused_dp
 from policies.engine.secure_noise import make_secure, secure_gaussian
-from policies.plan import CLASSIFIERS, TrainingPlan
+from policies.plan import TrainingPlan, step_plan
 from policies.wire import Weights
 
 
@@ -116,7 +116,7 @@ def criterion(plan: TrainingPlan, dev: torch.device) -> nn.Module:
     counts before the task reaches the trainer (``policies.imbalance.resolve``). A weight
     scales the row's loss before its gradient is clipped: sensitivity and noise are unchanged.
     """
-    weight, pos = plan.class_weight, plan.pos_weight
+    weight, pos = plan.imbalance.class_weight, plan.imbalance.pos_weight
     if isinstance(weight, str) or isinstance(pos, str):
         raise ValueError('a "balanced" weight must be resolved before training')
     if plan.loss == "bce_with_logits" and pos is not None:
@@ -206,8 +206,8 @@ def train_dp(
     yt = targets(y, plan.loss).to(dev)
     n = len(xt)
     public = n if public_rows is None else max(1, int(public_rows))
-    steps_per_epoch = max(1, -(-public // plan.batch_size))
-    expected = max(1, int(public / steps_per_epoch))  # as Opacus' make_private computes it
+    sampling = step_plan(public, plan)  # the arithmetic the accounting charged
+    expected = sampling.batch_divisor
     model.train()  # Opacus refuses a module in eval mode (say, fresh from ``evaluate``)
     fused = engine == "auto" and fused_dp.supports(model)
     make = _fused_step if fused else _opacus_step
@@ -216,7 +216,7 @@ def train_dp(
     steps, losses, count = 0, [], 0
     try:
         for _ in range(plan.local_epochs):
-            for rows, sizes in poisson_schedule(n, steps_per_epoch, rng):
+            for rows, sizes in poisson_schedule(n, sampling.steps_per_epoch, rng):
                 index = torch.from_numpy(rows).to(dev)
                 batches = zip(
                     torch.split(xt[index], sizes), torch.split(yt[index], sizes), strict=True
@@ -259,7 +259,7 @@ def _fused_step(
         model,
         optimizer,
         sigma,
-        plan.max_grad_norm,
+        plan.dp.max_grad_norm,
         expected,
         _noise(secure_mode, dev),
         example,
@@ -292,7 +292,7 @@ def _opacus_step(
     optimizer = DPOptimizer(
         inner,
         noise_multiplier=sigma,
-        max_grad_norm=plan.max_grad_norm,
+        max_grad_norm=plan.dp.max_grad_norm,
         expected_batch_size=expected,
         loss_reduction="mean",
     )
@@ -340,8 +340,8 @@ def _optimizer(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
         optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=plan.learning_rate)
     else:
         optimizer = torch.optim.SGD(params, lr=plan.learning_rate, momentum=plan.momentum)
-    if plan.proximal_mu > 0:
-        add_proximal_term(optimizer, params, plan.proximal_mu)
+    if plan.algorithm.proximal_mu > 0:
+        add_proximal_term(optimizer, params, plan.algorithm.proximal_mu)
     return optimizer
 
 
@@ -387,22 +387,22 @@ def private_metrics(
     Nothing exact leaves.
     """
     n = len(x) if public_rows is None else int(public_rows)
-    if not plan.site_metrics or n == 0:
+    if not plan.metrics.enabled or n == 0:
         return {}
     model = model.to(device()).eval()
     xt = torch.as_tensor(x, dtype=torch.float32, device=device())
     yt = targets(y, plan.loss).to(device())
     out = forward(model, xt, plan.loss)
-    clip = plan.metric_loss_clip
+    clip = plan.metrics.loss_clip
     per_row = loss_fn(plan.loss, reduction="none")(out, yt)
     per_row = torch.where(torch.isfinite(per_row), per_row, clip).clamp(0.0, clip)
-    z = plan.metric_noise_multiplier
+    z = plan.metrics.noise_multiplier
     loss_sum = float(per_row.double().sum()) + gaussian(z * clip)
     released = {"val_loss": min(max(loss_sum / n, 0.0), clip)}
-    if plan.loss in CLASSIFIERS:
+    if plan.loss.classifier:
         correct = float(_correct(out, yt, plan.loss).sum()) + gaussian(z)
         released["val_accuracy"] = min(max(correct / n, 0.0), 1.0)
-    if plan.binary_metrics:
+    if plan.metrics.binary:
         released.update(_binary_release(out, y, plan, gaussian))
     return released
 
@@ -420,7 +420,7 @@ def _binary_release(
     """
     score = out[:, 1] - out[:, 0] if plan.loss == "cross_entropy" else out.reshape(-1)
     exact = imbalance.histograms(score.double().cpu().numpy(), np.asarray(y))
-    std = plan.metric_noise_multiplier * math.sqrt(2.0)
+    std = plan.metrics.noise_multiplier * math.sqrt(2.0)
     noisy = exact + np.array([gaussian(std) for _ in range(exact.size)]).reshape(exact.shape)
     return {f"val_{k}": v for k, v in imbalance.binary_metrics(noisy).items()}
 

@@ -60,7 +60,7 @@ def dry_run(data: Any, weights: str, spec: JobSpec, n_classes: int | None = None
         # mock's site's published class list, as that site maps its rows)
         site_classes=spec.classes,
     )
-    if spec.plan.distributed:
+    if spec.plan.dp.distributed:
         task, output = _distributed_dry_run(spec, task, privacy)
     else:
         output = run_task(task)
@@ -82,7 +82,7 @@ def _distributed_dry_run(
         task = replace(task, weights=start)
     assert task.weights is not None
     output = distributed_step(task)
-    rows = len(task.features) * float(spec.plan.sample_rate or 0.0)
+    rows = len(task.features) * float(spec.plan.dp.sample_rate or 0.0)
     step = gradient(output.weights[SUM], privacy.scale, rows) * spec.plan.learning_rate
     trained = unflatten(flatten(task.weights, spec.trainable) - step, spec.trainable)
     weights = {k: np.asarray(v, np.float32) for k, v in trained.items()}

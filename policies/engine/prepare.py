@@ -136,9 +136,11 @@ def prepare_task(
         raise Refused(str(exc)) from exc
     frozen = tuple(spec.frozen_names)
     if personalize:
-        tuned = set(select(list(spec.architecture.parameters), spec.plan.personalize_layers))
+        tuned = set(
+            select(list(spec.architecture.parameters), spec.plan.algorithm.personalize_layers)
+        )
         frozen = tuple(n for n in spec.architecture.parameters if n not in tuned)
-        plan["local_epochs"] = spec.plan.personalize_epochs
+        plan["local_epochs"] = spec.plan.algorithm.personalize_epochs
     return RoundTask(
         spec.model,
         plan,
@@ -182,7 +184,7 @@ def job_labels(
 
 def _check_frozen(spec: JobSpec, incoming: Weights | None) -> None:
     """Frozen layers must arrive as the job's initial weights had them, every round."""
-    if not spec.plan.frozen:
+    if not spec.plan.algorithm.frozen:
         return
     if incoming is None:
         raise Refused("a job with frozen layers must send its weights; nothing ran")
@@ -210,15 +212,19 @@ def release(
     check_shapes(output.weights, trainable)
     reply: RoundReply = {"status": "ok", "round": round_no, "n": output.n}
     left = None
-    if spec.plan.compression == "none":
+    if spec.plan.aggregation.compression == "none":
         reply["weights"] = encode_weights(output.weights)
     else:
         base = incoming or {n: np.zeros(s, np.float32) for n, s in trainable.items()}
         delta = {n: output.weights[n] - base[n] for n in trainable}
         reply["update"], left = compress(
-            delta, trainable, spec.plan.compression, spec.plan.topk_fraction, residual
+            delta,
+            trainable,
+            spec.plan.aggregation.compression,
+            spec.plan.aggregation.topk_fraction,
+            residual,
         )
-        reply["compression"] = spec.plan.compression
+        reply["compression"] = spec.plan.aggregation.compression.value
     reply["metrics"] = output.metrics
     return reply, left
 
@@ -227,13 +233,13 @@ def privacy_report(plan: TrainingPlan, privacy: PrivacyPlan) -> dict[str, Any]:
     # a Skellam run is accounted in RDP whatever the plan names (policies.accounting)
     distributed = {"mechanism": "skellam", "l2": privacy.l2, "l1": privacy.l1}
     return {
-        "accountant": "rdp" if plan.distributed else plan.accountant,
-        **(distributed if plan.distributed else {}),
+        "accountant": "rdp" if plan.dp.distributed else plan.dp.accountant.value,
+        **(distributed if plan.dp.distributed else {}),
         "noise_multiplier": privacy.noise_multiplier,
         "sample_rate": privacy.sample_rate,
         "steps": privacy.mechanism.steps,
         "steps_per_round": privacy.steps_per_round,
-        "delta": plan.delta,
+        "delta": plan.dp.delta,
         "epsilon_job": privacy.epsilon_job,
         "metric_noise_multiplier": privacy.metric_noise_multiplier
         if privacy.metric_releases

@@ -86,7 +86,7 @@ def run_task(task: RoundTask, _test_seed: int | None = None) -> RoundOutput:
     from policies.torch_model import build, load
 
     plan = TrainingPlan.from_dict(task.plan)
-    if plan.distributed:
+    if plan.dp.distributed:
         raise ValueError("a distributed-DP round is distributed.distributed_step's, not this")
     spec = parse(task.model)
     # clamp, centre, divide: the one function the dry run and the researcher's --test apply

@@ -166,7 +166,7 @@ def _in_process_site(site: Site, frame: pd.DataFrame) -> InProcessSite:
             table.frame,
             "target",
             weights,
-            float(spec.plan.noise_multiplier),
+            float(spec.plan.dp.noise_multiplier),
             meta.get("n_classes"),
             7,
             site_scaling(spec, meta),

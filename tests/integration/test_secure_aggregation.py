@@ -122,7 +122,7 @@ def test_only_masked_vectors_reach_the_researcher_and_they_sum_right(
     updates = []
     for s in made:
         vector = _unmasked(s.dir, _code_id(s, spec), masked[s.name], entries, spec)
-        updates.append(secagg.dequantize(vector, spec.plan.update_norm_bound))
+        updates.append(secagg.dequantize(vector, spec.plan.aggregation.update_norm_bound))
     got = flatten(result.weights, spec.trainable) - flatten(start, spec.trainable)
     assert np.allclose(got, np.mean(updates, axis=0), atol=1e-5)
     assert not np.allclose(updates[0], updates[1], atol=1e-3)  # the sites' updates differ
@@ -198,7 +198,7 @@ def test_distributed_dp_rounds_are_one_noisy_step_over_the_sites_and_charged_as_
         api.dataset_metas(fed, "cancer"),
     )
     published = sum(m["rows"] for m in api.dataset_metas(fed, "cancer").values())
-    assert spec.plan.sample_rate == pytest.approx(96 / published)  # the same q at every site
+    assert spec.plan.dp.sample_rate == pytest.approx(96 / published)  # the same q at every site
     _approve_all(fed, made, spec)
     _plain_client_attacks_on_a_distributed_job(fed, made, spec)
     seen: list[tuple[str, dict]] = []
@@ -230,7 +230,7 @@ def test_distributed_dp_rounds_are_one_noisy_step_over_the_sites_and_charged_as_
     # each site's share: 1/(3 - 1) of the total Skellam variance, on top of its gradient sum
     share = (privacy.noise_multiplier * privacy.l2) ** 2 / 2
     assert np.mean([np.var(v) for v in ints]) > 0.5 * share
-    rows = sum(int(r["n"]) for r in masked.values()) * spec.plan.sample_rate
+    rows = sum(int(r["n"]) for r in masked.values()) * spec.plan.dp.sample_rate
     step = -spec.plan.learning_rate * np.sum(ints, axis=0) / (privacy.scale * rows)
     got = flatten(result.weights, spec.trainable) - flatten(start, spec.trainable)
     assert np.allclose(got, step, atol=1e-5)

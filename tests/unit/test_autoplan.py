@@ -25,7 +25,7 @@ def sites(*rows: int) -> list[SiteNumbers]:
 def test_the_plan_keeps_the_target_at_every_site_by_the_sites_accountant(rows) -> None:
     auto = suggest(sites(*rows), 3.0)
     plan = auto.plan()
-    assert plan.target_epsilon == 3.0 and plan.max_grad_norm == 1.0
+    assert plan.dp.target_epsilon == 3.0 and plan.dp.max_grad_norm == 1.0
     for site in sites(*rows):
         privacy = privacy_plan(plan, site.rows)  # what the site computes when it trains
         assert privacy.epsilon_job <= 3.0 + 1e-9
@@ -56,8 +56,8 @@ def test_batch_and_learning_rate_grow_with_rows_and_steps_stay_bounded() -> None
 
 def test_small_tables_train_on_every_row_large_ones_keep_site_metrics() -> None:
     small, large = suggest(sites(66), 3.0, RDP).plan(), suggest(sites(50_000), 3.0, RDP).plan()
-    assert not small.site_metrics and small.validation_fraction == 0.0
-    assert large.site_metrics and large.validation_fraction > 0.0
+    assert not small.metrics.enabled and small.validation_fraction == 0.0
+    assert large.metrics.enabled and large.validation_fraction > 0.0
 
 
 def test_the_smallest_site_sizes_the_batch() -> None:

@@ -174,16 +174,16 @@ def test_trusted_peers_bound_the_peer_list_in_the_review_and_at_a_round(tmp_path
         run_cli("datasite", "policy", "set", "--dir", d, "--dataset", "d", "--trust-peer", fp)
     policy = PolicyStore(site.policies_path).get("d")
     assert policy.trusted_peers == [ours, theirs]
-    plan = TrainingPlan(aggregation="secure", peers=(ours, theirs, rogue), noise_multiplier=1.0)
+    plan = TrainingPlan.of(aggregation="secure", peers=(ours, theirs, rogue), noise_multiplier=1.0)
     assert untrusted_peers(plan, policy) == [
         "peer(s) cccccccccccc are not among this dataset's trusted peers"
     ]
     assert untrusted_peers(plan, DatasetPolicy()) == []  # no list: the admin reads the peers
-    fair = TrainingPlan(aggregation="secure", peers=(ours, theirs), noise_multiplier=1.0)
+    fair = TrainingPlan.of(aggregation="secure", peers=(ours, theirs), noise_multiplier=1.0)
     assert untrusted_peers(fair, policy) == []
 
     class Spec:  # what _secure_round reads of a job
-        plan = TrainingPlan(aggregation="secure", peers=(ours, rogue), noise_multiplier=1.0)
+        plan = TrainingPlan.of(aggregation="secure", peers=(ours, rogue), noise_multiplier=1.0)
 
     with pytest.raises(Refused, match="trusted peers; nothing ran"):
         _secure_round(site, None, None, None, Spec(), policy, SecAggMask("r1", "", ()), False)

@@ -194,13 +194,13 @@ def test_epsilon_of_the_plan_is_checked_when_given() -> None:
 
 def test_plan_validation_messages() -> None:
     with pytest.raises(PlanError, match="exactly one of noise_multiplier or target_epsilon"):
-        TrainingPlan()
+        TrainingPlan.of()
     with pytest.raises(PlanError, match=r"batch_size must be an integer in \[1, 65536\]"):
-        TrainingPlan(noise_multiplier=1.0, batch_size=0)
+        TrainingPlan.of(noise_multiplier=1.0, batch_size=0)
     with pytest.raises(PlanError, match="noise_multiplier must be a number in"):
-        TrainingPlan(noise_multiplier=0.0)
+        TrainingPlan.of(noise_multiplier=0.0)
     with pytest.raises(PlanError, match="learning_rate must be a number in"):
-        TrainingPlan(noise_multiplier=1.0, learning_rate=float("nan"))
+        TrainingPlan.of(noise_multiplier=1.0, learning_rate=float("nan"))
 
 
 # --- the template check is exact (issue 24, item 5) -------------------------------------------

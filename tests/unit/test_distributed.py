@@ -33,7 +33,7 @@ def _plan(**kw) -> TrainingPlan:  # noqa: ANN003
         "max_grad_norm": 0.5,
         **kw,
     }
-    return TrainingPlan(**fields)
+    return TrainingPlan.of(**fields)
 
 
 def test_the_sum_is_gamma_times_the_clipped_gradients_at_sample_rate_one() -> None:

@@ -37,4 +37,4 @@ def test_the_example_is_a_valid_job(path: Path) -> None:
         from researcher.strategy import strategy_from
 
         strategy_from(read_job_file(path)["STRATEGY"])
-    assert bool(spec.frozen_digest) == bool(spec.plan.frozen)
+    assert bool(spec.frozen_digest) == bool(spec.plan.algorithm.frozen)

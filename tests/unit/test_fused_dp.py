@@ -200,7 +200,7 @@ def test_train_dp_gives_opacus_weights_without_noise() -> None:
     x = rng.normal(size=(300, 6)).astype(np.float32) * 3
     y = (x[:, 0] > 0).astype(np.int64)
     # a plan needs noise > 0; train_dp takes the noise the site computed, here none
-    plan = TrainingPlan(noise_multiplier=1.0, batch_size=32, learning_rate=0.3, local_epochs=2)
+    plan = TrainingPlan.of(noise_multiplier=1.0, batch_size=32, learning_rate=0.3, local_epochs=2)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
     fused = train_dp(copy.deepcopy(model), x, y, plan, 0.0, _test_seed=3)
@@ -244,7 +244,7 @@ def test_training_on_a_table_with_an_overflowing_row_releases_finite_weights() -
     x = rng.normal(size=(200, 6)).astype(np.float32)
     x[5] = np.float32(3e38)  # overflows to inf in the first layer, NaN after
     y = (x[:, 0] > 0).astype(np.int64)
-    plan = TrainingPlan(noise_multiplier=1.0, batch_size=50, learning_rate=0.1, local_epochs=2)
+    plan = TrainingPlan.of(noise_multiplier=1.0, batch_size=50, learning_rate=0.1, local_epochs=2)
     for engine in ("auto", "opacus"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))

@@ -54,14 +54,14 @@ CPU = torch.device("cpu")
 )
 def test_bad_imbalance_fields_are_one_line(fields: dict, message: str) -> None:
     with pytest.raises(PlanError, match=message) as info:
-        TrainingPlan(noise_multiplier=1.0, **fields)
+        TrainingPlan.of(noise_multiplier=1.0, **fields)
     assert "\n" not in str(info.value)
 
 
 def _job(plan: dict, outputs: int, features: int = 3) -> JobSpec:
     layer = {"type": "Linear", "in_features": features, "out_features": outputs}
     model = {"input": [features], "layers": [layer]}
-    return JobSpec("j", "d", "y", model, TrainingPlan(noise_multiplier=1.0, **plan))
+    return JobSpec("j", "d", "y", model, TrainingPlan.of(noise_multiplier=1.0, **plan))
 
 
 def test_binary_metrics_and_weight_lists_must_fit_the_model() -> None:
@@ -69,9 +69,9 @@ def test_binary_metrics_and_weight_lists_must_fit_the_model() -> None:
         _job({"binary_metrics": True}, outputs=3)
     with pytest.raises(PlanError, match="3 classes"):
         _job({"class_weight": [1.0, 2.0]}, outputs=3)
-    assert _job({"binary_metrics": True}, outputs=2).plan.binary_metrics
+    assert _job({"binary_metrics": True}, outputs=2).plan.metrics.binary
     spec = _job({"loss": "bce_with_logits", "binary_metrics": True, "class_weight": [1, 9]}, 1)
-    assert JobSpec.from_dict(spec.to_dict()).plan.class_weight == (1.0, 9.0)  # round trip
+    assert JobSpec.from_dict(spec.to_dict()).plan.imbalance.class_weight == (1.0, 9.0)  # round trip
 
 
 def test_balanced_weights_are_scikit_learns_on_the_published_counts() -> None:
@@ -101,20 +101,20 @@ def test_weighted_losses_are_the_hand_computed_ones() -> None:
     logits2, logits1 = torch.randn(8, 2), torch.randn(8)
     y = torch.tensor([0, 1, 1, 0, 0, 0, 1, 0])
     ce = nn.functional.cross_entropy(logits2, y, reduction="none")
-    plan = TrainingPlan(noise_multiplier=1.0, class_weight=[0.5, 4.0])
+    plan = TrainingPlan.of(noise_multiplier=1.0, class_weight=[0.5, 4.0])
     got = criterion(plan, CPU)(logits2, y)
     torch.testing.assert_close(got, ce * torch.tensor([0.5, 4.0])[y])
     bce = nn.functional.binary_cross_entropy_with_logits(logits1, y.float(), reduction="none")
-    weighted = TrainingPlan(noise_multiplier=1.0, loss="bce_with_logits", class_weight=[0.5, 4])
+    weighted = TrainingPlan.of(noise_multiplier=1.0, loss="bce_with_logits", class_weight=[0.5, 4])
     torch.testing.assert_close(
         criterion(weighted, CPU)(logits1, y.float()), bce * torch.tensor([0.5, 4.0])[y]
     )
-    pos = TrainingPlan(noise_multiplier=1.0, loss="bce_with_logits", pos_weight=7.0)
+    pos = TrainingPlan.of(noise_multiplier=1.0, loss="bce_with_logits", pos_weight=7.0)
     p = torch.sigmoid(logits1)
     by_hand = -(7.0 * y * torch.log(p) + (1 - y) * torch.log(1 - p))
     torch.testing.assert_close(criterion(pos, CPU)(logits1, y.float()), by_hand)
     with pytest.raises(ValueError, match="resolved"):
-        criterion(TrainingPlan(noise_multiplier=1.0, class_weight="balanced"), CPU)
+        criterion(TrainingPlan.of(noise_multiplier=1.0, class_weight="balanced"), CPU)
 
 
 @pytest.mark.parametrize(
@@ -130,8 +130,8 @@ def test_both_engines_train_the_weighted_loss_alike(fields: dict) -> None:
     loss = fields.get("loss", "cross_entropy")
     y = y.astype(np.float32) if loss == "bce_with_logits" else y
     common = {"noise_multiplier": 1.0, "batch_size": 32, "learning_rate": 0.1, "max_grad_norm": 50}
-    plan = TrainingPlan(**common, **fields)
-    unweighted = TrainingPlan(**common, loss=loss)
+    plan = TrainingPlan.of(**common, **fields)
+    unweighted = TrainingPlan.of(**common, loss=loss)
     torch.manual_seed(0)
     outputs = 1 if loss == "bce_with_logits" else 2
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, outputs))
@@ -175,7 +175,7 @@ def _linear(weight: float, bias: float) -> nn.Module:
 
 
 def test_the_site_noises_every_bin_at_sqrt2_times_the_metric_noise() -> None:
-    plan = TrainingPlan(
+    plan = TrainingPlan.of(
         noise_multiplier=1.0, loss="bce_with_logits", binary_metrics=True, metric_noise_multiplier=3
     )
     rng = np.random.default_rng(2)
@@ -189,7 +189,7 @@ def test_the_site_noises_every_bin_at_sqrt2_times_the_metric_noise() -> None:
 
     released = private_metrics(_linear(2.0, -1.0), x, y, plan, record)
     # loss sum (z * clip), correct count (z), then 2 x 16 bins at z * sqrt 2
-    assert stds[:2] == [3 * plan.metric_loss_clip, 3]
+    assert stds[:2] == [3 * plan.metrics.loss_clip, 3]
     assert stds[2:] == pytest.approx([3 * math.sqrt(2)] * 2 * imbalance.N_BINS)
     scores = 2.0 * x[:, 0] - 1.0
     assert released["val_roc_auc"] == pytest.approx(
@@ -214,7 +214,7 @@ def _gaussian_epsilon(mu: float, delta: float) -> float:
 
 def test_the_score_release_is_charged_as_a_gaussian_of_the_metric_noise(tmp_path) -> None:
     rounds, z = 4, 3.0
-    plan = TrainingPlan(
+    plan = TrainingPlan.of(
         noise_multiplier=1.2,
         rounds=rounds,
         batch_size=32,
@@ -256,8 +256,8 @@ def test_the_score_release_is_charged_as_a_gaussian_of_the_metric_noise(tmp_path
 
 def test_a_target_epsilon_pays_for_the_score_release_too() -> None:
     fields = {"target_epsilon": 3.0, "rounds": 3, "batch_size": 32, "metric_noise_multiplier": 5}
-    with_scores = privacy_plan(TrainingPlan(**fields, binary_metrics=True), 2000)
-    without = privacy_plan(TrainingPlan(**fields), 2000)
+    with_scores = privacy_plan(TrainingPlan.of(**fields, binary_metrics=True), 2000)
+    without = privacy_plan(TrainingPlan.of(**fields), 2000)
     assert with_scores.score_releases == 3 and without.score_releases == 0
     assert 2.99 <= with_scores.epsilon_job <= 3.0
     assert with_scores.noise_multiplier > without.noise_multiplier

@@ -160,7 +160,7 @@ def test_a_round_trains_the_site_rows_in_the_job_codes() -> None:
     raw = pd.Series(["1", "2"]).iloc[table_b.frame["y"].to_numpy()].to_numpy()
     np.testing.assert_array_equal(task.target, labels_to_codes(raw, spec.classes))
     assert run_task(task, _test_seed=0).weights["0.weight"].shape == (3, 2)
-    balanced = replace(spec, plan=replace(spec.plan, class_weight="balanced"))
+    balanced = replace(spec, plan=spec.plan.with_fields(class_weight="balanced"))
     task = prepare_task(
         balanced,
         table_b.frame,

@@ -213,7 +213,7 @@ def test_job_refuses_scaling_that_could_turn_rows_into_infinities(scaling: dict)
     from policies.plan import JobSpec, TrainingPlan
 
     model = {"input": [3], "layers": [{"type": "Linear", "in_features": 3, "out_features": 2}]}
-    plan = TrainingPlan(noise_multiplier=1.0)
+    plan = TrainingPlan.of(noise_multiplier=1.0)
     JobSpec("j", "d", "t", model, plan, scaling={"mean": [0, 0, 0], "std": [1, 1, 1]})
     with pytest.raises(PlanError, match="scaling"):
         JobSpec("j", "d", "t", model, plan, scaling=scaling)

@@ -83,7 +83,7 @@ def test_a_minimal_job_file_is_filled_by_the_auto_plan(fed: Path, tmp_path: Path
     )
     assert auto is not None
     assert spec.plan.batch_size == auto.fields["batch_size"] != 32  # not the static default
-    assert not spec.plan.site_metrics and spec.plan.validation_fraction == 0.0
+    assert not spec.plan.metrics.enabled and spec.plan.validation_fraction == 0.0
     assert spec.model["layers"][0]["type"] == "Linear"  # the default model: 13 -> 3
     assert spec.architecture.input == (13,) and spec.architecture.output == (3,)
 

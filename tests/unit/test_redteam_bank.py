@@ -217,8 +217,10 @@ def test_balanced_weights_never_read_private_labels() -> None:
     from policies.errors import PlanError
     from policies.plan import TrainingPlan
 
-    plan = TrainingPlan(noise_multiplier=1.0, class_weight="balanced")
-    assert imbalance.resolve(plan, [90.0, 10.0]).class_weight == pytest.approx((100 / 180, 5.0))
+    plan = TrainingPlan.of(noise_multiplier=1.0, class_weight="balanced")
+    assert imbalance.resolve(plan, [90.0, 10.0]).imbalance.class_weight == pytest.approx(
+        (100 / 180, 5.0)
+    )
     with pytest.raises(PlanError):
         imbalance.resolve(plan, None)
 

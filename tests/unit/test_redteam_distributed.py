@@ -57,7 +57,7 @@ def _plan(**kw) -> TrainingPlan:  # noqa: ANN003
         "rounds": 50,
         **kw,
     }
-    return TrainingPlan(**fields)
+    return TrainingPlan.of(**fields)
 
 
 def _one_round(sites, specs, label, data, weights, fewest, floors=(0.0, 0.0, 0.0)):  # noqa: ANN001, ANN202, PLR0913
@@ -142,7 +142,7 @@ def test_skellam_shares_at_a_huge_mean_keep_the_parity_of_the_gradient_sum():
     """Was a leak (medium): numpy's Poisson sampler returns only even numbers for a mean at or
     above 2^53, so the parity of every coordinate of the gradient sum left unnoised. Such a
     share is now refused before anything runs (and the trainer refuses it too)."""
-    plan = TrainingPlan(
+    plan = TrainingPlan.of(
         aggregation="secure",
         dp="distributed",
         peers=PEERS[:2],

@@ -61,7 +61,7 @@ def test_job_file_round_trips_through_the_template(tmp_path: Path) -> None:
         "def make_model(a, b):\n    return nn.Sequential(nn.Linear(a, 3), nn.ReLU(), nn.Linear(3, b))\n",
     )
     spec = load_job_file(job, "target", 4, 2)
-    assert spec.dataset == "d" and spec.plan.noise_multiplier == 1.0
+    assert spec.dataset == "d" and spec.plan.dp.noise_multiplier == 1.0
     assert spec.job_id in render(spec) and spec.name.endswith(spec.job_id[:8])
     assert spec.name == f"job_{spec.job_id[:8]}"  # from job.py: not job_job_...
     other = load_job_file(write(tmp_path / "cancer-mlp.py", job.read_text()), "target", 4, 2)

@@ -43,7 +43,7 @@ def _report(ledger: BudgetLedger, spec, researcher: str = "ada@uni.edu"):  # noq
 def _reserve(ledger: BudgetLedger, spec, researcher: str = "ada@uni.edu"):  # noqa: ANN001, ANN202
     """What the runtime charges at round 1 (datasites.training.site_job)."""
     releases = job_privacy(spec, ROWS, POLICY.min_noise_multiplier).releases
-    return ledger.reserve(researcher, "cancer", spec.job_id, releases, spec.plan.accountant)
+    return ledger.reserve(researcher, "cancer", spec.job_id, releases, spec.plan.dp.accountant)
 
 
 @pytest.fixture

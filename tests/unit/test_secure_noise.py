@@ -41,7 +41,7 @@ def test_dp_sgd_noise_is_secure_unless_a_test_seed_is_given(engine: str, monkeyp
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 4)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
-    plan = TrainingPlan(noise_multiplier=1.0, batch_size=32, learning_rate=0.5, local_epochs=3)
+    plan = TrainingPlan.of(noise_multiplier=1.0, batch_size=32, learning_rate=0.5, local_epochs=3)
 
     def run(test_seed: int | None) -> dict[str, np.ndarray]:
         torch.manual_seed(5)  # same initial weights; a site's seeding cannot fix the noise

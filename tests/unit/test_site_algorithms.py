@@ -5,6 +5,8 @@ Each runs the real trainer (``train_dp`` / ``run_task``) on generated rows.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,7 +18,7 @@ from policies.engine.dp_sgd import add_proximal_term, train_dp
 from policies.engine.prepare import prepare_task
 from policies.engine.round_task import run_task
 from policies.errors import PlanError
-from policies.plan import TrainingPlan, sample_rate, steps_per_epoch, training_rows
+from policies.plan import TrainingPlan, training_rows
 from policies.privacy import privacy_plan
 from policies.wire import encode_weights, frozen_digest
 from researcher.job import make_job
@@ -50,7 +52,7 @@ def test_fedprox_keeps_the_local_model_near_the_global_one(engine: str) -> None:
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 2)
         start = {k: v.detach().clone().numpy() for k, v in model.named_parameters()}
-        plan = TrainingPlan(
+        plan = TrainingPlan.of(
             noise_multiplier=5.0, batch_size=8, learning_rate=0.1, local_epochs=10, proximal_mu=mu
         )
         out = train_dp(model, x, y, plan, 5.0, engine=engine, _test_seed=3)
@@ -139,18 +141,18 @@ def test_personalization_trains_only_its_layers_and_is_charged() -> None:
     plan, plain = spec.plan, _spec({}).plan
     with_pass, without = privacy_plan(plan, rows), privacy_plan(plain, rows)
     n_train = training_rows(rows, plan)
-    per_epoch = steps_per_epoch(n_train, plan.batch_size)
+    per_epoch = math.ceil(n_train / plan.batch_size)  # Opacus' loader length, by hand
     assert with_pass.mechanism.steps == plan.rounds * per_epoch + 3 * per_epoch
     assert with_pass.metric_releases == 2 * (plan.rounds + 1)  # loss and accuracy, every call
     # the job's epsilon is that of every mechanism it runs, composed: recomputed here by hand
-    q = sample_rate(n_train, plan.batch_size)
+    q = 1 / per_epoch
     by_hand = epsilon(
         [
             Mechanism(1.0, q, (plan.rounds + 3) * per_epoch),
             Mechanism(20.0, 1.0, 2 * (plan.rounds + 1)),
         ],
-        plan.delta,
-        plan.accountant,
+        plan.dp.delta,
+        plan.dp.accountant,
     )
     assert with_pass.epsilon_job == pytest.approx(by_hand)
     assert with_pass.epsilon_job > without.epsilon_job

@@ -35,9 +35,9 @@ def _decoder_error(plan: TrainingPlan, trials: int = 400) -> tuple[float, float]
     """RMSE of the best (posterior-mean) decoder of a private value in [0, clip] from one
     released val_loss, and the RMSE of guessing the middle of the range without looking."""
     rng = np.random.default_rng(0)
-    clip, n = plan.metric_loss_clip, 20
+    clip, n = plan.metrics.loss_clip, 20
     grid = np.linspace(0.0, clip, 401)
-    std = plan.metric_noise_multiplier * clip
+    std = plan.metrics.noise_multiplier * clip
     errors, blind = [], []
     for _ in range(trials):
         value = rng.uniform(0.0, clip)
@@ -54,17 +54,17 @@ def _decoder_error(plan: TrainingPlan, trials: int = 400) -> tuple[float, float]
 
 
 def test_a_loss_built_to_encode_a_private_value_does_not_recover_it() -> None:
-    plan = TrainingPlan(noise_multiplier=1.0, loss="mse")  # the default metric noise, 20
+    plan = TrainingPlan.of(noise_multiplier=1.0, loss="mse")  # the default metric noise, 20
     best, blind = _decoder_error(plan)
     assert best > 0.95 * blind  # the release tells the decoder next to nothing
     # the same attack with almost no noise recovers the value: the test can fail
-    leaky = TrainingPlan(noise_multiplier=1.0, loss="mse", metric_noise_multiplier=0.001)
+    leaky = TrainingPlan.of(noise_multiplier=1.0, loss="mse", metric_noise_multiplier=0.001)
     best_leaky, _ = _decoder_error(leaky, trials=50)
     assert best_leaky < 0.05 * blind
 
 
 def test_released_metrics_are_clipped_noised_and_in_range() -> None:
-    plan = TrainingPlan(noise_multiplier=1.0, metric_noise_multiplier=1.0)
+    plan = TrainingPlan.of(noise_multiplier=1.0, metric_noise_multiplier=1.0)
     model = nn.Linear(3, 2)
     x = np.random.default_rng(1).normal(size=(50, 3)).astype(np.float32)
     x[0] = np.inf  # a non-finite loss counts as the clip, and nothing turns NaN
@@ -72,9 +72,9 @@ def test_released_metrics_are_clipped_noised_and_in_range() -> None:
     draws = [private_metrics(model, x, y, plan, secure_scalar_gaussian) for _ in range(30)]
     for d in draws:
         assert set(d) == {"val_loss", "val_accuracy"}
-        assert 0.0 <= d["val_accuracy"] <= 1.0 and 0.0 <= d["val_loss"] <= plan.metric_loss_clip
+        assert 0.0 <= d["val_accuracy"] <= 1.0 and 0.0 <= d["val_loss"] <= plan.metrics.loss_clip
     assert len({d["val_loss"] for d in draws}) == 30  # fresh noise each release
-    off = TrainingPlan(noise_multiplier=1.0, site_metrics=False)
+    off = TrainingPlan.of(noise_multiplier=1.0, site_metrics=False)
     assert private_metrics(model, x, y, off, secure_scalar_gaussian) == {}
 
 
@@ -103,28 +103,28 @@ def _reference(plan: TrainingPlan, n_rows: int, kind: str) -> float:
 
 @pytest.mark.parametrize("kind", ["rdp", "prv"])
 def test_a_job_epsilon_covers_training_and_metrics_as_an_independent_accountant_says(kind) -> None:
-    plan = TrainingPlan(noise_multiplier=1.1, rounds=5, batch_size=32, accountant=kind)
+    plan = TrainingPlan.of(noise_multiplier=1.1, rounds=5, batch_size=32, accountant=kind)
     p = privacy_plan(plan, 569)
     assert [k for k, _ in p.releases] == [TRAINING, METRICS]
     assert p.metric_releases == 2 * 5  # loss sum and correct count, each round
     assert p.epsilon_job == pytest.approx(_reference(plan, 569, kind), rel=0.01)
-    without = privacy_plan(TrainingPlan(**{**plan.to_dict(), "site_metrics": False}), 569)
+    without = privacy_plan(TrainingPlan.of(**{**plan.to_dict(), "site_metrics": False}), 569)
     assert [k for k, _ in without.releases] == [TRAINING]
     assert without.epsilon_job < p.epsilon_job
 
 
 def test_a_target_epsilon_covers_the_metrics_too() -> None:
-    plan = TrainingPlan(target_epsilon=3.0, rounds=5, batch_size=16, local_epochs=2)
+    plan = TrainingPlan.of(target_epsilon=3.0, rounds=5, batch_size=16, local_epochs=2)
     p = privacy_plan(plan, 190)
     assert 2.99 <= p.epsilon_job <= 3.0
-    alone = privacy_plan(TrainingPlan(**{**plan.to_dict(), "site_metrics": False}), 190)
+    alone = privacy_plan(TrainingPlan.of(**{**plan.to_dict(), "site_metrics": False}), 190)
     assert p.noise_multiplier > alone.noise_multiplier  # the metrics take part of the budget
 
 
 def test_the_ledger_lists_every_release_and_composes_them(tmp_path) -> None:
     ledger = BudgetLedger(SiteStore(tmp_path / "site.db"))
     ledger.set_budget("ada@uni.edu", "cancer", 10.0, DELTA)
-    plan = TrainingPlan(noise_multiplier=1.1, rounds=5, batch_size=32)
+    plan = TrainingPlan.of(noise_multiplier=1.1, rounds=5, batch_size=32)
     p = privacy_plan(plan, 569)
     charge = ledger.reserve("ada@uni.edu", "cancer", "job1", p.releases, "prv")
     again = ledger.reserve("ada@uni.edu", "cancer", "job1", p.releases, "prv")

@@ -33,7 +33,7 @@ def test_poisson_batches_include_each_row_with_probability_q(n: int) -> None:
 def test_empty_batches_are_noisy_steps_not_errors() -> None:
     x = np.zeros((3, 2), np.float32)
     y = np.array([0, 1, 0])
-    plan = TrainingPlan(noise_multiplier=1.0, batch_size=1, local_epochs=30)
+    plan = TrainingPlan.of(noise_multiplier=1.0, batch_size=1, local_epochs=30)
     result = train_dp(torch.nn.Linear(2, 2), x, y, plan, 1.0, _test_seed=1)
     assert result.steps == 90  # 30 epochs x 3 steps, empty Poisson batches included
     assert np.isfinite(result.weights["weight"]).all()
@@ -44,7 +44,7 @@ def test_dp_sgd_learns_a_separable_problem() -> None:
     x = rng.normal(size=(2000, 5)).astype(np.float32)
     y = (x[:, 0] - x[:, 1] > 0).astype(np.int64)
     model = torch.nn.Linear(5, 2)
-    plan = TrainingPlan(noise_multiplier=0.8, batch_size=64, learning_rate=0.5, local_epochs=3)
+    plan = TrainingPlan.of(noise_multiplier=0.8, batch_size=64, learning_rate=0.5, local_epochs=3)
     result = train_dp(model, x, y, plan, 0.8, _test_seed=0)
     released = load(torch.nn.Linear(5, 2), result.weights)  # a fresh model: what left the site
     exact = private_metrics(released, x, y, plan, lambda std: 0.0)  # a site's metric, no noise
@@ -64,7 +64,7 @@ def test_only_trainable_parameters_moved_by_the_optimizer_are_released(engine: s
             module.bias.add_(100.0)
 
     layer.register_forward_pre_hook(tamper)
-    plan = TrainingPlan(noise_multiplier=1.0, batch_size=16, learning_rate=0.1)
+    plan = TrainingPlan.of(noise_multiplier=1.0, batch_size=16, learning_rate=0.1)
     result = train_dp(model, x, y, plan, 1.0, engine=engine, _test_seed=0)
     assert set(result.weights) == {"0.weight", "0.bias"}  # no buffer
     assert float(layer.bias.detach().abs().min()) > 100.0  # the model holds the tampering
@@ -76,7 +76,7 @@ def test_the_model_leaves_training_without_wrappers_or_hooks(engine: str) -> Non
     x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-    plan = TrainingPlan(noise_multiplier=1.0, batch_size=16)
+    plan = TrainingPlan.of(noise_multiplier=1.0, batch_size=16)
     model.eval()  # as ``private_metrics`` leaves the global model before a round
     train_dp(model, x, y, plan, 1.0, engine=engine)
     for layer in model.modules():

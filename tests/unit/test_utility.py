@@ -39,7 +39,7 @@ def kinds(warnings: list[utility.UtilityWarning]) -> list[str]:
 
 
 def test_a_step_that_is_mostly_noise_is_named_with_its_fix() -> None:
-    plan = TrainingPlan(
+    plan = TrainingPlan.of(
         batch_size=2,
         rounds=30,
         local_epochs=5,
@@ -59,13 +59,13 @@ def test_the_auto_plan_on_the_same_site_raises_no_step_warning() -> None:
 
 
 def test_a_huge_sigma_over_a_small_batch_warns_and_a_small_one_does_not() -> None:
-    plan = TrainingPlan(batch_size=32, target_epsilon=3.0)
+    plan = TrainingPlan.of(batch_size=32, target_epsilon=3.0)
     assert kinds(utility.step_warnings(plan, {"a": 1_000}, {"a": 40.0})) == ["step_noise"]
     assert utility.step_warnings(plan, {"a": 1_000}, {"a": 1.0}) == []
 
 
 def test_statistics_from_a_small_mock_warn_with_a_mock_epsilon_that_suffices() -> None:
-    plan = TrainingPlan(target_epsilon=3.0)
+    plan = TrainingPlan.of(target_epsilon=3.0)
     found = utility.statistic_warnings({"a": meta(66)}, plan)
     assert kinds(found) == ["statistics"]
     text = found[0].text
@@ -77,27 +77,27 @@ def test_statistics_from_a_small_mock_warn_with_a_mock_epsilon_that_suffices() -
 
 
 def test_statistics_of_a_large_site_bounded_columns_or_no_scaling_do_not_warn() -> None:
-    plan = TrainingPlan(target_epsilon=3.0)
+    plan = TrainingPlan.of(target_epsilon=3.0)
     assert utility.statistic_warnings({"a": meta(5_000)}, plan) == []
     bounds = {c: [0.0, 10.0] for c in FEATURES}
     assert utility.statistic_warnings({"a": meta(66, bounds=bounds)}, plan) == []
-    unscaled = TrainingPlan(target_epsilon=3.0, standardize=False)
+    unscaled = TrainingPlan.of(target_epsilon=3.0, standardize=False)
     assert utility.statistic_warnings({"a": meta(66)}, unscaled) == []
 
 
 def test_a_site_whose_std_is_far_off_the_others_is_named_by_column() -> None:
     wild = meta(5_000, feature_std=[1.0] * 7 + [3.7e7] + [1.0] * 5)
     metas = {"a": meta(5_000), "b": meta(5_000), "c": wild}
-    found = utility.statistic_warnings(metas, TrainingPlan(target_epsilon=3.0))
+    found = utility.statistic_warnings(metas, TrainingPlan.of(target_epsilon=3.0))
     assert len(found) == 1 and "column x7" in found[0].cause and "at c" in found[0].cause
 
 
 def test_a_class_fewer_rows_than_batches_warns_and_a_big_batch_fixes_it() -> None:
     rare = {"a": meta(5_000, class_counts=[4_000, 990, 10])}
-    small = TrainingPlan(batch_size=16, target_epsilon=3.0, validation_fraction=0.0)
+    small = TrainingPlan.of(batch_size=16, target_epsilon=3.0, validation_fraction=0.0)
     found = utility.class_warnings(small, rare)
     assert kinds(found) == ["classes"] and "class 2" in found[0].cause
-    big = TrainingPlan(batch_size=1024, target_epsilon=3.0, validation_fraction=0.0)
+    big = TrainingPlan.of(batch_size=1024, target_epsilon=3.0, validation_fraction=0.0)
     assert utility.class_warnings(big, rare) == []
 
 
