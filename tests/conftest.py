@@ -71,6 +71,14 @@ def _in_process(module: str, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
+def queued(queue, function: str) -> list:  # noqa: ANN001
+    """A ReviewQueue's items for one job (syft's function name), in order: their reports only.
+
+    ``queue.items()`` builds every request's report, each running the budget's accountant, and
+    a site's queue grows over a test module: finding one job by listing all was quadratic."""
+    return queue.items(where=lambda r: r.code.service_func_name == function)
+
+
 def last_json(proc: subprocess.CompletedProcess):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
