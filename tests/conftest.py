@@ -174,6 +174,24 @@ def make_sites(root: Path, *names: str) -> list[Site]:
     return made
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups for ``pytest -n N --dist loadgroup`` (scripts/test): a file per worker, as
+    ``--dist loadfile`` gives, except that the adversarial package (one arena site for all its
+    files) and the integration modules on the shared sites (``SHARED_SITES``) each go to one
+    worker whole, so that their sites start once and not once per worker."""
+    for item in items:
+        module = getattr(item, "module", None)
+        path = Path(str(item.fspath))
+        if "adversarial" in path.parts:
+            group = "adversarial"
+        elif getattr(module, "SHARED_SITES", False):
+            group = "shared-sites"
+        else:
+            group = item.nodeid.split("::")[0]  # its file
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def breast_cancer_csv(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "breast_cancer.csv"
