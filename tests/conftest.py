@@ -76,6 +76,14 @@ def _in_process(module: str, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
+def queued(queue, function: str) -> list:  # noqa: ANN001
+    """A ReviewQueue's items for one job (syft's function name), in order: their reports only.
+
+    ``queue.items()`` builds every request's report, each running the budget's accountant, and
+    a site's queue grows over a test module: finding one job by listing all was quadratic."""
+    return queue.items(where=lambda r: r.code.service_func_name == function)
+
+
 def last_json(proc: subprocess.CompletedProcess):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -170,6 +178,24 @@ def make_sites(root: Path, *names: str) -> list[Site]:
     with ThreadPoolExecutor(len(made)) as pool:
         list(pool.map(lambda site: launch_detached(SiteDir(site.dir)), made))
     return made
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups for ``pytest -n N --dist loadgroup`` (scripts/test): a file per worker, as
+    ``--dist loadfile`` gives, except that the adversarial package (one arena site for all its
+    files) and the integration modules on the shared sites (``SHARED_SITES``) each go to one
+    worker whole, so that their sites start once and not once per worker."""
+    for item in items:
+        module = getattr(item, "module", None)
+        path = Path(str(item.fspath))
+        if "adversarial" in path.parts:
+            group = "adversarial"
+        elif getattr(module, "SHARED_SITES", False):
+            group = "shared-sites"
+        else:
+            group = item.nodeid.split("::")[0]  # its file
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -88,10 +88,15 @@ class ReviewQueue:
         self.policies = PolicyStore(site.policies_path)
         self.client = admin_client(site)
 
-    def items(self) -> list[ReviewItem]:
+    def items(self, where: Callable[[Any], bool] | None = None) -> list[ReviewItem]:
+        """The requests with their reports; ``where`` (on syft's request, its code fetched)
+        keeps some before any report is built. A report runs the budget's accountant (seconds,
+        once a researcher has a history), so finding one request must not build them all."""
         with quiet():
             requests = list(self.client.requests)
         self._prefetch_code(requests)
+        if where is not None:
+            requests = [r for r in requests if _picked(where, r)]
         assets = self._asset_datasets()
         used = self.approvals.job_ids()
         items = [self._item(r, assets, used) for r in requests]
@@ -99,7 +104,8 @@ class ReviewQueue:
         return items
 
     def find(self, request_id: str) -> ReviewItem:
-        matches = [i for i in self.items() if i.request_id.startswith(request_id.lower())]
+        prefix = request_id.lower()
+        matches = self.items(where=lambda r: _request_id(r).startswith(prefix))
         if len(matches) != 1:
             raise ReviewError(
                 f"no request with id {request_id!r}"
@@ -205,7 +211,7 @@ class ReviewQueue:
             report.add("template", False, f"malformed request ({type(exc).__name__})")
             return ReviewItem(
                 request,
-                str(getattr(request.id, "no_dash", request.id)),
+                _request_id(request),
                 "",
                 "",
                 str(getattr(request, "requesting_user_email", "?")),
@@ -294,6 +300,18 @@ class ReviewQueue:
                 self.audit.record(
                     "review", "reported", item.request_id, item.code_hash, **item.report.to_dict()
                 )
+
+
+def _request_id(request: Any) -> str:
+    return str(getattr(request.id, "no_dash", request.id))
+
+
+def _picked(where: Callable[[Any], bool], request: Any) -> bool:
+    """Whether ``where`` keeps the request; one it cannot read is not the one looked for."""
+    try:
+        return bool(where(request))
+    except Exception:
+        return False
 
 
 def _changes_problem(request: Any, code: Any) -> str | None:

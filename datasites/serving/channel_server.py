@@ -264,9 +264,9 @@ def _cached_queue(site: SiteDir, reports: dict[tuple[str, str, str], Any]) -> An
     from datasites.review.queue import ReviewQueue
 
     class CachedQueue(ReviewQueue):
-        def items(self) -> list[Any]:
+        def items(self, where: Any = None) -> list[Any]:
             self._version = _policy_version(self)
-            return super().items()
+            return super().items(where)
 
         def _prefetch_code(self, requests: list[Any]) -> None:
             super()._prefetch_code(requests)

@@ -24,7 +24,7 @@ from datasites.serving.process import responding
 from researcher import sites
 from researcher.federation import SiteLogin
 from researcher.job import make_job, render
-from tests.conftest import Site, breast_cancer_frame, last_json, make_site
+from tests.conftest import Site, breast_cancer_frame, last_json, make_site, queued
 
 ADA, EVE = "ada@uni.edu", "eve@uni.edu"
 DATASET = "cancer"
@@ -60,7 +60,9 @@ class Arena:
         return self._queue
 
     def item(self, function: str) -> Any:
-        return next(i for i in self.queue().items() if i.request.code.service_func_name == function)
+        """The request for ``function``, with its report: only its own is built (a report runs
+        the budget's accountant over the researcher's history, seconds once eve has one)."""
+        return next(iter(queued(self.queue(), function)))
 
     def secrets(self) -> list[str]:
         d = self.site.dir

@@ -21,10 +21,12 @@ from policies.wire import ReplayLast, encode_weights
 from researcher import api, sites
 from researcher import model as local_model
 from researcher.strategy import FedMedian, strategy_named
-from tests.conftest import breast_cancer_frame, last_json
-from tests.integration.conftest import EMAIL, job
+from tests.conftest import breast_cancer_frame, last_json, queued
+from tests.integration.conftest import job
 
 pytestmark = pytest.mark.integration
+SHARED_SITES = True  # the worker's running sites (tests/integration/conftest.py)
+EMAIL = "ada.algorithms@uni.edu"  # this module's researcher there
 PLAN = {"rounds": 1, "noise_multiplier": 1.0, "batch_size": 64, "learning_rate": 0.5}
 
 
@@ -41,7 +43,7 @@ def _approved(fed, made, spec, initial=None):  # noqa: ANN001, ANN202
     api.submit(fed, spec, initial=initial)
     for s in made:
         queue = ReviewQueue(SiteDir(s.dir))
-        item = next(i for i in queue.items() if i.job_name == spec.name)
+        item = next(i for i in queued(queue, spec.name) if i.job_name == spec.name)
         queue.approve(item.request_id)
     return spec
 
@@ -61,7 +63,8 @@ def test_fedprox_with_int8_updates_and_fedyogi(fed, tmp_path: Path) -> None:
     fed, made = fed
     plan = {**PLAN, "proximal_mu": 0.5, "compression": "int8"}
     spec = _approved(fed, made, api.with_pooled_scaling(fed, job(plan)))
-    shown = made[0].cli("review", ReviewQueue(SiteDir(made[0].dir)).items()[-1].request_id[:8])
+    (item,) = queued(ReviewQueue(SiteDir(made[0].dir)), spec.name)
+    shown = made[0].cli("review", item.request_id[:8])
     assert "FedProx" in shown.stdout and "compressed" in shown.stdout
     start = local_model.weights_of(local_model.build(spec))
     result = _train(fed, spec, tmp_path / "prox", strategy=strategy_named("fedyogi"))
@@ -122,11 +125,8 @@ def test_personalized_models_stay_at_the_sites(fed, tmp_path: Path) -> None:
     for s in made:
         kept = last_json(s.cli("models", "--json"))
         assert [m["job"] for m in kept] == [spec.name]
-        charges = [
-            r
-            for r in last_json(s.cli("budget", "--json"))[0]["releases"]
-            if r["job"] == spec.job_id
-        ]
+        [mine] = [r for r in last_json(s.cli("budget", "--json")) if r["researcher"] == EMAIL]
+        charges = [r for r in mine["releases"] if r["job"] == spec.job_id]
         assert charges and {r["status"] for r in charges} == {"committed"}
     # attack from a plain syft client: ask for the tuned model again, or for one more pass
     client = sites.connect(fed.sites[0])

@@ -18,6 +18,8 @@ from tests.integration.conftest import job, request_id
 
 pytestmark = pytest.mark.integration
 SITE_NAMES = ("hospital-a",)  # the ledger is per site: one is enough
+SHARED_SITES = True  # the worker's running sites (tests/integration/conftest.py)
+EMAIL = "ada.ledger@uni.edu"  # the fixture's researcher; the tests add their own (bob, cy, dee)
 
 
 def test_budget_holds_and_survives_kill_9(federation) -> None:

@@ -14,10 +14,19 @@ from datasites.serving.config import SiteDir
 from researcher import api, sites
 from researcher.errors import JobError
 from researcher.job import make_job
-from tests.conftest import last_json, run_cli
-from tests.integration.conftest import EMAIL, job
+from tests.conftest import last_json, queued, run_cli
+from tests.integration.conftest import job
 
 pytestmark = pytest.mark.integration
+SHARED_SITES = True  # the worker's running sites (tests/integration/conftest.py)
+EMAIL = "ada.workflow@uni.edu"  # this module's researcher there
+
+
+def _hers(site) -> int:  # noqa: ANN001
+    """How many requests this module's researcher has at the site (their reports only)."""
+    return len(
+        ReviewQueue(SiteDir(site.dir)).items(where=lambda r: r.requesting_user_email == EMAIL)
+    )
 
 
 README_JOB = """import torch.nn as nn
@@ -44,7 +53,7 @@ def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
         'DATASET = "cancer"\nPLAN = {"rounds": 1, "noise_multiplier": 1.0}\n'
         'MODEL = [{"type": "Linear", "in_features": 6, "out_features": 2}]\n'
     )
-    before = len(ReviewQueue(SiteDir(made[0].dir)).items())
+    before = _hers(made[0])
     refused = run_cli("researcher", "submit", str(misfit), "-f", f, check=False)
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
     assert "expects 6 features, gets [30]" in refused.stderr
@@ -57,7 +66,7 @@ def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
     )
     with pytest.raises(JobError, match=r"dry run on hospital-a's mock: .*has 30 feature"):
         api.submit(fed, narrow)
-    assert len(ReviewQueue(SiteDir(made[0].dir)).items()) == before
+    assert _hers(made[0]) == before
     job_py = tmp_path / "job.py"
     job_py.write_text(
         README_JOB + 'STRATEGY = {"name": "fedavgm", "server_lr": 0.5, "momentum": 0.5}\n'
@@ -75,7 +84,7 @@ def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
     assert not (tmp_path / "early").exists()
     for s in made:
         queue = ReviewQueue(SiteDir(s.dir))
-        item = next(i for i in queue.items() if i.request.code.service_func_name == spec.name)
+        item = next(iter(queued(queue, spec.name)))
         queue.approve(item.request_id)
     run_dir = tmp_path / "runs" / "1"
     trained = run_cli("researcher", "train", "-f", f, "--run-dir", str(run_dir))
@@ -104,7 +113,7 @@ def test_a_round_lost_by_the_researcher_is_replayed_on_resume(federation, tmp_pa
     api.submit(fed, spec, dry=False)
     for s in made:
         queue = ReviewQueue(SiteDir(s.dir))
-        item = next(i for i in queue.items() if i.request.code.service_func_name == spec.name)
+        item = next(iter(queued(queue, spec.name)))
         queue.approve(item.request_id)
     run = tmp_path / "run"
 
