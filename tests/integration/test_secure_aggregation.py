@@ -307,10 +307,13 @@ def test_a_site_killed_mid_round_is_recovered_from_the_survivors(
         return real(link, spec, weights)
 
     monkeypatch.setattr(secure, "links_call", kill_at_mask)
+    unmasked = events(made[0]).count("secagg-unmask")
     # the module's last test: the victim stays down, and the fixture's stop tolerates it
     # two of three: the run goes on from the survivors (by default it waits for every site)
     result = api.train(fed, spec, tmp_path / "run", timeout_s=60.0, min_sites=2)
     assert [sorted(r["sites"]) for r in result.rounds] == [["hospital-a", "hospital-b"]]
     assert all(victim.name in r["skipped"] for r in result.rounds)
     assert all(np.isfinite(v).all() for v in result.weights.values())
-    assert events(made[0]).count("secagg-unmask") >= 2  # this job's and the first test's
+    # the survivors unmasked the victim's share for this job (counted here, not with the module's
+    # earlier tests': under a loaded suite their rounds may have had no dropout to recover)
+    assert events(made[0]).count("secagg-unmask") >= unmasked + 1
