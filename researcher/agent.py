@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from policies import errors as policy_errors
+from policies import socket_lines
 from researcher import errors
 from researcher.federation import Federation
 
@@ -199,19 +200,7 @@ def peer_uid(sock: socket.socket) -> int:
 
 def read_line(sock: socket.socket, limit: int) -> bytes:
     """Bytes up to the first newline (or the end), refusing more than ``limit``."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        if b"\n" in chunk:
-            break
-        if size > limit:
-            raise errors.ResearcherError(f"message larger than {limit} bytes")
-    return b"".join(chunks).split(b"\n", 1)[0]
+    return socket_lines.read_line(sock, limit, errors.ResearcherError)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from typing import Any
 
 from datasites import errors
 from datasites.errors import DatasiteError, ServerError
+from policies import socket_lines
 
 SOCKET_NAME = "admin.sock"
 TOKEN_NAME = "admin-token"
@@ -261,19 +262,7 @@ def _exchange(path: Path, line: bytes) -> bytes:
 
 def read_line(sock: socket.socket, limit: int) -> bytes:
     """Bytes up to the first newline (or the end), refusing more than ``limit``."""
-    chunks, size = [], 0
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        if b"\n" in chunk:
-            break
-        if size > limit:
-            raise ChannelError(f"message larger than {limit} bytes")
-    data = b"".join(chunks)
-    return data.split(b"\n", 1)[0]
+    return socket_lines.read_line(sock, limit, ChannelError)
 
 
 def _reply(cls: type, raw: bytes) -> Any:
