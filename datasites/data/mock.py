@@ -17,8 +17,11 @@ of each per-column histogram):
    holds four times the rows of a quarter decade for the same noise, and on a 66-row table
    half the columns' ranges used to land on a noise spike of the quarter-decade grid (a mean of
    -13,855,824 for a column in [0.4, 3.6], issue 25).
-   The grid is bounded: no range reaches past 1e9. Columns with declared bounds (public schema,
-   ``datasite upload --bounds``) skip this release: no epsilon is spent finding their range.
+   The grid is bounded: no range reaches past 1e9. A bin next to the range that holds rows
+   joins it (``_widen``, one test a side), and on the decade grid a range of one sign reaches
+   zero (``_from_zero``): a range too narrow erases what the clamp cuts off, one too wide only
+   coarsens (digits' pixels lost up to half their values to ranges of [10, 100]). Columns
+   with declared bounds (public schema, ``datasite upload --bounds``) skip this release: no epsilon is spent finding their range.
 3. *The shape within*: per class, per column, a histogram of ``BINS`` equal bins over the range
    (unit bins for integer columns of a narrow range), at scale ``sigma_f``.
 
@@ -33,10 +36,10 @@ published category list: no range release, and its shape histogram is over its c
 Published per numeric column (``MockRelease.ranges``, ``.stats``, ``.sources``): the range
 (declared, or found, or "weak" when no decade stood clear and the fullest window was taken), and a
 mean and std from the noisy shape counts summed over classes, shrunk towards the range's centre
-and quarter width (the geometric centre of a searched range of decades, ``_prior``) as far as the
-noise there demands (``_column_stats``): on a few dozen rows the published std is then the
-range's, never the std of a 28-row mock (0.0003 for digits' columns
-whose std is 5). Every consumer clamps to the range and floors the std (``policies.scaling``).
+and quarter width (the geometric centre of a searched range of decades, from where its values
+were found to begin, ``_floor``, ``_prior``) as far as the noise there demands
+(``_column_stats``): on a few dozen rows the published std is then the range's, never the std
+of a 28-row mock (0.0003 for digits' columns whose std is 5). Every consumer clamps to the range and floors the std (``policies.scaling``).
 
 Rows are then drawn class by class (class share from the noisy counts), each column independently
 from its class's noisy histogram, uniformly within a bin. Not kept: correlations between columns.
@@ -87,7 +90,9 @@ NEAR_ZERO = 0.1
 # a searched range at least this many times wider at its top than at its bottom gets the
 # geometric prior (``_prior``); a range from zero is taken to span ZERO_DECADES
 LOG_PRIOR_RATIO = 5.0
-ZERO_DECADES = 2
+ZERO_DECADES = 1
+# noise sds a decade next to a column's bulk must stand clear of to join its range (``_widen``)
+LINK_SIGMAS = 2.0
 MAX_GAP = 3  # decades between passing windows that still belong to one bulk
 
 
@@ -139,6 +144,7 @@ def make_mock(  # noqa: PLR0913
     counts = _noisy(_class_counts(frame, target, keys), sigma_c)
     ranges = {c: (float(bounds[c][0]), float(bounds[c][1])) for c in numeric if c in bounds}
     sources = dict.fromkeys(ranges, "declared")
+    floors: dict[str, float] = {}
     if searched:
         noisy_rows = float(np.clip(counts, 0, None).sum())
         edges_r = grid(next(r for ratio, r in RESOLUTIONS if noisy_rows >= ratio * sigma_r))
@@ -146,7 +152,11 @@ def make_mock(  # noqa: PLR0913
         noisy_grid = np.split(_noisy(np.concatenate(counted), sigma_r), len(searched))
         for c, noisy in zip(searched, noisy_grid, strict=True):
             lo, hi, found = _dp_range(noisy, sigma_r, edges_r)
-            ranges[c], sources[c] = (lo, hi), "dp" if found else "weak"
+            coarse = found and len(edges_r) == len(GRID)  # one bin a decade: a noisy table
+            floors[c], ranges[c] = _from_zero(lo, hi) if coarse else (0.0, (lo, hi))
+            if found and floors[c] == 0.0:
+                floors[c] = _floor(noisy, sigma_r, edges_r, *ranges[c])
+            sources[c] = "dp" if found else "weak"
     edges = {c: _edges(*ranges[c], _is_int(frame[c])) for c in numeric}
     # a categorical column's domain is its public category list: one unit bin per code
     edges.update(
@@ -165,14 +175,14 @@ def make_mock(  # noqa: PLR0913
         if key is not None:
             part[target] = key
         parts.append(part)
-    groups = len(keys) or 1
+    sigma_s = sigma_f * math.sqrt(len(keys) or 1)  # the shapes are summed over classes
     stats = {
         c: _column_stats(
             shapes[c],
             edges[c],
             total,
-            sigma_f * math.sqrt(groups),
-            _prior(*ranges[c], searched=sources[c] != "declared"),
+            sigma_s,
+            _prior(*ranges[c], searched=sources[c] != "declared", floor=floors.get(c, 0.0)),
         )
         for c in numeric
     }
@@ -255,11 +265,61 @@ def _dp_range(
             if not any(a >= i and b <= i + width - 1 for a, b, _ in spans):
                 spans.append((int(i), int(i) + width - 1, float(score[i])))
     if spans:
-        lo, hi = _bulk(spans, edges)
+        lo, hi = _widen(noisy, sigma, *_bulk(spans, edges))
         return float(edges[lo]), float(edges[hi + 1]), True
     sums = np.convolve(noisy, np.ones(FALLBACK_WIDTH * per_decade), mode="valid")
     start = int(np.argmax(sums))
     return float(edges[start]), float(edges[start + FALLBACK_WIDTH * per_decade]), False
+
+
+def _widen(noisy: np.ndarray, sigma: float, lo: int, hi: int) -> tuple[int, int]:
+    """The bulk's bins grown by each neighbouring grid bin that holds rows.
+
+    Why: the range clamps every input, and a range too narrow erases what lies outside it,
+    where one too wide only coarsens it. A bin next to the bulk is one test a side, not one
+    of hundreds, so ``LINK_SIGMAS`` noise sds suffice where a window alone needs the Bonferroni
+    bound; at 496 rows and epsilon 1, digits' pixels (0..16) got [10, 100] or [0, 10] and lost
+    a third of their values to the clamp (issue 25).
+    """
+    while hi + 1 < len(noisy) and noisy[hi + 1] > LINK_SIGMAS * sigma:
+        hi += 1
+    while lo > 0 and noisy[lo - 1] > LINK_SIGMAS * sigma:
+        lo -= 1
+    return lo, hi
+
+
+def _from_zero(lo: float, hi: float) -> tuple[float, tuple[float, float]]:
+    """A found range of one sign, reaching to zero, and its floor: where the found range began
+    (as a magnitude; 0.0 for a range across or from zero), which the prior keeps (``_prior``).
+
+    Why: counts, amounts and pixels start at zero, and a decade of them too thin to stand clear
+    of the noise was clamped into the bulk's edge (digits' pixels below 10 became 10); for a
+    column that starts far above zero the cost is some resolution in equal-width bins, and
+    mock rows below its values. Only on the one-bin-a-decade grid of a noisy table: on a finer
+    grid a bin that holds rows joins the range (``_widen``). Post-processing of the range.
+    """
+    if lo > 0:
+        return lo, (0.0, hi)
+    if hi < 0:
+        return -hi, (lo, 0.0)
+    return 0.0, (lo, hi)
+
+
+def _floor(noisy: np.ndarray, sigma: float, edges: np.ndarray, lo: float, hi: float) -> float:
+    """Where the non-zero values of a range from zero begin (as a magnitude): the edge of its
+    first non-zero grid bin whose count stands ``LINK_SIGMAS`` noise sds clear, 0.0 if none or
+    the range spans both signs. A zero-inflated column (digits' pixels: 0, or 1..16) then gets
+    the prior of its non-zero values, not one guessed from its top alone. Post-processing."""
+    if lo < 0 < hi:
+        return 0.0
+    positive = lo == 0.0
+    bins = range(len(noisy)) if positive else range(len(noisy) - 1, -1, -1)
+    for i in bins:
+        a, b = edges[i], edges[i + 1]
+        inside = (a > 0 and b <= hi) if positive else (b < 0 and a >= lo)
+        if inside and noisy[i] > LINK_SIGMAS * sigma:
+            return float(a if positive else -b)
+    return 0.0
 
 
 def _threshold(tests: int) -> float:
@@ -336,7 +396,7 @@ def _column_stats(
     return float(mean), float(std)
 
 
-def _prior(lo: float, hi: float, searched: bool) -> tuple[float, float]:
+def _prior(lo: float, hi: float, searched: bool, floor: float = 0.0) -> tuple[float, float]:
     """The centre and spread a column's published statistics shrink to where its counts are
     noise: public, since the range is, and free.
 
@@ -344,15 +404,18 @@ def _prior(lo: float, hi: float, searched: bool) -> tuple[float, float]:
     which decades hold the column and nothing of where within them. A scale-free (log-uniform)
     prior over them has its median at the geometric centre: for wine's ``hue`` (values 0.48 to
     1.71, range [0.1, 10]) that is 1, where the arithmetic centre is 5 and the old published
-    mean missed by four stds. A searched range from 0 (a zero-inflated column) is taken to start
-    ``ZERO_DECADES`` below its top. A declared range, one across zero, or one narrower than
-    ``LOG_PRIOR_RATIO`` keeps the arithmetic centre and quarter width. Tuned on iris, breast
-    cancer and a generated lognormal table (docs/benchmarks.md), not on wine or digits.
+    mean missed by four stds. A searched range from 0 is taken to start at ``floor``, where its
+    values were found to begin (``_from_zero``, ``_floor``), or else ``ZERO_DECADES`` below its
+    top. A declared range, one across zero, or one narrower than ``LOG_PRIOR_RATIO`` keeps the
+    arithmetic centre and quarter width. The geometric centre was tuned on iris, breast cancer
+    and a generated lognormal table; the floor and ``ZERO_DECADES`` = 1 (was 2: a [0, 10]
+    pixel of std 3 published 0.9) came from tracing digits, and were checked on iris, cancer,
+    diabetes and two generated tables (docs/benchmarks.md).
     """
     sign = 1.0 if hi > 0 else -1.0  # a negative range is the positive one mirrored
     near, far = (lo, hi) if sign > 0 else (-hi, -lo)
     if searched and far > 0 and (near == 0 or (near > 0 and far / near >= LOG_PRIOR_RATIO)):
-        low = near if near > 0 else far / 10.0**ZERO_DECADES
+        low = near if near > 0 else (floor if 0 < floor < far else far / 10.0**ZERO_DECADES)
         centre = math.sqrt(low * far)
         return sign * centre, centre - low
     return (lo + hi) / 2.0, max((hi - lo) / 4.0, 1e-12)
