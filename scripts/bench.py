@@ -21,8 +21,9 @@ Each figure is a ratio or a difference measured within this one run, on this mac
 6. ``--upload-scale [--rows N] [--runs R]``: ``datasite upload`` of a 1M x 30 bank table with
    categoricals, its phases, the mock, one round, and the refusal of a too-large table
    (``bench_upload.py``).
-7. ``--utility [--seeds N] [--epsilons 1,2,4] [--tables digits,cancer]``: distributed DP against
-   per-site DP and central non-private training (``bench_utility.py``).
+7. ``--utility [--seeds N] [--epsilons 1,2,4] [--tables digits,cancer,wine,iris] [--columns
+   central,defaults]``: distributed DP against per-site DP, the defaults and central
+   non-private training (``bench_utility.py``).
 8. ``--commands [--runs 5] [--code DIR] [--only researcher]``: every admin command's wall time
    as a fresh process, and the researcher's datasets and status, median and range, with 20
    pending requests (``bench_commands.py``).
