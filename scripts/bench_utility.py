@@ -280,7 +280,9 @@ def distributed_dp(  # noqa: PLR0913
                 privacy.noise_multiplier,
             )
             total = total + (distributed_step(task).weights[SUM] % (1 << 32)).astype(np.uint32)
-        grad = skellam.gradient(total, privacy.scale, rows * float(plan.dp.sample_rate))
+        rate = plan.dp.sample_rate
+        assert rate is not None  # set above
+        grad = skellam.gradient(total, privacy.scale, rows * rate)
         velocity = momentum * velocity + grad  # server momentum: post-processing of the sum
         flat = flatten(weights, shapes) - plan.learning_rate * (1 - momentum) * velocity
         weights = {k: v.astype(np.float32) for k, v in unflatten(flat, shapes).items()}
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
                     cells["distributed"].append(acc)
                 if "defaults" in cells:
                     cells["defaults"].append(defaults(shares, raw_test, eps, seed))
-            row = {k: summary(v) for k, v in cells.items()}
+            row: dict[str, Any] = {k: summary(v) for k, v in cells.items()}
             if "distributed" in cells:
                 row["distributed_noise_multiplier"] = sigma
             results[f"{name} eps={eps:g}"] = row
