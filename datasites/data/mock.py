@@ -266,7 +266,9 @@ def _dp_range(
                 spans.append((int(i), int(i) + width - 1, float(score[i])))
     if spans:
         lo, hi = _widen(noisy, sigma, *_bulk(spans, edges))
-        return float(edges[lo]), float(edges[hi + 1]), True
+        top = float(edges[hi + 1])
+        # zeros fall in the bin [0, 1e-3): a negative column's zeros are not a positive part
+        return float(edges[lo]), 0.0 if edges[lo] < 0 and edges[hi] == 0 else top, True
     sums = np.convolve(noisy, np.ones(FALLBACK_WIDTH * per_decade), mode="valid")
     start = int(np.argmax(sums))
     return float(edges[start]), float(edges[start + FALLBACK_WIDTH * per_decade]), False
