@@ -21,7 +21,8 @@ of each per-column histogram):
    joins it (``_widen``, one test a side), and on the decade grid a range of one sign reaches
    zero (``_from_zero``): a range too narrow erases what the clamp cuts off, one too wide only
    coarsens (digits' pixels lost up to half their values to ranges of [10, 100]). Columns
-   with declared bounds (public schema, ``datasite upload --bounds``) skip this release: no epsilon is spent finding their range.
+   with declared bounds (public schema, ``datasite upload --bounds``) skip this release: no
+   epsilon is spent finding their range.
 3. *The shape within*: per class, per column, a histogram of ``BINS`` equal bins over the range
    (unit bins for integer columns of a narrow range), at scale ``sigma_f``.
 
@@ -39,7 +40,8 @@ mean and std from the noisy shape counts summed over classes, shrunk towards the
 and quarter width (the geometric centre of a searched range of decades, from where its values
 were found to begin, ``_floor``, ``_prior``) as far as the noise there demands
 (``_column_stats``): on a few dozen rows the published std is then the range's, never the std
-of a 28-row mock (0.0003 for digits' columns whose std is 5). Every consumer clamps to the range and floors the std (``policies.scaling``).
+of a 28-row mock (0.0003 for digits' columns whose std is 5). Every consumer clamps to the
+range and floors the std (``policies.scaling``).
 
 Rows are then drawn class by class (class share from the noisy counts), each column independently
 from its class's noisy histogram, uniformly within a bin. Not kept: correlations between columns.
@@ -150,10 +152,10 @@ def make_mock(  # noqa: PLR0913
         edges_r = grid(next(r for ratio, r in RESOLUTIONS if noisy_rows >= ratio * sigma_r))
         counted = [_grid_counts(frame[c].to_numpy(np.float64), edges_r) for c in searched]
         noisy_grid = np.split(_noisy(np.concatenate(counted), sigma_r), len(searched))
+        coarse = len(edges_r) == len(GRID)  # one bin a decade: a small, noisy table
         for c, noisy in zip(searched, noisy_grid, strict=True):
             lo, hi, found = _dp_range(noisy, sigma_r, edges_r)
-            coarse = found and len(edges_r) == len(GRID)  # one bin a decade: a noisy table
-            floors[c], ranges[c] = _from_zero(lo, hi) if coarse else (0.0, (lo, hi))
+            floors[c], ranges[c] = _from_zero(lo, hi) if found and coarse else (0.0, (lo, hi))
             if found and floors[c] == 0.0:
                 floors[c] = _floor(noisy, sigma_r, edges_r, *ranges[c])
             sources[c] = "dp" if found else "weak"
