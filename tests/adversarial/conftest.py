@@ -130,6 +130,9 @@ def arrays_in(reply: Any) -> list[np.ndarray]:
 
     def walk(value: Any) -> None:
         if isinstance(value, dict):
+            nums = [v for v in value.values() if isinstance(v, int | float)]
+            if nums:  # a dict's own scalars: one array of them
+                found.append(np.asarray(nums, dtype=np.float64))
             for v in value.values():
                 walk(v)
         elif isinstance(value, list | tuple):

@@ -3,31 +3,14 @@ schema) and a mock inside them, never the owner's clamp counts nor a private ext
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import numpy as np
 import pytest
 
 from researcher import sites
-from tests.adversarial.conftest import EVE, assert_nothing_private, assert_serving
+from tests.adversarial.conftest import EVE, arrays_in, assert_nothing_private, assert_serving
 from tests.conftest import breast_cancer_frame
 
 pytestmark = pytest.mark.integration
-
-
-def _numbers(value: Any) -> Iterator[float]:
-    """Every number in a JSON-like value, however deeply nested."""
-    if isinstance(value, bool):
-        return
-    if isinstance(value, int | float):
-        yield float(value)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _numbers(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _numbers(item)
 
 
 def test_bounds_clamp_counts_and_private_extremes_stay_with_the_owner(
@@ -61,7 +44,30 @@ def test_bounds_clamp_counts_and_private_extremes_stay_with_the_owner(
     over = private.max(0)[private.max(0) > 50]  # private extremes past the declared bound
     # compared as numbers: a 4-digit extreme (2501) matched inside an unrelated published float
     # (0.1250134...) as text: 7 uploads in 60 in process
-    published = np.array(list(_numbers(meta)), dtype=np.float64)
+    published = np.concatenate(arrays_in(meta))
     assert not np.isclose(published[:, None], over[None, :], rtol=1e-4, atol=0.0).any()
     assert_nothing_private(arena, [meta, mock.to_numpy().tolist()])
+    assert_serving(arena)
+
+
+def test_found_ranges_read_from_a_plain_client_are_grid_edges_and_cost_nothing(arena) -> None:
+    """Issue 25's range search grows a found range by neighbouring bins, takes a one-signed
+    range to zero and starts its prior where its values begin: all of it post-processing of
+    the noisy grid counts. From a plain syft client, the arena's table (no declared bounds,
+    so every column's range is found): each published low and high is an edge of the public
+    grid or zero, never a private minimum or maximum; no published number is a private
+    extreme; and reading it spends nothing."""
+    from datasites.data import mock as M
+
+    client = arena.client(EVE)
+    before = arena.spent(EVE)
+    meta = sites.asset_meta(arena.asset(client))
+    edges = np.concatenate([M.grid(r) for _, r in M.RESOLUTIONS] + [np.zeros(1)])
+    for bound in (*meta["feature_low"], *meta["feature_high"]):
+        assert np.isclose(edges, bound, rtol=1e-12, atol=0.0).any(), bound
+    extremes = np.concatenate([arena.rows.min(0), arena.rows.max(0)])
+    extremes = extremes[~np.isclose(extremes[:, None], edges[None, :], atol=0.0).any(1)]
+    published = np.concatenate(arrays_in(meta))
+    assert not np.isclose(published[:, None], extremes[None, :], rtol=1e-6, atol=0.0).any()
+    assert arena.spent(EVE) == before
     assert_serving(arena)
