@@ -23,6 +23,20 @@ from numpy.typing import NDArray
 # |scaled input| <= this whenever the range is known: the std floor is (high - low) / it
 STD_FLOOR_DIVISOR = 10.0
 MIN_STD = 1e-6
+# a published range within this of zero on both ends: the site's column is (all but) zeros,
+# the mock's range search's smallest bin (datasites.data.mock.grid)
+ZERO_ONLY = 1e-3
+
+
+def zero_only(low: Any, high: Any) -> NDArray[np.bool_]:
+    """Per input, whether a published range holds only zeros (or slivers of 1e-3 about them).
+
+    Why: under label skew a pixel that is blank at two sites publishes [0, 0.001] and a std of
+    ~0 there; such a site says nothing about how the column spreads where it is not blank, and
+    taken into a median of stds it made the one site that holds the column's values look like
+    the outlier (issue 25: digits' pixel 30 was clamped to [0, 0.001] for every site)."""
+    low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+    return (np.abs(low) <= ZERO_ONLY) & (np.abs(high) <= ZERO_ONLY)
 
 
 def floored_std(std: Any, low: Any = None, high: Any = None) -> NDArray[np.float64]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from policies.plan import TrainingPlan, step_plan, training_rows
+from policies.scaling import zero_only
 
 MAX_STEP_NOISE = 1.0  # sigma / expected batch: noise std per coordinate over the clip
 RANGE_SIGMAS = 4.0  # as datasites.data.mock: a window passes at this many noise sds
@@ -191,10 +192,21 @@ def _mock_epsilon_for(meta: Mapping[str, Any], sigma_wanted: float) -> float | N
     return None
 
 
+def _blank(meta: Mapping[str, Any], width: int) -> list[bool]:
+    """Per input, whether the site's published range holds only zeros."""
+    low, high = meta.get("feature_low"), meta.get("feature_high")
+    if not low or not high or len(low) != width or len(high) != width:
+        return [False] * width
+    return [bool(b) for b in zero_only(low, high)]
+
+
 def _outlier_warnings(
     metas: Mapping[str, Mapping[str, Any]], names: list[str] | None
 ) -> list[UtilityWarning]:
-    """Columns whose published std at one site is OUTLIER_RATIO off the others' median."""
+    """Columns whose published std at one site is OUTLIER_RATIO off the others' median.
+
+    Sites whose range for the column holds only zeros (``scaling.zero_only``: blank there, as
+    label skew leaves pixels) are neither counted nor named, as in the researcher's pooling."""
     stds: dict[str, list[float]] = {
         s: list(m["feature_std"]) for s, m in metas.items() if m.get("feature_std")
     }
@@ -202,11 +214,15 @@ def _outlier_warnings(
         return []
     first = next(iter(metas.values()))
     names = names or _feature_names(first)
+    blank = {s: _blank(metas[s], len(v)) for s, v in stds.items()}
     out = []
     for j in range(len(next(iter(stds.values())))):
-        column = sorted(float(v[j]) for v in stds.values())
+        witnesses = {s: v for s, v in stds.items() if not blank[s][j]}
+        if len(witnesses) < 3:
+            continue
+        column = sorted(float(v[j]) for v in witnesses.values())
         median = column[len(column) // 2]
-        for site, values in stds.items():
+        for site, values in witnesses.items():
             ratio = max(float(values[j]), 1e-12) / max(median, 1e-12)
             if ratio > OUTLIER_RATIO or ratio < 1 / OUTLIER_RATIO:
                 name = names[j] if j < len(names) else f"feature {j}"

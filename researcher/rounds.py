@@ -27,7 +27,7 @@ from policies.compression import decompress
 from policies.errors import WireError
 from policies.plan import MIN_STD, JobSpec
 from policies.scaling import apply as apply_scaling
-from policies.scaling import floored_std, weak_inputs
+from policies.scaling import floored_std, weak_inputs, zero_only
 from policies.wire import (
     Participant,
     ReplayLast,
@@ -117,12 +117,7 @@ def pooled_scaling(
     sd = np.array([m["feature_std"] for m in usable])
     n = n * _strong(usable, mu.shape[1])
     if len(usable) >= 3:
-        median = np.median(sd, axis=0)
-        ratio = np.maximum(sd, MIN_STD) / np.maximum(median, MIN_STD)
-        keep = (ratio < OUTLIER_RATIO) & (ratio > 1 / OUTLIER_RATIO)
-        if one_hot is not None:
-            keep |= np.asarray(one_hot, dtype=bool)[None, :]
-        n = n * keep
+        n = n * _not_outliers(usable, sd, one_hot)
     n = np.where(n.sum(0) > 0, n, 1.0)  # every site left out of an input: all count again
     mean = (n * mu).sum(0) / n.sum(0)
     var = (n * (sd**2 + mu**2)).sum(0) / n.sum(0) - mean**2
@@ -140,6 +135,27 @@ def pooled_scaling(
         "low": low.tolist(),
         "high": high.tolist(),
     }
+
+
+def _not_outliers(
+    metas: list[dict[str, Any]], sd: np.ndarray, one_hot: list[bool] | None
+) -> np.ndarray:
+    """Per site and input, 0 where the site's std is ``OUTLIER_RATIO`` off the median of the
+    sites whose range holds more than zeros (``policies.scaling.zero_only``): a site blank in a
+    column is no witness to its spread. An input with fewer than three such sites keeps all."""
+    if all(m.get("feature_low") and m.get("feature_high") for m in metas):
+        blank = zero_only([m["feature_low"] for m in metas], [m["feature_high"] for m in metas])
+    else:
+        blank = np.zeros(sd.shape, dtype=bool)
+    witnesses = np.where(blank, np.nan, sd)
+    counted = (~blank).sum(0)
+    median = np.nanmedian(np.where(counted >= 3, witnesses, sd), axis=0)
+    ratio = np.maximum(sd, MIN_STD) / np.maximum(median, MIN_STD)
+    keep = (ratio < OUTLIER_RATIO) & (ratio > 1 / OUTLIER_RATIO)
+    keep |= (counted < 3)[None, :] | blank
+    if one_hot is not None:
+        keep |= np.asarray(one_hot, dtype=bool)[None, :]
+    return keep
 
 
 def _strong(metas: list[dict[str, Any]], width: int) -> np.ndarray:

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 
@@ -154,11 +154,11 @@ def make_mock(  # noqa: PLR0913
         noisy_grid = np.split(_noisy(np.concatenate(counted), sigma_r), len(searched))
         coarse = len(edges_r) == len(GRID)  # one bin a decade: a small, noisy table
         for c, noisy in zip(searched, noisy_grid, strict=True):
-            lo, hi, found = _dp_range(noisy, sigma_r, edges_r)
-            floors[c], ranges[c] = _from_zero(lo, hi) if found and coarse else (0.0, (lo, hi))
-            if found and floors[c] == 0.0:
-                floors[c] = _floor(noisy, sigma_r, edges_r, *ranges[c])
-            sources[c] = "dp" if found else "weak"
+            got = _dp_range(noisy, sigma_r, edges_r)
+            ranges[c] = _from_zero(got.low, got.high)[1] if got.found and coarse else got[:2]
+            if got.found:
+                floors[c] = _lowest(_floor(noisy, sigma_r, edges_r, *ranges[c]), got.start)
+            sources[c] = "dp" if got.found else "weak"
     edges = {c: _edges(*ranges[c], _is_int(frame[c])) for c in numeric}
     # a categorical column's domain is its public category list: one unit bin per code
     edges.update(
@@ -240,9 +240,18 @@ def _grid_counts(values: np.ndarray, edges: np.ndarray = GRID) -> np.ndarray:
     return np.bincount(bins, minlength=len(edges) - 1)
 
 
-def _dp_range(
-    noisy: np.ndarray, sigma: float, edges: np.ndarray = GRID
-) -> tuple[float, float, bool]:
+class Found(NamedTuple):
+    """A range search's answer: the range, whether any window stood clear of the noise, and
+    where the bulk of windows that did began before ``_widen`` (a magnitude, as ``_from_zero``
+    gives it: 0.0 for a bulk from or across zero)."""
+
+    low: float
+    high: float
+    found: bool
+    start: float = 0.0
+
+
+def _dp_range(noisy: np.ndarray, sigma: float, edges: np.ndarray = GRID) -> Found:
     """The span of grid bins that stand clear of the noise (post-processing of one histogram),
     and whether any did.
 
@@ -267,13 +276,29 @@ def _dp_range(
             if not any(a >= i and b <= i + width - 1 for a, b, _ in spans):
                 spans.append((int(i), int(i) + width - 1, float(score[i])))
     if spans:
-        lo, hi = _widen(noisy, sigma, *_bulk(spans, edges))
-        top = float(edges[hi + 1])
-        # zeros fall in the bin [0, 1e-3): a negative column's zeros are not a positive part
-        return float(edges[lo]), 0.0 if edges[lo] < 0 and edges[hi] == 0 else top, True
+        bulk = _bulk(spans, edges)
+        start = _from_zero(*_ends(edges, *bulk))[0]
+        return Found(*_ends(edges, *_widen(noisy, sigma, *bulk)), True, start)
     sums = np.convolve(noisy, np.ones(FALLBACK_WIDTH * per_decade), mode="valid")
-    start = int(np.argmax(sums))
-    return float(edges[start]), float(edges[start + FALLBACK_WIDTH * per_decade]), False
+    first = int(np.argmax(sums))
+    return Found(float(edges[first]), float(edges[first + FALLBACK_WIDTH * per_decade]), False)
+
+
+def _ends(edges: np.ndarray, lo: int, hi: int) -> tuple[float, float]:
+    """The range of grid bins ``lo``..``hi``, less a sliver of the other sign beside zero.
+
+    Zeros fall in the bin [0, 1e-3): a negative column's zeros are not a positive part. And the
+    bin [-1e-3, 0) beside a positive range is noise that passed ``_widen``'s one-sided test (in
+    about one column in forty): it made digits' pixel ranges [-0.001, 100], a range across zero
+    whose prior is the arithmetic centre 50 and quarter width 25, for values 0..16. Dropping
+    either sliver clamps at most 1e-3 of a real value.
+    """
+    low, top = float(edges[lo]), float(edges[hi + 1])
+    if low < 0 and edges[hi] == 0:
+        top = 0.0
+    elif edges[lo + 1] == 0 and top > edges[lo + 2]:
+        low = 0.0
+    return low, top
 
 
 def _widen(noisy: np.ndarray, sigma: float, lo: int, hi: int) -> tuple[int, int]:
@@ -293,8 +318,10 @@ def _widen(noisy: np.ndarray, sigma: float, lo: int, hi: int) -> tuple[int, int]
 
 
 def _from_zero(lo: float, hi: float) -> tuple[float, tuple[float, float]]:
-    """A found range of one sign, reaching to zero, and its floor: where the found range began
-    (as a magnitude; 0.0 for a range across or from zero), which the prior keeps (``_prior``).
+    """A found range of one sign, reaching to zero, and where the found range began (as a
+    magnitude; 0.0 for a range across or from zero). Read off the bulk before ``_widen``, that
+    start bounds the prior's floor (``_prior``, ``_floor``): a bin widened in at 2 noise sds
+    may be a spike.
 
     Why: counts, amounts and pixels start at zero, and a decade of them too thin to stand clear
     of the noise was clamped into the bulk's edge (digits' pixels below 10 became 10); for a
@@ -310,20 +337,46 @@ def _from_zero(lo: float, hi: float) -> tuple[float, tuple[float, float]]:
 
 
 def _floor(noisy: np.ndarray, sigma: float, edges: np.ndarray, lo: float, hi: float) -> float:
-    """Where the non-zero values of a range from zero begin (as a magnitude): the edge of its
-    first non-zero grid bin whose count stands ``LINK_SIGMAS`` noise sds clear, 0.0 if none or
+    """Where the non-zero values of a range from zero begin (as a magnitude), 0.0 if unknown or
     the range spans both signs. A zero-inflated column (digits' pixels: 0, or 1..16) then gets
-    the prior of its non-zero values, not one guessed from its top alone. Post-processing."""
+    the prior of its non-zero values, not one guessed from its top alone. Post-processing.
+
+    Read from the top down: from the highest non-zero grid bin whose count stands
+    ``RANGE_SIGMAS`` noise sds clear, down through the bins below it that do too. Scanning up
+    from zero at 2 sds instead took the first bin past them, and among the three empty bins
+    below 1 a noise spike passes in about one column in fifteen: 3 to 5 of digits' 64 pixels
+    published a std of 0.32 for values 0..16, and their inputs reached 50 after scaling. 3 sds
+    (a spike in about one bin in 700) because a floor too low costs far more than one too high:
+    it shrinks the published std (inputs blown up), where a high one only squashes them. The
+    caller takes the lower of this and where the range search's bulk began (``Found.start``),
+    which stood a Bonferroni bound clear: values of 5..15 pass as one window [1, 100] where
+    the bin [1, 10) alone does not.
+    """
     if lo < 0 < hi:
         return 0.0
-    positive = lo == 0.0
-    bins = range(len(noisy)) if positive else range(len(noisy) - 1, -1, -1)
-    for i in bins:
-        a, b = edges[i], edges[i + 1]
-        inside = (a > 0 and b <= hi) if positive else (b < 0 and a >= lo)
-        if inside and noisy[i] > LINK_SIGMAS * sigma:
-            return float(a if positive else -b)
-    return 0.0
+    sign = 1.0 if lo == 0.0 else -1.0
+    near = [
+        i
+        for i in range(len(noisy))
+        if (
+            edges[i] > 0 and edges[i + 1] <= hi if sign > 0 else edges[i + 1] < 0 and edges[i] >= lo
+        )
+    ]
+    # nearest to zero first: bin i's magnitude grows along the list
+    near = near if sign > 0 else near[::-1]
+    passing = [noisy[i] > RANGE_SIGMAS * sigma for i in near]
+    if not any(passing):
+        return 0.0
+    k = len(passing) - 1 - passing[::-1].index(True)  # the highest passing bin
+    while k > 0 and passing[k - 1]:
+        k -= 1
+    i = near[k]
+    return float(edges[i] if sign > 0 else -edges[i + 1])
+
+
+def _lowest(*floors: float) -> float:
+    """The lowest of the floors that are known (above 0), else 0.0."""
+    return min((f for f in floors if f > 0), default=0.0)
 
 
 def _threshold(tests: int) -> float:

@@ -138,7 +138,7 @@ def test_a_lone_noise_spike_far_from_the_bulk_does_not_stretch_the_range() -> No
     bulk = int(np.searchsorted(M.GRID, 10.0))  # the decade [10, 100)
     counts[bulk] = 600
     counts[bulk + 5] = 6  # a spike of noise, 5 sds, four decades up
-    lo, hi, found = M._dp_range(counts, sigma=1.2)
+    lo, hi, found, _ = M._dp_range(counts, sigma=1.2)
     assert found and (lo, hi) == (10.0, 100.0)
     bimodal = counts.copy()
     bimodal[bulk + 5] = 0
@@ -153,6 +153,6 @@ def test_zeros_and_a_tail_are_one_range_and_a_hidden_range_is_weak() -> None:
     zero = int(np.searchsorted(M.GRID, 0.0))
     counts[zero] = 900
     counts[zero + 4 : zero + 6] = [80, 80]  # [1, 10) and [10, 100): 160 rows
-    lo, hi, found = M._dp_range(counts, sigma=30.0)
+    lo, hi, found, _ = M._dp_range(counts, sigma=30.0)
     assert found and lo == 0.0 and hi == 100.0
     assert M._dp_range(np.zeros(len(M.GRID) - 1, np.int64), sigma=30.0)[2] is False

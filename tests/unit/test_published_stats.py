@@ -19,7 +19,7 @@ from sklearn.datasets import load_breast_cancer, load_digits, load_wine
 from sklearn.model_selection import train_test_split
 
 from datasites.data import mock as M
-from policies.scaling import STD_FLOOR_DIVISOR
+from policies.scaling import STD_FLOOR_DIVISOR, zero_only
 from researcher.job import make_job
 from researcher.rounds import pooled_scaling
 from tests.unit.federation_sim import federate, publish, seeded_noise, site_inputs
@@ -208,3 +208,74 @@ def test_a_found_range_keeps_the_values_of_zero_inflated_columns(monkeypatch, no
     assert (kept < 0.9).sum() <= 2 and kept.mean() >= 0.97, sorted(kept)[:5]
     ratio = np.asarray(meta["feature_std"]) / x.std(0)
     assert 1 / 3 <= float(np.median(ratio)) <= 3, np.median(ratio)
+
+
+def _grid_noisy(sigma: float, counts: dict[float, int], sign: int = 1) -> np.ndarray:
+    """Noisy counts on the one-bin-a-decade grid: ``counts`` by bin lower edge (a magnitude;
+    mirrored for ``sign`` -1), every other bin 0."""
+    edges = M.GRID
+    noisy = np.zeros(len(edges) - 1)
+    for edge, count in counts.items():
+        i = (
+            int(np.flatnonzero(edges == edge)[0])
+            if sign > 0
+            else int(np.flatnonzero(edges == -edge)[0]) - 1
+        )
+        noisy[i] = count * sigma
+    return noisy
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_a_noise_spike_below_a_pixels_values_does_not_set_its_floor(sign) -> None:
+    """Issue 25, digits: the floor of a range from zero (where its non-zero values begin) was
+    the first bin above zero past 2 noise sds. Among the empty bins below 1 a spike passes in
+    about one column in fifteen: 3-5 of digits' pixels (values 0..16) then published a std of
+    0.32 and scaled to 50. The floor is read from the top down: the spike at 0.01, three empty
+    decades below the values, is not where they begin. In noise sds: zeros 20, 1..10 5,
+    10..100 8, the spike 2.5."""
+    noisy = _grid_noisy(
+        1.0,
+        {0.0: 20, 1.0: 5, 10.0: 8, 0.01: 2.5} if sign > 0 else {1.0: 5, 10.0: 8, 0.01: 2.5},
+        sign,
+    )
+    if sign < 0:
+        noisy[int(np.flatnonzero(M.GRID == 0.0)[0])] = 20.0
+    lo, hi = (0.0, 100.0) if sign > 0 else (-100.0, 0.0)
+    assert M._floor(noisy, 1.0, M.GRID, lo, hi) == 1.0
+    centre, spread = M._prior(lo, hi, searched=True, floor=1.0)
+    assert 3 <= spread <= 10  # the values' own scale (0..16), not 0.32
+
+
+def test_a_noise_sliver_below_zero_is_not_part_of_a_positive_range() -> None:
+    """Issue 25, digits: the grid bin [-0.001, 0) beside a pixel's zeros passed the widening's
+    one-sided 2-sd test now and then, and the range [-0.001, 100] crosses zero, so its prior was
+    the arithmetic centre 50 and quarter width 25 for values 0..16. The sliver is dropped."""
+    noisy = _grid_noisy(1.0, {0.0: 20, 1.0: 5, 10.0: 8})
+    zero = int(np.flatnonzero(M.GRID == 0.0)[0])
+    noisy[zero - 1] = 2.5  # [-0.001, 0): noise, past LINK_SIGMAS
+    low, high, found, _ = M._dp_range(noisy, 1.0, M.GRID)
+    assert found and (low, high) == (0.0, 100.0)
+    # a column that truly spans both signs keeps its negative part
+    noisy[zero - 3 : zero] = 8.0  # [-0.1, 0)
+    assert M._dp_range(noisy, 1.0, M.GRID)[0] == pytest.approx(-0.1)
+
+
+@pytest.mark.parametrize("noise", NOISE_SEEDS)
+def test_every_pixel_publishes_a_std_on_its_own_scale(monkeypatch, noise) -> None:
+    """The two digits traps above, end to end on a generated pixel table (values 0..16, 480
+    rows, 64 columns, at every noise seed): no column whose range was found beyond its zeros
+    publishes a std below 0.35 of its own. Before: at 4 noise seeds in 8, 1-2 columns published
+    a quarter of their std (floors at 0.1 from a noise spike), the worst 0.23; now 0.41 and up. Left out: a column whose values the search missed altogether, its range
+    the zero bin [0, 0.001] (1 of these 192; the researcher's pooling treats such a site as
+    blank in that column, ``policies.scaling.zero_only``)."""
+    monkeypatch.setattr(M, "_noisy", seeded_noise(noise))
+    table = pd.concat(
+        [pixel_table(seed=noise), pixel_table(seed=noise + 10).drop(columns="target")], axis=1
+    )
+    table.columns = [*(f"p{j}" for j in range(32)), "target", *(f"q{j}" for j in range(32))]
+    frame, meta = publish(table, "target")
+    x = frame.drop(columns=["target"]).to_numpy(np.float64)
+    found = ~zero_only(meta["feature_low"], meta["feature_high"])
+    assert found.sum() >= 60
+    ratio = np.asarray(meta["feature_std"])[found] / x.std(0)[found]
+    assert ratio.min() >= 0.35, sorted(ratio)[:4]

@@ -72,6 +72,36 @@ def test_pooled_scaling_leaves_out_a_site_whose_dp_range_missed() -> None:
     np.testing.assert_allclose(got["std"][1], np.concatenate(parts)[:, 1].std(), rtol=1e-9)
 
 
+def test_pooled_scaling_keeps_the_one_site_that_holds_a_columns_values() -> None:
+    """Issue 25, label-skewed digits: a pixel blank at two of three sites publishes [0, 0.001]
+    and a std of ~0 there. The median of the three stds was then ~0, the one site that holds
+    the pixel's values (std 2.2, range [0, 10]) was left out as the outlier, and the pooled
+    range [0, 0.001] clamped the column to nothing at every site. Blank sites are no witness
+    to a column's spread: the values' site stays, the pooled range covers them, and the
+    pooled std is the three sites' mixture."""
+    rng = np.random.default_rng(4)
+    values = np.clip(rng.normal(5, 2.5, 120), 0, 10)
+    parts = [np.zeros(100), values, np.zeros(90)]
+    metas = [
+        {
+            "rows": len(p),
+            "feature_mean": [float(p.mean())],
+            "feature_std": [float(p.std()) or 3e-4],
+            "feature_low": [0.0],
+            "feature_high": [10.0 if p.any() else 0.001],
+        }
+        for p in parts
+    ]
+    got = pooled_scaling(metas)
+    assert (got["low"][0], got["high"][0]) == (0.0, 10.0)
+    assert got["std"][0] == pytest.approx(np.concatenate(parts).std(), rel=1e-3)
+    # a site whose std is ten times off the others' (a range that reached a noise spike) is
+    # still left out when three sites hold the column's values
+    spike = [dict(m, feature_high=[10.0], feature_std=[2.0]) for m in metas]
+    spike[0] = dict(spike[0], feature_std=[9e4], feature_high=[1e6])
+    assert pooled_scaling(spike)["high"][0] == 10.0
+
+
 def _ups(*values: float, n: tuple[int, ...] | None = None) -> list[Update]:
     return [
         Update(f"s{i}", {"w": np.array([v], np.float32)}, (n or (1,) * len(values))[i])

@@ -92,6 +92,25 @@ def test_a_site_whose_std_is_far_off_the_others_is_named_by_column() -> None:
     assert len(found) == 1 and "column x7" in found[0].cause and "at c" in found[0].cause
 
 
+def test_a_column_blank_at_two_sites_names_no_outlier() -> None:
+    """Label skew leaves a pixel blank at two sites (range [0, 0.001], std ~0): the one site
+    that holds its values is not "far off the others", and nothing is named; the pooling keeps
+    that site too (researcher.rounds.pooled_scaling)."""
+    ranged = {"feature_low": [0.0] * 13, "feature_high": [10.0] * 13}
+    blank = dict(ranged, feature_high=[0.001] + [10.0] * 12)
+    sites = {
+        "a": meta(5_000, feature_std=[3e-4] + [1.0] * 12, **blank),
+        "b": meta(5_000, feature_std=[2.2] + [1.0] * 12, **ranged),
+        "c": meta(5_000, feature_std=[3e-4] + [1.0] * 12, **blank),
+    }
+    plan = TrainingPlan.of(target_epsilon=3.0)
+    assert utility.statistic_warnings(sites, plan) == []
+    # without the ranges, the same stds name b's column x0 as the outlier
+    bare = {k: {f: v for f, v in m.items() if f not in ranged} for k, m in sites.items()}
+    found = utility.statistic_warnings(bare, plan)
+    assert len(found) == 1 and "column x0" in found[0].cause and "at b" in found[0].cause
+
+
 def test_a_class_fewer_rows_than_batches_warns_and_a_big_batch_fixes_it() -> None:
     rare = {"a": meta(5_000, class_counts=[4_000, 990, 10])}
     small = TrainingPlan.of(batch_size=16, target_epsilon=3.0, validation_fraction=0.0)
