@@ -36,7 +36,8 @@ def zero_only(low: Any, high: Any) -> NDArray[np.bool_]:
     taken into a median of stds it made the one site that holds the column's values look like
     the outlier (issue 25: digits' pixel 30 was clamped to [0, 0.001] for every site)."""
     low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
-    return (np.abs(low) <= ZERO_ONLY) & (np.abs(high) <= ZERO_ONLY)
+    blank: NDArray[np.bool_] = (np.abs(low) <= ZERO_ONLY) & (np.abs(high) <= ZERO_ONLY)
+    return blank
 
 
 def floored_std(std: Any, low: Any = None, high: Any = None) -> NDArray[np.float64]:
