@@ -38,6 +38,7 @@ from policies.wire import (
     decode_weights,
 )
 from researcher import model as local_model
+from researcher.averaging import TailAverage
 from researcher.errors import SiteError, Unreachable
 from researcher.evaluation import DEFAULT_PRECISION, held_out_metrics
 from researcher.federation import Federation
@@ -65,7 +66,7 @@ class RoundRecord:
 @dataclass
 class RunResult:
     run_dir: Path
-    weights: Weights
+    weights: Weights  # the model handed back: the tail average (researcher.averaging)
     rounds: list[dict[str, Any]]
     last: RoundRecord | None = None
     # per site: rounds taken and missed (with why) and epsilon spent; see ``site_summary``
@@ -305,6 +306,9 @@ def run_federation(  # noqa: PLR0913
         done, history = 0, []
         start = initial if initial is not None else initial_weights(spec)
         weights = strategy.initialize(start)
+    tail = TailAverage(spec.plan.rounds)
+    if resume:
+        tail.load(ckpt.dir, done)
     last = None
     # after an interruption a site may have released a round this client never received;
     # a masked round is not replayed (its unmasking needs the round's survivors again)
@@ -321,9 +325,13 @@ def run_federation(  # noqa: PLR0913
                 last = _one_round(pool, links, spec, strategy, round_no, weights, limits, recover)
             recover = None
             weights = strategy.aggregate(round_no, last.updates, weights, last.skipped)
-            last.test_metrics = _test_metrics(spec, weights, test, test_precision)
+            # the test split scores the model the run would hand back now: the tail average
+            last.test_metrics = _test_metrics(
+                spec, tail.add(round_no, weights), test, test_precision
+            )
             last.test_accuracy = last.test_metrics.get("accuracy")
             history.append(_history_row(last))
+            tail.save(ckpt.dir)
             ckpt.save(spec, round_no, weights, history)
             # after the round: a crash in between resumes with the previous moments (one round's
             # momentum lost), never with this round's counted twice
@@ -334,9 +342,10 @@ def run_federation(  # noqa: PLR0913
         if spec.plan.algorithm.personalizes and not personalized.exists():
             passed = _personalize(pool, links, spec, weights, min_sites, timeout_s)
             _write(personalized, json.dumps(passed, indent=2))
-    _save_final(run_dir, spec, weights)
+    final = tail.model(weights)
+    _save_final(run_dir, spec, final)
     summary = site_summary(history, [link.name for link in links])
-    return RunResult(Path(run_dir), weights, history, last, summary)
+    return RunResult(Path(run_dir), final, history, last, summary)
 
 
 def site_summary(history: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:

@@ -64,6 +64,15 @@ class LocalSite:
         return InProcessSite(self.name, self.meta, self)
 
 
+def _fedavg(record) -> np.ndarray:  # noqa: ANN001
+    """A round's global weight matrix by hand: its updates' mean, weighted by their rows."""
+    return np.average(
+        np.stack([u.weights["0.weight"] for u in record.updates]),
+        axis=0,
+        weights=[u.n for u in record.updates],
+    )
+
+
 def _run(sites, run_dir: Path, **kw):  # noqa: ANN001, ANN202
     return run_federation(None, kw.pop("spec", _spec()), run_dir, sites=sites, **kw)
 
@@ -74,12 +83,13 @@ def test_fedavg_of_real_site_rounds_is_the_row_weighted_mean(tmp_path: Path) -> 
     result = _run([s.site() for s in locals_], tmp_path, on_round=seen.append)
     assert [len(r.updates) for r in seen] == [3, 3, 3] and all(s.trained == 3 for s in locals_)
     last = seen[-1]
-    expected = np.average(
-        np.stack([u.weights["0.weight"] for u in last.updates]),
-        axis=0,
-        weights=[u.n for u in last.updates],
-    )
-    np.testing.assert_allclose(result.weights["0.weight"], expected, rtol=1e-6)
+    expected = _fedavg(last)
+    # the global model the sites train from next is the row-weighted mean of the last round
+    with np.load(result.run_dir / "global.npz") as npz:
+        np.testing.assert_allclose(npz["0.weight"], expected, rtol=1e-6)
+    # the model handed back is the mean of the last half of the rounds' global models (2, 3)
+    tail = (_fedavg(seen[1]) + expected) / 2
+    np.testing.assert_allclose(result.weights["0.weight"], tail, rtol=1e-5)
     plan = _spec().plan
     assert [u.n for u in last.updates] == [training_rows(n, plan) for n in (80, 120, 160)]
 
