@@ -6,8 +6,9 @@ three label-skewed site shares, creates a researcher on each site, submits one D
 it as each site's admin through the ``datasite`` CLI (printing the policy report), trains the
 federation and compares it with a non-private model trained on the pooled training rows.
 
-Tuning stated honestly: the plan below was chosen by looking at the test split during
-development (there is no separate validation split at the researcher for a dataset this small).
+The job's plan is the minimal job file's: only ``target_epsilon``, every other field filled
+by the auto-plan from the sites' published numbers (``minimal_plan``), as a new user gets it.
+No setting was chosen by looking at this demo's test split.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from datasites.ledger.store import SiteStore
 from datasites.review.access import DatasetPolicy, PolicyStore
 from datasites.serving import admin, process
 from datasites.serving.config import SiteDir, init_site
+from policies import autoplan
 from policies.tls import self_signed
 from researcher import api
 from researcher.federation import Federation
@@ -56,6 +58,7 @@ def make_model(n_features: int, n_outputs: int) -> nn.Module:
 
 
 def plan(rounds: int, epsilon: float) -> dict:
+    """The demo's former hand-tuned plan (``scripts/bench`` times rounds with it)."""
     return {
         "rounds": rounds,
         "local_epochs": 2,
@@ -69,6 +72,20 @@ def plan(rounds: int, epsilon: float) -> dict:
         # the researcher's own test split is the exact, free evaluation
         "site_metrics": False,
     }
+
+
+def minimal_plan(fed: Federation, epsilon: float, rounds: int | None = None) -> dict:
+    """The minimal job file's plan (``target_epsilon`` only; ``rounds`` if given), filled by
+    the auto-plan from the sites' published numbers, as ``researcher submit`` fills it: the
+    demo runs on the defaults a new user gets. The hand-tuned ``plan`` above (chosen by looking
+    at the test split) scored 0.928 in process on the demo's split, the auto-plan 0.935
+    (20 runs each; docs/benchmarks.md)."""
+    fields: dict = {"target_epsilon": epsilon}
+    if rounds:
+        fields["rounds"] = rounds
+    metas = api.dataset_metas(fed, "breast-cancer")
+    numbers = [autoplan.SiteNumbers.from_meta(name, meta) for name, meta in metas.items()]
+    return autoplan.fill(fields, numbers).fields
 
 
 # --secure: distributed DP (policies.skellam). A round is one DP-SGD step over the three
@@ -196,7 +213,12 @@ def centralized_accuracy(shares: list[pd.DataFrame], test: pd.DataFrame, spec) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds (default: the auto-plan's, from the sites' published numbers)",
+    )
     parser.add_argument(
         "--steps", type=int, default=SECURE_STEPS, help="with --secure: rounds of one DP-SGD step"
     )
@@ -329,7 +351,7 @@ def run_once(args: argparse.Namespace, seed: int, say) -> dict:  # noqa: ANN001
         job_plan = (
             secure_plan(args.steps, args.epsilon)
             if args.secure
-            else plan(args.rounds, args.epsilon)
+            else minimal_plan(fed, args.epsilon, args.rounds)
         )
         spec = api.with_pooled_scaling(
             fed,
