@@ -76,6 +76,11 @@ class SiteNumbers:
         return cls(name, int(meta.get("rows") or 0), tuple(counts) if counts else None)
 
 
+def site_numbers(metas: Mapping[str, Mapping[str, Any]]) -> list[SiteNumbers]:
+    """Each site's public numbers from its published metadata, by site name."""
+    return [SiteNumbers.from_meta(name, meta) for name, meta in metas.items()]
+
+
 @dataclass(frozen=True)
 class AutoPlan:
     """The suggested plan fields, why each, and what the plan costs and does at every site."""

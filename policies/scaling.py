@@ -14,7 +14,7 @@ job's input order. Plain numpy; no syft, no torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,15 @@ def zero_only(low: Any, high: Any) -> NDArray[np.bool_]:
     low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
     blank: NDArray[np.bool_] = (np.abs(low) <= ZERO_ONLY) & (np.abs(high) <= ZERO_ONLY)
     return blank
+
+
+def blank_inputs(meta: Mapping[str, Any], width: int) -> list[bool]:
+    """Per input, whether a site's published range holds only zeros (``zero_only``); all
+    False where the site publishes no ranges for ``width`` inputs."""
+    low, high = meta.get("feature_low"), meta.get("feature_high")
+    if not low or not high or len(low) != width or len(high) != width:
+        return [False] * width
+    return [bool(b) for b in zero_only(low, high)]
 
 
 def floored_std(std: Any, low: Any = None, high: Any = None) -> NDArray[np.float64]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from policies.plan import TrainingPlan, step_plan, training_rows
-from policies.scaling import zero_only
+from policies.scaling import blank_inputs
 
 MAX_STEP_NOISE = 1.0  # sigma / expected batch: noise std per coordinate over the clip
 RANGE_SIGMAS = 4.0  # as datasites.data.mock: a window passes at this many noise sds
@@ -192,14 +192,6 @@ def _mock_epsilon_for(meta: Mapping[str, Any], sigma_wanted: float) -> float | N
     return None
 
 
-def _blank(meta: Mapping[str, Any], width: int) -> list[bool]:
-    """Per input, whether the site's published range holds only zeros."""
-    low, high = meta.get("feature_low"), meta.get("feature_high")
-    if not low or not high or len(low) != width or len(high) != width:
-        return [False] * width
-    return [bool(b) for b in zero_only(low, high)]
-
-
 def _outlier_warnings(
     metas: Mapping[str, Mapping[str, Any]], names: list[str] | None
 ) -> list[UtilityWarning]:
@@ -214,7 +206,7 @@ def _outlier_warnings(
         return []
     first = next(iter(metas.values()))
     names = names or _feature_names(first)
-    blank = {s: _blank(metas[s], len(v)) for s, v in stds.items()}
+    blank = {s: blank_inputs(metas[s], len(v)) for s, v in stds.items()}
     out = []
     for j in range(len(next(iter(stds.values())))):
         witnesses = {s: v for s, v in stds.items() if not blank[s][j]}

@@ -340,9 +340,8 @@ def _auto_fill(
     """The auto-plan for a minimal PLAN, or for any with ``forced`` (``--auto-plan``)."""
     if plan_fields is None or not (forced or autoplan.is_minimal(plan_fields)):
         return None
-    sites_ = [autoplan.SiteNumbers.from_meta(name, m) for name, m in metas.items()]
     try:
-        return autoplan.fill(plan_fields, sites_, override=forced)
+        return autoplan.fill(plan_fields, autoplan.site_numbers(metas), override=forced)
     except PlanError as exc:
         raise JobError(f"auto-plan: {exc}") from exc
 
@@ -355,9 +354,8 @@ def plan_for(
     metas = dataset_metas(fed, dataset)
     if not metas:
         raise JobError(f"no site in the federation has dataset {dataset!r}")
-    sites_ = [autoplan.SiteNumbers.from_meta(name, m) for name, m in metas.items()]
     try:
-        auto = autoplan.suggest(sites_, target_epsilon, given)
+        auto = autoplan.suggest(autoplan.site_numbers(metas), target_epsilon, given)
     except PlanError as exc:
         raise JobError(f"auto-plan: {exc}") from exc
     return auto, utility.utility_warnings(auto.plan(), metas, auto.noise_multiplier)

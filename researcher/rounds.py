@@ -27,7 +27,7 @@ from policies.compression import decompress
 from policies.errors import WireError
 from policies.plan import MIN_STD, JobSpec
 from policies.scaling import apply as apply_scaling
-from policies.scaling import floored_std, weak_inputs, zero_only
+from policies.scaling import blank_inputs, floored_std, weak_inputs
 from policies.wire import (
     Participant,
     ReplayLast,
@@ -145,7 +145,7 @@ def _not_outliers(
     sites whose range holds more than zeros (``policies.scaling.zero_only``): a site blank in a
     column is no witness to its spread. An input with fewer than three such sites keeps all."""
     if all(m.get("feature_low") and m.get("feature_high") for m in metas):
-        blank = zero_only([m["feature_low"] for m in metas], [m["feature_high"] for m in metas])
+        blank = np.array([blank_inputs(m, sd.shape[1]) for m in metas], dtype=bool)
     else:
         blank = np.zeros(sd.shape, dtype=bool)
     witnesses = np.where(blank, np.nan, sd)

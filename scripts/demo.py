@@ -83,8 +83,7 @@ def minimal_plan(metas: dict[str, dict], epsilon: float, rounds: int | None = No
     fields: dict = {"target_epsilon": epsilon}
     if rounds:
         fields["rounds"] = rounds
-    numbers = [autoplan.SiteNumbers.from_meta(name, meta) for name, meta in metas.items()]
-    return autoplan.fill(fields, numbers).fields
+    return autoplan.fill(fields, autoplan.site_numbers(metas)).fields
 
 
 # --secure: distributed DP (policies.skellam). A round is one DP-SGD step over the three

@@ -350,10 +350,9 @@ def _floor(noisy: np.ndarray, sigma: float, edges: np.ndarray, lo: float, hi: fl
     inputs reached 50 after scaling. A floor a decade too low shrinks the published std three
     times (inputs blown up); one a decade too high only squashes them, but at 3 sds a step (a
     real [1, 10) bin under [10, 100)) failed so often that digits lost 2 points (0.846 vs
-    0.864-0.869 at 2-2.5 sds, 24-48 runs). The
-    caller takes the lower of this and where the range search's bulk began (``Found.start``),
-    which stood a Bonferroni bound clear: values of 5..15 pass as one window [1, 100] where
-    the bin [1, 10) alone does not.
+    0.864-0.869 at 2-2.5 sds, 24-48 runs). The caller takes the lower of this and where the
+    range search's bulk began (``Found.start``), which stood a Bonferroni bound clear: values
+    of 5..15 pass as one window [1, 100] where the bin [1, 10) alone does not.
     """
     if lo < 0 < hi:
         return 0.0
