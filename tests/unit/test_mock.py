@@ -41,7 +41,10 @@ def test_with_little_noise_marginals_and_label_balance_are_kept(
     mock = generous.mock
     assert abs(mock["target"].mean() - private["target"].mean()) < 0.03
     stats = [ks_2samp(private[c], mock[c]).statistic for c in private.columns[:-1]]
-    assert np.mean(stats) < 0.15 and max(stats) < 0.3
+    # a column whose range the search got wrong scores 0.7-1.0; a heavy tail drawn uniformly
+    # within 16 equal bins (area error: 7..542, median 25) up to 0.55 (650 mocks: mean of 30
+    # columns at most 0.10, worst column 0.55; the noise is never seeded, so no tighter)
+    assert np.mean(stats) < 0.12 and max(stats) < 0.7
     assert abs(generous.rows - len(private)) < 10
 
 
@@ -144,6 +147,50 @@ def test_a_lone_noise_spike_far_from_the_bulk_does_not_stretch_the_range() -> No
     bimodal[bulk + 5] = 0
     bimodal[bulk + 2] = 150  # a real second mode two decades up stays in
     assert M._dp_range(bimodal, sigma=1.2)[1] == 1e4
+
+
+def _fine_bulk() -> tuple[np.ndarray, np.ndarray, int]:
+    """A column of values 10..100 on the grid of four bins a decade, noise sd 1: the bins of
+    [10, 100) hold 1800 rows, the bins above are empty; returns edges, counts, the first empty."""
+    edges = M.grid(4)
+    counts = np.zeros(len(edges) - 1)
+    bulk = int(np.searchsorted(edges, 10.0))
+    counts[bulk : bulk + 4] = [300, 600, 600, 300]
+    return edges, counts, bulk + 4
+
+
+def test_a_thin_bin_atop_the_bulk_does_not_carry_empty_bins_into_the_range() -> None:
+    """Breast cancer at epsilon 50: a bin of a few real rows just under the bar (4 noise sds)
+    and three bins of noise passed as one window, and 0.002..0.04 was published [0.003, 31.6]."""
+    edges, counts, top = _fine_bulk()
+    counts[top : top + 4] = [4.0, 2.0, 2.0, 2.0]  # 10 / sqrt(4) = 5 sds: past the 4.29 bar
+    low, high, found, _ = M._dp_range(counts, 1.0, edges)
+    assert found and low == 10.0
+    assert high == pytest.approx(edges[top + 1])  # the thin bin joins by _widen; no empty bin
+
+
+@pytest.mark.parametrize(("spike", "joins"), [(5.0, False), (8.0, True)])
+def test_a_window_across_empty_bins_joins_only_past_the_stricter_bound(
+    spike: float, joins: bool
+) -> None:
+    """Within three decades, one column in a hundred linked a spike of pure noise (a column of
+    0.002..0.03 published [0.001, 5623]); past FALSE_APART's bound (5.2 sds here) it is a mode."""
+    edges, counts, top = _fine_bulk()
+    counts[top + 3] = spike  # three empty bins between
+    high = M._dp_range(counts, 1.0, edges).high
+    assert high == pytest.approx(edges[top + 4] if joins else edges[top])
+
+
+def test_zeros_and_their_values_do_not_link_a_spike_beyond_the_values() -> None:
+    """The zeros join their values across empty decades at the usual bar (digits' pixels); a
+    spike a decade past the values does not ride on that: it needs the stricter bound."""
+    counts = np.zeros(len(M.GRID) - 1)
+    zero = int(np.searchsorted(M.GRID, 0.0))
+    counts[zero] = 900
+    counts[zero + 4 : zero + 6] = [300, 300]  # [1, 10) and [10, 100)
+    counts[zero + 7] = 120  # [1e3, 1e4): 4 sds, past 3.65, short of 4.69
+    low, high, found, _ = M._dp_range(counts, 30.0, M.GRID)
+    assert found and (low, high) == (0.0, 100.0)
 
 
 def test_zeros_and_a_tail_are_one_range_and_a_hidden_range_is_weak() -> None:
