@@ -17,6 +17,11 @@ of each per-column histogram):
    holds four times the rows of a quarter decade for the same noise, and on a 66-row table
    half the columns' ranges used to land on a noise spike of the quarter-decade grid (a mean of
    -13,855,824 for a column in [0.4, 3.6], issue 25).
+   A window counts only its own bins: none that a passing window claimed, and (two bins or
+   wider) not the bin beside one (``_own_score``); a window across empty bins joins the range
+   only past a stricter bound (``FALSE_APART``), unless it joins the zeros to their values.
+   Otherwise a window borrowed a thin real bin, or a spike two decades off joined, and a
+   column's range ran up to five decades past its values (one mock in twenty on 30 columns).
    The grid is bounded: no range reaches past 1e9. A bin next to the range that holds rows
    joins it (``_widen``, one test a side), and on the decade grid a range of one sign reaches
    zero (``_from_zero``): a range too narrow erases what the clamp cuts off, one too wide only
