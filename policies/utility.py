@@ -33,8 +33,12 @@ from policies.plan import TrainingPlan, step_plan, training_rows
 from policies.scaling import blank_inputs
 
 MAX_STEP_NOISE = 1.0  # sigma / expected batch: noise std per coordinate over the clip
-RANGE_SIGMAS = 4.0  # as datasites.data.mock: a window passes at this many noise sds
-RANGE_WINDOW = 8  # the widest window the mock's range search sums (grid bins)
+# the rows a site needs to find a column's range: RANGE_SIGMAS noise sds over RANGE_WINDOW
+# bins. Above datasites.data.mock's bar (3.6 sds on a small table's grid, for windows of up to
+# 3 bins: 6.3 sds of rows; tests/unit/test_utility.py holds the two together), so that a site
+# the check passes finds its ranges even when a column's rows spread over its widest window
+RANGE_SIGMAS = 4.0
+RANGE_WINDOW = 8
 MIN_CLASS_ROWS_PER_STEP = 1.0
 OUTLIER_RATIO = 10.0  # a site's std this far off the other sites' median is named
 MOCK_EPSILONS = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)  # what a warning may suggest

@@ -76,6 +76,20 @@ def test_statistics_from_a_small_mock_warn_with_a_mock_epsilon_that_suffices() -
     assert utility.statistic_warnings({"a": meta(66, mock_epsilon=wanted)}, plan) == []
 
 
+def test_the_rows_the_check_asks_for_clear_the_mocks_range_search_bar() -> None:
+    """The check stands in for the mock's range search without importing it (policies/ does
+    not import datasites/): a site it passes must have rows enough for the search's widest
+    window on a small table's grid to stand clear, or a silent check hides a weak range."""
+    import math
+
+    from datasites.data import mock
+
+    bins = len(mock.GRID) - 1
+    widths = range(1, mock.MAX_WIDTH + 1)
+    bar = mock._threshold(sum(bins - w + 1 for w in widths)) * math.sqrt(mock.MAX_WIDTH)
+    assert utility.RANGE_SIGMAS * math.sqrt(utility.RANGE_WINDOW) >= bar
+
+
 def test_statistics_of_a_large_site_bounded_columns_or_no_scaling_do_not_warn() -> None:
     plan = TrainingPlan.of(target_epsilon=3.0)
     assert utility.statistic_warnings({"a": meta(5_000)}, plan) == []
