@@ -727,18 +727,31 @@ def models(site: SiteOpt, json: JsonOpt = False) -> None:
 def console(
     site: SiteOpt,
     port: Annotated[int, typer.Option(help="Port of the console on 127.0.0.1.")] = 8900,
+    login_delay: Annotated[
+        float,
+        typer.Option(
+            help="Seconds of the first wait after three wrong passwords (doubling after each "
+            "further one); at least 1."
+        ),
+    ] = 1.0,
 ) -> None:
     """Serve the admin web console on loopback (log in with the admin password); Ctrl-C stops it."""
     import uvicorn
 
     from datasites.console.app import create_app
+    from datasites.console.sessions import BASE_DELAY, MAX_DELAY
 
     if not 1 <= port <= 65535:
         raise DatasiteError(f"port {port} is outside 1-65535")
+    if not BASE_DELAY <= login_delay <= MAX_DELAY:
+        raise DatasiteError(
+            f"--login-delay {login_delay:g} is outside {BASE_DELAY:g}-{MAX_DELAY:g} s: a shorter"
+            " wait lets a guesser try passwords at HTTP speed"
+        )
     live(site)
     out.print(f"console of {site.config().name} on http://127.0.0.1:{port} (Ctrl-C stops it)")
     uvicorn.run(
-        create_app(site),
+        create_app(site, login_delay),
         host="127.0.0.1",
         port=port,
         log_level="warning",

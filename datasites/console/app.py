@@ -17,7 +17,7 @@ from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from datasites.console.sessions import Session, Sessions
+from datasites.console.sessions import BASE_DELAY, Session, Sessions
 from datasites.errors import DatasiteError
 from datasites.ledger.audit import AuditLog
 from datasites.ledger.budget import BudgetLedger, Release
@@ -41,9 +41,11 @@ HEADERS = {
 }
 
 
-def create_app(site: SiteDir) -> FastAPI:
+def create_app(site: SiteDir, login_delay: float = BASE_DELAY) -> FastAPI:
+    """The console of ``site``; ``login_delay``: seconds of the first wait after the free
+    wrong passwords (``datasite.console.sessions``)."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    sessions = Sessions(site.admin_password())
+    sessions = Sessions(site.admin_password(), login_delay)
     store = SiteStore(site.site_db)
 
     @app.middleware("http")

@@ -52,11 +52,12 @@ class Attempt:
         return self.retry_after > 0
 
 
-def delay_after(failures: int) -> float:
-    """Seconds a client waits after its ``failures``-th wrong password in a row."""
+def delay_after(failures: int, base: float = BASE_DELAY) -> float:
+    """Seconds a client waits after its ``failures``-th wrong password in a row, the first
+    wait being ``base`` seconds."""
     if failures <= FREE_FAILURES:
         return 0.0
-    return min(MAX_DELAY, BASE_DELAY * 2 ** (failures - FREE_FAILURES - 1))
+    return min(MAX_DELAY, base * 2 ** (failures - FREE_FAILURES - 1))
 
 
 def clean_password(password: str) -> str:
@@ -66,8 +67,13 @@ def clean_password(password: str) -> str:
 
 
 class Sessions:
-    def __init__(self, password: str) -> None:
+    def __init__(self, password: str, base_delay: float = BASE_DELAY) -> None:
+        """``base_delay``: the first wait, at least ``BASE_DELAY``; a site may ask for longer
+        (``datasite console --login-delay``), never for guesses at HTTP speed."""
+        if not BASE_DELAY <= base_delay <= MAX_DELAY:
+            raise ValueError(f"the first login wait must be {BASE_DELAY:g}-{MAX_DELAY:g} s")
         self._password = password
+        self._base_delay = base_delay
         self._live: dict[str, Session] = {}
         self._clients: dict[str, _Client] = {}
         self._lock = threading.Lock()
@@ -84,7 +90,7 @@ class Sessions:
             if not hmac.compare_digest(clean_password(password).encode(), self._password.encode()):
                 client = self._clients.pop(key, None) or _Client()
                 client.failures += 1
-                client.wait_until = now + delay_after(client.failures)
+                client.wait_until = now + delay_after(client.failures, self._base_delay)
                 self._remember(key, client)
                 return Attempt()
             self._clients.pop(key, None)

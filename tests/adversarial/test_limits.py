@@ -152,6 +152,9 @@ def test_the_job_path_still_runs_and_its_upload_is_removed_after_the_call(arena)
 
 
 # --- the console ----------------------------------------------------------------------------
+# the first wait: the default 1 s ran out before the next request on a loaded 2-core machine (a
+# CI run got 303 where the wait should refuse); each wait below must outlast a request
+LOGIN_DELAY = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +162,7 @@ def console(arena):
     port = free_port()
     child = subprocess.Popen(
         [sys.executable, "-m", "datasites.cli", "console", "--dir", str(arena.site.dir)]
-        + ["--port", str(port)],
+        + ["--port", str(port), "--login-delay", str(LOGIN_DELAY)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

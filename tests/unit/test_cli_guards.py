@@ -246,3 +246,17 @@ def test_a_bad_strategy_in_the_job_file_is_one_line_before_any_site(
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert f"{job}: STRATEGY: strategy 'fedavgm': momentum must be in [0, 1), got 1.5" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.toml", "job.py", "pw"]
+
+
+@pytest.mark.parametrize("delay", ["0.5", "0", "-3", "1e9"])
+def test_a_login_delay_that_lets_guesses_run_fast_is_one_line_exit_1(
+    tmp_path: Path, delay: str
+) -> None:
+    from datasites.serving.config import init_site
+
+    init_site(tmp_path / "s", "s", port=1)
+    proc = run_cli(
+        "datasite", "console", "--dir", str(tmp_path / "s"), "--login-delay", delay, check=False
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "--login-delay" in lines[0], lines

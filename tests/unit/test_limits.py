@@ -111,6 +111,9 @@ def test_the_upload_registry_holds_a_quota_per_user(tmp_path: Path) -> None:
 
 def test_delays_grow_per_client_and_the_right_client_gets_in() -> None:
     assert [delay_after(n) for n in range(FREE_FAILURES + 4)][FREE_FAILURES:] == [0, 1, 2, 4]
+    assert [delay_after(n, 5.0) for n in range(FREE_FAILURES + 3)][FREE_FAILURES:] == [0, 5, 10]
+    with pytest.raises(ValueError, match="first login wait"):
+        Sessions("secret", base_delay=0.1)  # guesses at HTTP speed: refused
     sessions = Sessions("secret")
     for _ in range(FREE_FAILURES + 1):
         assert sessions.attempt("guess", "10.0.0.1").sid is None
