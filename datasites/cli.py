@@ -739,15 +739,14 @@ def console(
     import uvicorn
 
     from datasites.console.app import create_app
-    from datasites.console.sessions import BASE_DELAY, MAX_DELAY
+    from datasites.console.sessions import check_delay
 
     if not 1 <= port <= 65535:
         raise DatasiteError(f"port {port} is outside 1-65535")
-    if not BASE_DELAY <= login_delay <= MAX_DELAY:
-        raise DatasiteError(
-            f"--login-delay {login_delay:g} is outside {BASE_DELAY:g}-{MAX_DELAY:g} s: a shorter"
-            " wait lets a guesser try passwords at HTTP speed"
-        )
+    try:
+        check_delay(login_delay)
+    except ValueError as e:
+        raise DatasiteError(f"--login-delay: {e}") from None
     live(site)
     out.print(f"console of {site.config().name} on http://127.0.0.1:{port} (Ctrl-C stops it)")
     uvicorn.run(

@@ -60,6 +60,17 @@ def delay_after(failures: int, base: float = BASE_DELAY) -> float:
     return min(MAX_DELAY, base * 2 ** (failures - FREE_FAILURES - 1))
 
 
+def check_delay(seconds: float) -> float:
+    """``seconds`` as a first login wait, or ValueError: at least ``BASE_DELAY`` (less lets a
+    guesser try passwords at HTTP speed), at most ``MAX_DELAY``."""
+    if not BASE_DELAY <= seconds <= MAX_DELAY:
+        raise ValueError(
+            f"the first login wait must be {BASE_DELAY:g}-{MAX_DELAY:g} s, not {seconds:g}: a"
+            " shorter wait lets a guesser try passwords at HTTP speed"
+        )
+    return seconds
+
+
 def clean_password(password: str) -> str:
     """The password as typed, less the line end that ``cat admin-password`` or a pasted line
     carries (issue 26); a generated password never ends in whitespace."""
@@ -70,10 +81,8 @@ class Sessions:
     def __init__(self, password: str, base_delay: float = BASE_DELAY) -> None:
         """``base_delay``: the first wait, at least ``BASE_DELAY``; a site may ask for longer
         (``datasite console --login-delay``), never for guesses at HTTP speed."""
-        if not BASE_DELAY <= base_delay <= MAX_DELAY:
-            raise ValueError(f"the first login wait must be {BASE_DELAY:g}-{MAX_DELAY:g} s")
         self._password = password
-        self._base_delay = base_delay
+        self._base_delay = check_delay(base_delay)
         self._live: dict[str, Session] = {}
         self._clients: dict[str, _Client] = {}
         self._lock = threading.Lock()

@@ -280,15 +280,13 @@ def _dp_range(noisy: np.ndarray, sigma: float, edges: np.ndarray = GRID) -> Foun
     for width in widths:
         sums = np.convolve(noisy, np.ones(width), mode="valid")
         score = sums / (sigma * math.sqrt(width))
-        taken = claimed if width == 1 else _bordered(claimed)
         for i in np.flatnonzero(score > threshold):
             if any(a >= i and b <= i + width - 1 for a, b, _ in spans):
                 continue  # it holds a passing window: it passes because of it
-            own = _own_score(noisy, taken[i : i + width], i, sigma)
+            own = _own_score(noisy, claimed, i, width, sigma)
             if own > threshold:
                 spans.append((int(i), int(i) + width - 1, own))
                 claimed[i : i + width] = True
-                taken = claimed if width == 1 else _bordered(claimed)
     if spans:
         bulk = _bulk(spans, edges, _threshold(tests, FALSE_APART))
         start = _from_zero(*_ends(edges, *bulk))[0]
@@ -298,16 +296,11 @@ def _dp_range(noisy: np.ndarray, sigma: float, edges: np.ndarray = GRID) -> Foun
     return Found(float(edges[first]), float(edges[first + FALLBACK_WIDTH * per_decade]), False)
 
 
-def _bordered(claimed: np.ndarray) -> np.ndarray:
-    """The claimed bins and each bin beside them: a bin beside the bulk is ``_widen``'s to judge."""
-    out = claimed.copy()
-    out[1:] |= claimed[:-1]
-    out[:-1] |= claimed[1:]
-    return out
-
-
-def _own_score(noisy: np.ndarray, taken: np.ndarray, start: int, sigma: float) -> float:
-    """A window's noise sds from its bins that are not ``taken``; 0.0 if none are left.
+def _own_score(
+    noisy: np.ndarray, claimed: np.ndarray, start: int, width: int, sigma: float
+) -> float:
+    """The noise sds of the window of ``width`` bins from ``start``, from its own bins only:
+    not ``claimed`` by a passing window, nor (``width`` >= 2) beside one; 0.0 if none are left.
 
     Why: a window that holds rows another window already showed passes because of them, and
     would stretch the range by its width. Only the bins of its own count, and for a window of
@@ -317,7 +310,11 @@ def _own_score(noisy: np.ndarray, taken: np.ndarray, start: int, sigma: float) -
     published [5.6, 31623] and 0.002..0.04 [0.003, 31.6] at epsilon 50, in about one mock in
     twenty between them. The bin beside the bulk still joins by ``_widen``'s one-sided test.
     """
-    own = np.flatnonzero(~taken) + start
+    taken = claimed.copy()
+    if width > 1:  # a bin beside the bulk is _widen's to judge
+        taken[1:] |= claimed[:-1]
+        taken[:-1] |= claimed[1:]
+    own = np.flatnonzero(~taken[start : start + width]) + start
     if len(own) == 0:
         return 0.0
     return float(noisy[own].sum() / (sigma * math.sqrt(len(own))))
