@@ -157,6 +157,10 @@ def console(https_site):
             str(site.dir),
             "--port",
             str(port),
+            # the last test guesses: at the default 1 s, a loaded 2-core machine let the wait
+            # run out before the next request (as in tests/adversarial/test_limits.py)
+            "--login-delay",
+            "5",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
