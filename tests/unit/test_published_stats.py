@@ -157,7 +157,8 @@ def test_the_published_centre_is_post_processing_of_the_noisy_counts(
     """Attack on the prior: a private value that moves within its grid decade and its shape bin
     must not move any published statistic (the prior reads the released range, never a row).
     Here the largest value of every column moves by a hair, staying in its bins. The pixel
-    table runs the range's widening, its reach to zero and its floor (zero-inflated columns)."""
+    table runs the range's widening, its reach to zero and its floor (zero-inflated columns),
+    and the pooled prior of columns on the same bins (``_pooled_stats``)."""
     monkeypatch.setattr(M, "_noisy", seeded_noise(noise))
     frame = {"lognormal": lognormal_table, "pixel": pixel_table}[table](seed=noise)
     moved = frame.copy()
