@@ -71,3 +71,36 @@ def test_found_ranges_read_from_a_plain_client_are_grid_edges_and_cost_nothing(a
     assert not np.isclose(published[:, None], extremes[None, :], rtol=1e-6, atol=0.0).any()
     assert arena.spent(EVE) == before
     assert_serving(arena)
+
+
+def test_the_pooled_prior_read_from_a_plain_client_holds_no_private_statistic(arena) -> None:
+    """Session 12's pooled prior (``datasites.data.mock._pooled_stats``): columns on the same
+    bins pool their shape counts, so a published mean or std now depends on other columns too.
+    Were it pooled from rows rather than the noisy counts, a group's exact statistics would be
+    out. From a plain syft client, through the researcher package's reader: the arena's table
+    has groups of columns on one published range (the path runs); no published number is a
+    private column's mean or std, nor a group's pooled mean or std over its rows (clamped to
+    the range, as the site would), nor that of any column of it; and reading spends nothing."""
+    from datasites.data import mock as M
+
+    client = arena.client(EVE)
+    before = arena.spent(EVE)
+    meta = sites.asset_meta(arena.asset(client))
+    ranges = list(zip(meta["feature_low"], meta["feature_high"], strict=True))
+    groups = [
+        [j for j, r in enumerate(ranges) if r == key]
+        for key in set(ranges)
+        if ranges.count(key) >= M.GROUP_MIN
+    ]
+    assert groups  # the pooled prior ran on this table
+    private = [arena.rows.mean(0), arena.rows.std(0)]
+    for members in groups:
+        low, high = ranges[members[0]]
+        pooled = np.clip(arena.rows[:, members], low, high)
+        private += [pooled.mean(0), pooled.std(0), np.array([pooled.mean(), pooled.std()])]
+    secret = np.concatenate(private)
+    secret = secret[secret != 0.0]
+    published = np.concatenate([meta["feature_mean"], meta["feature_std"]])
+    assert not np.isclose(published[:, None], secret[None, :], rtol=1e-6, atol=0.0).any()
+    assert arena.spent(EVE) == before
+    assert_serving(arena)
