@@ -185,6 +185,15 @@ def pixel_table(rows: int = 480, seed: int = 0) -> pd.DataFrame:
     return frame.assign(target=rng.integers(0, 10, rows))
 
 
+def wide_pixel_table(seed: int) -> pd.DataFrame:
+    """Two pixel tables side by side: 64 columns (digits' width), 480 rows, one target."""
+    table = pd.concat(
+        [pixel_table(seed=seed), pixel_table(seed=seed + 10).drop(columns="target")], axis=1
+    )
+    table.columns = [*(f"p{j}" for j in range(32)), "target", *(f"q{j}" for j in range(32))]
+    return table
+
+
 @pytest.mark.parametrize("sign", [1, -1])
 @pytest.mark.parametrize("noise", NOISE_SEEDS)
 def test_a_found_range_keeps_the_values_of_zero_inflated_columns(monkeypatch, noise, sign) -> None:
@@ -270,10 +279,7 @@ def test_every_pixel_publishes_a_std_on_its_own_scale(monkeypatch, noise) -> Non
     the zero bin [0, 0.001] (1 of these 192; the researcher's pooling treats such a site as
     blank in that column, ``policies.scaling.zero_only``)."""
     monkeypatch.setattr(M, "_noisy", seeded_noise(noise))
-    table = pd.concat(
-        [pixel_table(seed=noise), pixel_table(seed=noise + 10).drop(columns="target")], axis=1
-    )
-    table.columns = [*(f"p{j}" for j in range(32)), "target", *(f"q{j}" for j in range(32))]
+    table = wide_pixel_table(noise)
     frame, meta = publish(table, "target")
     x = frame.drop(columns=["target"]).to_numpy(np.float64)
     found = ~zero_only(meta["feature_low"], meta["feature_high"])
@@ -290,10 +296,7 @@ def test_alike_columns_on_the_same_range_publish_alike_stds(monkeypatch, noise) 
     Columns released on the same bins pool their noisy counts into the prior (``_pooled_stats``):
     within every such group the published stds are now within 1.3 times of each other."""
     monkeypatch.setattr(M, "_noisy", seeded_noise(noise))
-    table = pd.concat(
-        [pixel_table(seed=noise), pixel_table(seed=noise + 10).drop(columns="target")], axis=1
-    )
-    table.columns = [*(f"p{j}" for j in range(32)), "target", *(f"q{j}" for j in range(32))]
+    table = wide_pixel_table(noise)
     _, meta = publish(table, "target")
     std = np.asarray(meta["feature_std"])
     ranges = list(zip(meta["feature_low"], meta["feature_high"], strict=True))
