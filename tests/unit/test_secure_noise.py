@@ -26,7 +26,9 @@ def test_noise_has_the_requested_std_and_shape() -> None:
     ref = torch.zeros(200, 100)
     noise = secure_gaussian_like(2.5, ref)
     assert noise.shape == ref.shape and noise.dtype == ref.dtype
-    assert abs(float(noise.std()) - 2.5) < 0.05 and abs(float(noise.mean())) < 0.05
+    # 20,000 draws: the mean's sd is 2.5 / sqrt(20000) = 0.018 and the std's 0.0125. Both
+    # bounds sit past 5 sds (a bound of 0.05 on the mean, 2.8 sds, failed one run in 200)
+    assert abs(float(noise.std()) - 2.5) < 0.07 and abs(float(noise.mean())) < 0.09
     assert float(secure_gaussian_like(0.0, ref).abs().sum()) == 0.0
 
 
