@@ -249,6 +249,8 @@ def upload(
             out.print(
                 f"bounds declared for {len(declared)} column(s) (public schema); {_clamped(result.clamped)}"
             )
+        for line in result.advice:
+            out.print(f"note: {line}")
 
 
 def _clamped(counts: dict[str, int] | None) -> str:

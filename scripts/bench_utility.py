@@ -16,6 +16,10 @@ seed:
   (``policies.skellam.gradient``) with server-side momentum. Its epsilon per site is the Skellam
   accountant's (``policies.skellam``), the same the ledger charges.
 
+* **bounds**: the same as *defaults*, with each site's owner declaring public bounds at upload
+  (``datasite upload --bounds``) as a data dictionary gives them (``dictionary_bounds``): the
+  mock spends nothing on finding ranges, and its statistics are read within them.
+
 * **defaults**: what a new user gets: the minimal job file (only ``target_epsilon``), filled
   by the auto-plan (``policies.autoplan``) from the sites' published numbers, its default linear
   model, every round through the site's code path (``site_scaling``, ``prepare_task``,
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -46,7 +51,7 @@ from sklearn.datasets import load_breast_cancer, load_digits, load_iris, load_wi
 from sklearn.model_selection import train_test_split
 
 from datasites.data.mock import make_mock
-from datasites.data.tables import validate_table
+from datasites.data.tables import clamp, validate_table
 from datasites.serving.admin import _meta
 from policies import autoplan, skellam
 from policies.compression import flatten, unflatten
@@ -115,14 +120,40 @@ def table(name: str, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], tu
     return sites, (xte.astype(np.float32), yte), int(len(np.unique(y)))
 
 
-def published(sites: list) -> list[tuple[pd.DataFrame, dict[str, Any]]]:
-    """Each site's validated table and the metadata its upload publishes (DP mock included)."""
+def published(
+    sites: list, bounds: dict[str, tuple[float, float]] | None = None
+) -> list[tuple[pd.DataFrame, dict[str, Any]]]:
+    """Each site's validated table and the metadata its upload publishes (DP mock included),
+    with the owner's declared ``bounds`` (clamped to them, as ``datasite upload`` does)."""
     out = []
     for x, y in sites:
         frame = pd.DataFrame(x, columns=[f"x{j}" for j in range(x.shape[1])])
         frame["target"] = y
         table_ = validate_table(frame, "target")
-        out.append((table_.frame, _meta(table_, "t", make_mock(table_.frame, "target"))))
+        if bounds:
+            table_ = replace(table_, frame=clamp(table_.frame, bounds)[0])
+        release = make_mock(table_.frame, "target", bounds=bounds)
+        out.append((table_.frame, _meta(table_, "t", release)))
+    return out
+
+
+def dictionary_bounds(name: str) -> dict[str, tuple[float, float]]:
+    """The bounds a data dictionary gives an owner, one pair per column: digits' documented
+    pixel range 0..16; for the other tables each column's range over the whole published
+    dataset, rounded outward at the order of magnitude of its span (wine's alcohol 11.03-14.83
+    is declared 11-15, its proline 278-1680 is declared 0-2000). Public knowledge about the
+    kind of data, not a statistic of any site's rows."""
+    x, _ = LOADERS[name](return_X_y=True)
+    if name == "digits":
+        return {f"x{j}": (0.0, 16.0) for j in range(x.shape[1])}
+    out = {}
+    for j in range(x.shape[1]):
+        lo, hi = float(x[:, j].min()), float(x[:, j].max())
+        step = 10.0 ** math.floor(math.log10(hi - lo)) if hi > lo else 1.0
+        out[f"x{j}"] = (
+            round(math.floor(lo / step) * step, 9),
+            round(math.ceil(hi / step) * step, 9),
+        )
     return out
 
 
@@ -289,7 +320,7 @@ def distributed_dp(  # noqa: PLR0913
     return accuracy(model_dict, weights, test), privacy.noise_multiplier
 
 
-COLUMNS = ("central", "per_site", "distributed", "defaults")
+COLUMNS = ("central", "per_site", "distributed", "defaults", "bounds")
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -335,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
                     cells["distributed"].append(acc)
                 if "defaults" in cells:
                     cells["defaults"].append(defaults(shares, raw_test, eps, seed))
+                if "bounds" in cells:
+                    declared = published(raw, dictionary_bounds(name))
+                    cells["bounds"].append(defaults(declared, raw_test, eps, seed))
             row: dict[str, Any] = {k: summary(v) for k, v in cells.items()}
             if "distributed" in cells:
                 row["distributed_noise_multiplier"] = sigma

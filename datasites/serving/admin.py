@@ -85,6 +85,9 @@ class UploadResult:
     # per bounded column, how many values lay outside its declared bounds and were clamped:
     # the owner's alone (upload output, ``datasite datasets``), never published
     clamped: dict[str, int] = field(default_factory=dict)
+    # what would make the published statistics useful, when the mock cannot read them above
+    # its noise (``policies.utility.upload_warning``): public numbers only
+    advice: list[str] = field(default_factory=list)
 
 
 def dataset_names(client: Any) -> list[str]:
@@ -154,7 +157,15 @@ def upload(  # noqa: PLR0913
         table.target,
         release.epsilon,
         clamped,
+        _advice(meta),
     )
+
+
+def _advice(meta: dict[str, Any]) -> list[str]:
+    from policies.utility import upload_warning
+
+    warning = upload_warning(meta)
+    return [warning.text] if warning else []
 
 
 def _check_request_size(site: SiteDir, mock: pd.DataFrame) -> None:

@@ -160,6 +160,8 @@ class UploadReply:
     mock_epsilon: float
     # per bounded column, how many values were clamped: the owner's alone, never published
     clamped: dict[str, int] = field(default_factory=dict)
+    # what would make the published statistics useful (declared bounds), when anything would
+    advice: list[str] = field(default_factory=list)
 
 
 CALLS: dict[str, tuple[type, type]] = {

@@ -62,7 +62,10 @@ def wineries(tmp_path_factory):
     for site, share in zip(made, shares, strict=True):
         csv = root / f"{site.name}.csv"
         share.to_csv(csv, index=False)
-        site.cli("upload", "--name", "wine", "--file", str(csv), "--target", "cultivar")
+        uploaded = site.cli("upload", "--name", "wine", "--file", str(csv), "--target", "cultivar")
+        # ~70 rows, 13 columns, no bounds: the owner is told what would make the statistics
+        # worth scaling with (declared bounds), where only the owner can act on it
+        assert "note: " in uploaded.stdout and "--bounds FILE" in uploaded.stdout
         site.cli("policy", "set", "--dataset", "wine", "--allow-domain", "uni.edu")
         creds = last_json(site.cli("users", "add", "--email", EMAIL, "--name", "Ada", "--json"))
         (root / f"{site.name}.pw").write_text(creds["password"])

@@ -99,6 +99,35 @@ def test_statistics_of_a_large_site_bounded_columns_or_no_scaling_do_not_warn() 
     assert utility.statistic_warnings({"a": meta(66)}, unscaled) == []
 
 
+def test_the_owner_is_told_at_upload_to_declare_bounds_where_the_mock_cannot_read_them() -> None:
+    """The same test as the researchers' warning, phrased for the one who can fix it free."""
+    found = utility.upload_warning(meta(66))
+    assert found is not None and found.kind == "statistics"
+    assert "--bounds FILE" in found.fix and "x0" in found.cause and "66 rows" in found.cause
+    wanted = float(found.fix.split("--mock-epsilon ")[1])
+    assert utility.upload_warning(meta(66, mock_epsilon=wanted)) is None
+    assert utility.upload_warning(meta(5_000)) is None
+    assert utility.upload_warning(meta(66, bounds={c: [0.0, 10.0] for c in FEATURES})) is None
+
+
+def test_an_upload_of_a_small_table_advises_bounds_and_one_with_bounds_does_not() -> None:
+    """What ``admin.upload`` returns to the owner, from the metadata it really publishes."""
+    from sklearn.datasets import load_wine
+
+    from datasites.data.mock import make_mock
+    from datasites.data.tables import validate_table
+    from datasites.serving.admin import _advice, _meta
+
+    frame = load_wine(as_frame=True).frame.iloc[::2]  # 89 rows, 13 columns, 3 classes
+    table = validate_table(frame, "target")
+    advice = _advice(_meta(table, "wine", make_mock(table.frame, "target")))
+    assert len(advice) == 1 and "--bounds" in advice[0]
+    assert any(c in advice[0] for c in table.features)  # the weak ranges are named first
+    declared = {c: (0.0, 2000.0) for c in table.features}
+    bounded = _meta(table, "wine", make_mock(table.frame, "target", bounds=declared))
+    assert _advice(bounded) == []
+
+
 def test_a_site_whose_std_is_far_off_the_others_is_named_by_column() -> None:
     wild = meta(5_000, feature_std=[1.0] * 7 + [3.7e7] + [1.0] * 5)
     metas = {"a": meta(5_000), "b": meta(5_000), "c": wild}
