@@ -81,3 +81,21 @@ def test_a_listed_release_reads_back_as_its_mechanism_skellam_included() -> None
     assert Mechanism.from_listing(skellam) == Mechanism(2.0, 0.1, 40, 512.0, 9000.0)
     gaussian = {"type": "gaussian", "noise_multiplier": 1.5, "sample_rate": 1.0, "steps": 1}
     assert Mechanism.from_listing(gaussian) == Mechanism(1.5, 1.0, 1)
+
+
+def test_a_history_of_repeated_runs_is_accounted_as_opacus_composes_it_unmerged() -> None:
+    """``merged``: k runs of one mechanism are one run of k times its steps, in any order. The
+    epsilon of a rerun plan's history is checked against Opacus' PRV accountant composing
+    every entry on its own (the route before merging), and against the same history shuffled."""
+    from opacus.accountants import PRVAccountant
+
+    from policies.accounting import merged
+
+    mock, job, other = Mechanism(4.8, 1.0, 1), Mechanism(3.0, 0.11, 18), Mechanism(1.2, 0.5, 4)
+    history = [mock, job, other, job, job, other, job]
+    assert merged(history) == (Mechanism(1.2, 0.5, 8), Mechanism(3.0, 0.11, 72), mock)
+    unmerged = PRVAccountant()
+    unmerged.history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in history]
+    direct = float(unmerged.get_epsilon(delta=1e-5))
+    assert epsilon(history, 1e-5) == pytest.approx(direct, rel=1e-3)
+    assert epsilon(history[::-1], 1e-5) == epsilon(history, 1e-5)
