@@ -83,6 +83,7 @@ def test_a_listed_release_reads_back_as_its_mechanism_skellam_included() -> None
     assert Mechanism.from_listing(gaussian) == Mechanism(1.5, 1.0, 1)
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # q = 1: log(0), harmless
 def test_a_history_of_repeated_runs_is_accounted_as_opacus_composes_it_unmerged() -> None:
     """``merged``: k runs of one mechanism are one run of k times its steps, in any order. The
     epsilon of a rerun plan's history is checked against Opacus' PRV accountant composing
