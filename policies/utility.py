@@ -219,9 +219,10 @@ def upload_warning(meta: Mapping[str, Any]) -> UtilityWarning | None:
     eps = float(meta.get("mock_epsilon") or 0.0)
     return UtilityWarning(
         "statistics",
-        f"at epsilon {eps:g} the mock's noise (sd {noisy.sigma:.3g} per count) hides columns "
-        f"of {noisy.rows} rows: the ranges, means and stds published for {noisy.listed} are "
-        "coarse guesses, and jobs that scale with them learn little",
+        f"at epsilon {eps:g} the mock's noise (sd {noisy.sigma:.3g} per count) is too large "
+        f"for {noisy.rows} rows to show where a column lies: the ranges, means and stds "
+        f"published for {noisy.listed} are coarse guesses, and jobs that scale with them "
+        "learn little",
         f"declare their public bounds (--bounds FILE, no epsilon spent), or {noisy.upload}",
     )
 
