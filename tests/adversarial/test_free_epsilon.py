@@ -117,3 +117,46 @@ def test_a_researcher_held_peer_is_a_colluder_by_default(arena) -> None:
     assert arena.spent(EVE) == pytest.approx(before)
     assert_nothing_private(arena, [hello, reply])
     assert_serving(arena)
+
+
+def test_reruns_of_one_plan_are_charged_as_opacus_composes_every_release_unmerged(arena) -> None:
+    """The ledger composes a history with each kind of mechanism once, its steps summed
+    (``policies.accounting.merged``). A researcher reruns one plan three times from a plain
+    syft client, each approved and run: her recorded spend may not fall below what Opacus' PRV
+    accountant gives composing every release on its own, so the merge hands out no epsilon."""
+    from opacus.accountants import PRVAccountant
+
+    from datasites.ledger.budget import BudgetLedger
+    from policies.accounting import Mechanism, merged
+    from researcher.federation import SiteLogin
+    from tests.adversarial.conftest import DATASET
+    from tests.conftest import last_json
+
+    who = "mallory@uni.edu"  # a history of her own: eve's holds Skellam runs PRV cannot take
+    site = arena.site
+    creds = last_json(site.cli("users", "add", "--email", who, "--name", who, "--json"))
+    password = Path(tempfile.mkdtemp()) / "mallory.pw"
+    password.write_text(creds["password"])
+    site.cli("budget", "set", "--researcher", who, "--dataset", DATASET, "--epsilon", "20")
+    login = SiteLogin(site.name, site.url, who, password, fingerprint=site.fingerprint)
+    client = sites.connect(login)
+    asset = sites.find_asset(client, DATASET)
+    for i in range(3):
+        spec = job(f"rerun_{i}")
+        sites.submit(client, spec, asset)
+        item = next(iter(queued(arena.queue(), spec.name)))
+        arena.queue().approve(item.request_id)
+        reply = sites.run_round(client, spec, asset, "")
+        assert reply["status"] == "ok", reply
+        assert_nothing_private(arena, reply)
+
+    ledger = BudgetLedger(SiteStore(SiteDir(site.dir).db_path))
+    budget = ledger.budget(who, DATASET)
+    history = [Mechanism.from_listing(r["mechanism"]) for r in budget.releases]
+    own = [r for r in budget.releases if not r["public"]]
+    assert len({r["job"] for r in own}) == 3  # three jobs: training and metrics releases each
+    assert len(merged(history)) < len(history)  # the reruns merged
+    unmerged = PRVAccountant()
+    unmerged.history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in history]
+    assert budget.epsilon_spent >= float(unmerged.get_epsilon(delta=budget.delta)) * (1 - 1e-6)
+    assert_serving(arena)

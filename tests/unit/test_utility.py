@@ -123,6 +123,12 @@ def test_an_upload_of_a_small_table_advises_bounds_and_one_with_bounds_does_not(
     advice = _advice(_meta(table, "wine", make_mock(table.frame, "target")))
     assert len(advice) == 1 and "--bounds" in advice[0]
     assert any(c in advice[0] for c in table.features)  # the weak ranges are named first
+    # it speaks in published numbers only: the DP row count, never the private one (89)
+    published = _meta(table, "wine", make_mock(table.frame, "target"))
+    (text,) = _advice(published)
+    assert f"for {published['rows']} rows" in text
+    if published["rows"] != len(table.frame):
+        assert f"for {len(table.frame)} rows" not in text
     declared = {c: (0.0, 2000.0) for c in table.features}
     bounded = _meta(table, "wine", make_mock(table.frame, "target", bounds=declared))
     assert _advice(bounded) == []
