@@ -162,6 +162,7 @@ class _NoisyStatistics:
     columns: list[str]
     sigma: float
     rows: int
+    epsilon: float  # the mock's
     wanted: float | None  # the smallest round mock epsilon that would, if any
 
     @property
@@ -186,7 +187,7 @@ def _noisy_statistics(meta: Mapping[str, Any], names: list[str] | None) -> _Nois
     if rows >= need and not any(_weak(meta, c) for c in columns):
         return None
     wanted = _mock_epsilon_for(meta, rows / (RANGE_SIGMAS * math.sqrt(RANGE_WINDOW)))
-    return _NoisyStatistics(columns, sigma, rows, wanted)
+    return _NoisyStatistics(columns, sigma, rows, float(meta.get("mock_epsilon") or 0.0), wanted)
 
 
 def _mock_warning(
@@ -195,12 +196,11 @@ def _mock_warning(
     noisy = _noisy_statistics(meta, names)
     if noisy is None:
         return None
-    eps = float(meta.get("mock_epsilon") or 0.0)
     mock_rows = meta.get("mock_rows") or noisy.rows
     return UtilityWarning(
         "statistics",
         f"at {site}, the published mean and std of {noisy.listed} come from a {mock_rows}-row "
-        f"mock at epsilon {eps:g}, whose histogram noise (sd {noisy.sigma:.3g} per count) "
+        f"mock at epsilon {noisy.epsilon:g}, whose histogram noise (sd {noisy.sigma:.3g} per count) "
         f"hides a column of {noisy.rows} rows: the scale may be off by orders of magnitude",
         f"declare bounds for these columns, or {noisy.upload}, or set standardize to false",
     )
@@ -216,10 +216,9 @@ def upload_warning(meta: Mapping[str, Any]) -> UtilityWarning | None:
     noisy = _noisy_statistics(meta, None)
     if noisy is None:
         return None
-    eps = float(meta.get("mock_epsilon") or 0.0)
     return UtilityWarning(
         "statistics",
-        f"at epsilon {eps:g} the mock's noise (sd {noisy.sigma:.3g} per count) is too large "
+        f"at epsilon {noisy.epsilon:g} the mock's noise (sd {noisy.sigma:.3g} per count) is too large "
         f"for {noisy.rows} rows to show where a column lies: the ranges, means and stds "
         f"published for {noisy.listed} are coarse guesses, and jobs that scale with them "
         "learn little",
