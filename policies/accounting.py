@@ -20,6 +20,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from scipy.optimize import brentq
 
+from policies.accounting_cache import persistent
 from policies.errors import PlanError
 
 # At sample rate 1 (the metrics, the mock) Opacus' PRV takes log(0) and its RDP warns of its alpha
@@ -105,6 +106,7 @@ def _epsilon(mechanisms: tuple[Mechanism, ...], delta: float, accountant: str) -
         return _composed(mechanisms, delta, accountant)
 
 
+@persistent("composed")  # the same compositions recur in every process: kept on disk
 def _composed(mechanisms: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
     active = [m for m in mechanisms if m.steps > 0]
     if not active:
@@ -204,6 +206,7 @@ def skellam_noise_for_target(
 
 
 @lru_cache(maxsize=256)
+@persistent("noise_for_target")
 def noise_for_target(
     target_epsilon: float,
     delta: float,

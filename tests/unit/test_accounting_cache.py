@@ -1,0 +1,148 @@
+"""The accountant's persistent cache: the same answers, kept only where only the owner can write.
+
+The attacker here is another local account that plants small epsilons in a cache file it can
+write, hoping a site's budget check reads them (free epsilon)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from policies import accounting, accounting_cache
+from policies.accounting import Mechanism
+from policies.errors import PlanError
+
+HISTORY = (Mechanism(1.1, 0.02, 300), Mechanism(20.0, 1.0, 2))
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh cache file for this test, and no in-memory answer left from another."""
+    path = tmp_path / "cache" / "accounting.sqlite"
+    monkeypatch.setenv(accounting_cache.ENV, str(path))
+    accounting._epsilon.cache_clear()
+    accounting.noise_for_target.cache_clear()
+    yield path
+    accounting._epsilon.cache_clear()
+    accounting.noise_for_target.cache_clear()
+    accounting_cache._store.close()
+
+
+def _rows(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT key, value FROM answers").fetchall()
+
+
+def _counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the PRV accountant's real evaluations from here on."""
+    calls: list[int] = []
+    real = accounting._accountant
+
+    def counting(name: str):  # noqa: ANN202
+        calls.append(1)
+        return real(name)
+
+    monkeypatch.setattr(accounting, "_accountant", counting)
+    return calls
+
+
+def test_a_kept_answer_is_the_computed_one_and_is_not_computed_again(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cold = accounting.epsilon(HISTORY, 1e-5)
+    assert cache.exists() and len(_rows(cache)) == 1
+    assert oct(cache.stat().st_mode & 0o777) == "0o600"
+    assert oct(cache.parent.stat().st_mode & 0o777) == "0o700"
+    accounting._epsilon.cache_clear()  # as a fresh process would: only the file remembers
+    calls = _counted(monkeypatch)
+    assert accounting.epsilon(HISTORY, 1e-5) == cold  # bit for bit: stored as float.hex
+    assert calls == []
+    # a different history or delta is another key
+    accounting.epsilon(HISTORY, 1e-6)
+    assert calls and len(_rows(cache)) == 2
+
+
+def test_noise_searches_are_kept_and_refusals_are_not(cache: Path) -> None:
+    sigma = accounting.noise_for_target(3.0, 1e-5, 0.05, 200)
+    accounting.noise_for_target.cache_clear()
+    assert accounting.noise_for_target(3.0, 1e-5, 0.05, 200) == sigma
+    kept = len(_rows(cache))
+    for _ in range(2):  # a refusal is raised each time, never remembered as an answer
+        with pytest.raises(PlanError):
+            accounting.noise_for_target(1e-6, 1e-5, 1.0, 10_000)
+        accounting.noise_for_target.cache_clear()
+    assert len(_rows(cache)) == kept
+
+
+def _plant(path: Path, small: float) -> None:
+    """Replace every kept answer with ``small``: what a poisoner would write."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE answers SET value = ?", (float(small).hex(),))
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602])
+def test_planted_answers_in_a_file_others_may_write_are_never_read(cache: Path, mode: int) -> None:
+    truth = accounting.epsilon(HISTORY, 1e-5)
+    _plant(cache, 0.001)
+    cache.chmod(mode)
+    accounting._epsilon.cache_clear()
+    accounting_cache._store.close()
+    assert accounting.epsilon(HISTORY, 1e-5) == truth
+
+
+def test_planted_answers_in_a_directory_others_may_write_are_never_read(cache: Path) -> None:
+    truth = accounting.epsilon(HISTORY, 1e-5)
+    _plant(cache, 0.001)
+    cache.parent.chmod(0o777)  # another user could swap the file for their own
+    accounting._epsilon.cache_clear()
+    accounting_cache._store.close()
+    assert accounting.epsilon(HISTORY, 1e-5) == truth
+
+
+def test_a_file_of_another_owner_is_never_read(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    truth = accounting.epsilon(HISTORY, 1e-5)
+    _plant(cache, 0.001)
+    accounting._epsilon.cache_clear()
+    accounting_cache._store.close()
+    monkeypatch.setattr(os, "getuid", lambda: cache.stat().st_uid + 1)
+    assert accounting.epsilon(HISTORY, 1e-5) == truth
+
+
+def test_a_corrupt_file_or_switching_off_changes_nothing_but_time(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    truth = accounting.epsilon(HISTORY, 1e-5)
+    accounting_cache._store.close()
+    cache.write_bytes(b"not a database at all" * 100)
+    accounting._epsilon.cache_clear()
+    assert accounting.epsilon(HISTORY, 1e-5) == truth
+    monkeypatch.setenv(accounting_cache.ENV, "off")
+    accounting._epsilon.cache_clear()
+    calls = _counted(monkeypatch)
+    assert accounting.epsilon(HISTORY, 1e-5) == truth and calls
+
+
+def test_answers_of_other_accounting_code_are_not_read(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accounting.epsilon(HISTORY, 1e-5)
+    _plant(cache, 0.001)
+    accounting._epsilon.cache_clear()
+    monkeypatch.setattr(accounting_cache, "code_version", lambda: "an older accountant")
+    assert accounting.epsilon(HISTORY, 1e-5) > 0.1
+
+
+def test_the_default_place_is_the_users_cache_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(accounting_cache.ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/srv/cache")
+    assert accounting_cache.default_path() == Path("/srv/cache/fedsite/accounting.sqlite")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", "/home/ada")
+    assert accounting_cache.default_path() == Path("/home/ada/.cache/fedsite/accounting.sqlite")
+    monkeypatch.delenv("HOME")  # a trainer's scrubbed environment: no cache at all
+    assert accounting_cache.default_path() is None
