@@ -193,6 +193,11 @@ def serve(root: Path) -> None:
             # clients keep connections alive; without a bound, SIGTERM waited for them until
             # 'datasite stop' gave up and killed the server (15 s a stop over HTTPS)
             timeout_graceful_shutdown=2,
+            # uvicorn closes an idle kept-alive connection after 5 s by default; a client that
+            # sent its next request as that close was under way read "Remote end closed
+            # connection" on a POST it may not retry (seen on a loaded machine: an admin's
+            # add_user right after the upload). 30 s leaves that race to far rarer idle gaps.
+            timeout_keep_alive=30,
             # HTTPS only when the site has a certificate (datasite init --self-signed / --tls-cert)
             ssl_certfile=str(site.tls_cert) if config.tls else None,
             ssl_keyfile=str(site.tls_key) if config.tls else None,

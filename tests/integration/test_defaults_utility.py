@@ -65,7 +65,8 @@ def wineries(tmp_path_factory):
         uploaded = site.cli("upload", "--name", "wine", "--file", str(csv), "--target", "cultivar")
         # ~70 rows, 13 columns, no bounds: the owner is told what would make the statistics
         # worth scaling with (declared bounds), where only the owner can act on it
-        assert "note: " in uploaded.stdout and "--bounds FILE" in uploaded.stdout
+        said = " ".join(uploaded.stdout.split())  # rich folds it at the terminal's width
+        assert "note: " in said and "--bounds FILE" in said
         site.cli("policy", "set", "--dataset", "wine", "--allow-domain", "uni.edu")
         creds = last_json(site.cli("users", "add", "--email", EMAIL, "--name", "Ada", "--json"))
         (root / f"{site.name}.pw").write_text(creds["password"])
