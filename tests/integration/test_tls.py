@@ -81,6 +81,27 @@ def test_the_served_certificate_is_the_one_printed_and_shown(https_site) -> None
     assert (site.dir / "tls.key").stat().st_mode & 0o777 == 0o600
 
 
+def test_an_idle_kept_alive_connection_still_answers_after_six_seconds(https_site) -> None:
+    """A client reuses its connection after a pause; uvicorn's default closed it at 5 s, and a
+    POST sent as the close was under way failed with "Remote end closed connection"."""
+    import http.client
+
+    root, site, printed = https_site
+    context = ssl.create_default_context(cafile=str(site.dir / "tls.crt"))
+    context.check_hostname = False
+    conn = http.client.HTTPSConnection("127.0.0.1", site.port, context=context, timeout=30)
+    try:
+        for pause in (0.0, 6.0):
+            time.sleep(pause)
+            conn.request("GET", "/api/v2/metadata")  # raises where the server hung up
+            reply = conn.getresponse()
+            reply.read()
+            assert reply.status == 200
+            assert reply.getheader("connection", "").lower() != "close"
+    finally:
+        conn.close()
+
+
 def test_a_pinned_researcher_trains_over_https(https_site, tmp_path: Path) -> None:
     root, site, printed = https_site
     fed = Federation.load(_federation(root, site, "https", printed))
