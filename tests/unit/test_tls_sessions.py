@@ -1,0 +1,94 @@
+"""Pinned sessions against a real TLS server on loopback: the shared context of fingerprint pins
+trusts nothing by itself, and a connection no longer loads the system's CA bundle."""
+
+from __future__ import annotations
+
+import http.server
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from policies import tls
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Counting(http.server.HTTPServer):
+    """Counts the connections it accepts (each a TLS handshake, good or refused)."""
+
+    accepted = 0
+
+    def get_request(self):  # noqa: ANN202
+        self.accepted += 1
+        return super().get_request()
+
+
+def _serve(tmp_path: Path, name: str) -> tuple[str, str, _Counting]:
+    key, cert = tls.self_signed("127.0.0.1")
+    (tmp_path / f"{name}.crt").write_bytes(cert)
+    (tmp_path / f"{name}.key").write_bytes(key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+    server = _Counting(("127.0.0.1", 0), _Hello)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"https://127.0.0.1:{server.server_address[1]}/", tls.fingerprint(cert), server
+
+
+@pytest.fixture
+def two_sites(tmp_path: Path) -> Iterator[list[tuple[str, str, _Counting]]]:
+    served = [_serve(tmp_path, name) for name in ("a", "b")]
+    yield served
+    for _, _, server in served:
+        server.shutdown()
+        server.server_close()
+
+
+def test_each_pin_admits_its_own_site_only_though_they_share_a_context(two_sites) -> None:  # noqa: ANN001
+    (url_a, pin_a, _), (url_b, pin_b, _) = two_sites
+    for url, pin in ((url_a, pin_a), (url_b, pin_b)):
+        assert tls.post_once(url, b"ping", {}, tls.Trust(fingerprint=pin)) == b"ping"
+    # after both were admitted through the one context, each pin still refuses the other site
+    for url, other in ((url_a, pin_b), (url_b, pin_a)):
+        with pytest.raises(requests.exceptions.SSLError, match="Fingerprints did not match"):
+            tls.post_once(url, b"ping", {}, tls.Trust(fingerprint=other))
+    with tls.pinned_session(tls.Trust(fingerprint=pin_a)) as kept:  # one session, two sites
+        assert kept.post(url_a, data=b"x").content == b"x"
+        with pytest.raises(requests.exceptions.SSLError):
+            kept.post(url_b, data=b"x")
+
+
+def test_a_pinned_connection_loads_no_ca_bundle(two_sites, monkeypatch) -> None:  # noqa: ANN001
+    (url, pin, _), _ = two_sites
+    tls._fingerprint_context()  # made before the bundle is forbidden: once per process
+
+    def forbidden(self, *args: object) -> None:  # noqa: ANN001
+        raise AssertionError("the system CA bundle was loaded for a pinned connection")
+
+    monkeypatch.setattr(ssl.SSLContext, "load_default_certs", forbidden)
+    for _ in range(3):  # a fresh connection each: post_once's way
+        assert tls.post_once(url, b"ping", {}, tls.Trust(fingerprint=pin)) == b"ping"
+    assert tls._fingerprint_context().cert_store_stats()["x509_ca"] == 0  # it trusts no CA
+
+
+def test_a_certificate_that_is_not_the_pinned_one_is_refused_at_once(two_sites) -> None:  # noqa: ANN001
+    """One handshake, no retries: three retries with backoff made the one-line refusal wait 3 s."""
+    (url, _, server), (_, other, _) = two_sites
+    before = server.accepted
+    with pytest.raises(requests.exceptions.SSLError):
+        tls.post_once(url, b"ping", {}, tls.Trust(fingerprint=other))
+    assert server.accepted - before == 1
