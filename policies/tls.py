@@ -172,6 +172,39 @@ def _fingerprint_context() -> ssl.SSLContext:
     return context
 
 
+def _is_refusal(error: BaseException | None) -> bool:
+    """A certificate that is not the trusted one: the fingerprint differs or it fails the CA."""
+    if error is None:
+        return False
+    cause = error.args[0] if error.args else None
+    return "Fingerprints did not match" in str(error) or isinstance(
+        cause, ssl.SSLCertVerificationError
+    )
+
+
+@functools.cache
+def _retry() -> Any:
+    """urllib3's Retry, except that a refused certificate is final at once.
+
+    Why: a certificate that is not the pinned one stays so, and the three retries with backoff
+    only made the one-line refusal wait 3 s. Other TLS failures are retried as before: under
+    load a handshake can end early (an EOF), and not retrying it cost a round its site."""
+    from urllib3.exceptions import MaxRetryError
+    from urllib3.util.retry import Retry
+
+    class _Retry(Retry):
+        def increment(  # type: ignore[override]
+            self, method: str | None = None, url: str | None = None, **kwargs: Any
+        ) -> Retry:
+            error = kwargs.get("error")
+            if _is_refusal(error):
+                pool = kwargs.get("_pool")  # urllib3 always passes its pool
+                raise MaxRetryError(pool, url or "", error) from error  # type: ignore[arg-type]
+            return super().increment(method, url, **kwargs)
+
+    return _Retry
+
+
 def _adapter_base() -> Any:
     from requests.adapters import HTTPAdapter
 
@@ -180,9 +213,8 @@ def _adapter_base() -> Any:
 
 class PinnedAdapter(_adapter_base()):  # type: ignore[misc]
     """requests' adapter with three read retries but no connect retry (the callers retry a
-    round, with backoff, where they mean to), no retry of a TLS failure (a certificate that is
-    not the pinned one stays so: three retries only made the refusal 3 s late), and pinned
-    trust.
+    round, with backoff, where they mean to), no retry of a refused certificate
+    (:class:`_Retry`), and pinned trust.
 
     A client that passes ``verify=True`` with every request would mean the system CAs; here the
     site's own trust replaces it: its CA file, or no CA check but an exact certificate
@@ -190,9 +222,7 @@ class PinnedAdapter(_adapter_base()):  # type: ignore[misc]
     """
 
     def __init__(self, trust: Trust | None = None) -> None:
-        from urllib3.util.retry import Retry
-
-        super().__init__(max_retries=Retry(total=3, connect=0, other=0, backoff_factor=0.5))
+        super().__init__(max_retries=_retry()(total=3, connect=0, backoff_factor=0.5))
         self.trust = trust
 
     def send(self, request: Any, **kwargs: Any) -> Any:

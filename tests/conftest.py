@@ -148,8 +148,25 @@ class Site:
         return self.login("admin@fedsite.io", self.password)
 
 
+# every site the helpers below started, for the session's end: a fixture that fails after its
+# servers started never reaches its own stop, and they ran on (and took CPU) for the whole run
+_STARTED: list[Site] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_server_outlives_the_session() -> Iterator[None]:
+    yield
+    from datasites.serving import process
+    from datasites.serving.config import SiteDir
+
+    for site in _STARTED:
+        if SiteDir(site.dir).pid_path.exists():
+            process.stop(SiteDir(site.dir))
+
+
 def make_site(root: Path, name: str) -> Site:
     site = Site(root / name, name, free_port())
+    _STARTED.append(site)
     run_cli(
         "datasite", "init", name, "--dir", str(site.dir), "--port", str(site.port), "--self-signed"
     )
@@ -165,6 +182,7 @@ def make_sites(root: Path, *names: str) -> list[Site]:
     from datasites.serving.process import launch_detached
 
     made = [Site(root / name, name, free_port()) for name in names]
+    _STARTED.extend(made)
     for site in made:
         run_cli(
             "datasite",
