@@ -72,7 +72,7 @@ def test_noise_searches_are_kept_and_refusals_are_not(cache: Path) -> None:
     kept = len(_rows(cache))
     for _ in range(2):  # a refusal is raised each time, never remembered as an answer
         with pytest.raises(PlanError):
-            accounting.noise_for_target(1e-6, 1e-5, 1.0, 10_000)
+            accounting.noise_for_target(1e-6, 1e-5, 1.0, 10, "rdp")
         accounting.noise_for_target.cache_clear()
     assert len(_rows(cache)) == kept
 
