@@ -66,6 +66,8 @@ def _key(namespace: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """An exact, canonical key: floats by ``repr`` (which round-trips), dataclasses as tuples."""
 
     def plain(value: Any) -> Any:
+        if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+            value = value.item()  # a numpy scalar: the Python number it stands for
         if is_dataclass(value) and not isinstance(value, type):
             return [type(value).__name__, *map(plain, astuple(value))]
         if isinstance(value, tuple | list):
@@ -163,7 +165,10 @@ def persistent(namespace: str) -> Callable[[Callable[P, float]], Callable[P, flo
     def wrap(function: Callable[P, float]) -> Callable[P, float]:
         @functools.wraps(function)
         def cached(*args: P.args, **kwargs: P.kwargs) -> float:
-            key = _key(namespace, tuple(args), dict(kwargs))
+            try:
+                key = _key(namespace, tuple(args), dict(kwargs))
+            except (TypeError, ValueError):  # an argument JSON cannot spell: compute, keep not
+                return float(function(*args, **kwargs))
             found = _store.get(key)
             if found is not None:
                 return found

@@ -146,3 +146,26 @@ def test_the_default_place_is_the_users_cache_directory(monkeypatch: pytest.Monk
     assert accounting_cache.default_path() == Path("/home/ada/.cache/fedsite/accounting.sqlite")
     monkeypatch.delenv("HOME")  # a trainer's scrubbed environment: no cache at all
     assert accounting_cache.default_path() is None
+
+
+def test_numpy_numbers_share_their_python_twins_key_and_odd_arguments_are_computed(
+    cache: Path,
+) -> None:
+    """np.int64 steps or np.float32 rates (what a computed plan may hold) are the numbers they
+    stand for; an argument JSON cannot spell is computed and not kept, never an error."""
+    import numpy as np
+
+    from policies.accounting_cache import persistent
+
+    history = (Mechanism(np.float64(1.1), np.float32(0.25), np.int64(30)),)
+    plain = (Mechanism(1.1, float(np.float32(0.25)), 30),)
+    first = accounting.epsilon(history, 1e-5)
+    accounting._epsilon.cache_clear()  # the second answer must come from the file's one row
+    assert accounting.epsilon(plain, 1e-5) == first
+    assert len(_rows(cache)) == 1
+
+    @persistent("test-odd")
+    def odd(value: object) -> float:
+        return 2.0
+
+    assert odd(object()) == 2.0 and len(_rows(cache)) == 1
