@@ -4,6 +4,8 @@ trusts nothing by itself, and a connection no longer loads the system's CA bundl
 from __future__ import annotations
 
 import http.server
+import select
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -109,3 +111,48 @@ def test_a_handshake_cut_short_is_retried_and_the_round_gets_through(two_sites) 
     server.drop, before = 2, server.accepted
     assert tls.post_once(url, b"ping", {}, tls.Trust(fingerprint=pin)) == b"ping"
     assert server.accepted - before == 3
+
+
+def _connect_proxy() -> str:
+    """An HTTPS proxy that tunnels CONNECT as asked (what ``HTTPS_PROXY`` names at many
+    institutions): the TLS inside is between the client and the site."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def tunnel(client: socket.socket) -> None:
+        asked = b""
+        while b"\r\n\r\n" not in asked:
+            asked += client.recv(4096)
+        host, port = asked.split()[1].decode().rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        with client, upstream:
+            while True:
+                ready, _, _ = select.select([client, upstream], [], [], 5)
+                if not ready:
+                    return
+                for end in ready:
+                    data = end.recv(65536)
+                    if not data:
+                        return
+                    (upstream if end is client else client).sendall(data)
+
+    def accept() -> None:
+        while True:
+            client, _ = listener.accept()
+            threading.Thread(target=tunnel, args=(client,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_a_pin_holds_through_an_https_proxy(two_sites, monkeypatch) -> None:  # noqa: ANN001
+    """Red team, session 14: with HTTPS_PROXY set, the pin lived on the direct pool only, and a
+    pinned session took any certificate through the proxy's tunnel."""
+    (url_a, pin_a, _), (_, pin_b, _) = two_sites
+    monkeypatch.setenv("HTTPS_PROXY", _connect_proxy())
+    monkeypatch.setenv("NO_PROXY", "")
+    with pytest.raises(requests.exceptions.SSLError, match="Fingerprints did not match"):
+        tls.post_once(url_a, b"ping", {}, tls.Trust(fingerprint=pin_b))
+    assert tls.post_once(url_a, b"ping", {}, tls.Trust(fingerprint=pin_a)) == b"ping"
