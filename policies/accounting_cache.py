@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, ParamSpec, cast
 
 ENV = "FEDSITE_ACCOUNTING_CACHE"
-_SOURCES = ("accounting.py", "skellam.py")  # the code whose answers are kept
+# the code whose answers are kept, and this module (how they are keyed and stored)
+_SOURCES = ("accounting.py", "skellam.py", "accounting_cache.py")
 _log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
@@ -95,10 +96,12 @@ class _Store:
         path = default_path()
         if path != self._path:  # the environment changed (tests): reopen
             self.close()
-            self._path, self._failed = path, False
+            self._path = path
         if self._conn is None and not self._failed and path is not None:
             try:
                 self._conn = _open(path)
+            except sqlite3.OperationalError as exc:  # locked by a writer: try at the next call
+                _log.debug("accounting cache %s busy: %s", path, exc)
             except (OSError, sqlite3.Error) as exc:
                 self._failed = True
                 _log.debug("accounting cache %s not used: %s", path, exc)
@@ -111,9 +114,13 @@ class _Store:
                 return None
             try:
                 row = conn.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
-            except sqlite3.Error:
+                if row is None:
+                    return None
+                value = float.fromhex(row[0])
+                # only what put() wrote: float.hex's own spelling ("0.5" parses as hex 0.3125)
+                return value if value.hex() == row[0] else None
+            except (sqlite3.Error, ValueError, TypeError):  # busy, or not a value it wrote
                 return None
-        return float.fromhex(row[0]) if row else None
 
     def put(self, key: str, value: float) -> None:
         with self._lock:
@@ -130,9 +137,10 @@ class _Store:
                 pass  # busy or read-only: the answer is still right, only not kept
 
     def close(self) -> None:
+        """Forget the file: the next call opens it, and checks it, again."""
         if self._conn is not None:
             self._conn.close()
-        self._conn = None
+        self._conn, self._path, self._failed = None, None, False
 
 
 def _private(path: Path, mode: int) -> None:
@@ -144,8 +152,23 @@ def _private(path: Path, mode: int) -> None:
         raise PermissionError(f"{path} is open to others (mode {stat.S_IMODE(info.st_mode):o})")
 
 
+def _safe_ancestors(directory: Path) -> None:
+    """Refuse a directory below one that another user could rename or replace entries of
+    (OSError): each ancestor is this user's or root's, and writable by no one else unless
+    sticky (as /tmp is). Otherwise the checked directory could be swapped for another one
+    between the check and the open (red team, session 14: a shared folder as the cache's
+    parent let a planted 0.001 through)."""
+    for ancestor in directory.resolve().parents:
+        info = ancestor.stat()
+        if info.st_uid not in (0, os.getuid()):
+            raise PermissionError(f"{ancestor} is another user's")
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise PermissionError(f"{ancestor} may be written by others")
+
+
 def _open(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _safe_ancestors(path.parent)
     _private(path.parent, 0o700)
     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     _private(path, 0o600)

@@ -169,3 +169,39 @@ def test_numpy_numbers_share_their_python_twins_key_and_odd_arguments_are_comput
         return 2.0
 
     assert odd(object()) == 2.0 and len(_rows(cache)) == 1
+
+
+def test_a_cache_below_a_directory_others_may_write_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team, session 14: under a shared folder another user can swap the cache's directory
+    between the check and the open, and plant a 0.001 where the truth is 1.8."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # writable by all, and not sticky as /tmp is
+    path = shared / "fedsite" / "accounting.sqlite"
+    monkeypatch.setenv(accounting_cache.ENV, str(path))
+    accounting._epsilon.cache_clear()
+    accounting_cache._store.close()
+    try:
+        accounting.epsilon(HISTORY, 1e-5)
+        assert not path.exists()
+        shared.chmod(0o1777)  # sticky: others may add entries, never rename or remove ours
+        accounting._epsilon.cache_clear()
+        accounting_cache._store.close()
+        accounting.epsilon(HISTORY, 1e-5)
+        assert path.exists() and len(_rows(path)) == 1
+    finally:
+        accounting._epsilon.cache_clear()
+        accounting_cache._store.close()
+
+
+@pytest.mark.parametrize("stored", ["garbage", "0.5", b"\x00\x01"])
+def test_an_unreadable_kept_value_is_computed_again_never_raised(cache: Path, stored) -> None:  # noqa: ANN001
+    """Red team: a value this code did not write (an older format, a hand edit) raised out of
+    the cache, or read "0.5" as hex (0.3125)."""
+    truth = accounting.epsilon(HISTORY, 1e-5)
+    with sqlite3.connect(cache) as conn:
+        conn.execute("UPDATE answers SET value = ?", (stored,))
+    accounting._epsilon.cache_clear()
+    assert accounting.epsilon(HISTORY, 1e-5) == truth
