@@ -129,10 +129,12 @@ class _Store:
                 return
             try:
                 with conn:
-                    conn.execute(
+                    added = conn.execute(
                         "INSERT OR IGNORE INTO answers (key, value) VALUES (?, ?)",
                         (key, float(value).hex()),
-                    )
+                    ).lastrowid
+                    if added and added % PRUNE_EVERY == 0:
+                        _prune(conn)
             except sqlite3.Error:
                 pass  # busy or read-only: the answer is still right, only not kept
 
@@ -176,6 +178,22 @@ def _open(path: Path) -> sqlite3.Connection:
     conn.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     conn.isolation_level = "DEFERRED"
     return conn
+
+
+# Each distinct plan a researcher submits adds a row (about 160 bytes), and researchers choose
+# their plans: the file is kept to MAX_ROWS (about 30 MB) by dropping the oldest half when it
+# is over, checked once every PRUNE_EVERY answers kept.
+MAX_ROWS = 200_000
+PRUNE_EVERY = 1_000
+
+
+def _prune(conn: sqlite3.Connection) -> None:
+    (rows,) = conn.execute("SELECT count(*) FROM answers").fetchone()
+    if rows > MAX_ROWS:
+        conn.execute(
+            "DELETE FROM answers WHERE rowid IN (SELECT rowid FROM answers ORDER BY rowid LIMIT ?)",
+            (rows - MAX_ROWS // 2,),
+        )
 
 
 _store = _Store()

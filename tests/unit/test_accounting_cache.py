@@ -205,3 +205,23 @@ def test_an_unreadable_kept_value_is_computed_again_never_raised(cache: Path, st
         conn.execute("UPDATE answers SET value = ?", (stored,))
     accounting._epsilon.cache_clear()
     assert accounting.epsilon(HISTORY, 1e-5) == truth
+
+
+def test_the_file_stays_bounded_however_many_plans_are_sent(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team: researchers choose their plans, and each distinct one added a row for good."""
+    from policies.accounting_cache import persistent
+
+    monkeypatch.setattr(accounting_cache, "MAX_ROWS", 10)
+    monkeypatch.setattr(accounting_cache, "PRUNE_EVERY", 1)
+
+    @persistent("test-plans")
+    def plan(n: int) -> float:
+        return float(n)
+
+    for n in range(40):
+        assert plan(n) == n
+    kept = _rows(cache)
+    assert 5 <= len(kept) <= 10
+    assert plan(39) == 39.0 and len(_rows(cache)) == len(kept)  # the newest is still kept
