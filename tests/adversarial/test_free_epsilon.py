@@ -160,3 +160,54 @@ def test_reruns_of_one_plan_are_charged_as_opacus_composes_every_release_unmerge
     unmerged.history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in history]
     assert budget.epsilon_spent >= float(unmerged.get_epsilon(delta=budget.delta)) * (1 - 1e-6)
     assert_serving(arena)
+
+
+def test_what_the_server_kept_in_its_accounting_cache_is_what_a_cold_accountant_charges(
+    arena, monkeypatch
+) -> None:  # noqa: ANN001
+    """The site's budget checks read the accountant's persistent cache
+    (``policies.accounting_cache``). A researcher on a plain syft client runs two plans whose
+    noise differs in the last bit only, hoping one answer is taken for the other; her history
+    is then charged again with the cache switched off: every release's epsilon and her total
+    must be the same, to the bit, and the two plans two mechanisms."""
+    from datasites.ledger.budget import BudgetLedger
+    from policies import accounting, accounting_cache
+    from policies.accounting import Mechanism
+    from researcher.federation import SiteLogin
+    from tests.adversarial.conftest import DATASET
+    from tests.conftest import last_json
+
+    who = "trudy@uni.edu"
+    site = arena.site
+    creds = last_json(site.cli("users", "add", "--email", who, "--name", who, "--json"))
+    password = Path(tempfile.mkdtemp()) / "trudy.pw"
+    password.write_text(creds["password"])
+    site.cli("budget", "set", "--researcher", who, "--dataset", DATASET, "--epsilon", "20")
+    client = sites.connect(
+        SiteLogin(site.name, site.url, who, password, fingerprint=site.fingerprint)
+    )
+    asset = sites.find_asset(client, DATASET)
+    for name, noise in (("ulp_a", 1.1), ("ulp_b", float(np.nextafter(1.1, 2.0)))):
+        spec = job(name, {"rounds": 1, "noise_multiplier": noise, "batch_size": 64})
+        sites.submit(client, spec, asset)
+        item = next(iter(queued(arena.queue(), spec.name)))
+        arena.queue().approve(item.request_id)
+        reply = sites.run_round(client, spec, asset, "")
+        assert reply["status"] == "ok", reply
+        assert_nothing_private(arena, reply)
+
+    ledger = BudgetLedger(SiteStore(SiteDir(site.dir).db_path))
+    warm = ledger.budget(who, DATASET)  # composed here, through the cache the server filled
+    assert accounting_cache.default_path() is not None
+    monkeypatch.setenv(accounting_cache.ENV, "off")
+    accounting._epsilon.cache_clear()
+    cold = ledger.budget(who, DATASET)
+    assert cold.epsilon_spent == warm.epsilon_spent
+    history = [Mechanism.from_listing(r["mechanism"]) for r in warm.releases]
+    assert {m.noise_multiplier for m in history} >= {1.1, float(np.nextafter(1.1, 2.0))}
+    for release, mechanism in zip(warm.releases, history, strict=True):
+        # each release's epsilon alone, as the server computed it at the charge
+        assert release["epsilon"] == accounting.epsilon(
+            [mechanism], warm.delta, release["accountant"]
+        ), release
+    assert_serving(arena)

@@ -130,6 +130,28 @@ def test_a_wrong_fingerprint_or_plain_http_gets_nowhere(https_site) -> None:
     assert "cancer" not in plain.stdout
 
 
+def test_a_wrong_pin_gets_nowhere_through_an_https_proxy_either(https_site, monkeypatch) -> None:  # noqa: ANN001
+    """Red team, session 14: with HTTPS_PROXY set, the researcher's pinned client took any
+    certificate through the proxy's tunnel. The researcher CLI, behind a tunnelling proxy, on
+    the real site: a wrong pin is one line and exit 1, the right one lists the dataset."""
+    from tests.unit.test_tls_sessions import _connect_proxy
+
+    root, site, printed = https_site
+    proxy, tunnelled = _connect_proxy()
+    monkeypatch.setenv("HTTPS_PROXY", proxy)
+    monkeypatch.setenv("NO_PROXY", "")
+    wrong = ("0" if printed[0] != "0" else "1") + printed[1:]
+    proc = run_cli(
+        "researcher", "datasets", "-f", str(_federation(root, site, "https", wrong)), check=False
+    )
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 1, (proc.returncode, lines)
+    assert len(lines) == 1 and "TLS certificate is not the one trusted" in lines[0], lines
+    assert f"127.0.0.1:{site.port}" in tunnelled  # it did go through the proxy
+    right = run_cli("researcher", "datasets", "-f", str(_federation(root, site, "https", printed)))
+    assert "cancer" in right.stdout
+
+
 def test_init_takes_a_certificate_and_key_and_refuses_half_of_them(tmp_path: Path) -> None:
     key, cert = tls.self_signed("127.0.0.1")
     (tmp_path / "k.pem").write_bytes(key)

@@ -113,9 +113,11 @@ def test_a_handshake_cut_short_is_retried_and_the_round_gets_through(two_sites) 
     assert server.accepted - before == 3
 
 
-def _connect_proxy() -> str:
+def _connect_proxy() -> tuple[str, list[str]]:
     """An HTTPS proxy that tunnels CONNECT as asked (what ``HTTPS_PROXY`` names at many
-    institutions): the TLS inside is between the client and the site."""
+    institutions): the TLS inside is between the client and the site. Returns its URL and the
+    list of the HOST:PORT it was asked to tunnel to."""
+    tunnelled: list[str] = []
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -125,6 +127,7 @@ def _connect_proxy() -> str:
         while b"\r\n\r\n" not in asked:
             asked += client.recv(4096)
         host, port = asked.split()[1].decode().rsplit(":", 1)
+        tunnelled.append(f"{host}:{port}")
         upstream = socket.create_connection((host, int(port)))
         client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         with client, upstream:
@@ -144,15 +147,17 @@ def _connect_proxy() -> str:
             threading.Thread(target=tunnel, args=(client,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
-    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", tunnelled
 
 
 def test_a_pin_holds_through_an_https_proxy(two_sites, monkeypatch) -> None:  # noqa: ANN001
     """Red team, session 14: with HTTPS_PROXY set, the pin lived on the direct pool only, and a
     pinned session took any certificate through the proxy's tunnel."""
     (url_a, pin_a, _), (_, pin_b, _) = two_sites
-    monkeypatch.setenv("HTTPS_PROXY", _connect_proxy())
+    proxy, tunnelled = _connect_proxy()
+    monkeypatch.setenv("HTTPS_PROXY", proxy)
     monkeypatch.setenv("NO_PROXY", "")
     with pytest.raises(requests.exceptions.SSLError, match="Fingerprints did not match"):
         tls.post_once(url_a, b"ping", {}, tls.Trust(fingerprint=pin_b))
     assert tls.post_once(url_a, b"ping", {}, tls.Trust(fingerprint=pin_a)) == b"ping"
+    assert len(tunnelled) == 2  # both went through the proxy
