@@ -43,6 +43,9 @@ class _Counting(http.server.HTTPServer):
         self.accepted += 1
         if self.drop > 0:
             self.drop -= 1
+            # read the ClientHello first: closing with it unread sends a reset, not the end of
+            # the stream that a handshake cut short by the server shows the client
+            sock.recv(4096)
             sock.close()
             raise OSError("dropped before the handshake")  # handle_request skips it
         return self.context.wrap_socket(sock, server_side=True), address
