@@ -158,28 +158,35 @@ def _no_server_outlives_the_session() -> Iterator[None]:
     yield
     from datasites.serving import process
     from datasites.serving.config import SiteDir
+    from tests import server_zygote
 
+    server_zygote.close()
     for site in _STARTED:
         if SiteDir(site.dir).pid_path.exists():
             process.stop(SiteDir(site.dir))
 
 
 def make_site(root: Path, name: str) -> Site:
+    """A site initialised through the CLI and launched (forked from the worker's warm server
+    parent, ``tests/server_zygote.py``: the real ``datasite launch`` is tested on its own)."""
+    from datasites.serving.config import SiteDir
+    from tests import server_zygote
+
     site = Site(root / name, name, free_port())
     _STARTED.append(site)
     run_cli(
         "datasite", "init", name, "--dir", str(site.dir), "--port", str(site.port), "--self-signed"
     )
-    site.cli("launch", "--detach")
+    server_zygote.launch(SiteDir(site.dir))
     return site
 
 
 def make_sites(root: Path, *names: str) -> list[Site]:
-    """Several sites, initialised through the CLI and launched at once (a server takes ~10 s)."""
+    """Several sites, initialised through the CLI and launched at once, as ``make_site``."""
     from concurrent.futures import ThreadPoolExecutor
 
     from datasites.serving.config import SiteDir
-    from datasites.serving.process import launch_detached
+    from tests.server_zygote import launch
 
     made = [Site(root / name, name, free_port()) for name in names]
     _STARTED.extend(made)
@@ -195,7 +202,7 @@ def make_sites(root: Path, *names: str) -> list[Site]:
             "--self-signed",
         )
     with ThreadPoolExecutor(len(made)) as pool:
-        list(pool.map(lambda site: launch_detached(SiteDir(site.dir)), made))
+        list(pool.map(lambda site: launch(SiteDir(site.dir)), made))
     return made
 
 

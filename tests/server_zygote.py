@@ -1,0 +1,195 @@
+"""A warm parent for the suite's site servers: ``launch(site)`` forks one from it.
+
+Tests only. A server started by ``datasite launch`` is a fresh interpreter that imports syft,
+uvicorn, the runtime and (through Opacus) torch before it serves: about 5.5 of the 11 CPU-seconds
+a start costs here (``scripts/bench`` and the server log's ``start:`` line), and the suite starts
+about thirty. This process imports all of that once per test worker; each launch is then a
+``fork()`` that runs :func:`datasites.serving.serve.serve` itself, from its first line (the site's
+files made private, the trainers' fork server spawned afresh with a scrubbed environment, the
+identity read from DIR), so only the imports are shared. What only a fresh process shows (the
+``datasite launch`` command, its environment, kill -9 and relaunch) is tested through the real
+command elsewhere: ``test_site_lifecycle``, ``test_readme_walk``, ``test_notebook``,
+``test_federation``'s relaunch.
+
+The forked server is a real syft server over HTTPS on a loopback port, in its own session, its
+output in the site's ``server.log``, its pid in ``server.pid``; ``datasite stop`` stops it as any
+other (``process.server_pid`` knows it by ``datasites.serving.serve`` in its command line, which
+this process carries as an argument).
+
+Wire: one JSON line per launch on stdin (``{"root": DIR}``), one back on stdout (``{"pid": N}``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+SERVE_MODULE = "datasites.serving.serve"  # in this process's command line: see process.server_pid
+
+
+def _preload() -> None:
+    """What a server imports before it serves, in the order ``serve`` imports it."""
+    from datasites.serving import channel_server, limits, serve, syft_patches  # noqa: F401
+
+    with syft_patches.optional_imports_deferred():  # as serve() imports it
+        import syft.server.uvicorn  # noqa: F401
+    import uvicorn  # noqa: F401
+
+    from datasites.training import site_job  # noqa: F401  serve's warm-up thread's imports
+    from policies import accounting  # noqa: F401
+
+
+def _serve_child(root: str) -> None:
+    """In the forked child: become a detached server of DIR, as ``launch --detach`` makes one."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the parent reaps by ignoring; a server waits
+    os.setsid()
+    from datasites.serving.config import SiteDir
+
+    log = os.open(SiteDir(Path(root)).log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.close(null)
+    _reseed()
+    code = 0
+    try:
+        from datasites.serving import serve
+
+        prepare = serve._prepare_environment
+        serve._prepare_environment = lambda site: (prepare(site), _reread_identity())[0]
+        serve.serve(Path(root))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # a server's crash: in its log, as an exec'd server's would be
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _reread_identity() -> None:
+    """What syft 0.9.5 reads from the environment when ``syft.server.server`` is imported (the
+    site's key and uid, its admin's email, name and password: module globals and ``Server``'s
+    keyword defaults), read again now that ``serve`` has put this site's in the environment; in
+    an exec'd server that import comes after, and reads them itself."""
+    import syft.server.server as server
+    from syft.server import env
+
+    server.signing_key_env = env.get_private_key_env()
+    server.server_uid_env = env.get_server_uid_env()
+    defaults = server.Server.__init__.__kwdefaults__
+    assert defaults is not None
+    for name, read in (
+        ("root_email", env.get_default_root_email),
+        ("root_username", env.get_default_root_username),
+        ("root_password", env.get_default_root_password),
+    ):
+        value = read()
+        setattr(server, f"default_{name}", value)
+        defaults[name] = value
+
+
+def _reseed() -> None:
+    """Children of one parent share its generators' state; nothing at a site may draw the same
+    numbers as another site (the code draws from the OS, but a global generator must not be the
+    exception that two forked sites agree on)."""
+    import numpy as np
+    import torch
+
+    np.random.seed(int.from_bytes(os.urandom(4), "little"))
+    torch.seed()
+
+
+def main() -> None:
+    _preload()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    for line in sys.stdin:
+        root = json.loads(line)["root"]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _serve_child(root)
+        print(json.dumps({"pid": pid}), flush=True)
+
+
+class Zygote:
+    """The test worker's handle on its zygote, started on the first launch."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+        self._lock = threading.Lock()
+
+    def fork(self, root: Path) -> int:
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "tests.server_zygote", SERVE_MODULE],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    start_new_session=True,
+                )
+            assert self._proc.stdin is not None and self._proc.stdout is not None
+            self._proc.stdin.write(json.dumps({"root": str(root.resolve())}) + "\n")
+            self._proc.stdin.flush()
+            reply = self._proc.stdout.readline()
+        if not reply:
+            raise RuntimeError("the server zygote exited; its output is in the pytest log")
+        return int(json.loads(reply)["pid"])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()
+                self._proc.wait(10)
+            self._proc = None
+
+
+_ZYGOTE = Zygote()
+
+
+def launch(site, timeout: float = 90.0):  # noqa: ANN001, ANN201  (SiteDir -> SiteStatus)
+    """``process.launch_detached`` with the server forked from the warm parent."""
+    import psutil
+
+    from datasites.errors import ServerError
+    from datasites.serving import process, sessions
+
+    process._check_can_start(site)
+    sessions.forget(site.config().url)
+    config = site.config()
+    pid = _ZYGOTE.fork(site.root)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            gone = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            gone = True
+        if gone:
+            raise ServerError(f"server {pid} exited; see {site.log_path}")
+        if process.responding(config.url, timeout=1.0, cafile=site.tls_cert):
+            return process.status(site)
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    raise ServerError(f"server did not answer within {timeout:.0f}s; see {site.log_path}")
+
+
+def close() -> None:
+    _ZYGOTE.close()
+
+
+if __name__ == "__main__":
+    main()
