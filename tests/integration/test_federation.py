@@ -25,6 +25,7 @@ from policies.tls import self_signed
 from researcher import api
 from researcher.federation import Federation
 from researcher.job import make_job
+from tests import server_zygote
 from tests.conftest import breast_cancer_frame, free_port
 
 pytestmark = pytest.mark.integration
@@ -36,7 +37,7 @@ MODEL = nn.Linear(30, 2)  # breast cancer: 30 features, 2 classes
 def start(root: Path, name: str, frame) -> SiteDir:
     site = SiteDir(root / name)
     init_site(site.root, name, port=free_port(), tls=self_signed("127.0.0.1"))
-    process.launch_detached(site)
+    server_zygote.launch(site)  # forked warm; the relaunch after the kill is the real command's
     admin.upload(site, "cancer", validate_table(frame, "target"))
     (root / f"{name}.pw").write_text(admin.add_user(site, EMAIL, "Ada"))
     PolicyStore(site.policies_path).set(
