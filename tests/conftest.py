@@ -267,3 +267,21 @@ def pg_cluster():  # noqa: ANN201
     cluster = pg.start_cluster()
     yield cluster
     pg.remove_cluster(cluster)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With ``FEDSITE_TEST_TIMELINE=FILE``, one JSON line per test phase: worker, test, phase,
+    start and stop (epoch seconds). Which worker ran what, and when: the suite's wall time is
+    its longest worker's chain (docs/maintainers.md, "Finding where the suite's time goes")."""
+    path = os.environ.get("FEDSITE_TEST_TIMELINE")
+    if not path:
+        return
+    line = {
+        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        "test": report.nodeid,
+        "phase": report.when,
+        "start": report.start,
+        "stop": report.stop,
+    }
+    with open(path, "a") as out:
+        out.write(json.dumps(line) + "\n")
