@@ -274,10 +274,11 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     start and stop (epoch seconds). Which worker ran what, and when: the suite's wall time is
     its longest worker's chain (docs/maintainers.md, "Finding where the suite's time goes")."""
     path = os.environ.get("FEDSITE_TEST_TIMELINE")
-    if not path:
-        return
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # under xdist the controller writes, from the reports its workers send
+    node = getattr(report, "node", None)  # the worker that ran it (xdist's controller)
     line = {
-        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        "worker": node.gateway.id if node is not None else "main",
         "test": report.nodeid,
         "phase": report.when,
         "start": report.start,
