@@ -119,6 +119,17 @@ def test_a_researcher_held_peer_is_a_colluder_by_default(arena) -> None:
     assert_serving(arena)
 
 
+def _approved_round(arena, client, spec, asset) -> None:  # noqa: ANN001
+    """Submit ``spec`` from the plain client, approve it as the admin, run one round: it must
+    train and release nothing private."""
+    sites.submit(client, spec, asset)
+    item = next(iter(queued(arena.queue(), spec.name)))
+    arena.queue().approve(item.request_id)
+    reply = sites.run_round(client, spec, asset, "")
+    assert reply["status"] == "ok", reply
+    assert_nothing_private(arena, reply)
+
+
 def test_reruns_of_one_plan_are_charged_as_opacus_composes_every_release_unmerged(arena) -> None:
     """The ledger composes a history with each kind of mechanism once, its steps summed
     (``policies.accounting.merged``). A researcher reruns one plan three times from a plain
@@ -143,12 +154,7 @@ def test_reruns_of_one_plan_are_charged_as_opacus_composes_every_release_unmerge
     asset = sites.find_asset(client, DATASET)
     for i in range(3):
         spec = job(f"rerun_{i}")
-        sites.submit(client, spec, asset)
-        item = next(iter(queued(arena.queue(), spec.name)))
-        arena.queue().approve(item.request_id)
-        reply = sites.run_round(client, spec, asset, "")
-        assert reply["status"] == "ok", reply
-        assert_nothing_private(arena, reply)
+        _approved_round(arena, client, spec, asset)
 
     ledger = BudgetLedger(SiteStore(SiteDir(site.dir).db_path))
     budget = ledger.budget(who, DATASET)
@@ -189,12 +195,7 @@ def test_what_the_server_kept_in_its_accounting_cache_is_what_a_cold_accountant_
     asset = sites.find_asset(client, DATASET)
     for name, noise in (("ulp_a", 1.1), ("ulp_b", float(np.nextafter(1.1, 2.0)))):
         spec = job(name, {"rounds": 1, "noise_multiplier": noise, "batch_size": 64})
-        sites.submit(client, spec, asset)
-        item = next(iter(queued(arena.queue(), spec.name)))
-        arena.queue().approve(item.request_id)
-        reply = sites.run_round(client, spec, asset, "")
-        assert reply["status"] == "ok", reply
-        assert_nothing_private(arena, reply)
+        _approved_round(arena, client, spec, asset)
 
     ledger = BudgetLedger(SiteStore(SiteDir(site.dir).db_path))
     warm = ledger.budget(who, DATASET)  # composed here, through the cache the server filled

@@ -113,16 +113,21 @@ def test_a_pinned_researcher_trains_over_https(https_site, tmp_path: Path) -> No
     assert [list(r["sites"]) for r in result.rounds] == [["hospital-a"]]
 
 
-def test_a_wrong_fingerprint_or_plain_http_gets_nowhere(https_site) -> None:
-    root, site, printed = https_site
+def _assert_a_wrong_pin_is_one_line(root, site, printed: str) -> None:  # noqa: ANN001
+    """``researcher datasets`` with the site's fingerprint off by one digit: one line, exit 1
+    (issue 26: three urllib3 retry warnings came first, and it exited 0)."""
     wrong = ("0" if printed[0] != "0" else "1") + printed[1:]
     proc = run_cli(
         "researcher", "datasets", "-f", str(_federation(root, site, "https", wrong)), check=False
     )
     lines = (proc.stdout + proc.stderr).strip().splitlines()
-    # one line, exit 1 (issue 26: three urllib3 retry warnings came first, and it exited 0)
     assert proc.returncode == 1, (proc.returncode, lines)
     assert len(lines) == 1 and "TLS certificate is not the one trusted" in lines[0], lines
+
+
+def test_a_wrong_fingerprint_or_plain_http_gets_nowhere(https_site) -> None:
+    root, site, printed = https_site
+    _assert_a_wrong_pin_is_one_line(root, site, printed)
     plain = run_cli(
         "researcher", "datasets", "-f", str(_federation(root, site, "http", None)), check=False
     )
@@ -140,13 +145,7 @@ def test_a_wrong_pin_gets_nowhere_through_an_https_proxy_either(https_site, monk
     proxy, tunnelled = _connect_proxy()
     monkeypatch.setenv("HTTPS_PROXY", proxy)
     monkeypatch.setenv("NO_PROXY", "")
-    wrong = ("0" if printed[0] != "0" else "1") + printed[1:]
-    proc = run_cli(
-        "researcher", "datasets", "-f", str(_federation(root, site, "https", wrong)), check=False
-    )
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
-    assert proc.returncode == 1, (proc.returncode, lines)
-    assert len(lines) == 1 and "TLS certificate is not the one trusted" in lines[0], lines
+    _assert_a_wrong_pin_is_one_line(root, site, printed)
     assert f"127.0.0.1:{site.port}" in tunnelled  # it did go through the proxy
     right = run_cli("researcher", "datasets", "-f", str(_federation(root, site, "https", printed)))
     assert "cancer" in right.stdout
