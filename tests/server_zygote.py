@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
 
@@ -165,26 +164,20 @@ def launch(site, timeout: float = 90.0):  # noqa: ANN001, ANN201  (SiteDir -> Si
     """``process.launch_detached`` with the server forked from the warm parent."""
     import psutil
 
-    from datasites.errors import ServerError
     from datasites.serving import process, sessions
 
     process._check_can_start(site)
     sessions.forget(site.config().url)
-    config = site.config()
     pid = _ZYGOTE.fork(site.root)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def exited() -> str | None:
         try:
-            gone = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
-            gone = True
-        if gone:
-            raise ServerError(f"server {pid} exited; see {site.log_path}")
-        if process.responding(config.url, timeout=1.0, cafile=site.tls_cert):
-            return process.status(site)
-        time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
-    raise ServerError(f"server did not answer within {timeout:.0f}s; see {site.log_path}")
+            alive = False
+        return None if alive else f"server exited (pid {pid})"
+
+    return process.wait_until_answering(site, exited, lambda: os.kill(pid, signal.SIGKILL), timeout)
 
 
 def close() -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +138,6 @@ def launch_detached(site: SiteDir, timeout: float = READY_TIMEOUT_S) -> SiteStat
     """Start the server in its own session and return once it answers HTTP requests."""
     _check_can_start(site)
     sessions.forget(site.config().url)
-    config = site.config()
     with open(site.log_path, "ab") as log:
         proc = subprocess.Popen(
             _serve_command(site),
@@ -146,14 +146,28 @@ def launch_detached(site: SiteDir, timeout: float = READY_TIMEOUT_S) -> SiteStat
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+
+    def exited() -> str | None:
+        return None if proc.poll() is None else f"server exited with code {proc.returncode}"
+
+    return wait_until_answering(site, exited, proc.kill, timeout)
+
+
+def wait_until_answering(
+    site: SiteDir, exited: Callable[[], str | None], kill: Callable[[], None], timeout: float
+) -> SiteStatus:
+    """Return the status once the just-started server answers. ``exited()`` says why the server
+    is gone (None while it lives): that is raised at once; past ``timeout`` it is ``kill()``ed."""
+    config = site.config()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServerError(f"server exited with code {proc.returncode}; see {site.log_path}")
+        gone = exited()
+        if gone is not None:
+            raise ServerError(f"{gone}; see {site.log_path}")
         if responding(config.url, timeout=1.0, cafile=site.tls_cert):
             return status(site)
         time.sleep(0.2)
-    proc.kill()
+    kill()
     raise ServerError(f"server did not answer within {timeout:.0f}s; see {site.log_path}")
 
 
