@@ -28,11 +28,13 @@ lines.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import runpy
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,18 +239,25 @@ def render(spec: JobSpec) -> str:
     return job_template.render(spec.name, spec.job_id, spec.to_dict())
 
 
-def as_function(spec: JobSpec) -> Any:
-    """Materialise the rendered source as a real function (syft reads its source with inspect)."""
-    folder = Path(tempfile.mkdtemp(prefix="fedsite-job-"))
-    module_path = folder / f"{spec.name}_{spec.job_id[:8]}.py"
-    module_path.write_text(render(spec))
-    module_name = module_path.stem
-    loader_spec = importlib.util.spec_from_file_location(module_name, module_path)
-    assert loader_spec and loader_spec.loader
-    module = importlib.util.module_from_spec(loader_spec)
-    sys.modules[module_name] = module
-    loader_spec.loader.exec_module(module)
-    return getattr(module, spec.name)
+@contextlib.contextmanager
+def as_function(spec: JobSpec) -> Iterator[Any]:
+    """Materialise the rendered source as a real function, for as long as the ``with`` lasts.
+
+    syft reads a function's source with ``inspect`` when ``sy.syft_function`` wraps it, so the
+    file must exist then, and not after: every submission left a folder in the temp dir."""
+    with tempfile.TemporaryDirectory(prefix="fedsite-job-") as folder:
+        module_path = Path(folder) / f"{spec.name}_{spec.job_id[:8]}.py"
+        module_path.write_text(render(spec))
+        module_name = module_path.stem
+        loader_spec = importlib.util.spec_from_file_location(module_name, module_path)
+        assert loader_spec and loader_spec.loader
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+            yield getattr(module, spec.name)
+        finally:
+            sys.modules.pop(module_name, None)
 
 
 def _name_from(path: Path) -> str:

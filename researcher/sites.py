@@ -126,12 +126,12 @@ def submit(client: Any, spec: JobSpec, asset: Any) -> str:
     """One code request for this job on this site; returns the request id."""
     policy = sy.MixedInputPolicy(data=asset, weights=str, client=client)
     what = f"{client.name}: submission refused"
-    with syft_errors(what, client), quiet():
+    with syft_errors(what, client), quiet(), as_function(spec) as function:
         fn = sy.syft_function(
             input_policy=policy,
             # each round, and a replay of it if the reply was lost: the site counts rounds
             output_policy=OutputPolicyExecuteCount(limit=syft_call_limit(spec)),
-        )(as_function(spec))
+        )(function)
         request = check_reply(client.code.request_code_execution(fn), what, SiteError)
     return str(request.id.no_dash)
 

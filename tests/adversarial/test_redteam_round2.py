@@ -87,7 +87,9 @@ def test_a_rider_change_cannot_rewrite_the_code_after_review(arena) -> None:
     asset = arena.asset(client)
     policy = sy.MixedInputPolicy(data=asset, weights=str, client=client)
     fn = sy.syft_function(input_policy=policy, output_policy=OutputPolicyExecuteCount(limit=4))
-    submitted = _refused_at_the_gate(lambda: client.api.services.code.submit(fn(as_function(spec))))
+    with as_function(spec) as function:
+        wrapped = fn(function)
+    submitted = _refused_at_the_gate(lambda: client.api.services.code.submit(wrapped))
     assert submitted, "code.submit is open to researchers"
     sites.submit(client, spec, asset)  # the honest route: a request with one change
     code = _code_of(client, spec.name)

@@ -256,3 +256,22 @@ def test_the_true_template_passes_on_raw_and_on_syfts_parsed_code() -> None:
     assert parsed_problems(parsed, spec.name) == []
     # a wrapper syft never made (an extra statement after the call) is refused
     assert parsed_problems(parsed + "\n    print(result)", spec.name)
+
+
+def test_the_submitted_function_is_the_rendered_text_and_leaves_no_file_behind() -> None:
+    """syft reads the submitted function's source with ``inspect`` when it wraps it: the file
+    must exist then, and be gone after (each submission left a folder in the temp dir)."""
+    import inspect
+    import sys
+    from pathlib import Path
+
+    from researcher.job import as_function
+
+    spec = job()
+    with as_function(spec) as function:
+        path = Path(inspect.getsourcefile(function) or "")
+        assert path.is_file()
+        assert inspect.getsource(function) in render(spec)
+        module = function.__module__
+    assert not path.parent.exists()
+    assert module not in sys.modules
