@@ -100,3 +100,42 @@ def test_a_history_of_repeated_runs_is_accounted_as_opacus_composes_it_unmerged(
     direct = float(unmerged.get_epsilon(delta=1e-5))
     assert epsilon(history, 1e-5) == pytest.approx(direct, rel=1e-3)
     assert epsilon(history[::-1], 1e-5) == epsilon(history, 1e-5)
+
+
+HISTORIES = [
+    [(1.0, 0.1, 100)],
+    [(0.8, 0.05, 500), (2.0, 1.0, 3)],  # a run and its site metrics (sample rate 1)
+    [(3.0, 0.02, 40), (1.1, 0.3, 7), (0.7, 0.01, 900)],
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_the_cached_curve_accountants_answer_as_opacus_to_the_bit(history) -> None:
+    """``_PRV``/``_RDP`` reuse one Renyi curve per (noise, rate) where Opacus recomputes it:
+    the same floats must come out, or the speed-up changed what a site charges."""
+    from opacus.accountants import PRVAccountant
+
+    from policies.accounting import _PRV, _RDP, _one_step_rdp
+
+    for theirs, ours in ((PRVAccountant(), _PRV()), (RDPAccountant(), _RDP())):
+        _one_step_rdp.cache_clear()
+        theirs.history, ours.history = list(history), list(history)
+        assert ours.get_epsilon(delta=DELTA) == theirs.get_epsilon(delta=DELTA)
+
+
+@pytest.mark.parametrize(("target", "q", "steps"), [(3.0, 0.05, 200), (1.0, 0.2, 30)])
+def test_the_noise_search_answers_as_opacus_to_the_bit(target, q, steps) -> None:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from policies import accounting
+
+    search = accounting.noise_for_target.__wrapped__.__wrapped__  # past both caches
+    theirs = get_noise_multiplier(
+        target_epsilon=target,
+        target_delta=DELTA,
+        sample_rate=q,
+        steps=steps,
+        accountant="prv",
+        epsilon_tolerance=0.005,
+    )
+    assert search(target, DELTA, q, steps) == theirs
