@@ -152,6 +152,9 @@ class AdminChannel:
 
     def _do_approve(self, call: channel.Approve) -> ItemReply:
         item = self._queue().approve(call.request_id, override=call.override, reason=call.reason)
+        from datasites.training import sandbox
+
+        sandbox.warm_soon()  # its rounds are coming: the trainers start now, not at the first
         return ItemReply(item.to_dict())
 
     def _do_deny(self, call: channel.Deny) -> ItemReply:

@@ -104,8 +104,9 @@ def _mask_db_password(db_url: str) -> None:
 def _warm_runtime() -> None:
     """Import the server-side half of the runtime once, in the background, after launch.
 
-    Training itself runs in the sandbox's warm trainer pool (started before serving); this
-    keeps the first call from paying for the accountant's and the runtime's imports.
+    Training itself runs in the sandbox's trainer pool (its fork server started before
+    serving, its workers when a job is approved); this keeps the first call from paying for
+    the accountant's and the runtime's imports.
     """
     from datasites.training import site_job  # noqa: F401
     from policies import accounting  # noqa: F401
@@ -162,7 +163,7 @@ def serve(root: Path) -> None:
     clock.mark("python and imports")
     keep_private()  # syft's database, blob store and our site.db: 0600, before any is opened
     # trainer processes: the fork server starts now, with a scrubbed environment, before any
-    # secret is in this process's; it preloads torch while this process imports syft
+    # secret is in this process's; its workers (torch) start when a job is approved
     sandbox.start_early()
     site = SiteDir(root)
     config = site.config()

@@ -12,8 +12,11 @@ network, or the server's memory and time.
   password, databases) cannot be opened. ``isolation()`` reports what was achieved.
 * Each round: an address-space limit of ``max_memory_mb`` on top of the worker's warm size,
   and ``max_seconds_per_round`` of wall time, after which the pool is terminated and replaced.
-* The pool is warm: the fork server preloads torch, Opacus and the training code, and each
-  worker trains a tiny model once, so a round pays none of torch's start-up.
+* The pool is warm before the first round when it can be: it is built in the background when
+  the admin approves a job (``warm_soon``), else at the first round. Each worker imports torch,
+  Opacus and the training code and trains a tiny model once, so a round pays none of torch's
+  start-up. The fork server itself preloads nothing: a site that is never sent a job (most
+  sites between jobs, and many of a test run's) never pays torch's import (about 3 CPU-s).
 """
 
 from __future__ import annotations
@@ -218,13 +221,12 @@ class TrainerPool:
 
 
 def _context() -> Any:
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["policies.engine.round_task", "policies.engine.dp_sgd"])
-    return ctx
+    return mp.get_context("forkserver")
 
 
 _POOL: TrainerPool | None = None
 _POOL_LOCK = threading.Lock()
+_FORK_SERVER_STARTED = False
 
 
 def start(workers: int = 1) -> TrainerPool:
@@ -248,19 +250,18 @@ def start(workers: int = 1) -> TrainerPool:
         return _POOL
 
 
-def start_early(workers: int = 1) -> None:
-    """Start the fork server now and build the pool in the background; call first thing.
+def start_early() -> None:
+    """Start the fork server now, with a scrubbed environment; call first thing.
 
-    The fork server's preload (torch, Opacus, the training code: seconds) then runs in its own
-    process while the server imports syft, instead of after it: ``datasite launch`` was ready
-    that much later. Only the fork server's spawn reads the environment, so only the spawn runs
-    under the scrubbed one, here, while this process is single-threaded and before the site's
-    secrets are in its environment at all. The workers fork from the fork server, not from this
-    process. ``pool()`` waits for the background build (the lock is held until it is done).
+    Only the fork server's spawn reads the environment, so only the spawn runs under the
+    scrubbed one, here, while this process is single-threaded and before the site's secrets are
+    in its environment at all. The workers fork from the fork server, not from this process:
+    the pool can then be built at any time (``pool``, ``warm_soon``) without touching this
+    process's environment. The fork server preloads nothing, so this costs a bare interpreter.
     """
     from multiprocessing import forkserver
 
-    _context()  # the preload list
+    global _FORK_SERVER_STARTED
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(clean_environment())
@@ -269,19 +270,25 @@ def start_early(workers: int = 1) -> None:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    _POOL_LOCK.acquire()  # released by the builder: pool() waits for it, never races it
-    threading.Thread(target=_build, args=(workers,), name="trainer-pool", daemon=True).start()
+    _FORK_SERVER_STARTED = True
 
 
-def _build(workers: int) -> None:
-    global _POOL
-    try:
-        if _POOL is None:
-            _POOL = TrainerPool(workers)
-    finally:
-        _POOL_LOCK.release()
+def warm_soon() -> None:
+    """Build the pool in the background if it is not built: a job was approved, so its rounds
+    are coming, and the first should not wait for the trainer's torch import."""
+    if _POOL is None:
+        threading.Thread(target=pool, name="trainer-pool", daemon=True).start()
 
 
 def pool() -> TrainerPool:
-    """The site's pool (started by ``datasites.serving.serve`` at launch)."""
-    return _POOL if _POOL is not None else start()
+    """The site's pool, built on first use (``datasites.serving.serve`` started its fork server
+    at launch: ``start_early``). Without that, ``start`` starts both, as a test does."""
+    global _POOL
+    if _POOL is not None:
+        return _POOL
+    if not _FORK_SERVER_STARTED:
+        return start()
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = TrainerPool(1)
+        return _POOL

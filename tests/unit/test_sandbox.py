@@ -50,3 +50,38 @@ def test_the_warm_up_trains_through_both_engines() -> None:
         assert out.metrics["steps"] >= 1 and out.n >= 1
         assert all(np.isfinite(w).all() for w in out.weights.values())
     assert set(opacus.weights) > set(fused.weights)  # the LayerNorm's parameters too
+
+
+def test_a_site_pays_for_torch_only_when_a_job_is_approved() -> None:
+    """The fork server starts at launch and loads no torch; the workers (which import it) start
+    at ``warm_soon`` (an approval) or at the first round. In a fresh process, as a server runs
+    it: a test process's own fork server may already be up."""
+    import subprocess
+    import sys
+
+    script = """
+import time
+from multiprocessing import forkserver
+from datasites.training import sandbox
+
+def torch_in(pid):
+    with open(f"/proc/{pid}/maps") as fh:
+        return "libtorch" in fh.read()
+
+sandbox.start_early()
+server = forkserver._forkserver._forkserver_pid
+time.sleep(1)  # a preload, were there one, would be under way
+print("fork server loads torch:", torch_in(server), "pool:", sandbox._POOL is not None)
+sandbox.warm_soon()
+for _ in range(600):
+    if sandbox._POOL is not None:
+        break
+    time.sleep(0.1)
+(worker,) = sandbox.pool()._pool._pool
+print("worker loads torch:", sandbox.pool().probe([])["isolation"].get("error"), torch_in(worker.pid))
+sandbox.pool().close()
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.splitlines()
+    assert out == ["fork server loads torch: False pool: False", "worker loads torch: None True"]
