@@ -40,14 +40,13 @@ def _preload() -> None:
     with syft_patches.optional_imports_deferred():  # as serve() imports it
         import syft.server.uvicorn  # noqa: F401
     import uvicorn  # noqa: F401
-
-    # syft builds its object-version table on a server's first metadata answer (~0.8 CPU-s
-    # each, 29 s over a run); it depends only on the classes imported above, as in a server
     from syft.protocol.data_protocol import get_data_protocol
 
     from datasites.training import site_job  # noqa: F401  serve's warm-up thread's imports
     from policies import accounting  # noqa: F401
 
+    # syft builds its object-version table on a server's first metadata answer (~0.8 CPU-s
+    # each, 29 s over a run); it depends only on the classes imported above, as in a server
     get_data_protocol()
 
 
