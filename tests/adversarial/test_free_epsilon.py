@@ -212,3 +212,30 @@ def test_what_the_server_kept_in_its_accounting_cache_is_what_a_cold_accountant_
             [mechanism], warm.delta, release["accountant"]
         ), release
     assert_serving(arena)
+
+
+def test_the_first_round_calls_the_approved_code_without_fetching_the_api_again(
+    arena, monkeypatch
+) -> None:
+    """A client that logged in before its job was submitted has no function for the job; syft's
+    answer to the missing name was to fetch the whole API again, a login's worth of work at
+    every site's first round. The function built from the job's code item instead must call
+    the very code that syft's refreshed API would: same code id, a round that trains, and the
+    charge on the ledger."""
+    client = arena.client(EVE, fresh=True)
+    asset = arena.asset(client)
+    spec = job("no_refetch")
+    sites.submit(client, spec, asset)
+    arena.queue().approve(next(iter(queued(arena.queue(), spec.name))).request_id)
+    fetches: list[int] = []
+    fetch = client._fetch_api
+    monkeypatch.setattr(client, "_fetch_api", lambda creds: fetches.append(1) or fetch(creds))
+    spent = arena.spent(EVE)
+    reply = sites.run_round(client, spec, asset, "")
+    assert reply["status"] == "ok", reply
+    assert arena.spent(EVE) > spent
+    assert fetches == []
+    assert_nothing_private(arena, reply)
+    refreshed = fetch(client.credentials).services.code  # what syft's refresh would call
+    ours = sites._job_function(client, spec)
+    assert ours.user_code_id == getattr(refreshed, spec.name).user_code_id
