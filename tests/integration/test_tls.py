@@ -21,6 +21,7 @@ from datasites.serving.config import SiteDir
 from policies import tls
 from researcher import api
 from researcher.federation import Federation
+from tests import server_zygote
 from tests.conftest import Site, free_port, last_json, run_cli
 from tests.integration.conftest import EMAIL, events, job
 
@@ -42,7 +43,9 @@ def https_site(tmp_path_factory, breast_cancer_csv: Path):
         "--self-signed",
     )
     printed = made.stdout.split("(SHA-256, researchers pin it):")[1].split()[0]
-    site.cli("launch", "--detach")
+    # forked from the worker's warm parent: what this module tests is the HTTPS the server
+    # serves; ``datasite launch`` itself is tested in test_site_lifecycle and the README walk
+    server_zygote.launch(SiteDir(site.dir))
     try:
         site.cli(
             "upload", "--name", "cancer", "--file", str(breast_cancer_csv), "--target", "target"
