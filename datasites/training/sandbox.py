@@ -21,6 +21,7 @@ network, or the server's memory and time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
 import multiprocessing.pool
@@ -40,6 +41,7 @@ CLONE_NEWNET = 0x40000000
 _KEEP_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "CUDA_VISIBLE_DEVICES")
 _KEEP_PREFIX = ("OMP_", "MKL_", "OPENBLAS_")
 _MB = 1 << 20
+WARM_TIMEOUT_S = 120.0  # the longest a new pool waits for its worker's warm-up
 
 
 def clean_environment() -> dict[str, str]:
@@ -150,6 +152,10 @@ def _run(task: RoundTask, max_memory_mb: int) -> RoundOutput:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+def _ready() -> bool:
+    return True
+
+
 def _address_space() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[0]) * resource.getpagesize()
@@ -190,7 +196,13 @@ class TrainerPool:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> multiprocessing.pool.Pool:
-        return _context().Pool(self.workers, initializer=_init_worker)
+        """A pool whose worker is warm: its initializer (torch's import, a warm-up round, some
+        seconds) runs before any task, and a round's time limit must count the round only,
+        not the start of the worker that trains it (its charge stays if it is stopped)."""
+        pool = _context().Pool(self.workers, initializer=_init_worker)
+        with contextlib.suppress(mp.TimeoutError):  # a worker that cannot start: the round's
+            pool.apply_async(_ready).get(timeout=WARM_TIMEOUT_S)  # own limit then reports it
+        return pool
 
     def run(self, task: RoundTask, max_seconds: float, max_memory_mb: int) -> RoundOutput:
         """The round's result; SandboxLimit when it ran out of time or memory."""

@@ -54,7 +54,8 @@ def test_the_warm_up_trains_through_both_engines() -> None:
 
 def test_a_site_pays_for_torch_only_when_a_job_is_approved() -> None:
     """The fork server starts at launch and loads no torch; the workers (which import it) start
-    at ``warm_soon`` (an approval) or at the first round. In a fresh process, as a server runs
+    at ``warm_soon`` (an approval) or at the first round, and the pool is handed out only once
+    its worker is warm. In a fresh process, as a server runs
     it: a test process's own fork server may already be up."""
     import subprocess
     import sys
@@ -78,7 +79,8 @@ for _ in range(600):
         break
     time.sleep(0.1)
 (worker,) = sandbox.pool()._pool._pool
-print("worker loads torch:", sandbox.pool().probe([])["isolation"].get("error"), torch_in(worker.pid))
+warm = torch_in(worker.pid)  # the pool is handed out warm: a round's limit counts the round
+print("worker loads torch:", sandbox.pool().probe([])["isolation"].get("error"), warm)
 sandbox.pool().close()
 """
     out = subprocess.run(
