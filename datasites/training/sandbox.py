@@ -207,7 +207,9 @@ class TrainerPool:
     def run(self, task: RoundTask, max_seconds: float, max_memory_mb: int) -> RoundOutput:
         """The round's result; SandboxLimit when it ran out of time or memory."""
         with self._slots:  # the time limit counts from when a worker is free
-            pending = self._pool.apply_async(_run, (task, max_memory_mb))
+            with self._lock:  # a replacement under way (``restart``): wait for its warm worker
+                current = self._pool
+            pending = current.apply_async(_run, (task, max_memory_mb))
             try:
                 return pending.get(timeout=max_seconds)
             except mp.TimeoutError:
@@ -224,12 +226,23 @@ class TrainerPool:
         return self._pool.apply(_probe, (paths, host, port))
 
     def restart(self) -> None:
-        with self._lock:
-            old, self._pool = self._pool, self._new_pool()
-        old.terminate()
+        """Stop the pool now (the round past its limit is answered at once, and stops taking
+        CPU) and warm its replacement in the background; ``run`` waits for it, under the
+        lock, before the next round's clock starts."""
+        self._lock.acquire()
+        self._pool.terminate()
+
+        def replace() -> None:
+            try:
+                self._pool = self._new_pool()
+            finally:
+                self._lock.release()
+
+        threading.Thread(target=replace, name="trainer-pool-restart", daemon=True).start()
 
     def close(self) -> None:
-        self._pool.terminate()
+        with self._lock:
+            self._pool.terminate()
 
 
 def _context() -> Any:
