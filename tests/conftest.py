@@ -125,6 +125,18 @@ class Site:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return run_cli("datasite", *args, "--dir", str(self.dir), check=check)
 
+    def relaunch(self) -> None:
+        """Start the stopped (or killed) server again, forked from the warm parent.
+
+        The forked server runs ``serve`` from its first line on the same DIR, so what a restart
+        keeps or loses is tested as well as through ``datasite launch``, whose fresh process
+        (about 10 CPU-s of imports) is tested where the start itself is the point:
+        ``test_site_lifecycle`` (kill -9 and relaunch included) and ``test_readme_walk``."""
+        from datasites.serving.config import SiteDir
+        from tests import server_zygote
+
+        server_zygote.launch(SiteDir(self.dir))
+
     def published_rows(self, dataset: str) -> int:
         """The DP row count the site published at upload: what its rounds are computed from."""
         from datasites.serving.config import SiteDir

@@ -6,10 +6,10 @@ a start costs here (``scripts/bench`` and the server log's ``start:`` line), and
 about thirty. This process imports all of that once per test worker; each launch is then a
 ``fork()`` that runs :func:`datasites.serving.serve.serve` itself, from its first line (the site's
 files made private, the trainers' fork server spawned afresh with a scrubbed environment, the
-identity read from DIR), so only the imports are shared. What only a fresh process shows (the
-``datasite launch`` command, its environment, kill -9 and relaunch) is tested through the real
-command elsewhere: ``test_site_lifecycle``, ``test_readme_walk``, ``test_notebook``,
-``test_federation``'s relaunch.
+identity read from DIR), so only the imports are shared. A restart after a stop or kill -9
+forks too (``Site.relaunch``): what survives it is on disk, not in the process. What only a fresh
+process shows (the ``datasite launch`` command, its environment, kill -9 and relaunch) is tested
+through the real command in ``test_site_lifecycle`` and ``test_readme_walk``.
 
 The forked server is a real syft server over HTTPS on a loopback port, in its own session, its
 output in the site's ``server.log``, its pid in ``server.pid``; ``datasite stop`` stops it as any

@@ -98,7 +98,7 @@ def _shared_federation(request, tmp_path_factory, names: tuple[str, ...]):  # no
     for s in made:
         site_dir = SiteDir(s.dir)
         if not process.status(site_dir).responding:
-            process.launch_detached(site_dir)
+            s.relaunch()
         store = PolicyStore(site_dir.policies_path)
         for dataset, policy in policies[s.name].items():
             store.set(dataset, policy)

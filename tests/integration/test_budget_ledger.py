@@ -68,7 +68,7 @@ def test_budget_holds_and_survives_kill_9(federation) -> None:
     pid = last_json(a.cli("status", "--json"))["pid"]
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
-    a.cli("launch", "--detach")
+    a.relaunch()
     after = {(r["researcher"]): r for r in last_json(a.cli("budget", "--json"))}[email]
     assert after["epsilon_spent"] == pytest.approx(two, rel=1e-6)
     assert after["epsilon_spent"] <= after["epsilon_total"]

@@ -37,7 +37,7 @@ MODEL = nn.Linear(30, 2)  # breast cancer: 30 features, 2 classes
 def start(root: Path, name: str, frame) -> SiteDir:
     site = SiteDir(root / name)
     init_site(site.root, name, port=free_port(), tls=self_signed("127.0.0.1"))
-    server_zygote.launch(site)  # forked warm; the relaunch after the kill is the real command's
+    server_zygote.launch(site)  # forked warm: datasite launch is tested in test_site_lifecycle
     admin.upload(site, "cancer", validate_table(frame, "target"))
     (root / f"{name}.pw").write_text(admin.add_user(site, EMAIL, "Ada"))
     PolicyStore(site.policies_path).set(
@@ -105,7 +105,7 @@ def test_a_killed_site_is_skipped_and_rejoins_on_resume(tmp_path: Path) -> None:
         assert [u.site for u in records[2].updates] == ["a", "b"] and "c" in records[2].skipped
         assert (run / "state.json").exists() and (run / "metrics.csv").exists()
 
-        process.launch_detached(sites[2])
+        server_zygote.launch(sites[2])  # the killed site comes back
         result = api.train(
             fed,
             spec,

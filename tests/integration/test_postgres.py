@@ -68,7 +68,7 @@ def test_kill_9_and_a_postgres_crash_lose_nothing(
         "datasite", "init", site.name, "--dir", str(site.dir), "--port", str(site.port),
         "--self-signed", "--db-url", url,
     )  # fmt: skip
-    site.cli("launch", "--detach")
+    site.relaunch()
     try:
         site.cli(
             "upload", "--name", "cancer", "--file", str(breast_cancer_csv), "--target", "target"
@@ -128,7 +128,7 @@ def test_kill_9_and_a_postgres_crash_lose_nothing(
         _kill_9(site)
         pg_cluster.stop("immediate")  # a crash: recovery replays the WAL at the next start
         pg_cluster.start()
-        site.cli("launch", "--detach")
+        site.relaunch()
 
         assert last_json(site.cli("budget", "--json")) == before
         # the CLI refuses a broken chain; the same entries, oldest first, hashes and all

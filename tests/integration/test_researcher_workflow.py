@@ -153,7 +153,7 @@ def test_a_site_killed_between_check_and_submit_leaves_a_recorded_job_that_a_ret
     """Submit is all or nothing: every site is checked first; a site that dies after the check
     leaves the job recorded where it is pending, ``status`` says where it is missing, and the
     same submit again sends it there only, under the same job id. Runs last: it restarts b."""
-    from datasites.serving.process import launch_detached, stop
+    from datasites.serving.process import stop
 
     fed, made = federation
     plan = {"rounds": 1, "noise_multiplier": 1.5}
@@ -176,7 +176,7 @@ def test_a_site_killed_between_check_and_submit_leaves_a_recorded_job_that_a_ret
     monkeypatch.setattr(sites, "submit", real_submit)
     with pytest.raises(JobError, match="nothing was submitted: hospital-b"):
         api.submit(fed, spec_named, dry=False)  # b is still down: nothing new anywhere
-    launch_detached(SiteDir(made[1].dir))
+    made[1].relaunch()
     sites._SESSIONS.clear()
     state = api.status(fed, spec_named)
     assert state["hospital-a"]["status"] == "pending"

@@ -97,7 +97,7 @@ def test_submit_approve_deny_run_and_audit_survives_restart(federation) -> None:
     a.cli("policy", "set", "--dataset", "cancer", "--allow-domain", "uni.edu")
 
     a.cli("stop")
-    a.cli("launch", "--detach")
+    a.relaunch()
     for needed in ("submitted", "reported", "approved", "executed", "released"):
         assert needed in events(a)[seen_a:], needed
     assert "denied" in events(b)[seen_b:]
