@@ -219,3 +219,27 @@ def test_guesses_slow_down_the_guesser_only_and_never_lock_out_the_admin(arena, 
         forged.cookies.set("fedsite_device", "x." + "0" * 64, path="/login")
         assert forged.post("/login", data={"password": password}).status_code == 429
         forged.close()
+
+
+def test_a_researcher_is_sent_no_library_endpoints_and_cannot_call_one_by_hand(arena) -> None:
+    """syft's 563 library endpoints (numpy on server-side objects) each call ``action.execute``,
+    which the site refuses researchers: they are not in a researcher's API (they were 2.7 of its
+    3.2 MB, fetched at every login), and the call made by hand, signed, is still refused.
+    The admin's API keeps them: the site's owner may run syft's library."""
+    from syft.client.api import SyftAPICall
+
+    eve = arena.site.login(EVE, arena.logins[EVE].password())  # plain syft
+    assert not eve.api.lib_endpoints
+    assert not [name for name in dir(eve.api.libs) if "numpy" in name]
+    call = SyftAPICall(
+        server_uid=eve.api.server_uid, path="action.execute", args=[], kwargs={"action": None}
+    )
+    try:
+        reply = str(getattr(eve.api.make_call(call), "message", ""))
+    except Exception as exc:  # syft raises the server's SyftError
+        reply = str(exc)
+    assert "not open to researchers" in reply, reply
+    owner = SiteDir(arena.site.dir).config().admin_email
+    admin = arena.site.login(owner, arena.site.password)
+    assert "numpy.add" in admin.api.lib_endpoints
+    assert_serving(arena)
