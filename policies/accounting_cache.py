@@ -122,7 +122,30 @@ class _Store:
             except (sqlite3.Error, ValueError, TypeError):  # busy, or not a value it wrote
                 return None
 
+    def get_floats(self, key: str) -> tuple[float, ...] | None:
+        """A row that ``put_floats`` wrote: its floats, in order; None for anything else."""
+        with self._lock:
+            conn = self._connection()
+            if conn is None:
+                return None
+            try:
+                row = conn.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
+                if row is None:
+                    return None
+                spelled = row[0].split(",")
+                values = tuple(float.fromhex(v) for v in spelled)
+                exact = all(v.hex() == s for v, s in zip(values, spelled, strict=True))
+                return values if exact else None
+            except (sqlite3.Error, ValueError, TypeError, AttributeError):
+                return None
+
     def put(self, key: str, value: float) -> None:
+        self._put(key, float(value).hex())
+
+    def put_floats(self, key: str, values: tuple[float, ...]) -> None:
+        self._put(key, ",".join(float(v).hex() for v in values))
+
+    def _put(self, key: str, spelled: str) -> None:
         with self._lock:
             conn = self._connection()
             if conn is None:
@@ -131,7 +154,7 @@ class _Store:
                 with conn:
                     added = conn.execute(
                         "INSERT OR IGNORE INTO answers (key, value) VALUES (?, ?)",
-                        (key, float(value).hex()),
+                        (key, spelled),
                     ).lastrowid
                     if added and added % PRUNE_EVERY == 0:
                         _prune(conn)
@@ -218,5 +241,29 @@ def persistent(namespace: str) -> Callable[[Callable[P, float]], Callable[P, flo
             return value
 
         return cast(Callable[P, float], cached)
+
+    return wrap
+
+
+def persistent_floats(
+    namespace: str,
+) -> Callable[[Callable[P, tuple[float, ...]]], Callable[P, tuple[float, ...]]]:
+    """``persistent`` for a pure function whose answer is a tuple of floats (a Renyi curve)."""
+
+    def wrap(function: Callable[P, tuple[float, ...]]) -> Callable[P, tuple[float, ...]]:
+        @functools.wraps(function)
+        def cached(*args: P.args, **kwargs: P.kwargs) -> tuple[float, ...]:
+            try:
+                key = _key(namespace, tuple(args), dict(kwargs))
+            except (TypeError, ValueError):
+                return tuple(map(float, function(*args, **kwargs)))
+            found = _store.get_floats(key)
+            if found is not None:
+                return found
+            values = tuple(map(float, function(*args, **kwargs)))
+            _store.put_floats(key, values)
+            return values
+
+        return cast(Callable[P, tuple[float, ...]], cached)
 
     return wrap

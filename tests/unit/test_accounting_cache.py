@@ -23,17 +23,22 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh cache file for this test, and no in-memory answer left from another."""
     path = tmp_path / "cache" / "accounting.sqlite"
     monkeypatch.setenv(accounting_cache.ENV, str(path))
-    accounting._epsilon.cache_clear()
-    accounting.noise_for_target.cache_clear()
+    _forget_in_memory()
     yield path
-    accounting._epsilon.cache_clear()
-    accounting.noise_for_target.cache_clear()
+    _forget_in_memory()
     accounting_cache._store.close()
 
 
-def _rows(path: Path) -> list[tuple[str, str]]:
+def _forget_in_memory() -> None:
+    for cached in (accounting._epsilon, accounting.noise_for_target, accounting._one_step_rdp):
+        cached.cache_clear()
+
+
+def _rows(path: Path, curves: bool = False) -> list[tuple[str, str]]:
+    """The kept answers (single floats), or with ``curves`` the kept Renyi curves."""
     with sqlite3.connect(path) as conn:
-        return conn.execute("SELECT key, value FROM answers").fetchall()
+        rows = conn.execute("SELECT key, value FROM answers").fetchall()
+    return [(k, v) for k, v in rows if ("," in v) == curves]
 
 
 def _counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -225,3 +230,44 @@ def test_the_file_stays_bounded_however_many_plans_are_sent(
     kept = _rows(cache)
     assert 5 <= len(kept) <= 10
     assert plan(39) == 39.0 and len(_rows(cache)) == len(kept)  # the newest is still kept
+
+
+ORDERS = tuple(accounting._DEFAULT_ORDERS)
+
+
+def test_a_kept_renyi_curve_is_the_computed_one_to_the_bit(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-step curves are kept too: a run's processes ask for the same ones (the suite:
+    half of 1,292 curve computations repeated another process's). Read back, a curve is Opacus'
+    own, bit for bit, and so is every epsilon composed from it."""
+    import numpy as np
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    opacus = np.asarray(compute_rdp(q=0.02, noise_multiplier=1.1, steps=1, orders=list(ORDERS)))
+    truth = accounting.epsilon(HISTORY, 1e-5)
+    assert len(_rows(cache, curves=True)) == 2  # one per (noise, rate) of the history
+    _forget_in_memory()  # as a fresh process would: only the file remembers
+    with sqlite3.connect(cache) as conn:  # the epsilon too: it is composed again
+        conn.execute("DELETE FROM answers WHERE value NOT LIKE '%,%'")
+
+    def never(*args: object) -> tuple[float, ...]:
+        raise AssertionError("a kept curve was computed again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(accounting, "_one_step_rdp_computed", never)
+        read = accounting._one_step_rdp(1.1, 0.02, ORDERS)
+        assert read.dtype == np.float64 and read.tobytes() == opacus.tobytes()
+        assert accounting.epsilon(HISTORY, 1e-5) == truth
+
+
+@pytest.mark.parametrize("planted", ["0x1.0p-10", "0x1.0p-10,0.5", "garbage,1"])
+def test_a_planted_or_unreadable_curve_is_computed_again(cache: Path, planted: str) -> None:
+    """Red team: a curve of the wrong length (a tiny one would lower every epsilon composed
+    from it), or one spelled otherwise than this code writes, is never used."""
+    truth = accounting.epsilon(HISTORY, 1e-5)
+    with sqlite3.connect(cache) as conn:
+        conn.execute("DELETE FROM answers WHERE value NOT LIKE '%,%'")  # composed again
+        conn.execute("UPDATE answers SET value = ?", (planted,))  # every kept curve
+    _forget_in_memory()
+    assert accounting.epsilon(HISTORY, 1e-5) == truth
