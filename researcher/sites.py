@@ -59,9 +59,10 @@ def forget(login: SiteLogin) -> None:
 
 def connect(login: SiteLogin, fresh: bool = False) -> Any:
     """A logged-in client for ``login``, reused within this process: a syft login fetches the
-    whole API (about 1.5 s), and one command often talks to a site several times. ``fresh``
-    logs in again (after a dropped connection). syft's client gets the pinned sessions first
-    (``syft_adapter.install``): no connect retries (rounds retry), pinned trust for HTTPS."""
+    whole API (about 0.7 s here for a researcher), and one command often talks to a site several
+    times. ``fresh`` logs in again (after a dropped connection). syft's client gets the pinned
+    sessions first (``syft_adapter.install``): no connect retries (rounds retry), pinned trust
+    for HTTPS."""
     global LOGINS
     syft_adapter.install()
     key = _session_key(login)

@@ -30,6 +30,7 @@ import resource
 import stat
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -263,15 +264,8 @@ def start(workers: int = 1) -> TrainerPool:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            saved = dict(os.environ)
-            clean = clean_environment()
-            os.environ.clear()
-            os.environ.update(clean)
-            try:
+            with _scrubbed_environment():
                 _POOL = TrainerPool(workers)
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
         return _POOL
 
 
@@ -287,15 +281,24 @@ def start_early() -> None:
     from multiprocessing import forkserver
 
     global _FORK_SERVER_STARTED
+    with _scrubbed_environment():
+        forkserver.ensure_running()
+    _FORK_SERVER_STARTED = True
+
+
+@contextlib.contextmanager
+def _scrubbed_environment() -> Iterator[None]:
+    """This process's ``os.environ`` is the trainers' clean one inside, its own again after: a
+    process spawned inside (the fork server) inherits nothing else. Only for a single-threaded
+    moment: another thread reading the environment meanwhile would see the clean one."""
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(clean_environment())
     try:
-        forkserver.ensure_running()
+        yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    _FORK_SERVER_STARTED = True
 
 
 def warm_soon() -> None:
