@@ -108,22 +108,13 @@ class _Store:
         return self._conn
 
     def get(self, key: str) -> float | None:
-        with self._lock:
-            conn = self._connection()
-            if conn is None:
-                return None
-            try:
-                row = conn.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
-                if row is None:
-                    return None
-                value = float.fromhex(row[0])
-                # only what put() wrote: float.hex's own spelling ("0.5" parses as hex 0.3125)
-                return value if value.hex() == row[0] else None
-            except (sqlite3.Error, ValueError, TypeError):  # busy, or not a value it wrote
-                return None
+        """A row that ``put`` wrote: its float; None for anything else."""
+        values = self.get_floats(key)
+        return values[0] if values is not None and len(values) == 1 else None
 
     def get_floats(self, key: str) -> tuple[float, ...] | None:
-        """A row that ``put_floats`` wrote: its floats, in order; None for anything else."""
+        """A row that ``put`` or ``put_floats`` wrote: its floats, in order; None for anything
+        else: only float.hex's own spelling is read ("0.5" parses as hex 0.3125)."""
         with self._lock:
             conn = self._connection()
             if conn is None:
@@ -136,7 +127,7 @@ class _Store:
                 values = tuple(float.fromhex(v) for v in spelled)
                 exact = all(v.hex() == s for v, s in zip(values, spelled, strict=True))
                 return values if exact else None
-            except (sqlite3.Error, ValueError, TypeError, AttributeError):
+            except (sqlite3.Error, ValueError, TypeError, AttributeError):  # not what it wrote
                 return None
 
     def put(self, key: str, value: float) -> None:
