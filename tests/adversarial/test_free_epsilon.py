@@ -175,7 +175,8 @@ def test_what_the_server_kept_in_its_accounting_cache_is_what_a_cold_accountant_
     (``policies.accounting_cache``). A researcher on a plain syft client runs two plans whose
     noise differs in the last bit only, hoping one answer is taken for the other; her history
     is then charged again with the cache switched off: every release's epsilon and her total
-    must be the same, to the bit, and the two plans two mechanisms."""
+    must be the same, to the bit, and the two plans two mechanisms, each with its own kept
+    Renyi curve, the one Opacus computes."""
     from datasites.ledger.budget import BudgetLedger
     from policies import accounting, accounting_cache
     from policies.accounting import Mechanism
@@ -200,12 +201,17 @@ def test_what_the_server_kept_in_its_accounting_cache_is_what_a_cold_accountant_
     ledger = BudgetLedger(SiteStore(SiteDir(site.dir).db_path))
     warm = ledger.budget(who, DATASET)  # composed here, through the cache the server filled
     assert accounting_cache.default_path() is not None
-    monkeypatch.setenv(accounting_cache.ENV, "off")
-    accounting._epsilon.cache_clear()
-    cold = ledger.budget(who, DATASET)
-    assert cold.epsilon_spent == warm.epsilon_spent
     history = [Mechanism.from_listing(r["mechanism"]) for r in warm.releases]
     assert {m.noise_multiplier for m in history} >= {1.1, float(np.nextafter(1.1, 2.0))}
+    for m in history:  # the kept Renyi curves too: one per noise, each Opacus' own to the bit
+        args = (m.noise_multiplier, m.sample_rate, accounting._DEFAULT_ORDERS)
+        kept = accounting_cache._store.get_floats(accounting_cache._key("one_step_rdp", args, {}))
+        assert kept == accounting._one_step_rdp_computed(*args), m
+    monkeypatch.setenv(accounting_cache.ENV, "off")
+    accounting._epsilon.cache_clear()
+    accounting._one_step_rdp.cache_clear()  # cold: no curve from the cache either
+    cold = ledger.budget(who, DATASET)
+    assert cold.epsilon_spent == warm.epsilon_spent
     for release, mechanism in zip(warm.releases, history, strict=True):
         # each release's epsilon alone, as the server computed it at the charge
         assert release["epsilon"] == accounting.epsilon(
