@@ -5,8 +5,9 @@ uvicorn, the runtime and (through Opacus) torch before it serves: about 5.5 of t
 a start costs here (``scripts/bench`` and the server log's ``start:`` line), and the suite starts
 about thirty. This process imports all of that once per test worker; each launch is then a
 ``fork()`` that runs :func:`datasites.serving.serve.serve` itself, from its first line (the site's
-files made private, the trainers' fork server spawned afresh with a scrubbed environment, the
-identity read from DIR), so only the imports are shared. A restart after a stop or kill -9
+files made private, the identity read from DIR), so only the imports are shared, and one fork
+server for the sites' trainers, spawned here with the trainers' scrubbed environment and torch
+preloaded (``_start_trainer_parent``). A restart after a stop or kill -9
 forks too (``Site.relaunch``): what survives it is on disk, not in the process. What only a fresh
 process shows (the ``datasite launch`` command, its environment, kill -9 and relaunch) is tested
 through the real command in ``test_site_lifecycle`` and ``test_readme_walk``.
@@ -50,6 +51,50 @@ def _preload() -> None:
     get_data_protocol()
 
 
+# What every trainer imports (``sandbox._warm``: torch, Opacus, both engines, and torch._dynamo,
+# which torch's optimizers import at their first step): about 3 CPU-s a trainer, 26 trainers a run
+TRAINER_PRELOAD = (
+    "torch",
+    "torch._dynamo",
+    "opacus",
+    "policies.engine.dp_sgd",
+    "policies.engine.round_task",
+    "policies.engine.distributed",
+)
+
+
+def _start_trainer_parent() -> None:
+    """One warm parent for the trainers of every site this zygote forks.
+
+    A launched site spawns its own bare fork server (``sandbox.start_early``) and each trainer
+    it forks imports torch and Opacus itself: about 3 CPU-s a trainer, and the suite's sites
+    build about 26. Here the fork server is spawned once, as the site's is (with the trainers'
+    scrubbed environment, before this process serves anything), preloading that import; the
+    forked sites send their pools' requests to it. Each trainer still runs
+    ``sandbox._init_worker`` (the environment cleared again, the warm-up rounds, the network
+    namespace, the dropped user) and talks only to the site that asked for it. What a site's
+    own fork server does at launch is tested through ``datasite launch`` (test_site_lifecycle,
+    test_readme_walk, the notebook) and in tests/unit/test_sandbox.py."""
+    from multiprocessing import forkserver
+
+    from datasites.training import sandbox
+
+    forkserver.set_forkserver_preload(list(TRAINER_PRELOAD))
+    with sandbox._scrubbed_environment():
+        forkserver.ensure_running()
+
+
+def _use_the_trainer_parent() -> None:
+    """In the forked site: ``sandbox.start_early`` as the zygote's fork server answers it."""
+    from multiprocessing import forkserver
+
+    from datasites.training import sandbox
+
+    # running, and the zygote's child: waitpid on it here (ensure_running's check) would raise
+    forkserver._forkserver.ensure_running = lambda: None  # type: ignore[method-assign]
+    sandbox._FORK_SERVER_STARTED = True
+
+
 def _serve_child(root: str) -> None:
     """In the forked child: become a detached server of DIR, as ``launch --detach`` makes one."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the parent reaps by ignoring; a server waits
@@ -67,7 +112,9 @@ def _serve_child(root: str) -> None:
     code = 0
     try:
         from datasites.serving import serve
+        from datasites.training import sandbox
 
+        sandbox.start_early = _use_the_trainer_parent
         prepare = serve._prepare_environment
         serve._prepare_environment = lambda site: (prepare(site), _reread_identity())[0]
         serve.serve(Path(root))
@@ -117,6 +164,7 @@ def _reseed() -> None:
 
 def main() -> None:
     _preload()
+    _start_trainer_parent()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     for line in sys.stdin:
         root = json.loads(line)["root"]
