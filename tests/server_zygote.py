@@ -49,6 +49,30 @@ def _preload() -> None:
     # syft builds its object-version table on a server's first metadata answer (~0.8 CPU-s
     # each, 29 s over a run); it depends only on the classes imported above, as in a server
     get_data_protocol()
+    _cheaper_password_hashing()
+
+
+# bcrypt's cost factor for the forked sites' passwords (syft's is 12, in the launched ones)
+SUITE_BCRYPT_COST = 4
+
+
+def _cheaper_password_hashing() -> None:
+    """The forked sites hash passwords with bcrypt at cost 4, not syft's 12.
+
+    At cost 12 a hash or a check takes 0.25 CPU-s here, and a run's forked sites made about 140
+    hashes (each site's admin, each user added, each password set) and 175 checks (each
+    login): 76 CPU-s, an eighth of the suite. A check costs what the stored hash says, so
+    hashing cheaper is enough. Django advises the same for test suites. Only the cost changes:
+    the same bcrypt, salts and comparisons, and a wrong password is refused as before. A site
+    started by ``datasite launch`` keeps syft's 12 (test_site_lifecycle reads its stored hash).
+    """
+    import bcrypt
+    from syft.service.user import user
+
+    def gensalt(rounds: int = 12, prefix: bytes = b"2b") -> bytes:
+        return bcrypt.gensalt(SUITE_BCRYPT_COST, prefix)
+
+    user.gensalt = gensalt
 
 
 # What every trainer imports (``sandbox._warm``: torch, Opacus, both engines, and torch._dynamo,

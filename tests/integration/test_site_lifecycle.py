@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import syft as sy
 
+from tests import server_zygote
 from tests.conftest import Site, free_port, last_json, make_site, run_cli
 
 pytestmark = pytest.mark.integration
@@ -19,6 +20,19 @@ pytestmark = pytest.mark.integration
 
 def researcher_login(site: Site, email: str, password: str):  # noqa: ANN201
     return site.login(email, password)
+
+
+def bcrypt_costs(site: Site) -> dict[str, int]:
+    """Each account's bcrypt cost factor, as syft stored its password hash (``$2b$NN$``)."""
+    import json
+    import sqlite3
+
+    from datasites.serving.config import SiteDir
+
+    (db,) = SiteDir(site.dir).state_dir.glob("*/db/*.db")
+    with sqlite3.connect(db) as conn:
+        users = [json.loads(row[0]) for row in conn.execute("SELECT fields FROM User")]
+    return {u["email"]: int(u["hashed_password"].split("$")[2]) for u in users}
 
 
 def test_init_writes_secret_files_0600_and_never_the_default_password(tmp_path: Path) -> None:
@@ -101,6 +115,11 @@ def test_full_lifecycle_survives_kill_9(tmp_path: Path, breast_cancer_csv: Path)
             "budget", "set", "--researcher", "bo@uni.edu", "--dataset", "cancer", "--epsilon", "3"
         )
         [bo] = last_json(site.cli("budget", "--json"))
+        # a launched server hashes at syft's bcrypt cost; the suite's forked ones at a lower
+        # one (tests/server_zygote.py), which must not be what a real site does
+        costs = bcrypt_costs(site)
+        assert costs["bo@uni.edu"] == 12, costs
+        assert costs["ada@uni.edu"] == server_zygote.SUITE_BCRYPT_COST < 12
         assert bo["epsilon_spent"] == pytest.approx(1.0, abs=0.01) and bo["charges"] == 0
         assert [(r["kind"], r["public"]) for r in bo["releases"]] == [("mock", True)]
         # the private table, the ledger, the logs: nothing under the site dir is readable by others
