@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -738,9 +739,7 @@ def console(
     ] = 1.0,
 ) -> None:
     """Serve the admin web console on loopback (log in with the admin password); Ctrl-C stops it."""
-    import uvicorn
-
-    from datasites.console.app import create_app
+    from datasites.console.app import server
     from datasites.console.sessions import check_delay
 
     if not 1 <= port <= 65535:
@@ -751,15 +750,8 @@ def console(
         raise DatasiteError(f"--login-delay: {e}") from None
     live(site)
     out.print(f"console of {site.config().name} on http://127.0.0.1:{port} (Ctrl-C stops it)")
-    uvicorn.run(
-        create_app(site, login_delay),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        # failed logins are counted per client address: never one a header names
-        proxy_headers=False,
-    )
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the console stops, exit 0
+        server(site, port, login_delay).run()
 
 
 limits_app = typer.Typer(

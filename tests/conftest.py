@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -75,6 +76,36 @@ def _in_process(module: str, args: list[str]) -> subprocess.CompletedProcess:
     finally:
         sys.argv, sys.stdout, sys.stderr = saved
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def console_on(site_dir: Path, login_delay: float | None = None) -> Iterator[str]:
+    """The admin console of ``site_dir`` as ``datasite console`` serves it
+    (``datasites.console.app.server``, the same app, options and address), from a thread of
+    this process; yields its URL. A child process paid syft's import again (about 8 CPU-s, in
+    each of three modules). The command's own argument checks are in test_cli_guards."""
+    import threading
+    import time
+
+    from datasites.console.app import server
+    from datasites.console.sessions import BASE_DELAY
+    from datasites.serving.config import SiteDir
+
+    console = server(
+        SiteDir(site_dir), free_port(), BASE_DELAY if login_delay is None else login_delay
+    )
+    thread = threading.Thread(target=console.run, name="console", daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not console.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError("the console did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{console.config.port}"
+    finally:
+        console.should_exit = True
+        thread.join(10)
 
 
 def queued(queue, function: str) -> list:  # noqa: ANN001

@@ -26,6 +26,8 @@ from datasites.serving.config import SiteDir
 from policies.errors import FedsiteError
 
 if TYPE_CHECKING:  # imported where used: it loads opacus and scipy
+    import uvicorn
+
     from policies.accounting import Mechanism
 
 COOKIE = "fedsite_console"
@@ -39,6 +41,23 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self' 'unsafe-inline'",
 }
+
+
+def server(site: SiteDir, port: int, login_delay: float = BASE_DELAY) -> uvicorn.Server:
+    """The console as ``datasite console`` serves it: on 127.0.0.1:``port``; ``.run()`` serves
+    until Ctrl-C (or, from another thread, until ``should_exit`` is set)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(site, login_delay),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        # failed logins are counted per client address: never one a header names
+        proxy_headers=False,
+    )
+    return uvicorn.Server(config)
 
 
 def create_app(site: SiteDir, login_delay: float = BASE_DELAY) -> FastAPI:

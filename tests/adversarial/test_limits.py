@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import http.client
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from datasites.serving.limits import MiB, effective
 from datasites.serving.quota import UPLOADS_FILE, Uploads
 from researcher import sites
 from tests.adversarial.conftest import ADA, EVE, PLAN, assert_serving, job
-from tests.conftest import free_port
+from tests.conftest import console_on
 
 pytestmark = pytest.mark.integration
 
@@ -159,28 +157,8 @@ LOGIN_DELAY = 5.0
 
 @pytest.fixture(scope="module")
 def console(arena):
-    port = free_port()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "datasites.cli", "console", "--dir", str(arena.site.dir)]
-        + ["--port", str(port), "--login-delay", str(LOGIN_DELAY)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/login", timeout=1.0).status_code == 200:
-                break
-        except httpx.HTTPError:
-            if child.poll() is not None or time.time() > deadline:
-                raise
-            time.sleep(0.3)
-    try:
+    with console_on(arena.site.dir, LOGIN_DELAY) as url:
         yield url
-    finally:
-        child.terminate()
-        child.wait(10)
 
 
 def _from(address: str, url: str) -> httpx.Client:

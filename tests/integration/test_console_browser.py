@@ -1,5 +1,6 @@
 """The admin console in a real browser: Debian's headless Chromium, driven by Selenium, in front
-of a ``datasite console`` child and a real datasite with a researcher's pending submissions.
+of the console as ``datasite console`` serves it (from a thread of the test: ``console_on``)
+and a real datasite with a researcher's pending submissions.
 
 An admin logs in by keyboard, opens a pending request, approves it with a click; the syft
 request is then approved for the researcher and the audit log has it. A POST whose CSRF token is
@@ -17,16 +18,12 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from researcher import api
-from tests.conftest import free_port, last_json
+from tests.conftest import console_on, last_json
 from tests.integration.conftest import EMAIL, job
 
 pytestmark = pytest.mark.integration
@@ -78,42 +75,21 @@ def browser():
 @pytest.fixture(scope="module")
 def console(federation, tmp_path_factory):
     """The one site with two pending submissions from the researcher, its budget set, and its
-    console as an admin runs it: ``datasite console`` in a child process on a loopback port."""
+    console as ``datasite console`` serves it, on a loopback port."""
     fed, (site,) = federation
-    port = free_port()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "datasites.cli", "console", "--dir", str(site.dir)]
-        + ["--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        site.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "8")
-        to_approve, to_forge = job(dict(PLAN)), job(dict(PLAN, rounds=2))
-        for spec in (to_approve, to_forge):
-            api.submit(fed, spec, dry=False)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/login", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if child.poll() is not None or time.time() > deadline:
-                    raise
-                time.sleep(0.2)
-        shots = tmp_path_factory.mktemp("screenshots")
+    site.cli("budget", "set", "--researcher", EMAIL, "--dataset", "cancer", "--epsilon", "8")
+    to_approve, to_forge = job(dict(PLAN)), job(dict(PLAN, rounds=2))
+    for spec in (to_approve, to_forge):
+        api.submit(fed, spec, dry=False)
+    with console_on(site.dir) as url:
         yield {
             "fed": fed,
             "site": site,
             "url": url,
             "approve": to_approve,
             "forge": to_forge,
-            "shots": shots,
+            "shots": tmp_path_factory.mktemp("screenshots"),
         }
-    finally:
-        child.terminate()
-        child.wait(10)
 
 
 # --- what the browser is asked -------------------------------------------------------------

@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import re
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from policies import tls
 from researcher import api
 from researcher.federation import Federation
 from tests import server_zygote
-from tests.conftest import Site, free_port, last_json, run_cli
+from tests.conftest import Site, console_on, free_port, last_json, run_cli
 from tests.integration.conftest import EMAIL, events, job
 
 pytestmark = pytest.mark.integration
@@ -191,38 +189,10 @@ def console(https_site):
     in front of this module's HTTPS datasite."""
     root, site, printed = https_site
     fed = Federation.load(_federation(root, site, "https", printed))
-    port = free_port()
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "datasites.cli",
-            "console",
-            "--dir",
-            str(site.dir),
-            "--port",
-            str(port),
-            # the last test guesses: at the default 1 s, a loaded 2-core machine let the wait
-            # run out before the next request (as in tests/adversarial/test_limits.py)
-            "--login-delay",
-            "5",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/login", timeout=1.0).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    try:
+    # the last test guesses: at the default 1 s, a loaded 2-core machine let the wait run out
+    # before the next request (as in tests/adversarial/test_limits.py)
+    with console_on(site.dir, login_delay=5) as url:
         yield fed, site, url
-    finally:
-        child.terminate()
-        child.wait(10)
 
 
 def _request_of(queue_html: str, job_name: str) -> str:
