@@ -91,9 +91,9 @@ def console_on(site_dir: Path, login_delay: float | None = None) -> Iterator[str
     from datasites.console.sessions import BASE_DELAY
     from datasites.serving.config import SiteDir
 
-    console = server(
-        SiteDir(site_dir), free_port(), BASE_DELAY if login_delay is None else login_delay
-    )
+    delay = BASE_DELAY if login_delay is None else login_delay
+    # uvicorn's logging set-up would bind handlers to this test's captured stderr, closed after
+    console = server(SiteDir(site_dir), free_port(), delay, own_logging=False)
     thread = threading.Thread(target=console.run, name="console", daemon=True)
     thread.start()
     deadline = time.time() + 60

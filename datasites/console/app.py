@@ -43,15 +43,23 @@ HEADERS = {
 }
 
 
-def server(site: SiteDir, port: int, login_delay: float = BASE_DELAY) -> uvicorn.Server:
+def server(
+    site: SiteDir, port: int, login_delay: float = BASE_DELAY, *, own_logging: bool = True
+) -> uvicorn.Server:
     """The console as ``datasite console`` serves it: on 127.0.0.1:``port``; ``.run()`` serves
-    until Ctrl-C (or, from another thread, until ``should_exit`` is set)."""
+    until Ctrl-C (or, from another thread, until ``should_exit`` is set).
+
+    ``own_logging``: uvicorn's logging set-up for the process (its handlers on the stderr of
+    the moment), as the command wants; a program that serves the console from a thread (a
+    test, a notebook) keeps its own with False."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     config = uvicorn.Config(
         create_app(site, login_delay),
         host="127.0.0.1",
         port=port,
+        log_config=LOGGING_CONFIG if own_logging else None,
         log_level="warning",
         access_log=False,
         # failed logins are counted per client address: never one a header names
