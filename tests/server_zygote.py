@@ -84,6 +84,7 @@ TRAINER_PRELOAD = (
     "policies.engine.dp_sgd",
     "policies.engine.round_task",
     "policies.engine.distributed",
+    "tests.trainer_parent",  # each trainer reseeds the global generators
 )
 
 

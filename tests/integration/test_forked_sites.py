@@ -44,3 +44,55 @@ def test_syft_default_password_does_not_open_a_forked_sites_admin(federation) ->
             site.login(SiteDir(site.dir).config().admin_email, SYFT_DEFAULT_ADMIN[1])
         with pytest.raises(SyftException, match="Item not found"):  # syft's own admin is not
             site.login(*SYFT_DEFAULT_ADMIN)
+
+
+TWO_TRAINERS = """
+import multiprocessing as mp
+import sys
+from multiprocessing import forkserver
+
+from tests.server_zygote import TRAINER_PRELOAD
+
+
+def draw():
+    import numpy as np
+    import torch
+
+    return float(np.random.rand()), float(torch.rand(1))
+
+
+if __name__ == "__main__":
+    forkserver.set_forkserver_preload([m for m in TRAINER_PRELOAD if m in sys.argv[1:]])
+    context = mp.get_context("forkserver")
+    draws = []
+    for _ in range(2):
+        with context.Pool(1) as trainer:
+            draws.append(trainer.apply(draw))
+    print(draws[0] != draws[1] and all(a != b for a, b in zip(*draws)))
+"""
+
+
+@pytest.mark.parametrize("reseeded", [True, False])
+def test_trainers_of_the_shared_fork_server_draw_their_own_numbers(tmp_path, reseeded) -> None:  # noqa: ANN001
+    """Trainers forked from one parent that imported numpy and torch share its global generators'
+    state, unlike a launched site's trainers (each imports both afresh). The zygote's trainer
+    fork server preloads ``tests.trainer_parent``, which reseeds both in every trainer; without
+    it, two trainers draw the same numbers (the False case shows the check can fail)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "two_trainers.py"
+    script.write_text(TWO_TRAINERS)
+    modules = ["torch", "numpy", *(["tests.trainer_parent"] if reseeded else [])]
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(script), *modules],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.stdout.strip().splitlines()[-1:] == [str(reseeded)], proc.stdout + proc.stderr

@@ -154,13 +154,12 @@ def test_the_job_passes_review_and_matches_an_in_process_run(vineyards) -> None:
     in_process = float(np.median(runs))
     print(f"wine label skew: servers {over_servers:.3f}, in-process {in_process:.3f}")
     assert over_servers >= in_process - MARGIN, (over_servers, in_process)
-    # was 0.578 with each site's own codes; the majority share is 0.40. 36 test rows (one is
-    # 0.028) and 5 DP rounds under the clamped, floored scaling: 0.83-0.94 seen in-process, but
-    # the upload's DP statistics differ from run to run, and both paths read them: on
-    # 2026-12-07 one upload gave served 0.722 against an in-process median of 0.722 (a floor
-    # of 0.75 failed it). The floor sits between that and the bug's 0.578: it catches a
-    # mapping broken in the site code that both paths share, which the comparison cannot.
-    assert over_servers >= 0.65
+    # The served run must learn: the majority share is 0.40. Not a floor near the bug's 0.578
+    # (each site's own codes): both paths read one upload's DP statistics, and uploads gave
+    # in-process medians from 0.61 (2026-12-08: served 0.639, in-process 0.611) to 0.94, so
+    # no absolute floor separates the bug from an unlucky upload. The mapping itself is
+    # checked exactly in test_each_site_publishes_its_classes_and_the_codes_agree.
+    assert over_servers >= 0.5
 
 
 def _in_process_site(site: Site, frame: pd.DataFrame) -> InProcessSite:
