@@ -96,3 +96,24 @@ def test_trainers_of_the_shared_fork_server_draw_their_own_numbers(tmp_path, res
         env={**os.environ, "PYTHONPATH": str(root)},
     )
     assert proc.stdout.strip().splitlines()[-1:] == [str(reseeded)], proc.stdout + proc.stderr
+
+
+def test_the_shared_trainer_fork_server_and_its_trainers_hold_no_site_secret(federation) -> None:
+    """Attack: read what the trainers of the suite's forked sites hold (their parent is the
+    zygote's fork server, not the site): their environment must be the trainers' clean one,
+    and no site's admin password, signing key or DIR may be in it."""
+    import psutil
+
+    from datasites.training.sandbox import clean_environment
+    from tests import server_zygote
+
+    _, made = federation
+    zygote = psutil.Process(server_zygote._ZYGOTE._proc.pid)
+    (parent,) = [p for p in zygote.children() if "forkserver" in " ".join(p.cmdline())]
+    secrets = [s.password for s in made] + [str(s.dir) for s in made]
+    secrets += [SiteDir(s.dir).signing_key() for s in made]
+    for process in [parent, *parent.children()]:
+        env = process.environ()
+        assert set(env) <= set(clean_environment()) | {"PWD"}, sorted(env)
+        held = "\n".join(f"{k}={v}" for k, v in env.items())
+        assert not [s for s in secrets if s and s in held], process.pid
