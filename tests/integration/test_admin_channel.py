@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -85,13 +86,16 @@ def test_another_local_user_can_neither_connect_nor_read_the_token(site: Site) -
     if len(str(sock)) > 100:
         pytest.skip("socket path too long to pass as one address")
     # the site's directory is 0700: the other user would not even reach the files; open it
-    # up to test the files' own modes (restored afterwards)
-    mode = site.dir.stat().st_mode & 0o777
+    # and its parents to others' search (x) to test the files' own modes, then restore each
+    # mode whole: restoring only the 0o777 bits once took /tmp's sticky bit away, for every
+    # later run on the machine too (and with it the accounting cache, which refuses such a
+    # parent: policies/accounting_cache.py)
     parents = [p for p in site.dir.parents if p != Path("/")]
-    saved = {p: p.stat().st_mode & 0o777 for p in [site.dir, *parents]}
+    saved = {p: stat.S_IMODE(p.stat().st_mode) for p in [site.dir, *parents]}
+    opened = {p: m for p, m in saved.items() if m & 0o011 != 0o011}
     try:
-        for p in saved:
-            p.chmod(saved[p] | 0o011)
+        for p, m in opened.items():
+            p.chmod(m | 0o011)
         proc = subprocess.run(
             [sys.executable, "-c", code, str(sock), str(token)],
             capture_output=True,
@@ -99,10 +103,10 @@ def test_another_local_user_can_neither_connect_nor_read_the_token(site: Site) -
             timeout=60,
         )
     finally:
-        for p, m in saved.items():
+        for p, m in opened.items():
             p.chmod(m)
     assert proc.stdout.strip() == "token refused,socket refused", proc.stdout + proc.stderr
-    assert site.dir.stat().st_mode & 0o777 == mode
+    assert {p: stat.S_IMODE(p.stat().st_mode) for p in saved} == saved
 
 
 def test_a_researchers_syft_login_cannot_do_what_the_channel_does(site: Site) -> None:
