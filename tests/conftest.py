@@ -201,16 +201,14 @@ def _no_server_outlives_the_session() -> Iterator[None]:
     yield
     from datasites.serving import process
     from datasites.serving.config import SiteDir
-    from tests import server_zygote
 
-    server_zygote.close()
     for site in _STARTED:
         if SiteDir(site.dir).pid_path.exists():
             process.stop(SiteDir(site.dir))
 
 
 def make_site(root: Path, name: str) -> Site:
-    """A site initialised through the CLI and launched (forked from the worker's warm server
+    """A site initialised through the CLI and launched (forked from the run's warm server
     parent, ``tests/server_zygote.py``: the real ``datasite launch`` is tested on its own)."""
     from datasites.serving.config import SiteDir
     from tests import server_zygote
@@ -247,6 +245,18 @@ def make_sites(root: Path, *names: str) -> list[Site]:
     with ThreadPoolExecutor(len(made)) as pool:
         list(pool.map(lambda site: launch(SiteDir(site.dir)), made))
     return made
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from tests import server_zygote
+
+    server_zygote.configure()  # the run's one warm server parent, shared by its workers
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from tests import server_zygote
+
+    server_zygote.unconfigure()
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:

@@ -3,7 +3,7 @@
 Tests only. A server started by ``datasite launch`` is a fresh interpreter that imports syft,
 uvicorn, the runtime and (through Opacus) torch before it serves: about 5.5 of the 11 CPU-seconds
 a start costs here (``scripts/bench`` and the server log's ``start:`` line), and the suite starts
-about thirty. This process imports all of that once per test worker; each launch is then a
+about thirty. This process imports all of that once per run; each launch is then a
 ``fork()`` that runs :func:`datasites.serving.serve.serve` itself, from its first line (the site's
 files made private, the identity read from DIR), so only the imports are shared, and one fork
 server for the sites' trainers, spawned here with the trainers' scrubbed environment and torch
@@ -17,7 +17,8 @@ output in the site's ``server.log``, its pid in ``server.pid``; ``datasite stop`
 other (``process.server_pid`` knows it by ``datasites.serving.serve`` in its command line, which
 this process carries as an argument).
 
-Wire: one JSON line per launch on stdin (``{"root": DIR}``), one back on stdout (``{"pid": N}``).
+One zygote serves the whole run, every xdist worker (``Zygote``): a worker connects to its Unix
+socket and sends one JSON line per launch (``{"root": DIR}``), and reads one back (``{"pid": N}``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -188,51 +190,165 @@ def _reseed() -> None:
 
 
 def main() -> None:
+    """Serve fork requests on the socket in argv[2] until the owner (the pytest process that
+    made the socket's directory) is gone or says stop."""
+    path, owner = Path(sys.argv[2]), int(os.environ[OWNER_ENV])
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))  # before the imports: a worker's request waits in the backlog
+    listener.listen(64)
+    (path.parent / "pid").write_text(str(os.getpid()))
     _preload()
     _start_trainer_parent()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
-    for line in sys.stdin:
-        root = json.loads(line)["root"]
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            _serve_child(root)
-        print(json.dumps({"pid": pid}), flush=True)
+    listener.settimeout(1.0)
+    while _alive(owner):
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        with conn:
+            conn.settimeout(None)
+            request = json.loads(conn.makefile().readline() or "{}")
+            if "root" not in request:  # the owner's stop, or a client that went away
+                if request.get("stop"):
+                    break
+                continue
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                conn.close()
+                _serve_child(request["root"])
+            conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+    listener.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+# The directory of the run's one zygote (its socket, pid, log and start lock), made by the
+# process that owns the run (xdist's controller, or pytest alone) and inherited by its workers
+DIR_ENV = "FEDSITE_TEST_ZYGOTE_DIR"
+OWNER_ENV = "FEDSITE_TEST_ZYGOTE_OWNER"
+
+
+def configure() -> None:
+    """In the process that owns the run (pytest_configure, before xdist starts its workers):
+    a private directory for the run's one zygote, named in the environment the workers
+    inherit, with the environment the zygote will start with. The zygote itself starts on the
+    first launch of any worker (a run of unit tests starts none)."""
+    if os.environ.get(DIR_ENV):
+        return  # a worker: the controller made it
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="fedsite-zygote-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    (home / "env.json").write_text(json.dumps({**env, OWNER_ENV: str(os.getpid())}))
+    os.environ[DIR_ENV] = str(home)
+    os.environ[OWNER_ENV] = str(os.getpid())
+
+
+def unconfigure() -> None:
+    """In the owner, when the run ends: stop the zygote and remove its directory."""
+    home = os.environ.get(DIR_ENV)
+    if not home or os.environ.get(OWNER_ENV) != str(os.getpid()):
+        return
+    import shutil
+
+    _ZYGOTE.stop()
+    shutil.rmtree(home, ignore_errors=True)
+    del os.environ[DIR_ENV], os.environ[OWNER_ENV]
 
 
 class Zygote:
-    """The test worker's handle on its zygote, started on the first launch."""
+    """A handle on the run's one zygote, shared by every test worker: started by the first
+    worker that launches a site (under a file lock), reached over a Unix socket in a directory
+    only this user may open, stopped by the run's owner.
+
+    One and not one per worker: each imports syft, torch and Opacus and spawns a preloaded
+    trainer fork server (about 25 CPU-s), and the three workers' three zygotes were 50 CPU-s of
+    a run that is CPU-bound on two cores."""
 
     def __init__(self) -> None:
-        self._proc: subprocess.Popen[str] | None = None
         self._lock = threading.Lock()
+
+    @property
+    def home(self) -> Path:
+        if not os.environ.get(DIR_ENV):
+            configure()  # pytest without this conftest's configure (a test's own child)
+        return Path(os.environ[DIR_ENV])
+
+    def pid(self) -> int:
+        return int((self.home / "pid").read_text())
 
     def fork(self, root: Path) -> int:
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "tests.server_zygote", SERVE_MODULE],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    start_new_session=True,
-                )
-            assert self._proc.stdin is not None and self._proc.stdout is not None
-            self._proc.stdin.write(json.dumps({"root": str(root.resolve())}) + "\n")
-            self._proc.stdin.flush()
-            reply = self._proc.stdout.readline()
+            self._ensure_running()
+            reply = self._ask({"root": str(root.resolve())})
         if not reply:
-            raise RuntimeError("the server zygote exited; its output is in the pytest log")
+            raise RuntimeError(f"the server zygote did not answer; its log: {self.home / 'log'}")
         return int(json.loads(reply)["pid"])
 
-    def close(self) -> None:
+    def _ask(self, request: dict[str, object]) -> str:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(300)  # the first answer waits for the zygote's imports
+            conn.connect(str(self.home / "sock"))
+            conn.sendall((json.dumps(request) + "\n").encode())
+            return conn.makefile().readline()
+
+    def _answering(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as conn:
+            try:
+                conn.connect(str(self.home / "sock"))
+            except OSError:
+                return False
+            return True
+
+    def _ensure_running(self) -> None:
+        import fcntl
+        import time
+
+        if self._answering():
+            return
+        with open(self.home / "start.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self._answering():
+                return  # another worker started it meanwhile
+            (self.home / "sock").unlink(missing_ok=True)
+            env = json.loads((self.home / "env.json").read_text())
+            with open(self.home / "log", "ab") as log:
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.server_zygote",
+                        SERVE_MODULE,
+                        str(self.home / "sock"),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    start_new_session=True,
+                )
+            deadline = time.monotonic() + 60
+            while not self._answering():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server zygote did not start: {self.home / 'log'}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                assert self._proc.stdin is not None
-                self._proc.stdin.close()
-                self._proc.wait(10)
-            self._proc = None
+            if self._answering():
+                self._ask({"stop": True})
 
 
 _ZYGOTE = Zygote()
@@ -256,10 +372,6 @@ def launch(site, timeout: float = 90.0):  # noqa: ANN001, ANN201  (SiteDir -> Si
         return None if alive else f"server exited (pid {pid})"
 
     return process.wait_until_answering(site, exited, lambda: os.kill(pid, signal.SIGKILL), timeout)
-
-
-def close() -> None:
-    _ZYGOTE.close()
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def test_the_shared_trainer_fork_server_and_its_trainers_hold_no_site_secret(fed
     from tests import server_zygote
 
     _, made = federation
-    zygote = psutil.Process(server_zygote._ZYGOTE._proc.pid)
+    zygote = psutil.Process(server_zygote._ZYGOTE.pid())
     (parent,) = [p for p in zygote.children() if "forkserver" in " ".join(p.cmdline())]
     secrets = [s.password for s in made] + [str(s.dir) for s in made]
     secrets += [SiteDir(s.dir).signing_key() for s in made]
