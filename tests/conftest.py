@@ -259,6 +259,43 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     server_zygote.unconfigure()
 
 
+def _shared_directory_modes() -> dict[str, int]:
+    """The whole modes (sticky bit included) of the temporary directory and its parents."""
+    import stat
+    import tempfile
+
+    top = Path(tempfile.gettempdir()).resolve()
+    return {str(p): stat.S_IMODE(p.stat().st_mode) for p in [top, *top.parents]}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # once, in the process that owns the run
+        session.config.stash[_MODES] = _shared_directory_modes()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The run fails if it changed the mode of /tmp or a parent: a test once restored /tmp
+    without its sticky bit, loosening the machine for every user and switching the accounting
+    cache off in every later run (it refuses such a folder), and nothing failed."""
+    before = session.config.stash.get(_MODES, None)
+    if before is None:
+        return
+    changed = {p: (oct(m), oct(now)) for p, m in before.items() if (now := _mode(p)) != m}
+    if changed:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        for path, (was, now) in changed.items():
+            sys.stderr.write(f"the test run changed the mode of {path} from {was} to {now}\n")
+
+
+def _mode(path: str) -> int:
+    import stat
+
+    return stat.S_IMODE(Path(path).stat().st_mode)
+
+
+_MODES = pytest.StashKey[dict[str, int]]()
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """``--dist loadgroup`` (scripts/test) as this suite needs it: a file per worker, as
     ``--dist loadfile`` gives, except that the adversarial package (one arena site for all its
