@@ -337,6 +337,7 @@ class Zygote:
                     stdout=log,
                     stderr=log,
                     env=env,
+                    cwd=Path(__file__).resolve().parents[1],  # not a test's chdir
                     start_new_session=True,
                 )
             deadline = time.monotonic() + 60
