@@ -10,7 +10,7 @@ import pytest
 
 from researcher.federation import Federation
 from researcher.job import make_job
-from tests.conftest import Site, last_json, make_sites
+from tests.conftest import Site, add_researcher, last_json, make_sites, upload_table
 
 # breast cancer: 30 features, 2 classes
 MODEL = [
@@ -83,7 +83,7 @@ def federation(request, tmp_path_factory, breast_cancer_csv: Path):
 
 def _shared_federation(request, tmp_path_factory, names: tuple[str, ...]):  # noqa: ANN001, ANN202
     from datasites.review.access import PolicyStore
-    from datasites.serving import admin, process
+    from datasites.serving import process
     from datasites.serving.config import SiteDir
 
     made = request.getfixturevalue("shared_sites").take(names)
@@ -91,7 +91,7 @@ def _shared_federation(request, tmp_path_factory, names: tuple[str, ...]):  # no
     assert email != EMAIL, "a module on the shared sites names its own researcher"
     root = tmp_path_factory.mktemp("fed")
     for s in made:
-        (root / f"{s.name}.pw").write_text(admin.add_user(SiteDir(s.dir), email, email))
+        (root / f"{s.name}.pw").write_text(add_researcher(s.dir, email, email))
     _write_federation(root, made, email)
     policies = {s.name: PolicyStore(SiteDir(s.dir).policies_path).all() for s in made}
     yield Federation.load(root / "federation.toml"), made
@@ -120,21 +120,14 @@ def _write_federation(root: Path, made: list[Site], email: str) -> None:
 
 
 def _upload(site: Site, csv: Path) -> None:
-    """Upload the table with its DP mock, as the CLI does."""
-    from datasites.data.tables import load_table, validate_table
-    from datasites.serving import admin
-    from datasites.serving.config import SiteDir
-
-    admin.upload(SiteDir(site.dir), "cancer", validate_table(load_table(csv), "target"))
+    """Upload the table with its DP mock, as the CLI does (over the admin channel)."""
+    upload_table(site.dir, "cancer", csv, "target")
 
 
 def _set_up(site: Site, csv: Path) -> str:
     """Upload the table with its DP mock and add the researcher, as the CLI does."""
-    from datasites.serving import admin
-    from datasites.serving.config import SiteDir
-
     _upload(site, csv)
-    return admin.add_user(SiteDir(site.dir), EMAIL, "Ada")
+    return add_researcher(site.dir, EMAIL, "Ada")
 
 
 def request_id(site: Site, function: str) -> str:

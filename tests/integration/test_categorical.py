@@ -12,11 +12,10 @@ import pytest
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
 from datasites.review.queue import ReviewQueue
-from datasites.serving import admin
 from datasites.serving.config import SiteDir
 from researcher import api
 from researcher.federation import Federation
-from tests.conftest import Site, last_json, make_sites, run_cli
+from tests.conftest import Site, add_researcher, last_json, make_sites, run_cli
 from tests.integration.conftest import EMAIL
 
 pytestmark = pytest.mark.integration
@@ -58,7 +57,7 @@ def _set_up(site: Site, root: Path, seed: int) -> None:
         "upload", "--name", "bank", "--file", str(csv), "--target", "default", "--json"
     )
     assert last_json(uploaded)["rows"] == 300
-    password = admin.add_user(SiteDir(site.dir), EMAIL, "Ada")  # the CLI's is tested elsewhere
+    password = add_researcher(site.dir, EMAIL, "Ada")
     (root / f"{site.name}.pw").write_text(password)
     site.cli("policy", "set", "--dataset", "bank", "--allow-domain", "uni.edu")
     BudgetLedger(SiteStore(SiteDir(site.dir).site_db)).set_budget(EMAIL, "bank", 5.0, 1e-5)

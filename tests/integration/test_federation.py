@@ -13,20 +13,19 @@ import numpy as np
 import pytest
 from torch import nn
 
-from datasites.data.tables import validate_table
 from datasites.ledger.audit import AuditLog
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
 from datasites.review.access import DatasetPolicy, PolicyStore
 from datasites.review.queue import ReviewQueue
-from datasites.serving import admin, process
+from datasites.serving import process
 from datasites.serving.config import SiteDir, init_site
 from policies.tls import self_signed
 from researcher import api
 from researcher.federation import Federation
 from researcher.job import make_job
 from tests import server_zygote
-from tests.conftest import breast_cancer_frame, free_port
+from tests.conftest import add_researcher, breast_cancer_frame, free_port, upload_table
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +37,8 @@ def start(root: Path, name: str, frame) -> SiteDir:
     site = SiteDir(root / name)
     init_site(site.root, name, port=free_port(), tls=self_signed("127.0.0.1"))
     server_zygote.launch(site)  # forked warm: datasite launch is tested in test_site_lifecycle
-    admin.upload(site, "cancer", validate_table(frame, "target"))
-    (root / f"{name}.pw").write_text(admin.add_user(site, EMAIL, "Ada"))
+    upload_table(site.root, "cancer", frame, "target")
+    (root / f"{name}.pw").write_text(add_researcher(site.root, EMAIL, "Ada"))
     PolicyStore(site.policies_path).set(
         "cancer", DatasetPolicy(allowed_domains=["uni.edu"], max_epsilon_per_job=10.0)
     )

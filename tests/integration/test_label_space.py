@@ -22,7 +22,6 @@ from datasites.data.tables import validate_table
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
 from datasites.review.queue import ReviewQueue
-from datasites.serving import admin
 from datasites.serving.config import SiteDir
 from datasites.training.site_job import public_rows, split_seed
 from policies.engine.prepare import prepare_task, release, site_scaling
@@ -33,7 +32,7 @@ from researcher.api import read_test_rows
 from researcher.federation import Federation
 from researcher.rounds import run_federation
 from researcher.site import InProcessSite
-from tests.conftest import Site, make_sites, run_cli
+from tests.conftest import Site, add_researcher, make_sites, run_cli, upload_table
 from tests.integration.conftest import EMAIL
 
 pytestmark = pytest.mark.integration
@@ -73,8 +72,8 @@ def _split() -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
 def _set_up(site: Site, root: Path, frame: pd.DataFrame) -> None:
     site_dir = SiteDir(site.dir)
     # a mock at epsilon 4: its statistics scale the job (issue 25 item 1 is about epsilon 1)
-    admin.upload(site_dir, "wine", validate_table(frame, "target"), mock_epsilon=4.0)
-    (root / f"{site.name}.pw").write_text(admin.add_user(site_dir, EMAIL, "Ada"))
+    upload_table(site.dir, "wine", frame, "target", mock_epsilon=4.0)
+    (root / f"{site.name}.pw").write_text(add_researcher(site.dir, EMAIL, "Ada"))
     site.cli(
         "policy",
         "set",
