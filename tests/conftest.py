@@ -255,6 +255,25 @@ def add_researcher(site_dir: Path, email: str, name: str) -> str:
     return str(channel.call(site_dir, channel.UsersAdd(email, name)).password)
 
 
+def pending_item(site_dir: Path, job: str) -> dict[str, Any]:
+    """``datasite requests`` over the admin channel: the job's one pending request, with its
+    policy report (``ReviewItem.to_dict()``). The review runs at the site, as for the admin."""
+    from datasites.serving import channel
+
+    items = channel.call(site_dir, channel.Requests()).items
+    (item,) = [i for i in items if i["job"] == job and i["status"] == "pending"]
+    return dict(item)
+
+
+def approve_job(site_dir: Path, job: str) -> dict[str, Any]:
+    """``datasite approve`` of the job's pending request over the admin channel (a failing
+    report is refused, as for the admin); the approved item. No syft login in the test."""
+    from datasites.serving import channel
+
+    request_id = pending_item(site_dir, job)["id"]
+    return dict(channel.call(site_dir, channel.Approve(request_id)).item)
+
+
 def make_sites(root: Path, *names: str) -> list[Site]:
     """Several sites, initialised through the CLI and launched at once, as ``make_site``."""
     from concurrent.futures import ThreadPoolExecutor

@@ -21,7 +21,7 @@ from policies.wire import ReplayLast, encode_weights
 from researcher import api, sites
 from researcher import model as local_model
 from researcher.strategy import FedMedian, strategy_named
-from tests.conftest import breast_cancer_frame, last_json, queued
+from tests.conftest import approve_job, breast_cancer_frame, last_json, queued
 from tests.integration.conftest import job
 
 pytestmark = pytest.mark.integration
@@ -42,9 +42,7 @@ def fed(federation):
 def _approved(fed, made, spec, initial=None):  # noqa: ANN001, ANN202
     api.submit(fed, spec, initial=initial)
     for s in made:
-        queue = ReviewQueue(SiteDir(s.dir))
-        item = next(i for i in queued(queue, spec.name) if i.job_name == spec.name)
-        queue.approve(item.request_id)
+        approve_job(s.dir, spec.name)
     return spec
 
 

@@ -11,11 +11,10 @@ import pytest
 
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
-from datasites.review.queue import ReviewQueue
 from datasites.serving.config import SiteDir
 from researcher import api
 from researcher.federation import Federation
-from tests.conftest import Site, add_researcher, last_json, make_sites, run_cli
+from tests.conftest import Site, add_researcher, approve_job, last_json, make_sites, run_cli
 from tests.integration.conftest import EMAIL
 
 pytestmark = pytest.mark.integration
@@ -108,8 +107,7 @@ def test_the_layout_unites_both_sites_and_a_round_trains_at_both(banks) -> None:
     assert api.dry_run(fed, spec)["status"] == "ok"
     api.submit(fed, spec, dry=False)
     for site in made:
-        queue = ReviewQueue(SiteDir(site.dir))
-        queue.approve(queue.items()[0].request_id)
+        approve_job(site.dir, spec.name)
     result = api.train(fed, spec, root / "run", min_sites=2, timeout_s=120)
     (record,) = result.rounds
     assert sorted(record["sites"]) == ["bank-a", "bank-b"] and not record["skipped"], record

@@ -21,7 +21,6 @@ from sklearn.model_selection import train_test_split
 from datasites.data.tables import validate_table
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
-from datasites.review.queue import ReviewQueue
 from datasites.serving.config import SiteDir
 from datasites.training.site_job import public_rows, split_seed
 from policies.engine.prepare import prepare_task, release, site_scaling
@@ -32,7 +31,15 @@ from researcher.api import read_test_rows
 from researcher.federation import Federation
 from researcher.rounds import run_federation
 from researcher.site import InProcessSite
-from tests.conftest import Site, add_researcher, make_sites, run_cli, upload_table
+from tests.conftest import (
+    Site,
+    add_researcher,
+    approve_job,
+    make_sites,
+    pending_item,
+    run_cli,
+    upload_table,
+)
 from tests.integration.conftest import EMAIL
 
 pytestmark = pytest.mark.integration
@@ -134,12 +141,11 @@ def test_the_job_passes_review_and_matches_an_in_process_run(vineyards) -> None:
     assert api.dry_run(fed, spec)["status"] == "ok"
     api.submit(fed, spec)  # with the dry run on the first mock, mapped as its site maps rows
     for site in made:
-        queue = ReviewQueue(SiteDir(site.dir))
-        (item,) = queue.items()
-        checks = {c.name: c for c in item.report.checks}
-        assert item.report.passed, [c for c in item.report.checks if not c.passed]
-        assert "cover this dataset's 2" in checks["labels"].reason
-        queue.approve(item.request_id)
+        report = pending_item(site.dir, spec.name)["report"]
+        checks = {c["name"]: c for c in report["checks"]}
+        assert report["passed"], [c for c in report["checks"] if not c["passed"]]
+        assert "cover this dataset's 2" in checks["labels"]["reason"]
+        approve_job(site.dir, spec.name)
     test = read_test_rows(root / "test.csv", spec.target, None, spec.classes)
     served = api.train(fed, spec, root / "run", min_sites=2, timeout_s=180, test=test)
     assert all(not r["skipped"] for r in served.rounds), served.rounds

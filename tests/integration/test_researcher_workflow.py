@@ -14,7 +14,7 @@ from datasites.serving.config import SiteDir
 from researcher import api, sites
 from researcher.errors import JobError
 from researcher.job import make_job
-from tests.conftest import last_json, queued, run_cli
+from tests.conftest import approve_job, last_json, queued, run_cli
 from tests.integration.conftest import job
 
 pytestmark = pytest.mark.integration
@@ -83,9 +83,7 @@ def test_the_readme_researcher_sequence(federation, tmp_path: Path) -> None:
     assert "pending at hospital-a, hospital-b" in early.stderr
     assert not (tmp_path / "early").exists()
     for s in made:
-        queue = ReviewQueue(SiteDir(s.dir))
-        item = next(iter(queued(queue, spec.name)))
-        queue.approve(item.request_id)
+        approve_job(s.dir, spec.name)
     run_dir = tmp_path / "runs" / "1"
     trained = run_cli("researcher", "train", "-f", f, "--run-dir", str(run_dir))
     assert "strategy: fedavgm (server_lr=0.5, momentum=0.5)" in trained.stdout

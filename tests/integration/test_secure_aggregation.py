@@ -26,7 +26,7 @@ from policies.privacy import job_privacy
 from policies.wire import Participant, SecAggHello, SecAggMask, SecAggUnmask, encode_weights
 from researcher import api, secure, sites
 from researcher import model as local_model
-from tests.conftest import last_json
+from tests.conftest import approve_job, last_json, pending_item
 from tests.integration.conftest import EMAIL, events, job
 
 pytestmark = pytest.mark.integration
@@ -286,10 +286,9 @@ def _plain_client_attacks_on_a_distributed_job(fed, made, spec) -> None:  # noqa
 def _approve_all(fed, made, spec) -> None:  # noqa: ANN001
     api.submit(fed, spec)
     for s in made:
-        queue = ReviewQueue(SiteDir(s.dir))
-        item = next(i for i in queue.items() if i.job_name == spec.name)
-        assert {c.name: c.passed for c in item.report.checks}["aggregation"], item.report.to_dict()
-        queue.approve(item.request_id)
+        report = pending_item(s.dir, spec.name)["report"]
+        assert {c["name"]: c["passed"] for c in report["checks"]}["aggregation"], report
+        approve_job(s.dir, spec.name)
 
 
 def _code_id(s, spec) -> str:  # noqa: ANN001
