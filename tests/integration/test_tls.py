@@ -14,13 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from datasites.review.queue import ReviewQueue
 from datasites.serving.config import SiteDir
 from policies import tls
 from researcher import api
 from researcher.federation import Federation
 from tests import server_zygote
-from tests.conftest import Site, console_on, free_port, last_json, run_cli
+from tests.conftest import Site, approve_job, console_on, free_port, last_json, run_cli
 from tests.integration.conftest import EMAIL, events, job
 
 pytestmark = pytest.mark.integration
@@ -108,8 +107,7 @@ def test_a_pinned_researcher_trains_over_https(https_site, tmp_path: Path) -> No
     fed = Federation.load(_federation(root, site, "https", printed))
     spec = job({"rounds": 1, "noise_multiplier": 1.5, "batch_size": 64})
     api.submit(fed, spec)
-    queue = ReviewQueue(SiteDir(site.dir))
-    queue.approve(next(i for i in queue.items() if i.job_name == spec.name).request_id)
+    approve_job(site.dir, spec.name)
     result = api.train(fed, spec, tmp_path / "run")
     assert [list(r["sites"]) for r in result.rounds] == [["hospital-a"]]
 
