@@ -17,6 +17,7 @@ from datasites.ledger.audit import AuditLog
 from datasites.ledger.budget import BudgetLedger
 from datasites.ledger.store import SiteStore
 from datasites.review.access import DatasetPolicy, PolicyStore
+from datasites.review.queue import ReviewQueue
 from datasites.serving import process
 from datasites.serving.config import SiteDir, init_site
 from policies.tls import self_signed
@@ -24,7 +25,7 @@ from researcher import api
 from researcher.federation import Federation
 from researcher.job import make_job
 from tests import server_zygote
-from tests.conftest import add_researcher, approve_job, breast_cancer_frame, free_port, upload_table
+from tests.conftest import add_researcher, breast_cancer_frame, free_port, upload_table
 
 pytestmark = pytest.mark.integration
 
@@ -76,8 +77,9 @@ def test_a_killed_site_is_skipped_and_rejoins_on_resume(tmp_path: Path) -> None:
             ),
         )
         api.submit(fed, spec)
-        for s in sites:
-            approve_job(s.root, spec.name)
+        for s in sites:  # in this process, not over the channel (see the commit)
+            queue = ReviewQueue(s)
+            queue.approve(queue.items()[0].request_id)
         run = tmp_path / "run"
         records = {}
 
