@@ -237,14 +237,23 @@ def upload_table(
     admin: the whole API, with syft's library endpoints, serialised by the site and read here,
     about 0.8 CPU-s a site that the CLI never pays."""
     from datasites.data.mock import DEFAULT_MOCK_EPSILON
+    from datasites.data.tables import DEFAULT_MAX_CATEGORIES
     from datasites.serving import channel
 
     if isinstance(table, pd.DataFrame):
         path = site_dir.parent / f".{site_dir.name}-{name}.csv"
         table.to_csv(path, index=False)
         table = path
-    epsilon = DEFAULT_MOCK_EPSILON if mock_epsilon is None else mock_epsilon
-    call = channel.Upload(name, str(table.resolve()), target, "", 1000, epsilon, 32, 1536)
+    call = channel.Upload(
+        name=name,
+        file=str(table.resolve()),
+        target=target,
+        description="",
+        mock_rows=1000,  # the CLI's defaults (datasite upload --help)
+        mock_epsilon=DEFAULT_MOCK_EPSILON if mock_epsilon is None else mock_epsilon,
+        max_categories=DEFAULT_MAX_CATEGORIES,
+        max_memory_mb=1536,
+    )
     return channel.call(site_dir, call)
 
 
@@ -332,17 +341,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     before = session.config.stash.get(_MODES, None)
     if before is None:
         return
-    changed = {p: (oct(m), oct(now)) for p, m in before.items() if (now := _mode(p)) != m}
+    after = _shared_directory_modes()
+    changed = [p for p, mode in before.items() if after.get(p) != mode]
     if changed:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        for path, (was, now) in changed.items():
-            sys.stderr.write(f"the test run changed the mode of {path} from {was} to {now}\n")
-
-
-def _mode(path: str) -> int:
-    import stat
-
-    return stat.S_IMODE(Path(path).stat().st_mode)
+        for p in changed:
+            sys.stderr.write(
+                f"the test run changed the mode of {p} from {oct(before[p])} to {oct(after[p])}\n"
+            )
 
 
 _MODES = pytest.StashKey[dict[str, int]]()
